@@ -1,0 +1,1 @@
+"""CV-Masking Value-Only MAE in JAX/Flax."""

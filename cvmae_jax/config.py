@@ -1,0 +1,63 @@
+"""Default configuration shared by the files in ``configs/``; every field is documented here."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults. ``configs/*.py`` start from this and override."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # model init, data order and training masks
+
+    config.data = ml_collections.ConfigDict()
+    config.data.meds_dir = ml_collections.FieldReference(None, field_type=str)  # None: synthetic
+    config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: WORKDIR/data
+    config.data.allow_synthetic = True  # False: refuse to run without meds_dir
+    config.data.synthetic_subjects = 1000  # size of the generated default dataset
+    config.data.synthetic_seed = 0  # fixed, so runs with different config.seed share data
+    config.data.max_len = 256  # lab events per example
+    config.data.lab_code_pattern = r"^LAB//"  # regex over codes that carry numeric values
+    config.data.lab_codes = ()  # explicit code list; replaces pattern + top_k when non-empty
+    config.data.top_k = 100  # most frequent matching codes on the train split
+    config.data.min_code_count = 20  # codes with fewer numeric train rows are dropped
+    config.data.clip_quantiles = (0.001, 0.999)  # per-code raw clipping before z-scoring
+    config.data.window = "chunks"  # 'chunks': consecutive windows; 'last': most recent max_len
+    config.data.min_window_len = 2  # shorter windows are dropped
+
+    config.masking = ml_collections.ConfigDict()
+    config.masking.strategy = "cv"  # random | variance | cv | cv_rank
+    config.masking.threshold_percentile = 75.0
+    config.masking.p_high = 0.8
+    config.masking.p_low = 0.2
+
+    config.model = ml_collections.ConfigDict()
+    config.model.d_model = 128
+    config.model.num_heads = 4
+    config.model.num_layers = 2
+    config.model.mlp_ratio = 4
+    config.model.time_frequencies = 16
+    config.model.dtype = "float32"  # compute dtype; parameters stay float32
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.unmasked_weight = 0.1  # lambda in L = MSE_masked + lambda * MSE_unmasked
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 2000
+    config.train.batch_size = 32  # global, over all devices and hosts
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 100
+    config.train.weight_decay = 0.01
+    config.train.grad_clip_norm = 1.0
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.train.keep_checkpoints = 3
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.labels_dir = ml_collections.FieldReference(None, field_type=str)  # None: MEDS/labels
+    config.eval.split = "tuning"  # split used for validation during training
+    config.eval.batch_size = 64
+    config.eval.mask_rate = 0.3  # uniform evaluation mask, identical for every strategy
+    config.eval.mask_seed = 1234
+    return config

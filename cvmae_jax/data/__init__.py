@@ -1,0 +1,1 @@
+"""MEDS reading, lab statistics, TFDS dataset and the grain input pipeline."""
