@@ -1,0 +1,97 @@
+"""Masking strategies: per-code probabilities on the host, mask draws inside the compiled step.
+
+A strategy turns train-split statistics into a probability vector ``probs`` of shape [V] (one
+entry per lab code). The step then draws each token's mask from a key that depends only on
+(seed, step, example_id): ``fold_in(fold_in(root, step), example_id)``, so the same example gets
+the same mask whatever the batch layout, device count or parallel launcher.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRATEGIES = ("random", "variance", "cv", "cv_rank")
+
+
+def two_tier_probs(score: np.ndarray, threshold_percentile: float, p_high: float,
+                   p_low: float) -> np.ndarray:
+    """p_high for codes whose score is strictly above the percentile threshold, else p_low. [V]."""
+    score = np.asarray(score, dtype=np.float64)
+    threshold = np.percentile(score, threshold_percentile)
+    return np.where(score > threshold, p_high, p_low)
+
+
+def expected_mask_rate(probs: np.ndarray, token_counts: np.ndarray) -> float:
+    """Expected fraction of training tokens masked under ``probs`` (token-count weighted mean)."""
+    counts = np.asarray(token_counts, dtype=np.float64)
+    return float(np.sum(probs * counts) / np.sum(counts))
+
+
+def rank_probs(score: np.ndarray, token_counts: np.ndarray, target_rate: float, p_high: float,
+               p_low: float) -> np.ndarray:
+    """Continuous mapping from score rank to probability with a given expected mask rate. [V].
+
+    Probabilities rise linearly with the code's rank (0 = least volatile, 1 = most), spanning
+    ``p_high - p_low``, shifted so the token-weighted mean equals ``target_rate`` (bisection on
+    the shift; values are clipped to [0.01, 0.99]).
+    """
+    order = np.argsort(np.argsort(score, kind="stable"), kind="stable")
+    rank = order / max(len(score) - 1, 1)
+    slope = p_high - p_low
+
+    def probs_for(shift: float) -> np.ndarray:
+        return np.clip(shift + slope * rank, 0.01, 0.99)
+
+    lo, hi = -1.0, 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if expected_mask_rate(probs_for(mid), token_counts) < target_rate:
+            lo = mid
+        else:
+            hi = mid
+    return probs_for(0.5 * (lo + hi))
+
+
+def strategy_probs(strategy: str, *, cv: np.ndarray, variance: np.ndarray,
+                   token_counts: np.ndarray, threshold_percentile: float, p_high: float,
+                   p_low: float) -> np.ndarray:
+    """Per-code mask probabilities [V] for a strategy, from train-split statistics.
+
+    ``random`` and ``cv_rank`` match the expected mask rate of ``cv`` on the training tokens, so
+    all strategies hide the same share of values and differ only in which values they hide.
+    """
+    cv_probs = two_tier_probs(cv, threshold_percentile, p_high, p_low)
+    if strategy == "cv":
+        return cv_probs
+    if strategy == "variance":
+        return two_tier_probs(variance, threshold_percentile, p_high, p_low)
+    cv_rate = expected_mask_rate(cv_probs, token_counts)
+    if strategy == "random":
+        return np.full_like(cv_probs, cv_rate)
+    if strategy == "cv_rank":
+        return rank_probs(cv, token_counts, cv_rate, p_high, p_low)
+    raise ValueError(f"config.masking.strategy={strategy!r}: expected one of {STRATEGIES}")
+
+
+def example_keys(root: jax.Array, step: jax.Array, example_id: jax.Array) -> jax.Array:
+    """Per-example keys [B] = fold_in(fold_in(root, step), example_id)."""
+    step_key = jax.random.fold_in(root, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_id)
+
+
+def sample_value_mask(root: jax.Array, step: jax.Array, example_id: jax.Array,
+                      codes: jax.Array, valid: jax.Array, probs: jax.Array) -> jax.Array:
+    """Draw the value mask inside the step.
+
+    Args:
+      root: the run's masking key.  step: scalar int.  example_id: int [B].
+      codes: int [B, L] code indices.  valid: bool [B, L], False on padding.
+      probs: float [V] per-code mask probabilities.
+    Returns:
+      bool [B, L]: True where the value is hidden; never True on padding.
+    """
+    keys = example_keys(root, step, example_id)
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, codes.shape[1:]))(keys)
+    return (uniform < jnp.take(probs, codes)) & valid

@@ -1,0 +1,22 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_MEDS = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / \
+    "mimic_iv_demo_meds"
+
+
+@pytest.fixture
+def shared_meds_dir():
+    """The real MIMIC-IV demo sample in ../shared, or a clean skip when it is absent."""
+    if not (SHARED_MEDS / "metadata" / "subject_splits.parquet").exists():
+        pytest.skip(f"shared MEDS sample not found at {SHARED_MEDS}")
+    return SHARED_MEDS.resolve()

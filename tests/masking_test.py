@@ -1,0 +1,89 @@
+"""Masking strategies (host) and in-step mask sampling (device)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvmae_jax import masking
+
+CV = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 1.2])
+VARIANCE = np.array([5.0, 0.1, 3.0, 0.2, 9.0, 0.3, 0.4, 0.5])
+COUNTS = np.array([100, 300, 50, 10, 200, 40, 80, 20])
+
+
+def probs(strategy, **kw):
+    args = dict(cv=CV, variance=VARIANCE, token_counts=COUNTS, threshold_percentile=75.0,
+                p_high=0.8, p_low=0.2)
+    args.update(kw)
+    return masking.strategy_probs(strategy, **args)
+
+
+def test_cv_gives_p_high_exactly_above_the_percentile():
+    p = probs("cv")
+    above = CV > np.percentile(CV, 75)
+    np.testing.assert_array_equal(p[above], 0.8)
+    np.testing.assert_array_equal(p[~above], 0.2)
+    assert above.sum() == 2
+
+
+def test_variance_ranks_by_raw_variance_not_cv():
+    p = probs("variance")
+    np.testing.assert_array_equal(np.flatnonzero(p == 0.8), [0, 4])
+
+
+def test_random_and_cv_rank_match_the_cv_expected_rate():
+    cv_rate = masking.expected_mask_rate(probs("cv"), COUNTS)
+    random_p = probs("random")
+    assert np.all(random_p == random_p[0])
+    assert masking.expected_mask_rate(random_p, COUNTS) == pytest.approx(cv_rate)
+    rank_p = probs("cv_rank")
+    assert masking.expected_mask_rate(rank_p, COUNTS) == pytest.approx(cv_rate, abs=1e-6)
+    assert np.all(np.diff(rank_p[np.argsort(CV)]) > 0)
+
+
+def test_config_fields_change_the_probabilities():
+    p = probs("cv", threshold_percentile=50.0, p_high=0.9, p_low=0.1)
+    assert set(np.unique(p)) == {0.1, 0.9}
+    assert (p == 0.9).sum() == 4
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="config.masking.strategy='spans'"):
+        probs("spans")
+
+
+def _batch(num_examples=64, length=128, vocab=8, seed=0):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, vocab, (num_examples, length)).astype(np.int32)
+    lengths = rng.integers(1, length + 1, num_examples)
+    valid = np.arange(length)[None, :] < lengths[:, None]
+    example_id = rng.permutation(10_000)[:num_examples].astype(np.int32)
+    return codes, valid, example_id
+
+
+def test_mask_rate_per_code_matches_probabilities_and_padding_is_never_masked():
+    codes, valid, example_id = _batch(num_examples=256)
+    p = jnp.asarray(probs("cv"), jnp.float32)
+    mask = np.asarray(masking.sample_value_mask(jax.random.key(0), 3, example_id, codes, valid, p))
+    assert not mask[~valid].any()
+    for code in range(len(CV)):
+        n = (valid & (codes == code)).sum()
+        rate = mask[valid & (codes == code)].mean()
+        tolerance = 4 * np.sqrt(p[code] * (1 - p[code]) / n)
+        assert abs(rate - p[code]) < tolerance, (code, rate, float(p[code]), n)
+
+
+def test_masks_do_not_depend_on_batch_layout():
+    codes, valid, example_id = _batch()
+    p = jnp.asarray(probs("cv"), jnp.float32)
+    sample = jax.jit(masking.sample_value_mask)
+    root = jax.random.key(7)
+    whole = np.asarray(sample(root, 11, example_id, codes, valid, p))
+    order = np.random.default_rng(1).permutation(len(example_id))
+    halves = [order[:24], order[24:]]
+    for rows in halves:  # the same examples, shuffled and split over two batches
+        part = np.asarray(sample(root, 11, example_id[rows], codes[rows], valid[rows], p))
+        np.testing.assert_array_equal(part, whole[rows])
+    other_step = np.asarray(sample(root, 12, example_id, codes, valid, p))
+    assert (other_step != whole).any()
