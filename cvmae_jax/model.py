@@ -1,0 +1,133 @@
+"""The Value-Only Masked Autoencoder (Flax NNX).
+
+Each token is a lab event: code embedding + continuous time encoding + value embedding. At masked
+positions the value embedding is replaced by one learned mask vector, so the model still sees which
+lab was measured and when, but not its result. A pre-LayerNorm transformer encoder with a
+padding-aware attention mask produces one hidden state per token and a linear head regresses the
+normalized value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the VO-MAE; built from ``config.model`` by ``ModelConfig.from_config``."""
+
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    mlp_ratio: int = 4
+    time_frequencies: int = 16
+    max_time_period_hours: float = 24.0 * 365.0
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+        return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields if k in model_config})
+
+
+def time_features(hours: jax.Array, num_frequencies: int, max_period: float) -> jax.Array:
+    """Sinusoidal features of time since the window's first event.
+
+    hours: float [B, L]. Returns float32 [B, L, 2 * num_frequencies + 1]: sin/cos at periods
+    spaced geometrically from 1 hour to ``max_period`` hours, plus log1p(hours).
+    """
+    periods = np.geomspace(1.0, max_period, num_frequencies).astype(np.float32)
+    angles = hours[..., None] * (2.0 * np.pi / periods)
+    return jnp.concatenate(
+        [jnp.sin(angles), jnp.cos(angles), jnp.log1p(jnp.maximum(hours, 0.0))[..., None]], axis=-1)
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LayerNorm transformer block: x + MHA(LN(x)); x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
+        self.num_heads = cfg.num_heads
+        self.attn_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
+        self.qkv = nnx.Linear(d, 3 * d, dtype=dtype, rngs=rngs)
+        self.attn_out = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
+        self.mlp_in = nnx.Linear(d, cfg.mlp_ratio * d, dtype=dtype, rngs=rngs)
+        self.mlp_out = nnx.Linear(cfg.mlp_ratio * d, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """x: [B, L, D]; attention_mask: bool [B, 1, L, L]. Returns [B, L, D]."""
+        batch, length, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = self.qkv(self.attn_norm(x)).reshape(batch, length, 3, self.num_heads, head_dim)
+        attended = jax.nn.dot_product_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=attention_mask)
+        x = x + self.attn_out(attended.reshape(batch, length, d))
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+class ValueOnlyMAE(nnx.Module):
+    """VO-MAE: encodes lab sequences with hidden values and regresses the normalized values."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.d_model % cfg.num_heads:
+            raise ValueError(f"config.model.d_model={cfg.d_model} is not divisible by "
+                             f"config.model.num_heads={cfg.num_heads}")
+        d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
+        self.cfg = cfg
+        self.code_embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
+        self.time_proj = nnx.Linear(2 * cfg.time_frequencies + 1, d, dtype=dtype, rngs=rngs)
+        self.value_proj = nnx.Linear(1, d, dtype=dtype, rngs=rngs)
+        self.mask_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)))
+        self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(d, 1, dtype=dtype, rngs=rngs)
+
+    def encode(self, times: jax.Array, codes: jax.Array, values: jax.Array,
+               value_mask: jax.Array, valid: jax.Array) -> jax.Array:
+        """Hidden states [B, L, D] for float times/values [B, L], int codes [B, L] and bool
+        value_mask/valid [B, L]. Hidden values never leak: they are replaced before embedding."""
+        cfg = self.cfg
+        value_emb = self.value_proj(jnp.where(value_mask, 0.0, values)[..., None])
+        value_emb = jnp.where(value_mask[..., None],
+                              self.mask_embedding[...].astype(value_emb.dtype), value_emb)
+        x = (self.code_embed(codes)
+             + self.time_proj(time_features(times, cfg.time_frequencies, cfg.max_time_period_hours))
+             + value_emb)
+        attention_mask = valid[:, None, :, None] & valid[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return self.final_norm(x)
+
+    def __call__(self, times, codes, values, value_mask, valid) -> jax.Array:
+        """Predicted normalized values, float32 [B, L]."""
+        hidden = self.encode(times, codes, values, value_mask, valid)
+        return self.head(hidden)[..., 0].astype(jnp.float32)
+
+
+def reconstruction_loss(predictions: jax.Array, values: jax.Array, value_mask: jax.Array,
+                        valid: jax.Array, unmasked_weight: float) -> tuple[jax.Array, dict]:
+    """L = MSE over masked values + unmasked_weight * MSE over visible values; padding ignored.
+
+    All arrays are [B, L]. Returns the scalar loss and a dict of scalar metrics (sums and counts
+    are also returned so callers can aggregate exactly across batches and devices).
+    """
+    squared_error = jnp.square(predictions - values)
+    masked = (value_mask & valid).astype(jnp.float32)
+    visible = (~value_mask & valid).astype(jnp.float32)
+    num_masked, num_visible = masked.sum(), visible.sum()
+    masked_sse, visible_sse = (squared_error * masked).sum(), (squared_error * visible).sum()
+    masked_mse = masked_sse / jnp.maximum(num_masked, 1.0)
+    unmasked_mse = visible_sse / jnp.maximum(num_visible, 1.0)
+    loss = masked_mse + unmasked_weight * unmasked_mse
+    metrics = dict(loss=loss, masked_mse=masked_mse, unmasked_mse=unmasked_mse,
+                   mask_rate=num_masked / jnp.maximum(num_masked + num_visible, 1.0),
+                   num_masked=num_masked, num_tokens=num_masked + num_visible,
+                   masked_sse=masked_sse, baseline_masked_sse=(jnp.square(values) * masked).sum())
+    return loss, metrics

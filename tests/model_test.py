@@ -1,0 +1,79 @@
+"""The VO-MAE: hidden values never leak, padding never matters, the loss counts what it should."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
+
+B, L, V = 3, 16, 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=2),
+                        rngs=nnx.Rngs(0))
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.uniform(0, 500, (B, L)), axis=1).astype(np.float32)
+    codes = rng.integers(0, V, (B, L)).astype(np.int32)
+    values = rng.normal(size=(B, L)).astype(np.float32)
+    valid = np.arange(L)[None] < np.array([[L], [10], [4]])
+    value_mask = (rng.uniform(size=(B, L)) < 0.3) & valid
+    return times, codes, values, value_mask, valid
+
+
+def test_output_shape_and_dtype(model):
+    out = model(*_inputs())
+    assert out.shape == (B, L) and out.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_hidden_values_do_not_reach_any_output(model):
+    times, codes, values, value_mask, valid = _inputs()
+    changed = np.where(value_mask, values + 100.0, values)
+    np.testing.assert_allclose(model(times, codes, changed, value_mask, valid),
+                               model(times, codes, values, value_mask, valid), atol=1e-5)
+    visible_changed = np.where(~value_mask & valid, values + 1.0, values)
+    assert not np.allclose(model(times, codes, visible_changed, value_mask, valid),
+                           model(times, codes, values, value_mask, valid), atol=1e-3)
+
+
+def test_padding_does_not_change_outputs_at_real_tokens(model):
+    times, codes, values, value_mask, valid = _inputs()
+    noisy = np.random.default_rng(5)
+    codes2 = np.where(valid, codes, noisy.integers(0, V, codes.shape)).astype(np.int32)
+    values2 = np.where(valid, values, noisy.normal(size=values.shape) * 50).astype(np.float32)
+    times2 = np.where(valid, times, 9999.0).astype(np.float32)
+    a = np.asarray(model(times, codes, values, value_mask, valid))
+    b = np.asarray(model(times2, codes2, values2, value_mask, valid))
+    np.testing.assert_allclose(a[valid], b[valid], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    m = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, dtype="bfloat16"),
+                     rngs=nnx.Rngs(0))
+    params = nnx.state(m, nnx.Param)
+    assert {x.dtype for x in __import__("jax").tree.leaves(params)} == {jnp.dtype("float32")}
+    assert np.isfinite(np.asarray(m(*_inputs()))).all()
+
+
+def test_loss_counts_masked_and_visible_separately_and_ignores_padding():
+    predictions = jnp.array([[1.0, 0.0, 5.0, 7.0]])
+    values = jnp.array([[0.0, 2.0, 5.0, 0.0]])
+    value_mask = jnp.array([[True, True, False, True]])
+    valid = jnp.array([[True, True, True, False]])
+    loss, m = reconstruction_loss(predictions, values, value_mask, valid, unmasked_weight=0.5)
+    assert float(m["masked_mse"]) == pytest.approx((1 + 4) / 2)
+    assert float(m["unmasked_mse"]) == pytest.approx(0.0)
+    assert float(m["mask_rate"]) == pytest.approx(2 / 3)
+    assert float(loss) == pytest.approx(2.5)
+    assert float(m["baseline_masked_sse"]) == pytest.approx(4.0)
+
+
+def test_bad_head_count_is_refused():
+    with pytest.raises(ValueError, match="num_heads=3"):
+        ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=3), rngs=nnx.Rngs(0))
