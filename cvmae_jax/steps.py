@@ -1,0 +1,103 @@
+"""Train state and the compiled-step bodies: mask draw, forward, loss, backward, update.
+
+The bodies here are plain functions of (state, batch); ``cvmae_jax.train`` wraps them in
+``jax.jit`` over the device mesh. Batches are dicts of arrays:
+``times`` f32 [B, L], ``codes`` i32 [B, L], ``values`` f32 [B, L], ``valid`` bool [B, L],
+``example_id`` i32 [B].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from cvmae_jax.masking import sample_value_mask
+from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; the model's graphdef is static)."""
+
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: nnx.State
+    opt_state: Any
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay, after global-norm gradient clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_config.learning_rate,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
+        end_value=0.1 * train_config.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm),
+                       optax.adamw(schedule, weight_decay=train_config.weight_decay))
+
+
+def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
+               seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    """Fresh parameters and optimizer state (on the default device)."""
+    model = ValueOnlyMAE(model_config, rngs=nnx.Rngs(params=seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=optimizer.init(params))
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    mask_probs: jax.Array, mask_root: jax.Array,
+                    unmasked_weight: float) -> Callable:
+    """(state, batch) -> (new state, metrics). Masks are drawn inside from (root, step, example)."""
+
+    def loss_fn(params, batch, step):
+        value_mask = sample_value_mask(mask_root, step, batch["example_id"], batch["codes"],
+                                       batch["valid"], mask_probs)
+        model = nnx.merge(graphdef, params)
+        predictions = model(batch["times"], batch["codes"], batch["values"], value_mask,
+                            batch["valid"])
+        return reconstruction_loss(predictions, batch["values"], value_mask, batch["valid"],
+                                   unmasked_weight)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, batch, state.step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
+                   mask_seed: int) -> Callable:
+    """(params, batch) -> per-code sums [V] of the reconstruction under a fixed uniform mask.
+
+    The evaluation mask depends only on (mask_seed, example_id, position): every model compared
+    on a split sees exactly the same hidden values.
+    """
+    root = jax.random.key(mask_seed)
+    probs = jnp.full((vocab_size,), mask_rate, jnp.float32)
+
+    def eval_step(params: nnx.State, batch: dict) -> dict:
+        value_mask = sample_value_mask(root, 0, batch["example_id"], batch["codes"],
+                                       batch["valid"], probs)
+        model = nnx.merge(graphdef, params)
+        predictions = model(batch["times"], batch["codes"], batch["values"], value_mask,
+                            batch["valid"])
+        hidden = (value_mask & batch["valid"]).astype(jnp.float32)
+        error = (predictions - batch["values"]) * hidden
+
+        def per_code(x):
+            return jax.ops.segment_sum(x.reshape(-1), batch["codes"].reshape(-1),
+                                       num_segments=vocab_size)
+
+        return dict(count=per_code(hidden), sse=per_code(jnp.square(error)),
+                    sae=per_code(jnp.abs(error)),
+                    baseline_sse=per_code(jnp.square(batch["values"]) * hidden))
+
+    return eval_step
