@@ -1,0 +1,71 @@
+"""Cutting each subject's lab events into fixed-length windows of (time, code, value) triplets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cvmae_jax.data.stats import DataStats
+
+WINDOWS = ("chunks", "last")
+_US_PER_HOUR = 3_600_000_000
+
+
+def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str = "chunks",
+                   min_window_len: int = 2, report: dict | None = None) -> Iterator[dict]:
+    """Yields one example per window, ordered by (subject_id, window start).
+
+    events: a table with subject_id, time, code, numeric_value (any order; sorted stably here).
+    window: 'chunks' cuts a subject's in-vocabulary events into consecutive, non-overlapping
+      windows of max_len (the last one may be shorter); 'last' keeps only the latest max_len.
+    Windows with fewer than min_window_len events are dropped.
+
+    Each example: example_id int64 (0..n-1 in yield order), subject_id int64, start_time_us /
+    end_time_us int64 (first/last event, µs since epoch), times float32 [n] (hours since the
+    first event), codes int32 [n] (index into stats.codes), values float32 [n] (normalized),
+    with n <= max_len. `report`, when given, receives counts (filled once the iterator is done).
+    """
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+    if max_len < 1 or min_window_len < 1:
+        raise ValueError(f"max_len ({max_len}) and min_window_len ({min_window_len}) must be >= 1")
+    idx = pc.index_in(events["code"], value_set=pa.array(stats.codes, pa.string()))
+    known = pc.is_valid(idx)
+    num_known = int(pc.sum(known).as_py() or 0)
+    counts = dict(events=events.num_rows, out_of_vocab_events=events.num_rows - num_known,
+                  subjects=0, examples=0, tokens=0, short_windows_dropped=0,
+                  events_not_in_window=0)
+    codes = idx.filter(known).to_numpy().astype(np.int32)
+    subjects = events["subject_id"].filter(known).to_numpy().astype(np.int64)
+    times = events["time"].filter(known).cast(pa.int64()).to_numpy().astype(np.int64)
+    raw = events["numeric_value"].filter(known).to_numpy().astype(np.float64)
+    order = np.lexsort((times, subjects))
+    codes, subjects, times, values = (codes[order], subjects[order], times[order],
+                                      stats.normalize(codes[order], raw[order]))
+    starts = np.flatnonzero(np.diff(subjects, prepend=subjects[:1] - 1)) if len(subjects) else []
+    example_id = 0
+    for s_lo, s_hi in zip(starts, np.r_[starts[1:], len(subjects)].astype(np.int64)):
+        counts["subjects"] += 1
+        if window == "chunks":
+            cuts = [(lo, min(lo + max_len, s_hi)) for lo in range(s_lo, s_hi, max_len)]
+        else:
+            cuts = [(max(s_lo, s_hi - max_len), s_hi)]
+            counts["events_not_in_window"] += cuts[0][0] - s_lo
+        for lo, hi in cuts:
+            if hi - lo < min_window_len:
+                counts["short_windows_dropped"] += 1
+                counts["events_not_in_window"] += hi - lo
+                continue
+            t0 = times[lo]
+            yield dict(example_id=np.int64(example_id), subject_id=np.int64(subjects[lo]),
+                       start_time_us=np.int64(t0), end_time_us=np.int64(times[hi - 1]),
+                       times=((times[lo:hi] - t0) / _US_PER_HOUR).astype(np.float32),
+                       codes=codes[lo:hi], values=values[lo:hi])
+            example_id += 1
+            counts["tokens"] += hi - lo
+    counts["examples"] = example_id
+    if report is not None:
+        report.update({k: int(v) for k, v in counts.items()})

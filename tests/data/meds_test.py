@@ -1,0 +1,112 @@
+"""MEDS reading: splits, numeric events (types, filtering, counts, order), lab selection."""
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cvmae_jax.data import meds
+
+
+def test_subject_splits_file_is_authoritative(tiny_meds):
+    splits = meds.read_subject_splits(tiny_meds.root)
+    assert splits == tiny_meds.splits  # subject 7 lives in data/tuning/ but is train
+
+
+def test_subject_splits_fall_back_to_folders(tiny_meds):
+    (tiny_meds.root / "metadata/subject_splits.parquet").unlink()
+    splits = meds.read_subject_splits(tiny_meds.root)
+    assert splits[1] == splits[3] == "train" and splits[7] == splits[8] == "tuning"
+    assert splits[6] == "held_out"
+
+
+def test_subject_splits_without_file_or_folder_is_an_error(tiny_meds):
+    (tiny_meds.root / "metadata/subject_splits.parquet").unlink()
+    shutil.move(tiny_meds.root / "data/held_out/0.parquet", tiny_meds.root / "data/x.parquet")
+    with pytest.raises(meds.MEDSFormatError, match="x.parquet.*split"):
+        meds.read_subject_splits(tiny_meds.root)
+
+
+def test_numeric_events_schema_filter_and_order(tiny_meds):
+    events = meds.read_numeric_events(tiny_meds.root, "train")
+    assert events.schema.equals(meds.EVENT_SCHEMA)
+    subjects = events["subject_id"].to_numpy()
+    assert set(subjects) == {1, 2, 3, 4, 7}
+    times = events["time"].cast(pa.int64()).to_numpy()
+    assert np.all((np.diff(subjects) > 0) | ((np.diff(subjects) == 0) & (np.diff(times) >= 0)))
+    values = events["numeric_value"].to_numpy()
+    assert np.isfinite(values).all() and events["time"].null_count == 0
+    expected = [r for r in tiny_meds.rows if tiny_meds.splits.get(r[0]) == "train"
+                and r[1] is not None and r[3] is not None and np.isfinite(r[3])]
+    assert events.num_rows == len(expected)
+    a = events.filter(pc.equal(events["code"], tiny_meds.A))
+    np.testing.assert_array_equal(np.sort(a["numeric_value"].to_numpy()),
+                                  np.sort(tiny_meds.values(tiny_meds.A)))
+
+
+def test_numeric_events_counts_oddities(tiny_meds):
+    counts = meds.event_counts(meds.read_numeric_events(tiny_meds.root, "train"))
+    assert counts["nonfinite_value"] == 2  # one NaN, one inf
+    assert counts["null_time"] == 5  # one static row per train subject
+    assert counts["duplicate_rows"] == 1
+    assert counts["after_death_rows"] == 2
+    assert counts["rows_without_split"] == sum(1 for r in tiny_meds.rows if r[0] == 8)
+    assert counts["kept"] == counts["rows"] - counts["null_time"] - counts["null_value"] - 2
+
+
+def test_numeric_events_restricted_to_codes(tiny_meds):
+    events = meds.read_numeric_events(tiny_meds.root, "tuning", codes=[tiny_meds.B])
+    assert set(events["code"].to_pylist()) == {tiny_meds.B}
+    assert set(events["subject_id"].to_pylist()) == {5}
+    assert meds.event_counts(events)["other_code"] > 0
+
+
+@pytest.mark.parametrize("column, change, problem", [
+    ("code", lambda t: t.drop_columns(["code"]), "column 'code' is missing"),
+    ("time", lambda t: t.set_column(1, "time", pa.array(["x"] * t.num_rows)),
+     "column 'time' has unsupported type string"),
+    ("subject_id", lambda t: t.set_column(0, "subject_id", pa.array(
+        [None] + [1] * (t.num_rows - 1), pa.int64())), "column subject_id contains nulls"),
+])
+def test_bad_shard_names_file_and_column(tiny_meds, column, change, problem):
+    path = tiny_meds.root / "data/held_out/0.parquet"
+    pq.write_table(change(pq.read_table(path)), path)
+    with pytest.raises(meds.MEDSFormatError, match=rf"0.parquet: {problem}"):
+        meds.read_numeric_events(tiny_meds.root, "train")
+
+
+def test_select_top_k_by_frequency_with_regex_and_min_count(tiny_meds):
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    report = {}
+    codes = meds.select_lab_codes(train, tiny_meds.config(), report=report)
+    assert codes == [tiny_meds.A, tiny_meds.B, tiny_meds.D]  # C has 2 < 3 rows, HR not LAB
+    assert report == dict(selection="pattern", matching=4, below_min_count=1, selected=3)
+    assert meds.select_lab_codes(tiny_meds.root, tiny_meds.config(top_k=2)) == codes[:2]
+    other = tiny_meds.config(lab_code_pattern="HR|//C//", min_code_count=1)
+    assert meds.select_lab_codes(train, other) == [tiny_meds.HR, tiny_meds.C]
+
+
+def test_select_ties_by_code_name(tiny_meds):
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    ties = train.filter(pc.equal(train["code"], tiny_meds.D))
+    renamed = ties.set_column(2, "code", pa.array(["LAB//0"] * ties.num_rows))
+    ties = pa.concat_tables([ties, renamed])
+    codes = meds.select_lab_codes(ties, tiny_meds.config(min_code_count=1))
+    assert codes == ["LAB//0", tiny_meds.D]
+
+
+def test_select_explicit_list(tiny_meds):
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    explicit = (tiny_meds.HR, tiny_meds.C)
+    codes = meds.select_lab_codes(train, tiny_meds.config(lab_codes=explicit, top_k=1))
+    assert codes == list(explicit)
+    with pytest.raises(meds.MEDSFormatError, match="LAB//E//x"):
+        meds.select_lab_codes(train, tiny_meds.config(lab_codes=(tiny_meds.A, tiny_meds.E)))
+
+
+def test_select_nothing_matches_is_an_error(tiny_meds):
+    with pytest.raises(meds.MEDSFormatError, match="no code with numeric values matches"):
+        meds.select_lab_codes(tiny_meds.root, tiny_meds.config(lab_code_pattern="^NOPE"))

@@ -1,0 +1,98 @@
+"""Per-code train statistics: exact values, train-only, normalization, JSON round trip."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.stats import DataStats, compute_stats
+
+
+def _stats(tiny_meds, quantiles=(0.001, 0.999)):
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    return compute_stats(train, [tiny_meds.A, tiny_meds.B, tiny_meds.D], quantiles)
+
+
+def test_exact_stats_match_numpy(tiny_meds):
+    stats = _stats(tiny_meds, (0.1, 0.9))
+    assert stats.codes == (tiny_meds.A, tiny_meds.B, tiny_meds.D) and stats.vocab_size == 3
+    for i, code in enumerate(stats.codes):
+        v = tiny_meds.values(code)
+        assert stats.count[i] == len(v)
+        np.testing.assert_allclose(stats.mean[i], v.mean(), rtol=1e-12)
+        np.testing.assert_allclose(stats.std[i], v.std(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats.variance[i], v.var(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose([stats.clip_low[i], stats.clip_high[i]],
+                                   np.quantile(v, [0.1, 0.9]), rtol=1e-12)
+        clipped = np.clip(v, *np.quantile(v, [0.1, 0.9]))
+        np.testing.assert_allclose([stats.norm_mean[i], stats.norm_std[i]],
+                                   [clipped.mean(), clipped.std()], rtol=1e-12, atol=1e-12)
+    a = tiny_meds.values(tiny_meds.A)
+    np.testing.assert_allclose(stats.cv[0], a.std() / abs(a.mean()), rtol=1e-12)
+    assert stats.cv[2] == 0.0  # LAB//D is constant
+    np.testing.assert_array_equal(stats.num_subjects, [5, 5, 5])
+    assert stats.mean.dtype == np.float64 and stats.count.shape == (3,)
+
+
+def test_stats_ignore_tuning_and_held_out(tiny_meds):
+    before = _stats(tiny_meds)
+    for rel in ("data/tuning/0.parquet", "data/held_out/0.parquet"):
+        table = pq.read_table(tiny_meds.root / rel)
+        other = pc.is_in(table["subject_id"], pa.array([5, 6, 8]))
+        scaled = pc.if_else(other, pc.multiply(table["numeric_value"], 1000.0),
+                                    table["numeric_value"])
+        pq.write_table(table.set_column(3, "numeric_value", scaled), tiny_meds.root / rel)
+    after = _stats(tiny_meds)
+    for field in ("count", "mean", "std", "cv", "clip_low", "clip_high", "norm_mean", "norm_std"):
+        np.testing.assert_array_equal(getattr(before, field), getattr(after, field))
+
+
+def test_cv_of_zero_mean_is_inf():
+    events = pa.table({"subject_id": [1, 1], "code": ["x", "x"], "numeric_value": [-1.0, 1.0]})
+    stats = compute_stats(events, ["x"], (0.0, 1.0))
+    assert stats.cv[0] == np.inf and stats.std[0] == 1.0
+
+
+def test_code_without_train_values_is_an_error(tiny_meds):
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    with pytest.raises(meds.MEDSFormatError, match="LAB//E//x"):
+        compute_stats(train, [tiny_meds.A, tiny_meds.E], (0.0, 1.0))
+
+
+def test_normalize_clips_then_zscores_and_round_trips(tiny_meds):
+    stats = _stats(tiny_meds, (0.1, 0.9))
+    idx = np.array([[0, 1], [2, 0]])
+    raw = np.array([[stats.clip_low[0] + 0.5, stats.clip_high[1] + 100.0], [7.0, -1e9]])
+    norm = stats.normalize(idx, raw)
+    assert norm.dtype == np.float32 and norm.shape == (2, 2)
+    np.testing.assert_allclose(norm[0, 0], (raw[0, 0] - stats.norm_mean[0]) / stats.norm_std[0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(norm[0, 1],
+                               (stats.clip_high[1] - stats.norm_mean[1]) / stats.norm_std[1],
+                               rtol=1e-6)
+    assert norm[1, 0] == 0.0  # constant code: clipped to its only value
+    np.testing.assert_allclose(stats.denormalize(idx[0, :1], norm[0, :1]), raw[0, :1], rtol=1e-6)
+    inside = np.clip(raw, stats.clip_low[idx], stats.clip_high[idx])
+    np.testing.assert_allclose(stats.denormalize(idx, norm), inside, rtol=1e-5)
+
+
+def test_json_round_trip_with_extra_and_inf(tmp_path, tiny_meds):
+    stats = _stats(tiny_meds)
+    stats = DataStats(**{**stats.__dict__, "cv": np.array([np.inf, 1.0, 0.0])})
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out/data_stats.json"
+    stats.save_json(path, extra={"mask_prob": np.array([0.8, 0.2, 0.2])})
+    assert [p.name for p in path.parent.iterdir()] == ["data_stats.json"]  # no temporary left
+    d = json.loads(path.read_text())  # strict JSON: inf is written as a string
+    assert d["codes"][0]["cv"] == "inf" and d["codes"][0]["mask_prob"] == 0.8
+    assert set(d["codes"][1]) >= {"code", "count", "mean", "std", "cv", "variance", "clip_low",
+                                  "clip_high", "num_subjects"}
+    loaded = DataStats.load_json(path)
+    assert loaded.codes == stats.codes
+    for field in ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high",
+                  "num_subjects"):
+        np.testing.assert_array_equal(getattr(loaded, field), getattr(stats, field))
