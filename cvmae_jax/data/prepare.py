@@ -1,0 +1,80 @@
+"""Build (or reuse) the TFDS dataset of a MEDS root and describe it as a `PreparedDataset`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.stats import DataStats
+from cvmae_jax.data.tfds_builder import REPORT_FILE, STATS_FILE, MedsLabConfig, MedsLabSequences
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset: `tfds.data_source(builder_name, data_dir=data_dir)` reads it.
+
+    path: the builder's version folder (array_record files, data_stats.json,
+    prepare_report.json). report: the counts written while preparing (no subject ids).
+    """
+    path: str
+    data_dir: str
+    builder_name: str  # '<name>/<config>:<version>'
+    stats: DataStats
+    num_examples: dict[str, int]
+    num_tokens: dict[str, int]
+    max_len: int
+    report: dict
+
+    def data_source(self, split: str):
+        """Random-access source of `split`: len() and [i] -> dict of numpy arrays."""
+        return tfds.builder_from_directory(self.path).as_data_source(split)
+
+
+def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str | Path
+                    ) -> PreparedDataset:
+    """Builds the dataset under `data_dir` unless one with the same settings and MEDS files
+    exists (then reuses it). `meds_dir` overrides `data_config.meds_dir` when given. tfds writes
+    into a temporary folder and renames it when done, so a failed build leaves nothing behind."""
+    start = time.perf_counter()
+    config = MedsLabConfig.create(data_config, meds_dir)
+    builder = MedsLabSequences(config=config, data_dir=str(data_dir), file_format="array_record")
+    if builder.data_path.exists():
+        print(f"[prepare] reusing {builder.data_path}")
+    else:
+        print(f"[prepare] building {builder.data_path}")
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=config.meds_dir))
+        except OSError:
+            if not builder.data_path.exists():  # else another process finished the same build first
+                raise
+    prepared = load_prepared(builder.data_path)
+    print(f"[prepare] done in {time.perf_counter() - start:.1f}s: "
+          f"{len(prepared.stats.codes)} codes, examples {prepared.num_examples}, "
+          f"tokens {prepared.num_tokens}")
+    return prepared
+
+
+def load_prepared(path: str | Path) -> PreparedDataset:
+    """The `PreparedDataset` of a version folder written by `prepare_dataset`."""
+    path = Path(path)
+    if not (path / STATS_FILE).exists() or not (path / REPORT_FILE).exists():
+        raise FileNotFoundError(f"{path}: not a prepared dataset (no {STATS_FILE} / {REPORT_FILE})")
+    info = tfds.builder_from_directory(str(path)).info
+    report = json.loads((path / REPORT_FILE).read_text())
+    return PreparedDataset(
+        path=str(path),
+        data_dir=str(path.parents[2]),
+        builder_name=f"{info.name}/{info.config_name}:{info.version}",
+        stats=DataStats.load_json(path / STATS_FILE),
+        num_examples={s: int(info.splits[s].num_examples) for s in meds.SPLITS},
+        num_tokens={s: int(report["splits"][s]["windows"]["tokens"]) for s in meds.SPLITS},
+        max_len=int(report["settings"]["max_len"]),
+        report=report,
+    )

@@ -1,0 +1,138 @@
+"""TFDS builder writing MEDS lab windows as array_record files (no TensorFlow needed).
+
+The MEDS root is the builder's manual_dir. The config name carries a short hash of every
+setting that changes the data and of the MEDS files' identity, so other settings build another
+dataset. `_split_generators` selects the codes and computes the stats on train, then writes
+`data_stats.json` and `prepare_report.json` next to the tfds files (inside tfds's temporary
+folder, so they appear together with the data or not at all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cvmae_jax.data import meds, sequences, stats as stats_lib
+
+STATS_FILE = "data_stats.json"
+REPORT_FILE = "prepare_report.json"
+_SETTINGS = ("lab_code_pattern", "lab_codes", "top_k", "min_code_count", "clip_quantiles",
+             "max_len", "window", "min_window_len")
+
+
+@dataclasses.dataclass
+class MedsLabConfig(tfds.core.BuilderConfig):
+    """Builder settings; build with `MedsLabConfig.create(data_config, meds_dir)`."""
+    meds_dir: str = ""
+    lab_code_pattern: str = r"^LAB//"
+    lab_codes: tuple[str, ...] = ()
+    top_k: int = 100
+    min_code_count: int = 20
+    clip_quantiles: tuple[float, float] = (0.001, 0.999)
+    max_len: int = 256
+    window: str = "chunks"
+    min_window_len: int = 2
+
+    @classmethod
+    def create(cls, data_config: Any, meds_dir: str | Path | None = None) -> MedsLabConfig:
+        """Settings from `config.data`; name: `<window><max_len>_<hash of settings + MEDS>`."""
+        meds_dir = meds_dir or meds.config_get(data_config, "meds_dir")
+        if not meds_dir:
+            raise ValueError("no MEDS root: pass meds_dir or set config.data.meds_dir")
+        meds_dir = Path(meds_dir).resolve()
+        s = {k: meds.config_get(data_config, k) for k in _SETTINGS}
+        s["lab_codes"] = tuple(s["lab_codes"] or ())
+        s["clip_quantiles"] = tuple(float(q) for q in s["clip_quantiles"])
+        for k in ("top_k", "min_code_count", "max_len", "min_window_len"):
+            s[k] = int(s[k])
+        if s["window"] not in sequences.WINDOWS:
+            raise ValueError(f"config.data.window must be one of {sequences.WINDOWS}, "
+                             f"got {s['window']!r}")
+        key = json.dumps({**s, "meds": meds_identity(meds_dir)}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return cls(name=f'{s["window"]}{s["max_len"]}_{digest}', meds_dir=str(meds_dir),
+                   description=json.dumps(s, sort_keys=True), **s)
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in _SETTINGS}
+
+
+def meds_identity(meds_dir: str | Path) -> list:
+    """[relative path, size, mtime_ns] of the data shards and metadata files of a MEDS root."""
+    root = Path(meds_dir)
+    files = meds.data_files(root) + sorted((root / "metadata").glob("*"))
+    return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files if f.is_file()]
+
+
+class MedsLabSequences(tfds.core.GeneratorBasedBuilder):
+    """Windows of (time, code, value) lab triplets per subject, one record per window."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial format."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the MEDS root as download_config.manual_dir."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        vector = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="MEDS lab windows for the CV-Masking value-only MAE.",
+            features=tfds.features.FeaturesDict({
+                "example_id": tfds.features.Scalar(np.int64),
+                "subject_id": tfds.features.Scalar(np.int64),
+                "start_time_us": tfds.features.Scalar(np.int64),
+                "end_time_us": tfds.features.Scalar(np.int64),
+                "times": vector(np.float32),
+                "codes": vector(np.int32),
+                "values": vector(np.float32),
+            }),
+            disable_shuffling=True,  # records stay in example_id order
+        )
+
+    def _split_generators(self, dl_manager):
+        cfg: MedsLabConfig = self.builder_config
+        meds_dir = Path(dl_manager.manual_dir)
+        subject_splits = meds.read_subject_splits(meds_dir)
+        for split in meds.SPLITS:
+            n = sum(1 for s in subject_splits.values() if s == split)
+            if not n:
+                raise meds.MEDSFormatError(
+                    f"{meds_dir}/metadata/subject_splits.parquet, column split: "
+                    f"split {split!r} has no subjects")
+            print(f"[prepare] {split}: {n} subjects")
+        train = meds.read_numeric_events(meds_dir, "train")
+        report = {"settings": cfg.settings(), "selection": {}, "splits": {}}
+        codes = meds.select_lab_codes(train, cfg.settings(), report=report["selection"])
+        print(f'[prepare] lab codes: {report["selection"]}')
+        stats = stats_lib.compute_stats(train, codes, cfg.clip_quantiles)
+        stats.save_json(Path(self.data_dir) / STATS_FILE)
+        return {split: self._generate_examples(meds_dir, split, stats, report, train)
+                for split in meds.SPLITS}
+
+    def _generate_examples(self, meds_dir, split, stats, report, train):
+        cfg: MedsLabConfig = self.builder_config
+        events = train if split == "train" else meds.read_numeric_events(meds_dir, split)
+        counts = {"events": meds.event_counts(events), "windows": {}}
+        for example in sequences.build_examples(events, stats, cfg.max_len, cfg.window,
+                                                cfg.min_window_len, report=counts["windows"]):
+            yield int(example["example_id"]), example
+        if not counts["windows"]["examples"]:
+            raise meds.MEDSFormatError(f"{meds_dir}/data, split {split!r}: no window with >= "
+                                       f"{cfg.min_window_len} events of the selected lab codes")
+        report["splits"][split] = counts
+        print(f'[prepare] {split}: {counts["windows"]["examples"]} examples, '
+              f'{counts["windows"]["tokens"]} tokens, events: {counts["events"]}')
+        _write_json(Path(self.data_dir) / REPORT_FILE, report)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

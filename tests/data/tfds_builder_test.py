@@ -1,0 +1,119 @@
+"""The TFDS dataset: build round trip, stats file, reuse vs rebuild, errors, real sample."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow_datasets as tfds
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.prepare import load_prepared, prepare_dataset
+from cvmae_jax.data.sequences import build_examples
+from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.data.tfds_builder import MedsLabConfig
+
+SPLITS = ("train", "tuning", "held_out")
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_meds_session, tmp_path_factory):
+    return prepare_dataset(tiny_meds_session.config(), None, tmp_path_factory.mktemp("tfds"))
+
+
+def test_round_trip_through_tfds_data_source(prepared, tiny_meds_session):
+    root = tiny_meds_session.root
+    train = meds.read_numeric_events(root, "train")
+    stats = compute_stats(train, meds.select_lab_codes(train, tiny_meds_session.config()),
+                          (0.001, 0.999))
+    assert stats.codes == prepared.stats.codes
+    np.testing.assert_array_equal(stats.cv, prepared.stats.cv)
+    sources = tfds.data_source(prepared.builder_name, data_dir=prepared.data_dir, download=False)
+    for split in SPLITS:
+        events = meds.read_numeric_events(root, split)
+        expected = list(build_examples(events, stats, 8, "chunks", 2))
+        source = sources[split]
+        assert len(source) == len(expected) == prepared.num_examples[split]
+        assert prepared.num_tokens[split] == sum(len(e["codes"]) for e in expected)
+        for i, want in enumerate(expected):
+            got = source[i]
+            assert set(got) == set(want)
+            for key, value in want.items():
+                np.testing.assert_array_equal(got[key], value)
+                assert np.asarray(got[key]).dtype == value.dtype
+
+
+def test_prepared_folder_holds_stats_and_report(prepared):
+    files = set(os.listdir(prepared.path))
+    assert {"data_stats.json", "prepare_report.json", "dataset_info.json"} <= files
+    assert not any("incomplete" in f for f in os.listdir(os.path.dirname(prepared.path)))
+    report = prepared.report
+    assert report["splits"]["train"]["events"]["nonfinite_value"] == 2
+    assert report["selection"]["below_min_count"] == 1
+    assert set(report["splits"]) == set(SPLITS)
+    reloaded = load_prepared(prepared.path)
+    assert reloaded.builder_name == prepared.builder_name
+    assert reloaded.num_examples == prepared.num_examples
+
+
+def test_reuse_and_rebuild(tiny_meds, tmp_path, capsys):
+    data_dir = tmp_path / "tfds"
+    first = prepare_dataset(tiny_meds.config(), None, data_dir)
+    mtime = os.stat(first.path).st_mtime_ns
+    again = prepare_dataset(tiny_meds.config(), tiny_meds.root, data_dir)
+    assert again.path == first.path and os.stat(again.path).st_mtime_ns == mtime
+    assert "reusing" in capsys.readouterr().out
+    other = prepare_dataset(tiny_meds.config(max_len=4), None, data_dir)
+    assert other.path != first.path and other.max_len == 4
+    assert max(len(other.data_source("train")[i]["codes"]) for i in range(5)) == 4
+    path = tiny_meds.root / "data/tuning/0.parquet"  # new MEDS content -> new dataset
+    pq.write_table(pq.read_table(path).slice(1), path)
+    assert prepare_dataset(tiny_meds.config(), None, data_dir).path != first.path
+
+
+def test_config_name_tracks_every_setting(tiny_meds):
+    base = MedsLabConfig.create(tiny_meds.config()).name
+    changes = dict(max_len=16, window="last", min_window_len=3, clip_quantiles=(0.01, 0.99),
+                   top_k=2, min_code_count=2, lab_code_pattern="LAB", lab_codes=(tiny_meds.A,))
+    names = {MedsLabConfig.create(tiny_meds.config(**{k: v})).name for k, v in changes.items()}
+    assert base not in names and len(names) == len(changes)
+    assert MedsLabConfig.create(tiny_meds.config()).name == base
+
+
+def test_empty_split_fails_cleanly(tiny_meds, tmp_path):
+    splits = {s: v for s, v in tiny_meds.splits.items() if v != "held_out"}
+    pq.write_table(pa.table({"subject_id": pa.array(list(splits), pa.int64()),
+                             "split": list(splits.values())}),
+                   tiny_meds.root / "metadata/subject_splits.parquet")
+    with pytest.raises(meds.MEDSFormatError, match="split 'held_out' has no subjects"):
+        prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
+    leftovers = [f for _, _, fs in os.walk(tmp_path / "tfds") for f in fs]
+    assert not leftovers  # nothing half-written
+
+
+def test_no_tensorflow_is_imported(tiny_meds, tmp_path):
+    code = ("import sys; from cvmae_jax.data.prepare import prepare_dataset; "
+            f"prepare_dataset({dict(tiny_meds.config())!r}, None, {str(tmp_path)!r}); "
+            'assert "tensorflow" not in sys.modules, "TensorFlow was imported"')
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+
+def test_prepare_shared_mimic_demo(shared_meds_dir, tmp_path):
+    config = dict(meds_dir=str(shared_meds_dir), lab_code_pattern="^LAB//", top_k=50)
+    prepared = prepare_dataset(config, None, tmp_path)
+    stats = prepared.stats
+    assert stats.vocab_size == 50
+    for field in ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high"):
+        assert np.isfinite(getattr(stats, field)).all(), field
+    assert all(prepared.num_examples[s] > 0 and prepared.num_tokens[s] > 0 for s in SPLITS)
+    assert np.all(np.diff(stats.count) <= 0)  # most frequent first
+
+
+def test_split_without_windows_fails_cleanly(tiny_meds, tmp_path):
+    with pytest.raises(meds.MEDSFormatError, match="split 'train': no window with >= 1000"):
+        prepare_dataset(tiny_meds.config(min_window_len=1000), None, tmp_path / "tfds")
+    assert not [f for _, _, fs in os.walk(tmp_path / "tfds") for f in fs]
