@@ -18,16 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cvmae_jax.config import default_config
+
 SPLITS = ("train", "tuning", "held_out")
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
 EVENT_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")),
                           ("code", pa.string()), ("numeric_value", pa.float64())])
 _COUNTS_KEY = b"cvmae.event_counts"
 
-# Defaults of the `config.data` fields read by the data layer.
-DATA_DEFAULTS = dict(meds_dir="", max_len=256, lab_code_pattern=r"^LAB//", lab_codes=(),
-                     top_k=100, min_code_count=20, clip_quantiles=(0.001, 0.999),
-                     window="chunks", min_window_len=2)
+DATA_DEFAULTS = default_config().data.to_dict()  # for callers passing a partial config
 
 
 class MEDSFormatError(ValueError):

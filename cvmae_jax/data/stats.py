@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cvmae_jax.data.meds import MEDSFormatError
+from cvmae_jax.jsonio import write_json_atomic
 
 STD_EPS = 1e-6  # floor of the std used to normalize (constant codes)
 _FLOAT_FIELDS = ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high",
@@ -92,11 +92,8 @@ class DataStats:
                    **arrays)
 
     def save_json(self, path, extra: dict[str, np.ndarray] | None = None) -> None:
-        """Writes `to_dict(extra)` atomically (tmp file + os.replace)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(extra), indent=1))
-        os.replace(tmp, path)
+        """Writes `to_dict(extra)` atomically."""
+        write_json_atomic(path, self.to_dict(extra))
 
     @classmethod
     def load_json(cls, path) -> DataStats:

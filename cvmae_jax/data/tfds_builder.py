@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cvmae_jax.data import meds, sequences, stats as stats_lib
+from cvmae_jax.jsonio import write_json_atomic
 
 STATS_FILE = "data_stats.json"
 REPORT_FILE = "prepare_report.json"
@@ -129,10 +129,4 @@ class MedsLabSequences(tfds.core.GeneratorBasedBuilder):
         report["splits"][split] = counts
         print(f'[prepare] {split}: {counts["windows"]["examples"]} examples, '
               f'{counts["windows"]["tokens"]} tokens, events: {counts["events"]}')
-        _write_json(Path(self.data_dir) / REPORT_FILE, report)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+        write_json_atomic(Path(self.data_dir) / REPORT_FILE, report)
