@@ -13,10 +13,10 @@ def get_config():
     config.data.synthetic_subjects = 1000
     config.data.max_len = 256
     config.data.top_k = 100
-    config.train.num_steps = 600
-    config.train.batch_size = 32
-    config.train.warmup_steps = 50
-    config.train.log_every = 25
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
+    config.train.num_steps = 1500
+    config.train.batch_size = 16  # measured: more small steps beat fewer large ones here
+    config.train.warmup_steps = 100
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
     return config

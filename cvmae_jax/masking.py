@@ -19,6 +19,7 @@ def two_tier_probs(score: np.ndarray, threshold_percentile: float, p_high: float
                    p_low: float) -> np.ndarray:
     """p_high for codes whose score is strictly above the percentile threshold, else p_low. [V]."""
     score = np.asarray(score, dtype=np.float64)
+    score = np.where(np.isposinf(score), np.finfo(np.float64).max, score)  # CV of a mean-0 code
     threshold = np.percentile(score, threshold_percentile)
     return np.where(score > threshold, p_high, p_low)
 

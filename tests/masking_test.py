@@ -87,3 +87,9 @@ def test_masks_do_not_depend_on_batch_layout():
         np.testing.assert_array_equal(part, whole[rows])
     other_step = np.asarray(sample(root, 12, example_id, codes, valid, p))
     assert (other_step != whole).any()
+
+
+def test_infinite_cv_counts_as_most_volatile():
+    cv = np.array([0.1, 0.2, np.inf, 0.3, 0.05, 0.15, 0.25, 0.12])
+    p = probs("cv", cv=cv)
+    assert p[2] == 0.8 and (p == 0.8).sum() == 2

@@ -1,0 +1,54 @@
+"""Orbax checkpoints: train state, input-pipeline position and run metadata, saved together."""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Async keep-latest-N checkpoints under ``directory``; restores the newest complete one.
+
+    Each checkpoint holds three items: ``state`` (params, optimizer state, step), ``data`` (the
+    grain iterator's position) and ``run`` (config and dataset statistics, as JSON). Orbax writes
+    to a temporary folder and renames it when complete, so a save killed half-way is ignored.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, run_info: dict) -> None:
+        """Starts an async save; the next save or ``close`` waits for it."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            run=ocp.args.JsonSave(run_info)))
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restores ``state`` onto the shardings of ``abstract_state`` (a pytree of
+        ShapeDtypeStruct) and, when given, moves ``data_iterator`` to the saved position."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+    def restore_run_info(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs with the shardings of ``tree``, as a restore target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

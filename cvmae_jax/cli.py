@@ -1,0 +1,48 @@
+"""Command-line entry points (absl flags + ml_collections config files)."""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_common(config_required: bool) -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file in configs/ (fields can be overridden with "
+        "--config.<field>=<value>).", lock_config=True)
+    if config_required:
+        flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("workdir", None, "Run directory (outputs, checkpoints).", required=True)
+
+
+def _train(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cvmae_jax.train import train_and_evaluate
+
+    logging.set_verbosity(logging.INFO)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def _eval(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cvmae_jax.evaluation.run_eval import evaluate_run
+
+    logging.set_verbosity(logging.INFO)
+    evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
+
+
+def train_main() -> None:
+    """``python train.py --config=configs/demo.py --workdir=runs/demo``."""
+    _define_common(config_required=True)
+    app.run(_train)
+
+
+def eval_main() -> None:
+    """``python eval.py --workdir=runs/demo [--config=...] [--split=held_out]``."""
+    _define_common(config_required=False)
+    flags.DEFINE_string("split", "held_out", "Split to evaluate.")
+    app.run(_eval)

@@ -1,0 +1,1 @@
+"""Evaluation of pretrained runs: reconstruction per lab (and, later, downstream probes)."""
