@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cvmae_jax.data.meds import MEDSFormatError
 
 FLAGS = flags.FLAGS
 
@@ -23,7 +28,8 @@ def _train(argv) -> None:
     from cvmae_jax.train import train_and_evaluate
 
     logging.set_verbosity(logging.INFO)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with _user_errors():
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def _eval(argv) -> None:
@@ -32,7 +38,18 @@ def _eval(argv) -> None:
     from cvmae_jax.evaluation.run_eval import evaluate_run
 
     logging.set_verbosity(logging.INFO)
-    evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
+    with _user_errors():
+        evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Bad settings or data end the program with one clear line and exit status 1."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, MEDSFormatError) as error:
+        logging.debug("traceback of the error below", exc_info=True)  # shown with -v=1
+        sys.exit(f"error: {error}")
 
 
 def train_main() -> None:

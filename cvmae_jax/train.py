@@ -21,7 +21,7 @@ from cvmae_jax.data.pipeline import eval_batches, train_dataset
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 from cvmae_jax.evaluation.reconstruction import accumulate_sums, summarize
-from cvmae_jax.masking import expected_mask_rate, strategy_probs
+from cvmae_jax.masking import STRATEGIES, expected_mask_rate, strategy_probs
 from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
@@ -32,10 +32,6 @@ def resolve_meds_dir(config, workdir: str) -> str:
     """``config.data.meds_dir``, or the synthetic default generated once under the data dir."""
     if config.data.meds_dir:
         return config.data.meds_dir
-    if not config.data.allow_synthetic:
-        raise ValueError("config.data.meds_dir is required with this config "
-                         "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "
-                         "the embedded synthetic data)")
     meds_dir = os.path.join(data_dir(config, workdir), "synthetic_meds")
     if not os.path.exists(meds_dir):
         logging.info("Generating synthetic MEDS (%d subjects) in %s",
@@ -43,6 +39,19 @@ def resolve_meds_dir(config, workdir: str) -> str:
         generate_synthetic_meds(meds_dir, num_subjects=config.data.synthetic_subjects,
                                 seed=config.data.synthetic_seed)
     return meds_dir
+
+
+def validate_config(config, mesh) -> None:
+    """Refuses settings that would fail later, before anything is written."""
+    if config.masking.strategy not in STRATEGIES:
+        raise ValueError(f"config.masking.strategy={config.masking.strategy!r}: expected one of "
+                         f"{STRATEGIES}")
+    if not (config.data.meds_dir or config.data.allow_synthetic):
+        raise ValueError("config.data.meds_dir is required with this config "
+                         "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "
+                         "the embedded synthetic data)")
+    parallel.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+    parallel.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
 
 
 def data_dir(config, workdir: str) -> str:
@@ -83,6 +92,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Returns a summary: final step, last training metrics, last validation metrics and the
     number of times the train step was traced (1 when nothing recompiled).
     """
+    mesh = parallel.make_mesh()
+    validate_config(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     dataset = prepare_dataset(config.data, resolve_meds_dir(config, workdir),
@@ -93,9 +104,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         write_json_atomic(os.path.join(workdir, "data_stats.json"),
                           stats_record(config, dataset, probs))
 
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    parallel.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     model_config = ModelConfig.from_config(config.model, dataset.stats.vocab_size)
     optimizer = make_optimizer(config.train)
     graphdef, state = init_state(model_config, optimizer, config.seed)

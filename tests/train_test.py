@@ -1,5 +1,6 @@
 """End to end on tiny synthetic MEDS: outputs, strategies, compile-once, exact resume, eval."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -129,5 +130,34 @@ def test_eval_writes_per_lab_reconstruction(cv_run):
     rows = [r for r in result["per_code"] if r["num_masked"]]
     assert rows and all(np.isfinite(r["mse"]) and r["raw_rmse"] >= 0 for r in rows)
     assert result["overall"]["num_masked"] == sum(r["num_masked"] for r in rows)
+    tiers = result["by_cv_tier"]
+    assert (tiers["high_cv"]["num_masked"] + tiers["low_cv"]["num_masked"]
+            == result["overall"]["num_masked"])
+    assert tiers["high_cv"]["num_codes"] >= 1 and tiers["low_cv"]["num_codes"] >= 1
     again = evaluate_run(workdir, split="held_out")  # fixed evaluation mask: same numbers
     assert again["overall"] == result["overall"]
+
+
+def load_config_file(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_meds_config_trains_on_the_shared_real_sample(shared_meds_dir, tmp_path):
+    config = load_config_file("meds")
+    config.data.meds_dir = str(shared_meds_dir)
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.max_len = 64
+    config.model.d_model, config.model.num_layers = 32, 1
+    config.train.update(dict(num_steps=8, batch_size=8, warmup_steps=2, log_every=4,
+                             eval_every=8, checkpoint_every=8))
+    config.eval.batch_size = 16
+    summary = train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["step"] == 8 and summary["train_step_traces"] == 1
+    assert np.isfinite(summary["eval"]["masked_mse"]) and summary["eval"]["num_masked"] > 100
+    with open(tmp_path / "run" / "data_stats.json") as f:
+        codes = [c["code"] for c in json.load(f)["codes"]]
+    assert len(codes) == 100 and all(c.startswith("LAB//") for c in codes)

@@ -8,6 +8,7 @@ import os
 import jax
 import matplotlib
 import ml_collections
+import numpy as np
 from absl import logging
 
 matplotlib.use("Agg")
@@ -55,6 +56,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
     for row, cv in zip(result["per_code"], dataset.stats.cv):
         row["cv"] = float(cv)
+    result["by_cv_tier"] = _by_cv_tier(result["per_code"], dataset.stats.cv,
+                                       config.masking.threshold_percentile)
     if jax.process_index() == 0:
         out = os.path.join(workdir, "eval")
         write_json_atomic(os.path.join(out, "metrics.json"), result)
@@ -64,6 +67,22 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                      result["overall"]["masked_mse"], result["overall"]["baseline_masked_mse"],
                      out)
     return result
+
+
+def _by_cv_tier(rows: list[dict], cv: np.ndarray, threshold_percentile: float) -> dict:
+    """Pooled masked MSE of the codes above / at-or-below the train CV percentile."""
+    above = cv > np.percentile(np.where(np.isposinf(cv), np.finfo(float).max, cv),
+                               threshold_percentile)
+    tiers = {}
+    for name, members in (("high_cv", above), ("low_cv", ~above)):
+        chosen = [r for r, m in zip(rows, members) if m and r["num_masked"]]
+        n = sum(r["num_masked"] for r in chosen)
+        mse = sum(r["mse"] * r["num_masked"] for r in chosen) / max(n, 1)
+        baseline = sum(r["baseline_mse"] * r["num_masked"] for r in chosen) / max(n, 1)
+        tiers[name] = dict(num_codes=len(chosen), num_masked=n, masked_mse=mse,
+                           baseline_masked_mse=baseline,
+                           mse_vs_baseline=mse / baseline if baseline else float("nan"))
+    return tiers
 
 
 def _evaluated_rows(result: dict) -> list[dict]:
@@ -82,6 +101,11 @@ def _write_report(path: str, result: dict) -> None:
         f"- masked MSE (normalized units): {overall['masked_mse']:.4f}",
         f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
         f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",
+        "| CV tier | codes | n masked | masked MSE | baseline MSE | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {t['num_codes']} | {t['num_masked']} | {t['masked_mse']:.4f} | "
+          f"{t['baseline_masked_mse']:.4f} | {t['mse_vs_baseline']:.3f} |"
+          for name, t in result["by_cv_tier"].items()), "",
         "| code | train CV | train mask p | n masked | MSE | baseline MSE | RMSE (raw units) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
