@@ -53,6 +53,16 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
+    config.train.allow_config_change = False  # resume even if settings that matter changed
+    config.train.transfer_guard = "allow"  # 'disallow': implicit host<->device copies fail
+
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "jit"  # jit (mesh, multi-host) | pmap (one process)
+    config.parallel.num_devices = 0  # 0: all devices
+    config.parallel.distributed = False  # call jax.distributed.initialize (multi-host)
+    config.parallel.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    config.parallel.num_processes = ml_collections.FieldReference(None, field_type=int)
+    config.parallel.process_id = ml_collections.FieldReference(None, field_type=int)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.labels_dir = ml_collections.FieldReference(None, field_type=str)  # None: MEDS/labels

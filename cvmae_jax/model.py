@@ -112,22 +112,32 @@ class ValueOnlyMAE(nnx.Module):
 
 
 def reconstruction_loss(predictions: jax.Array, values: jax.Array, value_mask: jax.Array,
-                        valid: jax.Array, unmasked_weight: float) -> tuple[jax.Array, dict]:
+                        valid: jax.Array, unmasked_weight: float,
+                        axis_name: str | None = None) -> tuple[jax.Array, dict]:
     """L = MSE over masked values + unmasked_weight * MSE over visible values; padding ignored.
 
-    All arrays are [B, L]. Returns the scalar loss and a dict of scalar metrics (sums and counts
-    are also returned so callers can aggregate exactly across batches and devices).
+    All arrays are [B, L]. Returns the scalar loss and a dict of scalar metrics of the whole
+    batch (sums and counts too, so callers can aggregate exactly across steps). Under ``pmap``
+    pass ``axis_name``: the counts are then summed over devices and the returned loss is this
+    device's share of the global loss, so the psum of per-device gradients is the gradient of
+    the global loss, exactly as under ``jit``.
     """
     squared_error = jnp.square(predictions - values)
     masked = (value_mask & valid).astype(jnp.float32)
     visible = (~value_mask & valid).astype(jnp.float32)
-    num_masked, num_visible = masked.sum(), visible.sum()
-    masked_sse, visible_sse = (squared_error * masked).sum(), (squared_error * visible).sum()
-    masked_mse = masked_sse / jnp.maximum(num_masked, 1.0)
-    unmasked_mse = visible_sse / jnp.maximum(num_visible, 1.0)
-    loss = masked_mse + unmasked_weight * unmasked_mse
-    metrics = dict(loss=loss, masked_mse=masked_mse, unmasked_mse=unmasked_mse,
-                   mask_rate=num_masked / jnp.maximum(num_masked + num_visible, 1.0),
-                   num_masked=num_masked, num_tokens=num_masked + num_visible,
-                   masked_sse=masked_sse, baseline_masked_sse=(jnp.square(values) * masked).sum())
+    local = dict(num_masked=masked.sum(), num_visible=visible.sum(),
+                 masked_sse=(squared_error * masked).sum(),
+                 visible_sse=(squared_error * visible).sum(),
+                 baseline_masked_sse=(jnp.square(values) * masked).sum())
+    total = local if axis_name is None else jax.lax.psum(local, axis_name)
+    num_masked = jax.lax.stop_gradient(jnp.maximum(total["num_masked"], 1.0))
+    num_visible = jax.lax.stop_gradient(jnp.maximum(total["num_visible"], 1.0))
+    loss = local["masked_sse"] / num_masked + unmasked_weight * local["visible_sse"] / num_visible
+    masked_mse, unmasked_mse = total["masked_sse"] / num_masked, total["visible_sse"] / num_visible
+    num_tokens = total["num_masked"] + total["num_visible"]
+    metrics = dict(loss=masked_mse + unmasked_weight * unmasked_mse, masked_mse=masked_mse,
+                   unmasked_mse=unmasked_mse, mask_rate=total["num_masked"] / jnp.maximum(
+                       num_tokens, 1.0), num_masked=total["num_masked"], num_tokens=num_tokens,
+                   masked_sse=total["masked_sse"],
+                   baseline_masked_sse=total["baseline_masked_sse"])
     return loss, metrics

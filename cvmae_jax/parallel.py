@@ -1,12 +1,42 @@
-"""Device mesh and shardings for data-parallel training (a ``data`` axis, even on one device)."""
+"""Data parallelism: the device mesh, shardings, the jit and pmap launchers, multi-host setup.
+
+Both launchers run the same step bodies from ``cvmae_jax.steps``:
+
+- ``JitLauncher`` (default): one ``jax.jit`` over a ``Mesh`` with a ``data`` axis spanning every
+  device of every process; parameters and optimizer state replicated, the batch sharded with
+  ``NamedSharding``; each process contributes its rows via
+  ``jax.make_array_from_process_local_data``.
+- ``PmapLauncher``: ``jax.pmap`` over this process's devices; state stacked on a leading device
+  axis, counts and gradients summed with ``lax.psum`` inside the body.
+
+Checkpoints always hold the plain (unstacked, replicated) state, so a run can resume under the
+other launcher or on another device count.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+MODES = ("jit", "pmap")
+
+
+def initialize_distributed(parallel_config) -> None:
+    """``jax.distributed.initialize`` when ``config.parallel.distributed`` is set.
+
+    Unset coordinator/num_processes/process_id are auto-detected (TPU VM pods, SLURM, ...);
+    set them for a manual launch, e.g. several processes on one machine.
+    """
+    if not parallel_config.distributed or jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address=parallel_config.coordinator_address,
+                               num_processes=parallel_config.num_processes,
+                               process_id=parallel_config.process_id)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -25,12 +55,12 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
+def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
     """Refuse a global batch that does not split evenly over the devices and processes."""
-    devices, processes = mesh.devices.size, jax.process_count()
-    if batch_size % devices or batch_size % processes:
+    processes = jax.process_count()
+    if batch_size % num_devices or batch_size % processes:
         raise ValueError(f"{field}={batch_size} must be divisible by the number of devices "
-                         f"({devices}) and processes ({processes})")
+                         f"({num_devices}) and processes ({processes})")
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -38,3 +68,103 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharding(mesh)
     return {name: jax.make_array_from_process_local_data(sharding, value)
             for name, value in local_batch.items()}
+
+
+class JitLauncher:
+    """``jax.jit`` over a ``data`` mesh; the state is a replicated global array tree."""
+
+    axis_name = None
+
+    def __init__(self, devices):
+        self.mesh = make_mesh(devices)
+        self.replicated = replicated_sharding(self.mesh)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def put_state(self, state):
+        return jax.device_put(state, self.replicated)
+
+    def checkpoint_view(self, state):
+        """The state as checkpoints hold it (replicated, unstacked)."""
+        return state
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
+        return global_batch(local_batch, self.mesh)
+
+    def compile_train_step(self, body: Callable, state, batch):
+        """Ahead-of-time compiled ``body(state, batch)`` with the state donated."""
+        step = jax.jit(body, donate_argnums=0,
+                       in_shardings=(self.replicated, batch_sharding(self.mesh)),
+                       out_shardings=(self.replicated, self.replicated))
+        return step.lower(state, batch).compile()
+
+    def eval_step(self, body: Callable) -> Callable:
+        return jax.jit(body, out_shardings=self.replicated)
+
+    def fetch(self, tree):
+        """Device values -> numpy on the host (waits for them)."""
+        return jax.device_get(tree)
+
+
+class PmapLauncher:
+    """``jax.pmap`` over this process's devices; the state is stacked on a device axis."""
+
+    axis_name = DATA_AXIS
+
+    def __init__(self, devices):
+        if jax.process_count() > 1:
+            raise ValueError("config.parallel.mode='pmap' runs on one process; use the default "
+                             "'jit' mode for multi-host launches")
+        self.mesh = make_mesh(devices)
+        self.stacked = batch_sharding(self.mesh)
+        self.replicated = replicated_sharding(self.mesh)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def put_state(self, state):
+        """Plain state -> one copy per device, stacked on a leading axis [n, ...]."""
+        n = self.num_devices
+        stack = jax.jit(lambda tree: jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree), out_shardings=self.stacked)
+        return stack(jax.device_put(state, self.replicated))
+
+    def checkpoint_view(self, state):
+        return jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
+                       out_shardings=self.replicated)(state)
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
+        """[b, ...] rows -> [n, b / n, ...] with block i on device i."""
+        n = self.num_devices
+        return {name: jax.device_put(value.reshape((n, -1) + value.shape[1:]), self.stacked)
+                for name, value in local_batch.items()}
+
+    def compile_train_step(self, body: Callable, state, batch):
+        step = jax.pmap(body, axis_name=self.axis_name, donate_argnums=0,
+                        devices=list(self.mesh.devices.flat))
+        return step.lower(state, batch).compile()
+
+    def eval_step(self, body: Callable) -> Callable:
+        return jax.pmap(body, axis_name=self.axis_name, devices=list(self.mesh.devices.flat))
+
+    def fetch(self, tree):
+        """Device values (identical on every device after psum) -> numpy from device 0."""
+        return jax.tree.map(lambda x: x[0], jax.device_get(tree))
+
+
+def make_launcher(parallel_config):
+    """The launcher of ``config.parallel.mode`` over ``config.parallel.num_devices`` devices
+    (0: all devices of all processes for jit, all local devices for pmap)."""
+    mode, count = parallel_config.mode, parallel_config.num_devices
+    if mode not in MODES:
+        raise ValueError(f"config.parallel.mode={mode!r}: expected one of {MODES}")
+    devices = jax.devices() if mode == "jit" else jax.local_devices()
+    if count:
+        if jax.process_count() > 1 or count > len(devices):
+            raise ValueError(f"config.parallel.num_devices={count}: {len(devices)} devices "
+                             f"available (and only 0 = all is allowed with several processes)")
+        devices = devices[:count]
+    return (JitLauncher if mode == "jit" else PmapLauncher)(devices)

@@ -49,9 +49,14 @@ def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformatio
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    mask_probs: jax.Array, mask_root: jax.Array,
-                    unmasked_weight: float) -> Callable:
-    """(state, batch) -> (new state, metrics). Masks are drawn inside from (root, step, example)."""
+                    mask_probs: jax.Array, mask_root: jax.Array, unmasked_weight: float,
+                    axis_name: str | None = None) -> Callable:
+    """(state, batch) -> (new state, metrics). Masks are drawn inside from (root, step, example).
+
+    With ``axis_name`` (pmap) the body sees this device's rows; counts and gradients are summed
+    over the axis so the update equals the jit one. A step whose loss or gradient is not finite
+    leaves the state unchanged and reports ``finite = 0``.
+    """
 
     def loss_fn(params, batch, step):
         value_mask = sample_value_mask(mask_root, step, batch["example_id"], batch["codes"],
@@ -60,21 +65,26 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         predictions = model(batch["times"], batch["codes"], batch["values"], value_mask,
                             batch["valid"])
         return reconstruction_loss(predictions, batch["values"], value_mask, batch["valid"],
-                                   unmasked_weight)
+                                   unmasked_weight, axis_name)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, batch, state.step)
+        if axis_name is not None:
+            grads = jax.lax.psum(grads, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        return new_state, dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
-                   mask_seed: int) -> Callable:
+                   mask_seed: int, axis_name: str | None = None) -> Callable:
     """(params, batch) -> per-code sums [V] of the reconstruction under a fixed uniform mask.
 
     The evaluation mask depends only on (mask_seed, example_id, position): every model compared
@@ -96,8 +106,9 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
             return jax.ops.segment_sum(x.reshape(-1), batch["codes"].reshape(-1),
                                        num_segments=vocab_size)
 
-        return dict(count=per_code(hidden), sse=per_code(jnp.square(error)),
+        sums = dict(count=per_code(hidden), sse=per_code(jnp.square(error)),
                     sae=per_code(jnp.abs(error)),
                     baseline_sse=per_code(jnp.square(batch["values"]) * hidden))
+        return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
     return eval_step

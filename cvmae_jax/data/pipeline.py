@@ -7,7 +7,6 @@ Every batch is a dict of numpy arrays with b rows and L = max_len positions:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import grain
@@ -51,16 +50,22 @@ def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int,
                   seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
     """Infinite stream of this process's batches of global_batch_size // shard_count rows.
 
-    The process reads only the examples [shard_index::shard_count] and reshuffles them every
-    epoch (deterministically from `seed`). Iterators have get_state()/set_state() and can be
-    saved with grain.checkpoint.CheckpointSave.
+    All processes share one global order (every epoch reshuffled, deterministically from `seed`);
+    global batch k is positions [k*B, (k+1)*B) of it and process `shard_index` reads only its
+    block of rows of each global batch. So the global batches, and the training run, do not
+    depend on the number of processes. Iterators have get_state()/set_state() and can be saved
+    with grain.checkpoint.CheckpointSave.
     """
     _check(prepared, split, global_batch_size, max_len, shard_index, shard_count)
-    ds = grain.MapDataset.source(prepared.data_source(split))[shard_index::shard_count]
-    if not len(ds):
-        raise ValueError(f"split {split!r} has no examples for shard {shard_index}/{shard_count}")
+    order = grain.MapDataset.source(prepared.data_source(split)).seed(seed).shuffle()
+    order = order.repeat(None)
     local = global_batch_size // shard_count
-    ds = ds.seed(seed).shuffle().repeat(None).map(functools.partial(pad_example, max_len=max_len))
+
+    def read(k: int) -> dict:
+        position = (k // local) * global_batch_size + shard_index * local + k % local
+        return pad_example(order[position], max_len)
+
+    ds = grain.MapDataset.range(len(order) // global_batch_size * local).map(read)
     # Threads read and pad examples ahead; the buffer holds about two batches.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                               prefetch_buffer_size=2 * local))

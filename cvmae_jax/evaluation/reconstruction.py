@@ -9,20 +9,22 @@ import numpy as np
 
 
 def accumulate_sums(eval_step: Callable, params, batches: Iterable[dict],
-                    to_device: Callable[[dict], dict]) -> dict[str, np.ndarray]:
+                    to_device: Callable[[dict], dict],
+                    fetch: Callable = jax.device_get) -> dict[str, np.ndarray]:
     """Sums the per-code outputs of ``eval_step`` over all batches (float64 on the host).
 
-    Returns dict of [V] arrays: count, sse, sae, baseline_sse.
+    ``to_device`` places a host batch; ``fetch`` brings outputs back. Returns dict of [V]
+    arrays: count, sse, sae, baseline_sse.
     """
     totals: dict[str, np.ndarray] = {}
     pending = None
     for batch in batches:
         outputs = eval_step(params, to_device(batch))
         if pending is not None:  # fetch one batch late so the device never waits for the host
-            _add(totals, jax.device_get(pending))
+            _add(totals, fetch(pending))
         pending = outputs
     if pending is not None:
-        _add(totals, jax.device_get(pending))
+        _add(totals, fetch(pending))
     if not totals:
         raise ValueError("evaluation split has no examples")
     return totals

@@ -20,7 +20,8 @@ from cvmae_jax.data.prepare import prepare_dataset  # noqa: E402
 from cvmae_jax.jsonio import write_json_atomic  # noqa: E402
 from cvmae_jax.model import ModelConfig  # noqa: E402
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer  # noqa: E402
-from cvmae_jax.train import data_dir, evaluate, mask_probabilities, resolve_meds_dir  # noqa: E402
+from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir  # noqa: E402
+from cvmae_jax.train import evaluate  # noqa: E402
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -39,19 +40,19 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     dataset = prepare_dataset(config.data, resolve_meds_dir(config, workdir),
                               data_dir(config, workdir))
     probs = mask_probabilities(config, dataset)
-    mesh = parallel.make_mesh()
+    launcher = parallel.JitLauncher(jax.devices())
     graphdef, state = init_state(ModelConfig.from_config(config.model, dataset.stats.vocab_size),
                                  make_optimizer(config.train), config.seed)
-    state = jax.device_put(state, parallel.replicated_sharding(mesh))
+    state = launcher.put_state(state)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
     step = checkpointer.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint to evaluate")
     state = checkpointer.restore(step, abstract_like(state))
     checkpointer.close()
-    eval_step = jax.jit(make_eval_step(graphdef, dataset.stats.vocab_size, config.eval.mask_rate,
-                                       config.eval.mask_seed))
-    result = evaluate(eval_step, state.params, dataset, config, mesh, probs)
+    eval_step = launcher.eval_step(make_eval_step(graphdef, dataset.stats.vocab_size,
+                                                  config.eval.mask_rate, config.eval.mask_seed))
+    result = evaluate(eval_step, state.params, dataset, config, launcher, probs)
     result.update(step=step, split=split, strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
     for row, cv in zip(result["per_code"], dataset.stats.cv):

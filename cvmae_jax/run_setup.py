@@ -1,0 +1,119 @@
+"""What a run needs before its first step: checked settings, the prepared data, the masking
+probabilities, and the metadata that checkpoints carry (to refuse an incompatible resume)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from cvmae_jax import parallel
+from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
+from cvmae_jax.data.synthetic import generate_synthetic_meds
+from cvmae_jax.masking import STRATEGIES, expected_mask_rate, strategy_probs
+
+# Fields that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "parallel.", "train.log_every",
+                     "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.transfer_guard", "train.allow_config_change", "eval.")
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Refuses settings that would fail later, before anything is written."""
+    if config.masking.strategy not in STRATEGIES:
+        raise ValueError(f"config.masking.strategy={config.masking.strategy!r}: expected one of "
+                         f"{STRATEGIES}")
+    if not (config.data.meds_dir or config.data.allow_synthetic):
+        raise ValueError("config.data.meds_dir is required with this config "
+                         "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "
+                         "the embedded synthetic data)")
+    parallel.check_batch_size(config.train.batch_size, num_devices, "config.train.batch_size")
+    parallel.check_batch_size(config.eval.batch_size, num_devices, "config.eval.batch_size")
+
+
+def data_dir(config, workdir: str) -> str:
+    return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def resolve_meds_dir(config, workdir: str) -> str:
+    """``config.data.meds_dir``, or the synthetic default generated once under the data dir."""
+    if config.data.meds_dir:
+        return config.data.meds_dir
+    meds_dir = os.path.join(data_dir(config, workdir), "synthetic_meds")
+    if not os.path.exists(meds_dir):
+        logging.info("Generating synthetic MEDS (%d subjects) in %s",
+                     config.data.synthetic_subjects, meds_dir)
+        generate_synthetic_meds(meds_dir, num_subjects=config.data.synthetic_subjects,
+                                seed=config.data.synthetic_seed)
+    return meds_dir
+
+
+def prepare_run_data(config, workdir: str) -> PreparedDataset:
+    """The prepared dataset; with several processes, process 0 builds it while the others wait,
+    then they reuse it."""
+    def prepare():
+        return prepare_dataset(config.data, resolve_meds_dir(config, workdir),
+                               data_dir(config, workdir))
+
+    if jax.process_count() == 1:
+        return prepare()
+    dataset = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("cvmae_jax: dataset prepared")
+    return dataset or prepare()
+
+
+def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:
+    """Per-code mask probabilities [V] of ``config.masking.strategy`` from train statistics."""
+    stats, masking = dataset.stats, config.masking
+    return strategy_probs(masking.strategy, cv=stats.cv, variance=stats.variance,
+                          token_counts=stats.count,
+                          threshold_percentile=masking.threshold_percentile,
+                          p_high=masking.p_high, p_low=masking.p_low)
+
+
+def stats_record(config, dataset: PreparedDataset, probs: np.ndarray) -> dict:
+    """The content of ``data_stats.json``: per-code statistics with mask probabilities."""
+    record = dataset.stats.to_dict(extra={"mask_prob": probs})
+    record["masking"] = dict(config.masking.to_dict(),
+                             cv_threshold=float(np.percentile(
+                                 dataset.stats.cv, config.masking.threshold_percentile)),
+                             expected_mask_rate=expected_mask_rate(probs, dataset.stats.count))
+    record["dataset"] = os.path.basename(os.path.dirname(dataset.path))  # settings hash
+    return record
+
+
+def check_resume_compatible(saved_run_info: dict, config, dataset: PreparedDataset,
+                            step: int) -> None:
+    """Refuses to resume with settings that would silently change the run."""
+    if config.train.allow_config_change:
+        return
+    changes = [f"{name}: {old!r} -> {new!r}" for name, old, new in
+               _changed_fields(saved_run_info["config"], config.to_dict())
+               if not name.startswith(RESUMABLE_CHANGES)]
+    saved_dataset = saved_run_info["data_stats"].get("dataset")
+    current = os.path.basename(os.path.dirname(dataset.path))
+    if saved_dataset != current:
+        changes.append(f"prepared dataset: {saved_dataset} -> {current}")
+    if changes:
+        raise ValueError(f"the checkpoint at step {step} was written with other settings ("
+                         + "; ".join(changes) + "). Use a new workdir, or pass "
+                         "--config.train.allow_config_change=True to resume anyway")
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = ""):
+    """(dotted name, old value, new value) for every leaf that differs."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _changed_fields(a, b, name + ".")
+        elif _normalized(a) != _normalized(b):
+            yield name, a, b
+
+
+def _normalized(value):
+    """JSON round trips turn tuples into lists; compare them as equal."""
+    return list(value) if isinstance(value, tuple) else value
