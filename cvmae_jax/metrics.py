@@ -59,7 +59,8 @@ class Progress:
                 f"{metrics.get('tokens_per_sec', 0):.0f} tok/s | ETA {_clock(eta)}")
 
     def log(self, step: int, metrics: dict) -> None:
-        logging.info(self.line(step, metrics))
+        if jax.process_index() == 0:
+            logging.info(self.line(step, metrics))
 
 
 def _clock(seconds: float) -> str:

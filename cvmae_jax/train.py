@@ -158,9 +158,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     result = evaluate(eval_step, state.params, dataset, config, launcher, probs)
                 last_eval = dict(result["overall"], step=step, split=config.eval.split)
                 writer.write(last_eval)
-                logging.info("eval %s step %d: masked_mse %.4f (per-code-mean baseline %.4f, "
-                             "ratio %.3f)", config.eval.split, step, last_eval["masked_mse"],
-                             last_eval["baseline_masked_mse"], last_eval["mse_vs_baseline"])
+                if jax.process_index() == 0:
+                    logging.info("eval %s step %d: masked_mse %.4f (per-code-mean baseline %.4f, "
+                                 "ratio %.3f)", config.eval.split, step,
+                                 last_eval["masked_mse"], last_eval["baseline_masked_mse"],
+                                 last_eval["mse_vs_baseline"])
             if preemption.reached(step):
                 if pending is not None:
                     record(pending)

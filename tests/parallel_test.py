@@ -1,0 +1,150 @@
+"""Scale-out in one process on 8 fake CPU devices: jit vs pmap, device counts, topology
+changes, resume refusal, the non-finite guard and the transfer guard."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import cvmae_jax.train as train_module
+from cvmae_jax.checkpoint import Checkpointer
+from cvmae_jax.train import train_and_evaluate
+
+from train_test import read_metrics, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def losses(workdir):
+    return {m["step"]: m for m in read_metrics(workdir) if "split" not in m}
+
+
+def run(data_dir, workdir, **overrides):
+    config = tiny_config(data_dir, num_steps=20, log_every=1, eval_every=20,
+                         checkpoint_every=10)
+    for name, value in overrides.items():
+        section, field = name.split("__")
+        config[section][field] = value
+    return train_and_evaluate(config, str(workdir)), config
+
+
+def test_jit_and_pmap_give_the_same_losses(data_dir, tmp_path):
+    run(data_dir, tmp_path / "jit")
+    summary, _ = run(data_dir, tmp_path / "pmap", parallel__mode="pmap")
+    assert summary["train_step_traces"] == 1
+    jit, pmap = losses(tmp_path / "jit"), losses(tmp_path / "pmap")
+    assert sorted(jit) == sorted(pmap) == list(range(1, 21))
+    for step in jit:
+        assert jit[step]["mask_rate"] == pmap[step]["mask_rate"]  # identical masks
+        np.testing.assert_allclose(pmap[step]["loss"], jit[step]["loss"], rtol=1e-5)
+    jit_eval = [m for m in read_metrics(tmp_path / "jit") if "split" in m][-1]
+    pmap_eval = [m for m in read_metrics(tmp_path / "pmap") if "split" in m][-1]
+    np.testing.assert_allclose(pmap_eval["masked_mse"], jit_eval["masked_mse"], rtol=1e-5)
+
+
+def test_one_and_eight_devices_give_the_same_masks_and_losses(data_dir, tmp_path):
+    run(data_dir, tmp_path / "one", parallel__num_devices=1)
+    run(data_dir, tmp_path / "eight", parallel__num_devices=8)
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    for step in one:
+        assert one[step]["mask_rate"] == eight[step]["mask_rate"]
+        np.testing.assert_allclose(eight[step]["loss"], one[step]["loss"], rtol=1e-5)
+
+
+def _restored_params(workdir, config, num_devices):
+    """Parameters of the newest checkpoint restored onto ``num_devices`` devices."""
+    from cvmae_jax import parallel
+    from cvmae_jax.checkpoint import abstract_like
+    from cvmae_jax.model import ModelConfig
+    from cvmae_jax.steps import init_state, make_optimizer
+
+    with open(os.path.join(workdir, "data_stats.json")) as f:
+        vocab = len(json.load(f)["codes"])
+    launcher = parallel.JitLauncher(jax.devices()[:num_devices])
+    _, state = init_state(ModelConfig.from_config(config.model, vocab),
+                          make_optimizer(config.train), seed=123)  # other init on purpose
+    state = launcher.put_state(state)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+    restored = checkpointer.restore(checkpointer.latest_step(), abstract_like(state))
+    checkpointer.close()
+    assert {leaf.sharding.mesh.devices.size for leaf in jax.tree.leaves(restored)} == {
+        num_devices}
+    return jax.device_get(restored.params)
+
+
+def test_a_checkpoint_from_eight_devices_restores_on_two_and_back(data_dir, tmp_path):
+    _, config = run(data_dir, tmp_path / "eight")
+    on_eight = _restored_params(tmp_path / "eight", config, 8)
+    on_two = _restored_params(tmp_path / "eight", config, 2)
+    for a, b in zip(jax.tree.leaves(on_eight), jax.tree.leaves(on_two)):
+        np.testing.assert_array_equal(a, b)
+    # ...and a run interrupted on 2 devices after step 10 continues on 8 with the same losses.
+    run(data_dir, tmp_path / "two", parallel__num_devices=2)
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "20")
+    os.remove(tmp_path / "two" / "metrics.jsonl")
+    run(data_dir, tmp_path / "two", parallel__num_devices=8)
+    resumed, reference = losses(tmp_path / "two"), losses(tmp_path / "eight")
+    assert sorted(resumed) == list(range(11, 21))
+    for step in resumed:
+        np.testing.assert_allclose(resumed[step]["loss"], reference[step]["loss"], rtol=1e-5)
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_path):
+    run(data_dir, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"model.d_model: 32 -> 64.*allow_config_change"):
+        run(data_dir, tmp_path / "run", model__d_model=64, train__num_steps=30)
+    with pytest.raises(ValueError, match=r"masking.strategy: 'cv' -> 'random'"):
+        run(data_dir, tmp_path / "run", masking__strategy="random")
+    # Bookkeeping fields and the device count may change.
+    summary, _ = run(data_dir, tmp_path / "run", train__log_every=5, parallel__num_devices=2)
+    assert summary["step"] == 20
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_path,
+                                                                       monkeypatch):
+    real = train_module.train_dataset
+
+    class PoisonedIterator:  # NaN values in the 13th batch; checkpointable like grain's
+        def __init__(self, iterator):
+            self.iterator, self.count = iterator, 0
+
+        def __next__(self):
+            batch, self.count = next(self.iterator), self.count + 1
+            return dict(batch, values=np.full_like(batch["values"], np.nan)) \
+                if self.count == 13 else batch
+
+        def get_state(self):  # bytes, as grain's checkpoint handler expects of non-grain types
+            return json.dumps(self.iterator.get_state()).encode()
+
+        def set_state(self, state):
+            self.iterator.set_state(json.loads(state))
+
+    class PoisonedDataset:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __iter__(self):
+            return PoisonedIterator(iter(self.dataset))
+
+    def poisoned(*args, **kwargs):
+        return PoisonedDataset(real(*args, **kwargs))
+
+    monkeypatch.setattr(train_module, "train_dataset", poisoned)
+    with pytest.raises(FloatingPointError, match=r"step 13: the loss .* last checkpoint is "
+                                                 r"step 10"):
+        run(data_dir, tmp_path / "run")
+    assert Checkpointer(tmp_path / "run" / "checkpoints", 3).latest_step() == 10
+
+
+def test_the_loop_makes_no_implicit_host_device_transfers(data_dir, tmp_path):
+    summary, _ = run(data_dir, tmp_path / "run", train__transfer_guard="disallow")
+    assert summary["step"] == 20
+    summary, _ = run(data_dir, tmp_path / "pmap", train__transfer_guard="disallow",
+                     parallel__mode="pmap")
+    assert summary["step"] == 20

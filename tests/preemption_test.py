@@ -1,0 +1,108 @@
+"""Real processes: kill -9 then resume, SIGTERM (preemption), a half-written checkpoint."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train_test import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 300
+
+
+def command(workdir, data_dir):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--config=configs/demo.py",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            "--config.data.synthetic_subjects=40", "--config.data.max_len=32",
+            "--config.model.d_model=32", "--config.model.num_layers=1",
+            f"--config.train.num_steps={STEPS}", "--config.train.batch_size=8",
+            "--config.train.log_every=1", f"--config.train.eval_every={STEPS}",
+            "--config.train.checkpoint_every=25", "--config.eval.batch_size=8"]
+
+
+def start(workdir, data_dir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    return subprocess.Popen(command(workdir, data_dir), cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(process):
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def wait_for_step(workdir, step, process):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(path) and any(
+                m["step"] >= step for m in read_metrics(workdir) if "split" not in m):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
+
+
+def last_losses(workdir):
+    """Per-step loss, the last line written for each step (a resumed run repeats steps)."""
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "split" not in m}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    workdir = tmp_path_factory.mktemp("reference")
+    finish(start(workdir, data_dir))
+    return data_dir, last_losses(workdir)
+
+
+def test_kill_9_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
+    data_dir, expected = reference
+    process = start(tmp_path, data_dir)
+    wait_for_step(tmp_path, 60, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(last_losses(tmp_path))
+    assert killed_at < STEPS
+    output = finish(start(tmp_path, data_dir))
+    assert "Resumed from the checkpoint at step" in output
+    assert last_losses(tmp_path) == expected  # bitwise, step by step
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(reference, tmp_path):
+    data_dir, expected = reference
+    process = start(tmp_path, data_dir)
+    wait_for_step(tmp_path, 40, process)
+    process.send_signal(signal.SIGTERM)
+    output = finish(process)
+    assert "Preempted (SIGTERM) at step" in output
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    stopped_at = max(last_losses(tmp_path))
+    assert saved[-1] == stopped_at < STEPS
+    output = finish(start(tmp_path, data_dir))
+    assert f"Resumed from the checkpoint at step {stopped_at}" in output
+    assert last_losses(tmp_path) == expected
+
+
+def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):
+    data_dir, expected = reference
+    process = start(tmp_path, data_dir)
+    wait_for_step(tmp_path, 60, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = tmp_path / "checkpoints"
+    newest = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    # What a save killed half-way leaves: Orbax's temporary folder, never renamed.
+    partial = checkpoints / f"{newest + 25}.orbax-checkpoint-tmp-1700000000000000"
+    shutil.copytree(checkpoints / str(newest), partial)
+    shutil.rmtree(partial / "state")
+    output = finish(start(tmp_path, data_dir))
+    assert f"Resumed from the checkpoint at step {newest}" in output
+    assert last_losses(tmp_path) == expected
