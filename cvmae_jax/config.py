@@ -24,6 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.clip_quantiles = (0.001, 0.999)  # per-code raw clipping before z-scoring
     config.data.window = "chunks"  # 'chunks': consecutive windows; 'last': most recent max_len
     config.data.min_window_len = 2  # shorter windows are dropped
+    config.data.packing = False  # training rows hold several windows (segment-masked attention)
 
     config.masking = ml_collections.ConfigDict()
     config.masking.strategy = "cv"  # random | variance | cv | cv_rank

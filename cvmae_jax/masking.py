@@ -76,23 +76,35 @@ def strategy_probs(strategy: str, *, cv: np.ndarray, variance: np.ndarray,
     raise ValueError(f"config.masking.strategy={strategy!r}: expected one of {STRATEGIES}")
 
 
-def example_keys(root: jax.Array, step: jax.Array, example_id: jax.Array) -> jax.Array:
-    """Per-example keys [B] = fold_in(fold_in(root, step), example_id)."""
-    step_key = jax.random.fold_in(root, step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_id)
-
-
 def sample_value_mask(root: jax.Array, step: jax.Array, example_id: jax.Array,
-                      codes: jax.Array, valid: jax.Array, probs: jax.Array) -> jax.Array:
+                      codes: jax.Array, valid: jax.Array, probs: jax.Array,
+                      positions: jax.Array | None = None) -> jax.Array:
     """Draw the value mask inside the step.
 
+    Each token's uniform draw comes from the key
+    ``fold_in(fold_in(fold_in(root, step), example_id), position)``, so it depends only on the
+    seed, the step, the example and the token's position in that example: the same masks come
+    out for any batch layout, device count, launcher or packing.
+
     Args:
-      root: the run's masking key.  step: scalar int.  example_id: int [B].
+      root: the run's masking key.  step: scalar int.
+      example_id: int [B] (one example per row) or [B, L] (packed rows: per token).
       codes: int [B, L] code indices.  valid: bool [B, L], False on padding.
       probs: float [V] per-code mask probabilities.
+      positions: int [B, L] position of each token in its example (default: 0..L-1).
     Returns:
       bool [B, L]: True where the value is hidden; never True on padding.
     """
-    keys = example_keys(root, step, example_id)
-    uniform = jax.vmap(lambda k: jax.random.uniform(k, codes.shape[1:]))(keys)
+    shape = codes.shape
+    token_example = jnp.broadcast_to(example_id[:, None] if example_id.ndim == 1
+                                     else example_id, shape)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    step_key = jax.random.fold_in(root, step)
+
+    def draw(example, position):
+        key = jax.random.fold_in(jax.random.fold_in(step_key, example), position)
+        return jax.random.uniform(key)
+
+    uniform = jax.vmap(jax.vmap(draw))(token_example, positions)
     return (uniform < jnp.take(probs, codes)) & valid

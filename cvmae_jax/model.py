@@ -90,9 +90,12 @@ class ValueOnlyMAE(nnx.Module):
         self.head = nnx.Linear(d, 1, dtype=dtype, rngs=rngs)
 
     def encode(self, times: jax.Array, codes: jax.Array, values: jax.Array,
-               value_mask: jax.Array, valid: jax.Array) -> jax.Array:
+               value_mask: jax.Array, valid: jax.Array,
+               segment_ids: jax.Array | None = None) -> jax.Array:
         """Hidden states [B, L, D] for float times/values [B, L], int codes [B, L] and bool
-        value_mask/valid [B, L]. Hidden values never leak: they are replaced before embedding."""
+        value_mask/valid [B, L]. Hidden values never leak: they are replaced before embedding.
+        With packed rows, int segment_ids [B, L] (0 on padding) keep attention inside each
+        example."""
         cfg = self.cfg
         value_emb = self.value_proj(jnp.where(value_mask, 0.0, values)[..., None])
         value_emb = jnp.where(value_mask[..., None],
@@ -101,13 +104,15 @@ class ValueOnlyMAE(nnx.Module):
              + self.time_proj(time_features(times, cfg.time_frequencies, cfg.max_time_period_hours))
              + value_emb)
         attention_mask = valid[:, None, :, None] & valid[:, None, None, :]
+        if segment_ids is not None:
+            attention_mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         for block in self.blocks:
             x = block(x, attention_mask)
         return self.final_norm(x)
 
-    def __call__(self, times, codes, values, value_mask, valid) -> jax.Array:
+    def __call__(self, times, codes, values, value_mask, valid, segment_ids=None) -> jax.Array:
         """Predicted normalized values, float32 [B, L]."""
-        hidden = self.encode(times, codes, values, value_mask, valid)
+        hidden = self.encode(times, codes, values, value_mask, valid, segment_ids)
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 

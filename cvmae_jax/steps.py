@@ -1,9 +1,10 @@
 """Train state and the compiled-step bodies: mask draw, forward, loss, backward, update.
 
-The bodies here are plain functions of (state, batch); ``cvmae_jax.train`` wraps them in
-``jax.jit`` over the device mesh. Batches are dicts of arrays:
-``times`` f32 [B, L], ``codes`` i32 [B, L], ``values`` f32 [B, L], ``valid`` bool [B, L],
-``example_id`` i32 [B].
+The bodies here are plain functions of (state, batch); ``cvmae_jax.parallel`` compiles them.
+Batches are dicts of arrays: ``times`` f32 [B, L], ``codes`` i32 [B, L], ``values`` f32 [B, L],
+``valid`` bool [B, L] and ``example_id`` i32 [B]; packed batches (several examples per row)
+carry ``example_id`` i32 [B, L] per token, ``segment_ids`` i32 [B, L] (0 on padding) and
+``positions`` i32 [B, L] (position of each token in its example).
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def loss_fn(params, batch, step):
         value_mask = sample_value_mask(mask_root, step, batch["example_id"], batch["codes"],
-                                       batch["valid"], mask_probs)
+                                       batch["valid"], mask_probs, batch.get("positions"))
         model = nnx.merge(graphdef, params)
         predictions = model(batch["times"], batch["codes"], batch["values"], value_mask,
-                            batch["valid"])
+                            batch["valid"], batch.get("segment_ids"))
         return reconstruction_loss(predictions, batch["values"], value_mask, batch["valid"],
                                    unmasked_weight, axis_name)
 

@@ -20,6 +20,7 @@ from absl import logging
 
 from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
+from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import eval_batches, train_dataset
 from cvmae_jax.data.prepare import PreparedDataset
 from cvmae_jax.evaluation.reconstruction import accumulate_sums, summarize
@@ -91,9 +92,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_step = launcher.eval_step(make_eval_step(
         graphdef, dataset.stats.vocab_size, config.eval.mask_rate, config.eval.mask_seed,
         launcher.axis_name))
-    data = iter(train_dataset(dataset, "train", config.train.batch_size, config.data.max_len,
-                              seed=config.seed, shard_index=jax.process_index(),
-                              shard_count=jax.process_count()))
+    make_dataset = packed_train_dataset if config.data.packing else train_dataset
+    data = iter(make_dataset(dataset, "train", config.train.batch_size, config.data.max_len,
+                             seed=config.seed, shard_index=jax.process_index(),
+                             shard_count=jax.process_count()))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 config.train.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
@@ -147,8 +149,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     pending = None
                     elapsed = time.perf_counter() - window_start
                     last_train = _mean_metrics(window)
+                    slots = len(window) * local_batch["valid"].size * jax.process_count()
                     last_train.update(step=step, tokens_per_sec=window_tokens / elapsed,
-                                      steps_per_sec=len(window) / elapsed)
+                                      steps_per_sec=len(window) / elapsed,
+                                      real_token_fraction=window_tokens / slots)
                     writer.write(last_train)
                     progress.log(step, last_train)
                     window, window_tokens, window_start = [], 0, time.perf_counter()

@@ -93,3 +93,33 @@ def test_infinite_cv_counts_as_most_volatile():
     cv = np.array([0.1, 0.2, np.inf, 0.3, 0.05, 0.15, 0.25, 0.12])
     p = probs("cv", cv=cv)
     assert p[2] == 0.8 and (p == 0.8).sum() == 2
+
+
+def test_packed_rows_get_the_same_masks_as_one_example_per_row():
+    codes, valid, example_id = _batch(num_examples=4, length=16)
+    lengths = valid.sum(axis=1)
+    p = jnp.asarray(probs("cv"), jnp.float32)
+    root = jax.random.key(3)
+    alone = np.asarray(masking.sample_value_mask(root, 5, example_id, codes, valid, p))
+    # Pack the four examples into two rows of 32 tokens, in another order.
+    rows = [[2, 0], [3, 1]]
+    shape = (2, 32)
+    packed = {k: np.zeros(shape, np.int32) for k in ("codes", "example_id", "positions")}
+    packed_valid = np.zeros(shape, bool)
+    for r, members in enumerate(rows):
+        start = 0
+        for e in members:
+            n = lengths[e]
+            packed["codes"][r, start:start + n] = codes[e, :n]
+            packed["example_id"][r, start:start + n] = example_id[e]
+            packed["positions"][r, start:start + n] = np.arange(n)
+            packed_valid[r, start:start + n] = True
+            start += n
+    mask = np.asarray(masking.sample_value_mask(root, 5, packed["example_id"], packed["codes"],
+                                                packed_valid, p, packed["positions"]))
+    for r, members in enumerate(rows):
+        start = 0
+        for e in members:
+            n = lengths[e]
+            np.testing.assert_array_equal(mask[r, start:start + n], alone[e, :n])
+            start += n

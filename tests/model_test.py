@@ -77,3 +77,16 @@ def test_loss_counts_masked_and_visible_separately_and_ignores_padding():
 def test_bad_head_count_is_refused():
     with pytest.raises(ValueError, match="num_heads=3"):
         ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=3), rngs=nnx.Rngs(0))
+
+
+def test_packed_examples_do_not_see_each_other(model):
+    times, codes, values, value_mask, valid = _inputs()
+    alone = np.asarray(model(times, codes, values, value_mask, valid))
+    n1, n2 = 10, 4  # rows 1 and 2 hold 10 and 4 real tokens
+    cat = lambda x: np.concatenate([x[1, :n1], x[2, :n2], np.zeros(L - n1 - n2, x.dtype)])[None]
+    segments = np.concatenate([np.full(n1, 1), np.full(n2, 2), np.zeros(L - n1 - n2)])[None]
+    packed_valid = segments > 0
+    out = np.asarray(model(cat(times), cat(codes), cat(values), cat(value_mask) & packed_valid,
+                           packed_valid, segments.astype(np.int32)))
+    np.testing.assert_allclose(out[0, :n1], alone[1, :n1], atol=1e-5)
+    np.testing.assert_allclose(out[0, n1:n1 + n2], alone[2, :n2], atol=1e-5)

@@ -161,3 +161,28 @@ def test_meds_config_trains_on_the_shared_real_sample(shared_meds_dir, tmp_path)
     with open(tmp_path / "run" / "data_stats.json") as f:
         codes = [c["code"] for c in json.load(f)["codes"]]
     assert len(codes) == 100 and all(c.startswith("LAB//") for c in codes)
+
+
+def test_packing_trains_densely_and_resumes_exactly(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_steps=20, log_every=1, eval_every=20,
+                         checkpoint_every=10)
+    config.data.packing = True
+    full = str(tmp_path / "full")
+    summary = train_and_evaluate(config, full)
+    assert summary["train_step_traces"] == 1
+    packed = [m["real_token_fraction"] for m in read_metrics(full) if "split" not in m]
+    config.data.packing = False
+    train_and_evaluate(config, str(tmp_path / "padded"))
+    padded = [m["real_token_fraction"] for m in read_metrics(tmp_path / "padded")
+              if "split" not in m]
+    assert np.mean(packed) > np.mean(padded)
+    config.data.packing = True
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(full, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))
+    os.remove(os.path.join(resumed, "metrics.jsonl"))
+    train_and_evaluate(config, resumed)
+    expected = {m["step"]: m["loss"] for m in read_metrics(full) if "split" not in m}
+    again = {m["step"]: m["loss"] for m in read_metrics(resumed) if "split" not in m}
+    assert sorted(again) == list(range(11, 21))
+    assert all(again[s] == expected[s] for s in again)

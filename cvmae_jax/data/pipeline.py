@@ -46,6 +46,15 @@ def _check(prepared: PreparedDataset, split: str, batch_size: int, max_len: int,
         raise ValueError(f"unknown split {split!r}; have {sorted(prepared.num_examples)}")
 
 
+def shuffled_examples(prepared: PreparedDataset, split: str, global_batch_size: int,
+                      max_len: int, seed: int, shard_index: int = 0,
+                      shard_count: int = 1) -> grain.MapDataset:
+    """The global training order after checking the settings: the split's examples reshuffled
+    every epoch (deterministically from `seed`), repeated forever."""
+    _check(prepared, split, global_batch_size, max_len, shard_index, shard_count)
+    return grain.MapDataset.source(prepared.data_source(split)).seed(seed).shuffle().repeat(None)
+
+
 def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int, max_len: int,
                   seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
     """Infinite stream of this process's batches of global_batch_size // shard_count rows.
@@ -56,9 +65,8 @@ def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int,
     depend on the number of processes. Iterators have get_state()/set_state() and can be saved
     with grain.checkpoint.CheckpointSave.
     """
-    _check(prepared, split, global_batch_size, max_len, shard_index, shard_count)
-    order = grain.MapDataset.source(prepared.data_source(split)).seed(seed).shuffle()
-    order = order.repeat(None)
+    order = shuffled_examples(prepared, split, global_batch_size, max_len, seed, shard_index,
+                              shard_count)
     local = global_batch_size // shard_count
 
     def read(k: int) -> dict:
