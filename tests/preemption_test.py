@@ -49,6 +49,14 @@ def wait_for_step(workdir, step, process):
     raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
 
 
+def signal_at_step(workdir, data_dir, step, signum):
+    """Starts a run and sends it ``signum`` once it has logged ``step``."""
+    process = start(workdir, data_dir)
+    wait_for_step(workdir, step, process)
+    process.send_signal(signum)
+    return process
+
+
 def last_losses(workdir):
     """Per-step loss, the last line written for each step (a resumed run repeats steps)."""
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "split" not in m}
@@ -64,9 +72,7 @@ def reference(tmp_path_factory):
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
     data_dir, expected = reference
-    process = start(tmp_path, data_dir)
-    wait_for_step(tmp_path, 60, process)
-    process.send_signal(signal.SIGKILL)
+    process = signal_at_step(tmp_path, data_dir, 60, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
     killed_at = max(last_losses(tmp_path))
@@ -78,10 +84,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
 
 def test_sigterm_saves_and_exits_zero_then_resumes(reference, tmp_path):
     data_dir, expected = reference
-    process = start(tmp_path, data_dir)
-    wait_for_step(tmp_path, 40, process)
-    process.send_signal(signal.SIGTERM)
-    output = finish(process)
+    output = finish(signal_at_step(tmp_path, data_dir, 40, signal.SIGTERM))
     assert "Preempted (SIGTERM) at step" in output
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     stopped_at = max(last_losses(tmp_path))
@@ -93,10 +96,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(reference, tmp_path):
 
 def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):
     data_dir, expected = reference
-    process = start(tmp_path, data_dir)
-    wait_for_step(tmp_path, 60, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    signal_at_step(tmp_path, data_dir, 60, signal.SIGKILL).wait()
     checkpoints = tmp_path / "checkpoints"
     newest = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
     # What a save killed half-way leaves: Orbax's temporary folder, never renamed.
