@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +50,28 @@ def data_files(meds_dir: str | Path) -> list[Path]:
 
 
 def read_subject_splits(meds_dir: str | Path) -> dict[int, str]:
-    """{subject_id: split} from metadata/subject_splits.parquet, else from data/<split>/ folders."""
-    path = Path(meds_dir) / "metadata" / "subject_splits.parquet"
-    if not path.exists():
+    """{subject_id: split} from metadata/subject_splits.parquet (MEDS 0.3:
+    patient_splits.parquet with patient_id), else from the data/<split>/ folder names."""
+    meta = Path(meds_dir) / "metadata"
+    path = next((p for p in (meta / "subject_splits.parquet", meta / "patient_splits.parquet")
+                 if p.exists()), None)
+    if path is None:
         return _splits_from_folders(meds_dir)
-    table = pq.read_table(path)
+    table = read_small_parquet(path)
     for col, ok in (("subject_id", pa.types.is_integer), ("split", _is_string)):
         if col not in table.column_names:
-            raise MEDSFormatError(f"{path}: column {col!r} is missing")
+            raise MEDSFormatError(f"{path}: column {col!r} is missing "
+                                  f"(has {table.column_names})")
         if not ok(table.schema.field(col).type):
             raise MEDSFormatError(f"{path}: column {col!r} has type {table.schema.field(col).type}")
     if table.column("subject_id").null_count or table.column("split").null_count:
         raise MEDSFormatError(f"{path}: columns subject_id/split contain nulls")
     ids = table.column("subject_id").to_numpy().astype(np.int64)
-    splits = table.column("split").to_pylist()
+    splits = table.column("split").cast(pa.string()).to_pylist()
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise MEDSFormatError(f"{path}: column split: unknown split names {unknown[:5]} "
+                              f"(expected {list(SPLITS)})")
     result = dict(zip(ids.tolist(), splits))
     conflicts = sum(1 for i, s in zip(ids.tolist(), splits) if result[i] != s)
     if conflicts:
@@ -77,14 +85,15 @@ def _splits_from_folders(meds_dir: str | Path) -> dict[int, str]:
     result: dict[int, str] = {}
     for f in data_files(meds_dir):
         parts = f.relative_to(data).parts
-        if len(parts) < 2:
+        if len(parts) < 2 or parts[0] not in SPLITS:
             raise MEDSFormatError(f"{f}: no metadata/subject_splits.parquet and the file is not "
-                                  "under a data/<split>/ folder, so its split is unknown")
-        ids = pq.read_table(f, columns=["subject_id"]).column("subject_id")
-        for i in pc.unique(ids).to_pylist():
-            if result.setdefault(i, parts[0]) != parts[0]:
-                raise MEDSFormatError(
-                    f"{f}: column subject_id: a subject appears under two split folders")
+                                  f"under a data/<split>/ folder ({'/'.join(SPLITS)}), so its "
+                                  "split is unknown")
+        for batch in shard_batches(f, columns=("subject_id",)):
+            for i in pc.unique(batch["subject_id"]).to_pylist():
+                if result.setdefault(i, parts[0]) != parts[0]:
+                    raise MEDSFormatError(
+                        f"{f}: column subject_id: a subject appears under two split folders")
     return result
 
 
@@ -101,32 +110,77 @@ _COLUMN_CHECKS = {"subject_id": pa.types.is_integer, "time": pa.types.is_timesta
                   "code": _is_string, "numeric_value": _is_number}
 
 
-def _read_shard(path: Path) -> pa.Table:
-    """The four event columns of one shard, validated and cast to EVENT_SCHEMA."""
-    schema = pq.read_schema(path)
-    for col, ok in _COLUMN_CHECKS.items():
-        if col not in schema.names:
-            raise MEDSFormatError(f"{path}: column {col!r} is missing")
-        if not ok(schema.field(col).type):
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def read_small_parquet(path: Path) -> pa.Table:
+    """A whole (small) metadata or label file, MEDS 0.3 patient_id renamed to subject_id;
+    unreadable files raise MEDSFormatError."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
+    names = table.column_names
+    if "subject_id" not in names and "patient_id" in names:
+        table = table.rename_columns(["subject_id" if n == "patient_id" else n for n in names])
+    return table
+
+
+def shard_batches(path: Path, columns=EVENT_COLUMNS, batch_rows: int = 1 << 20
+                  ) -> Iterator[pa.Table]:
+    """Streams one data shard as tables of <= batch_rows rows, row group by row group.
+
+    Returns `columns` (a subset of EVENT_COLUMNS) validated and cast to EVENT_SCHEMA's types
+    (MEDS 0.3 patient_id is read as subject_id; codes may be string, large_string or dictionary;
+    values any float or integer type). Bad files raise MEDSFormatError naming file and column.
+    """
+    try:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+    except (pa.ArrowException, OSError) as error:
+        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
+    source = {c: c for c in columns}
+    if "subject_id" not in schema.names and "patient_id" in schema.names:
+        source["subject_id"] = "patient_id"
+    for col in columns:
+        name = source[col]
+        if name not in schema.names:
+            raise MEDSFormatError(f"{path}: column {col!r} is missing (has {schema.names})")
+        if not _COLUMN_CHECKS[col](schema.field(name).type):
             raise MEDSFormatError(
-                f"{path}: column {col!r} has unsupported type {schema.field(col).type}")
-    table = pq.read_table(path, columns=list(EVENT_COLUMNS))
-    if table.column("subject_id").null_count:
-        raise MEDSFormatError(f"{path}: column subject_id contains nulls")
-    if table.column("code").null_count:
-        raise MEDSFormatError(f"{path}: column code contains nulls")
-    # ns -> us may truncate; every other cast must be exact
-    cols = [table.column(c).cast(f.type, safe=c != "time")
-            for c, f in zip(EVENT_COLUMNS, EVENT_SCHEMA)]
-    return pa.Table.from_arrays(cols, schema=EVENT_SCHEMA)
+                f"{path}: column {col!r} has unsupported type {schema.field(name).type}")
+    batches = file.iter_batches(batch_size=batch_rows, columns=[source[c] for c in columns])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:
+            raise MEDSFormatError(
+                f"{path}: unreadable parquet data ({_one_line(error)})") from error
+        yield _cast_batch(path, batch, columns)
+
+
+def _cast_batch(path: Path, batch: pa.RecordBatch, columns) -> pa.Table:
+    for col in ("subject_id", "code"):
+        if col in columns and batch.column(columns.index(col)).null_count:
+            raise MEDSFormatError(f"{path}: column {col} contains nulls")
+    fields = [EVENT_SCHEMA.field(c) for c in columns]
+    try:  # ns -> us may truncate; every other cast must be exact
+        arrays = [batch.column(i).cast(f.type, safe=f.name != "time")
+                  for i, f in enumerate(fields)]
+    except pa.ArrowInvalid as error:
+        raise MEDSFormatError(f"{path}: {_one_line(error)}") from error
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Table:
-    """Timed, finite numeric events of one split (optionally only `codes`).
+    """Timed, finite numeric events of one split (optionally only `codes`), read into memory.
 
     Returns a table [N] with EVENT_SCHEMA columns sorted stably by (subject_id, time). Counts of
     what was left out and of kept oddities travel in the schema metadata; read them with
-    `event_counts(table)`.
+    `event_counts(table)`. (prepare_dataset streams instead; this is for small data and tests.)
     """
     subject_splits = read_subject_splits(meds_dir)
     all_ids = pa.array(list(subject_splits), pa.int64())
@@ -136,34 +190,52 @@ def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Tabl
                             "nonfinite_value", "other_code"), 0)
     parts, deaths = [], []
     for path in data_files(meds_dir):
-        t = _read_shard(path)
-        counts["rows_without_split"] += t.num_rows - _count(pc.is_in(t["subject_id"], all_ids))
-        t = t.filter(pc.is_in(t["subject_id"], split_ids))
-        counts["rows"] += t.num_rows
-        deaths.append(t.filter(pc.equal(t["code"], "MEDS_DEATH")).select(["subject_id", "time"]))
-        counts["null_time"] += t["time"].null_count
-        t = t.filter(pc.is_valid(t["time"]))
-        counts["null_value"] += t["numeric_value"].null_count
-        t = t.filter(pc.is_valid(t["numeric_value"]))
-        finite = pc.is_finite(t["numeric_value"])
-        counts["nonfinite_value"] += t.num_rows - _count(finite)
-        t = t.filter(finite)
-        if code_set is not None:
-            keep = pc.is_in(t["code"], code_set)
-            counts["other_code"] += t.num_rows - _count(keep)
-            t = t.filter(keep)
-        parts.append(t)
-    table = pa.concat_tables(parts)
+        for t in shard_batches(path):
+            counts["rows_without_split"] += t.num_rows - _count(pc.is_in(t["subject_id"], all_ids))
+            t = t.filter(pc.is_in(t["subject_id"], split_ids))
+            counts["rows"] += t.num_rows
+            deaths.append(death_times(t))
+            t, dropped = numeric_rows(t)
+            for k, v in dropped.items():
+                counts[k] += v
+            if code_set is not None:
+                keep = pc.is_in(t["code"], code_set)
+                counts["other_code"] += t.num_rows - _count(keep)
+                t = t.filter(keep)
+            parts.append(t)
+    table = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
     table = table.take(pc.sort_indices(table, [("subject_id", "ascending"), ("time", "ascending")]))
     counts["kept"] = table.num_rows
-    distinct = table.group_by(list(EVENT_COLUMNS)).aggregate([]).num_rows
-    counts["duplicate_rows"] = table.num_rows - distinct
-    counts["after_death_rows"] = _count_after_death(table, pa.concat_tables(deaths))
+    counts["duplicate_rows"] = count_duplicates(table)
+    counts["after_death_rows"] = count_after_death(table, pa.concat_tables(deaths))
     return table.replace_schema_metadata({_COUNTS_KEY: json.dumps(counts).encode()})
 
 
-def _count_after_death(events: pa.Table, deaths: pa.Table) -> int:
-    deaths = deaths.filter(pc.is_valid(deaths["time"]))
+def numeric_rows(t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """The rows of `t` with a time and a finite numeric value, and counts of the others
+    (null_time, null_value, nonfinite_value; each row counted once, in that order)."""
+    dropped = {"null_time": t["time"].null_count}
+    t = t.filter(pc.is_valid(t["time"]))
+    dropped["null_value"] = t["numeric_value"].null_count
+    t = t.filter(pc.is_valid(t["numeric_value"]))
+    finite = pc.is_finite(t["numeric_value"])
+    dropped["nonfinite_value"] = t.num_rows - _count(finite)
+    return t.filter(finite), dropped
+
+
+def death_times(t: pa.Table) -> pa.Table:
+    """(subject_id, time) of the timed MEDS_DEATH rows of `t`."""
+    deaths = t.filter(pc.equal(t["code"], "MEDS_DEATH")).select(["subject_id", "time"])
+    return deaths.filter(pc.is_valid(deaths["time"]))
+
+
+def count_duplicates(events: pa.Table) -> int:
+    """Rows of `events` that repeat an earlier row exactly (subject, time, code, value)."""
+    return events.num_rows - events.group_by(list(EVENT_COLUMNS)).aggregate([]).num_rows
+
+
+def count_after_death(events: pa.Table, deaths: pa.Table) -> int:
+    """Rows of `events` later than their subject's first death in `deaths` (subject_id, time)."""
     if not deaths.num_rows or not events.num_rows:
         return 0
     first = deaths.group_by("subject_id").aggregate([("time", "min")])
@@ -187,16 +259,19 @@ def select_lab_codes(train_events_or_meds_dir, data_config,
                      report: dict | None = None) -> list[str]:
     """Lab codes to model, most frequent first.
 
-    `data_config.lab_codes` (non-empty) is taken as given, in its order; every code must have
-    numeric train rows. Otherwise: codes matching `lab_code_pattern` (re.search) with at least
-    `min_code_count` numeric train rows, the `top_k` most frequent (ties by code; top_k <= 0
+    The first argument is the train events (a table), a MEDS root, or {code: numeric train
+    rows}. `data_config.lab_codes` (non-empty) is taken as given, in its order; every code must
+    have numeric train rows. Otherwise: codes matching `lab_code_pattern` (re.search) with at
+    least `min_code_count` numeric train rows, the `top_k` most frequent (ties by code; top_k <= 0
     keeps all). `report`, when given, receives counts of the selection.
     """
-    events = train_events_or_meds_dir
-    if not isinstance(events, pa.Table):
-        events = read_numeric_events(events, "train")
-    vc = pc.value_counts(events["code"])
-    counts = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+    counts = train_events_or_meds_dir
+    if not isinstance(counts, Mapping):
+        events = counts
+        if not isinstance(events, pa.Table):
+            events = read_numeric_events(events, "train")
+        vc = pc.value_counts(events["code"])
+        counts = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
     explicit = tuple(config_get(data_config, "lab_codes") or ())
     report = {} if report is None else report
     if explicit:
@@ -220,6 +295,15 @@ def select_lab_codes(train_events_or_meds_dir, data_config,
         raise MEDSFormatError(f"data/ (train split), column code: no code with numeric values "
                               f"matches {pattern!r} with >= {min_count} rows "
                               f"({len(matching)} match with fewer rows)")
-    report.update(selection="pattern", matching=len(matching),
-                  below_min_count=len(matching) - len(frequent), selected=len(selected))
+    below = sorted(c for c, n in matching.items() if n < min_count)
+    report.update(selection="pattern", matching=len(matching), below_min_count=len(below),
+                  selected=len(selected))
+    if below:
+        report["below_min_count_codes"] = below[:20]
     return selected
+
+
+def code_unit(code: str) -> str:
+    """The unit of a lab code: its last `//` part (`LAB//50983//mEq/L` -> `mEq/L`), else ''."""
+    parts = code.split("//")
+    return parts[-1].strip() if len(parts) > 2 else ""

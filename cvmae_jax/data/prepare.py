@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
 
 from cvmae_jax.data import meds
+from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.data.tfds_builder import REPORT_FILE, STATS_FILE, MedsLabConfig, MedsLabSequences
 
@@ -20,7 +23,7 @@ class PreparedDataset:
     """A prepared dataset: `tfds.data_source(builder_name, data_dir=data_dir)` reads it.
 
     path: the builder's version folder (array_record files, data_stats.json,
-    prepare_report.json). report: the counts written while preparing (no subject ids).
+    prepare_report.json, prepare_report.md). report: the counts written while preparing (no subject ids).
     """
     path: str
     data_dir: str
@@ -36,29 +39,46 @@ class PreparedDataset:
         return tfds.builder_from_directory(self.path).as_data_source(split)
 
 
-def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str | Path
-                    ) -> PreparedDataset:
+def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str | Path,
+                    log: Callable[[str], None] = print) -> PreparedDataset:
     """Builds the dataset under `data_dir` unless one with the same settings and MEDS files
-    exists (then reuses it). `meds_dir` overrides `data_config.meds_dir` when given. tfds writes
-    into a temporary folder and renames it when done, so a failed build leaves nothing behind."""
+    exists (then reuses it). `meds_dir` overrides `data_config.meds_dir` when given.
+
+    The MEDS root is streamed (see stream.py) and fully checked before anything is written; tfds
+    writes into a temporary folder and renames it when done, and the folders this call created
+    are removed on failure, so bad input or an interrupted build leaves nothing behind."""
     start = time.perf_counter()
     config = MedsLabConfig.create(data_config, meds_dir)
     builder = MedsLabSequences(config=config, data_dir=str(data_dir), file_format="array_record")
     if builder.data_path.exists():
-        print(f"[prepare] reusing {builder.data_path}")
+        log(f"[prepare] reusing {builder.data_path}")
     else:
-        print(f"[prepare] building {builder.data_path}")
+        log(f"[prepare] building {builder.data_path}")
+        created = _missing_parents(builder.data_path, Path(data_dir))
         try:
+            builder.plan = plan_dataset(config.meds_dir, config.settings(), log)
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=config.meds_dir))
-        except OSError:
-            if not builder.data_path.exists():  # else another process finished the same build first
+        except BaseException as error:
+            if builder.data_path.exists() and isinstance(error, OSError):
+                pass  # another process finished the same build first
+            else:
+                for folder in created:  # deepest first; only the ones this call created
+                    shutil.rmtree(folder, ignore_errors=True)
                 raise
     prepared = load_prepared(builder.data_path)
-    print(f"[prepare] done in {time.perf_counter() - start:.1f}s: "
-          f"{len(prepared.stats.codes)} codes, examples {prepared.num_examples}, "
-          f"tokens {prepared.num_tokens}")
+    log(f"[prepare] done in {time.perf_counter() - start:.1f}s: "
+        f"{len(prepared.stats.codes)} codes, examples {prepared.num_examples}, "
+        f"tokens {prepared.num_tokens}")
     return prepared
+
+
+def _missing_parents(path: Path, data_dir: Path) -> list[Path]:
+    """The folders from data_dir down to the parent of `path`, and tfds's data_dir/downloads,
+    that do not exist yet, deepest first (an existing data_dir itself is never listed)."""
+    folders = [p for p in reversed(path.relative_to(data_dir).parents) if str(p) != "."]
+    candidates = [data_dir, data_dir / "downloads"] + [data_dir / p for p in folders]
+    return [p for p in reversed(candidates) if not p.exists()]
 
 
 def load_prepared(path: str | Path) -> PreparedDataset:

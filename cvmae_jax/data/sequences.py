@@ -11,11 +11,12 @@ import pyarrow.compute as pc
 from cvmae_jax.data.stats import DataStats
 
 WINDOWS = ("chunks", "last")
-_US_PER_HOUR = 3_600_000_000
+US_PER_HOUR = 3_600_000_000
 
 
 def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str = "chunks",
-                   min_window_len: int = 2, report: dict | None = None) -> Iterator[dict]:
+                   min_window_len: int = 2, report: dict | None = None,
+                   first_example_id: int = 0) -> Iterator[dict]:
     """Yields one example per window, ordered by (subject_id, window start).
 
     events: a table with subject_id, time, code, numeric_value (any order; sorted stably here).
@@ -23,10 +24,10 @@ def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str
       windows of max_len (the last one may be shorter); 'last' keeps only the latest max_len.
     Windows with fewer than min_window_len events are dropped.
 
-    Each example: example_id int64 (0..n-1 in yield order), subject_id int64, start_time_us /
-    end_time_us int64 (first/last event, µs since epoch), times float32 [n] (hours since the
-    first event), codes int32 [n] (index into stats.codes), values float32 [n] (normalized),
-    with n <= max_len. `report`, when given, receives counts (filled once the iterator is done).
+    Each example: example_id int64 (first_example_id + 0, 1, ... in yield order), subject_id
+    int64, start_time_us / end_time_us int64 (first/last event, µs since epoch), times float32
+    [n] (hours since the first event), codes int32 [n] (index into stats.codes), values float32
+    [n] (normalized), with n <= max_len. `report`, when given, receives counts (filled once the iterator is done).
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -46,7 +47,7 @@ def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str
     codes, subjects, times, values = (codes[order], subjects[order], times[order],
                                       stats.normalize(codes[order], raw[order]))
     starts = np.flatnonzero(np.diff(subjects, prepend=subjects[:1] - 1)) if len(subjects) else []
-    example_id = 0
+    example_id = first_example_id
     for s_lo, s_hi in zip(starts, np.r_[starts[1:], len(subjects)].astype(np.int64)):
         counts["subjects"] += 1
         if window == "chunks":
@@ -62,10 +63,10 @@ def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str
             t0 = times[lo]
             yield dict(example_id=np.int64(example_id), subject_id=np.int64(subjects[lo]),
                        start_time_us=np.int64(t0), end_time_us=np.int64(times[hi - 1]),
-                       times=((times[lo:hi] - t0) / _US_PER_HOUR).astype(np.float32),
+                       times=((times[lo:hi] - t0) / US_PER_HOUR).astype(np.float32),
                        codes=codes[lo:hi], values=values[lo:hi])
             example_id += 1
             counts["tokens"] += hi - lo
-    counts["examples"] = example_id
+    counts["examples"] = example_id - first_example_id
     if report is not None:
         report.update({k: int(v) for k, v in counts.items()})

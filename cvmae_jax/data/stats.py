@@ -18,6 +18,7 @@ from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import write_json_atomic
 
 STD_EPS = 1e-6  # floor of the std used to normalize (constant codes)
+RESERVOIR_SIZE = 100_000  # values per code sampled for the clipping quantiles
 _FLOAT_FIELDS = ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high",
                  "norm_mean", "norm_std")
 
@@ -110,37 +111,128 @@ def _json_value(x):
     return _json_float(x) if isinstance(x, float) else x
 
 
-def compute_stats(train_events: pa.Table, codes, clip_quantiles=(0.001, 0.999)) -> DataStats:
-    """Stats of `codes` from TRAIN events (subject_id, code, numeric_value); other codes ignored.
+class CodeMoments:
+    """Streaming per-code count, mean and M2 (sum of squared deviations from the mean), merged
+    batch by batch (Chan et al.), and the number of distinct subjects per code. Codes are added
+    as they are seen; memory grows with the number of codes, not of rows.
 
-    Every code needs at least one row. Quantiles use numpy's default (linear) method.
+    Subjects are counted per shard (`end_shard`), so a subject must not span shards.
     """
+
+    def __init__(self):
+        self.index: dict[str, int] = {}
+        self.n, self.mean, self.m2 = np.zeros(0), np.zeros(0), np.zeros(0)
+        self.subjects = np.zeros(0, np.int64)
+        self._pairs: list[pa.Table] = []
+
+    def add(self, codes: pa.Array, values: np.ndarray, subject_ids: np.ndarray) -> None:
+        """codes string [n], values float64 [n] (finite), subject_ids int64 [n]."""
+        enc = pc.dictionary_encode(codes)
+        if isinstance(enc, pa.ChunkedArray):
+            enc = enc.combine_chunks()
+        lookup = np.array([self.index.setdefault(c, len(self.index))
+                           for c in enc.dictionary.to_pylist()], np.int64)
+        idx = lookup[enc.indices.to_numpy(zero_copy_only=False)] if len(values) else \
+            np.zeros(0, np.int64)
+        grow = len(self.index) - len(self.n)
+        if grow:
+            self.n, self.mean, self.m2 = (np.r_[a, np.zeros(grow)]
+                                          for a in (self.n, self.mean, self.m2))
+            self.subjects = np.r_[self.subjects, np.zeros(grow, np.int64)]
+        v = len(self.n)
+        n_b = np.bincount(idx, minlength=v).astype(np.float64)
+        mean_b = np.bincount(idx, values, v) / np.maximum(n_b, 1)
+        m2_b = np.bincount(idx, (values - mean_b[idx]) ** 2, v)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(n > 0, n_b / n, 0.0)
+        self.mean = self.mean + delta * share
+        self.m2 = self.m2 + m2_b + delta ** 2 * self.n * share
+        self.n = n
+        self._pairs.append(pa.table({"c": idx, "s": subject_ids}).group_by(["c", "s"])
+                           .aggregate([]))
+
+    def end_shard(self) -> None:
+        """Adds the distinct (code, subject) pairs seen since the last call to `subjects`."""
+        if self._pairs:
+            pairs = pa.concat_tables(self._pairs).group_by(["c", "s"]).aggregate([])
+            self.subjects += np.bincount(pairs["c"].to_numpy(), minlength=len(self.n))
+        self._pairs = []
+
+    def counts(self) -> dict[str, int]:
+        return {c: int(self.n[i]) for c, i in self.index.items()}
+
+
+class Reservoirs:
+    """A uniform random sample of at most `size` values per code index (Algorithm R, vectorized,
+    seeded): it holds every value of codes with <= size values, so quantiles are exact there and
+    approximate beyond."""
+
+    def __init__(self, num_codes: int, size: int = RESERVOIR_SIZE, seed: int = 0):
+        self.size = int(size)
+        self.rng = np.random.default_rng(seed)
+        self.seen = np.zeros(num_codes, np.int64)
+        self.samples = [np.zeros(0) for _ in range(num_codes)]
+
+    def add(self, idx: np.ndarray, values: np.ndarray) -> None:
+        """idx int [n] in [0, num_codes), values float64 [n]."""
+        order = np.argsort(idx, kind="stable")
+        idx, values = idx[order], values[order]
+        bounds = np.searchsorted(idx, np.arange(len(self.samples) + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            self._add_one(i, values[bounds[i]:bounds[i + 1]])
+
+    def _add_one(self, i: int, v: np.ndarray) -> None:
+        take = min(max(self.size - len(self.samples[i]), 0), len(v))
+        sample = np.r_[self.samples[i], v[:take]]
+        seen, v = self.seen[i] + take, v[take:]
+        if len(v):  # item number j (0-based) replaces slot r ~ U{0..j} when r < size
+            r = self.rng.integers(0, seen + np.arange(len(v)) + 1)
+            keep = r < self.size
+            sample[r[keep]] = v[keep]  # later items win, as in the sequential algorithm
+        self.samples[i], self.seen[i] = sample, seen + len(v)
+
+
+def finish_stats(codes, moments: CodeMoments, reservoirs: Reservoirs,
+                 clip_quantiles=(0.001, 0.999)) -> DataStats:
+    """DataStats of `codes` (reservoir i samples codes[i]): exact counts, moments and subject
+    counts from `moments`; clip bounds and the clipped moments from the reservoir samples."""
     codes = tuple(codes)
-    idx = pc.index_in(train_events["code"], value_set=pa.array(codes, pa.string()))
-    known = pc.is_valid(idx)
-    idx = idx.filter(known).to_numpy().astype(np.int64)
-    values = train_events["numeric_value"].filter(known).to_numpy().astype(np.float64)
-    subjects = train_events["subject_id"].filter(known).to_numpy()
-    order = np.lexsort((values, idx))
-    idx, values, subjects = idx[order], values[order], subjects[order]
-    bounds = np.searchsorted(idx, np.arange(len(codes) + 1))
-    empty = [c for c, lo, hi in zip(codes, bounds[:-1], bounds[1:]) if lo == hi]
+    rows = [moments.index.get(c) for c in codes]
+    empty = [c for c, r in zip(codes, rows) if r is None or moments.n[r] == 0]
     if empty:
         raise MEDSFormatError(
             f"train split, column numeric_value: no values for codes {empty[:10]}")
-    q_low, q_high = clip_quantiles
+    rows = np.array(rows, np.int64)
     out = {f: np.zeros(len(codes)) for f in _FLOAT_FIELDS}
-    num_subjects = np.zeros(len(codes), np.int64)
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        v = values[lo:hi]
-        out["count"][i] = len(v)
-        out["mean"][i] = v.mean()
-        out["std"][i] = v.std()
-        out["clip_low"][i], out["clip_high"][i] = np.quantile(v, [q_low, q_high])
-        clipped = np.clip(v, out["clip_low"][i], out["clip_high"][i])
+    out["count"], out["mean"] = moments.n[rows], moments.mean[rows]
+    out["std"] = np.sqrt(moments.m2[rows] / out["count"])
+    for i, sample in enumerate(reservoirs.samples):
+        out["clip_low"][i], out["clip_high"][i] = np.quantile(sample, clip_quantiles)
+        clipped = np.clip(sample, out["clip_low"][i], out["clip_high"][i])
         out["norm_mean"][i], out["norm_std"][i] = clipped.mean(), clipped.std()
-        num_subjects[i] = len(np.unique(subjects[lo:hi]))
     out["variance"] = out["std"] ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         out["cv"] = np.where(out["std"] == 0, 0.0, out["std"] / np.abs(out["mean"]))
-    return DataStats(codes=codes, num_subjects=num_subjects, **out)
+    return DataStats(codes=codes, num_subjects=moments.subjects[rows], **out)
+
+
+def compute_stats(train_events: pa.Table, codes, clip_quantiles=(0.001, 0.999),
+                  reservoir_size: int | None = None) -> DataStats:
+    """Stats of `codes` from TRAIN events (subject_id, code, numeric_value); other codes ignored.
+
+    Every code needs at least one row. Quantiles use numpy's default (linear) method, over all
+    values (reservoir_size None) or a seeded sample of reservoir_size values per code.
+    """
+    codes = tuple(codes)
+    known = pc.is_valid(pc.index_in(train_events["code"], value_set=pa.array(codes, pa.string())))
+    events = train_events.filter(known)
+    values = events["numeric_value"].to_numpy().astype(np.float64)
+    moments = CodeMoments()
+    moments.add(events["code"], values, events["subject_id"].to_numpy().astype(np.int64))
+    moments.end_shard()
+    reservoirs = Reservoirs(len(codes), reservoir_size or max(events.num_rows, 1))
+    idx = pc.index_in(events["code"], value_set=pa.array(codes, pa.string()))
+    reservoirs.add(idx.to_numpy(zero_copy_only=False).astype(np.int64), values)
+    return finish_stats(codes, moments, reservoirs, clip_quantiles)

@@ -2,9 +2,10 @@
 
 The MEDS root is the builder's manual_dir. The config name carries a short hash of every
 setting that changes the data and of the MEDS files' identity, so other settings build another
-dataset. `_split_generators` selects the codes and computes the stats on train, then writes
-`data_stats.json` and `prepare_report.json` next to the tfds files (inside tfds's temporary
-folder, so they appear together with the data or not at all).
+dataset. The builder writes from a `Plan` (codes, train stats, counts; see plan.py) set as
+`builder.plan` before `download_and_prepare`; it streams each split shard by shard and writes
+`data_stats.json`, `prepare_report.json` and `prepare_report.md` next to the tfds files (inside
+tfds's temporary folder, so they appear together with the data or not at all).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cvmae_jax.data import meds, sequences, stats as stats_lib
+from cvmae_jax.data import meds, report as report_lib, sequences, stream
+from cvmae_jax.data.plan import Plan
 from cvmae_jax.jsonio import write_json_atomic
 
 STATS_FILE = "data_stats.json"
 REPORT_FILE = "prepare_report.json"
+REPORT_MD_FILE = "prepare_report.md"
 _SETTINGS = ("lab_code_pattern", "lab_codes", "top_k", "min_code_count", "clip_quantiles",
              "max_len", "window", "min_window_len")
 
@@ -97,36 +100,34 @@ class MedsLabSequences(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        cfg: MedsLabConfig = self.builder_config
-        meds_dir = Path(dl_manager.manual_dir)
-        subject_splits = meds.read_subject_splits(meds_dir)
-        for split in meds.SPLITS:
-            n = sum(1 for s in subject_splits.values() if s == split)
-            if not n:
-                raise meds.MEDSFormatError(
-                    f"{meds_dir}/metadata/subject_splits.parquet, column split: "
-                    f"split {split!r} has no subjects")
-            print(f"[prepare] {split}: {n} subjects")
-        train = meds.read_numeric_events(meds_dir, "train")
-        report = {"settings": cfg.settings(), "selection": {}, "splits": {}}
-        codes = meds.select_lab_codes(train, cfg.settings(), report=report["selection"])
-        print(f'[prepare] lab codes: {report["selection"]}')
-        stats = stats_lib.compute_stats(train, codes, cfg.clip_quantiles)
-        stats.save_json(Path(self.data_dir) / STATS_FILE)
-        return {split: self._generate_examples(meds_dir, split, stats, report, train)
-                for split in meds.SPLITS}
+        plan: Plan = self.plan  # set by prepare_dataset, which read and checked the MEDS root
+        plan.stats.save_json(Path(self.data_dir) / STATS_FILE)
+        return {split: self._generate_examples(plan, split) for split in meds.SPLITS}
 
-    def _generate_examples(self, meds_dir, split, stats, report, train):
+    def _generate_examples(self, plan: Plan, split: str):
         cfg: MedsLabConfig = self.builder_config
-        events = train if split == "train" else meds.read_numeric_events(meds_dir, split)
-        counts = {"events": meds.event_counts(events), "windows": {}}
-        for example in sequences.build_examples(events, stats, cfg.max_len, cfg.window,
-                                                cfg.min_window_len, report=counts["windows"]):
-            yield int(example["example_id"]), example
-        if not counts["windows"]["examples"]:
-            raise meds.MEDSFormatError(f"{meds_dir}/data, split {split!r}: no window with >= "
-                                       f"{cfg.min_window_len} events of the selected lab codes")
-        report["splits"][split] = counts
-        print(f'[prepare] {split}: {counts["windows"]["examples"]} examples, '
-              f'{counts["windows"]["tokens"]} tokens, events: {counts["events"]}')
-        write_json_atomic(Path(self.data_dir) / REPORT_FILE, report)
+        counts = plan.report["splits"][split]
+        lab, windows = {}, {}
+        for events, shard_counts in stream.lab_events_by_shard(
+                plan.scan.shards[split], plan.lookup, split, plan.stats.codes):
+            shard_windows = {}
+            for example in sequences.build_examples(
+                    events, plan.stats, cfg.max_len, cfg.window, cfg.min_window_len,
+                    report=shard_windows, first_example_id=windows.get("examples", 0)):
+                yield int(example["example_id"]), example
+            _add(lab, shard_counts)
+            _add(windows, shard_windows)
+        if not windows.get("examples"):
+            raise meds.MEDSFormatError(f"{plan.meds_dir}/data, split {split!r}: no window with "
+                                       f">= {cfg.min_window_len} events of the selected lab codes")
+        counts.update(lab=lab, windows=windows)
+        print(f'[prepare] {split}: {windows["examples"]:,} examples, {windows["tokens"]:,} '
+              f'tokens from {lab["lab_events"]:,} lab events')
+        if all("windows" in plan.report["splits"][s] for s in meds.SPLITS):
+            write_json_atomic(Path(self.data_dir) / REPORT_FILE, plan.report)
+            (Path(self.data_dir) / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))
+
+
+def _add(total: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        total[k] = total.get(k, 0) + int(v)

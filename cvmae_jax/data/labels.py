@@ -1,0 +1,117 @@
+"""MEDS label files (ACES / MEDS-DEV schema) and each label's input window of lab events.
+
+A label file (`labels/<task>/<split>.parquet` or `labels/<task>/*.parquet`) has subject_id,
+prediction_time, boolean_value, and optionally integer_value, float_value, categorical_value
+(possibly all null). Only events with time <= prediction_time may inform a prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cvmae_jax.data import meds, stream
+from cvmae_jax.data.sequences import US_PER_HOUR
+from cvmae_jax.data.stats import DataStats
+
+LABEL_CHECKS = {"subject_id": pa.types.is_integer, "prediction_time": pa.types.is_timestamp,
+                "boolean_value": pa.types.is_boolean}
+OPTIONAL = ("integer_value", "float_value", "categorical_value")
+
+
+def label_files(labels_dir: str | Path) -> list[Path]:
+    """`*.parquet` files of one task folder (e.g. labels/<task>/), sorted by path."""
+    files = sorted(Path(labels_dir).rglob("*.parquet"))
+    if not files:
+        raise meds.MEDSFormatError(f"{labels_dir}: no *.parquet label files found")
+    return files
+
+
+def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
+    """A validated label file: subject_id int64, prediction_time timestamp[us], boolean_value
+    bool, [N] rows. Raises MEDSFormatError for missing/mistyped/null columns and for subjects
+    missing from the subject splits."""
+    path = Path(path)
+    table = meds.read_small_parquet(path)
+    unexpected = set(table.column_names) - set(LABEL_CHECKS) - set(OPTIONAL)
+    if unexpected:
+        raise meds.MEDSFormatError(f"{path}: unexpected columns {sorted(unexpected)} (a label "
+                                   f"file has {list(LABEL_CHECKS) + list(OPTIONAL)})")
+    for col, ok in LABEL_CHECKS.items():
+        if col not in table.column_names:
+            raise meds.MEDSFormatError(f"{path}: column {col!r} is missing")
+        if not ok(table.schema.field(col).type):
+            raise meds.MEDSFormatError(
+                f"{path}: column {col!r} has unsupported type {table.schema.field(col).type}")
+        if table.column(col).null_count:
+            raise meds.MEDSFormatError(f"{path}: column {col} contains nulls")
+    table = pa.table({"subject_id": table["subject_id"].cast(pa.int64()),
+                      "prediction_time": table["prediction_time"].cast(pa.timestamp("us"),
+                                                                       safe=False),
+                      "boolean_value": table["boolean_value"]})
+    known = pc.is_in(table["subject_id"], pa.array(list(subject_splits), pa.int64()))
+    unknown = table.num_rows - int(pc.sum(known).as_py() or 0)
+    if unknown:
+        raise meds.MEDSFormatError(f"{path}: column subject_id: {unknown} rows refer to "
+                                   "subjects missing from the subject splits")
+    return table
+
+
+def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStats,
+                  max_len: int) -> Iterator[dict]:
+    """For each label row, the last max_len events of `stats.codes` with time <= its
+    prediction_time (inclusive), streamed shard by shard.
+
+    Yields dicts as `sequences.build_examples` (example_id = the label's row index, subject_id,
+    start_time_us / end_time_us of the window's first/last event, times float32 [n] hours since
+    the first event, codes int32 [n], values float32 [n] normalized; n <= max_len, 0 when the
+    subject has no such event, then start/end = prediction_time_us) plus prediction_time_us
+    int64 and label bool.
+    """
+    subject_splits = meds.read_subject_splits(meds_dir)
+    labels = read_labels(labels_path, subject_splits)
+    lookup = stream.SplitLookup(subject_splits)
+    l_subject = labels["subject_id"].to_numpy()
+    l_time = labels["prediction_time"].cast(pa.int64()).to_numpy()
+    l_value = labels["boolean_value"].to_numpy(zero_copy_only=False)
+    split_of_label = lookup.splits_of(l_subject)
+    files = meds.data_files(meds_dir)
+    for s, split in enumerate(meds.SPLITS):
+        todo = np.flatnonzero(split_of_label == s)
+        if not len(todo):
+            continue
+        done = np.zeros(len(l_subject), bool)
+        for events, _ in stream.lab_events_by_shard(files, lookup, split, stats.codes):
+            subjects = events["subject_id"].to_numpy()
+            rows = todo[np.isin(l_subject[todo], subjects)]
+            if not len(rows):
+                continue
+            times = events["time"].cast(pa.int64()).to_numpy()
+            codes = pc.index_in(events["code"], value_set=pa.array(stats.codes, pa.string()))
+            codes = codes.to_numpy().astype(np.int32)
+            values = stats.normalize(codes, events["numeric_value"].to_numpy())
+            for i in rows:
+                lo, hi = np.searchsorted(subjects, l_subject[i], side="left"), \
+                    np.searchsorted(subjects, l_subject[i], side="right")
+                end = lo + np.searchsorted(times[lo:hi], l_time[i], side="right")
+                start = max(lo, end - max_len)
+                done[i] = True
+                yield _window(i, l_subject[i], l_time[i], l_value[i], times[start:end],
+                              codes[start:end], values[start:end])
+        empty = np.zeros(0, np.int64)
+        for i in todo[~done[todo]]:  # subjects without any selected lab event
+            yield _window(i, l_subject[i], l_time[i], l_value[i], empty, empty, empty)
+
+
+def _window(i, subject, t_pred, label, times, codes, values) -> dict:
+    t0 = times[0] if len(times) else t_pred
+    return dict(example_id=np.int64(i), subject_id=np.int64(subject),
+                start_time_us=np.int64(t0),
+                end_time_us=np.int64(times[-1] if len(times) else t_pred),
+                times=((times - t0) / US_PER_HOUR).astype(np.float32),
+                codes=codes.astype(np.int32), values=values.astype(np.float32),
+                prediction_time_us=np.int64(t_pred), label=np.bool_(label))

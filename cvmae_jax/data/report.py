@@ -1,0 +1,98 @@
+"""The preparation report: selected codes, oddities, warnings, and its readable summary.
+
+Counts and aggregates only: never subject ids or raw rows.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.stats import DataStats
+
+# Selected codes whose train mean and std look like z-scores (already normalized upstream).
+NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
+
+
+def code_rows(stats: DataStats) -> list[dict]:
+    """Per selected code: code, unit (last `//` part), count, subjects, mean, std, cv."""
+    return [dict(code=c, unit=meds.code_unit(c), count=int(stats.count[i]),
+                 subjects=int(stats.num_subjects[i]), mean=_num(stats.mean[i]),
+                 std=_num(stats.std[i]), cv=_num(stats.cv[i]))
+            for i, c in enumerate(stats.codes)]
+
+
+def _num(x) -> float | str:
+    x = float(x)
+    return x if np.isfinite(x) else str(x)
+
+
+def warnings_for(stats: DataStats) -> list[str]:
+    """Warnings about the selected codes' train statistics."""
+    zscore = (np.abs(stats.mean) < NORMALIZED_MEAN) & (stats.std >= NORMALIZED_STD[0]) & (
+        stats.std <= NORMALIZED_STD[1])
+    if zscore.sum() * 2 > stats.vocab_size:
+        return [f"{int(zscore.sum())} of {stats.vocab_size} selected codes have train |mean| < "
+                f"{NORMALIZED_MEAN} and std in [{NORMALIZED_STD[0]}, {NORMALIZED_STD[1]}]: the "
+                "values look already normalized (e.g. by MEDS_transforms). CV = std/|mean| is "
+                "meaningless on normalized values; prepare from the unnormalized MEDS data."]
+    return []
+
+
+def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], selected,
+                 pattern: str) -> dict:
+    """Lab-like codes (matching `pattern`) of a non-train split that are not selected:
+    how many codes and events, and how many of them never appear in train."""
+    regex, chosen = re.compile(pattern), set(selected)
+    oov = {c: n for c, n in code_counts.items() if regex.search(c) and c not in chosen}
+    unseen = {c: n for c, n in oov.items() if c not in train_counts}
+    return dict(codes=len(oov), events=sum(oov.values()), unseen_in_train_codes=len(unseen),
+                unseen_in_train_events=sum(unseen.values()))
+
+
+def markdown(report: dict) -> str:
+    """The readable summary written as prepare_report.md."""
+    sel, lines = report["selection"], ["# Preparation report", ""]
+    lines += [f"- MEDS shards: {report['shards']}; rows of subjects without a split (left out): "
+              f"{report['rows_without_split']:,}",
+              f"- Lab selection: {sel.get('selection')}, {sel.get('selected')} codes "
+              f"(pattern {report['settings']['lab_code_pattern']!r}; {sel.get('matching', '-')} "
+              f"match, {sel.get('below_min_count', 0)} below min_code_count)",
+              f"- Clipping quantiles from a sample of <= {report['reservoir_size']:,} train values "
+              "per code (exact for codes with fewer values)", ""]
+    for w in report["warnings"]:
+        lines.append(f"**Warning:** {w}\n")
+    keys = ("subjects", "subjects_with_rows", "events", "numeric_events", "lab_events",
+            "null_time", "null_value", "nonfinite_value", "duplicate_rows", "after_death_rows",
+            "unsorted_subjects", "examples", "tokens", "short_windows_dropped")
+    lines += ["| | " + " | ".join(meds.SPLITS) + " |", "|---" * (len(meds.SPLITS) + 1) + "|"]
+    flat = {s: _flatten(report["splits"][s]) for s in meds.SPLITS}
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{flat[s].get(k, 0):,}" for s in meds.SPLITS)
+                     + " |")
+    lines += ["", "Left out: rows without a time (null_time), without a numeric value "
+              "(null_value) or with NaN/inf (nonfinite_value). Kept and counted: exact duplicate "
+              "lab rows, lab rows after the subject's MEDS_DEATH, and subjects whose rows were "
+              "not time-sorted in the file (sorted here).", ""]
+    for s in meds.SPLITS[1:]:
+        o = report["splits"][s]["out_of_vocab"]
+        lines.append(f"- {s}: {o['codes']} lab-like codes not selected ({o['events']:,} "
+                     f"events), {o['unseen_in_train_codes']} never seen in train")
+    lines += ["", "| code | unit | count | subjects | mean | std | CV |", "|---" * 7 + "|"]
+    for r in report["codes"]:
+        lines.append(f"| {r['code']} | {r['unit']} | {r['count']:,} | {r['subjects']:,} | "
+                     + " | ".join(_fmt(r[k]) for k in ("mean", "std", "cv")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(split: dict) -> dict:
+    out = {k: v for k, v in split.items() if not isinstance(v, dict)}
+    for key in ("lab", "windows"):
+        out.update({k: v for k, v in split.get(key, {}).items() if k not in out})
+    return out
+
+
+def _fmt(x) -> str:
+    return x if isinstance(x, str) else f"{x:.4g}"

@@ -1,0 +1,178 @@
+"""Streaming passes over the shards of a MEDS root, one row group at a time.
+
+Memory is bounded by the number of subjects and codes and by one shard's selected lab rows, not
+by the dataset: `scan_meds` (every shard: per-split counts, per-code train moments),
+`sample_train_values` (train shards: reservoir samples of the selected codes), and
+`lab_events_by_shard` (one split's selected lab events, one sorted shard at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.stats import CodeMoments, Reservoirs
+
+_SPLIT_COUNTS = ("subjects", "subjects_with_rows", "rows", "events", "numeric_events",
+                 "null_time", "null_value", "nonfinite_value")
+
+
+class SplitLookup:
+    """Vectorized {subject_id: split} of `meds.read_subject_splits`."""
+
+    def __init__(self, subject_splits: dict[int, str]):
+        self.ids = np.array(sorted(subject_splits), np.int64)
+        self.split = np.array([meds.SPLITS.index(subject_splits[i]) for i in self.ids.tolist()],
+                              np.int64)
+
+    def positions(self, subject_ids: np.ndarray) -> np.ndarray:
+        """Index into `ids` of each subject [n], -1 where the subject has no split."""
+        pos = np.minimum(np.searchsorted(self.ids, subject_ids), max(len(self.ids) - 1, 0))
+        found = self.ids[pos] == subject_ids if len(self.ids) else np.zeros(len(subject_ids), bool)
+        return np.where(found, pos, -1)
+
+    def splits_of(self, subject_ids: np.ndarray) -> np.ndarray:
+        """Split index (into meds.SPLITS) of each subject [n], -1 where it has none."""
+        pos = self.positions(subject_ids)
+        return np.where(pos >= 0, self.split[np.maximum(pos, 0)], -1)
+
+
+@dataclasses.dataclass
+class Scan:
+    """What one pass over every shard found (counts only, no subject ids).
+
+    splits: per split, the counts in _SPLIT_COUNTS. code_counts: per split, {code: timed finite
+    numeric rows}. moments: train moments of every numeric code. shards: per split, the shards
+    holding its subjects. rows_without_split: rows of subjects missing from the split list.
+    """
+    splits: dict[str, dict[str, int]]
+    code_counts: dict[str, dict[str, int]]
+    moments: CodeMoments
+    shards: dict[str, list[Path]]
+    rows_without_split: int
+    num_shards: int
+    seconds: float
+
+
+def _progress(log, stage: str, k: int, files: list[Path], rows: int, done_bytes: int,
+              total_bytes: int, start: float) -> None:
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    eta = elapsed * (total_bytes - done_bytes) / max(done_bytes, 1)
+    log(f"[prepare] {stage} shard {k + 1}/{len(files)}: {rows:,} rows so far, "
+        f"{rows / elapsed:,.0f} rows/s, ETA {eta:.0f}s")
+
+
+def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
+              log: Callable[[str], None] = print) -> Scan:
+    """Pass 1 over every row. Refuses (MEDSFormatError) a subject whose rows span two shards
+    and a dataset without rows."""
+    start = time.perf_counter()
+    files = meds.data_files(meds_dir)
+    sizes = np.cumsum([f.stat().st_size for f in files])
+    counts = {s: dict.fromkeys(_SPLIT_COUNTS, 0) for s in meds.SPLITS}
+    code_counts: dict[str, dict[str, int]] = {s: {} for s in meds.SPLITS[1:]}
+    moments, shards = CodeMoments(), {s: [] for s in meds.SPLITS}
+    seen = np.zeros(len(lookup.ids), bool)
+    rows_without_split = total = 0
+    for k, path in enumerate(files):
+        in_shard = np.zeros(len(lookup.ids), bool)
+        for batch in meds.shard_batches(path):
+            total += batch.num_rows
+            pos = lookup.positions(batch["subject_id"].to_numpy())
+            rows_without_split += int((pos < 0).sum())
+            in_shard[pos[pos >= 0]] = True
+            split_idx = np.where(pos >= 0, lookup.split[np.maximum(pos, 0)], -1)
+            for s, name in enumerate(meds.SPLITS):
+                mask = split_idx == s
+                if mask.any():
+                    _count_split(batch.filter(mask), name, counts[name], code_counts, moments)
+        if (in_shard & seen).any():
+            raise meds.MEDSFormatError(
+                f"{path}: column subject_id: {int((in_shard & seen).sum())} subjects also have "
+                "rows in an earlier shard; MEDS keeps each subject's rows in one shard")
+        seen |= in_shard
+        for s, name in enumerate(meds.SPLITS):
+            if (in_shard & (lookup.split == s)).any():
+                shards[name].append(path)
+        moments.end_shard()
+        _progress(log, "scan", k, files, total, sizes[k], sizes[-1], start)
+    if not total:
+        raise meds.MEDSFormatError(f"{Path(meds_dir) / 'data'}: the data files hold no rows")
+    for s, name in enumerate(meds.SPLITS):
+        counts[name]["subjects"] = int((lookup.split == s).sum())
+        counts[name]["subjects_with_rows"] = int((seen & (lookup.split == s)).sum())
+    return Scan(counts, code_counts, moments, shards, rows_without_split, len(files),
+                time.perf_counter() - start)
+
+
+def _count_split(t: pa.Table, split: str, counts: dict, code_counts: dict,
+                 moments: CodeMoments) -> None:
+    counts["rows"] += t.num_rows
+    counts["events"] += t.num_rows - t["time"].null_count
+    t, dropped = meds.numeric_rows(t)
+    for key, n in dropped.items():
+        counts[key] += n
+    counts["numeric_events"] += t.num_rows
+    if split == "train":
+        moments.add(t["code"], t["numeric_value"].to_numpy(), t["subject_id"].to_numpy())
+        return
+    vc = pc.value_counts(t["code"])
+    into = code_counts[split]
+    for code, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+        into[code] = into.get(code, 0) + n
+
+
+def sample_train_values(shards: list[Path], lookup: SplitLookup, codes, size: int,
+                        seed: int = 0, log: Callable[[str], None] = print) -> Reservoirs:
+    """Pass 2 over the train shards: a seeded reservoir sample of <= size values per code."""
+    start, total = time.perf_counter(), 0
+    sizes = np.cumsum([f.stat().st_size for f in shards] or [0])
+    value_set = pa.array(list(codes), pa.string())
+    reservoirs = Reservoirs(len(value_set), size, seed)
+    train = meds.SPLITS.index("train")
+    for k, path in enumerate(shards):
+        for batch in meds.shard_batches(path):
+            total += batch.num_rows
+            batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == train)
+            batch, _ = meds.numeric_rows(batch)
+            idx = pc.index_in(batch["code"], value_set=value_set)
+            keep = pc.is_valid(idx)
+            reservoirs.add(idx.filter(keep).to_numpy().astype(np.int64),
+                           batch["numeric_value"].filter(keep).to_numpy())
+        _progress(log, "sample", k, shards, total, sizes[k], sizes[-1], start)
+    return reservoirs
+
+
+def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, codes
+                        ) -> Iterator[tuple[pa.Table, dict[str, int]]]:
+    """Pass 3: per shard, the split's timed finite rows of `codes`, sorted stably by
+    (subject_id, time), with counts: lab_events, unsorted_subjects (rows out of time order in
+    the file, sorted here), duplicate_rows and after_death_rows (kept)."""
+    value_set = pa.array(list(codes), pa.string())
+    s = meds.SPLITS.index(split)
+    for path in shards:
+        parts, deaths = [], []
+        for batch in meds.shard_batches(path):
+            batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == s)
+            deaths.append(meds.death_times(batch))
+            batch, _ = meds.numeric_rows(batch)
+            parts.append(batch.filter(pc.is_in(batch["code"], value_set)))
+        table = pa.concat_tables(parts) if parts else meds.EVENT_SCHEMA.empty_table()
+        deaths = pa.concat_tables(deaths) if deaths else table.select(["subject_id", "time"])
+        subjects = table["subject_id"].to_numpy()
+        by_subject = np.argsort(subjects, kind="stable")
+        t_us = table["time"].cast(pa.int64()).to_numpy()[by_subject]
+        same = np.diff(subjects[by_subject]) == 0
+        unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
+        table = table.take(pc.sort_indices(
+            table, [("subject_id", "ascending"), ("time", "ascending")]))
+        yield table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
+                          duplicate_rows=meds.count_duplicates(table),
+                          after_death_rows=meds.count_after_death(table, deaths))

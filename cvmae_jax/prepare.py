@@ -1,0 +1,56 @@
+"""``python -m cvmae_jax.prepare --config=configs/meds.py --config.data.meds_dir=MEDS
+--config.data.data_dir=OUT``: prepare a MEDS root on the CPU, before (and apart from) training.
+
+Prints a summary and the path of the dataset that training reuses (same config, same data_dir).
+Bad input exits with status 1 and one line ``error: ...``; nothing is written then.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cvmae_jax.cli import _user_errors
+
+FLAGS = flags.FLAGS
+
+
+def _prepare(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cvmae_jax.data.prepare import prepare_dataset
+
+    logging.set_verbosity(logging.WARNING)
+    data = FLAGS.config.data
+    with _user_errors():
+        if not data.meds_dir:
+            raise ValueError("config.data.meds_dir is required (prepare never generates "
+                             "synthetic data): pass --config.data.meds_dir=/path/to/MEDS")
+        if not data.data_dir:
+            raise ValueError("config.data.data_dir is required: pass "
+                             "--config.data.data_dir=/path/to/prepared (the same as for training)")
+        prepared = prepare_dataset(data, None, data.data_dir)
+    report = prepared.report
+    print(f"\nPrepared dataset: {prepared.path}")
+    sel = {k: v for k, v in report["selection"].items() if not k.endswith("_codes")}
+    print(f"  codes: {prepared.stats.vocab_size} ({sel})")
+    for split in prepared.num_examples:
+        s = report["splits"][split]
+        print(f"  {split}: {s['subjects']:,} subjects, {s['events']:,} events, "
+              f"{s['lab']['lab_events']:,} lab events -> {prepared.num_examples[split]:,} "
+              f"windows, {prepared.num_tokens[split]:,} tokens")
+    for w in report.get("warnings", []):
+        print(f"  WARNING: {w}")
+    print(f"  report: {prepared.path}/prepare_report.md")
+
+
+def main() -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file in configs/ (fields can be overridden with "
+        "--config.<field>=<value>).", lock_config=True)
+    flags.mark_flags_as_required(["config"])
+    app.run(_prepare)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Label windows: only events at or before prediction_time; label file validation."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cvmae_jax.data import labels, meds
+from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.data.synthetic import generate_synthetic_meds
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labels") / "meds"
+    generate_synthetic_meds(root, num_subjects=60, seed=3)
+    train = meds.read_numeric_events(root, "train")
+    codes = meds.select_lab_codes(train, dict(min_code_count=5, top_k=20))
+    return root, compute_stats(train, codes)
+
+
+def test_windows_end_at_prediction_time(synthetic):
+    root, stats = synthetic
+    task = root / "labels/in_hospital_mortality_24h"
+    (path,) = [p for p in labels.label_files(task) if p.stem == "tuning"]
+    table = pq.read_table(path)
+    events = meds.read_numeric_events(root, "tuning", codes=stats.codes)
+    ev_subject = events["subject_id"].to_numpy()
+    ev_time = events["time"].cast(pa.int64()).to_numpy()
+    windows = list(labels.label_windows(root, path, stats, max_len=16))
+    assert sorted(int(w["example_id"]) for w in windows) == list(range(table.num_rows))
+    assert sum(len(w["codes"]) == 16 for w in windows) > 0
+    for w in windows:
+        mine = ev_subject == w["subject_id"]
+        eligible = np.sort(ev_time[mine & (ev_time <= w["prediction_time_us"])])
+        n = len(w["codes"])
+        assert n == min(16, len(eligible))
+        assert w["end_time_us"] <= w["prediction_time_us"]  # nothing after prediction_time
+        if n:
+            assert w["start_time_us"] == eligible[-n] and w["end_time_us"] == eligible[-1]
+            np.testing.assert_allclose(w["times"], (eligible[-n:] - eligible[-n]) / 3.6e9,
+                                       rtol=1e-6, atol=1e-6)
+        assert w["label"] == table["boolean_value"][int(w["example_id"])].as_py()
+        assert w["codes"].dtype == np.int32 and w["values"].dtype == np.float32
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda t: t.drop_columns(["boolean_value"]), "column 'boolean_value' is missing"),
+    (lambda t: t.append_column("extra", pa.array([1] * t.num_rows)), "unexpected columns"),
+    (lambda t: t.set_column(0, "subject_id", pc.add(t["subject_id"], 10**9)),
+     "rows refer to subjects missing from the subject splits"),
+])
+def test_bad_label_files(synthetic, tmp_path, change, problem):
+    root, stats = synthetic
+    path = tmp_path / "train.parquet"
+    pq.write_table(change(pq.read_table(root / "labels/in_hospital_mortality_24h/train.parquet")),
+                   path)
+    with pytest.raises(meds.MEDSFormatError, match=f"train.parquet: .*{problem}"):
+        next(labels.label_windows(root, path, stats, max_len=8))

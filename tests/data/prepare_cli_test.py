@@ -1,0 +1,38 @@
+"""`python -m cvmae_jax.prepare`: summary on success, one `error:` line and nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _prepare(*args):
+    return subprocess.run([sys.executable, "-m", "cvmae_jax.prepare",
+                           "--config=configs/meds.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_prepare_prints_summary_and_refuses_bad_input(tiny_meds, tmp_path):
+    out = tmp_path / "prepared"
+    flags = [f"--config.data.meds_dir={tiny_meds.root}", f"--config.data.data_dir={out}",
+             "--config.data.min_code_count=3", "--config.data.max_len=8"]
+    ok = _prepare(*flags)
+    assert ok.returncode == 0, ok.stderr
+    assert "train: 5 subjects" in ok.stdout and "prepare_report.md" in ok.stdout
+    shard = tiny_meds.root / "data/held_out/0.parquet"
+    pq.write_table(pq.read_table(shard).drop_columns(["time"]), shard)
+    bad = _prepare(*flags[:1], f"--config.data.data_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "0.parquet: column 'time' is missing" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_prepare_requires_meds_dir(tmp_path):
+    result = _prepare(f"--config.data.data_dir={tmp_path}")
+    assert result.returncode == 1
+    assert "error: config.data.meds_dir is required" in result.stderr
+    assert not os.listdir(tmp_path)

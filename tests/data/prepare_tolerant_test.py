@@ -1,0 +1,125 @@
+"""prepare_dataset on MEDS variants seen in the wild: same result, or a reported warning."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.prepare import prepare_dataset
+from cvmae_jax.data.stats import compute_stats
+
+FIELDS = ("count", "mean", "std", "cv", "clip_low", "clip_high", "norm_mean", "norm_std",
+          "num_subjects")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_meds_session, tmp_path_factory):
+    return prepare_dataset(tiny_meds_session.config(), None, tmp_path_factory.mktemp("ref"))
+
+
+def _same(prepared, reference):
+    assert prepared.stats.codes == reference.stats.codes
+    for f in FIELDS:
+        np.testing.assert_allclose(getattr(prepared.stats, f), getattr(reference.stats, f),
+                                   rtol=1e-12, atol=1e-12, err_msg=f)
+    assert prepared.num_examples == reference.num_examples
+    assert prepared.num_tokens == reference.num_tokens
+
+
+def _rewrite_shards(root, change):
+    for f in (root / "data").rglob("*.parquet"):
+        pq.write_table(change(pq.read_table(f)), f)
+
+
+def test_meds_03_patient_id(tiny_meds, tmp_path, reference):
+    _rewrite_shards(tiny_meds.root, lambda t: t.rename_columns(
+        ["patient_id" if c == "subject_id" else c for c in t.column_names]))
+    splits = tiny_meds.root / "metadata/subject_splits.parquet"
+    t = pq.read_table(splits)
+    pq.write_table(t.rename_columns(["patient_id", "split"]),
+                   tiny_meds.root / "metadata/patient_splits.parquet")
+    splits.unlink()
+    _same(prepare_dataset(tiny_meds.config(), None, tmp_path), reference)
+
+
+def test_dictionary_codes_float32_values_no_text_value(tiny_meds, tmp_path, reference):
+    _rewrite_shards(tiny_meds.root, lambda t: pa.table({
+        "subject_id": t["subject_id"], "time": t["time"],
+        "code": pc.dictionary_encode(t["code"].cast(pa.string())),
+        "numeric_value": t["numeric_value"].cast(pa.float32()), "extra": t["subject_id"]}))
+    _same(prepare_dataset(tiny_meds.config(), None, tmp_path), reference)
+
+
+def test_many_shards_in_nested_folders(tiny_meds, tmp_path, reference):
+    path = tiny_meds.root / "data/train/0.parquet"  # subjects 1 and 2 -> two deeper shards
+    t = pq.read_table(path)
+    path.unlink()
+    for i, s in enumerate((1, 2)):
+        out = tiny_meds.root / f"data/train/a/b{i}/part.parquet"
+        out.parent.mkdir(parents=True)
+        pq.write_table(t.filter(pc.equal(t["subject_id"], s)), out, row_group_size=7)
+    _same(prepare_dataset(tiny_meds.config(), None, tmp_path), reference)
+
+
+def test_splits_from_folder_names(tiny_meds, tmp_path):
+    (tiny_meds.root / "metadata/subject_splits.parquet").unlink()
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path)
+    assert prepared.report["splits"]["tuning"]["subjects"] == 3  # 5, 7 and 8 (data/tuning/)
+    assert prepared.report["rows_without_split"] == 0
+
+
+def test_one_pattern_takes_both_mimic_lab_code_forms():
+    counts = {"LAB//50983//mEq/L": 50, "LAB//RESULT//50912//mg/dL": 40,
+              "LAB//220045//bpm": 60, "LAB//RESULT//220045//bpm": 70, "MEDS_DEATH": 90}
+    config = dict(lab_code_pattern=r"^LAB//(RESULT//)?\d{5}//", min_code_count=1, top_k=0)
+    assert meds.select_lab_codes(counts, config) == ["LAB//50983//mEq/L",
+                                                    "LAB//RESULT//50912//mg/dL"]
+    assert meds.code_unit("LAB//RESULT//50912//mg/dL") == "mg/dL"
+
+
+def test_report_counts_and_markdown(reference):
+    report, path = reference.report, reference.path
+    train = report["splits"]["train"]
+    assert train["lab"]["unsorted_subjects"] == 2  # 1: reversed rows; 4: a duplicate appended
+    assert train["lab"]["after_death_rows"] >= 1 and train["nonfinite_value"] == 2
+    assert train["subjects"] == 5 and report["rows_without_split"] > 0
+    assert report["splits"]["tuning"]["out_of_vocab"]["unseen_in_train_codes"] == 1  # LAB//E
+    assert [r["unit"] for r in report["codes"]] == ["mg/dL", "mmol/L", ""]
+    assert report["warnings"] == []
+    text = open(f"{path}/prepare_report.md").read()
+    assert "| unsorted_subjects | 2 |" in text and "LAB//A//mg/dL | mg/dL" in text
+    assert "subject_id" not in text.replace("subjects", "")  # counts only
+
+
+def test_normalized_data_is_detected(tiny_meds, tmp_path, capsys):
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    codes = [tiny_meds.A, tiny_meds.B, tiny_meds.D]
+    stats = compute_stats(train, codes)
+
+    def zscore(t):
+        v = t["numeric_value"].cast(pa.float64()).to_numpy(zero_copy_only=False).copy()
+        c = np.array(t["code"].cast(pa.string()).to_pylist())
+        for i, code in enumerate(codes):
+            v[c == code] = (v[c == code] - stats.mean[i]) / max(stats.std[i], 1e-9)
+        return t.set_column(3, "numeric_value", pa.array(v, mask=np.isnan(v) & (
+            t["numeric_value"].is_null().to_numpy(zero_copy_only=False))))
+    _rewrite_shards(tiny_meds.root, zscore)
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path)
+    (warning,) = prepared.report["warnings"]
+    assert "already normalized" in warning and "meaningless" in warning
+    assert "WARNING" in capsys.readouterr().out
+
+
+def test_reservoir_quantiles_are_seeded_and_close():
+    rng = np.random.default_rng(1)
+    n = 50_000
+    events = pa.table({"subject_id": np.arange(n), "code": ["x"] * n,
+                       "numeric_value": rng.lognormal(0, 1, n)})
+    exact = compute_stats(events, ["x"], (0.01, 0.99))
+    a = compute_stats(events, ["x"], (0.01, 0.99), reservoir_size=5_000)
+    b = compute_stats(events, ["x"], (0.01, 0.99), reservoir_size=5_000)
+    assert a.clip_high[0] == b.clip_high[0] and a.mean[0] == exact.mean[0]
+    np.testing.assert_allclose([a.clip_low[0], a.clip_high[0]],
+                               [exact.clip_low[0], exact.clip_high[0]], rtol=0.15)
