@@ -1,0 +1,163 @@
+"""Shared by the benchmark scripts: configs, synthetic batches, timing, machine description.
+
+Nothing here imports torch, so the JAX-only scripts run without the ``[bench]`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+# The benchmark configs of issue 6 (the model fields match config.model).
+CONFIGS = {
+    "default": dict(d_model=128, heads=4, layers=2, seq=256, batch=32, vocab=100),
+    "large": dict(d_model=256, heads=8, layers=4, seq=256, batch=64, vocab=100),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Model shape, batch shape and how long to time."""
+
+    name: str = "default"
+    d_model: int = 128
+    heads: int = 4
+    layers: int = 2
+    seq: int = 256
+    batch: int = 32
+    vocab: int = 100
+    steps: int = 20
+    warmup: int = 3
+    mlp_ratio: int = 4
+    time_frequencies: int = 16
+    unmasked_weight: float = 0.1
+    seed: int = 0
+
+
+def add_config_args(parser: argparse.ArgumentParser, steps: int = 20, warmup: int = 3) -> None:
+    """--config NAME plus per-field overrides (--d_model --layers --heads --seq --batch ...)."""
+    parser.add_argument("--config", default="default", choices=sorted(CONFIGS))
+    for field in ("d_model", "layers", "heads", "seq", "batch", "vocab"):
+        parser.add_argument(f"--{field}", type=int, default=None, help="overrides --config")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps (>= 20)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    fields = dict(CONFIGS[args.config])
+    fields.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return BenchConfig(name=args.config, steps=args.steps, warmup=args.warmup, **fields)
+
+
+def cv_like_probs(vocab: int, seed: int = 0) -> np.ndarray:
+    """Per-code mask probabilities [V] from the project's two-tier CV rule on log-normal CVs
+    (p = 0.8 above the 75th CV percentile, else 0.2), as ``masking.strategy='cv'`` gives."""
+    from cvmae_jax.masking import two_tier_probs
+
+    cv = np.random.default_rng(seed).lognormal(np.log(0.3), 1.0, vocab)
+    return two_tier_probs(cv, 75.0, 0.8, 0.2).astype(np.float32)
+
+
+def synthetic_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` batches shaped like the training pipeline's: times/codes/values/valid [B, L],
+    example_id [B]. Lengths are long-tailed (log-normal, median 120 events, ~20% full windows, as
+    MIMIC lab windows cut at 256), codes Zipf-distributed, times hours with exponential gaps."""
+    rng = np.random.default_rng(seed)
+    b, length = cfg.batch, cfg.seq
+    code_p = 1.0 / np.arange(1, cfg.vocab + 1) ** 1.1
+    code_p /= code_p.sum()
+    batches = []
+    for i in range(count):
+        lengths = np.clip(rng.lognormal(np.log(120.0), 1.0, b).astype(int), 2, length)
+        valid = np.arange(length)[None, :] < lengths[:, None]
+        times = np.cumsum(rng.exponential(4.0, (b, length)), axis=1) - 4.0
+        times = np.maximum(times, 0.0)
+        batches.append(dict(
+            times=np.where(valid, times, 0.0).astype(np.float32),
+            codes=np.where(valid, rng.choice(cfg.vocab, (b, length), p=code_p), 0).astype(np.int32),
+            values=np.where(valid, rng.standard_normal((b, length)), 0.0).astype(np.float32),
+            valid=valid,
+            example_id=np.arange(i * b, (i + 1) * b, dtype=np.int32)))
+    return batches
+
+
+def real_tokens(batches: list[dict[str, np.ndarray]]) -> float:
+    """Mean number of non-pad tokens per batch."""
+    return float(np.mean([b["valid"].sum() for b in batches]))
+
+
+def time_calls(fn: Callable[[int], None], n: int, start: int = 0) -> list[float]:
+    """Seconds per call of ``fn(i)`` (which must block until its work is done)."""
+    times = []
+    for i in range(start, start + n):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                n=len(times))
+
+
+def matmul_ceiling_gflops(n: int = 2048, repeats: int = 20) -> float:
+    """GFLOP/s of a jitted f32 [n, n] @ [n, n] on the default JAX device: the best of
+    ``repeats`` (a ceiling; on a shared machine the median mostly measures the other load)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    times = time_calls(lambda _: dot(a, a).block_until_ready(), repeats)
+    return 2.0 * n**3 / min(times) / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU, cores, Python and library versions (torch only if already imported)."""
+    import jax
+
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(),
+                jax=jax.__version__, jax_backend=jax.default_backend(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    try:
+        info["load_avg_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_json(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        progress(f"wrote {path}")

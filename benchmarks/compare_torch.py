@@ -1,0 +1,80 @@
+"""JAX train step vs the PyTorch reference (eager and torch.compile), side by side.
+
+    python -m benchmarks.compare_torch --config=default [--rounds=5 --steps=5]
+
+Each runner is compiled and warmed up, then the runners alternate: in every round each one runs
+``--steps`` timed steps (A B C A B C ...), so load from other processes hits them alike. Medians
+are over all timed steps. The last line is ``ratio jax/torch_best = <x>`` (JAX median step time
+over the best torch median; < 1 means JAX is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+from benchmarks import common
+from benchmarks.step_bench import JaxStep, report
+from benchmarks.torch_reference import TorchStep, torch_matmul_gflops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_config_args(parser, steps=5, warmup=3)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    args = parser.parse_args()
+    cfg = common.config_from_args(args)
+
+    ceiling = common.matmul_ceiling_gflops()
+    torch_ceiling = torch_matmul_gflops()
+    runners = [JaxStep(cfg), TorchStep(cfg, compiled=False)]
+    if not args.no_compile:
+        runners.append(TorchStep(cfg, compiled=True))
+    compile_s, times, failed = {}, {}, {}
+    for runner in list(runners):
+        common.progress(f"{runner.name}: compiling / first step")
+        try:
+            compile_s[runner.name] = runner.compile()
+        except Exception:  # torch.compile needs a working C++ toolchain
+            failed[runner.name] = traceback.format_exc().strip().splitlines()[-1]
+            runners.remove(runner)
+            continue
+        common.time_calls(runner.step, cfg.warmup, start=1)
+        times[runner.name] = []
+    flops = runners[0].flops  # XLA's count for the same architecture, used for every runner
+    next_index = 1 + cfg.warmup
+    for r in range(args.rounds):
+        common.progress(f"round {r + 1}/{args.rounds}")
+        for runner in runners:
+            times[runner.name] += common.time_calls(runner.step, cfg.steps, start=next_index)
+        next_index += cfg.steps
+
+    results = [report(r.name, compile_s[r.name], times[r.name], r.tokens_per_batch, flops,
+                      ceiling) for r in runners]
+    machine = common.machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, "
+          f"torch {machine.get('torch')} ({machine.get('torch_threads')} threads), "
+          f"load avg {machine.get('load_avg_1min', float('nan')):.1f}")
+    print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
+          f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab}; {args.rounds} rounds x "
+          f"{cfg.steps} steps per runner; {flops / 1e9:.2f} GFLOP/step (XLA cost analysis)")
+    print(f"matmul ceiling: jax {ceiling:.1f} GFLOP/s, torch {torch_ceiling:.1f} GFLOP/s")
+    for name, error in failed.items():
+        print(f"{name} FAILED: {error}")
+    jax_median = results[0]["median_s"]
+    print(f"{'runner':14s} {'compile s':>9s} {'median ms':>9s} {'min ms':>7s} {'max ms':>7s} "
+          f"{'tokens/s':>9s} {'GFLOP/s':>7s} {'ceiling':>7s} {'vs jax':>6s}")
+    for res in results:
+        print(f"{res['name']:14s} {res['compile_s']:9.2f} {res['median_s'] * 1e3:9.1f} "
+              f"{res['min_s'] * 1e3:7.1f} {res['max_s'] * 1e3:7.1f} {res['tokens_per_s']:9,.0f} "
+              f"{res['achieved_gflops']:7.1f} {res['ceiling_fraction']:7.1%} "
+              f"{res['median_s'] / jax_median:6.2f}")
+    common.write_json(args.json, dict(machine=machine, config=vars(args), results=results,
+                                      times_s=times, failed=failed))
+    torch_best = min((r["median_s"] for r in results[1:]), default=float("nan"))
+    print(f"ratio jax/torch_best = {jax_median / torch_best:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Batches/s the input pipeline delivers vs the batches/s the train step consumes.
+
+    python -m benchmarks.pipeline_bench [--subjects=1000 --batches=200 --data_dir=DIR]
+
+Builds (or reuses, under --data_dir) the synthetic MEDS default prepared like ``train.py`` does,
+reads ``cvmae_jax.data.pipeline.train_dataset`` batches at the default batch size, then times the
+default-config step (``step_bench.JaxStep``) for comparison. The pipeline runs alone here; in
+training it shares the cores with the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from benchmarks import common
+from benchmarks.step_bench import JaxStep
+from cvmae_jax.config import default_config
+from cvmae_jax.data.pipeline import train_dataset
+from cvmae_jax.data.prepare import prepare_dataset
+from cvmae_jax.data.synthetic import generate_synthetic_meds
+
+
+def prepared(data_dir: str, subjects: int):
+    config = default_config()
+    meds_dir = os.path.join(data_dir, "synthetic_meds")
+    if not os.path.exists(meds_dir):
+        common.progress(f"generating {subjects} synthetic subjects")
+        generate_synthetic_meds(meds_dir, num_subjects=subjects)
+    common.progress("preparing (reused when present)")
+    return config, prepare_dataset(config.data, meds_dir, os.path.join(data_dir, "prepared"),
+                                   log=lambda m: None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subjects", type=int, default=1000)
+    parser.add_argument("--batches", type=int, default=200, help="timed batches")
+    parser.add_argument("--data_dir", default=None, help="keep the data here (default: temp)")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config, dataset = prepared(args.data_dir or tmp, args.subjects)
+        batch_size, max_len = config.train.batch_size, config.data.max_len
+        data = iter(train_dataset(dataset, "train", batch_size, max_len, seed=0))
+        next(data)  # start the reader threads
+        start = time.perf_counter()
+        tokens = sum(int(next(data)["valid"].sum()) for _ in range(args.batches))
+        pipeline_s = (time.perf_counter() - start) / args.batches
+    common.progress("timing the default step")
+    cfg = common.BenchConfig(batch=batch_size, seq=max_len)
+    runner = JaxStep(cfg)
+    runner.compile()
+    common.time_calls(runner.step, cfg.warmup)
+    step_s = common.summary(common.time_calls(runner.step, cfg.steps))["median_s"]
+    print(f"machine: {common.machine_info()}")
+    print(f"pipeline  {1 / pipeline_s:8.1f} batches/s  ({batch_size} x {max_len}; "
+          f"{tokens / args.batches:.0f} real tokens per batch)")
+    print(f"step      {1 / step_s:8.1f} batches/s  (default config, median of {cfg.steps})")
+    print(f"pipeline / step = {step_s / pipeline_s:.1f}x")
+    common.write_json(args.json, dict(pipeline_batches_per_s=1 / pipeline_s,
+                                      step_batches_per_s=1 / step_s, batch_size=batch_size))
+
+
+if __name__ == "__main__":
+    main()

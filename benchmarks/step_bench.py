@@ -1,0 +1,124 @@
+"""Time the project's compiled VO-MAE train step on synthetic batches.
+
+    python -m benchmarks.step_bench --config=default [--d_model=... --steps=30 --json=out.json]
+
+The step is built as ``cvmae_jax.train`` builds it (``steps.init_state``, ``make_train_step``,
+``JitLauncher.compile_train_step``; masks drawn in-step from cv-like per-code probabilities).
+Each timed step includes the host->device batch copy (``put_batch``) and waits for the new state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from cvmae_jax import parallel, steps
+from cvmae_jax.model import ModelConfig
+
+NUM_BATCHES = 8  # distinct batches, cycled
+
+
+def optimizer_config(cfg: common.BenchConfig):
+    """The train.* fields ``steps.make_optimizer`` reads (config.py defaults)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=100, num_steps=2000, weight_decay=0.01,
+        grad_clip_norm=1.0))
+
+
+def model_config(cfg: common.BenchConfig, dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(vocab_size=cfg.vocab, d_model=cfg.d_model, num_heads=cfg.heads,
+                       num_layers=cfg.layers, mlp_ratio=cfg.mlp_ratio,
+                       time_frequencies=cfg.time_frequencies, dtype=dtype)
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs per call from XLA's cost analysis (a dict, or a list of one dict on older jax)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+class JaxStep:
+    """The compiled train step with its state and batches; ``step(i)`` runs and waits."""
+
+    name = "jax jit"
+
+    def __init__(self, cfg: common.BenchConfig, dtype: str = "float32"):
+        self.cfg = cfg
+        self.launcher = parallel.JitLauncher(jax.devices())
+        optimizer = steps.make_optimizer(optimizer_config(cfg))
+        graphdef, state = steps.init_state(model_config(cfg, dtype), optimizer, cfg.seed)
+        self.state = self.launcher.put_state(state)
+        self.body = steps.make_train_step(
+            graphdef, optimizer, jnp.asarray(common.cv_like_probs(cfg.vocab, cfg.seed)),
+            jax.random.key(cfg.seed), cfg.unmasked_weight, self.launcher.axis_name)
+        self.batches = common.synthetic_batches(cfg, NUM_BATCHES, cfg.seed)
+        self.tokens_per_batch = common.real_tokens(self.batches)
+
+    def compile(self) -> float:
+        """Ahead-of-time compile; returns seconds."""
+        start = time.perf_counter()
+        batch = self.launcher.put_batch(self.batches[0])
+        self.compiled = self.launcher.compile_train_step(self.body, self.state, batch)
+        seconds = time.perf_counter() - start
+        self.flops = cost_flops(self.compiled)
+        return seconds
+
+    def step(self, i: int) -> None:
+        batch = self.launcher.put_batch(self.batches[i % NUM_BATCHES])
+        self.state, self.metrics = self.compiled(self.state, batch)
+        jax.block_until_ready((self.state, self.metrics))
+
+
+def report(name: str, compile_s: float, times: list[float], tokens: float, flops: float,
+           ceiling_gflops: float) -> dict:
+    """Result record of one timed runner (shared with compare_torch)."""
+    s = common.summary(times)
+    achieved = flops / s["median_s"]
+    return dict(name=name, compile_s=compile_s, **s, real_tokens_per_step=tokens,
+                tokens_per_s=tokens / s["median_s"], flops_per_step=flops,
+                achieved_gflops=achieved / 1e9,
+                ceiling_fraction=achieved / 1e9 / ceiling_gflops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_config_args(parser)
+    parser.add_argument("--dtype", default="float32", help="model compute dtype")
+    args = parser.parse_args()
+    cfg = common.config_from_args(args)
+    print(common.machine_info())
+    print(cfg)
+    common.progress("measuring the matmul ceiling")
+    ceiling = common.matmul_ceiling_gflops()
+    common.progress("building and compiling the step")
+    runner = JaxStep(cfg, args.dtype)
+    compile_s = runner.compile()
+    common.progress(f"compiled in {compile_s:.2f} s; {cfg.warmup} warm-up steps")
+    common.time_calls(runner.step, cfg.warmup)
+    common.progress(f"timing {cfg.steps} steps")
+    times = common.time_calls(runner.step, cfg.steps, start=cfg.warmup)
+    result = report(runner.name, compile_s, times, runner.tokens_per_batch, runner.flops, ceiling)
+    print(f"compile time          {compile_s:.2f} s")
+    print(f"step time             median {result['median_s'] * 1e3:.1f} ms  "
+          f"min {result['min_s'] * 1e3:.1f}  max {result['max_s'] * 1e3:.1f}  "
+          f"(n={result['n']})")
+    print(f"real tokens/s         {result['tokens_per_s']:,.0f}  "
+          f"({result['real_tokens_per_step']:.0f} of {cfg.batch * cfg.seq} tokens per step)")
+    print(f"XLA FLOPs/step        {runner.flops / 1e9:.2f} GFLOP")
+    print(f"achieved              {result['achieved_gflops']:.1f} GFLOP/s")
+    print(f"matmul ceiling        {ceiling:.1f} GFLOP/s (jit f32 2048x2048 dot, best of 20)")
+    print(f"fraction of ceiling   {result['ceiling_fraction']:.1%}")
+    common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
+                                      matmul_ceiling_gflops=ceiling, times_s=times, **result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The PyTorch reference in benchmarks/ computes what the Flax VO-MAE computes."""
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the benchmarks package
+
+from flax import nnx  # noqa: E402
+
+from benchmarks import common, step_bench, torch_reference  # noqa: E402
+from cvmae_jax.model import ValueOnlyMAE  # noqa: E402
+
+
+def test_torch_forward_matches_flax_with_copied_weights():
+    cfg = common.BenchConfig(d_model=32, heads=4, layers=2, seq=24, batch=4, vocab=11)
+    flax_model = ValueOnlyMAE(step_bench.model_config(cfg), rngs=nnx.Rngs(params=3))
+    torch_model = torch_reference.TorchVOMAE(cfg)
+    torch_reference.load_flax_params(torch_model, nnx.to_pure_dict(nnx.state(flax_model, nnx.Param)))
+
+    batch = common.synthetic_batches(cfg, 1, seed=1)[0]
+    batch["times"] *= 50.0  # reach the longer time periods too
+    batch["valid"] = np.arange(cfg.seq)[None] < np.array([[cfg.seq], [17], [5], [2]])
+    for name in ("times", "codes", "values"):
+        batch[name] = np.where(batch["valid"], batch[name], 0).astype(batch[name].dtype)
+    mask = torch_reference.host_mask(batch, np.full(cfg.vocab, 0.4, np.float32),
+                                     np.random.default_rng(0))
+    valid = batch["valid"]
+    assert 0 < valid.sum() < valid.size and 0 < mask.sum() < valid.sum()  # padding and masking
+
+    args = (batch["times"], batch["codes"], batch["values"], mask, valid)
+    expected = np.asarray(flax_model(*args))
+    with torch.no_grad():
+        got = torch_model(*[torch.from_numpy(a) for a in args]).numpy()
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=1e-4)
+    # Hidden values do not leak in either model.
+    hidden_changed = dict(zip(("times", "codes", "values"), args[:3]))
+    hidden_changed["values"] = np.where(mask, 99.0, batch["values"]).astype(np.float32)
+    with torch.no_grad():
+        changed = torch_model(*[torch.from_numpy(a) for a in
+                                (*hidden_changed.values(), mask, valid)]).numpy()
+    np.testing.assert_allclose(changed[valid], got[valid], atol=1e-6)
+
+
+def test_torch_loss_matches_flax_loss():
+    from cvmae_jax.model import reconstruction_loss
+
+    rng = np.random.default_rng(0)
+    predictions, values = rng.standard_normal((2, 3, 10)).astype(np.float32)
+    valid = np.arange(10)[None] < np.array([[10], [6], [2]])
+    mask = (rng.random((3, 10)) < 0.5) & valid
+    expected, _ = reconstruction_loss(predictions, values, mask, valid, 0.1)
+    got = torch_reference.reconstruction_loss(*[torch.from_numpy(a) for a in
+                                                (predictions, values, mask, valid)], 0.1)
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
