@@ -10,6 +10,7 @@ subprocess's peak RSS, which should stay flat as the data doubles (streaming pre
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ def run_one(events: int, work_dir: Path) -> dict:
         summary_path.write_text(json.dumps(summary))
     total = _events(json.loads(summary_path.read_text()))
     out = work_dir / f"prepared_{events}"
+    shutil.rmtree(out, ignore_errors=True)  # measure a full prepare, never a reuse
     cmd = [sys.executable, "-m", "cvmae_jax.prepare", "--config=configs/meds.py",
            f"--config.data.meds_dir={meds_dir}", f"--config.data.data_dir={out}"]
     start = time.perf_counter()
