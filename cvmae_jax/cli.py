@@ -28,7 +28,7 @@ def _train(argv) -> None:
     from cvmae_jax.train import train_and_evaluate
 
     logging.set_verbosity(logging.INFO)
-    with _user_errors():
+    with user_errors():
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -38,12 +38,12 @@ def _eval(argv) -> None:
     from cvmae_jax.evaluation.run_eval import evaluate_run
 
     logging.set_verbosity(logging.INFO)
-    with _user_errors():
+    with user_errors():
         evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
 
 
 @contextlib.contextmanager
-def _user_errors():
+def user_errors():
     """Bad settings or data end the program with one clear line and exit status 1."""
     try:
         yield

@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cvmae_jax.cli import _user_errors
+from cvmae_jax.cli import user_errors
 
 FLAGS = flags.FLAGS
 
@@ -22,7 +22,7 @@ def _prepare(argv) -> None:
 
     logging.set_verbosity(logging.WARNING)
     data = FLAGS.config.data
-    with _user_errors():
+    with user_errors():
         if not data.meds_dir:
             raise ValueError("config.data.meds_dir is required (prepare never generates "
                              "synthetic data): pass --config.data.meds_dir=/path/to/MEDS")
