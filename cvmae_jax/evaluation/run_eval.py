@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cvmae_jax import parallel  # noqa: E402
 from cvmae_jax.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from cvmae_jax.data.prepare import prepare_dataset  # noqa: E402
+from cvmae_jax.evaluation.downstream import downstream_metrics, report_lines  # noqa: E402
 from cvmae_jax.jsonio import write_json_atomic  # noqa: E402
 from cvmae_jax.model import ModelConfig  # noqa: E402
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer  # noqa: E402
@@ -37,8 +38,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     ``eval/report.md`` and ``eval/reconstruction_by_lab.png``. Returns the metrics."""
     config = ml_collections.ConfigDict(config or load_run_config(workdir))
     config.eval.split = split
-    dataset = prepare_dataset(config.data, resolve_meds_dir(config, workdir),
-                              data_dir(config, workdir))
+    meds_dir = resolve_meds_dir(config, workdir)
+    dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir))
     probs = mask_probabilities(config, dataset)
     launcher = parallel.JitLauncher(jax.devices())
     graphdef, state = init_state(ModelConfig.from_config(config.model, dataset.stats.vocab_size),
@@ -59,6 +60,9 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         row["cv"] = float(cv)
     result["by_cv_tier"] = _by_cv_tier(result["per_code"], dataset.stats.cv,
                                        config.masking.threshold_percentile)
+    result["downstream"] = downstream_metrics(
+        graphdef, state.params, meds_dir, dataset.stats, config.data.max_len,
+        config.eval.batch_size, labels_dir=config.eval.get("labels_dir"), seed=config.seed)
     if jax.process_index() == 0:
         out = os.path.join(workdir, "eval")
         write_json_atomic(os.path.join(out, "metrics.json"), result)
@@ -114,6 +118,8 @@ def _write_report(path: str, result: dict) -> None:
         lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
                      f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
                      f"{r['raw_rmse']:.4g} |")
+    if "downstream" in result:
+        lines += report_lines(result["downstream"])
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -1,0 +1,251 @@
+"""Downstream prediction: linear probes on frozen VO-MAE embeddings of MEDS label windows.
+
+For every task folder under the labels dir (`labels/<task>/*.parquet`), each label row's input
+window (the subject's last max_len lab events with time <= prediction_time) is encoded by the
+frozen model with no value hidden, mean-pooled over its valid tokens, and a standardized
+logistic regression is fit on train, its C chosen on tuning by AUROC, and reported on held_out
+with bootstrap 95% CIs. Logs hold counts and aggregates only, never subject ids.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.labels import label_files, label_windows
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+DEFAULT_C = 1.0
+NUM_BOOTSTRAP = 1000
+TRAIN, TUNING, TEST = meds.SPLITS  # train, tuning, held_out
+
+
+def make_embed_fn(graphdef: nnx.GraphDef):
+    """Jitted (params, padded batch) -> mean-pooled hidden states [B, D] with no value hidden.
+    `fn.traces` counts its traces (1 when every batch has the same shape)."""
+    traces = []
+
+    @jax.jit
+    def embed(params, batch):
+        traces.append(1)
+        model = nnx.merge(graphdef, params)
+        valid = batch["valid"]
+        hidden = model.encode(batch["times"], batch["codes"], batch["values"],
+                              jnp.zeros_like(valid), valid).astype(jnp.float32)
+        weight = valid.astype(jnp.float32)[..., None]
+        return (hidden * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
+
+    def fn(params, batch):
+        return embed(params, batch)
+
+    fn.traces = traces
+    return fn
+
+
+def embed_label_windows(graphdef: nnx.GraphDef, params, windows: list[dict], max_len: int,
+                        batch_size: int, embed_fn=None) -> np.ndarray:
+    """Mean-pooled frozen encoder states, float32 [N, D], of `label_windows` dicts.
+
+    Windows are padded to [batch_size, max_len] (the last batch padded with empty rows), so the
+    encoder compiles once (pass one `make_embed_fn(graphdef)` to share it across calls); no
+    value is hidden. An empty window gets a zero vector."""
+    embed = embed_fn or make_embed_fn(graphdef)
+    out = []
+    for lo in range(0, len(windows), batch_size):
+        chunk = windows[lo:lo + batch_size]
+        batch = dict(times=np.zeros((batch_size, max_len), np.float32),
+                     codes=np.zeros((batch_size, max_len), np.int32),
+                     values=np.zeros((batch_size, max_len), np.float32),
+                     valid=np.zeros((batch_size, max_len), bool))
+        for r, w in enumerate(chunk):
+            n = min(len(w["codes"]), max_len)
+            start = len(w["codes"]) - n  # keep the latest events
+            batch["times"][r, :n] = w["times"][start:]
+            batch["codes"][r, :n] = w["codes"][start:]
+            batch["values"][r, :n] = w["values"][start:]
+            batch["valid"][r, :n] = True
+        out.append(np.asarray(embed(params, batch))[:len(chunk)])
+    if not out:
+        return np.zeros((0, _width(params)), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def _width(params) -> int:
+    """d_model, read from the final LayerNorm scale if present (for an empty [0, D] result)."""
+    try:
+        return int(params["final_norm"]["scale"][...].shape[-1])
+    except (KeyError, TypeError, IndexError):
+        return 0
+
+
+def _bootstrap_ci(y: np.ndarray, score: np.ndarray, metric, seed: int,
+                  num: int = NUM_BOOTSTRAP) -> tuple[list[float] | None, int]:
+    """Percentile 95% CI over `num` seeded resamples; resamples with one class are skipped.
+    Returns (ci or None, number of resamples used)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() == y[idx].max():
+            continue
+        values.append(metric(y[idx], score[idx]))
+    if not values:
+        return None, 0
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)], len(values)
+
+
+def _one_class(y: np.ndarray) -> bool:
+    return len(y) == 0 or np.unique(y).size < 2
+
+
+def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int = 0) -> dict:
+    """Standardized logistic-regression probe: fit on train, C by tuning AUROC, report held_out.
+
+    Returns a dict with n / positives / prevalence per split, the chosen C (and why), and on
+    held_out: auroc, auprc and their bootstrap 95% CIs (`*_ci`, [lo, hi]), or None with
+    `reason` when the probe or the metric cannot be computed (never raises for one class)."""
+    train_y, tuning_y, test_y = (np.asarray(y).astype(int) for y in (train_y, tuning_y, test_y))
+    result = dict(seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP, c_grid=list(C_GRID),
+                  n=int(len(test_y)), n_train=int(len(train_y)), n_tuning=int(len(tuning_y)),
+                  positives=int(test_y.sum()),
+                  prevalence=float(test_y.mean()) if len(test_y) else None,
+                  train_prevalence=float(train_y.mean()) if len(train_y) else None,
+                  tuning_prevalence=float(tuning_y.mean()) if len(tuning_y) else None,
+                  C=None, c_selection=None, tuning_auroc=None,
+                  auroc=None, auroc_ci=None, auprc=None, auprc_ci=None,
+                  bootstrap_used=0, reason=None)
+    if _one_class(train_y):
+        result["reason"] = f"train split has {len(train_y)} rows with a single class"
+        return result
+    if len(test_y) == 0:
+        result["reason"] = f"{TEST} split has no label rows"
+        return result
+    scaler = StandardScaler().fit(train_X)
+    xs = [scaler.transform(x) if len(x) else x for x in (train_X, tuning_X, test_X)]
+
+    def fit(c):
+        return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(xs[0], train_y)
+
+    if _one_class(tuning_y):
+        best_c, result["c_selection"] = DEFAULT_C, "default (tuning split has one class)"
+    else:
+        scores = {c: roc_auc_score(tuning_y, fit(c).decision_function(xs[1])) for c in C_GRID}
+        best_c = max(C_GRID, key=lambda c: (scores[c], -abs(np.log10(c))))
+        result["c_selection"] = "tuning AUROC"
+        result["tuning_auroc"] = float(scores[best_c])
+    result["C"] = float(best_c)
+    score = fit(best_c).decision_function(xs[2])
+    if _one_class(test_y):
+        result["reason"] = (f"{TEST} split has a single class ({result['positives']} positives "
+                            f"of {len(test_y)}): AUROC/AUPRC undefined")
+        return result
+    result["auroc"] = float(roc_auc_score(test_y, score))
+    result["auprc"] = float(average_precision_score(test_y, score))
+    result["auroc_ci"], result["bootstrap_used"] = _bootstrap_ci(test_y, score, roc_auc_score,
+                                                                 seed)
+    result["auprc_ci"], _ = _bootstrap_ci(test_y, score, average_precision_score, seed)
+    return result
+
+
+def find_tasks(labels_dir: str | Path) -> dict[str, Path]:
+    """Task name -> folder: each subfolder of labels_dir holding *.parquet files."""
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        return {}
+    return {p.name: p for p in sorted(labels_dir.iterdir())
+            if p.is_dir() and any(p.rglob("*.parquet"))}
+
+
+def task_windows(meds_dir, task_dir, stats, max_len: int) -> dict[str, list[dict]]:
+    """Label windows of every file in task_dir, grouped by the subject's split."""
+    subject_splits = meds.read_subject_splits(meds_dir)
+    by_split = {s: [] for s in meds.SPLITS}
+    for path in label_files(task_dir):
+        for w in label_windows(meds_dir, path, stats, max_len):
+            by_split[subject_splits[int(w["subject_id"])]].append(w)
+    return by_split
+
+
+def downstream_metrics(graphdef, params, meds_dir: str, stats, max_len: int, batch_size: int,
+                       labels_dir: str | None = None, seed: int = 0) -> dict:
+    """Probe results per task under labels_dir (default `<meds_dir>/labels`).
+
+    Returns {"labels_dir", "seed", "split", "tasks": {task: probe_task dict + n per split}} or,
+    without label tasks, {"tasks": {}, "note": ...}."""
+    labels_dir = labels_dir or os.path.join(meds_dir, "labels")
+    out = dict(labels_dir=str(labels_dir), seed=int(seed), split=TEST,
+               probe="standardized logistic regression on mean-pooled encoder states",
+               tasks={})
+    tasks = find_tasks(labels_dir)
+    embed_fn = make_embed_fn(graphdef)
+    if not tasks:
+        out["note"] = f"no label tasks found under {labels_dir}; downstream prediction skipped"
+        logging.info("downstream: %s", out["note"])
+        return out
+    for task, task_dir in tasks.items():
+        try:
+            windows = task_windows(meds_dir, task_dir, stats, max_len)
+        except meds.MEDSFormatError as e:
+            out["tasks"][task] = dict(auroc=None, reason=f"unreadable labels: {e}", n=0,
+                                      split=TEST, seed=int(seed))
+            logging.warning("downstream %s: skipped (%s)", task, e)
+            continue
+        data = {}
+        for split, ws in windows.items():
+            x = embed_label_windows(graphdef, params, ws, max_len, batch_size, embed_fn)
+            y = np.array([bool(w["label"]) for w in ws], bool)
+            data[split] = (x, y)
+        result = probe_task(*data[TRAIN], *data[TUNING], *data[TEST], seed=seed)
+        result["empty_windows"] = {s: int(sum(len(w["codes"]) == 0 for w in ws))
+                                   for s, ws in windows.items()}
+        out["tasks"][task] = result
+        logging.info("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
+                     "C=%s (%s), AUROC %s, AUPRC %s%s", task, TEST, result["n_train"],
+                     result["n_tuning"], result["n"], TEST, _fmt(result["prevalence"]),
+                     result["C"], result["c_selection"], _fmt(result["auroc"]),
+                     _fmt(result["auprc"]),
+                     f" ({result['reason']})" if result["reason"] else "")
+    out["embed_traces"] = len(embed_fn.traces)
+    return out
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def report_lines(downstream: dict) -> list[str]:
+    """Markdown section for eval/report.md."""
+    lines = ["", f"## Downstream prediction on `{downstream.get('split', TEST)}`", ""]
+    if not downstream["tasks"]:
+        return lines + [downstream.get("note", "no label tasks"), ""]
+    lines += [f"Linear probe ({downstream['probe']}), C chosen on tuning by AUROC (C=1 when "
+              f"tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
+              f"held_out, seed {downstream['seed']}.", "",
+              "| task | n test | prevalence | AUROC [95% CI] | AUPRC [95% CI] |",
+              "|---|---:|---:|---|---|"]
+    notes = []
+
+    def cell(value, ci):
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    for task, r in downstream["tasks"].items():
+        prev = r.get("prevalence")
+        lines.append(f"| {task} | {r.get('n', 0)} | {_fmt(prev)} | "
+                     f"{cell(r.get('auroc'), r.get('auroc_ci'))} | "
+                     f"{cell(r.get('auprc'), r.get('auprc_ci'))} |")
+        if r.get("reason"):
+            notes.append(f"- {task}: {r['reason']}")
+    return lines + ([""] + notes if notes else []) + [""]
