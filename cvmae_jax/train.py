@@ -114,7 +114,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = Progress(config.train.num_steps, start_step)
     preemption = _Preemption(checkpointer)
     compiled, pending = None, None
-    window, window_tokens, window_start = [], 0, time.perf_counter()
+    window, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0
     last_train, last_eval, preempted = {}, {}, False
 
     def record(step_metrics):  # host copy of a finished step's metrics; stop if non-finite
@@ -130,7 +130,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         step = start_step
         for step in range(start_step + 1, config.train.num_steps + 1):
+            wait_start = time.perf_counter()
             local_batch = next(data)
+            data_wait += time.perf_counter() - wait_start  # host blocked on the input pipeline
             with jax.transfer_guard(config.train.transfer_guard):
                 batch = launcher.put_batch(local_batch)
                 if compiled is None:
@@ -152,10 +154,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     slots = len(window) * local_batch["valid"].size * jax.process_count()
                     last_train.update(step=step, tokens_per_sec=window_tokens / elapsed,
                                       steps_per_sec=len(window) / elapsed,
-                                      real_token_fraction=window_tokens / slots)
+                                      real_token_fraction=window_tokens / slots,
+                                      data_wait_fraction=data_wait / elapsed)
                     writer.write(last_train)
                     progress.log(step, last_train)
                     window, window_tokens, window_start = [], 0, time.perf_counter()
+                    data_wait = 0.0
             pause_start = time.perf_counter()
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 with jax.transfer_guard(config.train.transfer_guard):
