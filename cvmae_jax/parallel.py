@@ -120,6 +120,11 @@ class PmapLauncher:
         self.mesh = make_mesh(devices)
         self.stacked = batch_sharding(self.mesh)
         self.replicated = replicated_sharding(self.mesh)
+        n = self.num_devices
+        self._stack = jax.jit(lambda tree: jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree), out_shardings=self.stacked)
+        self._unstack = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
+                                out_shardings=self.replicated)
 
     @property
     def num_devices(self) -> int:
@@ -127,14 +132,10 @@ class PmapLauncher:
 
     def put_state(self, state):
         """Plain state -> one copy per device, stacked on a leading axis [n, ...]."""
-        n = self.num_devices
-        stack = jax.jit(lambda tree: jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree), out_shardings=self.stacked)
-        return stack(jax.device_put(state, self.replicated))
+        return self._stack(jax.device_put(state, self.replicated))
 
     def checkpoint_view(self, state):
-        return jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
-                       out_shardings=self.replicated)(state)
+        return self._unstack(state)
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
         """[b, ...] rows -> [n, b / n, ...] with block i on device i."""
