@@ -19,16 +19,18 @@ READ_THREADS = 8
 
 
 def pad_example(example: dict, max_len: int) -> dict:
-    """One stored example -> fixed-length arrays [max_len] plus a scalar example_id."""
+    """One stored example -> fixed-length arrays [max_len] plus a scalar example_id (-1 when the
+    example has none, e.g. a label window)."""
     n = len(example["codes"])
+    example_id = example.get("example_id", -1)
     if n > max_len:
-        raise ValueError(f'example {example["example_id"]} has {n} events > max_len={max_len}')
+        raise ValueError(f"example {example_id} has {n} events > max_len={max_len}")
     out = {}
     for key, dtype in (("times", np.float32), ("codes", np.int32), ("values", np.float32)):
         out[key] = np.zeros(max_len, dtype)
         out[key][:n] = example[key]
     out["valid"] = np.arange(max_len) < n
-    out["example_id"] = np.int32(example["example_id"])
+    out["example_id"] = np.int32(example_id)
     return out
 
 

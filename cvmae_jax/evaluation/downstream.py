@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
+from cvmae_jax.data.pipeline import pad_example
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 DEFAULT_C = 1.0
@@ -56,24 +57,19 @@ def embed_label_windows(graphdef: nnx.GraphDef, params, windows: list[dict], max
                         batch_size: int, embed_fn=None) -> np.ndarray:
     """Mean-pooled frozen encoder states, float32 [N, D], of `label_windows` dicts.
 
-    Windows are padded to [batch_size, max_len] (the last batch padded with empty rows), so the
-    encoder compiles once (pass one `make_embed_fn(graphdef)` to share it across calls); no
+    Windows (at most max_len events) are padded to [batch_size, max_len] (the last batch padded
+    with empty rows), so the encoder compiles once (pass one `make_embed_fn(graphdef)` to share it across calls); no
     value is hidden. An empty window gets a zero vector."""
     embed = embed_fn or make_embed_fn(graphdef)
+    empty = dict(times=np.zeros(0, np.float32), codes=np.zeros(0, np.int32),
+                 values=np.zeros(0, np.float32))
     out = []
     for lo in range(0, len(windows), batch_size):
         chunk = windows[lo:lo + batch_size]
-        batch = dict(times=np.zeros((batch_size, max_len), np.float32),
-                     codes=np.zeros((batch_size, max_len), np.int32),
-                     values=np.zeros((batch_size, max_len), np.float32),
-                     valid=np.zeros((batch_size, max_len), bool))
-        for r, w in enumerate(chunk):
-            n = min(len(w["codes"]), max_len)
-            start = len(w["codes"]) - n  # keep the latest events
-            batch["times"][r, :n] = w["times"][start:]
-            batch["codes"][r, :n] = w["codes"][start:]
-            batch["values"][r, :n] = w["values"][start:]
-            batch["valid"][r, :n] = True
+        rows = [pad_example(w, max_len) for w in chunk]
+        rows += [pad_example(empty, max_len)] * (batch_size - len(rows))
+        batch = {key: np.stack([r[key] for r in rows]) for key in ("times", "codes", "values",
+                                                                  "valid")}
         out.append(np.asarray(embed(params, batch))[:len(chunk)])
     if not out:
         return np.zeros((0, _width(params)), np.float32)
