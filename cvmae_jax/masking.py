@@ -15,13 +15,19 @@ import numpy as np
 STRATEGIES = ("random", "variance", "cv", "cv_rank")
 
 
+def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> float:
+    """The score percentile that splits codes into tiers; an infinite score (the CV of a
+    mean-0 code) counts as the largest finite one."""
+    score = np.asarray(score, dtype=np.float64)
+    score = np.where(np.isposinf(score), np.finfo(np.float64).max, score)
+    return float(np.percentile(score, threshold_percentile))
+
+
 def two_tier_probs(score: np.ndarray, threshold_percentile: float, p_high: float,
                    p_low: float) -> np.ndarray:
     """p_high for codes whose score is strictly above the percentile threshold, else p_low. [V]."""
-    score = np.asarray(score, dtype=np.float64)
-    score = np.where(np.isposinf(score), np.finfo(np.float64).max, score)  # CV of a mean-0 code
-    threshold = np.percentile(score, threshold_percentile)
-    return np.where(score > threshold, p_high, p_low)
+    above = np.asarray(score) > percentile_threshold(score, threshold_percentile)
+    return np.where(above, p_high, p_low)
 
 
 def expected_mask_rate(probs: np.ndarray, token_counts: np.ndarray) -> float:

@@ -13,7 +13,8 @@ from jax.experimental import multihost_utils
 from cvmae_jax import parallel
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import generate_synthetic_meds
-from cvmae_jax.masking import STRATEGIES, expected_mask_rate, strategy_probs
+from cvmae_jax.masking import (STRATEGIES, expected_mask_rate, percentile_threshold,
+                               strategy_probs)
 
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "parallel.", "train.log_every",
@@ -78,8 +79,8 @@ def stats_record(config, dataset: PreparedDataset, probs: np.ndarray) -> dict:
     """The content of ``data_stats.json``: per-code statistics with mask probabilities."""
     record = dataset.stats.to_dict(extra={"mask_prob": probs})
     record["masking"] = dict(config.masking.to_dict(),
-                             cv_threshold=float(np.percentile(
-                                 dataset.stats.cv, config.masking.threshold_percentile)),
+                             cv_threshold=percentile_threshold(
+                                 dataset.stats.cv, config.masking.threshold_percentile),
                              expected_mask_rate=expected_mask_rate(probs, dataset.stats.count))
     record["dataset"] = os.path.basename(os.path.dirname(dataset.path))  # settings hash
     return record

@@ -19,6 +19,7 @@ from cvmae_jax.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from cvmae_jax.data.prepare import prepare_dataset  # noqa: E402
 from cvmae_jax.evaluation.downstream import downstream_metrics, report_lines  # noqa: E402
 from cvmae_jax.jsonio import write_json_atomic  # noqa: E402
+from cvmae_jax.masking import percentile_threshold  # noqa: E402
 from cvmae_jax.model import ModelConfig  # noqa: E402
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer  # noqa: E402
 from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir  # noqa: E402
@@ -76,8 +77,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
 
 def _by_cv_tier(rows: list[dict], cv: np.ndarray, threshold_percentile: float) -> dict:
     """Pooled masked MSE of the codes above / at-or-below the train CV percentile."""
-    above = cv > np.percentile(np.where(np.isposinf(cv), np.finfo(float).max, cv),
-                               threshold_percentile)
+    above = cv > percentile_threshold(cv, threshold_percentile)
     tiers = {}
     for name, members in (("high_cv", above), ("low_cv", ~above)):
         chosen = [r for r, m in zip(rows, members) if m and r["num_masked"]]
