@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cvmae_jax.attention import check_attention, keep_mask, self_attention
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -29,6 +31,7 @@ class ModelConfig:
     time_frequencies: int = 16
     max_time_period_hours: float = 24.0 * 365.0
     dtype: str = "float32"
+    attention: str = "einsum"  # see cvmae_jax/attention.py
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
@@ -54,6 +57,7 @@ class EncoderBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         self.num_heads = cfg.num_heads
+        self.attention = cfg.attention
         self.attn_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
         self.qkv = nnx.Linear(d, 3 * d, dtype=dtype, rngs=rngs)
         self.attn_out = nnx.Linear(d, d, dtype=dtype, rngs=rngs)
@@ -61,14 +65,15 @@ class EncoderBlock(nnx.Module):
         self.mlp_in = nnx.Linear(d, cfg.mlp_ratio * d, dtype=dtype, rngs=rngs)
         self.mlp_out = nnx.Linear(cfg.mlp_ratio * d, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """x: [B, L, D]; attention_mask: bool [B, 1, L, L]. Returns [B, L, D]."""
+    def __call__(self, x: jax.Array, keep: jax.Array) -> jax.Array:
+        """x: [B, L, D]; keep: bool [B, 1, 1 or L, L] (see attention.keep_mask). Returns
+        [B, L, D]."""
         batch, length, d = x.shape
         head_dim = d // self.num_heads
         qkv = self.qkv(self.attn_norm(x)).reshape(batch, length, 3, self.num_heads, head_dim)
-        attended = jax.nn.dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=attention_mask)
-        x = x + self.attn_out(attended.reshape(batch, length, d))
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, H, L, Dh]
+        attended = self_attention(q, k, v, keep, self.attention)
+        x = x + self.attn_out(attended.transpose(0, 2, 1, 3).reshape(batch, length, d))
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
@@ -79,6 +84,7 @@ class ValueOnlyMAE(nnx.Module):
         if cfg.d_model % cfg.num_heads:
             raise ValueError(f"config.model.d_model={cfg.d_model} is not divisible by "
                              f"config.model.num_heads={cfg.num_heads}")
+        check_attention(cfg.attention)
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         self.cfg = cfg
         self.code_embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
@@ -103,11 +109,9 @@ class ValueOnlyMAE(nnx.Module):
         x = (self.code_embed(codes)
              + self.time_proj(time_features(times, cfg.time_frequencies, cfg.max_time_period_hours))
              + value_emb)
-        attention_mask = valid[:, None, :, None] & valid[:, None, None, :]
-        if segment_ids is not None:
-            attention_mask &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        keep = keep_mask(valid, segment_ids)
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = block(x, keep)
         return self.final_norm(x)
 
     def __call__(self, times, codes, values, value_mask, valid, segment_ids=None) -> jax.Array:

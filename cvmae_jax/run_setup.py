@@ -11,6 +11,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cvmae_jax import parallel
+from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 from cvmae_jax.masking import (STRATEGIES, expected_mask_rate, percentile_threshold,
@@ -19,7 +20,8 @@ from cvmae_jax.masking import (STRATEGIES, expected_mask_rate, percentile_thresh
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "parallel.", "train.log_every",
                      "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.transfer_guard", "train.allow_config_change", "eval.")
+                     "train.transfer_guard", "train.allow_config_change", "eval.",
+                     "model.attention")  # the same function computed another way
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -31,6 +33,7 @@ def validate_config(config, num_devices: int) -> None:
         raise ValueError("config.data.meds_dir is required with this config "
                          "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "
                          "the embedded synthetic data)")
+    check_attention(config.model.get("attention", "einsum"))
     parallel.check_batch_size(config.train.batch_size, num_devices, "config.train.batch_size")
     parallel.check_batch_size(config.eval.batch_size, num_devices, "config.eval.batch_size")
 

@@ -90,3 +90,41 @@ def test_packed_examples_do_not_see_each_other(model):
                            packed_valid, segments.astype(np.int32)))
     np.testing.assert_allclose(out[0, :n1], alone[1, :n1], atol=1e-5)
     np.testing.assert_allclose(out[0, n1:n1 + n2], alone[2, :n2], atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_implementations_agree_at_real_tokens(packed):
+    """The einsum attention and jax.nn.dot_product_attention give the same outputs and
+    gradients wherever a real token reads them (padded and packed rows)."""
+    import jax
+
+    times, codes, values, value_mask, valid = _inputs()
+    segment_ids = None
+    if packed:  # row 0 holds two examples of 9 and 7 tokens
+        segment_ids = np.where(valid, 1, 0).astype(np.int32)
+        segment_ids[0, 9:] = 2
+    weight = jnp.asarray(valid, jnp.float32)
+
+    def outputs_and_grads(attention):
+        m = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=2,
+                                     attention=attention), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(m)
+
+        def loss(p):
+            out = nnx.merge(graphdef, p)(times, codes, values, value_mask, valid, segment_ids)
+            return jnp.sum(jnp.square(out) * weight), out
+
+        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return np.asarray(out) * valid, grads
+
+    out_a, grads_a = outputs_and_grads("einsum")
+    out_b, grads_b = outputs_and_grads("dot_product_attention")
+    np.testing.assert_allclose(out_a, out_b, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="config.model.attention"):
+        ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, attention="flash"),
+                     rngs=nnx.Rngs(0))(*_inputs())
