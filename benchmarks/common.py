@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -16,6 +17,10 @@ import time
 from typing import Callable
 
 import numpy as np
+
+from cvmae_jax.host_memory import reuse_freed_memory
+
+HOST_MALLOC = "glibc defaults"  # what config_from_args set up
 
 # The benchmark configs of issue 6 (the model fields match config.model).
 CONFIGS = {
@@ -51,9 +56,17 @@ def add_config_args(parser: argparse.ArgumentParser, steps: int = 20, warmup: in
     parser.add_argument("--steps", type=int, default=steps, help="timed steps (>= 20)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="keep glibc malloc's defaults instead of reusing freed memory "
+                             "(cvmae_jax/host_memory.py; train.py reuses it)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The benchmark config; also sets up host memory as ``train.py`` does (unless
+    --system_malloc), before JAX or torch start their threads."""
+    global HOST_MALLOC
+    if not args.system_malloc and reuse_freed_memory():
+        HOST_MALLOC = "reuse freed memory (cvmae_jax.host_memory)"
     fields = dict(CONFIGS[args.config])
     fields.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     return BenchConfig(name=args.config, steps=args.steps, warmup=args.warmup, **fields)
@@ -89,6 +102,28 @@ def synthetic_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[
             valid=valid,
             example_id=np.arange(i * b, (i + 1) * b, dtype=np.int32)))
     return batches
+
+
+def packed_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` packed batches [B, L] (``cvmae_jax.data.packing``'s first-fit packer, with
+    per-token example_id, segment_ids and positions) of examples drawn as ``synthetic_batches``
+    draws its rows (the same long-tailed lengths, codes and values)."""
+    import grain
+
+    from cvmae_jax.data.packing import pack_examples
+
+    def examples():
+        for batch_index in itertools.count():
+            padded = synthetic_batches(cfg, 1, seed + batch_index)[0]
+            for i in range(cfg.batch):
+                n = int(padded["valid"][i].sum())
+                yield dict(times=padded["times"][i, :n], codes=padded["codes"][i, :n],
+                           values=padded["values"][i, :n],
+                           example_id=int(batch_index * cfg.batch + i))
+
+    stream = grain.MapDataset.source(list(itertools.islice(examples(), 4 * count * cfg.batch)))
+    packed = pack_examples(stream.to_iter_dataset(), cfg.batch, cfg.seq)
+    return list(itertools.islice(iter(packed), count))
 
 
 def real_tokens(batches: list[dict[str, np.ndarray]]) -> float:
@@ -141,7 +176,7 @@ def machine_info() -> dict:
 
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(),
                 jax=jax.__version__, jax_backend=jax.default_backend(),
-                xla_flags=os.environ.get("XLA_FLAGS", ""))
+                xla_flags=os.environ.get("XLA_FLAGS", ""), host_malloc=HOST_MALLOC)
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())

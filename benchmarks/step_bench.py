@@ -1,6 +1,7 @@
 """Time the project's compiled VO-MAE train step on synthetic batches.
 
     python -m benchmarks.step_bench --config=default [--d_model=... --steps=30 --json=out.json]
+    python -m benchmarks.step_bench --config=default --packing   # + packed batches, alternating
 
 The step is built as ``cvmae_jax.train`` builds it (``steps.init_state``, ``make_train_step``,
 ``JitLauncher.compile_train_step``; masks drawn in-step from cv-like per-code probabilities).
@@ -20,6 +21,7 @@ from cvmae_jax import parallel, steps
 from cvmae_jax.model import ModelConfig
 
 NUM_BATCHES = 8  # distinct batches, cycled
+ROUND_STEPS = 5  # steps per runner between switches when alternating
 
 
 def optimizer_config(cfg: common.BenchConfig):
@@ -50,7 +52,7 @@ class JaxStep:
 
     name = "jax jit"
 
-    def __init__(self, cfg: common.BenchConfig, dtype: str = "float32"):
+    def __init__(self, cfg: common.BenchConfig, dtype: str = "float32", packed: bool = False):
         self.cfg = cfg
         self.launcher = parallel.JitLauncher(jax.devices())
         optimizer = steps.make_optimizer(optimizer_config(cfg))
@@ -59,7 +61,10 @@ class JaxStep:
         self.body = steps.make_train_step(
             graphdef, optimizer, jnp.asarray(common.cv_like_probs(cfg.vocab, cfg.seed)),
             jax.random.key(cfg.seed), cfg.unmasked_weight, self.launcher.axis_name)
-        self.batches = common.synthetic_batches(cfg, NUM_BATCHES, cfg.seed)
+        make_batches = common.packed_batches if packed else common.synthetic_batches
+        self.batches = make_batches(cfg, NUM_BATCHES, cfg.seed)
+        if packed:
+            self.name = "jax jit packed"
         self.tokens_per_batch = common.real_tokens(self.batches)
 
     def compile(self) -> float:
@@ -92,21 +97,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_config_args(parser)
     parser.add_argument("--dtype", default="float32", help="model compute dtype")
+    parser.add_argument("--packing", action="store_true",
+                        help="also time packed batches of the same examples, alternating with "
+                             "the padded ones, and print the ratio of real tokens/s")
     args = parser.parse_args()
     cfg = common.config_from_args(args)
     print(common.machine_info())
     print(cfg)
     common.progress("measuring the matmul ceiling")
     ceiling = common.matmul_ceiling_gflops()
-    common.progress("building and compiling the step")
-    runner = JaxStep(cfg, args.dtype)
-    compile_s = runner.compile()
-    common.progress(f"compiled in {compile_s:.2f} s; {cfg.warmup} warm-up steps")
-    common.time_calls(runner.step, cfg.warmup)
-    common.progress(f"timing {cfg.steps} steps")
-    times = common.time_calls(runner.step, cfg.steps, start=cfg.warmup)
-    result = report(runner.name, compile_s, times, runner.tokens_per_batch, runner.flops, ceiling)
-    print(f"compile time          {compile_s:.2f} s")
+    runners = [JaxStep(cfg, args.dtype)] + ([JaxStep(cfg, args.dtype, packed=True)]
+                                            if args.packing else [])
+    compile_s, times = {}, {}
+    for runner in runners:
+        common.progress(f"{runner.name}: compiling, then {cfg.warmup} warm-up steps")
+        compile_s[runner.name] = runner.compile()
+        common.time_calls(runner.step, cfg.warmup)
+        times[runner.name] = []
+    rounds = max(1, cfg.steps // ROUND_STEPS) if len(runners) > 1 else 1
+    for r in range(rounds):  # alternate runners so both see the same machine load
+        common.progress(f"timing round {r + 1}/{rounds}")
+        for runner in runners:
+            times[runner.name] += common.time_calls(runner.step, cfg.steps // rounds,
+                                                    start=cfg.warmup + len(times[runner.name]))
+    results = [report(runner.name, compile_s[runner.name], times[runner.name],
+                      runner.tokens_per_batch, runner.flops, ceiling) for runner in runners]
+    for runner, result in zip(runners, results):
+        _print_result(runner, result, cfg, ceiling)
+    if args.packing:
+        print(f"packed/padded real tokens/s = "
+              f"{results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}")
+    common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
+                                      matmul_ceiling_gflops=ceiling, times_s=times,
+                                      results=results))
+
+
+def _print_result(runner: JaxStep, result: dict, cfg: common.BenchConfig,
+                  ceiling: float) -> None:
+    print(f"--- {runner.name}")
+    print(f"compile time          {result['compile_s']:.2f} s")
     print(f"step time             median {result['median_s'] * 1e3:.1f} ms  "
           f"min {result['min_s'] * 1e3:.1f}  max {result['max_s'] * 1e3:.1f}  "
           f"(n={result['n']})")
@@ -116,8 +145,6 @@ def main() -> None:
     print(f"achieved              {result['achieved_gflops']:.1f} GFLOP/s")
     print(f"matmul ceiling        {ceiling:.1f} GFLOP/s (jit f32 2048x2048 dot, best of 20)")
     print(f"fraction of ceiling   {result['ceiling_fraction']:.1%}")
-    common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
-                                      matmul_ceiling_gflops=ceiling, times_s=times, **result))
 
 
 if __name__ == "__main__":

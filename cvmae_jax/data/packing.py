@@ -19,6 +19,10 @@ from cvmae_jax.data.pipeline import READ_THREADS, shuffled_examples
 from cvmae_jax.data.prepare import PreparedDataset
 
 _TOKEN_FEATURES = ("times", "codes", "values", "example_id")
+# Open rows the packer fills at once, per row of a batch. More rows fit windows better: on the
+# benchmarks' long-tailed lengths with 32-row batches, 1 / 2 / 4 / 8 bins per row filled
+# 94.7% / 96.0% / 97.4% / 97.9% of the token slots.
+BINS_PER_ROW = 4
 
 
 def _token_features(example: dict) -> dict:
@@ -49,12 +53,21 @@ def packed_train_dataset(prepared: PreparedDataset, split: str, global_batch_siz
     batches do not depend on the number of processes. Checkpointable like ``train_dataset``.
     """
     examples = shuffled_examples(prepared, split, global_batch_size, max_len, seed,
-                                 shard_index, shard_count).map(_token_features)
+                                 shard_index, shard_count)
     examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                           prefetch_buffer_size=global_batch_size))
-    packed = FirstFitPackIterDataset(
-        examples, length_struct={name: max_len for name in _TOKEN_FEATURES},
-        num_packing_bins=global_batch_size, shuffle_bins=False)
     local = global_batch_size // shard_count
-    return packed.batch(global_batch_size, drop_remainder=True).map(
-        functools.partial(_local_rows, first_row=shard_index * local, num_rows=local))
+    return pack_examples(examples, global_batch_size, max_len, shard_index * local, local)
+
+
+def pack_examples(examples: grain.IterDataset, global_batch_size: int, max_len: int,
+                  first_row: int = 0, num_rows: int | None = None) -> grain.IterDataset:
+    """Packs a stream of examples (dicts with ``times``, ``codes``, ``values`` [n] and a scalar
+    ``example_id``) first-fit into batches of global_batch_size rows of max_len tokens, and
+    keeps rows [first_row, first_row + num_rows) of each (all by default)."""
+    packed = FirstFitPackIterDataset(
+        examples.map(_token_features),
+        length_struct={name: max_len for name in _TOKEN_FEATURES},
+        num_packing_bins=BINS_PER_ROW * global_batch_size, shuffle_bins=False)
+    return packed.batch(global_batch_size, drop_remainder=True).map(functools.partial(
+        _local_rows, first_row=first_row, num_rows=num_rows or global_batch_size))
