@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.mlp_ratio = 4
     config.model.time_frequencies = 16
     config.model.dtype = "float32"  # compute dtype; parameters stay float32
+    config.model.attention = "einsum"  # einsum | dot_product_attention (cuDNN on GPU)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.unmasked_weight = 0.1  # lambda in L = MSE_masked + lambda * MSE_unmasked
@@ -56,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.allow_config_change = False  # resume even if settings that matter changed
     config.train.transfer_guard = "allow"  # 'disallow': implicit host<->device copies fail
+    # Persistent XLA compilation cache shared by runs (None or "": off). Trusted input: keep it
+    # in a folder only you can write.
+    config.train.compilation_cache_dir = ml_collections.FieldReference(
+        "~/.cache/cvmae_jax/xla", field_type=str)
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "jit"  # jit (mesh, multi-host) | pmap (one process)
@@ -71,4 +76,6 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 64
     config.eval.mask_rate = 0.3  # uniform evaluation mask, identical for every strategy
     config.eval.mask_seed = 1234
+    config.eval.single_code = True  # eval.py: hide each code in turn (one pass per code)
+    config.eval.sample_seed = 0  # eval.py: k-shot label draws and perturbations (same per model)
     return config

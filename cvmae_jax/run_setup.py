@@ -19,6 +19,7 @@ from cvmae_jax.masking import (STRATEGIES, expected_mask_rate, percentile_thresh
 
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "parallel.", "train.log_every",
+                     "train.compilation_cache_dir",
                      "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.transfer_guard", "train.allow_config_change", "eval.",
                      "model.attention")  # the same function computed another way
@@ -36,6 +37,14 @@ def validate_config(config, num_devices: int) -> None:
     check_attention(config.model.get("attention", "einsum"))
     parallel.check_batch_size(config.train.batch_size, num_devices, "config.train.batch_size")
     parallel.check_batch_size(config.eval.batch_size, num_devices, "config.eval.batch_size")
+
+
+def enable_compilation_cache(cache_dir: str | None) -> None:
+    """Stores compiled steps (those taking >= 1 s to compile) under ``cache_dir`` and reuses
+    them on the next run or restart with the same program and devices. JAX reads the setting
+    at its first compile in a process; later calls with another folder keep the first one."""
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
 
 
 def data_dir(config, workdir: str) -> str:

@@ -85,23 +85,31 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
-                   mask_seed: int, axis_name: str | None = None) -> Callable:
-    """(params, batch) -> per-code sums [V] of the reconstruction under a fixed uniform mask.
+                   mask_seed: int, axis_name: str | None = None,
+                   mode: str = "uniform") -> Callable:
+    """Per-code sums [V] (count, sse, sae, baseline_sse) of the reconstruction of hidden values.
 
-    The evaluation mask depends only on (mask_seed, example_id, position): every model compared
-    on a split sees exactly the same hidden values.
+    ``mode='uniform'``: ``(params, batch)``, under a fixed uniform mask that depends only on
+    (mask_seed, example_id, position): every model compared on a split sees exactly the same
+    hidden values. ``mode='single_code'``: ``(params, batch, code)``, every value of lab code
+    ``code`` (an int32 scalar, traced: one compile serves every code; under pmap one per device)
+    is hidden and every other value is visible, whatever the model.
+
+    A batch may carry ``targets`` f32 [B, L]: the model then reads ``values`` (e.g. a corrupted
+    context) and the errors and the baseline are measured against ``targets`` (default: values).
     """
+    if mode not in ("uniform", "single_code"):
+        raise ValueError(f"eval step mode={mode!r}: expected 'uniform' or 'single_code'")
     root = jax.random.key(mask_seed)
     probs = jnp.full((vocab_size,), mask_rate, jnp.float32)
 
-    def eval_step(params: nnx.State, batch: dict) -> dict:
-        value_mask = sample_value_mask(root, 0, batch["example_id"], batch["codes"],
-                                       batch["valid"], probs)
+    def sums_under(params: nnx.State, batch: dict, value_mask: jax.Array) -> dict:
         model = nnx.merge(graphdef, params)
         predictions = model(batch["times"], batch["codes"], batch["values"], value_mask,
                             batch["valid"])
+        targets = batch.get("targets", batch["values"])
         hidden = (value_mask & batch["valid"]).astype(jnp.float32)
-        error = (predictions - batch["values"]) * hidden
+        error = (predictions - targets) * hidden
 
         def per_code(x):
             return jax.ops.segment_sum(x.reshape(-1), batch["codes"].reshape(-1),
@@ -109,7 +117,15 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
 
         sums = dict(count=per_code(hidden), sse=per_code(jnp.square(error)),
                     sae=per_code(jnp.abs(error)),
-                    baseline_sse=per_code(jnp.square(batch["values"]) * hidden))
+                    baseline_sse=per_code(jnp.square(targets) * hidden))
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
-    return eval_step
+    def eval_step(params: nnx.State, batch: dict) -> dict:
+        value_mask = sample_value_mask(root, 0, batch["example_id"], batch["codes"],
+                                       batch["valid"], probs)
+        return sums_under(params, batch, value_mask)
+
+    def single_code_step(params: nnx.State, batch: dict, code: jax.Array) -> dict:
+        return sums_under(params, batch, (batch["codes"] == code) & batch["valid"])
+
+    return eval_step if mode == "uniform" else single_code_step

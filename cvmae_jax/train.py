@@ -65,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train step was traced (1 when nothing recompiled) and whether the run was preempted.
     """
     parallel.initialize_distributed(config.parallel)
+    run_setup.enable_compilation_cache(config.train.get("compilation_cache_dir"))
     launcher = parallel.make_launcher(config.parallel)
     run_setup.validate_config(config, launcher.num_devices)
     os.makedirs(workdir, exist_ok=True)

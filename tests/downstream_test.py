@@ -1,9 +1,15 @@
-"""Downstream linear probes: probe metrics on constructed data and end to end on a tiny run.
-(That label windows never reach past their prediction time is tested in data/labels_test.py.)"""
+"""Downstream linear probes: probe metrics on constructed data and end to end on a tiny run,
+with eval.py's single-code, label-efficiency, perturbation and export outputs.
+(That label windows never reach past their prediction time is tested in data/labels_test.py,
+and at the embedding level in eval_exports_test.py.)"""
 
+import json
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.evaluation.downstream import embed_label_windows, probe_task
@@ -63,9 +69,14 @@ def tiny_run(tmp_path_factory):
     return workdir, config
 
 
-def test_eval_reports_downstream_probes(tiny_run):
+@pytest.fixture(scope="module")
+def evaluated(tiny_run):
     workdir, _ = tiny_run
-    result = evaluate_run(workdir, split="held_out")
+    return workdir, evaluate_run(workdir, split="held_out")
+
+
+def test_eval_reports_downstream_probes(evaluated):
+    workdir, result = evaluated
     tasks = result["downstream"]["tasks"]
     assert set(TASKS) <= set(tasks)
     for task in TASKS:
@@ -103,3 +114,94 @@ def test_empty_window_embeds_to_zeros_and_padding_does_not_matter():
     np.testing.assert_array_equal(x[0], 0.0)
     assert np.abs(x[1]).sum() > 0
     np.testing.assert_allclose(x[1], x[2], rtol=1e-5, atol=1e-6)  # batch position/pad free
+
+
+def test_eval_writes_single_code_label_efficiency_and_perturbation(evaluated):
+    workdir, result = evaluated
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        saved = json.load(f)
+    single = saved["single_code"]
+    rows = [r for r in single["per_code"] if r["num_masked"]]
+    assert len(single["per_code"]) == len(result["per_code"]) and rows
+    for r in rows:
+        assert {"code", "num_masked", "mse", "mae", "rmse", "baseline_mse", "raw_rmse",
+                "raw_mae", "cv"} <= set(r)
+    # Every real value of the split is hidden exactly once, more than under the 30% mask.
+    assert single["overall"]["num_masked"] == saved["perturbation"]["n"]
+    assert single["overall"]["num_masked"] > result["overall"]["num_masked"]
+    tiers = single["by_cv_tier"]
+    assert (tiers["high_cv"]["num_masked"] + tiers["low_cv"]["num_masked"]
+            == single["overall"]["num_masked"])
+    for task in TASKS:
+        r = saved["downstream"]["tasks"][task]
+        curve = r["label_efficiency"]
+        assert list(curve) == [str(k) for k in (16, 64, 256) if k < r["n_train"]] + ["all"]
+        assert curve["all"]["n_train"] == r["n_train"]
+        for k, e in curve.items():
+            assert e["split"] == "held_out" and e["n_test"] == r["n"]
+            if r["auroc"] is None:  # the tiny held_out split may have one class
+                assert e["auroc_mean"] is None and e["draws"] == 0 and e["reason"]
+                continue
+            assert e["draws"] == len(e["aurocs"]) == (1 if k == "all" else 5)
+            assert all(0.0 <= a <= 1.0 for a in e["aurocs"]) and e["auroc_std"] >= 0
+        if r["auroc"] is not None:
+            assert curve["all"]["auroc_mean"] == pytest.approx(r["auroc"])
+    p = saved["perturbation"]
+    assert p["split"] == "held_out" and p["seed"] == 0 and p["n"] > 0
+    for kind in ("shuffle_within_code", "code_mean"):
+        rec = p[kind]["reconstruction"]
+        assert rec["masked_mse_clean"] == pytest.approx(result["overall"]["masked_mse"])
+        assert rec["ratio"] == pytest.approx(rec["masked_mse_corrupted"] / rec["masked_mse_clean"])
+        assert rec["num_masked"] == result["overall"]["num_masked"]  # the same uniform mask
+        for task in TASKS:
+            d, r = p[kind]["downstream"][task], saved["downstream"]["tasks"][task]
+            assert d["n"] == r["n"] and d["mean_abs_prob_change"] > 0
+            if r["auroc"] is None:
+                assert d["auroc_clean"] is None and d["reason"]
+            else:
+                assert d["auroc_clean"] == pytest.approx(r["auroc"])
+                assert 0.0 <= d["auroc_corrupted"] <= 1.0
+    assert p["code_mean"]["reconstruction"]["masked_mse_corrupted"] != \
+        p["shuffle_within_code"]["reconstruction"]["masked_mse_corrupted"]
+    assert result["downstream"]["embed_traces"] == 1  # perturbed windows reuse the compile
+    with open(os.path.join(workdir, "eval", "report.md")) as f:
+        report = f.read()
+    for heading in ("## Single-code reconstruction on `held_out`", "## Label efficiency",
+                    "## Perturbation sensitivity", "## Exports"):
+        assert heading in report
+    assert os.path.getsize(os.path.join(workdir, "eval", "label_efficiency.png")) > 0
+
+
+def test_eval_exports_match_the_label_files(evaluated):
+    workdir, result = evaluated
+    with open(os.path.join(workdir, "config.json")) as f:
+        d_model = json.load(f)["model"]["d_model"]
+    labels = result["downstream"]["labels_dir"]
+    splits = ("train", "tuning", "held_out")
+    for task in TASKS:
+        files = {s: pq.read_table(os.path.join(labels, task, f"{s}.parquet")) for s in splits}
+        emb = pq.read_table(os.path.join(workdir, "eval", "embeddings", f"{task}.parquet"))
+        assert emb.schema.field("subject_id").type == pa.int64()
+        assert emb.schema.field("prediction_time").type == pa.timestamp("us")
+        assert emb.schema.field("split").type == pa.string()
+        assert emb.schema.field("embedding").type == pa.list_(pa.float32())
+        assert emb.num_rows == sum(t.num_rows for t in files.values())
+        assert emb["split"].to_pylist() == [s for s in splits for _ in range(files[s].num_rows)]
+        assert {len(e) for e in emb["embedding"].to_pylist()} == {d_model}
+        for s in splits:  # label-file order within each split
+            mine = emb.filter(pc.equal(emb["split"], s))
+            assert mine["subject_id"].equals(files[s]["subject_id"].cast(pa.int64()))
+            assert mine["prediction_time"].equals(files[s]["prediction_time"])
+        for s in ("tuning", "held_out"):
+            pred = pq.read_table(os.path.join(workdir, "eval", "predictions", task,
+                                              f"{s}.parquet"))
+            assert pred.num_rows == files[s].num_rows
+            assert pred.select(files[s].column_names).equals(files[s])  # label rows as read
+            prob = pred["predicted_boolean_probability"]
+            assert prob.type == pa.float64()
+            assert pred.schema.field("predicted_boolean_value").type == pa.bool_()
+            p = prob.to_numpy()
+            assert ((p >= 0) & (p <= 1)).all()
+            np.testing.assert_array_equal(pred["predicted_boolean_value"].to_numpy(
+                zero_copy_only=False), p >= 0.5)
+        assert result["exports"][task]["embeddings"] == emb.num_rows

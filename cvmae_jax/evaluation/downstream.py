@@ -5,10 +5,14 @@ window (the subject's last max_len lab events with time <= prediction_time) is e
 frozen model with no value hidden, mean-pooled over its valid tokens, and a standardized
 logistic regression is fit on train, its C chosen on tuning by AUROC, and reported on held_out
 with bootstrap 95% CIs. Logs hold counts and aggregates only, never subject ids.
+`probe_tasks` also returns each task's windows, embeddings and fitted `Probe` (`TaskData`), so
+eval.py's label-efficiency curves, predictions and perturbations reuse them instead of
+embedding or fitting again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -105,12 +109,49 @@ def _one_class(y: np.ndarray) -> bool:
     return len(y) == 0 or np.unique(y).size < 2
 
 
-def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int = 0) -> dict:
-    """Standardized logistic-regression probe: fit on train, C by tuning AUROC, report held_out.
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A fitted standardized logistic regression (StandardScaler fit on train, then the model)."""
 
-    Returns a dict with n / positives / prevalence per split, the chosen C (and why), and on
-    held_out: auroc, auprc and their bootstrap 95% CIs (`*_ci`, [lo, hi]), or None with
-    `reason` when the probe or the metric cannot be computed (never raises for one class)."""
+    scaler: StandardScaler
+    model: LogisticRegression
+    C: float
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        """Decision function [N] (monotone in the probability; used for AUROC/AUPRC)."""
+        return self.model.decision_function(self.scaler.transform(x)) if len(x) else np.zeros(0)
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        """P(label = True) [N], float64."""
+        if not len(x):
+            return np.zeros(0)
+        return self.model.predict_proba(self.scaler.transform(x))[:, 1].astype(np.float64)
+
+
+def fit_probe(train_x, train_y, c: float, seed: int = 0) -> Probe:
+    """StandardScaler + LogisticRegression(C=c) fit on (train_x, train_y); both classes needed."""
+    scaler = StandardScaler().fit(train_x)
+    model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    return Probe(scaler, model.fit(scaler.transform(train_x), np.asarray(train_y).astype(int)),
+                 float(c))
+
+
+def select_c(train_x, train_y, tuning_x, tuning_y, seed: int = 0) -> tuple[float, str,
+                                                                            float | None]:
+    """(C, how it was chosen, its tuning AUROC): the C_GRID value with the best tuning AUROC
+    (ties: closest to 1), or DEFAULT_C when tuning has a single class."""
+    if _one_class(tuning_y):
+        return DEFAULT_C, "default (tuning split has one class)", None
+    scores = {c: roc_auc_score(tuning_y, fit_probe(train_x, train_y, c, seed).decision(tuning_x))
+              for c in C_GRID}
+    best = max(C_GRID, key=lambda c: (scores[c], -abs(np.log10(c))))
+    return best, "tuning AUROC", float(scores[best])
+
+
+def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y,
+                   seed: int = 0) -> tuple[dict, Probe | None]:
+    """`probe_task`'s result and the fitted probe (None when train has a single class), so
+    predictions and perturbations reuse the probe instead of fitting it again."""
     train_y, tuning_y, test_y = (np.asarray(y).astype(int) for y in (train_y, tuning_y, test_y))
     result = dict(seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP, c_grid=list(C_GRID),
                   n=int(len(test_y)), n_train=int(len(train_y)), n_tuning=int(len(tuning_y)),
@@ -123,35 +164,34 @@ def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int =
                   bootstrap_used=0, reason=None)
     if _one_class(train_y):
         result["reason"] = f"train split has {len(train_y)} rows with a single class"
-        return result
+        return result, None
+    best_c, result["c_selection"], result["tuning_auroc"] = select_c(train_X, train_y, tuning_X,
+                                                                     tuning_y, seed)
+    result["C"] = float(best_c)
+    probe = fit_probe(train_X, train_y, best_c, seed)
     if len(test_y) == 0:
         result["reason"] = f"{TEST} split has no label rows"
-        return result
-    scaler = StandardScaler().fit(train_X)
-    xs = [scaler.transform(x) if len(x) else x for x in (train_X, tuning_X, test_X)]
-
-    def fit(c):
-        return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(xs[0], train_y)
-
-    if _one_class(tuning_y):
-        best_c, result["c_selection"] = DEFAULT_C, "default (tuning split has one class)"
-    else:
-        scores = {c: roc_auc_score(tuning_y, fit(c).decision_function(xs[1])) for c in C_GRID}
-        best_c = max(C_GRID, key=lambda c: (scores[c], -abs(np.log10(c))))
-        result["c_selection"] = "tuning AUROC"
-        result["tuning_auroc"] = float(scores[best_c])
-    result["C"] = float(best_c)
-    score = fit(best_c).decision_function(xs[2])
+        return result, probe
     if _one_class(test_y):
         result["reason"] = (f"{TEST} split has a single class ({result['positives']} positives "
                             f"of {len(test_y)}): AUROC/AUPRC undefined")
-        return result
+        return result, probe
+    score = probe.decision(test_X)
     result["auroc"] = float(roc_auc_score(test_y, score))
     result["auprc"] = float(average_precision_score(test_y, score))
     result["auroc_ci"], result["bootstrap_used"] = _bootstrap_ci(test_y, score, roc_auc_score,
                                                                  seed)
     result["auprc_ci"], _ = _bootstrap_ci(test_y, score, average_precision_score, seed)
-    return result
+    return result, probe
+
+
+def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int = 0) -> dict:
+    """Standardized logistic-regression probe: fit on train, C by tuning AUROC, report held_out.
+
+    Returns a dict with n / positives / prevalence per split, the chosen C (and why), and on
+    held_out: auroc, auprc and their bootstrap 95% CIs (`*_ci`, [lo, hi]), or None with
+    `reason` when the probe or the metric cannot be computed (never raises for one class)."""
+    return fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed)[0]
 
 
 def find_tasks(labels_dir: str | Path) -> dict[str, Path]:
@@ -164,31 +204,48 @@ def find_tasks(labels_dir: str | Path) -> dict[str, Path]:
 
 
 def task_windows(meds_dir, task_dir, stats, max_len: int) -> dict[str, list[dict]]:
-    """Label windows of every file in task_dir, grouped by the subject's split."""
+    """Label windows of every file in task_dir, grouped by the subject's split, each split in
+    label-file order (files sorted by path, then row order); each window's `label_file` is the
+    index of its file in `label_files(task_dir)` and its `example_id` the row in that file."""
     subject_splits = meds.read_subject_splits(meds_dir)
     by_split = {s: [] for s in meds.SPLITS}
-    for path in label_files(task_dir):
+    for f, path in enumerate(label_files(task_dir)):
         for w in label_windows(meds_dir, path, stats, max_len):
+            w["label_file"] = np.int64(f)
             by_split[subject_splits[int(w["subject_id"])]].append(w)
+    for ws in by_split.values():
+        ws.sort(key=lambda w: (int(w["label_file"]), int(w["example_id"])))
     return by_split
 
 
-def downstream_metrics(graphdef, params, meds_dir: str, stats, max_len: int, batch_size: int,
-                       labels_dir: str | None = None, seed: int = 0) -> dict:
-    """Probe results per task under labels_dir (default `<meds_dir>/labels`).
+@dataclasses.dataclass
+class TaskData:
+    """One task's label windows, frozen embeddings X [N, D] and labels y [N] per split (in
+    label-file order) and its probe fit on train (None when it cannot be fit)."""
 
-    Returns {"labels_dir", "seed", "split", "tasks": {task: probe_task dict + n per split}} or,
-    without label tasks, {"tasks": {}, "note": ...}."""
+    task_dir: Path
+    windows: dict[str, list[dict]]
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    probe: Probe | None
+
+
+def probe_tasks(graphdef, params, meds_dir: str, stats, max_len: int, batch_size: int,
+                labels_dir: str | None = None, seed: int = 0,
+                embed_fn=None) -> tuple[dict, dict[str, TaskData]]:
+    """`downstream_metrics`' dict and, per readable task, its TaskData (for label efficiency,
+    exports and perturbations, which reuse the embeddings and the probe)."""
     labels_dir = labels_dir or os.path.join(meds_dir, "labels")
     out = dict(labels_dir=str(labels_dir), seed=int(seed), split=TEST,
                probe="standardized logistic regression on mean-pooled encoder states",
                tasks={})
+    data: dict[str, TaskData] = {}
     tasks = find_tasks(labels_dir)
-    embed_fn = make_embed_fn(graphdef)
+    embed_fn = embed_fn or make_embed_fn(graphdef)
     if not tasks:
         out["note"] = f"no label tasks found under {labels_dir}; downstream prediction skipped"
         logging.info("downstream: %s", out["note"])
-        return out
+        return out, data
     for task, task_dir in tasks.items():
         try:
             windows = task_windows(meds_dir, task_dir, stats, max_len)
@@ -197,15 +254,16 @@ def downstream_metrics(graphdef, params, meds_dir: str, stats, max_len: int, bat
                                       split=TEST, seed=int(seed))
             logging.warning("downstream %s: skipped (%s)", task, e)
             continue
-        data = {}
-        for split, ws in windows.items():
-            x = embed_label_windows(graphdef, params, ws, max_len, batch_size, embed_fn)
-            y = np.array([bool(w["label"]) for w in ws], bool)
-            data[split] = (x, y)
-        result = probe_task(*data[TRAIN], *data[TUNING], *data[TEST], seed=seed)
+        x = {split: embed_label_windows(graphdef, params, ws, max_len, batch_size, embed_fn)
+             for split, ws in windows.items()}
+        y = {split: np.array([bool(w["label"]) for w in ws], bool)
+             for split, ws in windows.items()}
+        result, probe = fit_task_probe(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST],
+                                       seed=seed)
         result["empty_windows"] = {s: int(sum(len(w["codes"]) == 0 for w in ws))
                                    for s, ws in windows.items()}
         out["tasks"][task] = result
+        data[task] = TaskData(task_dir, windows, x, y, probe)
         logging.info("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
                      "C=%s (%s), AUROC %s, AUPRC %s%s", task, TEST, result["n_train"],
                      result["n_tuning"], result["n"], TEST, _fmt(result["prevalence"]),
@@ -213,7 +271,17 @@ def downstream_metrics(graphdef, params, meds_dir: str, stats, max_len: int, bat
                      _fmt(result["auprc"]),
                      f" ({result['reason']})" if result["reason"] else "")
     out["embed_traces"] = len(embed_fn.traces)
-    return out
+    return out, data
+
+
+def downstream_metrics(graphdef, params, meds_dir: str, stats, max_len: int, batch_size: int,
+                       labels_dir: str | None = None, seed: int = 0) -> dict:
+    """Probe results per task under labels_dir (default `<meds_dir>/labels`).
+
+    Returns {"labels_dir", "seed", "split", "tasks": {task: probe_task dict + n per split}} or,
+    without label tasks, {"tasks": {}, "note": ...}."""
+    return probe_tasks(graphdef, params, meds_dir, stats, max_len, batch_size, labels_dir,
+                       seed)[0]
 
 
 def _fmt(x) -> str:

@@ -1,4 +1,5 @@
-"""Reconstruction error per lab code under the fixed evaluation mask."""
+"""Reconstruction error per lab code: under the fixed evaluation mask, or one code hidden at a
+time (single-code mode)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,27 @@ def accumulate_sums(eval_step: Callable, params, batches: Iterable[dict],
     if not totals:
         raise ValueError("evaluation split has no examples")
     return totals
+
+
+def single_code_sums(eval_step: Callable, params, batches: Iterable[dict], num_codes: int,
+                     to_device: Callable[[dict], dict],
+                     fetch: Callable = jax.device_get) -> dict[str, np.ndarray]:
+    """Per-code sums with one code hidden at a time (``make_eval_step(mode='single_code')``).
+
+    Each batch is placed once and run with code = 0..num_codes-1; a pass hiding code c only
+    adds to entry c, so summing every (batch, code) output gives each code's sums. The code
+    goes in as an int32 array, so the step compiles once for all codes.
+    """
+    codes = [np.int32(c) for c in range(num_codes)]
+
+    def calls():
+        for batch in batches:
+            placed = to_device(batch)
+            for code in codes:
+                yield placed, code
+
+    return accumulate_sums(lambda p, call: eval_step(p, *call), params, calls(), lambda x: x,
+                           fetch)
 
 
 def _add(totals: dict, outputs: dict) -> None:

@@ -1,4 +1,9 @@
-"""``eval.py``: per-lab reconstruction of a pretrained run, written to ``RUN/eval/``."""
+"""``eval.py``: evaluation of a pretrained run, written to ``RUN/eval/``.
+
+Reconstruction under the fixed uniform mask (overall, by CV tier, per lab) and, optionally, with
+one code hidden at a time; downstream probes on the MEDS label tasks with label-efficiency
+curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,27 @@ import json
 import os
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from cvmae_jax import parallel  # noqa: E402
-from cvmae_jax.checkpoint import Checkpointer, abstract_like  # noqa: E402
-from cvmae_jax.data.prepare import prepare_dataset  # noqa: E402
-from cvmae_jax.evaluation.downstream import downstream_metrics, report_lines  # noqa: E402
-from cvmae_jax.jsonio import write_json_atomic  # noqa: E402
-from cvmae_jax.masking import percentile_threshold  # noqa: E402
-from cvmae_jax.model import ModelConfig  # noqa: E402
-from cvmae_jax.steps import init_state, make_eval_step, make_optimizer  # noqa: E402
-from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir  # noqa: E402
-from cvmae_jax.train import evaluate  # noqa: E402
+from cvmae_jax import parallel
+from cvmae_jax.checkpoint import Checkpointer, abstract_like
+from cvmae_jax.config import default_config
+from cvmae_jax.data.pipeline import eval_batches
+from cvmae_jax.data.prepare import prepare_dataset
+from cvmae_jax.evaluation import perturbation, report
+from cvmae_jax.evaluation.downstream import TEST, TRAIN, make_embed_fn, probe_tasks
+from cvmae_jax.evaluation.exports import write_task_exports
+from cvmae_jax.evaluation.label_efficiency import label_efficiency
+from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
+from cvmae_jax.evaluation.reconstruction import single_code_sums, summarize
+from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.masking import percentile_threshold
+from cvmae_jax.model import ModelConfig
+from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir
+from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
+from cvmae_jax.train import evaluate
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -34,9 +42,15 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def eval_option(config, name: str):
+    """``config.eval.<name>``, or its default for a run whose config.json predates the field."""
+    return config.eval.get(name, default_config().eval[name])
+
+
 def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
-    """Restores the newest checkpoint of ``workdir`` and writes ``eval/metrics.json``,
-    ``eval/report.md`` and ``eval/reconstruction_by_lab.png``. Returns the metrics."""
+    """Restores the newest checkpoint of ``workdir`` and writes under ``eval/``: metrics.json,
+    report.md, reconstruction_by_lab.png, label_efficiency.png, embeddings/<task>.parquet and
+    predictions/<task>/{tuning,held_out}.parquet. Returns the metrics."""
     config = ml_collections.ConfigDict(config or load_run_config(workdir))
     config.eval.split = split
     meds_dir = resolve_meds_dir(config, workdir)
@@ -52,27 +66,80 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint to evaluate")
     state = checkpointer.restore(step, abstract_like(state))
     checkpointer.close()
-    eval_step = launcher.eval_step(make_eval_step(graphdef, dataset.stats.vocab_size,
+    params, stats = state.params, dataset.stats
+    eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
-    result = evaluate(eval_step, state.params, dataset, config, launcher, probs)
+    result = evaluate(eval_step, params, dataset, config, launcher, probs)
     result.update(step=step, split=split, strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
-    for row, cv in zip(result["per_code"], dataset.stats.cv):
-        row["cv"] = float(cv)
-    result["by_cv_tier"] = _by_cv_tier(result["per_code"], dataset.stats.cv,
-                                       config.masking.threshold_percentile)
-    result["downstream"] = downstream_metrics(
-        graphdef, state.params, meds_dir, dataset.stats, config.data.max_len,
-        config.eval.batch_size, labels_dir=config.eval.get("labels_dir"), seed=config.seed)
+    _add_cv(result, stats.cv, config.masking.threshold_percentile)
+    batches = list(eval_batches(dataset, split, config.eval.batch_size, config.data.max_len,
+                                shard_index=jax.process_index(),
+                                shard_count=jax.process_count()))
+    if eval_option(config, "single_code"):
+        result["single_code"] = _single_code(graphdef, params, batches, stats, probs, config,
+                                             launcher)
+    embed_fn = make_embed_fn(graphdef)
+    result["downstream"], tasks = probe_tasks(
+        graphdef, params, meds_dir, stats, config.data.max_len, config.eval.batch_size,
+        labels_dir=config.eval.get("labels_dir"), seed=config.seed, embed_fn=embed_fn)
+    sample_seed = eval_option(config, "sample_seed")
+    result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
+    for task, data in tasks.items():
+        probe = result["downstream"]["tasks"][task]
+        probe["label_efficiency"] = label_efficiency(
+            data.x[TRAIN], data.y[TRAIN], data.x[TEST], data.y[TEST], data.probe, sample_seed,
+            probe["auroc"])
+    result["perturbation"] = perturbation.perturbation_metrics(
+        perturbation.KINDS, sample_seed, split, sum(int(b["valid"].sum()) for b in batches),
+        lambda kind: perturbation.reconstruction_sensitivity(
+            eval_step, params, batches, kind, sample_seed, result["overall"]["masked_mse"],
+            launcher.put_batch, launcher.fetch),
+        lambda task, kind: perturbation.downstream_sensitivity(
+            graphdef, params, tasks[task], kind, sample_seed, config.data.max_len,
+            config.eval.batch_size, embed_fn),
+        tasks)
+    result["downstream"]["embed_traces"] = len(embed_fn.traces)
     if jax.process_index() == 0:
         out = os.path.join(workdir, "eval")
+        result["exports"] = {task: write_task_exports(out, task, data)
+                             for task, data in tasks.items()}
+        for task, written in result["exports"].items():
+            logging.info("eval %s: embeddings of %d label rows, predictions %s", task,
+                         written["embeddings"], written["predictions"])
         write_json_atomic(os.path.join(out, "metrics.json"), result)
-        _write_report(os.path.join(out, "report.md"), result)
-        _plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
+        report.write_report(os.path.join(out, "report.md"), result)
+        report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
+        report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"),
+                                     result["downstream"])
         logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split, step,
                      result["overall"]["masked_mse"], result["overall"]["baseline_masked_mse"],
                      out)
     return result
+
+
+def _single_code(graphdef, params, batches: list[dict], stats, probs, config,
+                 launcher) -> dict:
+    """Reconstruction with each code hidden in turn: summarize()'s format plus by_cv_tier."""
+    step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size, config.eval.mask_rate,
+                                             config.eval.mask_seed, mode="single_code"))
+    sums = single_code_sums(step, params, batches, stats.vocab_size, launcher.put_batch,
+                            launcher.fetch)
+    result = dict(summarize(sums, stats.codes, stats.norm_std, probs), split=config.eval.split,
+                  mask="every value of one code hidden, all others visible")
+    _add_cv(result, stats.cv, config.masking.threshold_percentile)
+    overall = result["overall"]
+    logging.info("eval %s single-code: %d hidden values, masked_mse %.4f vs baseline %.4f",
+                 config.eval.split, overall["num_masked"], overall["masked_mse"],
+                 overall["baseline_masked_mse"])
+    return result
+
+
+def _add_cv(result: dict, cv: np.ndarray, threshold_percentile: float) -> None:
+    """Each per-code row's train CV, and the by-CV-tier summary."""
+    for row, value in zip(result["per_code"], cv):
+        row["cv"] = float(value)
+    result["by_cv_tier"] = _by_cv_tier(result["per_code"], cv, threshold_percentile)
 
 
 def _by_cv_tier(rows: list[dict], cv: np.ndarray, threshold_percentile: float) -> dict:
@@ -88,54 +155,3 @@ def _by_cv_tier(rows: list[dict], cv: np.ndarray, threshold_percentile: float) -
                            baseline_masked_mse=baseline,
                            mse_vs_baseline=mse / baseline if baseline else float("nan"))
     return tiers
-
-
-def _evaluated_rows(result: dict) -> list[dict]:
-    """Per-code rows with at least one masked value, sorted by train CV."""
-    return sorted((r for r in result["per_code"] if r["num_masked"]), key=lambda r: r["cv"])
-
-
-def _write_report(path: str, result: dict) -> None:
-    overall = result["overall"]
-    lines = [
-        f"# Reconstruction on `{result['split']}` (step {result['step']}, "
-        f"strategy `{result['strategy']}`)", "",
-        f"Evaluation mask: uniform {result['eval_mask']['rate']:.0%} of values, seed "
-        f"{result['eval_mask']['seed']}, identical for every model. n = "
-        f"{overall['num_masked']} masked values.", "",
-        f"- masked MSE (normalized units): {overall['masked_mse']:.4f}",
-        f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
-        f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",
-        "| CV tier | codes | n masked | masked MSE | baseline MSE | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
-        *(f"| {name} | {t['num_codes']} | {t['num_masked']} | {t['masked_mse']:.4f} | "
-          f"{t['baseline_masked_mse']:.4f} | {t['mse_vs_baseline']:.3f} |"
-          for name, t in result["by_cv_tier"].items()), "",
-        "| code | train CV | train mask p | n masked | MSE | baseline MSE | RMSE (raw units) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in _evaluated_rows(result):
-        lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
-                     f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
-                     f"{r['raw_rmse']:.4g} |")
-    if "downstream" in result:
-        lines += report_lines(result["downstream"])
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _plot_by_lab(path: str, result: dict) -> None:
-    rows = _evaluated_rows(result)
-    ratio = [r["mse"] / max(r["baseline_mse"], 1e-12) for r in rows]
-    high = max(r["train_mask_prob"] for r in rows)
-    colors = ["tab:red" if r["train_mask_prob"] == high else "tab:blue" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
-    ax.bar(range(len(rows)), ratio, color=colors)
-    ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(rows)), [r["code"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("masked MSE / per-code-mean baseline")
-    ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
-                 f"(red: highest train mask p)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,0 +1,112 @@
+"""Data exports of ``eval.py`` (they hold subject ids; logs never do).
+
+- ``eval/embeddings/<task>.parquet``: subject_id int64, prediction_time timestamp[us], split
+  string, embedding list<float32> [d_model]: every label row of every split (train, tuning,
+  held_out; each in label-file order).
+- ``eval/predictions/<task>/<split>.parquet`` (MEDS-DEV prediction format): the label rows of
+  the split in label-file order with their columns as read (subject_id int64, prediction_time
+  timestamp[us], boolean_value, optional integer/float/categorical_value), plus
+  predicted_boolean_probability float64 (the probe fit on train, C chosen on tuning) and
+  predicted_boolean_value (probability >= 0.5).
+
+Files are written to a temporary name in the same folder and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.labels import LABEL_CHECKS, OPTIONAL, label_files
+from cvmae_jax.evaluation.downstream import TEST, TUNING, TaskData
+
+PREDICTION_SPLITS = (TUNING, TEST)
+
+
+def write_parquet_atomic(table: pa.Table, path: str) -> None:
+    """Writes ``table`` to ``path`` via a temporary file in the same folder + rename."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def embeddings_table(task: TaskData) -> pa.Table:
+    """One row per label row of every split (see module docstring)."""
+    splits = [s for s in meds.SPLITS if s in task.windows]
+    windows = [w for s in splits for w in task.windows[s]]
+    x = np.concatenate([task.x[s] for s in splits]).astype(np.float32)
+    width = x.shape[1] if x.ndim == 2 else 0
+    offsets = pa.array(np.arange(len(windows) + 1) * width, pa.int32())
+    return pa.table({
+        "subject_id": pa.array([int(w["subject_id"]) for w in windows], pa.int64()),
+        "prediction_time": pa.array([int(w["prediction_time_us"]) for w in windows],
+                                    pa.timestamp("us")),
+        "split": pa.array([s for s in splits for _ in task.windows[s]], pa.string()),
+        "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float32())),
+    })
+
+
+def label_rows(task: TaskData, split: str) -> pa.Table:
+    """The label rows of ``split`` as read from the task's files, in the windows' order
+    (label-file order), subject_id cast to int64 and prediction_time to timestamp[us]."""
+    windows = task.windows[split]
+    parts = []
+    for f, path in enumerate(label_files(task.task_dir)):
+        rows = [int(w["example_id"]) for w in windows if int(w["label_file"]) == f]
+        if not rows:
+            continue
+        table = meds.read_small_parquet(path)
+        keep = [c for c in (*LABEL_CHECKS, *OPTIONAL) if c in table.column_names]
+        table = table.select(keep).take(pa.array(rows, pa.int64()))
+        table = table.set_column(0, "subject_id", table["subject_id"].cast(pa.int64()))
+        table = table.set_column(1, "prediction_time",
+                                 table["prediction_time"].cast(pa.timestamp("us"), safe=False))
+        parts.append(table)
+    if not parts:
+        return pa.table({"subject_id": pa.array([], pa.int64()),
+                         "prediction_time": pa.array([], pa.timestamp("us")),
+                         "boolean_value": pa.array([], pa.bool_())})
+    table = pa.concat_tables(parts, promote_options="permissive")
+    times = table["prediction_time"].cast(pa.int64()).to_numpy()
+    if (table["subject_id"].to_pylist() != [int(w["subject_id"]) for w in windows]
+            or not np.array_equal(times, [int(w["prediction_time_us"]) for w in windows])):
+        raise AssertionError(f"{task.task_dir}: label rows of {split!r} do not line up with "
+                             "their windows")
+    return table
+
+
+def predictions_table(task: TaskData, split: str) -> pa.Table | None:
+    """MEDS-DEV predictions of ``split`` from the task's probe (None without a probe)."""
+    if task.probe is None:
+        return None
+    prob = task.probe.probability(task.x[split]).astype(np.float64)
+    table = label_rows(task, split)
+    return (table.append_column("predicted_boolean_value", pa.array(prob >= 0.5, pa.bool_()))
+            .append_column("predicted_boolean_probability", pa.array(prob, pa.float64())))
+
+
+def write_task_exports(eval_dir: str, name: str, task: TaskData) -> dict:
+    """Writes the task's embeddings and predictions; returns {"embeddings": rows,
+    "predictions": {split: rows}} (predictions empty without a probe)."""
+    table = embeddings_table(task)
+    write_parquet_atomic(table, os.path.join(eval_dir, "embeddings", f"{name}.parquet"))
+    written = dict(embeddings=table.num_rows, predictions={})
+    for split in PREDICTION_SPLITS:
+        predictions = predictions_table(task, split)
+        if predictions is not None:
+            write_parquet_atomic(predictions,
+                                 os.path.join(eval_dir, "predictions", name, f"{split}.parquet"))
+            written["predictions"][split] = predictions.num_rows
+    return written

@@ -1,0 +1,189 @@
+"""``eval/report.md`` and the PNG plots of ``eval.py`` from the metrics dict."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
+
+
+def write_report(path: str, result: dict) -> None:
+    overall = result["overall"]
+    lines = [
+        f"# Reconstruction on `{result['split']}` (step {result['step']}, "
+        f"strategy `{result['strategy']}`)", "",
+        f"Evaluation mask: uniform {result['eval_mask']['rate']:.0%} of values, seed "
+        f"{result['eval_mask']['seed']}, identical for every model. n = "
+        f"{overall['num_masked']} masked values.", "",
+        f"- masked MSE (normalized units): {overall['masked_mse']:.4f}",
+        f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
+        f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",
+        *_tier_table(result["by_cv_tier"]), "",
+        "| code | train CV | train mask p | n masked | MSE | baseline MSE | RMSE (raw units) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in evaluated_rows(result):
+        lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
+                     f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
+                     f"{r['raw_rmse']:.4g} |")
+    if "single_code" in result:
+        lines += _single_code_lines(result)
+    if "downstream" in result:
+        lines += report_lines(result["downstream"])
+        lines += _label_efficiency_lines(result["downstream"])
+    if "perturbation" in result:
+        lines += _perturbation_lines(result["perturbation"])
+    if "exports" in result:
+        lines += _export_lines(result["exports"])
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _tier_table(tiers: dict) -> list[str]:
+    return ["| CV tier | codes | n masked | masked MSE | baseline MSE | ratio |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(f"| {name} | {t['num_codes']} | {t['num_masked']} | {t['masked_mse']:.4f} | "
+              f"{t['baseline_masked_mse']:.4f} | {t['mse_vs_baseline']:.3f} |"
+              for name, t in tiers.items())]
+
+
+def evaluated_rows(result: dict) -> list[dict]:
+    """Per-code rows with at least one masked value, sorted by train CV."""
+    return sorted((r for r in result["per_code"] if r["num_masked"]), key=lambda r: r["cv"])
+
+
+def _single_code_lines(result: dict) -> list[str]:
+    single = result["single_code"]
+    overall = single["overall"]
+    lines = ["", f"## Single-code reconstruction on `{result['split']}`", "",
+             "Each lab code in turn has every one of its values in the window hidden, all other "
+             "values visible (a fixed mask, identical for every model; no seed). n = "
+             f"{overall['num_masked']} hidden values over "
+             f"{sum(1 for r in single['per_code'] if r['num_masked'])} codes.", "",
+             f"- masked MSE: {overall['masked_mse']:.4f} vs per-code-mean baseline "
+             f"{overall['baseline_masked_mse']:.4f} (ratio {overall['mse_vs_baseline']:.3f})",
+             "", *_tier_table(single["by_cv_tier"]), "",
+             "| code | train CV | n hidden | MSE | baseline MSE | ratio | RMSE (raw units) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in evaluated_rows(single):
+        lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['num_masked']} | {r['mse']:.4f} | "
+                     f"{r['baseline_mse']:.4f} | {r['mse'] / max(r['baseline_mse'], 1e-12):.3f}"
+                     f" | {r['raw_rmse']:.4g} |")
+    return lines
+
+
+def _label_efficiency_lines(downstream: dict) -> list[str]:
+    curves = {t: r["label_efficiency"] for t, r in downstream["tasks"].items()
+              if r.get("label_efficiency")}
+    if not curves:
+        return []
+    le = downstream["label_efficiency"]
+    lines = ["", f"## Label efficiency on `{le['split']}`", "",
+             f"Probe fit on k stratified train label rows (both classes in every draw), "
+             f"{le['c_policy']}; {le['draws']} draws per k, each seeded with [{le['seed']}, k, "
+             "draw]; mean and sample std (ddof=1) of the held_out AUROC over the draws. `all` "
+             f"is the full-data probe (seed {downstream['seed']}). Plot: "
+             "`label_efficiency.png`.", "",
+             "| task | k | n train | draws | n test | C | AUROC mean | AUROC std |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for task, curve in curves.items():
+        for k, e in curve.items():
+            mean = "n/a" if e["auroc_mean"] is None else f"{e['auroc_mean']:.3f}"
+            std = "n/a" if e["auroc_std"] is None else f"{e['auroc_std']:.3f}"
+            lines.append(f"| {task} | {k} | {e['n_train']} | {e['draws']} | {e['n_test']} | "
+                         f"{e['C']:g} | {mean} | {std} |")
+    return lines + [""]
+
+
+def _perturbation_lines(p: dict) -> list[str]:
+    def fmt(x, spec=".4f"):
+        return "n/a" if x is None else format(x, spec)
+
+    lines = ["", "## Perturbation sensitivity", "",
+             f"Visible values corrupted, seed {p['seed']}: `shuffle_within_code` gives each "
+             "event the value of another event of the same code drawn from the whole evaluated "
+             "split (a random cycle per code: each code's values are kept, only moved); "
+             "`code_mean` sets every value to the code's train mean (0 normalized). "
+             f"Reconstruction on `{p['split']}` ({p['n']} events corrupted) under the uniform "
+             "evaluation mask, targets = the true values; downstream on "
+             f"`{p['downstream_split']}` label windows scored by the probe fit on clean train "
+             "embeddings.", "",
+             "| corruption | n masked | masked MSE clean | corrupted | ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for kind in p["kinds"]:
+        r = p[kind]["reconstruction"]
+        lines.append(f"| {kind} | {r['num_masked']} | {fmt(r['masked_mse_clean'])} | "
+                     f"{fmt(r['masked_mse_corrupted'])} | {fmt(r['ratio'], '.3f')} |")
+    rows = [(kind, task, d) for kind in p["kinds"] for task, d in p[kind]["downstream"].items()]
+    if rows:
+        lines += ["", "| corruption | task | n | AUROC clean | AUROC corrupted | ratio | "
+                  "mean abs prob change |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {kind} | {task} | {d['n']} | {fmt(d['auroc_clean'], '.3f')} | "
+                  f"{fmt(d['auroc_corrupted'], '.3f')} | {fmt(d['auroc_ratio'], '.3f')} | "
+                  f"{fmt(d['mean_abs_prob_change'])} |" for kind, task, d in rows]
+    return lines + [""]
+
+
+def _export_lines(exports: dict) -> list[str]:
+    if not exports:
+        return []
+    lines = ["", "## Exports", "",
+             "`embeddings/<task>.parquet` (every label row of every split) and "
+             "`predictions/<task>/<split>.parquet` (MEDS-DEV format, label-file row order).", "",
+             "| task | embedding rows | prediction rows |", "|---|---:|---|"]
+    for task, e in exports.items():
+        preds = ", ".join(f"{s} {n}" for s, n in e["predictions"].items()) or "none (no probe)"
+        lines.append(f"| {task} | {e['embeddings']} | {preds} |")
+    return lines + [""]
+
+
+def plot_by_lab(path: str, result: dict) -> None:
+    rows = evaluated_rows(result)
+    ratio = [r["mse"] / max(r["baseline_mse"], 1e-12) for r in rows]
+    high = max(r["train_mask_prob"] for r in rows)
+    colors = ["tab:red" if r["train_mask_prob"] == high else "tab:blue" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
+    ax.bar(range(len(rows)), ratio, color=colors)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)), [r["code"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("masked MSE / per-code-mean baseline")
+    ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
+                 f"(red: highest train mask p)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_label_efficiency(path: str, downstream: dict) -> None:
+    """Held_out AUROC vs number of train labels (log x), one line per task, +-1 std bars."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ticks = set()
+    for task, r in downstream["tasks"].items():
+        curve = [e for e in (r.get("label_efficiency") or {}).values()
+                 if e["auroc_mean"] is not None]
+        ticks.update(e["n_train"] for e in curve[:-1])  # the k values; "all" is the last
+        if curve:
+            ax.errorbar([e["n_train"] for e in curve], [e["auroc_mean"] for e in curve],
+                        yerr=[e["auroc_std"] for e in curve], marker="o", capsize=3,
+                        label=f"{task} (all: n train {curve[-1]['n_train']}, "
+                              f"n test {curve[-1]['n_test']})")
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)], fontsize=7)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.6, "no held_out AUROC (see report.md)", ha="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("train label rows k (last point of each line: all train rows)")
+    ax.set_ylabel(f"{downstream.get('split', 'held_out')} AUROC (mean +- std over draws)")
+    le = downstream.get("label_efficiency", {})
+    ax.set_title(f"Label efficiency: {le.get('draws')} draws per k, seeds "
+                 f"[{le.get('seed')}, k, draw]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

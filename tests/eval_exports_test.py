@@ -1,0 +1,92 @@
+"""Label embeddings never see an event after prediction_time (at the embedding level)."""
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from flax import nnx
+
+from cvmae_jax.data import meds
+from cvmae_jax.data.labels import label_windows
+from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.data.synthetic import generate_synthetic_meds
+from cvmae_jax.evaluation.downstream import embed_label_windows, make_embed_fn
+from cvmae_jax.model import ModelConfig, ValueOnlyMAE
+
+from train_test import tiny_config
+
+MAX_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports") / "meds"
+    generate_synthetic_meds(root, num_subjects=40, seed=5)
+    train = meds.read_numeric_events(root, "train")
+    codes = meds.select_lab_codes(train, dict(min_code_count=5, top_k=20))
+    return root, compute_stats(train, codes)
+
+
+def _lab_rows(table, subject, codes):
+    return (pc.equal(table["subject_id"], subject).to_numpy(zero_copy_only=False)
+            & pc.is_in(table["code"], pa.array(codes)).to_numpy(zero_copy_only=False)
+            & pc.is_valid(table["numeric_value"]).to_numpy(zero_copy_only=False)
+            & pc.is_valid(table["time"]).to_numpy(zero_copy_only=False))
+
+
+def _change_values(root, subject, codes, pick):
+    """Changes the numeric values of the subject's lab rows whose time pick(times_us [n]) ->
+    bool [n] selects; returns how many rows changed."""
+    changed = 0
+    for path in meds.data_files(root):
+        table = pq.read_table(path)
+        rows = _lab_rows(table, subject, codes)
+        if not rows.any():
+            continue
+        times = table["time"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+        chosen = rows & pick(times)
+        values = table["numeric_value"].to_numpy(zero_copy_only=False).copy()
+        values[chosen] = values[chosen] * 3 + 50
+        changed += int(chosen.sum())
+        table = table.set_column(table.schema.get_field_index("numeric_value"), "numeric_value",
+                                 pa.array(values, table.schema.field("numeric_value").type))
+        pq.write_table(table, path)
+    return changed
+
+
+def test_changing_an_event_after_prediction_time_leaves_the_embedding_unchanged(synthetic,
+                                                                                tmp_path):
+    source, stats = synthetic
+    root = tmp_path / "meds"
+    shutil.copytree(source, root)
+    labels = pq.read_table(root / "labels/readmission_30d/train.parquet")
+    events = meds.read_numeric_events(root, "train", codes=stats.codes)
+    ev_subject = events["subject_id"].to_numpy()
+    ev_time = events["time"].cast(pa.int64()).to_numpy()
+    t_pred = labels["prediction_time"].cast(pa.int64()).to_numpy()
+    # A label whose subject has lab events both before and after its prediction time.
+    row = next(i for i, s in enumerate(labels["subject_id"].to_numpy())
+               if (ev_time[ev_subject == s] <= t_pred[i]).any()
+               and (ev_time[ev_subject == s] > t_pred[i]).any())
+    subject, t = int(labels["subject_id"][row].as_py()), int(t_pred[row])
+    label_path = tmp_path / "label.parquet"
+    pq.write_table(labels.slice(row, 1), label_path)
+
+    config = tiny_config("unused")
+    graphdef, params = nnx.split(ValueOnlyMAE(ModelConfig.from_config(
+        config.model, stats.vocab_size), rngs=nnx.Rngs(params=0)), nnx.Param)
+    embed_fn = make_embed_fn(graphdef)
+
+    def embed():
+        windows = list(label_windows(root, label_path, stats, MAX_LEN))
+        return embed_label_windows(graphdef, params, windows, MAX_LEN, 2, embed_fn)[0]
+
+    clean = embed()
+    assert np.abs(clean).sum() > 0
+    assert _change_values(root, subject, stats.codes, lambda times: times > t) > 0
+    np.testing.assert_array_equal(embed(), clean)  # the future does not leak in
+    assert _change_values(root, subject, stats.codes, lambda times: times <= t) > 0
+    assert not np.allclose(embed(), clean)  # while the window's own events do matter
