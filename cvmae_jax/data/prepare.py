@@ -44,9 +44,10 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
     """Builds the dataset under `data_dir` unless one with the same settings and MEDS files
     exists (then reuses it). `meds_dir` overrides `data_config.meds_dir` when given.
 
-    The MEDS root is streamed (see stream.py) and fully checked before anything is written; tfds
-    writes into a temporary folder and renames it when done, and the folders this call created
-    are removed on failure, so bad input or an interrupted build leaves nothing behind."""
+    The MEDS root is streamed (see stream.py) and fully checked before anything is written; the
+    records are streamed to array_record shards (see tfds_builder.py) in tfds's temporary folder,
+    renamed to the version folder when complete, and the folders this call created are removed
+    on failure, so bad input or an interrupted build leaves nothing behind."""
     start = time.perf_counter()
     config = MedsLabConfig.create(data_config, meds_dir)
     builder = MedsLabSequences(config=config, data_dir=str(data_dir), file_format="array_record")

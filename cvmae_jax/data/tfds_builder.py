@@ -3,9 +3,10 @@
 The MEDS root is the builder's manual_dir. The config name carries a short hash of every
 setting that changes the data and of the MEDS files' identity, so other settings build another
 dataset. The builder writes from a `Plan` (codes, train stats, counts; see plan.py) set as
-`builder.plan` before `download_and_prepare`; it streams each split shard by shard and writes
-`data_stats.json`, `prepare_report.json` and `prepare_report.md` next to the tfds files (inside
-tfds's temporary folder, so they appear together with the data or not at all).
+`builder.plan` before `download_and_prepare`; it streams each split shard by shard, writing each
+record as it is made (array_record_writer.py: no shuffle buffer, shards of ~SHARD_BYTES), and
+writes `data_stats.json`, `prepare_report.json` and `prepare_report.md` next to the tfds files.
+Everything goes to tfds's temporary folder, renamed to the version folder only once complete.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.dataset_builder import FileReaderBuilder
 
 from cvmae_jax.data import meds, report as report_lib, sequences, stream
+from cvmae_jax.data.array_record_writer import SplitWriter
 from cvmae_jax.data.plan import Plan
 from cvmae_jax.jsonio import write_json_atomic
 
@@ -75,12 +78,14 @@ def meds_identity(meds_dir: str | Path) -> list:
             for f in files if f.is_file()]
 
 
-class MedsLabSequences(tfds.core.GeneratorBasedBuilder):
-    """Windows of (time, code, value) lab triplets per subject, one record per window."""
+class MedsLabSequences(FileReaderBuilder):
+    """Windows of (time, code, value) lab triplets per subject, one record per window, each split
+    in example_id order over shards of about SHARD_BYTES serialized bytes."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial format."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the MEDS root as download_config.manual_dir."
+    SHARD_BYTES = 256 * 2**20
 
     def _info(self) -> tfds.core.DatasetInfo:
         vector = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
@@ -99,33 +104,41 @@ class MedsLabSequences(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,  # records stay in example_id order
         )
 
-    def _split_generators(self, dl_manager):
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        """Writes every split and the stats and report files into self.data_dir (tfds's
+        temporary folder here) and sets the split infos that tfds then writes."""
         plan: Plan = self.plan  # set by prepare_dataset, which read and checked the MEDS root
-        plan.stats.save_json(Path(self.data_dir) / STATS_FILE)
-        return {split: self._generate_examples(plan, split) for split in meds.SPLITS}
+        data_dir = Path(self.data_dir)
+        plan.stats.save_json(data_dir / STATS_FILE)
+        split_infos = [self._write_split(plan, split) for split in meds.SPLITS]
+        self.info.set_splits(tfds.core.SplitDict(split_infos))
+        write_json_atomic(data_dir / REPORT_FILE, plan.report)
+        (data_dir / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))
 
-    def _generate_examples(self, plan: Plan, split: str):
+    def _write_split(self, plan: Plan, split: str) -> tfds.core.SplitInfo:
+        """Streams one split's examples into its shards; adds its counts to plan.report."""
         cfg: MedsLabConfig = self.builder_config
-        counts = plan.report["splits"][split]
+        features = self.info.features
         lab, windows = {}, {}
-        for events, shard_counts in stream.lab_events_by_shard(
-                plan.scan.shards[split], plan.lookup, split, plan.stats.codes):
-            shard_windows = {}
-            for example in sequences.build_examples(
-                    events, plan.stats, cfg.max_len, cfg.window, cfg.min_window_len,
-                    report=shard_windows, first_example_id=windows.get("examples", 0)):
-                yield int(example["example_id"]), example
-            _add(lab, shard_counts)
-            _add(windows, shard_windows)
-        if not windows.get("examples"):
-            raise meds.MEDSFormatError(f"{plan.meds_dir}/data, split {split!r}: no window with "
-                                       f">= {cfg.min_window_len} events of the selected lab codes")
-        counts.update(lab=lab, windows=windows)
+        with SplitWriter(self._get_filename_template(split), self.SHARD_BYTES) as writer:
+            for events, shard_counts in stream.lab_events_by_shard(
+                    plan.scan.shards[split], plan.lookup, split, plan.stats.codes):
+                shard_windows = {}
+                for example in sequences.build_examples(
+                        events, plan.stats, cfg.max_len, cfg.window, cfg.min_window_len,
+                        report=shard_windows, first_example_id=windows.get("examples", 0)):
+                    writer.write(features.serialize_example(example))
+                _add(lab, shard_counts)
+                _add(windows, shard_windows)
+            if not windows.get("examples"):
+                raise meds.MEDSFormatError(
+                    f"{plan.meds_dir}/data, split {split!r}: no window with "
+                    f">= {cfg.min_window_len} events of the selected lab codes")
+            info = writer.close()
+        plan.report["splits"][split].update(lab=lab, windows=windows)
         print(f'[prepare] {split}: {windows["examples"]:,} examples, {windows["tokens"]:,} '
-              f'tokens from {lab["lab_events"]:,} lab events')
-        if all("windows" in plan.report["splits"][s] for s in meds.SPLITS):
-            write_json_atomic(Path(self.data_dir) / REPORT_FILE, plan.report)
-            (Path(self.data_dir) / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))
+              f'tokens from {lab["lab_events"]:,} lab events, {info.num_shards} shard(s)')
+        return info
 
 
 def _add(total: dict, counts: dict) -> None:

@@ -1,4 +1,5 @@
-"""The TFDS dataset: build round trip, stats file, reuse vs rebuild, errors, real sample."""
+"""The TFDS dataset: build round trip, stats file, reuse vs rebuild, errors, sharding,
+interruption, real sample."""
 
 import os
 import subprocess
@@ -11,12 +12,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cvmae_jax.data import meds
+from cvmae_jax.data.array_record_writer import SplitWriter
 from cvmae_jax.data.prepare import load_prepared, prepare_dataset
 from cvmae_jax.data.sequences import build_examples
 from cvmae_jax.data.stats import compute_stats
-from cvmae_jax.data.tfds_builder import MedsLabConfig
+from cvmae_jax.data.tfds_builder import MedsLabConfig, MedsLabSequences
 
 SPLITS = ("train", "tuning", "held_out")
+
+
+def _files(folder):
+    return [f for _, _, fs in os.walk(folder) for f in fs]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,7 @@ def test_empty_split_fails_cleanly(tiny_meds, tmp_path):
                    tiny_meds.root / "metadata/subject_splits.parquet")
     with pytest.raises(meds.MEDSFormatError, match="split 'held_out' has no subjects"):
         prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
-    leftovers = [f for _, _, fs in os.walk(tmp_path / "tfds") for f in fs]
-    assert not leftovers  # nothing half-written
+    assert not _files(tmp_path / "tfds")  # nothing half-written
 
 
 def test_no_tensorflow_is_imported(tiny_meds, tmp_path):
@@ -120,4 +125,42 @@ def test_prepare_shared_mimic_demo(shared_meds_dir, tmp_path):
 def test_split_without_windows_fails_cleanly(tiny_meds, tmp_path):
     with pytest.raises(meds.MEDSFormatError, match="split 'train': no window with >= 1000"):
         prepare_dataset(tiny_meds.config(min_window_len=1000), None, tmp_path / "tfds")
-    assert not [f for _, _, fs in os.walk(tmp_path / "tfds") for f in fs]
+    assert not _files(tmp_path / "tfds")
+
+
+def test_small_shards_read_back_in_example_id_order(tiny_meds, tmp_path, monkeypatch):
+    whole = prepare_dataset(tiny_meds.config(), None, tmp_path / "whole")
+    monkeypatch.setattr(MedsLabSequences, "SHARD_BYTES", 500)
+    sharded = prepare_dataset(tiny_meds.config(), None, tmp_path / "sharded")
+    assert os.path.basename(os.path.dirname(sharded.path)) == os.path.basename(
+        os.path.dirname(whole.path))  # the shard size does not change the data
+    info = tfds.builder_from_directory(sharded.path).info
+    train = [f for f in os.listdir(sharded.path) if "-train.array_record-" in f]
+    n = info.splits["train"].num_shards
+    assert n >= 3 and len(train) == n and f"-00000-of-{n:05d}" in min(train)
+    assert not [f for f in os.listdir(sharded.path) if f.endswith(".partial")]
+    assert sharded.num_examples == whole.num_examples
+    for split in SPLITS:
+        got, want = sharded.data_source(split), whole.data_source(split)
+        assert len(got) == len(want) == sharded.num_examples[split]
+        for i in range(len(got)):
+            assert got[i]["example_id"] == i
+            for key, value in want[i].items():
+                np.testing.assert_array_equal(got[i][key], value)
+
+
+def test_interrupted_write_leaves_nothing(tiny_meds, tmp_path, monkeypatch):
+    monkeypatch.setattr(MedsLabSequences, "SHARD_BYTES", 500)
+    write = SplitWriter.write
+
+    def interrupted(self, record):  # train and tuning are complete, held_out is not
+        if self.template.split == "held_out":
+            raise KeyboardInterrupt
+        write(self, record)
+
+    monkeypatch.setattr(SplitWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists(), _files(tmp_path / "tfds")
+    monkeypatch.setattr(SplitWriter, "write", write)
+    assert prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds").num_examples["held_out"]
