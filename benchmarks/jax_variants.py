@@ -1,60 +1,48 @@
 """Time variants of the JAX train step against the unchanged one, alternating in one process.
 
-    python -m benchmarks.jax_variants --config=default [--rounds=5 --steps=4 --only=key_mask,...]
+    python -m benchmarks.jax_variants --config=default [--rounds=5 --steps=4 --only=bfloat16,...]
 
-Variants swap ``jax.nn.dot_product_attention`` (as ``cvmae_jax.model`` calls it) only while the
-step is traced, or change the compute dtype; cvmae_jax itself is not modified. ``no_attention``
-is a diagnostic (not the model): it bounds what attention costs. XLA flags act per process: run
-``step_bench`` under different ``XLA_FLAGS`` for those.
+Variants change ``config.model.attention`` or the compute dtype, or (diagnostic only, not the
+model) replace the attention by ``v`` to bound what attention costs. XLA flags act per process:
+run ``step_bench`` under different ``XLA_FLAGS`` for those.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-
-import jax
-import jax.numpy as jnp
+import dataclasses
 
 from benchmarks import common
+from benchmarks import step_bench
 from benchmarks.step_bench import JaxStep
-
-_ORIGINAL = jax.nn.dot_product_attention
-
-
-def key_mask_attention(q, k, v, mask=None, **kw):
-    """Same results at real queries: the [B, 1, L, L] mask reduced to a [B, 1, 1, L] key mask."""
-    return _ORIGINAL(q, k, v, mask=jnp.any(mask, axis=-2, keepdims=True), **kw)
+from cvmae_jax import model
 
 
-def einsum_attention(q, k, v, mask=None, **kw):
-    """Hand-written attention: additive key bias [B, 1, 1, L], softmax, weighted sum."""
-    bias = jnp.where(jnp.any(mask, axis=-2, keepdims=True), 0.0, -1e30).astype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits + bias, axis=-1), v)
-
-
-def no_attention(q, k, v, mask=None, **kw):
+def no_attention(q, k, v, keep, implementation="einsum"):
     return v
 
 
-VARIANTS = {  # name -> (attention replacement or None, dtype)
-    "baseline": (None, "float32"),
-    "key_mask": (key_mask_attention, "float32"),
-    "einsum_key_bias": (einsum_attention, "float32"),
-    "bfloat16": (None, "bfloat16"),
-    "no_attention": (no_attention, "float32"),
+VARIANTS = {  # name -> (config.model.attention, dtype, attention replacement or None)
+    "baseline": ("einsum", "float32", None),
+    "dot_product_attention": ("dot_product_attention", "float32", None),
+    "bfloat16": ("einsum", "bfloat16", None),
+    "no_attention": ("einsum", "float32", no_attention),
 }
 
 
 @contextlib.contextmanager
-def patched_attention(fn):
-    if fn is not None:
-        jax.nn.dot_product_attention = fn
+def variant(attention: str, replacement):
+    """While tracing: the model built with ``attention``, its attention optionally replaced."""
+    original_config, original_attention = step_bench.model_config, model.self_attention
+    step_bench.model_config = lambda cfg, dtype="float32": dataclasses.replace(
+        original_config(cfg, dtype), attention=attention)
+    if replacement is not None:
+        model.self_attention = replacement
     try:
         yield
     finally:
-        jax.nn.dot_product_attention = _ORIGINAL
+        step_bench.model_config, model.self_attention = original_config, original_attention
 
 
 def main() -> None:
@@ -67,10 +55,10 @@ def main() -> None:
     names = ["baseline"] + [n for n in args.only.split(",") if n != "baseline"]
     runners, times, compile_s = {}, {}, {}
     for name in names:
-        attention, dtype = VARIANTS[name]
+        attention, dtype, replacement = VARIANTS[name]
         common.progress(f"{name}: compiling")
-        runners[name] = JaxStep(cfg, dtype)
-        with patched_attention(attention):
+        with variant(attention, replacement):
+            runners[name] = JaxStep(cfg, dtype)
             compile_s[name] = runners[name].compile()
         common.time_calls(runners[name].step, cfg.warmup)
         times[name] = []
