@@ -9,11 +9,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cvmae_jax.data.meds import MEDSFormatError
+from cvmae_jax.host_memory import reuse_freed_memory
 
 FLAGS = flags.FLAGS
 
 
-def _define_common(config_required: bool) -> None:
+def define_common_flags(config_required: bool) -> None:
     config_flags.DEFINE_config_file(
         "config", None, "Path to a config file in configs/ (fields can be overridden with "
         "--config.<field>=<value>).", lock_config=True)
@@ -35,11 +36,16 @@ def _train(argv) -> None:
 def _eval(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cvmae_jax.evaluation.run_eval import evaluate_run
-
     logging.set_verbosity(logging.INFO)
     with user_errors():
-        evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
+        if FLAGS.compare:
+            from cvmae_jax.evaluation.compare import compare_runs
+
+            compare_runs(FLAGS.compare, FLAGS.workdir)
+        else:
+            from cvmae_jax.evaluation.run_eval import evaluate_run
+
+            evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
 
 
 @contextlib.contextmanager
@@ -54,12 +60,18 @@ def user_errors():
 
 def train_main() -> None:
     """``python train.py --config=configs/demo.py --workdir=runs/demo``."""
-    _define_common(config_required=True)
+    reuse_freed_memory()
+    define_common_flags(config_required=True)
     app.run(_train)
 
 
 def eval_main() -> None:
-    """``python eval.py --workdir=runs/demo [--config=...] [--split=held_out]``."""
-    _define_common(config_required=False)
+    """``python eval.py --workdir=runs/demo [--config=...] [--split=held_out]``, or
+    ``python eval.py --compare=RUN_A,RUN_B,... --workdir=OUT`` to compare evaluated runs."""
+    reuse_freed_memory()
+    define_common_flags(config_required=False)
     flags.DEFINE_string("split", "held_out", "Split to evaluate.")
+    flags.DEFINE_list("compare", None, "Comma-separated evaluated run workdirs (one with "
+                      "masking strategy 'random'): compare them into --workdir instead of "
+                      "evaluating --workdir.")
     app.run(_eval)

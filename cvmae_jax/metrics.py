@@ -56,14 +56,15 @@ class Progress:
         shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "masked_mse", "mask_rate")
                          if k in metrics)
         return (f"step {step}/{self.total_steps} | {shown} | {rate:.2f} steps/s "
-                f"{metrics.get('tokens_per_sec', 0):.0f} tok/s | ETA {_clock(eta)}")
+                f"{metrics.get('tokens_per_sec', 0):.0f} tok/s | ETA {clock(eta)}")
 
     def log(self, step: int, metrics: dict) -> None:
         if jax.process_index() == 0:
             logging.info(self.line(step, metrics))
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as "12m05s" ("?" when unknown)."""
     if not math.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(seconds), 60)

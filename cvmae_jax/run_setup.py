@@ -103,9 +103,7 @@ def check_resume_compatible(saved_run_info: dict, config, dataset: PreparedDatas
     """Refuses to resume with settings that would silently change the run."""
     if config.train.allow_config_change:
         return
-    changes = [f"{name}: {old!r} -> {new!r}" for name, old, new in
-               _changed_fields(saved_run_info["config"], config.to_dict())
-               if not name.startswith(RESUMABLE_CHANGES)]
+    changes = changed_settings(saved_run_info["config"], config)
     saved_dataset = saved_run_info["data_stats"].get("dataset")
     current = os.path.basename(os.path.dirname(dataset.path))
     if saved_dataset != current:
@@ -114,6 +112,14 @@ def check_resume_compatible(saved_run_info: dict, config, dataset: PreparedDatas
         raise ValueError(f"the checkpoint at step {step} was written with other settings ("
                          + "; ".join(changes) + "). Use a new workdir, or pass "
                          "--config.train.allow_config_change=True to resume anyway")
+
+
+def changed_settings(saved_config: dict, config) -> list[str]:
+    """``"field: old -> new"`` for every setting of ``config`` that differs from a run's saved
+    ``config.json`` and would change its results (RESUMABLE_CHANGES excepted)."""
+    return [f"{name}: {old!r} -> {new!r}" for name, old, new in
+            _changed_fields(saved_config, config.to_dict())
+            if not name.startswith(RESUMABLE_CHANGES)]
 
 
 def _changed_fields(old: dict, new: dict, prefix: str = ""):

@@ -108,7 +108,8 @@ def downstream_sensitivity(graphdef, params, task: TaskData, kind: str, seed: in
         return out
     out["auroc_clean"] = float(roc_auc_score(y, probe.decision(task.x[TEST])))
     out["auroc_corrupted"] = float(roc_auc_score(y, probe.decision(x)))
-    out["auroc_ratio"] = out["auroc_corrupted"] / out["auroc_clean"]
+    out["auroc_ratio"] = (out["auroc_corrupted"] / out["auroc_clean"]
+                          if out["auroc_clean"] else None)  # AUROC 0 on tiny data
     return out
 
 

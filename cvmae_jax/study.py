@@ -1,0 +1,114 @@
+"""``python -m cvmae_jax.study --config=configs/study.py --workdir=STUDY``: train and evaluate
+every (strategy, seed) of ``config.study`` on one prepared dataset, then compare them.
+
+Runs live in ``STUDY/runs/<strategy>_s<seed>`` and share ``config.data.data_dir`` (default
+``STUDY/data``). Rerunning the command resumes: a run whose ``eval/metrics.json`` is at the
+final step is skipped, a half-trained run resumes from its checkpoint. The comparison
+(``compare_runs``) writes ``STUDY/summary.json``, ``STUDY/report.md`` and the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+from absl import app, logging
+
+from cvmae_jax import cli
+from cvmae_jax.host_memory import reuse_freed_memory
+from cvmae_jax.masking import STRATEGIES
+from cvmae_jax.metrics import clock
+from cvmae_jax.run_setup import changed_settings
+
+FLAGS = cli.FLAGS
+
+
+def run_configs(config, workdir: str) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """(run dir, training config) per (seed, strategy), seed-major so that every finished
+    seed is a complete comparison. The training configs carry no ``study`` field."""
+    study = config.study
+    strategies, seeds = list(study.strategies), [int(s) for s in study.seeds]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or "random" not in strategies or len(set(strategies)) != len(strategies):
+        raise ValueError(f"config.study.strategies={tuple(strategies)}: expected distinct "
+                         f"strategies from {STRATEGIES}, including 'random' (the reference)")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.study.seeds={tuple(seeds)}: expected distinct seeds")
+    base = ml_collections.ConfigDict(config.to_dict())
+    del base["study"]
+    base.data.data_dir = config.data.data_dir or os.path.join(workdir, "data")
+    out = []
+    for seed in seeds:
+        for strategy in strategies:
+            run = ml_collections.ConfigDict(base.to_dict())
+            run.seed, run.masking.strategy = seed, strategy
+            out.append((os.path.join(workdir, "runs", f"{strategy}_s{seed}"), run))
+    return out
+
+
+def is_finished(run_dir: str, config) -> bool:
+    """True when ``eval/metrics.json`` evaluates the final training step; refuses a finished
+    run trained with other settings (as a resume would)."""
+    path = os.path.join(run_dir, "eval", "metrics.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        if json.load(f).get("step") != config.train.num_steps:
+            return False
+    with open(os.path.join(run_dir, "config.json")) as f:
+        changes = changed_settings(json.load(f), config)
+    if changes:
+        raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(changes)}); "
+                         f"use a new --workdir")
+    return True
+
+
+def run_study(config, workdir: str) -> dict:
+    """Trains and evaluates the missing runs, then compares all of them. Returns the summary."""
+    from cvmae_jax.evaluation.compare import compare_runs
+    from cvmae_jax.evaluation.run_eval import evaluate_run
+    from cvmae_jax.train import train_and_evaluate
+
+    runs = run_configs(config, workdir)
+    start, done_here = time.perf_counter(), 0
+    finished = [is_finished(d, c) for d, c in runs]
+    todo = finished.count(False)
+    for i, ((run_dir, run_config), done) in enumerate(zip(runs, finished), 1):
+        label = f"run {i}/{len(runs)} {os.path.basename(run_dir)}"
+        if done:
+            logging.info("%s: finished earlier (eval/metrics.json at step %d), skipped", label,
+                         run_config.train.num_steps)
+            continue
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done_here * (todo - done_here) if done_here else float("nan")
+        logging.info("%s: training ... (elapsed %s, ETA %s)", label, clock(elapsed),
+                     clock(eta))
+        train_and_evaluate(run_config, run_dir)
+        logging.info("%s: evaluating ... (elapsed %s)", label,
+                     clock(time.perf_counter() - start))
+        evaluate_run(run_dir, config=run_config)
+        done_here += 1
+    logging.info("study: %d runs (%d trained or evaluated now) in %s; comparing", len(runs),
+                 done_here, clock(time.perf_counter() - start))
+    return compare_runs([d for d, _ in runs], workdir)
+
+
+def _study(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    with cli.user_errors():
+        run_study(FLAGS.config, FLAGS.workdir)
+    print(f"report: {os.path.join(FLAGS.workdir, 'report.md')}")
+
+
+def main() -> None:
+    reuse_freed_memory()  # as train.py: the study trains in this process
+    cli.define_common_flags(config_required=True)
+    app.run(_study)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Strategy comparison on hand-made runs with known answers: win rate, Wilcoxon, Cohen's d,
+paired-bootstrap AUROC deltas, convergence, pooling over seeds, outputs and CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy import special
+from scipy.stats import wilcoxon
+from sklearn.metrics import roc_auc_score
+
+from cvmae_jax.evaluation import compare, stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODES = ("LAB//A", "LAB//B", "LAB//C", "LAB//D")
+SUBJECT_BASE = 987_654_000  # subject ids that must never reach a report
+
+
+def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_scores=None,
+             label_efficiency=None, **extra):
+    """A training workdir with config.json, metrics.jsonl and eval/metrics.json (+ predictions
+    of each task in ``task_scores``: {task: (labels, scores)}; ``label_efficiency``: {k: mean
+    AUROC} for every task)."""
+    path = root / f"{strategy}_s{seed}"
+    (path / "eval").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed,
+                                                  "masking": {"strategy": strategy}}))
+    with open(path / "metrics.jsonl", "w") as f:
+        for step, mse in curve:
+            f.write(json.dumps({"step": step, "loss": 1.0, "masked_mse": 9.9}) + "\n")
+            f.write(json.dumps({"step": step, "split": "tuning", "masked_mse": mse}) + "\n")
+    per_code = [dict(code=c, num_masked=50, mse=m, mae=m, rmse=m ** 0.5, baseline_mse=1.0,
+                     raw_rmse=m, raw_mae=m, cv=0.1 * (i + 1), train_mask_prob=0.3)
+                for i, (c, m) in enumerate(zip(CODES, mses))]
+    tasks = {}
+    for task, (labels, scores) in (task_scores or {}).items():
+        auroc = roc_auc_score(labels, scores)
+        tasks[task] = dict(auroc=auroc, auroc_ci=[auroc - 0.05, auroc + 0.05], n=len(labels),
+                           positives=int(np.sum(labels)), prevalence=float(np.mean(labels)),
+                           reason=None)
+        if label_efficiency:
+            tasks[task]["label_efficiency"] = {k: dict(auroc_mean=v, draws=5)
+                                               for k, v in label_efficiency.items()}
+        write_predictions(path, task, labels, scores)
+    metrics = dict(overall=dict(num_masked=200, masked_mse=float(np.mean(mses))),
+                   per_code=per_code, step=curve[-1][0], split="held_out", strategy=strategy,
+                   eval_mask=dict(rate=0.3, seed=1234),
+                   downstream=dict(seed=seed, split="held_out", tasks=tasks), **extra)
+    (path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return str(path)
+
+
+def write_predictions(run_path, task, labels, scores, order=None):
+    order = np.arange(len(labels)) if order is None else order
+    folder = os.path.join(run_path, "eval", "predictions", task)
+    os.makedirs(folder, exist_ok=True)
+    table = pa.table({
+        "subject_id": pa.array(SUBJECT_BASE + order, pa.int64()),
+        "prediction_time": pa.array((1_600_000_000_000_000 + 3_600_000_000 * order),
+                                    pa.timestamp("us")),
+        "boolean_value": pa.array(np.asarray(labels, bool)[order]),
+        "predicted_boolean_probability": pa.array(np.asarray(scores, np.float64)[order]),
+    })
+    pq.write_table(table, os.path.join(folder, "held_out.parquet"))
+
+
+def binormal(n, shift, rng, labels=None):
+    """Labels and scores ~ N(shift * label, 1): population AUROC = Phi(shift / sqrt(2))."""
+    labels = rng.random(n) < 0.3 if labels is None else labels
+    return labels, shift * labels + rng.standard_normal(n)
+
+
+def test_win_rate_wilcoxon_and_cohens_d_on_known_labs(tmp_path):
+    ref = make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 1.0])
+    cv = make_run(tmp_path, "cv", 0, [0.8, 0.9, 0.7, 1.2])  # 3 of 4 labs better
+    lab = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+        "strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]["pooled"]
+    diffs = [0.2, 0.1, 0.3, -0.2]
+    assert lab["n_labs"] == 4 and lab["win_rate"] == 0.75
+    assert lab["wilcoxon_p"] == pytest.approx(wilcoxon(diffs).pvalue)
+    assert lab["cohens_d"] == pytest.approx(np.mean(diffs) / np.std(diffs, ddof=1))
+    assert lab["cohens_d"] > 0  # positive = better than random
+
+
+def test_ties_count_half_and_a_worse_strategy_has_negative_d():
+    tied = stats.lab_comparison([0.1, 0.0, -0.1, 0.2])
+    assert tied["win_rate"] == pytest.approx(2.5 / 4) and tied["ties"] == 1
+    worse = stats.lab_comparison([-0.2, -0.1, -0.3, 0.05])
+    assert worse["win_rate"] == 0.25 and worse["cohens_d"] < 0
+    none = stats.lab_comparison([0.0, 0.0])
+    assert none["wilcoxon_p"] is None and "no test" in none["reason"]
+
+
+def test_labs_pair_by_code_and_skip_unmasked_ones(tmp_path):
+    ref = make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 1.0])
+    cv = make_run(tmp_path, "cv", 0, [0.8, 0.9, 0.7, 1.2])
+    with open(os.path.join(cv, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    metrics["per_code"] = metrics["per_code"][::-1]  # another order: pairing is by code
+    metrics["per_code"][0]["num_masked"] = 0  # LAB//D not evaluated -> left out
+    with open(os.path.join(cv, "eval", "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    lab = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+        "strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]
+    assert [x["code"] for x in lab["per_lab"]] == ["LAB//A", "LAB//B", "LAB//C"]
+    assert lab["pooled"]["win_rate"] == 1.0
+
+
+def test_seeds_pair_by_seed_and_pool_lab_mses_first(tmp_path):
+    runs = [make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 1.0]),
+            make_run(tmp_path, "random", 1, [1.5, 1.0, 1.0, 1.0]),
+            make_run(tmp_path, "cv", 0, [0.75, 1.25, 0.75, 1.0]),
+            make_run(tmp_path, "cv", 1, [1.75, 0.75, 1.0, 0.75])]
+    summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs]))
+    lab = summary["strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]
+    # seed means: random [1.25, 1, 1, 1], cv [1.25, 1, .875, .875] -> diffs [0, 0, .125, .125]
+    assert [x["diff"] for x in lab["per_lab"]] == [0, 0, 0.125, 0.125]
+    assert lab["pooled"]["win_rate"] == (2 + 0.5 * 2) / 4
+    assert lab["per_seed"]["1"]["win_rate"] == 2.5 / 4  # diffs -.25, .25, 0, .25
+    assert summary["strategies"]["cv"]["masked_mse"]["per_seed"] == {"0": 0.9375, "1": 1.0625}
+
+
+def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
+    rng = np.random.default_rng(0)
+    labels, ref_scores = binormal(2000, 0.5, rng)
+    _, cv_scores = binormal(2000, 1.5, rng, labels)
+    true_delta = special.ndtr(1.5 / 2 ** 0.5) - special.ndtr(0.5 / 2 ** 0.5)  # 0.218
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4, task_scores={"death": (labels, ref_scores)})
+    cv = make_run(tmp_path, "cv", 0, [1.0] * 4, task_scores={"death": (labels, cv_scores)})
+    write_predictions(cv, "death", labels, cv_scores, order=rng.permutation(2000))  # shuffled
+    delta = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+        "strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
+    sample = roc_auc_score(labels, cv_scores) - roc_auc_score(labels, ref_scores)
+    assert delta["delta"] == pytest.approx(sample)  # rows aligned despite the shuffle
+    lo, hi = delta["ci"]
+    assert lo < true_delta < hi and lo > 0
+    assert hi - lo < 0.1 and delta["n"] == 2000 and delta["method"] == "paired bootstrap"
+
+
+def test_vectorized_bootstrap_auroc_equals_sklearn_with_ties():
+    rng = np.random.default_rng(1)
+    labels = rng.random(80) < 0.4
+    scores = np.round(rng.random(80) + labels * 0.3, 1)  # many ties
+    idx = stats.bootstrap_indices(80, seed=3, num=40)
+    got = stats.resampled_aurocs(labels, scores, idx)
+    want = [roc_auc_score(labels[i], scores[i]) for i in idx]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    one_class = stats.resampled_aurocs(np.zeros(5, bool), np.arange(5.0), idx[:2, :5] % 5)
+    assert np.isnan(one_class).all()
+
+
+def test_missing_predictions_fall_back_to_the_two_aurocs_without_ci(tmp_path):
+    rng = np.random.default_rng(2)
+    labels, a = binormal(200, 0.5, rng)
+    _, b = binormal(200, 1.0, rng, labels)
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4, task_scores={"death": (labels, a)})
+    cv = make_run(tmp_path, "cv", 0, [1.0] * 4, task_scores={"death": (labels, b)})
+    os.remove(os.path.join(cv, "eval", "predictions", "death", "held_out.parquet"))
+    delta = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+        "strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
+    assert delta["ci"] is None and "no held_out predictions for cv_s0" in delta["note"]
+    assert delta["delta"] == pytest.approx(roc_auc_score(labels, b) - roc_auc_score(labels, a))
+
+
+def test_convergence_ratio_first_eval_step_at_or_below_randoms_final():
+    ref = [(100, 1.0), (200, 0.9), (300, 0.8), (400, 0.75), (500, 0.7)]
+    assert compare.convergence([(100, 0.95), (200, 0.8), (300, 0.7), (400, 0.6)], ref) == dict(
+        step=300, reference_final_step=500, target_masked_mse=0.7, ratio=0.6, reason=None)
+    never = compare.convergence([(100, 0.95), (500, 0.71)], ref)
+    assert never["ratio"] is None and "never reached 0.7" in never["reason"]
+    assert "no validation lines" in compare.convergence([], ref)["reason"]
+
+
+def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_step(tmp_path):
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4, curve=((100, 1.0), (200, 0.7)))
+    cv = make_run(tmp_path, "cv", 0, [1.0] * 4, curve=((100, 0.9), (200, 0.6)))
+    with open(os.path.join(cv, "metrics.jsonl"), "a") as f:  # resumed: step 100 logged again
+        f.write(json.dumps({"step": 100, "split": "tuning", "masked_mse": 0.65}) + "\n")
+    conv = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+        "strategies"]["cv"]["vs_random"]["convergence"]
+    assert conv["per_seed"] == {"0": 0.5} and conv["mean"] == 0.5
+
+
+def test_single_code_and_perturbation_are_used_when_present(tmp_path):
+    def extra(ratio, single):
+        return dict(single_code=dict(per_code=[dict(code=c, num_masked=10, mse=m)
+                                               for c, m in zip(CODES, single)]),
+                    perturbation=dict(seed=0, split="held_out", shuffle_within_code=dict(
+                        reconstruction=dict(masked_mse_clean=1.0, masked_mse_corrupted=ratio,
+                                            ratio=ratio), downstream={})))
+
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4, **extra(1.1, [1.0] * 4))
+    cv = make_run(tmp_path, "cv", 0, [1.0] * 4, **extra(1.4, [0.5, 0.5, 0.5, 2.0]))
+    var = make_run(tmp_path, "variance", 0, [1.0] * 4)  # an older eval: neither block
+    strategies = compare.summarize(compare.group_runs(
+        [compare.load_run(p) for p in (ref, cv, var)]))["strategies"]
+    single = strategies["cv"]["vs_random"]["reconstruction"]["single_code"]
+    assert single["pooled"]["win_rate"] == 0.75
+    assert strategies["cv"]["perturbation"]["shuffle_within_code"]["mean"] == 1.4
+    assert strategies["random"]["perturbation"]["shuffle_within_code"]["mean"] == 1.1
+    assert "no single_code" in strategies["variance"]["vs_random"]["reconstruction"][
+        "single_code"]["note"]
+    assert strategies["variance"]["perturbation"] == {}
+
+
+def test_compare_runs_writes_summary_report_and_plots_without_subject_ids(tmp_path):
+    rng = np.random.default_rng(3)
+    labels, a = binormal(300, 0.5, rng)
+    runs = [make_run(tmp_path / "runs", s, seed, [1.0, 0.9, 1.1, 1.0], task_scores={
+        "death": (labels, a + 0.1 * rng.standard_normal(300))},
+        label_efficiency={"16": 0.5 + 0.1 * seed, "all": 0.7})
+        for s in ("cv", "random") for seed in (0, 1)]
+    summary = compare.compare_runs(runs, str(tmp_path / "out"))
+    for name in ("summary.json", "report.md", "validation_curves.png",
+                 "lab_difference_by_cv.png", "auroc_by_task.png"):
+        assert (tmp_path / "out" / name).exists(), name
+    assert list(summary["strategies"]) == ["random", "cv"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| `cv` | 0,1 |" in report and "win rate vs random" in report
+    assert "AUROC death: Δ vs random [95% CI]" in report
+    assert summary["strategies"]["cv"]["label_efficiency"]["death"]["16"]["mean"] == 0.55
+    assert "| death | `cv` | 0.550 | 0.700 |" in report
+    for text in (report, (tmp_path / "out" / "summary.json").read_text()):
+        assert str(SUBJECT_BASE)[:6] not in text
+
+
+@pytest.mark.parametrize("strategies_seeds, message", [
+    ((("cv", 0), ("variance", 0)), "no 'random' run among --compare"),
+    ((("random", 0), ("cv", 1)), "has no random run with seed 1"),
+])
+def test_unpairable_runs_are_refused(tmp_path, strategies_seeds, message):
+    runs = [compare.load_run(make_run(tmp_path, s, seed, [1.0] * 4))
+            for s, seed in strategies_seeds]
+    with pytest.raises(ValueError, match=message):
+        compare.group_runs(runs)
+
+
+def run_eval_cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_compare_writes_the_report_and_refuses_unusable_runs(tmp_path):
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4)
+    cv = make_run(tmp_path, "cv", 0, [0.9] * 4)
+    os.makedirs(tmp_path / "bare")
+    result = run_eval_cli(f"--compare={ref},{tmp_path / 'bare'}", f"--workdir={tmp_path}/out")
+    assert result.returncode == 1
+    assert (f"error: {tmp_path / 'bare'}: no eval/metrics.json; run `python eval.py "
+            f"--workdir={tmp_path / 'bare'}` first") in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_eval_cli(f"--compare={cv}", f"--workdir={tmp_path}/out")
+    assert result.returncode == 1 and "no 'random' run among --compare" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = run_eval_cli(f"--compare={ref},{cv}", f"--workdir={tmp_path}/out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| `cv` | 0 |" in (tmp_path / "out" / "report.md").read_text()

@@ -1,0 +1,105 @@
+"""The study command: a tiny study (2 strategies x 1 seed) that completes, then resumes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cvmae_jax.study import is_finished, run_configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
+        "--config.model.d_model=32", "--config.model.num_layers=1",
+        "--config.model.time_frequencies=4", "--config.train.num_steps=6",
+        "--config.train.batch_size=8", "--config.train.log_every=3",
+        "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+        "--config.eval.batch_size=8", "--config.study.strategies=('random', 'cv')",
+        "--config.study.seeds=(0,)"]
+
+
+def study_config():
+    spec = importlib.util.spec_from_file_location("study_config",
+                                                  os.path.join(REPO, "configs", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_study_cli(workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "cvmae_jax.study", "--config=configs/study.py",
+                           f"--workdir={workdir}", *TINY], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_path):
+    config = study_config()
+    config.study.seeds = (0, 1)
+    runs = run_configs(config, str(tmp_path))
+    assert [os.path.basename(d) for d, _ in runs] == [
+        f"{s}_s{seed}" for seed in (0, 1) for s in ("random", "variance", "cv", "cv_rank")]
+    for run_dir, run in runs:
+        assert "study" not in run and run.data.data_dir == str(tmp_path / "data")
+        assert run_dir.endswith(f"{run.masking.strategy}_s{run.seed}")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("strategies", ("cv", "variance"), "including 'random'"),
+    ("strategies", ("random", "spans"), "expected distinct strategies"),
+    ("seeds", (), "expected distinct seeds"),
+])
+def test_bad_study_settings_are_refused(tmp_path, field, value, message):
+    config = study_config()
+    config.study[field] = value
+    with pytest.raises(ValueError, match=message):
+        run_configs(config, str(tmp_path))
+
+
+@pytest.mark.slow  # two study commands: 47 s on 2 cores at load 1.2, 81 s at load 2-3
+def test_tiny_study_completes_then_resumes_without_training(tmp_path):
+    study = tmp_path / "study"
+    result = run_study_cli(study)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run 2/2 cv_s0: training ..." in result.stderr and "ETA" in result.stderr
+    for name in ("report.md", "summary.json", "validation_curves.png"):
+        assert (study / name).exists(), name
+    summary = json.loads((study / "summary.json").read_text())
+    assert list(summary["strategies"]) == ["random", "cv"]
+    assert summary["strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]["pooled"][
+        "n_labs"] > 0
+    assert len(os.listdir(study / "data" / "meds_lab_sequences")) == 1  # one shared dataset
+    assert not (study / "runs" / "cv_s0" / "data").exists()
+
+    lines = {run: (study / "runs" / run / "metrics.jsonl").read_text()
+             for run in ("random_s0", "cv_s0")}
+    evals = {run: (study / "runs" / run / "eval" / "metrics.json").stat().st_mtime_ns
+             for run in lines}
+    result = run_study_cli(study)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run 2/2 cv_s0: finished earlier (eval/metrics.json at step 6), skipped" in \
+        result.stderr
+    assert "training ..." not in result.stderr
+    for run in lines:  # nothing trained or evaluated again
+        assert (study / "runs" / run / "metrics.jsonl").read_text() == lines[run]
+        assert (study / "runs" / run / "eval" / "metrics.json").stat().st_mtime_ns == evals[run]
+    assert "report:" in result.stdout
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
+    config = study_config()
+    run_dir, run = run_configs(config, str(tmp_path))[0]
+    os.makedirs(os.path.join(run_dir, "eval"))
+    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
+        json.dump({"step": run.train.num_steps}, f)
+    saved = run.to_dict()
+    saved["train"]["learning_rate"] = 0.5
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ValueError,
+                       match=r"other settings \(train.learning_rate: 0.5 -> 0.001\); use a new"):
+        is_finished(run_dir, run)
+    run.train.num_steps += 1  # not finished: training resumes (and check_resume_compatible)
+    assert not is_finished(run_dir, run)
