@@ -1,6 +1,10 @@
 """Batches/s the input pipeline delivers vs the batches/s the train step consumes.
 
     python -m benchmarks.pipeline_bench [--subjects=1000 --batches=200 --data_dir=DIR]
+    python -m benchmarks.pipeline_bench --packing [--meds_dir=MEDS --no_step]
+
+With --packing it also reads packed batches (``data.packing=True``) and prints the share of real
+tokens in both layouts; --meds_dir reads a MEDS root instead of the synthetic default.
 
 Builds (or reuses, under --data_dir) the synthetic MEDS default prepared like ``train.py`` does,
 reads ``cvmae_jax.data.pipeline.train_dataset`` batches at the default batch size, then times the
@@ -18,14 +22,15 @@ import time
 from benchmarks import common
 from benchmarks.step_bench import JaxStep
 from cvmae_jax.config import default_config
+from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 
 
-def prepared(data_dir: str, subjects: int):
+def prepared(data_dir: str, subjects: int, meds_dir: str | None = None):
     config = default_config()
-    meds_dir = os.path.join(data_dir, "synthetic_meds")
+    meds_dir = meds_dir or os.path.join(data_dir, "synthetic_meds")
     if not os.path.exists(meds_dir):
         common.progress(f"generating {subjects} synthetic subjects")
         generate_synthetic_meds(meds_dir, num_subjects=subjects)
@@ -40,15 +45,29 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="timed batches")
     parser.add_argument("--data_dir", default=None, help="keep the data here (default: temp)")
     parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--packing", action="store_true", help="also read packed batches")
+    parser.add_argument("--meds_dir", default=None, help="a MEDS root instead of synthetic data")
+    parser.add_argument("--no_step", action="store_true", help="skip timing the train step")
     args = parser.parse_args()
+    layouts = {"padded": train_dataset, "packed": packed_train_dataset}
+    if not args.packing:
+        del layouts["packed"]
+    rates = {}
     with tempfile.TemporaryDirectory() as tmp:
-        config, dataset = prepared(args.data_dir or tmp, args.subjects)
+        config, dataset = prepared(args.data_dir or tmp, args.subjects, args.meds_dir)
         batch_size, max_len = config.train.batch_size, config.data.max_len
-        data = iter(train_dataset(dataset, "train", batch_size, max_len, seed=0))
-        next(data)  # start the reader threads
-        start = time.perf_counter()
-        tokens = sum(int(next(data)["valid"].sum()) for _ in range(args.batches))
-        pipeline_s = (time.perf_counter() - start) / args.batches
+        for name, make in layouts.items():
+            data = iter(make(dataset, "train", batch_size, max_len, seed=0))
+            next(data)  # start the reader threads
+            start = time.perf_counter()
+            tokens = sum(int(next(data)["valid"].sum()) for _ in range(args.batches))
+            rates[name] = args.batches / (time.perf_counter() - start)
+            print(f"{name:8s} pipeline {rates[name]:8.1f} batches/s  ({batch_size} x {max_len}; "
+                  f"real tokens {tokens / args.batches / (batch_size * max_len):.3f} of the "
+                  f"slots over {args.batches} batches)")
+    if args.no_step:
+        return
+    pipeline_s = 1 / rates["padded"]
     common.progress("timing the default step")
     cfg = common.BenchConfig(batch=batch_size, seq=max_len)
     runner = JaxStep(cfg)
@@ -56,8 +75,6 @@ def main() -> None:
     common.time_calls(runner.step, cfg.warmup)
     step_s = common.summary(common.time_calls(runner.step, cfg.steps))["median_s"]
     print(f"machine: {common.machine_info()}")
-    print(f"pipeline  {1 / pipeline_s:8.1f} batches/s  ({batch_size} x {max_len}; "
-          f"{tokens / args.batches:.0f} real tokens per batch)")
     print(f"step      {1 / step_s:8.1f} batches/s  (default config, median of {cfg.steps})")
     print(f"pipeline / step = {step_s / pipeline_s:.1f}x")
     common.write_json(args.json, dict(pipeline_batches_per_s=1 / pipeline_s,
