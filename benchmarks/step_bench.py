@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from cvmae_jax import parallel, steps
+from cvmae_jax.masking import sample_value_mask
 from cvmae_jax.model import ModelConfig
 
 NUM_BATCHES = 8  # distinct batches, cycled
@@ -58,9 +59,10 @@ class JaxStep:
         optimizer = steps.make_optimizer(optimizer_config(cfg))
         graphdef, state = steps.init_state(model_config(cfg, dtype), optimizer, cfg.seed)
         self.state = self.launcher.put_state(state)
+        self.mask_probs = jnp.asarray(common.cv_like_probs(cfg.vocab, cfg.seed))
         self.body = steps.make_train_step(
-            graphdef, optimizer, jnp.asarray(common.cv_like_probs(cfg.vocab, cfg.seed)),
-            jax.random.key(cfg.seed), cfg.unmasked_weight, self.launcher.axis_name)
+            graphdef, optimizer, self.mask_probs, jax.random.key(cfg.seed), cfg.unmasked_weight,
+            self.launcher.axis_name)
         make_batches = common.packed_batches if packed else common.synthetic_batches
         self.batches = make_batches(cfg, NUM_BATCHES, cfg.seed)
         if packed:
@@ -75,6 +77,18 @@ class JaxStep:
         seconds = time.perf_counter() - start
         self.flops = cost_flops(self.compiled)
         return seconds
+
+    def mask_sampling_s(self, calls: int = 50) -> float:
+        """Median seconds of the step's mask draw (``sample_value_mask`` on this runner's
+        batches) compiled alone: an upper bound on its share inside the fused step."""
+        sample = jax.jit(lambda step, b: sample_value_mask(
+            jax.random.key(self.cfg.seed), step, b["example_id"], b["codes"], b["valid"],
+            self.mask_probs, b.get("positions")))
+        batches = [jax.device_put(b) for b in self.batches]
+        sample(0, batches[0]).block_until_ready()
+        times = common.time_calls(
+            lambda i: sample(i, batches[i % NUM_BATCHES]).block_until_ready(), calls)
+        return common.summary(times)["median_s"]
 
     def step(self, i: int) -> None:
         batch = self.launcher.put_batch(self.batches[i % NUM_BATCHES])
@@ -123,6 +137,7 @@ def main() -> None:
     results = [report(runner.name, compile_s[runner.name], times[runner.name],
                       runner.tokens_per_batch, runner.flops, ceiling) for runner in runners]
     for runner, result in zip(runners, results):
+        result["mask_sampling_s"] = runner.mask_sampling_s()
         _print_result(runner, result, cfg, ceiling)
     if args.packing:
         print(f"packed/padded real tokens/s = "
@@ -145,6 +160,8 @@ def _print_result(runner: JaxStep, result: dict, cfg: common.BenchConfig,
     print(f"achieved              {result['achieved_gflops']:.1f} GFLOP/s")
     print(f"matmul ceiling        {ceiling:.1f} GFLOP/s (jit f32 2048x2048 dot, best of 20)")
     print(f"fraction of ceiling   {result['ceiling_fraction']:.1%}")
+    print(f"mask sampling         {result['mask_sampling_s'] * 1e3:.2f} ms compiled alone "
+          f"({result['mask_sampling_s'] / result['median_s']:.2%} of the step)")
 
 
 if __name__ == "__main__":
