@@ -146,13 +146,21 @@ def summary(times: list[float]) -> dict:
                 n=len(times))
 
 
-def matmul_ceiling_gflops(n: int = 2048, repeats: int = 20) -> float:
-    """GFLOP/s of a jitted f32 [n, n] @ [n, n] on the default JAX device: the best of
+def ceiling_matmul_size(backend: str) -> int:
+    """Side of the square matmul that measures the ceiling: 2048 on a CPU, 8192 on an
+    accelerator (where 2048 finishes in microseconds and would time the launch)."""
+    return 2048 if backend == "cpu" else 8192
+
+
+def matmul_ceiling_gflops(dtype: str = "float32", repeats: int = 20) -> float:
+    """GFLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` on the default JAX device (default
+    precision: TF32 for float32 on recent NVIDIA GPUs, as in the model's step): the best of
     ``repeats`` (a ceiling; on a shared machine the median mostly measures the other load)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    n = ceiling_matmul_size(jax.default_backend())
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
     times = time_calls(lambda _: dot(a, a).block_until_ready(), repeats)
@@ -176,10 +184,13 @@ def machine_info() -> dict:
 
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(),
                 jax=jax.__version__, jax_backend=jax.default_backend(),
+                jax_device=jax.devices()[0].device_kind,
                 xla_flags=os.environ.get("XLA_FLAGS", ""), host_malloc=HOST_MALLOC)
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            info["torch_device"] = torch.cuda.get_device_name()
     try:
         info["load_avg_1min"] = os.getloadavg()[0]
     except OSError:

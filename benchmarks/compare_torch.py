@@ -1,6 +1,8 @@
 """JAX train step vs the PyTorch reference (eager and torch.compile), side by side.
 
-    python -m benchmarks.compare_torch --config=default [--rounds=5 --steps=5]
+    python -m benchmarks.compare_torch --config=default [--rounds=5 --steps=5 --dtype=bfloat16]
+
+Runs on the GPU when JAX and torch see one (both default to it), else on the CPU.
 
 Each runner is compiled and warmed up, then the runners alternate: in every round each one runs
 ``--steps`` timed steps (A B C A B C ...), so load from other processes hits them alike. Medians
@@ -15,7 +17,7 @@ import traceback
 
 from benchmarks import common
 from benchmarks.step_bench import JaxStep, report
-from benchmarks.torch_reference import TorchStep, torch_matmul_gflops
+from benchmarks.torch_reference import TorchStep, default_device, torch_matmul_gflops
 
 
 def main() -> None:
@@ -23,14 +25,16 @@ def main() -> None:
     common.add_config_args(parser, steps=5, warmup=3)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of both (parameters stay float32)")
     args = parser.parse_args()
     cfg = common.config_from_args(args)
 
-    ceiling = common.matmul_ceiling_gflops()
-    torch_ceiling = torch_matmul_gflops()
-    runners = [JaxStep(cfg), TorchStep(cfg, compiled=False)]
+    ceiling = common.matmul_ceiling_gflops(args.dtype)
+    torch_ceiling = torch_matmul_gflops(args.dtype)
+    runners = [JaxStep(cfg, args.dtype), TorchStep(cfg, compiled=False, dtype=args.dtype)]
     if not args.no_compile:
-        runners.append(TorchStep(cfg, compiled=True))
+        runners.append(TorchStep(cfg, compiled=True, dtype=args.dtype))
     compile_s, times, failed = {}, {}, {}
     for runner in list(runners):
         common.progress(f"{runner.name}: compiling / first step")
@@ -53,13 +57,15 @@ def main() -> None:
     results = [report(r.name, compile_s[r.name], times[r.name], r.tokens_per_batch, flops,
                       ceiling) for r in runners]
     machine = common.machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, "
-          f"torch {machine.get('torch')} ({machine.get('torch_threads')} threads), "
-          f"load avg {machine.get('load_avg_1min', float('nan')):.1f}")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on "
+          f"{machine['jax_device']}, torch {machine.get('torch')} on "
+          f"{default_device()} ({machine.get('torch_threads')} "
+          f"threads), load avg {machine.get('load_avg_1min', float('nan')):.1f}")
     print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
-          f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab}; {args.rounds} rounds x "
+          f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}; {args.rounds} rounds x "
           f"{cfg.steps} steps per runner; {flops / 1e9:.2f} GFLOP/step (XLA cost analysis)")
-    print(f"matmul ceiling: jax {ceiling:.1f} GFLOP/s, torch {torch_ceiling:.1f} GFLOP/s")
+    print(f"matmul ceiling ({args.dtype}): jax {ceiling:.1f} GFLOP/s, "
+          f"torch {torch_ceiling:.1f} GFLOP/s")
     for name, error in failed.items():
         print(f"{name} FAILED: {error}")
     jax_median = results[0]["median_s"]

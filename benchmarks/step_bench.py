@@ -110,7 +110,8 @@ def report(name: str, compile_s: float, times: list[float], tokens: float, flops
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_config_args(parser)
-    parser.add_argument("--dtype", default="float32", help="model compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="model compute dtype (parameters stay float32)")
     parser.add_argument("--packing", action="store_true",
                         help="also time packed batches of the same examples, alternating with "
                              "the padded ones, and print the ratio of real tokens/s")
@@ -119,7 +120,7 @@ def main() -> None:
     print(common.machine_info())
     print(cfg)
     common.progress("measuring the matmul ceiling")
-    ceiling = common.matmul_ceiling_gflops()
+    ceiling = common.matmul_ceiling_gflops(args.dtype)
     runners = [JaxStep(cfg, args.dtype)] + ([JaxStep(cfg, args.dtype, packed=True)]
                                             if args.packing else [])
     compile_s, times = {}, {}
@@ -138,7 +139,7 @@ def main() -> None:
                       runner.tokens_per_batch, runner.flops, ceiling) for runner in runners]
     for runner, result in zip(runners, results):
         result["mask_sampling_s"] = runner.mask_sampling_s()
-        _print_result(runner, result, cfg, ceiling)
+        _print_result(runner, result, cfg, ceiling, args.dtype)
     if args.packing:
         print(f"packed/padded real tokens/s = "
               f"{results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}")
@@ -148,7 +149,7 @@ def main() -> None:
 
 
 def _print_result(runner: JaxStep, result: dict, cfg: common.BenchConfig,
-                  ceiling: float) -> None:
+                  ceiling: float, dtype: str) -> None:
     print(f"--- {runner.name}")
     print(f"compile time          {result['compile_s']:.2f} s")
     print(f"step time             median {result['median_s'] * 1e3:.1f} ms  "
@@ -158,7 +159,8 @@ def _print_result(runner: JaxStep, result: dict, cfg: common.BenchConfig,
           f"({result['real_tokens_per_step']:.0f} of {cfg.batch * cfg.seq} tokens per step)")
     print(f"XLA FLOPs/step        {runner.flops / 1e9:.2f} GFLOP")
     print(f"achieved              {result['achieved_gflops']:.1f} GFLOP/s")
-    print(f"matmul ceiling        {ceiling:.1f} GFLOP/s (jit f32 2048x2048 dot, best of 20)")
+    print(f"matmul ceiling        {ceiling:.1f} GFLOP/s (jit {dtype} dot, "
+          f"best of 20, {jax.devices()[0].device_kind})")
     print(f"fraction of ceiling   {result['ceiling_fraction']:.1%}")
     print(f"mask sampling         {result['mask_sampling_s'] * 1e3:.2f} ms compiled alone "
           f"({result['mask_sampling_s'] / result['median_s']:.2%} of the step)")

@@ -6,8 +6,11 @@ Same architecture, loss and optimizer as ``cvmae_jax`` (pre-LN encoder, code emb
 time features + value Linear(1->d) replaced by a learned mask vector where hidden, SDPA with a
 key-padding mask, tanh-GELU MLP, final LayerNorm, linear head; masked MSE + 0.1 x unmasked MSE;
 global-norm clipping + AdamW). Masks are drawn on the host per batch with numpy, as a PyTorch
-data loader would. Parameter names follow the Flax module (``load_flax_params`` copies them).
-Timed eager and under ``torch.compile``.
+data loader would, and copied to the device with the batch each step. Parameter names follow the
+Flax module (``load_flax_params`` copies them). Timed eager and under ``torch.compile``, on the
+GPU when torch sees one (float32 matmuls then use TF32, as XLA's default precision does on
+recent NVIDIA GPUs), else on the CPU. ``--dtype=bfloat16`` runs under ``torch.autocast``
+(parameters stay float32), as ``config.model.dtype='bfloat16'`` does in JAX.
 """
 
 from __future__ import annotations
@@ -140,14 +143,26 @@ def host_mask(batch: dict, probs: np.ndarray, rng: np.random.Generator) -> np.nd
     return (rng.random(batch["codes"].shape) < probs[batch["codes"]]) & batch["valid"]
 
 
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu"; on a GPU float32 matmuls use TF32 (JAX's default
+    precision there), so both frameworks do the same arithmetic."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return "cuda"
+    return "cpu"
+
+
 class TorchStep:
     """One training step (host mask, forward, loss, backward, clip, AdamW), eager or compiled."""
 
-    def __init__(self, cfg: common.BenchConfig, compiled: bool):
+    def __init__(self, cfg: common.BenchConfig, compiled: bool, dtype: str = "float32"):
         torch.manual_seed(cfg.seed)
         self.cfg, self.compiled = cfg, compiled
+        self.device = default_device()
+        self.autocast = torch.autocast(self.device, dtype=torch.bfloat16,
+                                       enabled=dtype == "bfloat16")
         self.name = "torch compile" if compiled else "torch eager"
-        self.model = TorchVOMAE(cfg)
+        self.model = TorchVOMAE(cfg).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
         self.probs = common.cv_like_probs(cfg.vocab, cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -163,14 +178,16 @@ class TorchStep:
 
     def step(self, i: int) -> None:
         batch = self.batches[i % NUM_BATCHES]
-        mask = torch.from_numpy(host_mask(batch, self.probs, self.rng))
-        inputs = [torch.from_numpy(batch[k]) for k in ("times", "codes", "values")]
-        loss = self.loss_fn(*inputs, mask, torch.from_numpy(batch["valid"]))
+        mask = host_mask(batch, self.probs, self.rng)
+        inputs = [torch.from_numpy(a).to(self.device) for a in
+                  (batch["times"], batch["codes"], batch["values"], mask, batch["valid"])]
+        with self.autocast:
+            loss = self.loss_fn(*inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        self.loss = loss.detach().item()  # waits (CPU torch is synchronous anyway)
+        self.loss = loss.detach().item()  # waits for the device
 
     def compile(self) -> float:
         """Run the first step (torch.compile traces and compiles there); returns seconds."""
@@ -179,17 +196,28 @@ class TorchStep:
         return time.perf_counter() - start
 
 
-def torch_matmul_gflops(n: int = 2048, repeats: int = 20) -> float:
-    """GFLOP/s of an f32 [n, n] @ [n, n] in torch, best of ``repeats``."""
-    a = torch.randn(n, n)
-    a @ a
-    return 2.0 * n**3 / min(common.time_calls(lambda _: a @ a, repeats)) / 1e9
+def torch_matmul_gflops(dtype: str = "float32", repeats: int = 20) -> float:
+    """GFLOP/s of an [n, n] @ [n, n] in torch on ``default_device()``, best of ``repeats``
+    (n as ``common.ceiling_matmul_size``)."""
+    device = default_device()
+    n = common.ceiling_matmul_size(device)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+
+    def product(_):
+        a @ a
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    product(0)
+    return 2.0 * n**3 / min(common.time_calls(product, repeats)) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_config_args(parser)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype (bfloat16: torch.autocast, float32 parameters)")
     parser.add_argument("--sdpa", default="default", choices=("default", "math"),
                         help="math: unfused attention (materialized [B, H, L, L] scores)")
     args = parser.parse_args()
@@ -200,10 +228,11 @@ def main() -> None:
     cfg = common.config_from_args(args)
     print(common.machine_info())
     print(cfg)
-    print(f"torch matmul          {torch_matmul_gflops():.1f} GFLOP/s (f32 2048x2048)")
+    print(f"torch matmul          {torch_matmul_gflops(args.dtype):.1f} GFLOP/s "
+          f"({args.dtype}, {default_device()})")
     results = {}
     for compiled in (False,) if args.no_compile else (False, True):
-        runner = TorchStep(cfg, compiled)
+        runner = TorchStep(cfg, compiled, args.dtype)
         try:
             common.progress(f"{runner.name}: first step")
             first_s = runner.compile()
