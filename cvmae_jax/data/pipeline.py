@@ -16,6 +16,7 @@ from cvmae_jax.data.prepare import PreparedDataset
 
 BATCH_KEYS = ("times", "codes", "values", "valid", "example_id")
 READ_THREADS = 8
+BATCHES_AHEAD = 2  # stacked batches waiting for the train loop
 
 
 def pad_example(example: dict, max_len: int) -> dict:
@@ -79,7 +80,9 @@ def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int,
     # Threads read and pad examples ahead; the buffer holds about two batches.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                               prefetch_buffer_size=2 * local))
-    return ds.batch(local, drop_remainder=True)
+    # A background thread also stacks the batches ahead, so the train loop only pops one.
+    return grain.experimental.ThreadPrefetchIterDataset(
+        ds.batch(local, drop_remainder=True), prefetch_buffer_size=BATCHES_AHEAD)
 
 
 def eval_batches(prepared: PreparedDataset, split: str, batch_size: int, max_len: int,
