@@ -57,3 +57,18 @@ def test_torch_loss_matches_flax_loss():
     got = torch_reference.reconstruction_loss(*[torch.from_numpy(a) for a in
                                                 (predictions, values, mask, valid)], 0.1)
     np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+def test_torch_step_bfloat16_autocast_trains_like_float32():
+    """--dtype=bfloat16 runs the reference under autocast with float32 parameters: the first
+    losses match float32 to bf16 precision, and the parameters stay float32."""
+    cfg = common.BenchConfig(d_model=16, heads=2, layers=1, seq=16, batch=4, vocab=11)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        runner = torch_reference.TorchStep(cfg, compiled=False, dtype=dtype)
+        runner.step(0)
+        losses[dtype] = runner.loss
+        assert all(p.dtype == torch.float32 for p in runner.model.parameters())
+    assert np.isfinite(losses["bfloat16"])
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
+    assert losses["bfloat16"] != losses["float32"]  # the bf16 path really ran in bf16
