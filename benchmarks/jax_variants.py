@@ -3,7 +3,8 @@
     python -m benchmarks.jax_variants --config=default [--rounds=5 --steps=4 --only=bfloat16,...]
 
 Variants change ``config.model.attention`` or the compute dtype, or (diagnostic only, not the
-model) replace the attention by ``v`` to bound what attention costs. XLA flags act per process:
+model) patch a piece of it: attention replaced by ``v`` to bound what attention costs, or the
+code embedding gathered from its float32 table (a suspect of the slow bfloat16 step on GPUs). XLA flags act per process:
 run ``step_bench`` under different ``XLA_FLAGS`` for those.
 """
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
 
 from benchmarks import common
 from benchmarks import step_bench
@@ -23,28 +27,56 @@ def no_attention(q, k, v, keep, implementation="einsum"):
     return v
 
 
-VARIANTS = {  # name -> (config.model.attention, dtype, attention replacement or None)
+@contextlib.contextmanager
+def attention_replaced_by_v():
+    """Diagnostic: attention returns v, to bound what attention costs."""
+    original = model.self_attention
+    model.self_attention = no_attention
+    try:
+        yield
+    finally:
+        model.self_attention = original
+
+
+@contextlib.contextmanager
+def embedding_gathered_in_param_dtype():
+    """Diagnostic for bfloat16: ``nnx.Embed`` casts the whole table to the compute dtype before
+    the gather, so its gradient is a scatter-add in bfloat16; here the gather reads the float32
+    table and casts the [B, L, D] result, so the scatter-add runs in float32."""
+    original = nnx.Embed.__call__
+
+    def call(self, inputs, *args, **kwargs):
+        return jnp.take(self.embedding[...], inputs, axis=0).astype(self.dtype)
+
+    nnx.Embed.__call__ = call
+    try:
+        yield
+    finally:
+        nnx.Embed.__call__ = original
+
+
+VARIANTS = {  # name -> (config.model.attention, dtype, diagnostic patch or None)
     "baseline": ("einsum", "float32", None),
     "dot_product_attention": ("dot_product_attention", "float32", None),
     "bfloat16": ("einsum", "bfloat16", None),
-    "no_attention": ("einsum", "float32", no_attention),
+    "no_attention": ("einsum", "float32", attention_replaced_by_v),
     "bfloat16_dot_product_attention": ("dot_product_attention", "bfloat16", None),
-    "bfloat16_no_attention": ("einsum", "bfloat16", no_attention),
+    "bfloat16_no_attention": ("einsum", "bfloat16", attention_replaced_by_v),
+    "bfloat16_float32_embedding_gather": ("einsum", "bfloat16", embedding_gathered_in_param_dtype),
 }
 
 
 @contextlib.contextmanager
-def variant(attention: str, replacement):
-    """While tracing: the model built with ``attention``, its attention optionally replaced."""
-    original_config, original_attention = step_bench.model_config, model.self_attention
+def variant(attention: str, patch):
+    """While tracing: the model built with ``attention``, with the diagnostic ``patch`` on."""
+    original_config = step_bench.model_config
     step_bench.model_config = lambda cfg, dtype="float32": dataclasses.replace(
         original_config(cfg, dtype), attention=attention)
-    if replacement is not None:
-        model.self_attention = replacement
     try:
-        yield
+        with patch() if patch is not None else contextlib.nullcontext():
+            yield
     finally:
-        step_bench.model_config, model.self_attention = original_config, original_attention
+        step_bench.model_config = original_config
 
 
 def main() -> None:
@@ -57,9 +89,9 @@ def main() -> None:
     names = ["baseline"] + [n for n in args.only.split(",") if n != "baseline"]
     runners, times, compile_s = {}, {}, {}
     for name in names:
-        attention, dtype, replacement = VARIANTS[name]
+        attention, dtype, patch = VARIANTS[name]
         common.progress(f"{name}: compiling")
-        with variant(attention, replacement):
+        with variant(attention, patch):
             runners[name] = JaxStep(cfg, dtype)
             compile_s[name] = runners[name].compile()
         common.time_calls(runners[name].step, cfg.warmup)
