@@ -21,6 +21,7 @@ import numpy as np
 from cvmae_jax.host_memory import reuse_freed_memory
 
 HOST_MALLOC = "glibc defaults"  # what config_from_args set up
+DTYPES = ("float32", "bfloat16")  # compute dtypes the benchmarks take (parameters stay float32)
 
 # The benchmark configs of issue 6 (the model fields match config.model).
 CONFIGS = {

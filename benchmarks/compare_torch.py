@@ -13,6 +13,7 @@ over the best torch median; < 1 means JAX is faster).
 from __future__ import annotations
 
 import argparse
+import os
 import traceback
 
 from benchmarks import common
@@ -25,9 +26,12 @@ def main() -> None:
     common.add_config_args(parser, steps=5, warmup=3)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="compute dtype of both (parameters stay float32)")
     args = parser.parse_args()
+    # Both frameworks share one GPU: JAX (whose backend starts at its first use, below) allocates
+    # as it goes instead of reserving 75% of the memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cfg = common.config_from_args(args)
 
     ceiling = common.matmul_ceiling_gflops(args.dtype)

@@ -4,8 +4,8 @@
 
 Variants change ``config.model.attention`` or the compute dtype, or (diagnostic only, not the
 model) patch a piece of it: attention replaced by ``v`` to bound what attention costs, or the
-code embedding gathered from its float32 table (a suspect of the slow bfloat16 step on GPUs). XLA flags act per process:
-run ``step_bench`` under different ``XLA_FLAGS`` for those.
+code embedding gathered from its float32 table (a suspect of the slow bfloat16 step on GPUs).
+XLA flags act per process: run ``step_bench`` under different ``XLA_FLAGS`` for those.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def report(name: str, compile_s: float, times: list[float], tokens: float, flops
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_config_args(parser)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="model compute dtype (parameters stay float32)")
     parser.add_argument("--packing", action="store_true",
                         help="also time packed batches of the same examples, alternating with "

@@ -10,7 +10,9 @@ data loader would, and copied to the device with the batch each step. Parameter 
 Flax module (``load_flax_params`` copies them). Timed eager and under ``torch.compile``, on the
 GPU when torch sees one (float32 matmuls then use TF32, as XLA's default precision does on
 recent NVIDIA GPUs), else on the CPU. ``--dtype=bfloat16`` runs under ``torch.autocast``
-(parameters stay float32), as ``config.model.dtype='bfloat16'`` does in JAX.
+(parameters stay float32). Autocast's policy differs from ``config.model.dtype='bfloat16'``:
+torch keeps the embedding, LayerNorm and loss in float32 and runs matmuls in bf16, while the
+Flax model computes every layer (the embedding gather included) in bf16.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ class TorchStep:
     """One training step (host mask, forward, loss, backward, clip, AdamW), eager or compiled."""
 
     def __init__(self, cfg: common.BenchConfig, compiled: bool, dtype: str = "float32"):
+        if dtype not in common.DTYPES:
+            raise ValueError(f"dtype={dtype!r} must be one of {common.DTYPES}")
         torch.manual_seed(cfg.seed)
         self.cfg, self.compiled = cfg, compiled
         self.device = default_device()
@@ -216,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_config_args(parser)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="compute dtype (bfloat16: torch.autocast, float32 parameters)")
     parser.add_argument("--sdpa", default="default", choices=("default", "math"),
                         help="math: unfused attention (materialized [B, H, L, L] scores)")

@@ -6,8 +6,9 @@ Two formulations of the same function (``config.model.attention``):
   the padding/segment mask applied inside the softmax's fusion. On XLA CPU this layout avoids
   the transposes of the [B, H, L, L] score tensors that the [B, L, H, Dh] layout needs
   (measured in benchmarks/NOTES.md).
-- ``dot_product_attention``: ``jax.nn.dot_product_attention``, which lets JAX pick a fused
-  kernel (cuDNN flash attention on NVIDIA GPUs for bf16/fp16) where one exists.
+- ``dot_product_attention``: ``jax.nn.dot_product_attention`` with its default implementation,
+  which in jax 0.10-0.11 is XLA's (its cuDNN flash attention is only used when asked for with
+  ``implementation='cudnn'``, not tried here yet).
 """
 
 from __future__ import annotations

@@ -187,6 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if pending is not None:
             record(pending)
     finally:
+        data.close()  # stops the input pipeline's threads
         checkpointer.close()  # waits for the last async save
         preemption.restore_handler()
     return dict(step=int(jax.device_get(launcher.checkpoint_view(state).step)), train=last_train,
