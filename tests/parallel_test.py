@@ -125,6 +125,9 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(data_dir,
         def set_state(self, state):
             self.iterator.set_state(json.loads(state))
 
+        def close(self):
+            self.iterator.close()
+
     class PoisonedDataset:
         def __init__(self, dataset):
             self.dataset = dataset
