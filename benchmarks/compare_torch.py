@@ -18,7 +18,7 @@ import traceback
 
 from benchmarks import common
 from benchmarks.step_bench import JaxStep, report
-from benchmarks.torch_reference import TorchStep, default_device, torch_matmul_gflops
+from benchmarks.torch_reference import TorchStep, torch_matmul_gflops
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on "
           f"{machine['jax_device']}, torch {machine.get('torch')} on "
-          f"{default_device()} ({machine.get('torch_threads')} "
+          f"{machine.get('torch_device', 'cpu')} ({machine.get('torch_threads')} "
           f"threads), load avg {machine.get('load_avg_1min', float('nan')):.1f}")
     print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
           f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}; {args.rounds} rounds x "

@@ -9,8 +9,8 @@ The demo model of configs/demo.py, trained for 600 steps, validated every 100 (t
 of the convergence ratio). Default size: the 4 strategies x 1 seed = 4 runs, so that it
 finishes in under 30 minutes on 2 CPU cores. Measured on this project's 2-core AVX2 VM, quiet:
 the training phase of each run took 3.2-3.6 min (600 steps with validation and checkpoints),
-eval.py (single-code masking off) ~50 s, so ~4.3 min per run and 17m19s for the study. More seeds make
-the comparison sturdier and cost ~16.5 min each: --config.study.seeds='(0, 1, 2)'.
+eval.py (single-code masking off) ~50 s, so ~4.3 min per run and 17m19s for the study. More
+seeds make the comparison sturdier and cost ~16.5 min each: --config.study.seeds='(0, 1, 2)'.
 Single-code masking is off here (it adds ~50 s per run): pass --config.eval.single_code=True (on
 a new workdir) to add its table to the report.
 """
