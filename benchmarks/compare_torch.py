@@ -17,7 +17,7 @@ import os
 import traceback
 
 from benchmarks import common
-from benchmarks.step_bench import JaxStep, report
+from benchmarks.step_bench import JaxStep, add_attention_arg, report
 from benchmarks.torch_reference import TorchStep, torch_matmul_gflops
 
 
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="compute dtype of both (parameters stay float32)")
+    add_attention_arg(parser)
     args = parser.parse_args()
     # Both frameworks share one GPU: JAX (whose backend starts at its first use, below) allocates
     # as it goes instead of reserving 75% of the memory up front.
@@ -36,7 +37,7 @@ def main() -> None:
 
     ceiling = common.matmul_ceiling_gflops(args.dtype)
     torch_ceiling = torch_matmul_gflops(args.dtype)
-    runners = [JaxStep(cfg, args.dtype), TorchStep(cfg, compiled=False, dtype=args.dtype)]
+    runners = [JaxStep(cfg, args.dtype, attention=args.attention), TorchStep(cfg, compiled=False, dtype=args.dtype)]
     if not args.no_compile:
         runners.append(TorchStep(cfg, compiled=True, dtype=args.dtype))
     compile_s, times, failed = {}, {}, {}
@@ -66,7 +67,8 @@ def main() -> None:
           f"{machine.get('torch_device', 'cpu')} ({machine.get('torch_threads')} "
           f"threads), load avg {machine.get('load_avg_1min', float('nan')):.1f}")
     print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
-          f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}; {args.rounds} rounds x "
+          f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}, jax attention "
+          f"{args.attention}; {args.rounds} rounds x "
           f"{cfg.steps} steps per runner; {flops / 1e9:.2f} GFLOP/step (XLA cost analysis)")
     print(f"matmul ceiling ({args.dtype}): jax {ceiling:.1f} GFLOP/s, "
           f"torch {torch_ceiling:.1f} GFLOP/s")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from cvmae_jax import parallel, steps
+from cvmae_jax.attention import IMPLEMENTATIONS, check_attention
 from cvmae_jax.masking import sample_value_mask
 from cvmae_jax.model import ModelConfig
 
@@ -34,10 +35,11 @@ def optimizer_config(cfg: common.BenchConfig):
         grad_clip_norm=1.0))
 
 
-def model_config(cfg: common.BenchConfig, dtype: str = "float32") -> ModelConfig:
+def model_config(cfg: common.BenchConfig, dtype: str = "float32",
+                 attention: str = "einsum") -> ModelConfig:
     return ModelConfig(vocab_size=cfg.vocab, d_model=cfg.d_model, num_heads=cfg.heads,
                        num_layers=cfg.layers, mlp_ratio=cfg.mlp_ratio,
-                       time_frequencies=cfg.time_frequencies, dtype=dtype)
+                       time_frequencies=cfg.time_frequencies, dtype=dtype, attention=attention)
 
 
 def cost_flops(compiled) -> float:
@@ -53,11 +55,14 @@ class JaxStep:
 
     name = "jax jit"
 
-    def __init__(self, cfg: common.BenchConfig, dtype: str = "float32", packed: bool = False):
+    def __init__(self, cfg: common.BenchConfig, dtype: str = "float32", packed: bool = False,
+                 attention: str = "einsum"):
+        check_attention(attention, dtype, jax.default_backend())
         self.cfg = cfg
         self.launcher = parallel.JitLauncher(jax.devices())
         optimizer = steps.make_optimizer(optimizer_config(cfg))
-        graphdef, state = steps.init_state(model_config(cfg, dtype), optimizer, cfg.seed)
+        graphdef, state = steps.init_state(model_config(cfg, dtype, attention), optimizer,
+                                           cfg.seed)
         self.state = self.launcher.put_state(state)
         self.mask_probs = jnp.asarray(common.cv_like_probs(cfg.vocab, cfg.seed))
         self.body = steps.make_train_step(
@@ -96,6 +101,12 @@ class JaxStep:
         jax.block_until_ready((self.state, self.metrics))
 
 
+def add_attention_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attention", default="einsum", choices=IMPLEMENTATIONS,
+                        help="config.model.attention of the JAX model (cudnn: NVIDIA GPUs, "
+                             "--dtype=bfloat16)")
+
+
 def report(name: str, compile_s: float, times: list[float], tokens: float, flops: float,
            ceiling_gflops: float) -> dict:
     """Result record of one timed runner (shared with compare_torch)."""
@@ -112,6 +123,7 @@ def main() -> None:
     common.add_config_args(parser)
     parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="model compute dtype (parameters stay float32)")
+    add_attention_arg(parser)
     parser.add_argument("--packing", action="store_true",
                         help="also time packed batches of the same examples, alternating with "
                              "the padded ones, and print the ratio of real tokens/s")
@@ -121,8 +133,8 @@ def main() -> None:
     print(cfg)
     common.progress("measuring the matmul ceiling")
     ceiling = common.matmul_ceiling_gflops(args.dtype)
-    runners = [JaxStep(cfg, args.dtype)] + ([JaxStep(cfg, args.dtype, packed=True)]
-                                            if args.packing else [])
+    runners = [JaxStep(cfg, args.dtype, attention=args.attention)] + (
+        [JaxStep(cfg, args.dtype, packed=True, attention=args.attention)] if args.packing else [])
     compile_s, times = {}, {}
     for runner in runners:
         common.progress(f"{runner.name}: compiling, then {cfg.warmup} warm-up steps")

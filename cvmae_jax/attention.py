@@ -7,8 +7,13 @@ Two formulations of the same function (``config.model.attention``):
   the transposes of the [B, H, L, L] score tensors that the [B, L, H, Dh] layout needs
   (measured in benchmarks/NOTES.md).
 - ``dot_product_attention``: ``jax.nn.dot_product_attention`` with its default implementation,
-  which in jax 0.10-0.11 is XLA's (its cuDNN flash attention is only used when asked for with
-  ``implementation='cudnn'``, not tried here yet).
+  which in jax 0.10-0.11 is XLA's.
+- ``cudnn``: the same function with ``implementation='cudnn'``, cuDNN's fused flash attention
+  (NVIDIA GPUs, bfloat16 compute only). The [B, H, L, L] scores are never written to memory;
+  padding is passed as per-row lengths, which assumes right-padded rows (every batch this
+  project builds is); a row whose real tokens are not a prefix gets NaN outputs instead of
+  silently attending to the wrong keys. Packed rows pass their segment mask, which cuDNN applies
+  as an additive bias.
 """
 
 from __future__ import annotations
@@ -16,14 +21,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("einsum", "dot_product_attention")
+IMPLEMENTATIONS = ("einsum", "dot_product_attention", "cudnn")
+CUDNN_DTYPES = ("bfloat16", "float16")
 
 
-def check_attention(implementation: str) -> None:
-    """Refuses an unknown ``config.model.attention``."""
+def check_attention(implementation: str, dtype: str = "float32",
+                    backend: str | None = None) -> None:
+    """Refuses an unknown ``config.model.attention``, and ``cudnn`` with a float32 compute
+    dtype or (when ``backend`` is given) off a GPU."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={implementation!r} must be one of "
                          f"{IMPLEMENTATIONS}")
+    if implementation != "cudnn":
+        return
+    if dtype not in CUDNN_DTYPES:
+        raise ValueError(f"config.model.attention='cudnn' needs config.model.dtype in "
+                         f"{CUDNN_DTYPES} (cuDNN flash attention has no float32 kernel); got "
+                         f"{dtype!r}")
+    if backend is not None and backend != "gpu":
+        raise ValueError(f"config.model.attention='cudnn' runs on NVIDIA GPUs only; this run's "
+                         f"backend is {backend!r} (use 'einsum')")
 
 
 def keep_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -42,12 +59,36 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array,
                    implementation: str = "einsum") -> jax.Array:
     """Softmax attention. q, k, v: [B, H, L, Dh]; keep: bool broadcastable to [B, H, L, L].
     Returns [B, H, L, Dh] in v's dtype; the softmax is computed in float32."""
-    check_attention(implementation)
+    if implementation not in IMPLEMENTATIONS:
+        check_attention(implementation)
     if implementation == "einsum":
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
         logits = jnp.where(keep, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-    swap = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, H, L, Dh] <-> [B, L, H, Dh]
     mask = jnp.broadcast_to(keep, (q.shape[0], 1, q.shape[2], k.shape[2]))
-    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask))
+    if implementation == "dot_product_attention":
+        return _swap_heads(jax.nn.dot_product_attention(
+            _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=mask))
+    if keep.shape[2] != 1:  # packed rows: the segment mask, as a bias
+        return _swap_heads(jax.nn.dot_product_attention(
+            _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=mask, implementation="cudnn"))
+    return _cudnn_right_padded(q, k, v, keep[:, 0, 0, :])
+
+
+def _swap_heads(x: jax.Array) -> jax.Array:
+    """[B, H, L, Dh] <-> [B, L, H, Dh] (jax.nn.dot_product_attention's layout)."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _cudnn_right_padded(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """cuDNN attention of rows whose real tokens ``valid`` [B, L] are a prefix, passed as
+    lengths; rows that are not right-padded get NaN outputs. q, k, v, result: [B, H, L, Dh].
+    All-padding rows attend to their first key: nothing reads their outputs."""
+    lengths = valid.sum(axis=-1, dtype=jnp.int32)
+    right_padded = jnp.all(valid == (jnp.arange(valid.shape[-1]) < lengths[:, None]), axis=-1)
+    lengths = jnp.maximum(lengths, 1)
+    attended = _swap_heads(jax.nn.dot_product_attention(
+        _swap_heads(q), _swap_heads(k), _swap_heads(v), query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation="cudnn"))
+    return jnp.where(right_padded[:, None, None, None], attended, jnp.nan).astype(v.dtype)

@@ -84,7 +84,7 @@ class ValueOnlyMAE(nnx.Module):
         if cfg.d_model % cfg.num_heads:
             raise ValueError(f"config.model.d_model={cfg.d_model} is not divisible by "
                              f"config.model.num_heads={cfg.num_heads}")
-        check_attention(cfg.attention)
+        check_attention(cfg.attention, cfg.dtype)
         d, dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         self.cfg = cfg
         self.code_embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
@@ -94,6 +94,16 @@ class ValueOnlyMAE(nnx.Module):
         self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(d, 1, dtype=dtype, rngs=rngs)
+
+    def embed_codes(self, codes: jax.Array) -> jax.Array:
+        """int codes [B, L] -> [B, L, D] in the compute dtype, gathered from the float32 table.
+
+        ``nnx.Embed.__call__`` casts the whole table to the compute dtype before the gather, so in
+        bfloat16 the table's gradient is a bfloat16 scatter-add; on GPUs that made the bfloat16
+        step 3x slower than float32 (benchmarks/NOTES.md, session 4). Gathering first keeps the
+        scatter-add in float32; in float32 nothing changes."""
+        table = self.code_embed.embedding[...]
+        return jnp.take(table, codes, axis=0).astype(self.code_embed.dtype)
 
     def encode(self, times: jax.Array, codes: jax.Array, values: jax.Array,
                value_mask: jax.Array, valid: jax.Array,
@@ -106,7 +116,7 @@ class ValueOnlyMAE(nnx.Module):
         value_emb = self.value_proj(jnp.where(value_mask, 0.0, values)[..., None])
         value_emb = jnp.where(value_mask[..., None],
                               self.mask_embedding[...].astype(value_emb.dtype), value_emb)
-        x = (self.code_embed(codes)
+        x = (self.embed_codes(codes)
              + self.time_proj(time_features(times, cfg.time_frequencies, cfg.max_time_period_hours))
              + value_emb)
         keep = keep_mask(valid, segment_ids)

@@ -1,10 +1,13 @@
 """The VO-MAE: hidden values never leak, padding never matters, the loss counts what it should."""
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from cvmae_jax.attention import check_attention, keep_mask, self_attention
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
 
 B, L, V = 3, 16, 10
@@ -96,8 +99,6 @@ def test_packed_examples_do_not_see_each_other(model):
 def test_attention_implementations_agree_at_real_tokens(packed):
     """The einsum attention and jax.nn.dot_product_attention give the same outputs and
     gradients wherever a real token reads them (padded and packed rows)."""
-    import jax
-
     times, codes, values, value_mask, valid = _inputs()
     segment_ids = None
     if packed:  # row 0 holds two examples of 9 and 7 tokens
@@ -128,3 +129,75 @@ def test_unknown_attention_is_refused():
     with pytest.raises(ValueError, match="config.model.attention"):
         ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, attention="flash"),
                      rngs=nnx.Rngs(0))(*_inputs())
+
+
+def _scatter_adds(jaxpr):
+    """Every scatter-add equation of a (closed) jaxpr, inner jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scatter-add":
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _scatter_adds(sub)
+
+
+def test_code_embedding_gradient_accumulates_in_float32():
+    """In bfloat16 the code table's gradient is a float32 scatter-add (nnx.Embed's own call
+    casts the table first, which made a bfloat16 scatter-add and a 3x slower GPU step); in
+    float32 the embedding equals nnx.Embed's."""
+    times, codes, values, value_mask, valid = _inputs()
+    m = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=1,
+                                 dtype="bfloat16"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m)
+    loss = lambda p: nnx.merge(graphdef, p)(times, codes, values, value_mask, valid).sum()  # noqa: E731
+    scatters = list(_scatter_adds(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+    assert [eqn.outvars[0].aval.shape for eqn in scatters] == [(V, 32)]
+    assert all(eqn.outvars[0].aval.dtype == jnp.float32 for eqn in scatters)
+    f32 = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(f32.embed_codes(codes), f32.code_embed(codes))
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="config.model.dtype"):
+        ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, attention="cudnn"),
+                     rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="NVIDIA GPUs only.*'cpu'"):
+        check_attention("cudnn", "bfloat16", "cpu")
+    check_attention("cudnn", "bfloat16", "gpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_attention_matches_einsum_in_bfloat16(packed):
+    """cuDNN flash attention == the einsum attention (both bfloat16) at real queries, outputs
+    and gradients, for right-padded rows (one all-padding) and packed rows."""
+    batch, heads, length, head_dim = 4, 2, 64, 32
+    q, k, v = [jax.random.normal(key, (batch, heads, length, head_dim), jnp.bfloat16)
+               for key in jax.random.split(jax.random.key(0), 3)]
+    valid = np.arange(length)[None] < np.array([[64], [40], [7], [0]])
+    segment_ids = None
+    if packed:  # row 0 holds examples of 30 and 34 tokens, row 1 of 25 and 15
+        segment_ids = np.where(valid, 1, 0).astype(np.int32)
+        segment_ids[0, 30:], segment_ids[1, 25:40] = 2, 2
+    keep = keep_mask(jnp.asarray(valid), None if segment_ids is None else jnp.asarray(segment_ids))
+    real = jnp.asarray(valid)[:, None, :, None]
+
+    def run(implementation):
+        def loss(q, k, v):
+            out = self_attention(q, k, v, keep, implementation).astype(jnp.float32)
+            return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+            q, k, v)
+        return [np.asarray(jnp.where(real, out, 0.0))] + [np.asarray(g, np.float32)
+                                                          for g in grads]
+
+    for got, want in zip(run("cudnn"), run("einsum")):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_turns_rows_that_are_not_right_padded_into_nan():
+    q = k = v = jnp.ones((2, 1, 8, 16), jnp.bfloat16)
+    valid = jnp.asarray([[True] * 6 + [False] * 2, [False] + [True] * 7])
+    out = np.asarray(self_attention(q, k, v, keep_mask(valid), "cudnn"), np.float32)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
