@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from cvmae_jax.host_memory import reuse_freed_memory
+from cvmae_jax.parallel import set_cpu_devices
 
 HOST_MALLOC = "glibc defaults"  # what config_from_args set up
 DTYPES = ("float32", "bfloat16")  # compute dtypes the benchmarks take (parameters stay float32)
@@ -57,6 +58,9 @@ def add_config_args(parser: argparse.ArgumentParser, steps: int = 20, warmup: in
     parser.add_argument("--steps", type=int, default=steps, help="timed steps (>= 20)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
+    parser.add_argument("--cpu_devices", type=int, default=None, metavar="N",
+                        help="on a CPU host, split it into N JAX devices and shard the batch "
+                             "over them (config.parallel.cpu_devices; default: JAX's 1)")
     parser.add_argument("--system_malloc", action="store_true",
                         help="keep glibc malloc's defaults instead of reusing freed memory "
                              "(cvmae_jax/host_memory.py; train.py reuses it)")
@@ -68,9 +72,21 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     global HOST_MALLOC
     if not args.system_malloc and reuse_freed_memory():
         HOST_MALLOC = "reuse freed memory (cvmae_jax.host_memory)"
+    set_cpu_devices(args.cpu_devices)
     fields = dict(CONFIGS[args.config])
     fields.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     return BenchConfig(name=args.config, steps=args.steps, warmup=args.warmup, **fields)
+
+
+def model_flops(cfg: BenchConfig) -> float:
+    """FLOPs of one train step counted from the architecture (matmuls only, padding included,
+    backward = 2x forward): 3 B L [layers (2 d^2 (4 + 2 mlp_ratio) + 4 L d) + 2 d (2F + 1) + 4 d].
+    Used for FLOP/s everywhere: XLA's cost analysis misses what runs as library calls (cuBLAS
+    GEMMs after GPU autotuning, cuDNN attention); on the CPU it is within 3% of this count."""
+    d = cfg.d_model
+    per_token = (cfg.layers * (2 * d * d * (4 + 2 * cfg.mlp_ratio) + 4 * cfg.seq * d)
+                 + 2 * d * (2 * cfg.time_frequencies + 1) + 4 * d)
+    return 3.0 * cfg.batch * cfg.seq * per_token
 
 
 def cv_like_probs(vocab: int, seed: int = 0) -> np.ndarray:
@@ -185,7 +201,7 @@ def machine_info() -> dict:
 
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(),
                 jax=jax.__version__, jax_backend=jax.default_backend(),
-                jax_device=jax.devices()[0].device_kind,
+                jax_device=jax.devices()[0].device_kind, jax_devices=jax.device_count(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""), host_malloc=HOST_MALLOC)
     if "torch" in sys.modules:
         torch = sys.modules["torch"]

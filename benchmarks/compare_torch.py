@@ -51,7 +51,7 @@ def main() -> None:
             continue
         common.time_calls(runner.step, cfg.warmup, start=1)
         times[runner.name] = []
-    flops = runners[0].flops  # XLA's count for the same architecture, used for every runner
+    flops = runners[0].flops  # counted from the architecture, the same for every runner
     next_index = 1 + cfg.warmup
     for r in range(args.rounds):
         common.progress(f"round {r + 1}/{args.rounds}")
@@ -69,7 +69,7 @@ def main() -> None:
     print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
           f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}, jax attention "
           f"{args.attention}; {args.rounds} rounds x "
-          f"{cfg.steps} steps per runner; {flops / 1e9:.2f} GFLOP/step (XLA cost analysis)")
+          f"{cfg.steps} steps per runner; {flops / 1e9:.2f} GFLOP/step (model count)")
     print(f"matmul ceiling ({args.dtype}): jax {ceiling:.1f} GFLOP/s, "
           f"torch {torch_ceiling:.1f} GFLOP/s")
     for name, error in failed.items():

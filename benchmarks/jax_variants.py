@@ -92,11 +92,11 @@ def main() -> None:
     print(f"config: {cfg}; {args.rounds} rounds x {cfg.steps} steps; "
           f"load avg {common.machine_info().get('load_avg_1min', float('nan')):.1f}")
     width = max(len(name) for name in runners)
-    print(f"{'variant':{width}s} {'compile s':>9s} {'GFLOP':>7s} {'median ms':>9s} {'min ms':>7s} "
+    print(f"{'variant':{width}s} {'compile s':>9s} {'XLA GF':>7s} {'median ms':>9s} {'min ms':>7s} "
           f"{'vs baseline':>11s}")
     for name, runner in runners.items():
         s = common.summary(times[name])
-        print(f"{name:{width}s} {compile_s[name]:9.2f} {runner.flops / 1e9:7.2f} "
+        print(f"{name:{width}s} {compile_s[name]:9.2f} {runner.xla_flops / 1e9:7.2f} "
               f"{s['median_s'] * 1e3:9.1f} {s['min_s'] * 1e3:7.1f} {s['median_s'] / base:11.2f}")
     common.write_json(args.json, dict(config=vars(args), times_s=times, compile_s=compile_s))
 

@@ -72,8 +72,17 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array,
             _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=mask))
     if keep.shape[2] != 1:  # packed rows: the segment mask, as a bias
         return _swap_heads(jax.nn.dot_product_attention(
-            _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=mask, implementation="cudnn"))
+            _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=_no_empty_rows(mask),
+            implementation="cudnn"))
     return _cudnn_right_padded(q, k, v, keep[:, 0, 0, :])
+
+
+def _no_empty_rows(mask: jax.Array) -> jax.Array:
+    """bool [B, 1, L, L] with each query that may attend to nothing (padding) attending to
+    itself instead: a fully masked row is not defined the same way by every kernel, and its
+    outputs, never read, must stay finite so that no NaN reaches a gradient."""
+    empty = ~mask.any(axis=-1, keepdims=True)
+    return mask | (empty & jnp.eye(mask.shape[-1], dtype=bool))
 
 
 def _swap_heads(x: jax.Array) -> jax.Array:

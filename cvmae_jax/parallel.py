@@ -26,6 +26,20 @@ DATA_AXIS = "data"
 MODES = ("jit", "pmap")
 
 
+def set_cpu_devices(count: int | None) -> None:
+    """Splits a CPU host into ``count`` JAX devices (``jax_num_cpu_devices``), so a jitted step
+    shards its batch over them and each device runs its own stream of ops on the shared cores.
+    None or 0 keeps JAX's default (1). Must run before JAX starts its backends."""
+    if not count or jax.config.jax_num_cpu_devices == count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as error:
+        raise ValueError(f"config.parallel.cpu_devices={count} must be set before JAX starts; "
+                         f"this process already runs with {jax.device_count('cpu')} CPU "
+                         f"device(s) (run it in a fresh process)") from error
+
+
 def initialize_distributed(parallel_config) -> None:
     """``jax.distributed.initialize`` when ``config.parallel.distributed`` is set.
 

@@ -64,10 +64,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Returns a summary: final step, last training and validation metrics, the number of times the
     train step was traced (1 when nothing recompiled) and whether the run was preempted.
     """
+    parallel.set_cpu_devices(config.parallel.get("cpu_devices"))
     parallel.initialize_distributed(config.parallel)
     run_setup.enable_compilation_cache(config.train.get("compilation_cache_dir"))
     launcher = parallel.make_launcher(config.parallel)
     run_setup.validate_config(config, launcher.num_devices)
+    logging.info("Training on %d %s device(s), parallel mode %s", launcher.num_devices,
+                 jax.default_backend(), config.parallel.mode)
     os.makedirs(workdir, exist_ok=True)
     dataset = run_setup.prepare_run_data(config, workdir)
     probs = run_setup.mask_probabilities(config, dataset)

@@ -24,9 +24,10 @@ def run(script, *args):
 def test_train_then_eval_from_the_command_line(tmp_path):
     workdir = str(tmp_path / "run")
     result = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
-                 "--config.masking.strategy=random")
+                 "--config.masking.strategy=random", "--config.parallel.cpu_devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 6/6" in result.stderr and "ETA" in result.stderr
+    assert "Training on 2 cpu device(s)" in result.stderr
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["masking"]["strategy"] == "random"
     result = run("eval.py", f"--workdir={workdir}")
@@ -39,6 +40,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     ("meds", "--config.seed=0", "config.data.meds_dir is required"),
     ("demo", "--config.masking.strategy=spans", "config.masking.strategy='spans'"),
     ("demo", "--config.train.batch_size=12", "config.train.batch_size=12 must be divisible"),
+    ("demo", "--config.parallel.cpu_devices=3", "must be divisible by the number of devices (3)"),
 ])
 def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, message):
     workdir = tmp_path / "run"
