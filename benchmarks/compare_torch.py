@@ -37,7 +37,8 @@ def main() -> None:
 
     ceiling = common.matmul_ceiling_gflops(args.dtype)
     torch_ceiling = torch_matmul_gflops(args.dtype)
-    runners = [JaxStep(cfg, args.dtype, attention=args.attention), TorchStep(cfg, compiled=False, dtype=args.dtype)]
+    runners = [JaxStep(cfg, args.dtype, attention=args.attention),
+               TorchStep(cfg, compiled=False, dtype=args.dtype)]
     if not args.no_compile:
         runners.append(TorchStep(cfg, compiled=True, dtype=args.dtype))
     compile_s, times, failed = {}, {}, {}

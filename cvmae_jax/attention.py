@@ -1,6 +1,6 @@
 """Multi-head self-attention over padded or packed lab sequences.
 
-Two formulations of the same function (``config.model.attention``):
+Three implementations of the same function (``config.model.attention``):
 
 - ``einsum`` (default): scores and weighted sums as batched matmuls in [B, H, L, Dh] layout with
   the padding/segment mask applied inside the softmax's fusion. On XLA CPU this layout avoids
@@ -59,8 +59,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array,
                    implementation: str = "einsum") -> jax.Array:
     """Softmax attention. q, k, v: [B, H, L, Dh]; keep: bool broadcastable to [B, H, L, L].
     Returns [B, H, L, Dh] in v's dtype; the softmax is computed in float32."""
-    if implementation not in IMPLEMENTATIONS:
-        check_attention(implementation)
+    check_attention(implementation, v.dtype.name)
     if implementation == "einsum":
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
         logits = jnp.where(keep, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)

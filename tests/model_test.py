@@ -149,7 +149,9 @@ def test_code_embedding_gradient_accumulates_in_float32():
     m = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=1,
                                  dtype="bfloat16"), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(m)
-    loss = lambda p: nnx.merge(graphdef, p)(times, codes, values, value_mask, valid).sum()  # noqa: E731
+    def loss(p):
+        return nnx.merge(graphdef, p)(times, codes, values, value_mask, valid).sum()
+
     scatters = list(_scatter_adds(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
     assert [eqn.outvars[0].aval.shape for eqn in scatters] == [(V, 32)]
     assert all(eqn.outvars[0].aval.dtype == jnp.float32 for eqn in scatters)
