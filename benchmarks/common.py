@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def model_flops(cfg: BenchConfig) -> float:
     """FLOPs of one train step counted from the architecture (matmuls only, padding included,
-    backward = 2x forward): 3 B L [layers (2 d^2 (4 + 2 mlp_ratio) + 4 L d) + 2 d (2F + 1) + 4 d].
+    backward ~ 2x forward): 3 B L [layers (2 d^2 (4 + 2 mlp_ratio) + 4 L d) + 2 d (2F + 1) + 4 d].
     Used for FLOP/s everywhere: XLA's cost analysis misses what runs as library calls (cuBLAS
     GEMMs after GPU autotuning, cuDNN attention); on the CPU it is within 3% of this count."""
     d = cfg.d_model

@@ -9,7 +9,8 @@ Three implementations of the same function (``config.model.attention``):
 - ``dot_product_attention``: ``jax.nn.dot_product_attention`` with its default implementation,
   which in jax 0.10-0.11 is XLA's.
 - ``cudnn``: the same function with ``implementation='cudnn'``, cuDNN's fused flash attention
-  (NVIDIA GPUs, bfloat16 compute only). The [B, H, L, L] scores are never written to memory;
+  (NVIDIA GPUs, bfloat16 compute only; a run trained with it evaluates anywhere, see
+  ``runnable_here``). The [B, H, L, L] scores are never written to memory;
   padding is passed as per-row lengths, which assumes right-padded rows (every batch this
   project builds is); a row whose real tokens are not a prefix gets NaN outputs instead of
   silently attending to the wrong keys. Packed rows pass their segment mask, which cuDNN applies
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("einsum", "dot_product_attention", "cudnn")
-CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_DTYPES = ("bfloat16",)
 
 
 def check_attention(implementation: str, dtype: str = "float32",
@@ -41,6 +42,12 @@ def check_attention(implementation: str, dtype: str = "float32",
     if backend is not None and backend != "gpu":
         raise ValueError(f"config.model.attention='cudnn' runs on NVIDIA GPUs only; this run's "
                          f"backend is {backend!r} (use 'einsum')")
+
+
+def runnable_here(implementation: str, backend: str) -> str:
+    """``implementation``, or ``einsum`` (the same function) for ``cudnn`` off a GPU: lets a run
+    trained on GPUs be evaluated on a CPU."""
+    return "einsum" if implementation == "cudnn" and backend != "gpu" else implementation
 
 
 def keep_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -65,15 +72,15 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array,
         logits = jnp.where(keep, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    if implementation == "cudnn" and keep.shape[2] == 1:
+        return _cudnn_right_padded(q, k, v, keep[:, 0, 0, :])
     mask = jnp.broadcast_to(keep, (q.shape[0], 1, q.shape[2], k.shape[2]))
     if implementation == "dot_product_attention":
         return _swap_heads(jax.nn.dot_product_attention(
             _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=mask))
-    if keep.shape[2] != 1:  # packed rows: the segment mask, as a bias
-        return _swap_heads(jax.nn.dot_product_attention(
-            _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=_no_empty_rows(mask),
-            implementation="cudnn"))
-    return _cudnn_right_padded(q, k, v, keep[:, 0, 0, :])
+    return _swap_heads(jax.nn.dot_product_attention(  # packed rows: the segment mask, as a bias
+        _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=_no_empty_rows(mask),
+        implementation="cudnn"))
 
 
 def _no_empty_rows(mask: jax.Array) -> jax.Array:
@@ -91,12 +98,13 @@ def _swap_heads(x: jax.Array) -> jax.Array:
 
 def _cudnn_right_padded(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
     """cuDNN attention of rows whose real tokens ``valid`` [B, L] are a prefix, passed as
-    lengths; rows that are not right-padded get NaN outputs. q, k, v, result: [B, H, L, Dh].
-    All-padding rows attend to their first key: nothing reads their outputs."""
+    lengths; rows that are not right-padded get NaN outputs, padding queries zeros (whatever
+    the kernel leaves there, so no NaN reaches the loss). q, k, v, result: [B, H, L, Dh]."""
     lengths = valid.sum(axis=-1, dtype=jnp.int32)
     right_padded = jnp.all(valid == (jnp.arange(valid.shape[-1]) < lengths[:, None]), axis=-1)
-    lengths = jnp.maximum(lengths, 1)
+    lengths = jnp.maximum(lengths, 1)  # all-padding rows attend to their first key
     attended = _swap_heads(jax.nn.dot_product_attention(
         _swap_heads(q), _swap_heads(k), _swap_heads(v), query_seq_lengths=lengths,
         key_value_seq_lengths=lengths, implementation="cudnn"))
-    return jnp.where(right_padded[:, None, None, None], attended, jnp.nan).astype(v.dtype)
+    attended = jnp.where(valid[:, None, :, None], attended, 0)
+    return jnp.where(right_padded[:, None, None, None], attended, jnp.nan)

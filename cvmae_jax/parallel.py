@@ -34,7 +34,9 @@ def set_cpu_devices(count: int | None) -> None:
         return
     try:
         jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError as error:
+    except RuntimeError as error:  # JAX has started
+        if jax.device_count("cpu") == count:
+            return  # already split this way (e.g. by --xla_force_host_platform_device_count)
         raise ValueError(f"config.parallel.cpu_devices={count} must be set before JAX starts; "
                          f"this process already runs with {jax.device_count('cpu')} CPU "
                          f"device(s) (run it in a fresh process)") from error

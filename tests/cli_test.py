@@ -41,6 +41,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     ("demo", "--config.masking.strategy=spans", "config.masking.strategy='spans'"),
     ("demo", "--config.train.batch_size=12", "config.train.batch_size=12 must be divisible"),
     ("demo", "--config.parallel.cpu_devices=3", "must be divisible by the number of devices (3)"),
+    ("demo", "--config.model.attention=cudnn", "needs config.model.dtype in ('bfloat16',)"),
 ])
 def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, message):
     workdir = tmp_path / "run"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvmae_jax.attention import check_attention, keep_mask, self_attention
+from cvmae_jax.attention import check_attention, keep_mask, runnable_here, self_attention
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
 
 B, L, V = 3, 16, 10
@@ -168,6 +168,12 @@ def test_cudnn_attention_is_refused_where_it_cannot_run():
     check_attention("cudnn", "bfloat16", "gpu")
 
 
+def test_a_cudnn_run_evaluates_off_the_gpu_with_the_einsum_attention():
+    assert runnable_here("cudnn", "cpu") == "einsum"
+    assert runnable_here("cudnn", "gpu") == "cudnn"
+    assert runnable_here("dot_product_attention", "cpu") == "dot_product_attention"
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("packed", [False, True])
 def test_cudnn_attention_matches_einsum_in_bfloat16(packed):
@@ -190,12 +196,31 @@ def test_cudnn_attention_matches_einsum_in_bfloat16(packed):
             return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
             q, k, v)
+        assert np.isfinite(out).all()  # padding queries too: the loss multiplies them by 0
         return [np.asarray(jnp.where(real, out, 0.0))] + [np.asarray(g, np.float32)
                                                           for g in grads]
 
     for got, want in zip(run("cudnn"), run("einsum")):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_model_loss_and_gradients_are_finite_with_padding():
+    """The whole bf16 model with cuDNN attention on right-padded rows (one all padding)."""
+    times, codes, values, value_mask, valid = _inputs()
+    valid[2] = False
+    m = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=2,
+                                 dtype="bfloat16", attention="cudnn"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m)
+
+    def loss(p):
+        out = nnx.merge(graphdef, p)(times, codes, values, value_mask & valid, valid)
+        return reconstruction_loss(out, values, value_mask & valid, valid, 0.1)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(value)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")

@@ -151,3 +151,15 @@ def test_the_loop_makes_no_implicit_host_device_transfers(data_dir, tmp_path):
     summary, _ = run(data_dir, tmp_path / "pmap", train__transfer_guard="disallow",
                      parallel__mode="pmap")
     assert summary["step"] == 20
+
+
+def test_cpu_devices_cannot_change_once_jax_has_started():
+    """The tests' process already runs 8 CPU devices: asking for 8 is a no-op, for 3 an error
+    naming the field (train.py calls this before anything starts JAX)."""
+    from cvmae_jax.parallel import set_cpu_devices
+
+    set_cpu_devices(0)
+    set_cpu_devices(8)
+    with pytest.raises(ValueError, match=r"config.parallel.cpu_devices=3 must be set before"):
+        set_cpu_devices(3)
+    assert jax.device_count("cpu") == 8

@@ -7,6 +7,7 @@ curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from cvmae_jax import parallel
+from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
 from cvmae_jax.config import default_config
 from cvmae_jax.data.pipeline import eval_batches
@@ -57,7 +59,12 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir))
     probs = mask_probabilities(config, dataset)
     launcher = parallel.JitLauncher(jax.devices())
-    graphdef, state = init_state(ModelConfig.from_config(config.model, dataset.stats.vocab_size),
+    model_config = ModelConfig.from_config(config.model, dataset.stats.vocab_size)
+    attention = runnable_here(model_config.attention, jax.default_backend())
+    if attention != model_config.attention:
+        logging.info("eval: attention %s -> %s (the same function) on %s", model_config.attention,
+                     attention, jax.default_backend())
+    graphdef, state = init_state(dataclasses.replace(model_config, attention=attention),
                                  make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
