@@ -20,32 +20,27 @@ from benchmarks.step_bench import JaxStep
 from cvmae_jax import model
 
 
-def no_attention(q, k, v, keep, implementation="einsum"):
-    return v
-
-
 @contextlib.contextmanager
-def attention_replaced_by_v():
-    """Diagnostic: attention returns v, to bound what attention costs."""
-    original = model.self_attention
-    model.self_attention = no_attention
+def patched(owner, attribute: str, replacement):
+    """While tracing: ``owner.attribute`` replaced (a diagnostic, not the model)."""
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, replacement)
     try:
         yield
     finally:
-        model.self_attention = original
+        setattr(owner, attribute, original)
 
 
-@contextlib.contextmanager
+def attention_replaced_by_v():
+    """Diagnostic: attention returns v, to bound what attention costs."""
+    return patched(model, "self_attention", lambda q, k, v, keep, implementation="einsum": v)
+
+
 def table_cast_before_gather():
     """Diagnostic for bfloat16: the code embedding as ``nnx.Embed`` computes it, casting the
     whole table to the compute dtype before the gather (its gradient is then a bfloat16
     scatter-add); the model gathers from the float32 table instead."""
-    original = model.ValueOnlyMAE.embed_codes
-    model.ValueOnlyMAE.embed_codes = lambda self, codes: self.code_embed(codes)
-    try:
-        yield
-    finally:
-        model.ValueOnlyMAE.embed_codes = original
+    return patched(model.ValueOnlyMAE, "embed_codes", lambda self, codes: self.code_embed(codes))
 
 
 VARIANTS = {  # name -> (config.model.attention, dtype, diagnostic patch or None)
