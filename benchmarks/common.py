@@ -122,12 +122,11 @@ def synthetic_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[
 
 
 def packed_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``count`` packed batches [B, L] (``cvmae_jax.data.packing``'s first-fit packer, with
-    per-token example_id, segment_ids and positions) of examples drawn as ``synthetic_batches``
-    draws its rows (the same long-tailed lengths, codes and values)."""
-    import grain
-
-    from cvmae_jax.data.packing import pack_examples
+    """``count`` packed batches [B, L] (``cvmae_jax.data.packing``'s chunked first-fit-decreasing
+    packer, with per-token example_id, segment_ids and positions) of examples drawn as
+    ``synthetic_batches`` draws its rows (the same long-tailed lengths, codes and values)."""
+    from cvmae_jax.data.packing import PACK_CHUNK_BATCHES, ChunkPacker
+    from cvmae_jax.data.row_stream import RowStream
 
     def examples():
         for batch_index in itertools.count():
@@ -138,8 +137,11 @@ def packed_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[str
                            values=padded["values"][i, :n],
                            example_id=int(batch_index * cfg.batch + i))
 
-    stream = grain.MapDataset.source(list(itertools.islice(examples(), 4 * count * cfg.batch)))
-    packed = pack_examples(stream.to_iter_dataset(), cfg.batch, cfg.seq)
+    per_chunk = PACK_CHUNK_BATCHES * cfg.batch
+    chunks = -(-4 * count // PACK_CHUNK_BATCHES)  # ample: a row holds at least one example
+    pool = list(itertools.islice(examples(), chunks * per_chunk))
+    packed = RowStream(ChunkPacker(pool, per_chunk, cfg.seq, seed), global_rows=cfg.batch,
+                       first_row=0, num_rows=cfg.batch)
     return list(itertools.islice(iter(packed), count))
 
 

@@ -25,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.window = "chunks"  # 'chunks': consecutive windows; 'last': most recent max_len
     config.data.min_window_len = 2  # shorter windows are dropped
     config.data.packing = False  # training rows hold several windows (segment-masked attention)
+    config.data.workers = 0  # processes reading/packing batches ahead (0: a thread; README)
 
     config.masking = ml_collections.ConfigDict()
     config.masking.strategy = "cv"  # random | variance | cv | cv_rank

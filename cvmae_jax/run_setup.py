@@ -18,7 +18,7 @@ from cvmae_jax.masking import (STRATEGIES, expected_mask_rate, percentile_thresh
                                strategy_probs)
 
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "parallel.", "train.log_every",
+RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
                      "train.compilation_cache_dir",
                      "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.transfer_guard", "train.allow_config_change", "eval.",

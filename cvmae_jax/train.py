@@ -99,7 +99,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     make_dataset = packed_train_dataset if config.data.packing else train_dataset
     data = iter(make_dataset(dataset, "train", config.train.batch_size, config.data.max_len,
                              seed=config.seed, shard_index=jax.process_index(),
-                             shard_count=jax.process_count()))
+                             shard_count=jax.process_count(), workers=config.data.workers))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 config.train.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0

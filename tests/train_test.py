@@ -165,7 +165,7 @@ def test_meds_config_trains_on_the_shared_real_sample(shared_meds_dir, tmp_path)
     assert len(codes) == 100 and all(c.startswith("LAB//") for c in codes)
 
 
-def test_packing_trains_densely_and_resumes_exactly(data_dir, tmp_path):
+def test_packing_trains_densely_and_resumes_exactly_with_other_worker_counts(data_dir, tmp_path):
     config = tiny_config(data_dir, num_steps=20, log_every=1, eval_every=20,
                          checkpoint_every=10)
     config.data.packing = True
@@ -179,6 +179,7 @@ def test_packing_trains_densely_and_resumes_exactly(data_dir, tmp_path):
               if "split" not in m]
     assert np.mean(packed) > np.mean(padded)
     config.data.packing = True
+    config.data.workers = 2  # packed in worker processes: the same batches, the same losses
     resumed = str(tmp_path / "resumed")
     shutil.copytree(full, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))

@@ -7,32 +7,17 @@ Every batch is a dict of numpy arrays with b rows and L = max_len positions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import grain
 import numpy as np
 
 from cvmae_jax.data.prepare import PreparedDataset
+from cvmae_jax.data.row_stream import RowStream
 
 BATCH_KEYS = ("times", "codes", "values", "valid", "example_id")
-READ_THREADS = 8
-BATCHES_AHEAD = 2  # stacked batches waiting for the train loop
-
-
-def pad_example(example: dict, max_len: int) -> dict:
-    """One stored example -> fixed-length arrays [max_len] plus a scalar example_id (-1 when the
-    example has none, e.g. a label window)."""
-    n = len(example["codes"])
-    example_id = example.get("example_id", -1)
-    if n > max_len:
-        raise ValueError(f"example {example_id} has {n} events > max_len={max_len}")
-    out = {}
-    for key, dtype in (("times", np.float32), ("codes", np.int32), ("values", np.float32)):
-        out[key] = np.zeros(max_len, dtype)
-        out[key][:n] = example[key]
-    out["valid"] = np.arange(max_len) < n
-    out["example_id"] = np.int32(example_id)
-    return out
+READ_THREADS = 1  # threads reading ahead when there are no worker processes (2 or 4: slower)
 
 
 def _check(prepared: PreparedDataset, split: str, batch_size: int, max_len: int,
@@ -58,31 +43,61 @@ def shuffled_examples(prepared: PreparedDataset, split: str, global_batch_size: 
     return grain.MapDataset.source(prepared.data_source(split)).seed(seed).shuffle().repeat(None)
 
 
+def padded_rows(examples: list[dict], max_len: int, num_rows: int | None = None) -> dict:
+    """Stored examples -> one padded batch of num_rows (default: one per example) rows:
+    times/codes/values/valid [num_rows, max_len] (valid False and the rest 0 on padding, and on
+    the rows past the examples) and example_id [num_rows] (-1 where an example has none)."""
+    shape = (len(examples) if num_rows is None else num_rows, max_len)
+    batch = {"times": np.zeros(shape, np.float32), "codes": np.zeros(shape, np.int32),
+             "values": np.zeros(shape, np.float32), "valid": np.zeros(shape, bool),
+             "example_id": np.full(shape[0], -1, np.int32)}
+    for row, example in enumerate(examples):
+        n = len(example["codes"])
+        if n > max_len:
+            raise ValueError(f"example {example.get('example_id', -1)} has {n} events > "
+                             f"max_len={max_len}")
+        for key in ("times", "codes", "values"):
+            batch[key][row, :n] = example[key]
+        batch["valid"][row, :n] = True
+        batch["example_id"][row] = example.get("example_id", -1)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalBatchReader:
+    """Local batch k -> this process's rows of global batch k (positions [k*G, (k+1)*G) of the
+    global order), padded. A picklable class, so worker processes can run it."""
+
+    order: grain.MapDataset
+    global_batch_size: int
+    first_row: int
+    num_rows: int
+    max_len: int
+
+    def __call__(self, k: int) -> dict:
+        start = k * self.global_batch_size + self.first_row
+        return padded_rows([self.order[p] for p in range(start, start + self.num_rows)],
+                           self.max_len)
+
+
 def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int, max_len: int,
-                  seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+                  seed: int, shard_index: int = 0, shard_count: int = 1,
+                  workers: int = 0) -> RowStream:
     """Infinite stream of this process's batches of global_batch_size // shard_count rows.
 
     All processes share one global order (every epoch reshuffled, deterministically from `seed`);
     global batch k is positions [k*B, (k+1)*B) of it and process `shard_index` reads only its
     block of rows of each global batch. So the global batches, and the training run, do not
-    depend on the number of processes. Iterators have get_state()/set_state() and can be saved
-    with grain.checkpoint.CheckpointSave.
+    depend on the number of processes. Batches are read ahead in `workers` processes (0: in
+    threads); iterators have get_state()/set_state() and can be saved with
+    grain.checkpoint.CheckpointSave.
     """
     order = shuffled_examples(prepared, split, global_batch_size, max_len, seed, shard_index,
                               shard_count)
     local = global_batch_size // shard_count
-
-    def read(k: int) -> dict:
-        position = (k // local) * global_batch_size + shard_index * local + k % local
-        return pad_example(order[position], max_len)
-
-    ds = grain.MapDataset.range(len(order) // global_batch_size * local).map(read)
-    # Threads read and pad examples ahead; the buffer holds about two batches.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                              prefetch_buffer_size=2 * local))
-    # A background thread also stacks the batches ahead, so the train loop only pops one.
-    return grain.experimental.ThreadPrefetchIterDataset(
-        ds.batch(local, drop_remainder=True), prefetch_buffer_size=BATCHES_AHEAD)
+    read = _LocalBatchReader(order, global_batch_size, shard_index * local, local, max_len)
+    return RowStream(read, global_rows=local, first_row=0, num_rows=local, workers=workers,
+                     threads=READ_THREADS)
 
 
 def eval_batches(prepared: PreparedDataset, split: str, batch_size: int, max_len: int,
@@ -96,8 +111,6 @@ def eval_batches(prepared: PreparedDataset, split: str, batch_size: int, max_len
     _check(prepared, split, batch_size, max_len, shard_index, shard_count)
     source = prepared.data_source(split)
     local = batch_size // shard_count
-    empty = {"times": np.zeros(0, np.float32), "codes": np.zeros(0, np.int32),
-             "values": np.zeros(0, np.float32), "example_id": -1}
     for start in range(shard_index * local, len(source) + shard_index * local, batch_size):
         ids = list(range(start, min(start + local, len(source))))
         examples = source.__getitems__(ids) if ids else []
@@ -105,6 +118,4 @@ def eval_batches(prepared: PreparedDataset, split: str, batch_size: int, max_len
             if ex["example_id"] != i:
                 raise ValueError(f"{prepared.path}: record {i} of {split!r} holds example "
                                  f'{ex["example_id"]}; the files are not in example_id order')
-        rows = [pad_example(ex, max_len) for ex in examples]
-        rows += [pad_example(empty, max_len)] * (local - len(rows))
-        yield {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+        yield padded_rows(examples, max_len, local)

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
-from cvmae_jax.data.pipeline import pad_example
+from cvmae_jax.data.pipeline import padded_rows
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 DEFAULT_C = 1.0
@@ -65,15 +65,11 @@ def embed_label_windows(graphdef: nnx.GraphDef, params, windows: list[dict], max
     with empty rows), so the encoder compiles once (pass one `make_embed_fn(graphdef)` to share it across calls); no
     value is hidden. An empty window gets a zero vector."""
     embed = embed_fn or make_embed_fn(graphdef)
-    empty = dict(times=np.zeros(0, np.float32), codes=np.zeros(0, np.int32),
-                 values=np.zeros(0, np.float32))
     out = []
     for lo in range(0, len(windows), batch_size):
         chunk = windows[lo:lo + batch_size]
-        rows = [pad_example(w, max_len) for w in chunk]
-        rows += [pad_example(empty, max_len)] * (batch_size - len(rows))
-        batch = {key: np.stack([r[key] for r in rows]) for key in ("times", "codes", "values",
-                                                                  "valid")}
+        batch = padded_rows(chunk, max_len, batch_size)
+        del batch["example_id"]
         out.append(np.asarray(embed(params, batch))[:len(chunk)])
     if not out:
         return np.zeros((0, _width(params)), np.float32)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cvmae_jax.data.packing import packed_train_dataset
+from cvmae_jax.data.packing import pack_rows, packed_train_dataset
 from cvmae_jax.data.prepare import prepare_dataset
 
 MAX_LEN = 8
@@ -48,3 +48,47 @@ def test_process_shards_are_blocks_of_the_single_process_packed_batches(prepared
         expected, parts = next(whole), [next(s) for s in shards]
         for key in expected:
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+
+
+def _example(example_id, n):
+    return dict(times=np.arange(n, dtype=np.float32), codes=np.full(n, example_id, np.int32),
+                values=np.full(n, example_id / 10, np.float32), example_id=example_id)
+
+
+def test_first_fit_decreasing_puts_every_example_whole_into_the_fewest_rows():
+    lengths = [5, 3, 3, 2, 2, 1, 8, 4]  # 28 tokens: 4 rows of 8 at best, and FFD finds them
+    rows = pack_rows([_example(i, n) for i, n in enumerate(lengths)], 8)
+    assert rows["codes"].shape == (4, 8)
+    for i, n in enumerate(lengths):
+        tokens = rows["example_id"] == i
+        tokens &= rows["valid"]
+        assert tokens.sum() == n and len(set(np.nonzero(tokens)[0])) == 1, i
+        row = np.nonzero(tokens)[0][0]
+        np.testing.assert_array_equal(rows["positions"][row][tokens[row]], np.arange(n))
+        np.testing.assert_array_equal(rows["times"][row][tokens[row]], np.arange(n))
+        assert len(set(rows["segment_ids"][row][tokens[row]])) == 1
+    np.testing.assert_array_equal(rows["valid"], rows["segment_ids"] > 0)
+    shuffled = pack_rows([_example(i, n) for i, n in enumerate(lengths)], 8, shuffle_seed=[0, 1])
+    assert sorted(map(tuple, shuffled["codes"])) == sorted(map(tuple, rows["codes"]))
+    with pytest.raises(ValueError, match="max_len=8"):
+        pack_rows([_example(0, 9)], 8)
+
+
+def test_packed_stream_resumes_mid_chunk_and_with_worker_processes(prepared):
+    make = lambda **kw: iter(packed_train_dataset(prepared, "train", 4, MAX_LEN, seed=4, **kw))
+    reference = make()
+    batches = [next(reference) for _ in range(12)]  # several chunks of 4 x 4 examples
+    for skip in (3, 7):
+        stream = make()
+        for _ in range(skip):
+            next(stream)
+        state = stream.get_state()
+        in_workers = make(workers=2)
+        in_workers.set_state(state)
+        try:
+            for want in batches[skip:]:
+                got = next(in_workers)
+                for key in want:
+                    np.testing.assert_array_equal(got[key], want[key])
+        finally:
+            in_workers.close()

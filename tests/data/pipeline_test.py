@@ -80,6 +80,31 @@ def test_iterator_state_restores_the_next_batch(prepared, tmp_path):
                 np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_worker_processes_read_the_same_batches_and_resume_across_worker_counts(prepared):
+    in_thread = iter(train_dataset(prepared, "train", 4, MAX_LEN, seed=5))
+    in_workers = iter(train_dataset(prepared, "train", 4, MAX_LEN, seed=5, workers=2))
+    try:
+        for _ in range(4):
+            want, got = next(in_thread), next(in_workers)
+            for key in BATCH_KEYS:
+                np.testing.assert_array_equal(got[key], want[key])
+        state = in_workers.get_state()  # saved with 2 workers, restored with none
+        expected = [next(in_workers) for _ in range(3)]
+    finally:
+        in_workers.close()
+    restored = iter(train_dataset(prepared, "train", 4, MAX_LEN, seed=5))
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_negative_worker_count_is_refused(prepared):
+    with pytest.raises(ValueError, match="config.data.workers"):
+        train_dataset(prepared, "train", 4, MAX_LEN, seed=0, workers=-1)
+
+
 def test_eval_batches_cover_split_once_with_padding(prepared):
     for split in ("train", "tuning", "held_out"):
         n = prepared.num_examples[split]
