@@ -49,13 +49,16 @@ class Progress:
         self.start_time = time.perf_counter()
 
     def line(self, step: int, metrics: dict) -> str:
+        """steps/s and tok/s are the logging window's training throughput (metrics.jsonl's);
+        the ETA uses the whole run's pace so far (compiling, evaluating and saving included)."""
         elapsed = time.perf_counter() - self.start_time
         done = step - self.start_step
-        rate = done / elapsed if elapsed > 0 else float("nan")
-        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        pace = done / elapsed if elapsed > 0 else float("nan")
+        eta = (self.total_steps - step) / pace if pace > 0 else float("nan")
         shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "masked_mse", "mask_rate")
                          if k in metrics)
-        return (f"step {step}/{self.total_steps} | {shown} | {rate:.2f} steps/s "
+        return (f"step {step}/{self.total_steps} | {shown} | "
+                f"{metrics.get('steps_per_sec', pace):.2f} steps/s "
                 f"{metrics.get('tokens_per_sec', 0):.0f} tok/s | ETA {clock(eta)}")
 
     def log(self, step: int, metrics: dict) -> None:

@@ -81,9 +81,8 @@ def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over ``data`` (explicit host->device copy)."""
-    sharding = batch_sharding(mesh)
-    return {name: jax.make_array_from_process_local_data(sharding, value)
-            for name, value in local_batch.items()}
+    # One call for the whole dict: a single batched transfer, not one per field.
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
 class JitLauncher:
@@ -156,8 +155,8 @@ class PmapLauncher:
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
         """[b, ...] rows -> [n, b / n, ...] with block i on device i."""
         n = self.num_devices
-        return {name: jax.device_put(value.reshape((n, -1) + value.shape[1:]), self.stacked)
-                for name, value in local_batch.items()}
+        return jax.device_put({name: value.reshape((n, -1) + value.shape[1:])
+                               for name, value in local_batch.items()}, self.stacked)
 
     def compile_train_step(self, body: Callable, state, batch):
         step = jax.pmap(body, axis_name=self.axis_name, donate_argnums=0,

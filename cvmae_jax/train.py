@@ -89,9 +89,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 jax.random.key(config.seed), config.loss.unmasked_weight,
                                 launcher.axis_name)
 
+    metric_names = []
+
     def counted_step(state, batch):
         traces.append(1)  # runs only while tracing
-        return step_body(state, batch)
+        state, metrics = step_body(state, batch)
+        metric_names[:] = sorted(metrics)  # one float32 vector: one small transfer per step
+        return state, jnp.stack([metrics[name].astype(jnp.float32) for name in metric_names])
 
     eval_step = launcher.eval_step(make_eval_step(
         graphdef, dataset.stats.vocab_size, config.eval.mask_rate, config.eval.mask_seed,
@@ -123,7 +127,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def record(step_metrics):  # host copy of a finished step's metrics; stop if non-finite
         step, metrics = step_metrics
-        metrics = launcher.fetch(metrics)
+        metrics = dict(zip(metric_names, launcher.fetch(metrics).tolist()))
         if not metrics["finite"]:
             raise FloatingPointError(
                 f"step {step}: the loss ({metrics['loss']}) or gradient norm "
