@@ -4,9 +4,10 @@
 
 Variants change ``config.model.attention`` (``cudnn`` compiles on NVIDIA GPUs only; elsewhere it
 is reported as skipped) or the compute dtype, or (diagnostic only, not the model) patch a piece
-of it: attention replaced by ``v`` to bound what attention costs, or the code embedding computed
+of it: attention replaced by ``v`` to bound what attention costs, the code embedding computed
 the way ``nnx.Embed`` does (table cast to bfloat16 before the gather), which made the bfloat16
-step 3x slower on GPUs.
+step 3x slower on GPUs, or the value masks drawn without ``jax.random`` (``*_fixed_mask``: the
+difference is what in-step mask sampling costs).
 XLA flags act per process: run ``step_bench`` under different ``XLA_FLAGS`` for those.
 """
 
@@ -17,7 +18,9 @@ import contextlib
 
 from benchmarks import common
 from benchmarks.step_bench import JaxStep
-from cvmae_jax import model
+import jax.numpy as jnp
+
+from cvmae_jax import model, steps
 
 
 @contextlib.contextmanager
@@ -43,6 +46,20 @@ def table_cast_before_gather():
     return patched(model.ValueOnlyMAE, "embed_codes", lambda self, codes: self.code_embed(codes))
 
 
+def fixed_pattern_mask(root, step, example_id, codes, valid, probs, positions=None):
+    """Diagnostic: ``sample_value_mask`` without the random draws. Each token's "uniform" is
+    a fixed golden-ratio sequence over its position, so the mask rate per code is the same but
+    no ``jax.random`` bits are generated; the step-time difference is what the draws cost."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(codes.shape[1]), codes.shape)
+    pseudo_uniform = (positions * 0.6180339887) % 1.0
+    return (pseudo_uniform < jnp.take(probs, codes)) & valid
+
+
+def masks_without_random_draws():
+    return patched(steps, "sample_value_mask", fixed_pattern_mask)
+
+
 VARIANTS = {  # name -> (config.model.attention, dtype, diagnostic patch or None)
     "baseline": ("einsum", "float32", None),
     "dot_product_attention": ("dot_product_attention", "float32", None),
@@ -52,6 +69,8 @@ VARIANTS = {  # name -> (config.model.attention, dtype, diagnostic patch or None
     "bfloat16_no_attention": ("einsum", "bfloat16", attention_replaced_by_v),
     "bfloat16_table_cast_before_gather": ("einsum", "bfloat16", table_cast_before_gather),
     "bfloat16_cudnn": ("cudnn", "bfloat16", None),
+    "fixed_mask": ("einsum", "float32", masks_without_random_draws),
+    "bfloat16_cudnn_fixed_mask": ("cudnn", "bfloat16", masks_without_random_draws),
 }
 
 

@@ -2,13 +2,15 @@
 
     python -m benchmarks.pipeline_bench [--subjects=1000 --batches=200 --data_dir=DIR]
     python -m benchmarks.pipeline_bench --packing [--meds_dir=MEDS --no_step]
+    python -m benchmarks.pipeline_bench --workers=0,4,8 --dtype=bfloat16 --attention=cudnn
 
-With --packing it also reads packed batches (``data.packing=True``) and prints the share of real
+--workers times each given ``config.data.workers`` (worker processes reading or packing
+batches; 0: one thread of this process). With --packing it also reads packed batches (``data.packing=True``) and prints the share of real
 tokens in both layouts; --meds_dir reads a MEDS root instead of the synthetic default.
 
 Builds (or reuses, under --data_dir) the synthetic MEDS default prepared like ``train.py`` does,
 reads ``cvmae_jax.data.pipeline.train_dataset`` batches at the default batch size, then times the
-default-config step (``step_bench.JaxStep``) for comparison. The pipeline runs alone here; in
+default-config step (``step_bench.JaxStep``, in --dtype with --attention) for comparison. The pipeline runs alone here; in
 training it shares the cores with the step.
 """
 
@@ -20,7 +22,7 @@ import tempfile
 import time
 
 from benchmarks import common
-from benchmarks.step_bench import JaxStep
+from benchmarks.step_bench import JaxStep, add_attention_arg
 from cvmae_jax.config import default_config
 from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
@@ -48,6 +50,10 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="also read packed batches")
     parser.add_argument("--meds_dir", default=None, help="a MEDS root instead of synthetic data")
     parser.add_argument("--no_step", action="store_true", help="skip timing the train step")
+    parser.add_argument("--workers", default="0", help="comma-separated config.data.workers")
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
+                        help="compute dtype of the step timed for comparison")
+    add_attention_arg(parser)
     args = parser.parse_args()
     layouts = {"padded": train_dataset, "packed": packed_train_dataset}
     if not args.packing:
@@ -56,28 +62,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config, dataset = prepared(args.data_dir or tmp, args.subjects, args.meds_dir)
         batch_size, max_len = config.train.batch_size, config.data.max_len
-        for name, make in layouts.items():
-            data = iter(make(dataset, "train", batch_size, max_len, seed=0))
-            next(data)  # start the reader threads
-            start = time.perf_counter()
-            tokens = sum(int(next(data)["valid"].sum()) for _ in range(args.batches))
-            rates[name] = args.batches / (time.perf_counter() - start)
-            print(f"{name:8s} pipeline {rates[name]:8.1f} batches/s  ({batch_size} x {max_len}; "
-                  f"real tokens {tokens / args.batches / (batch_size * max_len):.3f} of the "
-                  f"slots over {args.batches} batches)")
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for name, make in layouts.items():
+                data = iter(make(dataset, "train", batch_size, max_len, seed=0, workers=workers))
+                for _ in range(2 * workers + 1):  # until every worker process has started
+                    next(data)
+                start = time.perf_counter()
+                tokens = sum(int(next(data)["valid"].sum()) for _ in range(args.batches))
+                rate = rates[f"{name} workers={workers}"] = args.batches / (
+                    time.perf_counter() - start)
+                data.close()
+                print(f"{name:6s} workers={workers:<3d} pipeline {rate:8.1f} batches/s  "
+                      f"({batch_size} x {max_len}; real tokens "
+                      f"{tokens / args.batches / (batch_size * max_len):.3f} of the slots over "
+                      f"{args.batches} batches)")
+    print(f"machine: {common.machine_info()}")
     if args.no_step:
         return
-    pipeline_s = 1 / rates["padded"]
     common.progress("timing the default step")
     cfg = common.BenchConfig(batch=batch_size, seq=max_len)
-    runner = JaxStep(cfg)
+    runner = JaxStep(cfg, args.dtype, attention=args.attention)
     runner.compile()
     common.time_calls(runner.step, cfg.warmup)
     step_s = common.summary(common.time_calls(runner.step, cfg.steps))["median_s"]
-    print(f"machine: {common.machine_info()}")
-    print(f"step      {1 / step_s:8.1f} batches/s  (default config, median of {cfg.steps})")
-    print(f"pipeline / step = {step_s / pipeline_s:.1f}x")
-    common.write_json(args.json, dict(pipeline_batches_per_s=1 / pipeline_s,
+    print(f"step               {1 / step_s:8.1f} batches/s  (default config, {args.dtype}, "
+          f"{args.attention} attention, median of {cfg.steps})")
+    for name, rate in rates.items():
+        print(f"pipeline / step = {rate * step_s:6.1f}x  ({name})")
+    common.write_json(args.json, dict(pipeline_batches_per_s=rates,
                                       step_batches_per_s=1 / step_s, batch_size=batch_size))
 
 
