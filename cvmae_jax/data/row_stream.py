@@ -41,7 +41,7 @@ class RowStream:
     """
 
     def __init__(self, make_chunk: Callable[[int], Chunk], global_rows: int, first_row: int,
-                 num_rows: int, workers: int = 0, threads: int = 2):
+                 num_rows: int, workers: int = 0, threads: int = 1):
         if workers < 0:
             raise ValueError(f"config.data.workers must be >= 0, got {workers}")
         self.make_chunk, self.global_rows = make_chunk, global_rows
