@@ -138,7 +138,7 @@ def packed_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[str
                            example_id=int(batch_index * cfg.batch + i))
 
     per_chunk = PACK_CHUNK_BATCHES * cfg.batch
-    chunks = -(-4 * count // PACK_CHUNK_BATCHES)  # ample: a row holds at least one example
+    chunks = -(-4 * count // PACK_CHUNK_BATCHES)  # enough while rows hold <= 4 examples on average
     pool = list(itertools.islice(examples(), chunks * per_chunk))
     packed = RowStream(ChunkPacker(pool, per_chunk, cfg.seq, seed), global_rows=cfg.batch,
                        first_row=0, num_rows=cfg.batch)

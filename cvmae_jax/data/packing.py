@@ -54,7 +54,7 @@ def pack_rows(examples: list[dict], max_len: int, shuffle_seed=None) -> dict:
             "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32)}
     filled = np.zeros(num_rows, np.int64)
     segments = np.zeros(num_rows, np.int32)
-    for i in np.argsort(row_of, kind="stable"):  # rows in order, examples in packing order
+    for i in np.argsort(row_of, kind="stable"):  # row by row, examples in input order
         row, n = row_of[i], lengths[i]
         at = slice(filled[row], filled[row] + n)
         for key in ("times", "codes", "values"):

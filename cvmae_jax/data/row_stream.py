@@ -14,7 +14,9 @@ in parallel, which fast accelerators need); a background thread cuts them into b
 from __future__ import annotations
 
 import json
+import logging
 import queue
+import signal
 import threading
 from collections.abc import Callable
 
@@ -27,6 +29,16 @@ Chunk = dict[str, np.ndarray]
 CHUNKS_AHEAD_PER_WORKER = 2  # finished chunks each worker process keeps ready
 CHUNKS_AHEAD_IN_THREADS = 4  # finished chunks the threads keep ready (workers=0)
 BATCHES_AHEAD = 2  # batches cut from the chunks, ready for the training loop
+STOP_WAIT_S = 30  # how long close() waits for the background thread before closing anyway
+
+
+def _worker_ignores_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Worker set-up: SIGTERM/SIGINT sent to the whole process group (a scheduler's preemption,
+    Ctrl-C) leave the workers to the training process, which saves its checkpoint and then
+    stops them (grain sets their stop event and kills them if they do not exit)."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class RowStream:
@@ -59,8 +71,10 @@ class RowStream:
                 flags.FLAGS.mark_as_parsed()  # worker set-up reads its flags' defaults
             # Each worker computes its chunks one at a time (grain's default is 16 threads).
             serial = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
-            return chunks.to_iter_dataset(serial).mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.workers, per_worker_buffer_size=CHUNKS_AHEAD_PER_WORKER))
+            return chunks.to_iter_dataset(serial).mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.workers,
+                                             per_worker_buffer_size=CHUNKS_AHEAD_PER_WORKER),
+                worker_init_fn=_worker_ignores_stop_signals)
         return chunks.to_iter_dataset(grain.ReadOptions(
             num_threads=self.threads, prefetch_buffer_size=CHUNKS_AHEAD_IN_THREADS))
 
@@ -108,6 +122,7 @@ class _BackgroundBatches:
         self.ready: queue.Queue = queue.Queue(BATCHES_AHEAD)
         self.stopping = threading.Event()
         self.assembler = _BatchAssembler(stream, chunk, row)
+        self.error: BaseException | None = None  # raised again by every later get()
         self.thread = threading.Thread(target=self._run, name="row_stream", daemon=True)
         self.thread.start()
 
@@ -125,18 +140,25 @@ class _BackgroundBatches:
             self.ready.put(error)
 
     def get(self) -> tuple[Chunk, tuple[int, int]]:
-        item = self.ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        if self.error is None:
+            item = self.ready.get()
+            if not isinstance(item, BaseException):
+                return item
+            self.error = item
+        raise self.error
 
     def stop(self) -> None:
         self.stopping.set()
-        while self.thread.is_alive():
+        for _ in range(int(STOP_WAIT_S / 0.1)):
+            if not self.thread.is_alive():
+                break
             try:
                 self.ready.get(timeout=0.1)  # unblock a waiting put
             except queue.Empty:
                 pass
+        else:
+            logging.warning("The input pipeline's thread did not stop within %d s (a worker "
+                            "process hangs?); stopping its workers anyway", STOP_WAIT_S)
         self.assembler.stop()
 
 
@@ -166,6 +188,11 @@ class RowStreamIterator:
 
     def set_state(self, state: bytes) -> None:
         saved = json.loads(state)
+        if not {"chunk", "row"} <= set(saved):
+            raise ValueError(
+                "the checkpoint's input-pipeline position was written by an older cvmae-jax "
+                f"(grain iterator state with keys {sorted(saved)[:5]}, not 'chunk'/'row'); "
+                "resume it with that version, or start a new workdir")
         self.close()
         self.position = (int(saved["chunk"]), int(saved["row"]))
 

@@ -1,5 +1,10 @@
 """grain pipelines: fixed shapes, padding, epoch coverage, sharding, state, eval padding."""
 
+import multiprocessing
+import os
+import signal
+import time
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -98,6 +103,24 @@ def test_worker_processes_read_the_same_batches_and_resume_across_worker_counts(
         got = next(restored)
         for key in BATCH_KEYS:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_workers_outlive_a_sigterm_to_the_process_group(prepared):
+    """A scheduler's SIGTERM reaches the workers too; they must keep serving batches so the
+    training process can reach its preemption checkpoint."""
+    stream = iter(train_dataset(prepared, "train", 4, MAX_LEN, seed=5, workers=1))
+    try:
+        next(stream)
+        workers = multiprocessing.active_children()
+        assert workers
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(worker.is_alive() for worker in workers)
+        for _ in range(5):
+            next(stream)
+    finally:
+        stream.close()
 
 
 def test_negative_worker_count_is_refused(prepared):

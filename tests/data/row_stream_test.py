@@ -60,8 +60,15 @@ def test_an_error_while_assembling_ahead_reaches_the_training_loop():
     try:
         first, position = batches.get()
         assert rows_of(first) == [(0, 0), (1, 0)] and position == (1, 1)
-        with pytest.raises(ValueError, match="chunk 2 is unreadable"):
-            batches.get()
+        for _ in range(2):  # and again: a retry does not wait forever
+            with pytest.raises(ValueError, match="chunk 2 is unreadable"):
+                batches.get()
     finally:
         batches.stop()
     assert not batches.thread.is_alive()
+
+
+def test_a_position_saved_by_the_old_grain_pipeline_is_refused_clearly():
+    stream = iter(RowStream(numbered_rows, global_rows=2, first_row=0, num_rows=2))
+    with pytest.raises(ValueError, match="older cvmae-jax.*new workdir"):
+        stream.set_state(b'{"next_index": 12, "parent": {}}')
