@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from cvmae_jax.data import meds
 from cvmae_jax.data.plan import plan_dataset
+from cvmae_jax.data.records import LabRecords
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.data.tfds_builder import REPORT_FILE, STATS_FILE, MedsLabConfig, MedsLabSequences
 
@@ -34,9 +35,10 @@ class PreparedDataset:
     max_len: int
     report: dict
 
-    def data_source(self, split: str):
-        """Random-access source of `split`: len() and [i] -> dict of numpy arrays."""
-        return tfds.builder_from_directory(self.path).as_data_source(split)
+    def data_source(self, split: str) -> LabRecords:
+        """Random-access source of `split`: len() and [i] -> dict of times, codes, values
+        (numpy [n]) and example_id; the files ``tfds.data_source`` reads, decoded faster."""
+        return LabRecords(self.path, split)
 
 
 def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str | Path,
