@@ -13,8 +13,9 @@ class Checkpointer:
     """Async keep-latest-N checkpoints under ``directory``; restores the newest complete one.
 
     Each checkpoint holds three items: ``state`` (params, optimizer state, step), ``data`` (the
-    grain iterator's position) and ``run`` (config and dataset statistics, as JSON). Orbax writes
-    to a temporary folder and renames it when complete, so a save killed half-way is ignored.
+    input pipeline's position, saved by grain's checkpoint handler) and ``run`` (config and
+    dataset statistics, as JSON). Orbax writes to a temporary folder and renames it when
+    complete, so a save killed half-way is ignored.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int):
