@@ -1,6 +1,9 @@
-"""The JAX step benchmark: its FLOP count, and the batch sharded over split CPU devices."""
+"""The benchmarks: the JAX step's FLOP count, and the input pipeline benchmark runs."""
 
+import os
 import pathlib
+import re
+import subprocess
 import sys
 
 import pytest
@@ -22,3 +25,16 @@ def test_model_flop_count_matches_xla_cost_analysis_on_cpu(layers, d_model, seq)
     runner.compile()
     assert runner.launcher.num_devices == 8
     assert 0.9 < runner.flops / runner.xla_flops < 1.0
+
+
+def test_pipeline_bench_reads_both_layouts_with_and_without_workers(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pipeline_bench", "--subjects=60", "--batches=5",
+         "--workers=0,1", "--packing", "--no_step", f"--data_dir={tmp_path}"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        text=True, timeout=300, check=True).stdout
+    rates = re.findall(r"^(padded|packed) workers=(\d)\s+pipeline\s+([\d.]+) batches/s", out,
+                       re.MULTILINE)
+    assert sorted((layout, workers) for layout, workers, _ in rates) == [
+        ("packed", "0"), ("packed", "1"), ("padded", "0"), ("padded", "1")], out
+    assert all(float(rate) > 0 for _, _, rate in rates)
