@@ -14,7 +14,6 @@ in parallel, which fast accelerators need); a background thread cuts them into b
 from __future__ import annotations
 
 import json
-import logging
 import queue
 import signal
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Callable
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 Chunk = dict[str, np.ndarray]
 
@@ -108,8 +107,7 @@ class _BatchAssembler:
         return batch, (self.chunk, self.row)
 
     def stop(self) -> None:
-        if hasattr(self.chunks, "close"):
-            self.chunks.close()
+        self.chunks.close()
 
 
 class _BackgroundBatches:
