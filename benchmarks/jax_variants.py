@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from benchmarks import common
-from benchmarks.step_bench import JaxStep
 import jax.numpy as jnp
 
+from benchmarks import common
+from benchmarks.step_bench import JaxStep
 from cvmae_jax import model, steps
 
 

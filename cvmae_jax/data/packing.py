@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from cvmae_jax.data.pipeline import READ_THREADS, shuffled_examples
+from cvmae_jax.data.pipeline import shuffled_examples
 from cvmae_jax.data.prepare import PreparedDataset
 from cvmae_jax.data.row_stream import RowStream
 
@@ -101,4 +101,4 @@ def packed_train_dataset(prepared: PreparedDataset, split: str, global_batch_siz
     local = global_batch_size // shard_count
     packer = ChunkPacker(order, PACK_CHUNK_BATCHES * global_batch_size, max_len, seed)
     return RowStream(packer, global_rows=global_batch_size, first_row=shard_index * local,
-                     num_rows=local, workers=workers, threads=READ_THREADS)
+                     num_rows=local, workers=workers)

@@ -17,7 +17,6 @@ from cvmae_jax.data.prepare import PreparedDataset
 from cvmae_jax.data.row_stream import RowStream
 
 BATCH_KEYS = ("times", "codes", "values", "valid", "example_id")
-READ_THREADS = 1  # threads reading ahead when there are no worker processes (2 or 4: slower)
 
 
 def _check(prepared: PreparedDataset, split: str, batch_size: int, max_len: int,
@@ -96,8 +95,7 @@ def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int,
                               shard_count)
     local = global_batch_size // shard_count
     read = _LocalBatchReader(order, global_batch_size, shard_index * local, local, max_len)
-    return RowStream(read, global_rows=local, first_row=0, num_rows=local, workers=workers,
-                     threads=READ_THREADS)
+    return RowStream(read, global_rows=local, first_row=0, num_rows=local, workers=workers)
 
 
 def eval_batches(prepared: PreparedDataset, split: str, batch_size: int, max_len: int,

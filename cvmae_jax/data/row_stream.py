@@ -26,6 +26,7 @@ from absl import flags, logging
 Chunk = dict[str, np.ndarray]
 
 CHUNKS_AHEAD_PER_WORKER = 2  # finished chunks each worker process keeps ready
+READ_THREADS = 1  # threads computing chunks when there are no workers (2 or 4: slower)
 CHUNKS_AHEAD_IN_THREADS = 4  # finished chunks the threads keep ready (workers=0)
 BATCHES_AHEAD = 2  # batches cut from the chunks, ready for the training loop
 STOP_WAIT_S = 30  # how long close() waits for the background thread before closing anyway
@@ -47,17 +48,16 @@ class RowStream:
     Args:
       make_chunk: chunk index -> Chunk; picklable when ``workers > 0`` (it runs in the workers).
       global_rows / first_row / num_rows: the global batch size and this process's rows of it.
-      workers: worker processes computing chunks (0: threads of this process).
-      threads: threads computing chunks when ``workers == 0``.
+      workers: worker processes computing chunks (0: READ_THREADS threads of this process).
     """
 
     def __init__(self, make_chunk: Callable[[int], Chunk], global_rows: int, first_row: int,
-                 num_rows: int, workers: int = 0, threads: int = 1):
+                 num_rows: int, workers: int = 0):
         if workers < 0:
             raise ValueError(f"config.data.workers must be >= 0, got {workers}")
         self.make_chunk, self.global_rows = make_chunk, global_rows
         self.first_row, self.num_rows = first_row, num_rows
-        self.workers, self.threads = workers, threads
+        self.workers = workers
 
     def __iter__(self) -> "RowStreamIterator":
         return RowStreamIterator(self)
@@ -75,7 +75,7 @@ class RowStream:
                                              per_worker_buffer_size=CHUNKS_AHEAD_PER_WORKER),
                 worker_init_fn=_worker_ignores_stop_signals)
         return chunks.to_iter_dataset(grain.ReadOptions(
-            num_threads=self.threads, prefetch_buffer_size=CHUNKS_AHEAD_IN_THREADS))
+            num_threads=READ_THREADS, prefetch_buffer_size=CHUNKS_AHEAD_IN_THREADS))
 
 
 class _BatchAssembler:
