@@ -7,6 +7,11 @@ gives them back with ``munmap``, so every step touches hundreds of MB of new pag
 kernel must fault in and zero. Measured on a 2-core CPU (benchmarks/NOTES.md): writing one
 33 MB array took 14 ms with fresh pages and 2.3 ms with reused ones.
 
+Trimming is off entirely, not just above a large threshold: with a 2 GB threshold (the largest
+positive value ``mallopt`` takes) the ``large`` benchmark step, whose freed temporaries exceed
+2 GB, had its heap top returned and faulted in again every step (730k page faults, 7.8 s per
+step against 5.0 s without; benchmarks/NOTES.md, session 6).
+
 ``reuse_freed_memory()`` sets glibc's malloc to one arena, no mmap'd blocks and no trimming, so
 freed blocks are reused. The price: the process keeps its peak heap until it exits (normal for
 a training job). It does nothing on other C libraries.
@@ -22,7 +27,7 @@ import functools
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-_TRIM_ABOVE = 2**31 - 1  # bytes of free heap top before any is returned (the int maximum)
+NO_TRIMMING = -1  # M_TRIM_THRESHOLD -1: never return the heap's top to the system (mallopt(3))
 
 
 @functools.cache
@@ -35,5 +40,5 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False  # not glibc (macOS, musl without mallopt): leave the allocator alone
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _TRIM_ABOVE))
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NO_TRIMMING))
     return all(mallopt(param, value) == 1 for param, value in settings)
