@@ -2,11 +2,11 @@
 
 Three implementations of the same function (``config.model.attention``):
 
-- ``einsum`` (default): scores and weighted sums as batched matmuls in [B, H, L, Dh] layout with
-  the padding/segment mask applied inside the softmax's fusion, and a hand-written backward
-  that takes softmax's row sums from [B, H, L, Dh] tensors. On XLA CPU this layout avoids the
-  transposes of the [B, H, L, L] score tensors that the [B, L, H, Dh] layout needs (measured
-  in benchmarks/NOTES.md).
+- ``einsum`` (default): scores and weighted sums as batched matmuls in [B, H, L, Dh] layout, the
+  key-padding mask carried by the scores' matmul, the output normalized after the weighted sum,
+  and a hand-written backward that takes softmax's row sums from [B, H, L, Dh] tensors. On XLA
+  CPU this layout avoids the transposes of the [B, H, L, L] score tensors that the
+  [B, L, H, Dh] layout needs (measured in benchmarks/NOTES.md).
 - ``dot_product_attention``: ``jax.nn.dot_product_attention`` with its default implementation,
   which in jax 0.10-0.11 is XLA's.
 - ``cudnn``: the same function with ``implementation='cudnn'``, cuDNN's fused flash attention
@@ -95,28 +95,52 @@ def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array)
 
 
 def _einsum_attention_forward(q, k, v, keep):
-    """The output [B, H, L, Dh] and what the backward needs, the float32 weights [B, H, L, L]."""
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
-    logits = jnp.where(keep, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
-    return out, (q, k, v, weights, out)
+    """The output [B, H, L, Dh] and what the backward needs: the float32 softmax numerators
+    exp(s - max s) [B, H, L, L] and the reciprocals of their row sums [B, H, L, 1].
+
+    The output is normalized after the weighted sum, on [B, H, L, Dh] instead of [B, H, L, L]
+    (as flash attention does), and a key-padding mask enters the scores' matmul as an extra
+    feature instead of a pass of its own (``_masked_scores``)."""
+    logits = _masked_scores(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, keep)
+    numerators = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    inverse_sums = 1.0 / numerators.sum(axis=-1, keepdims=True)
+    out = (jnp.einsum("bhqk,bhkd->bhqd", numerators.astype(v.dtype), v)
+           * inverse_sums).astype(v.dtype)
+    return out, (q, k, v, numerators, inverse_sums, out)
+
+
+def _masked_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
+    """float32 [B, H, L, L] scores q.k, and a very negative number where ``keep`` is False.
+
+    A key-padding mask (keep [B, 1, 1, L]) is an additive bias per key, so it rides in the
+    matmul: q gets a feature of ones and k a feature holding the bias (0 or -1e30). That saves
+    the CPU step a select pass over the scores per layer (benchmarks/NOTES.md, session 6).
+    A segment mask [B, 1, L, L] is applied with a select."""
+    if keep.shape[2] != 1:
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+        return jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+    bias = jnp.where(keep[:, :, 0, :, None], 0.0, -1e30).astype(k.dtype)  # [B, 1, L, 1]
+    ones = jnp.ones(q.shape[:-1] + (1,), q.dtype)
+    return jnp.einsum("bhqd,bhkd->bhqk", jnp.concatenate([q, ones], axis=-1),
+                      jnp.concatenate([k, jnp.broadcast_to(bias, k.shape[:-1] + (1,))], axis=-1)
+                      ).astype(jnp.float32)
 
 
 def _einsum_attention_backward(residuals, d_out):
-    """Autodiff's backward, except that softmax's row sums come from [B, H, L, Dh] tensors,
-    sum(dO * O), instead of [B, H, L, L] ones, sum(dP * P): one pass less over the scores
-    (0.88-0.97x the CPU step on one device, benchmarks/NOTES.md). No cotangent for ``keep``."""
-    q, k, v, weights, out = residuals
+    """Softmax attention's backward from the forward's numerators E and inverse row sums r
+    (weights P = E r): dS = E r (dP - sum(dO * O)), with softmax's row sums taken from
+    [B, H, L, Dh] tensors instead of [B, H, L, L] ones, and dV = E^T (r dO). No cotangent for
+    ``keep``."""
+    q, k, v, numerators, inverse_sums, out = residuals
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v).astype(jnp.float32)
     row_sums = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
                        keepdims=True)
-    d_logits = (weights * (d_weights - row_sums)).astype(q.dtype)
+    d_logits = (numerators * ((d_weights - row_sums) * inverse_sums)).astype(q.dtype)
     d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k) * scale
     d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q) * scale
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", weights.astype(v.dtype), d_out)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", numerators.astype(v.dtype),
+                     (d_out * inverse_sums).astype(v.dtype))
     return d_q, d_k, d_v, None
 
 
