@@ -1,4 +1,4 @@
-"""The benchmarks: the JAX step's FLOP count, and the input pipeline benchmark runs."""
+"""The benchmarks: the JAX step's FLOP count, the input pipeline and kernel benchmarks run."""
 
 import os
 import pathlib
@@ -6,11 +6,12 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the benchmarks package
 
-from benchmarks import common, step_bench  # noqa: E402
+from benchmarks import common, kernel_bench, step_bench  # noqa: E402
 
 
 @pytest.mark.parametrize("layers,d_model,seq", [(2, 64, 128), (2, 128, 256)])
@@ -38,3 +39,25 @@ def test_pipeline_bench_reads_both_layouts_with_and_without_workers(tmp_path):
     assert sorted((layout, workers) for layout, workers, _ in rates) == [
         ("packed", "0"), ("packed", "1"), ("padded", "0"), ("padded", "1")], out
     assert all(float(rate) > 0 for _, _, rate in rates)
+
+
+def test_kernel_bench_ops_are_the_steps_matmul_shapes():
+    """Each op is a valid einsum of its operand shapes, with FLOPs counted over every
+    dimension: the default config's dense forward is [8192, 128] x [128, 512] and its scores
+    32 x 4 heads of [256, 32] x [32, 256]."""
+    ops = {op.name: op for op in kernel_bench.step_matmuls(common.BenchConfig())}
+    for op in ops.values():
+        np.einsum(op.spec, np.zeros(op.lhs), np.zeros(op.rhs))
+    assert ops["dense forward X W"].flops() == 2 * 8192 * 128 * 512
+    assert ops["attention scores Q K^T"].flops() == 2 * 32 * 4 * 256 * 256 * 32
+
+
+def test_kernel_bench_times_every_op_in_both_frameworks():
+    pytest.importorskip("torch")
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_bench", "--batch=2", "--seq=16",
+         "--d_model=16", "--heads=2", "--rounds=1", "--calls=1"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        text=True, timeout=300, check=True).stdout
+    ratios = re.findall(r"^(?:dense|attention) .* ([\d.]+)$", out, re.MULTILINE)
+    assert len(ratios) == 6 and all(float(r) > 0 for r in ratios), out
