@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cvmae_jax import host_memory
+
 DATA_AXIS = "data"
 MODES = ("jit", "pmap")
 
@@ -29,7 +31,10 @@ MODES = ("jit", "pmap")
 def set_cpu_devices(count: int | None) -> None:
     """Splits a CPU host into ``count`` JAX devices (``jax_num_cpu_devices``), so a jitted step
     shards its batch over them and each device runs its own stream of ops on the shared cores.
-    None or 0 keeps JAX's default (1). Must run before JAX starts its backends."""
+    None or 0 keeps JAX's default (1). Must run before JAX starts its backends. Several devices
+    also cap the host heap that ``host_memory.reuse_freed_memory`` keeps (see there)."""
+    if count and count > 1:
+        host_memory.cap_heap_for_concurrent_devices()
     if not count or jax.config.jax_num_cpu_devices == count:
         return
     try:
