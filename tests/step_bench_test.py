@@ -1,5 +1,6 @@
 """The benchmarks: the JAX step's FLOP count, the input pipeline and kernel benchmarks run."""
 
+import json
 import os
 import pathlib
 import re
@@ -61,3 +62,31 @@ def test_kernel_bench_times_every_op_in_both_frameworks():
         text=True, timeout=300, check=True).stdout
     ratios = re.findall(r"^(?:dense|attention) .* ([\d.]+)$", out, re.MULTILINE)
     assert len(ratios) == 6 and all(float(r) > 0 for r in ratios), out
+
+
+def test_time_pipelined_launches_back_to_back_and_waits_once_at_the_end():
+    events = []
+    seconds = common.time_pipelined(lambda i: events.append(("launch", i)) or i, 4, start=3,
+                                    wait=lambda result: events.append(("wait", result)))
+    assert events == [("launch", 3), ("launch", 4), ("launch", 5), ("launch", 6), ("wait", 6)]
+    assert seconds > 0
+
+
+def test_step_bench_reports_waited_and_pipelined_steps(tmp_path):
+    """One run with packing on a tiny shape: both runners report every timed step, a pipelined
+    time per step, the host's launch time and the mask draw, in the printout and the JSON."""
+    json_path = tmp_path / "bench.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.step_bench", "--d_model=16", "--layers=1",
+         "--heads=2", "--seq=32", "--batch=8", "--steps=20", "--warmup=1", "--packing",
+         f"--json={json_path}"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        text=True, timeout=300, check=True).stdout
+    result = json.loads(json_path.read_text())
+    assert [r["name"] for r in result["results"]] == ["jax jit", "jax jit packed"]
+    for r in result["results"]:
+        assert r["n"] == 20 and len(result["times_s"][r["name"]]) == 20
+        assert len(result["pipelined_step_s"][r["name"]]) == 4  # one per alternating round
+        assert r["pipelined_step_s"] > 0 and r["mask_sampling_s"] > 0 and r["launch_host_s"] > 0
+    assert len(re.findall(r"^pipelined step +[\d.]+ ms", out, re.MULTILINE)) == 2, out
+    assert re.search(r"^packed/padded real tokens/s = [\d.]+$", out, re.MULTILINE), out
