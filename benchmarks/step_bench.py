@@ -83,6 +83,7 @@ class JaxStep:
         start = time.perf_counter()
         batch = self.launcher.put_batch(self.batches[0])
         self.compiled = self.launcher.compile_train_step(self.body, self.state, batch)
+        self.state = self.compiled.flatten(self.state)  # as train.py holds it
         seconds = time.perf_counter() - start
         # XLA's cost analysis counts one device's share of the sharded step.
         self.xla_flops = cost_flops(self.compiled) * self.launcher.num_devices

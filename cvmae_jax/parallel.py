@@ -90,6 +90,43 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
+class CompiledTrainStep:
+    """An ahead-of-time compiled ``body(state, batch) -> (state, metrics)`` that takes and
+    returns the state as its flat list of arrays.
+
+    Calling a compiled function flattens its arguments and rebuilds its outputs on the host at
+    every call; for the train state's ~100 nnx Variables that took ~1 of the ~2 ms a step's
+    call cost the host (CPU, benchmarks/NOTES.md session 7), more than a small GPU step. So a
+    loop flattens the state once, calls the step on the leaves, and rebuilds the state only
+    where it needs one (checkpoints, evaluation).
+    """
+
+    def __init__(self, transform: Callable, body: Callable, state, batch):
+        """``transform``: ``jax.jit``/``jax.pmap`` with the launcher's settings (the leaves,
+        argument 0, donated); ``state``, ``batch``: example arguments to compile for."""
+        self.treedef = jax.tree.structure(state)
+
+        def flat_body(leaves, batch):
+            new_state, metrics = body(self.unflatten(leaves), batch)
+            return self.flatten(new_state), metrics
+
+        self.compiled = transform(flat_body).lower(self.flatten(state), batch).compile()
+
+    def flatten(self, state) -> list:
+        return self.treedef.flatten_up_to(state)
+
+    def unflatten(self, leaves: list):
+        return self.treedef.unflatten(leaves)
+
+    def __call__(self, leaves: list, batch) -> tuple[list, object]:
+        """One step: (state leaves, batch) -> (new state leaves, metrics); the old leaves are
+        donated."""
+        return self.compiled(leaves, batch)
+
+    def cost_analysis(self):
+        return self.compiled.cost_analysis()
+
+
 class JitLauncher:
     """``jax.jit`` over a ``data`` mesh; the state is a replicated global array tree."""
 
@@ -113,12 +150,13 @@ class JitLauncher:
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
         return global_batch(local_batch, self.mesh)
 
-    def compile_train_step(self, body: Callable, state, batch):
-        """Ahead-of-time compiled ``body(state, batch)`` with the state donated."""
-        step = jax.jit(body, donate_argnums=0,
-                       in_shardings=(self.replicated, batch_sharding(self.mesh)),
-                       out_shardings=(self.replicated, self.replicated))
-        return step.lower(state, batch).compile()
+    def compile_train_step(self, body: Callable, state, batch) -> CompiledTrainStep:
+        """``body(state, batch)`` compiled ahead of time, the state donated."""
+        return CompiledTrainStep(
+            lambda flat_body: jax.jit(flat_body, donate_argnums=0,
+                                      in_shardings=(self.replicated, batch_sharding(self.mesh)),
+                                      out_shardings=(self.replicated, self.replicated)),
+            body, state, batch)
 
     def eval_step(self, body: Callable) -> Callable:
         return jax.jit(body, out_shardings=self.replicated)
@@ -163,10 +201,11 @@ class PmapLauncher:
         return jax.device_put({name: value.reshape((n, -1) + value.shape[1:])
                                for name, value in local_batch.items()}, self.stacked)
 
-    def compile_train_step(self, body: Callable, state, batch):
-        step = jax.pmap(body, axis_name=self.axis_name, donate_argnums=0,
-                        devices=list(self.mesh.devices.flat))
-        return step.lower(state, batch).compile()
+    def compile_train_step(self, body: Callable, state, batch) -> CompiledTrainStep:
+        return CompiledTrainStep(
+            lambda flat_body: jax.pmap(flat_body, axis_name=self.axis_name, donate_argnums=0,
+                                       devices=list(self.mesh.devices.flat)),
+            body, state, batch)
 
     def eval_step(self, body: Callable) -> Callable:
         return jax.pmap(body, axis_name=self.axis_name, devices=list(self.mesh.devices.flat))

@@ -115,13 +115,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state = launcher.put_state(restored)
         logging.info("Resumed from the checkpoint at step %d", start_step)
 
+    compiled, leaves = None, None  # after the first batch: the compiled step and its state leaves
+
+    def current_state():  # the loop holds the state as the compiled step's leaves
+        return state if compiled is None else compiled.unflatten(leaves)
+
     def save(step):
-        checkpointer.save(step, launcher.checkpoint_view(state), data, run_info)
+        checkpointer.save(step, launcher.checkpoint_view(current_state()), data, run_info)
 
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
     progress = Progress(config.train.num_steps, start_step)
     preemption = _Preemption(checkpointer)
-    compiled, pending = None, None
+    pending = None
     window, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0
     last_train, last_eval, preempted = {}, {}, False
 
@@ -146,10 +151,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if compiled is None:
                     compile_start = time.perf_counter()
                     compiled = launcher.compile_train_step(counted_step, state, batch)
+                    leaves, state = compiled.flatten(state), None
                     compile_seconds = time.perf_counter() - compile_start
                     window_start += compile_seconds  # throughput counts training time only
                     logging.info("Compiled the train step in %.1f s", compile_seconds)
-                state, metrics = compiled(state, batch)
+                leaves, metrics = compiled(leaves, batch)
                 if pending is not None:
                     record(pending)  # the previous step: done or nearly, so no stall
                 pending = (step, metrics)
@@ -171,7 +177,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pause_start = time.perf_counter()
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 with jax.transfer_guard(config.train.transfer_guard):
-                    result = evaluate(eval_step, state.params, dataset, config, launcher, probs)
+                    result = evaluate(eval_step, current_state().params, dataset, config,
+                                      launcher, probs)
                 last_eval = dict(result["overall"], step=step, split=config.eval.split)
                 writer.write(last_eval)
                 if jax.process_index() == 0:
@@ -197,8 +204,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         data.close()  # stops the input pipeline's threads
         checkpointer.close()  # waits for the last async save
         preemption.restore_handler()
-    return dict(step=int(jax.device_get(launcher.checkpoint_view(state).step)), train=last_train,
-                eval=last_eval, train_step_traces=len(traces), preempted=preempted)
+    return dict(step=int(jax.device_get(launcher.checkpoint_view(current_state()).step)),
+                train=last_train, eval=last_eval, train_step_traces=len(traces),
+                preempted=preempted)
 
 
 def _mean_metrics(window: list[dict]) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import cvmae_jax.train as train_module
+from cvmae_jax import parallel
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.train import train_and_evaluate
 
@@ -59,7 +60,6 @@ def test_one_and_eight_devices_give_the_same_masks_and_losses(data_dir, tmp_path
 
 def _restored_params(workdir, config, num_devices):
     """Parameters of the newest checkpoint restored onto ``num_devices`` devices."""
-    from cvmae_jax import parallel
     from cvmae_jax.checkpoint import abstract_like
     from cvmae_jax.model import ModelConfig
     from cvmae_jax.steps import init_state, make_optimizer
@@ -163,3 +163,25 @@ def test_cpu_devices_cannot_change_once_jax_has_started():
     with pytest.raises(ValueError, match=r"config.parallel.cpu_devices=3 must be set before"):
         set_cpu_devices(3)
     assert jax.device_count("cpu") == 8
+
+
+@pytest.mark.parametrize("launcher_class", [parallel.JitLauncher, parallel.PmapLauncher])
+def test_the_compiled_step_runs_on_the_state_leaves_and_donates_them(launcher_class):
+    """The loop holds the state as the compiled step's leaves; they rebuild into the same
+    structure with the step applied, and the leaves passed in are donated."""
+    launcher = launcher_class(jax.devices())
+    state = launcher.put_state({"count": np.int32(0), "weights": np.arange(3, dtype=np.float32)})
+    batch = launcher.put_batch({"x": np.ones((8, 2), np.float32)})
+
+    def body(state, batch):
+        return ({"count": state["count"] + 1, "weights": state["weights"] * 2},
+                state["weights"].sum() + batch["x"].sum() * 0)
+
+    compiled = launcher.compile_train_step(body, state, batch)
+    leaves = compiled.flatten(state)
+    new_leaves, metric = compiled(leaves, batch)
+    assert all(leaf.is_deleted() for leaf in leaves)
+    new_state = launcher.checkpoint_view(compiled.unflatten(new_leaves))
+    assert sorted(new_state) == ["count", "weights"] and int(new_state["count"]) == 1
+    np.testing.assert_array_equal(new_state["weights"], [0.0, 2.0, 4.0])
+    assert float(launcher.fetch(metric)) == 3.0
