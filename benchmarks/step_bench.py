@@ -5,7 +5,7 @@
 
 The step is built as ``cvmae_jax.train`` builds it (``steps.init_state``, ``make_train_step``,
 ``JitLauncher.compile_train_step``; masks drawn in-step from cv-like per-code probabilities).
-Each timed step includes the host->device batch copy (``put_batch``) and waits for the new state;
+Each timed step includes the host->device batch copy (``put``) and waits for the new state;
 the "pipelined" line launches the steps back to back and waits once, which on an accelerator
 removes the per-step host round trip (train.py keeps the host a step ahead the same way).
 """
@@ -81,8 +81,7 @@ class JaxStep:
     def compile(self) -> float:
         """Ahead-of-time compile; returns seconds."""
         start = time.perf_counter()
-        batch = self.launcher.put_batch(self.batches[0])
-        self.compiled = self.launcher.compile_train_step(self.body, self.state, batch)
+        self.compiled = self.launcher.compile_train_step(self.body, self.state, self.batches[0])
         self.state = self.compiled.flatten(self.state)  # as train.py holds it
         seconds = time.perf_counter() - start
         # XLA's cost analysis counts one device's share of the sharded step.
@@ -104,7 +103,7 @@ class JaxStep:
     def launch(self, i: int) -> tuple:
         """Copies batch ``i`` to the device and launches the step without waiting; returns
         (state, metrics), still being computed."""
-        batch = self.launcher.put_batch(self.batches[i % NUM_BATCHES])
+        batch = self.compiled.put(self.batches[i % NUM_BATCHES])
         self.state, self.metrics = self.compiled(self.state, batch)
         return self.state, self.metrics
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cvmae_jax import host_memory
+from cvmae_jax import host_memory, transfer
 
 DATA_AXIS = "data"
 MODES = ("jit", "pmap")
@@ -84,33 +84,46 @@ def check_batch_size(batch_size: int, num_devices: int, field: str) -> None:
                          f"({num_devices}) and processes ({processes})")
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over ``data`` (explicit host->device copy)."""
-    # One call for the whole dict: a single batched transfer, not one per field.
+def global_batch(local_batch, mesh: Mesh):
+    """This process's rows (a dict of [b, ...] arrays, or one) -> global arrays sharded over
+    ``data`` (explicit host->device copy; JAX copies each array separately, which is why the
+    train step takes its batch packed into one, ``cvmae_jax/transfer.py``)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
 class CompiledTrainStep:
-    """An ahead-of-time compiled ``body(state, batch) -> (state, metrics)`` that takes and
-    returns the state as its flat list of arrays.
+    """An ahead-of-time compiled ``body(state, batch) -> (state, metrics)`` that takes the
+    state as its flat list of arrays and the batch as one packed array (``put``).
 
-    Calling a compiled function flattens its arguments and rebuilds its outputs on the host at
-    every call; for the train state's ~100 nnx Variables that took ~1 of the ~2 ms a step's
-    call cost the host (CPU, benchmarks/NOTES.md session 7), more than a small GPU step. So a
-    loop flattens the state once, calls the step on the leaves, and rebuilds the state only
-    where it needs one (checkpoints, evaluation).
+    The host's fixed costs per step, measured (benchmarks/NOTES.md, session 7): calling a
+    compiled function flattens its arguments and rebuilds its outputs, which for the train
+    state's ~100 nnx Variables took ~1 of the ~2 ms the call cost (CPU); and each array put on
+    a device costs a fixed amount, ~0.28 ms per batch field on an H200 host. A small GPU step
+    takes less. So the loop flattens the state once, rebuilds it only to save or evaluate, and
+    copies each batch in one transfer (``cvmae_jax.transfer``).
     """
 
-    def __init__(self, transform: Callable, body: Callable, state, batch):
+    def __init__(self, transform: Callable, put: Callable, body: Callable, state,
+                 local_batch: dict[str, np.ndarray]):
         """``transform``: ``jax.jit``/``jax.pmap`` with the launcher's settings (the leaves,
-        argument 0, donated); ``state``, ``batch``: example arguments to compile for."""
+        argument 0, donated); ``put``: the launcher's host->device copy of this process's rows;
+        ``state``, ``local_batch``: examples to compile for (later batches must have the same
+        fields, dtypes and shapes)."""
         self.treedef = jax.tree.structure(state)
+        self.layout = transfer.layout_of(local_batch)
+        self._put = put
 
-        def flat_body(leaves, batch):
-            new_state, metrics = body(self.unflatten(leaves), batch)
+        def flat_body(leaves, packed_batch):
+            new_state, metrics = body(self.unflatten(leaves),
+                                      transfer.unpack(packed_batch, self.layout))
             return self.flatten(new_state), metrics
 
-        self.compiled = transform(flat_body).lower(self.flatten(state), batch).compile()
+        self.compiled = transform(flat_body).lower(self.flatten(state),
+                                                   self.put(local_batch)).compile()
+
+    def put(self, local_batch: dict[str, np.ndarray]) -> jax.Array:
+        """This process's rows of a batch -> the step's batch argument (one transfer)."""
+        return self._put(transfer.pack(local_batch, self.layout))
 
     def flatten(self, state) -> list:
         return self.treedef.flatten_up_to(state)
@@ -118,9 +131,9 @@ class CompiledTrainStep:
     def unflatten(self, leaves: list):
         return self.treedef.unflatten(leaves)
 
-    def __call__(self, leaves: list, batch) -> tuple[list, object]:
-        """One step: (state leaves, batch) -> (new state leaves, metrics); the old leaves are
-        donated."""
+    def __call__(self, leaves: list, batch: jax.Array) -> tuple[list, object]:
+        """One step: (state leaves, ``put(local_batch)``) -> (new state leaves, metrics); the
+        old leaves are donated."""
         return self.compiled(leaves, batch)
 
     def cost_analysis(self):
@@ -147,16 +160,18 @@ class JitLauncher:
         """The state as checkpoints hold it (replicated, unstacked)."""
         return state
 
-    def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
+    def put_batch(self, local_batch):
+        """This process's rows (a dict of them, or one array) -> global arrays."""
         return global_batch(local_batch, self.mesh)
 
-    def compile_train_step(self, body: Callable, state, batch) -> CompiledTrainStep:
+    def compile_train_step(self, body: Callable, state,
+                           local_batch: dict[str, np.ndarray]) -> CompiledTrainStep:
         """``body(state, batch)`` compiled ahead of time, the state donated."""
         return CompiledTrainStep(
             lambda flat_body: jax.jit(flat_body, donate_argnums=0,
                                       in_shardings=(self.replicated, batch_sharding(self.mesh)),
                                       out_shardings=(self.replicated, self.replicated)),
-            body, state, batch)
+            self.put_batch, body, state, local_batch)
 
     def eval_step(self, body: Callable) -> Callable:
         return jax.jit(body, out_shardings=self.replicated)
@@ -195,17 +210,19 @@ class PmapLauncher:
     def checkpoint_view(self, state):
         return self._unstack(state)
 
-    def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict:
-        """[b, ...] rows -> [n, b / n, ...] with block i on device i."""
+    def put_batch(self, local_batch):
+        """[b, ...] rows (a dict of them, or one array) -> [n, b / n, ...] with block i on
+        device i."""
         n = self.num_devices
-        return jax.device_put({name: value.reshape((n, -1) + value.shape[1:])
-                               for name, value in local_batch.items()}, self.stacked)
+        return jax.device_put(jax.tree.map(lambda value: value.reshape((n, -1) + value.shape[1:]),
+                                           local_batch), self.stacked)
 
-    def compile_train_step(self, body: Callable, state, batch) -> CompiledTrainStep:
+    def compile_train_step(self, body: Callable, state,
+                           local_batch: dict[str, np.ndarray]) -> CompiledTrainStep:
         return CompiledTrainStep(
             lambda flat_body: jax.pmap(flat_body, axis_name=self.axis_name, donate_argnums=0,
                                        devices=list(self.mesh.devices.flat)),
-            body, state, batch)
+            self.put_batch, body, state, local_batch)
 
     def eval_step(self, body: Callable) -> Callable:
         return jax.pmap(body, axis_name=self.axis_name, devices=list(self.mesh.devices.flat))

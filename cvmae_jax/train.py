@@ -147,15 +147,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
             local_batch = next(data)
             data_wait += time.perf_counter() - wait_start  # host blocked on the input pipeline
             with jax.transfer_guard(config.train.transfer_guard):
-                batch = launcher.put_batch(local_batch)
                 if compiled is None:
                     compile_start = time.perf_counter()
-                    compiled = launcher.compile_train_step(counted_step, state, batch)
+                    compiled = launcher.compile_train_step(counted_step, state, local_batch)
                     leaves, state = compiled.flatten(state), None
                     compile_seconds = time.perf_counter() - compile_start
                     window_start += compile_seconds  # throughput counts training time only
                     logging.info("Compiled the train step in %.1f s", compile_seconds)
-                leaves, metrics = compiled(leaves, batch)
+                leaves, metrics = compiled(leaves, compiled.put(local_batch))
                 if pending is not None:
                     record(pending)  # the previous step: done or nearly, so no stall
                 pending = (step, metrics)

@@ -168,20 +168,22 @@ def test_cpu_devices_cannot_change_once_jax_has_started():
 @pytest.mark.parametrize("launcher_class", [parallel.JitLauncher, parallel.PmapLauncher])
 def test_the_compiled_step_runs_on_the_state_leaves_and_donates_them(launcher_class):
     """The loop holds the state as the compiled step's leaves; they rebuild into the same
-    structure with the step applied, and the leaves passed in are donated."""
+    structure with the step applied, the leaves passed in are donated, and the packed batch
+    reaches the body whole."""
     launcher = launcher_class(jax.devices())
     state = launcher.put_state({"count": np.int32(0), "weights": np.arange(3, dtype=np.float32)})
-    batch = launcher.put_batch({"x": np.ones((8, 2), np.float32)})
+    local_batch = {"valid": np.ones((8, 2), bool), "values": np.full((8, 2), 0.5, np.float32)}
 
     def body(state, batch):
         return ({"count": state["count"] + 1, "weights": state["weights"] * 2},
-                state["weights"].sum() + batch["x"].sum() * 0)
+                state["weights"].sum() + jax.lax.psum(batch["values"].sum(), "data")
+                if launcher.axis_name else state["weights"].sum() + batch["values"].sum())
 
-    compiled = launcher.compile_train_step(body, state, batch)
+    compiled = launcher.compile_train_step(body, state, local_batch)
     leaves = compiled.flatten(state)
-    new_leaves, metric = compiled(leaves, batch)
+    new_leaves, metric = compiled(leaves, compiled.put(local_batch))
     assert all(leaf.is_deleted() for leaf in leaves)
     new_state = launcher.checkpoint_view(compiled.unflatten(new_leaves))
     assert sorted(new_state) == ["count", "weights"] and int(new_state["count"]) == 1
     np.testing.assert_array_equal(new_state["weights"], [0.0, 2.0, 4.0])
-    assert float(launcher.fetch(metric)) == 3.0
+    assert float(np.ravel(launcher.fetch(metric))[0]) == 3.0 + 8.0  # weights + all 16 values
