@@ -97,9 +97,9 @@ class CompiledTrainStep:
 
     The host's fixed costs per step, measured (benchmarks/NOTES.md, session 7): calling a
     compiled function flattens its arguments and rebuilds its outputs, which for the train
-    state's ~100 nnx Variables took ~1 of the ~2 ms the call cost (CPU); and each array put on
-    a device costs a fixed amount, ~0.28 ms per batch field on an H200 host. A small GPU step
-    takes less. So the loop flattens the state once, rebuilds it only to save or evaluate, and
+    state's ~100 nnx Variables took ~1.3 of the ~2.3 ms the call cost (CPU); and each array put
+    on a device costs a fixed amount, ~0.28 ms per batch field on an H200 host, where the
+    whole ``large`` bf16 step takes 2.28 ms. So the loop flattens the state once, rebuilds it only to save or evaluate, and
     copies each batch in one transfer (``cvmae_jax.transfer``).
     """
 

@@ -1,10 +1,13 @@
 """One host->device copy per train batch: the batch's fields packed into one int32 array.
 
-Each array put on a device costs the host a fixed amount: on an H200 host ``train.py`` spent
-~0.28 ms per field, ~1.4 ms per step for the five fields of a padded batch (seven when
-packed), more than a small bf16 step (benchmarks/NOTES.md, session 7). ``pack`` lays the
-fields side by side as int32 bits on the host (float32 by bit pattern, bool as 0/1), so the step
-takes one array; ``unpack`` recovers the exact fields inside the compiled step.
+Each array put on a device costs the host a fixed amount: profiled on an H200 host, ``train.py``
+spent ~0.28 ms per field, ~1.4 ms per step for the five fields of a padded batch (seven when
+packed), while the whole ``large`` bf16 step takes 2.28 ms on that GPU (benchmarks/NOTES.md,
+session 7). ``pack`` lays the fields side by side as int32 bits on the host (float32 by bit
+pattern, bool as 0/1, per-row fields repeated along the row), so the step takes one array;
+``unpack`` recovers the exact fields inside the compiled step. The copy grows from 13 to 20
+bytes per token for a padded batch; on the CPU it still took 183 us (+22 us packing) against
+447 us for the five fields.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ PACKABLE = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.bool_))
 class Field(NamedTuple):
     name: str
     dtype: np.dtype
-    per_row: bool  # shape [b] (stored in every column of its row) rather than [b, L]
+    shape: tuple[int, ...]  # [b, L], or [b] (stored in every column of its row)
 
 
 def layout_of(batch: dict[str, np.ndarray]) -> tuple[Field, ...]:
@@ -33,7 +36,7 @@ def layout_of(batch: dict[str, np.ndarray]) -> tuple[Field, ...]:
             raise ValueError(f"batch field {name!r}: {value.dtype} {value.shape} cannot be "
                              f"packed (expected float32, int32 or bool of shape "
                              f"{(rows, length)} or {(rows,)})")
-        layout.append(Field(name, value.dtype, value.ndim == 1))
+        layout.append(Field(name, value.dtype, value.shape))
     return tuple(layout)
 
 
@@ -42,23 +45,26 @@ def pack(batch: dict[str, np.ndarray], layout: tuple[Field, ...]) -> np.ndarray:
     if sorted(batch) != [field.name for field in layout]:
         raise ValueError(f"batch fields {sorted(batch)} differ from the compiled step's "
                          f"{[field.name for field in layout]}")
-    rows, length = batch["valid"].shape
-    packed = np.empty((rows, length, len(layout)), np.int32)
+    packed = np.empty(layout[0].shape[:1] + (_length(layout), len(layout)), np.int32)
     for i, field in enumerate(layout):
         value = batch[field.name]
-        if value.dtype != field.dtype:
-            raise ValueError(f"batch field {field.name!r} is {value.dtype}, the compiled step "
-                             f"takes {field.dtype}")
+        if value.dtype != field.dtype or value.shape != field.shape:
+            raise ValueError(f"batch field {field.name!r} is {value.dtype} {value.shape}, the "
+                             f"compiled step takes {field.dtype} {field.shape}")
         value = value.view(np.int32) if field.dtype == np.float32 else value
-        packed[..., i] = value[:, None] if field.per_row else value
+        packed[..., i] = value[:, None] if len(field.shape) == 1 else value
     return packed
+
+
+def _length(layout: tuple[Field, ...]) -> int:
+    return next(field.shape[1] for field in layout if len(field.shape) == 2)
 
 
 def unpack(packed: jax.Array, layout: tuple[Field, ...]) -> dict[str, jax.Array]:
     """int32 [b, L, F] -> the batch dict, bit for bit (inside a compiled step)."""
     batch = {}
     for i, field in enumerate(layout):
-        value = packed[:, 0, i] if field.per_row else packed[..., i]
+        value = packed[:, 0, i] if len(field.shape) == 1 else packed[..., i]
         if field.dtype == np.float32:
             value = jax.lax.bitcast_convert_type(value, jnp.float32)
         elif field.dtype == np.bool_:

@@ -46,8 +46,14 @@ def test_a_batch_unlike_the_compiled_one_is_refused_by_name():
     layout = transfer.layout_of(padded_batch())
     changed = padded_batch()
     changed["codes"] = changed["codes"].astype(np.float32)
-    with pytest.raises(ValueError, match="'codes' is float32, the compiled step takes int32"):
+    with pytest.raises(ValueError, match=r"'codes' is float32 \(4, 6\), the compiled step "
+                                         r"takes int32 \(4, 6\)"):
         transfer.pack(changed, layout)
+    per_token = padded_batch()
+    per_token["example_id"] = np.zeros((4, 6), np.int32)
+    with pytest.raises(ValueError, match=r"'example_id' is int32 \(4, 6\), the compiled step "
+                                         r"takes int32 \(4,\)"):
+        transfer.pack(per_token, layout)
     missing = padded_batch()
     del missing["times"]
     with pytest.raises(ValueError, match="differ from the compiled step's"):
