@@ -166,8 +166,9 @@ def time_pipelined(launch: Callable[[int], object], n: int, start: int = 0,
     on the last call's result (``wait(result)``, e.g. ``jax.block_until_ready``), at the end.
 
     On an accelerator the host launches the next call while the device runs the previous one,
-    so this is the device-bound rate a training loop sees; ``time_calls`` adds a host round trip
-    to every call (on a GPU it measured a 2.3 ms step at 4.3 ms, benchmarks/NOTES.md)."""
+    so this is the larger of the host's and the device's time per call; ``time_calls`` adds a
+    host round trip to every call (on an H200 it measured a 2.3 ms step at 4.3 ms,
+    benchmarks/NOTES.md)."""
     t0 = time.perf_counter()
     result = None
     for i in range(start, start + n):

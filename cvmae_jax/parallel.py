@@ -99,8 +99,8 @@ class CompiledTrainStep:
     compiled function flattens its arguments and rebuilds its outputs, which for the train
     state's ~100 nnx Variables took ~1.3 of the ~2.3 ms the call cost (CPU); and each array put
     on a device costs a fixed amount, ~0.28 ms per batch field on an H200 host, where the
-    whole ``large`` bf16 step takes 2.28 ms. So the loop flattens the state once, rebuilds it only to save or evaluate, and
-    copies each batch in one transfer (``cvmae_jax.transfer``).
+    whole ``large`` bf16 step takes 2.28 ms. So the loop flattens the state once, rebuilds it
+    only to save or evaluate, and copies each batch in one transfer (``cvmae_jax.transfer``).
     """
 
     def __init__(self, transform: Callable, put: Callable, body: Callable, state,

@@ -45,7 +45,8 @@ def pack(batch: dict[str, np.ndarray], layout: tuple[Field, ...]) -> np.ndarray:
     if sorted(batch) != [field.name for field in layout]:
         raise ValueError(f"batch fields {sorted(batch)} differ from the compiled step's "
                          f"{[field.name for field in layout]}")
-    packed = np.empty(layout[0].shape[:1] + (_length(layout), len(layout)), np.int32)
+    rows, length = next(field.shape for field in layout if len(field.shape) == 2)
+    packed = np.empty((rows, length, len(layout)), np.int32)
     for i, field in enumerate(layout):
         value = batch[field.name]
         if value.dtype != field.dtype or value.shape != field.shape:
@@ -54,10 +55,6 @@ def pack(batch: dict[str, np.ndarray], layout: tuple[Field, ...]) -> np.ndarray:
         value = value.view(np.int32) if field.dtype == np.float32 else value
         packed[..., i] = value[:, None] if len(field.shape) == 1 else value
     return packed
-
-
-def _length(layout: tuple[Field, ...]) -> int:
-    return next(field.shape[1] for field in layout if len(field.shape) == 2)
 
 
 def unpack(packed: jax.Array, layout: tuple[Field, ...]) -> dict[str, jax.Array]:
