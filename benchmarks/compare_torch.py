@@ -1,13 +1,22 @@
 """JAX train step vs the PyTorch reference (eager and torch.compile), side by side.
 
     python -m benchmarks.compare_torch --config=default [--rounds=5 --steps=5 --dtype=bfloat16]
+    python -m benchmarks.compare_torch --config=default --packing   # + JAX on packed rows
 
 Runs on the GPU when JAX and torch see one (both default to it), else on the CPU.
 
 Each runner is compiled and warmed up, then the runners alternate: in every round each one runs
-``--steps`` timed steps (A B C A B C ...), so load from other processes hits them alike. Medians
-are over all timed steps. The last line is ``ratio jax/torch_best = <x>`` (JAX median step time
-over the best torch median; < 1 means JAX is faster).
+``--steps`` timed steps (A B C A B C ...), so load from other processes hits them alike. Steps
+are timed ``--timing=waited`` (each step waited for; medians over all timed steps) or
+``pipelined`` (each round's steps launched back to back with one wait at the end, as a training
+loop runs them; medians over the rounds' means per step). The default is pipelined on an
+accelerator, where a wait per step adds each framework's host round trip, and waited on the
+CPU, where the two agree. The last line is ``ratio jax/torch_best = <x>`` (JAX median step time
+over the best torch median, the same padded batches on both sides; < 1 means JAX is faster).
+
+``--packing`` adds JAX on packed rows of examples drawn the same way (``cvmae_jax``'s packer,
+the same batch shape) and prints the time per real (non-pad) token against the best torch
+runner on its padded batches: the time each takes to train on the same amount of data.
 """
 
 from __future__ import annotations
@@ -16,9 +25,15 @@ import argparse
 import os
 import traceback
 
+import jax
+
 from benchmarks import common
 from benchmarks.step_bench import JaxStep, add_attention_arg, report
 from benchmarks.torch_reference import TorchStep, torch_matmul_gflops
+
+TIMINGS = ("waited", "pipelined")
+TIMING_NOTES = dict(waited="each step waited for",
+                    pipelined="each round's steps back to back, medians over rounds")
 
 
 def main() -> None:
@@ -28,17 +43,26 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="compute dtype of both (parameters stay float32)")
+    parser.add_argument("--timing", default=None, choices=TIMINGS,
+                        help="waited: each step waited for; pipelined: each round's steps "
+                             "back to back (default: pipelined on an accelerator, else waited)")
+    parser.add_argument("--packing", action="store_true",
+                        help="also time JAX on packed rows and print the time per real token "
+                             "against torch on padded batches")
     add_attention_arg(parser)
     args = parser.parse_args()
     # Both frameworks share one GPU: JAX (whose backend starts at its first use, below) allocates
     # as it goes instead of reserving 75% of the memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cfg = common.config_from_args(args)
+    timing = args.timing or ("waited" if jax.default_backend() == "cpu" else "pipelined")
 
     ceiling = common.matmul_ceiling_gflops(args.dtype)
     torch_ceiling = torch_matmul_gflops(args.dtype)
     runners = [JaxStep(cfg, args.dtype, attention=args.attention),
                TorchStep(cfg, compiled=False, dtype=args.dtype)]
+    if args.packing:
+        runners.insert(1, JaxStep(cfg, args.dtype, packed=True, attention=args.attention))
     if not args.no_compile:
         runners.append(TorchStep(cfg, compiled=True, dtype=args.dtype))
     compile_s, times, failed = {}, {}, {}
@@ -57,7 +81,7 @@ def main() -> None:
     for r in range(args.rounds):
         common.progress(f"round {r + 1}/{args.rounds}")
         for runner in runners:
-            times[runner.name] += common.time_calls(runner.step, cfg.steps, start=next_index)
+            times[runner.name] += time_round(runner, timing, cfg.steps, next_index)
         next_index += cfg.steps
 
     results = [report(r.name, compile_s[r.name], times[r.name], r.tokens_per_batch, flops,
@@ -69,8 +93,8 @@ def main() -> None:
           f"threads), load avg {machine.get('load_avg_1min', float('nan')):.1f}")
     print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
           f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}, jax attention "
-          f"{args.attention}; {args.rounds} rounds x "
-          f"{cfg.steps} steps per runner; {flops / 1e9:.2f} GFLOP/step (model count)")
+          f"{args.attention}; {args.rounds} rounds x {cfg.steps} steps per runner, "
+          f"{TIMING_NOTES[timing]}; {flops / 1e9:.2f} GFLOP/step (model count)")
     print(f"matmul ceiling ({args.dtype}): jax {ceiling:.1f} GFLOP/s, "
           f"torch {torch_ceiling:.1f} GFLOP/s")
     for name, error in failed.items():
@@ -83,10 +107,28 @@ def main() -> None:
               f"{res['min_s'] * 1e3:7.1f} {res['max_s'] * 1e3:7.1f} {res['tokens_per_s']:9,.0f} "
               f"{res['achieved_gflops']:7.1f} {res['ceiling_fraction']:7.1%} "
               f"{res['median_s'] / jax_median:6.2f}")
-    common.write_json(args.json, dict(machine=machine, config=vars(args), results=results,
-                                      times_s=times, failed=failed))
-    torch_best = min((r["median_s"] for r in results[1:]), default=float("nan"))
-    print(f"ratio jax/torch_best = {jax_median / torch_best:.3f}")
+    common.write_json(args.json, dict(machine=machine, config=dict(vars(args), timing=timing),
+                                      results=results, times_s=times, failed=failed))
+    torch_results = [r for r in results if r["name"].startswith("torch")]
+    torch_best = min(torch_results, key=lambda r: r["median_s"], default=None)
+    if torch_best is None:
+        print("ratio jax/torch_best = nan (no torch runner)")
+        return
+    if args.packing:
+        packed = results[1]
+        print(f"time per real token, jax packed/{torch_best['name']} padded = "
+              f"{torch_best['tokens_per_s'] / packed['tokens_per_s']:.3f} "
+              f"({packed['real_tokens_per_step']:.0f} vs {torch_best['real_tokens_per_step']:.0f} "
+              f"real of {cfg.batch * cfg.seq} tokens per step)")
+    print(f"ratio jax/torch_best = {jax_median / torch_best['median_s']:.3f}")
+
+
+def time_round(runner, timing: str, steps: int, start: int) -> list[float]:
+    """One round of ``runner``: seconds per step, ``steps`` values (each step waited for) or
+    one (the mean of ``steps`` launched back to back, ``common.time_pipelined``)."""
+    if timing == "waited":
+        return common.time_calls(runner.step, steps, start=start)
+    return [common.time_pipelined(runner.launch, steps, start=start, wait=runner.wait)]
 
 
 if __name__ == "__main__":

@@ -126,15 +126,17 @@ class JaxStep:
             jax.block_until_ready(result)
         return statistics.median(times)
 
+    def wait(self, result: tuple) -> None:
+        jax.block_until_ready(result)
+
     def step(self, i: int) -> None:
-        jax.block_until_ready(self.launch(i))
+        self.wait(self.launch(i))
 
     def pipelined_s(self, n: int, on_device: bool = False) -> float:
         """Seconds per step over ``n`` steps launched back to back (``common.time_pipelined``):
         with the batch copies, the rate of a training loop whose host stays ahead; with the
         batches already on the device (``on_device``), the device's time per step."""
-        return common.time_pipelined(lambda i: self.launch(i, on_device), n,
-                                     wait=jax.block_until_ready)
+        return common.time_pipelined(lambda i: self.launch(i, on_device), n, wait=self.wait)
 
 
 def add_attention_arg(parser: argparse.ArgumentParser) -> None:

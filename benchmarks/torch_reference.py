@@ -180,7 +180,9 @@ class TorchStep:
 
         self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
 
-    def step(self, i: int) -> None:
+    def launch(self, i: int) -> torch.Tensor:
+        """Runs the step on batch ``i`` without reading the loss (on a GPU the kernels may still
+        be running); returns the detached loss."""
         batch = self.batches[i % NUM_BATCHES]
         mask = host_mask(batch, self.probs, self.rng)
         inputs = [torch.from_numpy(a).to(self.device) for a in
@@ -191,7 +193,13 @@ class TorchStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        self.loss = loss.detach().item()  # waits for the device
+        return loss.detach()
+
+    def wait(self, loss: torch.Tensor) -> None:
+        self.loss = loss.item()  # waits for the device
+
+    def step(self, i: int) -> None:
+        self.wait(self.launch(i))
 
     def compile(self) -> float:
         """Run the first step (torch.compile traces and compiles there); returns seconds."""

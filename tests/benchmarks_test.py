@@ -1,6 +1,9 @@
 """The PyTorch reference in benchmarks/ computes what the Flax VO-MAE computes."""
 
+import json
 import pathlib
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -72,3 +75,31 @@ def test_torch_step_bfloat16_autocast_trains_like_float32():
     assert np.isfinite(losses["bfloat16"])
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
     assert losses["bfloat16"] != losses["float32"]  # the bf16 path really ran in bf16
+
+
+def test_compare_torch_pipelined_with_packing_reports_both_ratios(tmp_path):
+    """compare_torch on a tiny shape, each round timed back to back: one mean per round and
+    runner, JAX on packed rows holds more real tokens per step than the padded batches, and
+    the two ratio lines are the ones the JSON's medians and token rates give."""
+    json_path = tmp_path / "compare.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare_torch", "--d_model=16", "--layers=1",
+         "--heads=2", "--seq=128", "--batch=8", "--rounds=2", "--steps=3", "--warmup=1",
+         "--no-compile", "--packing", "--timing=pipelined", f"--json={json_path}"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=300, check=True).stdout
+    record = json.loads(json_path.read_text())
+    results = {r["name"]: r for r in record["results"]}
+    assert list(results) == ["jax jit", "jax jit packed", "torch eager"]
+    assert record["config"]["timing"] == "pipelined"
+    assert all(len(record["times_s"][name]) == 2 for name in results)  # one mean per round
+    padded, packed, torch_eager = results.values()
+    assert packed["real_tokens_per_step"] > padded["real_tokens_per_step"]
+    assert padded["real_tokens_per_step"] == torch_eager["real_tokens_per_step"]
+    per_token = re.search(r"^time per real token, jax packed/torch eager padded = ([\d.]+) ",
+                          out, re.MULTILINE)
+    assert per_token, out
+    assert float(per_token.group(1)) == pytest.approx(
+        torch_eager["tokens_per_s"] / packed["tokens_per_s"], abs=1e-3)
+    last = out.strip().splitlines()[-1]
+    assert last == f"ratio jax/torch_best = {padded['median_s'] / torch_eager['median_s']:.3f}"
