@@ -20,6 +20,8 @@ Three implementations of the same function (``config.model.attention``):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -51,28 +53,40 @@ def runnable_here(implementation: str, backend: str) -> str:
     return "einsum" if implementation == "cudnn" and backend != "gpu" else implementation
 
 
-def keep_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Which keys each query may attend to: bool [B, 1, 1, L] (padding only) or, for packed
-    rows with int segment_ids [B, L], bool [B, 1, L, L] (same segment, not padding).
+class AttentionMask(NamedTuple):
+    """Which keys each query may attend to: the real tokens ``valid`` bool [B, L] and, for
+    packed rows, ``segment_ids`` int [B, L] (1, 2, ... per example in a row, 0 on padding).
 
     Queries at padding positions get outputs that nothing reads; keys at padding are never
     attended from a real token."""
-    keep = valid[:, None, None, :]
-    if segment_ids is not None:
-        keep = keep & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return keep
+
+    valid: jax.Array
+    segment_ids: jax.Array | None = None
+
+    def dense(self) -> jax.Array:
+        """bool [B, 1, 1, L] (padding only) or [B, 1, L, L] (same segment, not padding)."""
+        keep = self.valid[:, None, None, :]
+        if self.segment_ids is not None:
+            ids = self.segment_ids
+            keep = keep & (ids[:, None, :, None] == ids[:, None, None, :])
+        return keep
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array,
+def keep_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> AttentionMask:
+    """The attention mask of padded rows (``valid`` [B, L]) or packed rows (``segment_ids``)."""
+    return AttentionMask(valid, segment_ids)
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: AttentionMask,
                    implementation: str = "einsum") -> jax.Array:
-    """Softmax attention. q, k, v: [B, H, L, Dh]; keep: bool broadcastable to [B, H, L, L].
+    """Softmax attention. q, k, v: [B, H, L, Dh]; keep: ``keep_mask``'s mask.
     Returns [B, H, L, Dh] in v's dtype; the softmax is computed in float32."""
     check_attention(implementation, v.dtype.name)
     if implementation == "einsum":
         return _einsum_attention(q, k, v, keep)
-    if implementation == "cudnn" and keep.shape[2] == 1:
-        return _cudnn_right_padded(q, k, v, keep[:, 0, 0, :])
-    mask = jnp.broadcast_to(keep, (q.shape[0], 1, q.shape[2], k.shape[2]))
+    if implementation == "cudnn" and keep.segment_ids is None:
+        return _cudnn_right_padded(q, k, v, keep.valid)
+    mask = jnp.broadcast_to(keep.dense(), (q.shape[0], 1, q.shape[2], k.shape[2]))
     if implementation == "dot_product_attention":
         return _swap_heads(jax.nn.dot_product_attention(
             _swap_heads(q), _swap_heads(k), _swap_heads(v), mask=mask))
@@ -90,7 +104,7 @@ def _no_empty_rows(mask: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: AttentionMask) -> jax.Array:
     return _einsum_attention_forward(q, k, v, keep)[0]
 
 
@@ -99,8 +113,8 @@ def _einsum_attention_forward(q, k, v, keep):
     exp(s - max s) [B, H, L, L] and the reciprocals of their row sums [B, H, L, 1].
 
     The output is normalized after the weighted sum, on [B, H, L, Dh] instead of [B, H, L, L]
-    (as flash attention does), and a key-padding mask enters the scores' matmul as an extra
-    feature instead of a pass of its own (``_masked_scores``)."""
+    (as flash attention does), and the mask enters the scores' matmul as extra features
+    instead of a pass of its own (``_masked_scores``)."""
     logits = _masked_scores(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, keep)
     numerators = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
     inverse_sums = 1.0 / numerators.sum(axis=-1, keepdims=True)
@@ -109,21 +123,35 @@ def _einsum_attention_forward(q, k, v, keep):
     return out, (q, k, v, numerators, inverse_sums, out)
 
 
-def _masked_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
-    """float32 [B, H, L, L] scores q.k, and a very negative number where ``keep`` is False.
+def _masked_scores(q: jax.Array, k: jax.Array, keep: AttentionMask) -> jax.Array:
+    """float32 [B, H, L, L] scores q.k, and -1e30 or less where ``keep`` forbids.
 
-    A key-padding mask (keep [B, 1, 1, L]) is an additive bias per key, so it rides in the
-    matmul: q gets a feature of ones and k a feature holding the bias (0 or -1e30). That saves
-    the CPU step a select pass over the scores per layer (benchmarks/NOTES.md, session 6).
-    A segment mask [B, 1, L, L] is applied with a select."""
-    if keep.shape[2] != 1:
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
-        return jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    bias = jnp.where(keep[:, :, 0, :, None], 0.0, -1e30).astype(k.dtype)  # [B, 1, L, 1]
-    ones = jnp.ones(q.shape[:-1] + (1,), q.dtype)
-    return jnp.einsum("bhqd,bhkd->bhqk", jnp.concatenate([q, ones], axis=-1),
-                      jnp.concatenate([k, jnp.broadcast_to(bias, k.shape[:-1] + (1,))], axis=-1)
-                      ).astype(jnp.float32)
+    The mask rides in the scores' matmul as extra features instead of a pass of its own over
+    the scores (benchmarks/NOTES.md, sessions 6 and 8). A key-padding mask is an additive bias
+    per key: q gets a feature of ones and k one holding the bias (0 or -1e30). Packed rows get
+    two features per bit of the segment id (0 on padding): q has the bit and its complement, k
+    0 where its bit is the same and -1e30 where it differs, so a score gains -1e30 for each bit
+    in which the two tokens' segments differ and nothing within a segment. That is exact for
+    any number of examples per row, at 2 ceil(log2(L + 1)) features (18 for L = 256)."""
+    if keep.segment_ids is None:
+        ones = jnp.ones(keep.valid.shape + (1,), q.dtype)
+        return _scores_with_features(q, k, ones, keep.valid[..., None])
+    length = keep.segment_ids.shape[-1]  # segment ids are at most L
+    bits = ((keep.segment_ids[..., None] >> jnp.arange(length.bit_length())) & 1).astype(bool)
+    bits = jnp.concatenate([bits, ~bits], axis=-1)  # [B, L, 2 bits]
+    return _scores_with_features(q, k, bits.astype(q.dtype), bits)
+
+
+def _scores_with_features(q: jax.Array, k: jax.Array, q_features: jax.Array,
+                          key_allowed: jax.Array) -> jax.Array:
+    """float32 [B, H, L, L] scores of q and k [B, H, L, Dh] extended by F features per token:
+    q's ``q_features`` [B, L, F], k's 0 where ``key_allowed`` bool [B, L, F] else -1e30."""
+    shape = q.shape[:-1]
+    q_ext = jnp.broadcast_to(q_features[:, None], shape + q_features.shape[-1:])
+    k_ext = jnp.broadcast_to(jnp.where(key_allowed, 0.0, -1e30).astype(k.dtype)[:, None],
+                             shape + key_allowed.shape[-1:])
+    return jnp.einsum("bhqd,bhkd->bhqk", jnp.concatenate([q, q_ext], axis=-1),
+                      jnp.concatenate([k, k_ext], axis=-1)).astype(jnp.float32)
 
 
 def _einsum_attention_backward(residuals, d_out):

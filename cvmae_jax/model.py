@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cvmae_jax.attention import check_attention, keep_mask, self_attention
+from cvmae_jax.attention import AttentionMask, check_attention, keep_mask, self_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +65,9 @@ class EncoderBlock(nnx.Module):
         self.mlp_in = nnx.Linear(d, cfg.mlp_ratio * d, dtype=dtype, rngs=rngs)
         self.mlp_out = nnx.Linear(cfg.mlp_ratio * d, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, keep: jax.Array) -> jax.Array:
-        """x: [B, L, D]; keep: bool [B, 1, 1 or L, L] (see attention.keep_mask). Returns
-        [B, L, D]."""
+    def __call__(self, x: jax.Array, keep: AttentionMask) -> jax.Array:
+        """x: [B, L, D]; keep: which keys each query may attend to (attention.keep_mask).
+        Returns [B, L, D]."""
         batch, length, d = x.shape
         # Split along features (its gradient is one concatenate; unpacking a [3, ...] axis
         # gave pads and adds of full-size buffers: 0.89x the CPU step, benchmarks/NOTES.md).

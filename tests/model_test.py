@@ -231,20 +231,23 @@ def test_cudnn_attention_turns_rows_that_are_not_right_padded_into_nan():
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "two examples", "one example per token"])
 def test_einsum_attention_backward_equals_autodiff(packed):
     """The einsum attention's hand-written backward == autodiff of jax.nn.dot_product_attention
-    (float32, highest precision), for padded rows (one all padding) and packed rows, with the
-    cotangent zero at padding queries as in the model (no loss reads them; what the two
-    implementations put there differs)."""
+    (float32, highest precision), for padded rows (one all padding) and packed rows (also one
+    with as many examples as tokens, whose segment ids use every bit of the mask's features),
+    with the cotangent zero at padding queries as in the model (no loss reads them; what the
+    two implementations put there differs)."""
     batch, heads, length, head_dim = 3, 2, 16, 8
     q, k, v, d_out = [jax.random.normal(key, (batch, heads, length, head_dim))
                       for key in jax.random.split(jax.random.key(1), 4)]
     valid = np.arange(length)[None] < np.array([[16], [9], [0]])
     segment_ids = None
-    if packed:  # row 0 holds examples of 7 and 9 tokens
+    if packed:  # row 0 holds examples of 7 and 9 tokens, or 16 of one token
         segment_ids = np.where(valid, 1, 0).astype(np.int32)
         segment_ids[0, 7:] = 2
+        if packed == "one example per token":
+            segment_ids[0] = np.arange(1, length + 1)
     keep = keep_mask(jnp.asarray(valid), None if segment_ids is None else jnp.asarray(segment_ids))
     d_out = d_out * valid[:, None, :, None]
 
@@ -256,3 +259,22 @@ def test_einsum_attention_backward_equals_autodiff(packed):
     with jax.default_matmul_precision("highest"):
         for got, want in zip(grads("einsum"), grads("dot_product_attention")):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_einsum_attention_keeps_packed_examples_apart(dtype):
+    """A packed row of two examples (the mask carried as per-segment features in the scores'
+    matmul) attends exactly as the two examples in rows of their own, in float32 and in
+    bfloat16, where the features' -1e30 must still mask."""
+    heads, length, head_dim, n1 = 2, 16, 8, 9
+    q, k, v = [jax.random.normal(key, (1, heads, length, head_dim), dtype)
+               for key in jax.random.split(jax.random.key(2), 3)]
+    segment_ids = jnp.asarray(np.where(np.arange(length) < n1, 1, 2)[None], jnp.int32)
+    packed = self_attention(q, k, v, keep_mask(jnp.ones((1, length), bool), segment_ids))
+    first = self_attention(q[:, :, :n1], k[:, :, :n1], v[:, :, :n1],
+                           keep_mask(jnp.ones((1, n1), bool)))
+    second = self_attention(q[:, :, n1:], k[:, :, n1:], v[:, :, n1:],
+                            keep_mask(jnp.ones((1, length - n1), bool)))
+    alone = jnp.concatenate([first, second], axis=2)
+    np.testing.assert_allclose(np.asarray(packed, np.float32), np.asarray(alone, np.float32),
+                               atol=1e-6 if dtype == "float32" else 2e-2)
