@@ -93,3 +93,21 @@ def test_step_bench_reports_waited_and_pipelined_steps(tmp_path):
     for line in ("pipelined step", "device step", "host launch"):
         assert len(re.findall(rf"^{line} +[\d.]+ ms", out, re.MULTILINE)) == 2, out
     assert re.search(r"^packed/padded real tokens/s = [\d.]+$", out, re.MULTILINE), out
+
+
+def test_attention_bench_times_padded_and_packed_rows(tmp_path):
+    """attention_bench on a tiny shape: a time per call for both layouts and the ratio line
+    the JSON's medians give."""
+    json_path = tmp_path / "attention.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attention_bench", "--d_model=16", "--heads=2",
+         "--seq=64", "--batch=8", "--rounds=2", "--calls=2", f"--json={json_path}"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        text=True, timeout=300, check=True).stdout
+    record = json.loads(json_path.read_text())
+    assert {name: len(t) for name, t in record["times_s"].items()} == {"padded": 2, "packed": 2}
+    medians = {name: float(np.median(t)) for name, t in record["times_s"].items()}
+    assert min(medians.values()) > 0
+    assert re.search(r"^padded +[\d.]+ ms per call", out, re.MULTILINE), out
+    assert out.strip().splitlines()[-1] == (
+        f"ratio packed/padded = {medians['packed'] / medians['padded']:.3f}")
