@@ -145,11 +145,14 @@ def _masked_scores(q: jax.Array, k: jax.Array, keep: AttentionMask) -> jax.Array
 def _scores_with_features(q: jax.Array, k: jax.Array, q_features: jax.Array,
                           key_allowed: jax.Array) -> jax.Array:
     """float32 [B, H, L, L] scores of q and k [B, H, L, Dh] extended by F features per token:
-    q's ``q_features`` [B, L, F], k's 0 where ``key_allowed`` bool [B, L, F] else -1e30."""
-    shape = q.shape[:-1]
-    q_ext = jnp.broadcast_to(q_features[:, None], shape + q_features.shape[-1:])
-    k_ext = jnp.broadcast_to(jnp.where(key_allowed, 0.0, -1e30).astype(k.dtype)[:, None],
-                             shape + key_allowed.shape[-1:])
+    q's ``q_features`` [B, L, F], k's 0 where ``key_allowed`` bool [B, L, F] else a bias of
+    -1e30, or less in size where F of them would overflow k's dtype (float16: -65504 / 4F), so
+    that no score becomes -inf (an all-padding row would then give NaN)."""
+    shape, features = q.shape[:-1], key_allowed.shape[-1]
+    bias = -min(1e30, float(jnp.finfo(k.dtype).max) / (4 * features))
+    q_ext = jnp.broadcast_to(q_features[:, None], shape + (features,))
+    k_ext = jnp.broadcast_to(jnp.where(key_allowed, 0.0, bias).astype(k.dtype)[:, None],
+                             shape + (features,))
     return jnp.einsum("bhqd,bhkd->bhqk", jnp.concatenate([q, q_ext], axis=-1),
                       jnp.concatenate([k, k_ext], axis=-1)).astype(jnp.float32)
 

@@ -261,11 +261,12 @@ def test_einsum_attention_backward_equals_autodiff(packed):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_einsum_attention_keeps_packed_examples_apart(dtype):
     """A packed row of two examples (the mask carried as per-segment features in the scores'
-    matmul) attends exactly as the two examples in rows of their own, in float32 and in
-    bfloat16, where the features' -1e30 must still mask."""
+    matmul) attends exactly as the two examples in rows of their own, in float32 and in the
+    16-bit dtypes, where the features' bias must still mask (bfloat16) and not overflow
+    (float16)."""
     heads, length, head_dim, n1 = 2, 16, 8, 9
     q, k, v = [jax.random.normal(key, (1, heads, length, head_dim), dtype)
                for key in jax.random.split(jax.random.key(2), 3)]
@@ -277,4 +278,23 @@ def test_einsum_attention_keeps_packed_examples_apart(dtype):
                             keep_mask(jnp.ones((1, length - n1), bool)))
     alone = jnp.concatenate([first, second], axis=2)
     np.testing.assert_allclose(np.asarray(packed, np.float32), np.asarray(alone, np.float32),
-                               atol=1e-6 if dtype == "float32" else 2e-2)
+                               atol={"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_einsum_attention_gradients_stay_finite_with_an_all_padding_row(dtype, packed):
+    """A row without real tokens: its outputs are never read, but they and every gradient
+    must stay finite (a -inf score row would give NaN), in every compute dtype."""
+    q, k, v = [jax.random.normal(key, (2, 2, 8, 4), dtype)
+               for key in jax.random.split(jax.random.key(3), 3)]
+    valid = jnp.asarray([[True] * 5 + [False] * 3, [False] * 8])
+    segment_ids = jnp.where(valid, 1, 0).astype(jnp.int32) if packed else None
+
+    def loss(q, k, v):
+        out = self_attention(q, k, v, keep_mask(valid, segment_ids)).astype(jnp.float32)
+        return jnp.sum(out * valid[:, None, :, None]), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert np.isfinite(np.asarray(out)).all()
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
