@@ -99,7 +99,8 @@ def main() -> None:
           f"torch {torch_ceiling:.1f} GFLOP/s")
     for name, error in failed.items():
         print(f"{name} FAILED: {error}")
-    jax_median = results[0]["median_s"]
+    by_name = {r["name"]: r for r in results}
+    jax_median = by_name[JaxStep.name]["median_s"] if JaxStep.name in by_name else float("nan")
     print(f"{'runner':14s} {'compile s':>9s} {'median ms':>9s} {'min ms':>7s} {'max ms':>7s} "
           f"{'tokens/s':>9s} {'GFLOP/s':>7s} {'ceiling':>7s} {'vs jax':>6s}")
     for res in results:
@@ -114,8 +115,8 @@ def main() -> None:
     if torch_best is None:
         print("ratio jax/torch_best = nan (no torch runner)")
         return
-    if args.packing:
-        packed = results[1]
+    packed = by_name.get(JaxStep.packed_name)
+    if packed is not None:
         print(f"time per real token, jax packed/{torch_best['name']} padded = "
               f"{torch_best['tokens_per_s'] / packed['tokens_per_s']:.3f} "
               f"({packed['real_tokens_per_step']:.0f} vs {torch_best['real_tokens_per_step']:.0f} "

@@ -59,6 +59,7 @@ class JaxStep:
     """The compiled train step with its state and batches; ``step(i)`` runs and waits."""
 
     name = "jax jit"
+    packed_name = "jax jit packed"
 
     def __init__(self, cfg: common.BenchConfig, dtype: str = "float32", packed: bool = False,
                  attention: str = "einsum"):
@@ -76,7 +77,7 @@ class JaxStep:
         make_batches = common.packed_batches if packed else common.synthetic_batches
         self.batches = make_batches(cfg, NUM_BATCHES, cfg.seed)
         if packed:
-            self.name = "jax jit packed"
+            self.name = self.packed_name
         self.tokens_per_batch = common.real_tokens(self.batches)
         self.flops = common.model_flops(cfg)
 

@@ -3,7 +3,7 @@
 Three implementations of the same function (``config.model.attention``):
 
 - ``einsum`` (default): scores and weighted sums as batched matmuls in [B, H, L, Dh] layout, the
-  key-padding mask carried by the scores' matmul, the output normalized after the weighted sum,
+  padding or packing mask carried by the scores' matmul, the output normalized after the weighted sum,
   and a hand-written backward that takes softmax's row sums from [B, H, L, Dh] tensors. On XLA
   CPU this layout avoids the transposes of the [B, H, L, L] score tensors that the
   [B, L, H, Dh] layout needs (measured in benchmarks/NOTES.md).
@@ -55,7 +55,8 @@ def runnable_here(implementation: str, backend: str) -> str:
 
 class AttentionMask(NamedTuple):
     """Which keys each query may attend to: the real tokens ``valid`` bool [B, L] and, for
-    packed rows, ``segment_ids`` int [B, L] (1, 2, ... per example in a row, 0 on padding).
+    packed rows, ``segment_ids`` int [B, L] (1, 2, ... per example in a row, at most L, as
+    ``data.packing.pack_rows`` numbers them; ids at padding are ignored).
 
     Queries at padding positions get outputs that nothing reads; keys at padding are never
     attended from a real token."""
@@ -136,8 +137,8 @@ def _masked_scores(q: jax.Array, k: jax.Array, keep: AttentionMask) -> jax.Array
     if keep.segment_ids is None:
         ones = jnp.ones(keep.valid.shape + (1,), q.dtype)
         return _scores_with_features(q, k, ones, keep.valid[..., None])
-    length = keep.segment_ids.shape[-1]  # segment ids are at most L
-    bits = ((keep.segment_ids[..., None] >> jnp.arange(length.bit_length())) & 1).astype(bool)
+    ids = jnp.where(keep.valid, keep.segment_ids, 0)  # 0 on padding, at most L elsewhere
+    bits = ((ids[..., None] >> jnp.arange(ids.shape[-1].bit_length())) & 1).astype(bool)
     bits = jnp.concatenate([bits, ~bits], axis=-1)  # [B, L, 2 bits]
     return _scores_with_features(q, k, bits.astype(q.dtype), bits)
 

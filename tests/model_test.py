@@ -263,22 +263,26 @@ def test_einsum_attention_backward_equals_autodiff(packed):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_einsum_attention_keeps_packed_examples_apart(dtype):
-    """A packed row of two examples (the mask carried as per-segment features in the scores'
-    matmul) attends exactly as the two examples in rows of their own, in float32 and in the
-    16-bit dtypes, where the features' bias must still mask (bfloat16) and not overflow
-    (float16)."""
-    heads, length, head_dim, n1 = 2, 16, 8, 9
+    """A packed row of two examples and padding (the mask carried as per-segment features in
+    the scores' matmul) attends at its real tokens exactly as the two examples in rows of
+    their own, in float32 and in the 16-bit dtypes, where the features' bias must still mask
+    (bfloat16) and not overflow (float16); segment ids left at padding change nothing."""
+    heads, length, head_dim, n1, n2 = 2, 16, 8, 9, 5
     q, k, v = [jax.random.normal(key, (1, heads, length, head_dim), dtype)
                for key in jax.random.split(jax.random.key(2), 3)]
-    segment_ids = jnp.asarray(np.where(np.arange(length) < n1, 1, 2)[None], jnp.int32)
-    packed = self_attention(q, k, v, keep_mask(jnp.ones((1, length), bool), segment_ids))
-    first = self_attention(q[:, :, :n1], k[:, :, :n1], v[:, :, :n1],
-                           keep_mask(jnp.ones((1, n1), bool)))
-    second = self_attention(q[:, :, n1:], k[:, :, n1:], v[:, :, n1:],
-                            keep_mask(jnp.ones((1, length - n1), bool)))
-    alone = jnp.concatenate([first, second], axis=2)
-    np.testing.assert_allclose(np.asarray(packed, np.float32), np.asarray(alone, np.float32),
-                               atol={"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[dtype])
+    ids = np.concatenate([np.full(n1, 1), np.full(n2, 2), np.zeros(length - n1 - n2)])[None]
+    valid = jnp.asarray(ids > 0)
+    packed = self_attention(q, k, v, keep_mask(valid, jnp.asarray(ids, jnp.int32)))
+    stale = self_attention(q, k, v, keep_mask(valid, jnp.asarray(np.where(ids > 0, ids, 1),
+                                                                 jnp.int32)))
+    alone = jnp.concatenate([
+        self_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], keep_mask(jnp.ones((1, b - a),
+                                                                                   bool)))
+        for a, b in ((0, n1), (n1, n1 + n2))], axis=2)
+    atol = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[dtype]
+    for got in (packed, stale):
+        np.testing.assert_allclose(np.asarray(got[:, :, :n1 + n2], np.float32),
+                                   np.asarray(alone, np.float32), atol=atol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

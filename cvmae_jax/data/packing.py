@@ -56,6 +56,8 @@ def pack_rows(examples: list[dict], max_len: int, shuffle_seed=None) -> dict:
     segments = np.zeros(num_rows, np.int32)
     for i in np.argsort(row_of, kind="stable"):  # row by row, examples in input order
         row, n = row_of[i], lengths[i]
+        if n == 0:  # no tokens, no segment: ids stay <= max_len, as attention's mask needs
+            continue
         at = slice(filled[row], filled[row] + n)
         for key in ("times", "codes", "values"):
             rows[key][row, at] = examples[i][key]
