@@ -80,15 +80,18 @@ class TorchVOMAE(nn.Module):
         self.final_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(d, 1)
 
-    def forward(self, times, codes, values, value_mask, valid) -> torch.Tensor:
+    def forward(self, times, codes, values, value_mask, valid, segment_ids=None) -> torch.Tensor:
         """Predicted normalized values [B, L]. Outputs at padded positions are not used (padded
-        queries attend to the valid keys here, to a uniform mix in the Flax model)."""
+        queries attend to the valid keys here, to a uniform mix in the Flax model). Packed rows
+        pass ``segment_ids`` [B, L] (0 on padding): each token attends within its segment
+        (padding among padding), a dense [B, 1, L, L] mask."""
         value_emb = self.value_proj(torch.where(value_mask, 0.0, values)[..., None])
         value_emb = torch.where(value_mask[..., None], self.mask_embedding, value_emb)
         x = (self.code_embed(codes)
              + self.time_proj(time_features(times, self.time_frequencies, self.max_period))
              + value_emb)
-        key_mask = valid[:, None, None, :]
+        key_mask = (valid[:, None, None, :] if segment_ids is None else
+                    segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         for block in self.blocks:
             x = block(x, key_mask)
         return self.head(self.final_norm(x))[..., 0]
@@ -155,9 +158,12 @@ def default_device() -> str:
 
 
 class TorchStep:
-    """One training step (host mask, forward, loss, backward, clip, AdamW), eager or compiled."""
+    """One training step (host mask, forward, loss, backward, clip, AdamW), eager or compiled,
+    on padded batches or (``packed``) on the JAX benchmark's packed rows with a dense
+    block-diagonal attention mask."""
 
-    def __init__(self, cfg: common.BenchConfig, compiled: bool, dtype: str = "float32"):
+    def __init__(self, cfg: common.BenchConfig, compiled: bool, dtype: str = "float32",
+                 packed: bool = False):
         if dtype not in common.DTYPES:
             raise ValueError(f"dtype={dtype!r} must be one of {common.DTYPES}")
         torch.manual_seed(cfg.seed)
@@ -165,16 +171,18 @@ class TorchStep:
         self.device = default_device()
         self.autocast = torch.autocast(self.device, dtype=torch.bfloat16,
                                        enabled=dtype == "bfloat16")
-        self.name = "torch compile" if compiled else "torch eager"
+        self.name = ("torch compile" if compiled else "torch eager") + (" packed" if packed
+                                                                        else "")
         self.model = TorchVOMAE(cfg).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
         self.probs = common.cv_like_probs(cfg.vocab, cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.batches = common.synthetic_batches(cfg, NUM_BATCHES, cfg.seed)
+        make_batches = common.packed_batches if packed else common.synthetic_batches
+        self.batches = make_batches(cfg, NUM_BATCHES, cfg.seed)
         self.tokens_per_batch = common.real_tokens(self.batches)
 
-        def loss_fn(times, codes, values, value_mask, valid):
-            predictions = self.model(times, codes, values, value_mask, valid)
+        def loss_fn(times, codes, values, value_mask, valid, segment_ids=None):
+            predictions = self.model(times, codes, values, value_mask, valid, segment_ids)
             return reconstruction_loss(predictions, values, value_mask, valid,
                                        cfg.unmasked_weight)
 
@@ -185,8 +193,10 @@ class TorchStep:
         be running); returns the detached loss."""
         batch = self.batches[i % NUM_BATCHES]
         mask = host_mask(batch, self.probs, self.rng)
-        inputs = [self.to_device(torch.from_numpy(a)) for a in
-                  (batch["times"], batch["codes"], batch["values"], mask, batch["valid"])]
+        fields = [batch["times"], batch["codes"], batch["values"], mask, batch["valid"]]
+        if "segment_ids" in batch:
+            fields.append(batch["segment_ids"])
+        inputs = [self.to_device(torch.from_numpy(a)) for a in fields]
         with self.autocast:
             loss = self.loss_fn(*inputs)
         self.optimizer.zero_grad(set_to_none=True)

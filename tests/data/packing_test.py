@@ -92,3 +92,17 @@ def test_packed_stream_resumes_mid_chunk_and_with_worker_processes(prepared):
                     np.testing.assert_array_equal(got[key], want[key])
         finally:
             in_workers.close()
+
+
+def test_segment_ids_count_non_empty_examples_only():
+    """Each row's segment ids are 1..k over its non-empty examples, never above max_len (which
+    attention's mask relies on); an example without events takes no segment and no slot."""
+    lengths = [5, 0, 3, 0, 0, 2, 6, 0, 1]
+    rows = pack_rows([_example(i, n) for i, n in enumerate(lengths)], 8)
+    assert rows["valid"].sum() == sum(lengths)
+    for row in range(len(rows["valid"])):
+        ids = rows["segment_ids"][row][rows["valid"][row]]
+        assert list(np.unique(ids)) == list(range(1, ids.max() + 1))
+    assert rows["segment_ids"].max() <= 8
+    assert set(np.unique(rows["example_id"][rows["valid"]])) == {
+        i for i, n in enumerate(lengths) if n}
