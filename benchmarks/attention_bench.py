@@ -21,14 +21,14 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.step_bench import add_attention_arg
-from cvmae_jax.attention import keep_mask, self_attention
+from cvmae_jax.attention import AttentionMask, self_attention
 
 
 def layer_forward_backward(implementation: str):
     """jit of (q, k, v, valid, segment_ids) -> (loss, (dq, dk, dv)) for one attention layer,
     the loss read only at real queries (as the model's loss is)."""
     def loss(q, k, v, valid, segment_ids):
-        out = self_attention(q, k, v, keep_mask(valid, segment_ids), implementation)
+        out = self_attention(q, k, v, AttentionMask(valid, segment_ids), implementation)
         return jnp.sum(jnp.square(out.astype(jnp.float32)) * valid[:, None, :, None])
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 

@@ -3,10 +3,10 @@
 Three implementations of the same function (``config.model.attention``):
 
 - ``einsum`` (default): scores and weighted sums as batched matmuls in [B, H, L, Dh] layout, the
-  padding or packing mask carried by the scores' matmul, the output normalized after the weighted sum,
-  and a hand-written backward that takes softmax's row sums from [B, H, L, Dh] tensors. On XLA
-  CPU this layout avoids the transposes of the [B, H, L, L] score tensors that the
-  [B, L, H, Dh] layout needs (measured in benchmarks/NOTES.md).
+  padding or packing mask carried by the scores' matmul, the output normalized after the
+  weighted sum, and a hand-written backward that takes softmax's row sums from [B, H, L, Dh]
+  tensors. On XLA CPU this layout avoids the transposes of the [B, H, L, L] score tensors that
+  the [B, L, H, Dh] layout needs (measured in benchmarks/NOTES.md).
 - ``dot_product_attention``: ``jax.nn.dot_product_attention`` with its default implementation,
   which in jax 0.10-0.11 is XLA's.
 - ``cudnn``: the same function with ``implementation='cudnn'``, cuDNN's fused flash attention
@@ -73,14 +73,9 @@ class AttentionMask(NamedTuple):
         return keep
 
 
-def keep_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> AttentionMask:
-    """The attention mask of padded rows (``valid`` [B, L]) or packed rows (``segment_ids``)."""
-    return AttentionMask(valid, segment_ids)
-
-
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: AttentionMask,
                    implementation: str = "einsum") -> jax.Array:
-    """Softmax attention. q, k, v: [B, H, L, Dh]; keep: ``keep_mask``'s mask.
+    """Softmax attention. q, k, v: [B, H, L, Dh]; keep: which keys each query may attend to.
     Returns [B, H, L, Dh] in v's dtype; the softmax is computed in float32."""
     check_attention(implementation, v.dtype.name)
     if implementation == "einsum":

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cvmae_jax.attention import AttentionMask, check_attention, keep_mask, self_attention
+from cvmae_jax.attention import AttentionMask, check_attention, self_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class EncoderBlock(nnx.Module):
         self.mlp_out = nnx.Linear(cfg.mlp_ratio * d, d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, keep: AttentionMask) -> jax.Array:
-        """x: [B, L, D]; keep: which keys each query may attend to (attention.keep_mask).
+        """x: [B, L, D]; keep: which keys each query may attend to (attention.AttentionMask).
         Returns [B, L, D]."""
         batch, length, d = x.shape
         # Split along features (its gradient is one concatenate; unpacking a [3, ...] axis
@@ -121,7 +121,7 @@ class ValueOnlyMAE(nnx.Module):
         x = (self.embed_codes(codes)
              + self.time_proj(time_features(times, cfg.time_frequencies, cfg.max_time_period_hours))
              + value_emb)
-        keep = keep_mask(valid, segment_ids)
+        keep = AttentionMask(valid, segment_ids)
         for block in self.blocks:
             x = block(x, keep)
         return self.final_norm(x)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvmae_jax.attention import check_attention, keep_mask, runnable_here, self_attention
+from cvmae_jax.attention import (AttentionMask, check_attention, runnable_here,
+                                  self_attention)
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
 
 B, L, V = 3, 16, 10
@@ -187,7 +188,8 @@ def test_cudnn_attention_matches_einsum_in_bfloat16(packed):
     if packed:  # row 0 holds examples of 30 and 34 tokens, row 1 of 25 and 15
         segment_ids = np.where(valid, 1, 0).astype(np.int32)
         segment_ids[0, 30:], segment_ids[1, 25:40] = 2, 2
-    keep = keep_mask(jnp.asarray(valid), None if segment_ids is None else jnp.asarray(segment_ids))
+    keep = AttentionMask(jnp.asarray(valid),
+                         None if segment_ids is None else jnp.asarray(segment_ids))
     real = jnp.asarray(valid)[:, None, :, None]
 
     def run(implementation):
@@ -227,7 +229,7 @@ def test_cudnn_model_loss_and_gradients_are_finite_with_padding():
 def test_cudnn_attention_turns_rows_that_are_not_right_padded_into_nan():
     q = k = v = jnp.ones((2, 1, 8, 16), jnp.bfloat16)
     valid = jnp.asarray([[True] * 6 + [False] * 2, [False] + [True] * 7])
-    out = np.asarray(self_attention(q, k, v, keep_mask(valid), "cudnn"), np.float32)
+    out = np.asarray(self_attention(q, k, v, AttentionMask(valid), "cudnn"), np.float32)
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
 
 
@@ -248,7 +250,8 @@ def test_einsum_attention_backward_equals_autodiff(packed):
         segment_ids[0, 7:] = 2
         if packed == "one example per token":
             segment_ids[0] = np.arange(1, length + 1)
-    keep = keep_mask(jnp.asarray(valid), None if segment_ids is None else jnp.asarray(segment_ids))
+    keep = AttentionMask(jnp.asarray(valid),
+                         None if segment_ids is None else jnp.asarray(segment_ids))
     d_out = d_out * valid[:, None, :, None]
 
     def grads(implementation):
@@ -272,12 +275,12 @@ def test_einsum_attention_keeps_packed_examples_apart(dtype):
                for key in jax.random.split(jax.random.key(2), 3)]
     ids = np.concatenate([np.full(n1, 1), np.full(n2, 2), np.zeros(length - n1 - n2)])[None]
     valid = jnp.asarray(ids > 0)
-    packed = self_attention(q, k, v, keep_mask(valid, jnp.asarray(ids, jnp.int32)))
-    stale = self_attention(q, k, v, keep_mask(valid, jnp.asarray(np.where(ids > 0, ids, 1),
-                                                                 jnp.int32)))
+    packed = self_attention(q, k, v, AttentionMask(valid, jnp.asarray(ids, jnp.int32)))
+    stale_ids = jnp.asarray(np.where(ids > 0, ids, 1), jnp.int32)  # a real id at padding
+    stale = self_attention(q, k, v, AttentionMask(valid, stale_ids))
     alone = jnp.concatenate([
-        self_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], keep_mask(jnp.ones((1, b - a),
-                                                                                   bool)))
+        self_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                       AttentionMask(jnp.ones((1, b - a), bool)))
         for a, b in ((0, n1), (n1, n1 + n2))], axis=2)
     atol = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}[dtype]
     for got in (packed, stale):
@@ -296,7 +299,7 @@ def test_einsum_attention_gradients_stay_finite_with_an_all_padding_row(dtype, p
     segment_ids = jnp.where(valid, 1, 0).astype(jnp.int32) if packed else None
 
     def loss(q, k, v):
-        out = self_attention(q, k, v, keep_mask(valid, segment_ids)).astype(jnp.float32)
+        out = self_attention(q, k, v, AttentionMask(valid, segment_ids)).astype(jnp.float32)
         return jnp.sum(out * valid[:, None, :, None]), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
