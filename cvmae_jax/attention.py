@@ -120,7 +120,8 @@ def _einsum_attention_forward(q, k, v, keep):
 
 
 def _masked_scores(q: jax.Array, k: jax.Array, keep: AttentionMask) -> jax.Array:
-    """float32 [B, H, L, L] scores q.k, and -1e30 or less where ``keep`` forbids.
+    """float32 [B, H, L, L] scores q.k, plus a large negative bias where ``keep`` forbids
+    (-1e30 per feature; less in size in float16, ``_scores_with_features``).
 
     The mask rides in the scores' matmul as extra features instead of a pass of its own over
     the scores (benchmarks/NOTES.md, sessions 6 and 8). A key-padding mask is an additive bias
