@@ -18,6 +18,7 @@ FLAGS = flags.FLAGS
 def _prepare(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cvmae_jax.config_checks import check_data_config
     from cvmae_jax.data.prepare import prepare_dataset
 
     logging.set_verbosity(logging.WARNING)
@@ -29,6 +30,7 @@ def _prepare(argv) -> None:
         if not data.data_dir:
             raise ValueError("config.data.data_dir is required: pass "
                              "--config.data.data_dir=/path/to/prepared (the same as for training)")
+        check_data_config(data)
         prepared = prepare_dataset(data, None, data.data_dir)
     report = prepared.report
     print(f"\nPrepared dataset: {prepared.path}")

@@ -14,8 +14,8 @@ from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import generate_synthetic_meds
-from cvmae_jax.masking import (STRATEGIES, expected_mask_rate, percentile_threshold,
-                               strategy_probs)
+from cvmae_jax.config_checks import check_config
+from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
 
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
@@ -26,10 +26,8 @@ RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel
 
 
 def validate_config(config, num_devices: int) -> None:
-    """Refuses settings that would fail later, before anything is written."""
-    if config.masking.strategy not in STRATEGIES:
-        raise ValueError(f"config.masking.strategy={config.masking.strategy!r}: expected one of "
-                         f"{STRATEGIES}")
+    """Refuses settings that would fail later, before anything is read or written."""
+    check_config(config)
     if not (config.data.meds_dir or config.data.allow_synthetic):
         raise ValueError("config.data.meds_dir is required with this config "
                          "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "
@@ -77,6 +75,13 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
     dataset = prepare() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("cvmae_jax: dataset prepared")
     return dataset or prepare()
+
+
+def remove_empty_folders(path: str) -> None:
+    """Removes ``path`` and the folders under it that hold no file, deepest first."""
+    for folder, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
+        if not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:

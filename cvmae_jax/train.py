@@ -71,8 +71,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run_setup.validate_config(config, launcher.num_devices)
     logging.info("Training on %d %s device(s), parallel mode %s", launcher.num_devices,
                  jax.default_backend(), config.parallel.mode)
+    created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
-    dataset = run_setup.prepare_run_data(config, workdir)
+    try:
+        dataset = run_setup.prepare_run_data(config, workdir)
+    except BaseException:
+        if created_workdir:
+            run_setup.remove_empty_folders(workdir)  # bad data leaves no empty run folder behind
+        raise
     probs = run_setup.mask_probabilities(config, dataset)
     run_info = dict(config=config.to_dict(),
                     data_stats=run_setup.stats_record(config, dataset, probs))

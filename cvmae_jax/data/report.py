@@ -31,14 +31,24 @@ def _num(x) -> float | str:
 
 def warnings_for(stats: DataStats) -> list[str]:
     """Warnings about the selected codes' train statistics."""
+    warnings = []
     zscore = (np.abs(stats.mean) < NORMALIZED_MEAN) & (stats.std >= NORMALIZED_STD[0]) & (
         stats.std <= NORMALIZED_STD[1])
     if zscore.sum() * 2 > stats.vocab_size:
-        return [f"{int(zscore.sum())} of {stats.vocab_size} selected codes have train |mean| < "
-                f"{NORMALIZED_MEAN} and std in [{NORMALIZED_STD[0]}, {NORMALIZED_STD[1]}]: the "
-                "values look already normalized (e.g. by MEDS_transforms). CV = std/|mean| is "
-                "meaningless on normalized values; prepare from the unnormalized MEDS data."]
-    return []
+        warnings.append(
+            f"{int(zscore.sum())} of {stats.vocab_size} selected codes have train |mean| < "
+            f"{NORMALIZED_MEAN} and std in [{NORMALIZED_STD[0]}, {NORMALIZED_STD[1]}]: the "
+            "values look already normalized (e.g. by MEDS_transforms). CV = std/|mean| is "
+            "meaningless on normalized values; prepare from the unnormalized MEDS data.")
+    constant = [code for code, std in zip(stats.codes, stats.std) if std == 0]
+    if constant:
+        warnings.append(
+            f"{len(constant)} of {stats.vocab_size} selected codes have one value on train "
+            f"({', '.join(constant[:5])}{', ...' if len(constant) > 5 else ''}): their CV is 0 "
+            "(always the low masking tier) and their normalized values are all 0, so they "
+            "teach nothing about volatility; list the codes to keep with "
+            "config.data.lab_codes to leave them out.")
+    return warnings
 
 
 def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], selected,

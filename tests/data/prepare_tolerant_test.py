@@ -87,7 +87,8 @@ def test_report_counts_and_markdown(reference):
     assert train["subjects"] == 5 and report["rows_without_split"] > 0
     assert report["splits"]["tuning"]["out_of_vocab"]["unseen_in_train_codes"] == 1  # LAB//E
     assert [r["unit"] for r in report["codes"]] == ["mg/dL", "mmol/L", ""]
-    assert report["warnings"] == []
+    assert [w.split(":")[0] for w in report["warnings"]] == [  # the fixture's D is always 5.0
+        "1 of 3 selected codes have one value on train (LAB//D// )"]
     text = open(f"{path}/prepare_report.md").read()
     assert "| unsorted_subjects | 2 |" in text and "LAB//A//mg/dL | mg/dL" in text
     assert "subject_id" not in text.replace("subjects", "")  # counts only
@@ -107,9 +108,25 @@ def test_normalized_data_is_detected(tiny_meds, tmp_path, capsys):
             t["numeric_value"].is_null().to_numpy(zero_copy_only=False))))
     _rewrite_shards(tiny_meds.root, zscore)
     prepared = prepare_dataset(tiny_meds.config(), None, tmp_path)
-    (warning,) = prepared.report["warnings"]
+    warning, constant = prepared.report["warnings"]  # the fixture's D is constant
     assert "already normalized" in warning and "meaningless" in warning
+    assert "one value on train" in constant
     assert "WARNING" in capsys.readouterr().out
+
+
+def test_constant_codes_are_warned_about(tiny_meds, tmp_path):
+    def constant_b(t):
+        b = pc.equal(t["code"].cast(pa.string()), tiny_meds.B)
+        value = pc.if_else(pc.and_(b, pc.is_valid(t["numeric_value"])), 2.0,
+                           t["numeric_value"].cast(pa.float64()))
+        return t.set_column(3, "numeric_value", value)
+
+    _rewrite_shards(tiny_meds.root, constant_b)
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path)
+    (warning,) = prepared.report["warnings"]
+    assert warning.startswith(f"2 of 3 selected codes have one value on train ({tiny_meds.B}, "
+                              f"{tiny_meds.D}): their CV is 0")
+    assert prepared.stats.cv[list(prepared.stats.codes).index(tiny_meds.B)] == 0
 
 
 def test_reservoir_quantiles_are_seeded_and_close():

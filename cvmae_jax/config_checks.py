@@ -1,0 +1,77 @@
+"""Checks of config values that need no data and no devices, so a typo stops a run (or a
+preparation) with one line naming the field before anything is read or written."""
+
+from __future__ import annotations
+
+import re
+
+from cvmae_jax.data.sequences import WINDOWS
+from cvmae_jax.masking import STRATEGIES
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}={value!r}: {expected}")
+
+
+def _require_int(field: str, value, low: int, note: str = "") -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, field,
+             value, f"expected an integer >= {low}{note}")
+
+
+def check_data_config(data) -> None:
+    """``config.data``: the lab selection, clipping and windowing settings."""
+    try:
+        re.compile(data.lab_code_pattern)
+    except (re.error, TypeError) as error:
+        raise ValueError(f"config.data.lab_code_pattern={data.lab_code_pattern!r}: not a "
+                         f"valid regular expression ({error})") from None
+    for name, low in (("top_k", 0), ("min_code_count", 0), ("max_len", 1),
+                      ("min_window_len", 1), ("workers", 0)):
+        _require_int(f"data.{name}", data[name], low,
+                     " (0: every matching code)" if name == "top_k" else "")
+    _require(data.min_window_len <= data.max_len, "data.min_window_len", data.min_window_len,
+             f"must be <= config.data.max_len={data.max_len}")
+    _require(data.window in WINDOWS, "data.window", data.window, f"expected one of {WINDOWS}")
+    quantiles = tuple(data.clip_quantiles)
+    _require(len(quantiles) == 2 and 0.0 <= quantiles[0] < quantiles[1] <= 1.0,
+             "data.clip_quantiles", quantiles, "expected (low, high) with 0 <= low < high <= 1")
+
+
+def check_config(config) -> None:
+    """The whole run config (``config.data`` included); device-dependent checks (batch sizes,
+    attention backend) are in ``run_setup.validate_config``."""
+    check_data_config(config.data)
+    masking = config.masking
+    _require(masking.strategy in STRATEGIES, "masking.strategy", masking.strategy,
+             f"expected one of {STRATEGIES}")
+    for name in ("p_high", "p_low"):
+        _require(0.0 <= masking[name] <= 1.0, f"masking.{name}", masking[name],
+                 "a masking probability must lie in [0, 1]")
+    _require(0.0 <= masking.threshold_percentile <= 100.0, "masking.threshold_percentile",
+             masking.threshold_percentile, "expected a percentile in [0, 100]")
+    model = config.model
+    for name in ("d_model", "num_heads", "num_layers", "mlp_ratio", "time_frequencies"):
+        _require_int(f"model.{name}", model[name], 1)
+    _require(model.d_model % model.num_heads == 0, "model.d_model", model.d_model,
+             f"must be divisible by config.model.num_heads={model.num_heads}")
+    _require(model.dtype in MODEL_DTYPES, "model.dtype", model.dtype,
+             f"expected one of {MODEL_DTYPES}")
+    _require(config.loss.unmasked_weight >= 0.0, "loss.unmasked_weight",
+             config.loss.unmasked_weight, "expected >= 0")
+    train = config.train
+    for name, low in (("num_steps", 1), ("batch_size", 1), ("warmup_steps", 0),
+                      ("log_every", 1), ("eval_every", 1), ("checkpoint_every", 1),
+                      ("keep_checkpoints", 1)):
+        _require_int(f"train.{name}", train[name], low)
+    _require(train.learning_rate > 0.0, "train.learning_rate", train.learning_rate,
+             "expected > 0")
+    _require(train.weight_decay >= 0.0, "train.weight_decay", train.weight_decay,
+             "expected >= 0")
+    _require(train.grad_clip_norm > 0.0, "train.grad_clip_norm", train.grad_clip_norm,
+             "expected > 0")
+    _require(0.0 < config.eval.mask_rate <= 1.0, "eval.mask_rate", config.eval.mask_rate,
+             "expected a rate in (0, 1]")
+    _require_int("eval.batch_size", config.eval.batch_size, 1)
