@@ -26,6 +26,19 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    @staticmethod
+    def latest_complete_step(directory: str | os.PathLike) -> int | None:
+        """The newest complete checkpoint's step under ``directory``, creating nothing (None
+        when there is no such folder or no complete checkpoint in it)."""
+        if not os.path.isdir(directory):
+            return None
+        manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                        options=ocp.CheckpointManagerOptions(create=False))
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
+
     def save(self, step: int, state, data_iterator, run_info: dict) -> None:
         """Starts an async save; the next save or ``close`` waits for it."""
         self.manager.save(step, args=ocp.args.Composite(

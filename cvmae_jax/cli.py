@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cvmae_jax import config as config_module
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.host_memory import reuse_freed_memory
 
@@ -15,11 +18,18 @@ FLAGS = flags.FLAGS
 
 
 def define_common_flags(config_required: bool) -> None:
-    config_flags.DEFINE_config_file(
-        "config", None, "Path to a config file in configs/ (fields can be overridden with "
-        "--config.<field>=<value>).", lock_config=True)
+    """--config (a file in configs/, or for eval.py only field overrides of the run's
+    config.json) and --workdir."""
     if config_required:
+        config_flags.DEFINE_config_file(
+            "config", None, "Path to a config file in configs/ (fields can be overridden with "
+            "--config.<field>=<value>).", lock_config=True)
         flags.mark_flags_as_required(["config"])
+    else:
+        config_flags.DEFINE_config_file(
+            "config", config_module.__file__, "Not a file here: override fields of the run's "
+            "config.json with --config.<field>=<value> (eval.*, data.meds_dir, data.data_dir, "
+            "parallel.*, model.attention).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (outputs, checkpoints).", required=True)
 
 
@@ -28,7 +38,7 @@ def _train(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from cvmae_jax.train import train_and_evaluate
 
-    logging.set_verbosity(logging.INFO)
+    log_progress()
     with user_errors():
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
@@ -36,16 +46,45 @@ def _train(argv) -> None:
 def _eval(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    log_progress()
     with user_errors():
         if FLAGS.compare:
             from cvmae_jax.evaluation.compare import compare_runs
 
             compare_runs(FLAGS.compare, FLAGS.workdir)
         else:
-            from cvmae_jax.evaluation.run_eval import evaluate_run
+            from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
 
-            evaluate_run(FLAGS.workdir, config=FLAGS.config, split=FLAGS.split)
+            evaluate_run(FLAGS.workdir, split=FLAGS.split,
+                         config=run_config_with(FLAGS.workdir, eval_overrides()))
+
+
+class _ThisPackageInfoOnly(std_logging.Filter):
+    """Passes warnings and errors from everywhere, INFO lines only from cvmae_jax (Orbax and
+    tfds log ~100 INFO lines per run)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or f"{os.sep}cvmae_jax{os.sep}" in (
+            record.pathname or "")
+
+
+def log_progress() -> None:
+    """INFO lines of this package (progress, metrics); ``-v=1`` shows every library's lines and
+    the traceback behind an ``error:`` line."""
+    if logging.get_verbosity() < logging.INFO:
+        logging.set_verbosity(logging.INFO)
+    if logging.get_verbosity() < logging.DEBUG:
+        logging.get_absl_handler().addFilter(_ThisPackageInfoOnly())
+
+
+def eval_overrides() -> dict:
+    """eval.py's ``--config.<field>=<value>`` overrides ({"eval.labels_dir": ...}). A config
+    file given with ``--config=FILE`` is refused: eval.py evaluates the run as trained."""
+    if FLAGS["config"].present:
+        raise ValueError(f"--config={FLAGS['config'].config_filename}: eval.py reads the run's "
+                         "config.json; change single fields with --config.<field>=<value> "
+                         "(eval.*, data.meds_dir, data.data_dir, parallel.*, model.attention)")
+    return config_flags.get_override_values(FLAGS["config"])
 
 
 @contextlib.contextmanager
@@ -66,7 +105,7 @@ def train_main() -> None:
 
 
 def eval_main() -> None:
-    """``python eval.py --workdir=runs/demo [--config=...] [--split=held_out]``, or
+    """``python eval.py --workdir=runs/demo [--config.eval.labels_dir=...] [--split=held_out]``, or
     ``python eval.py --compare=RUN_A,RUN_B,... --workdir=OUT`` to compare evaluated runs."""
     reuse_freed_memory()
     define_common_flags(config_required=False)

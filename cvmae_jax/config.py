@@ -81,3 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.single_code = True  # eval.py: hide each code in turn (one pass per code)
     config.eval.sample_seed = 0  # eval.py: k-shot label draws and perturbations (same per model)
     return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The defaults as a config file: eval.py's ``--config`` carries only field overrides."""
+    return default_config()

@@ -98,7 +98,7 @@ def run_study(config, workdir: str) -> dict:
 def _study(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    cli.log_progress()
     with cli.user_errors():
         run_study(FLAGS.config, FLAGS.workdir)
     print(f"report: {os.path.join(FLAGS.workdir, 'report.md')}")

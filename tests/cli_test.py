@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from cvmae_jax.config import default_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
         "--config.model.d_model=32", "--config.model.num_layers=1",
@@ -21,19 +23,61 @@ def run(script, *args):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_then_eval_from_the_command_line(tmp_path):
-    workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained by train.py on 2 CPU devices: (workdir, its stderr)."""
+    workdir = str(tmp_path_factory.mktemp("cli") / "run")
     result = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
                  "--config.masking.strategy=random", "--config.parallel.cpu_devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 6/6" in result.stderr and "ETA" in result.stderr
-    assert "Training on 2 cpu device(s)" in result.stderr
+    return workdir, result.stderr
+
+
+def test_train_then_eval_from_the_command_line(trained):
+    workdir, log = trained
+    assert "step 6/6" in log and "ETA" in log
+    assert "Training on 2 cpu device(s)" in log
+    assert "orbax" not in log.lower()  # libraries' INFO lines are filtered out (-v=1 shows them)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["masking"]["strategy"] == "random"
-    result = run("eval.py", f"--workdir={workdir}")
+    result = run("eval.py", f"--workdir={workdir}", "--config.eval.single_code=False")
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        assert json.load(f)["split"] == "held_out"
+        metrics = json.load(f)
+    assert metrics["split"] == "held_out" and "single_code" not in metrics  # override applied
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/demo.py"], "--config=configs/demo.py: eval.py reads the run's "
+                                   "config.json; change single fields with"),
+    (["--config.model.d_model=64"], "--config.model.d_model: eval.py evaluates the run as "
+                                    "trained"),
+    (["--split=test"], "--split='test': unknown split; have ['held_out', 'train', 'tuning']"),
+    (["--config.eval.labels_dir=/nonexistent/labels"],
+     "config.eval.labels_dir=/nonexistent/labels: no such folder"),
+])
+def test_eval_refuses_bad_arguments(trained, args, message):
+    workdir, _ = trained
+    result = run("eval.py", f"--workdir={workdir}", *args)
+    assert result.returncode == 1 and f"error: {message}" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_without_a_checkpoint_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(default_config().to_dict()))
+    result = run("eval.py", f"--workdir={workdir}")
+    assert result.returncode == 1
+    assert "checkpoints: no complete checkpoint to evaluate" in result.stderr
+    assert os.listdir(workdir) == ["config.json"]
+
+
+def test_verbose_flag_shows_the_traceback(tmp_path):
+    result = run("train.py", "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
+                 "--config.masking.p_high=1.5", "-v=1")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "error: config.masking.p_high=1.5: a masking probability" in result.stderr
 
 
 @pytest.mark.parametrize("config, override, message", [
@@ -42,6 +86,9 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     ("demo", "--config.train.batch_size=12", "config.train.batch_size=12 must be divisible"),
     ("demo", "--config.parallel.cpu_devices=3", "must be divisible by the number of devices (3)"),
     ("demo", "--config.model.attention=cudnn", "needs config.model.dtype in ('bfloat16',)"),
+    ("demo", "--config.data.lab_code_pattern=^LAB//(", "not a valid regular expression"),
+    ("demo", "--config.model.num_heads=3", "must be divisible by config.model.num_heads=3"),
+    ("demo", "--config.data.clip_quantiles=(0.999,0.001)", "0 <= low < high <= 1"),
 ])
 def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, message):
     workdir = tmp_path / "run"

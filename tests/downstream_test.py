@@ -12,8 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cvmae_jax.evaluation.downstream import embed_label_windows, probe_task
+from cvmae_jax.data import meds
+from cvmae_jax.evaluation.downstream import embed_label_windows, probe_task, read_label_tasks
 from cvmae_jax.evaluation.run_eval import evaluate_run
+from cvmae_jax.run_setup import resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 
 from train_test import tiny_config
@@ -205,3 +207,35 @@ def test_eval_exports_match_the_label_files(evaluated):
             np.testing.assert_array_equal(pred["predicted_boolean_value"].to_numpy(
                 zero_copy_only=False), p >= 0.5)
         assert result["exports"][task]["embeddings"] == emb.num_rows
+
+
+def _meds_dir(tiny_run):
+    workdir, config = tiny_run
+    return resolve_meds_dir(config, workdir)
+
+
+def test_bad_label_files_stop_eval_before_any_output(tiny_run, tmp_path):
+    workdir, config = tiny_run
+    labels = tmp_path / "labels"
+    os.makedirs(labels / TASKS[0])
+    table = pq.read_table(os.path.join(_meds_dir(tiny_run), "labels", TASKS[0], "train.parquet"))
+    pq.write_table(table.drop(["prediction_time"]), labels / TASKS[0] / "train.parquet")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.eval.labels_dir = str(labels)
+    out = os.path.join(workdir, "eval")
+    before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    with pytest.raises(meds.MEDSFormatError, match="train.parquet: column 'prediction_time' is "
+                                                   "missing"):
+        evaluate_run(workdir, config=config)
+    assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before
+
+
+def test_an_explicit_labels_dir_must_hold_tasks(tiny_run, tmp_path):
+    meds_dir, stats = _meds_dir(tiny_run), None  # stats: never reached, the folder check is first
+    with pytest.raises(FileNotFoundError, match="labels_dir=.*missing: no such folder"):
+        read_label_tasks(meds_dir, stats, 32, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no task folder with"):
+        read_label_tasks(meds_dir, stats, 32, str(tmp_path))
+    # the default <meds_dir>/labels may be absent: no downstream tasks then
+    assert read_label_tasks(str(tmp_path), stats, 32) == (str(tmp_path / "labels"), {})

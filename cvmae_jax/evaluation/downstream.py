@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,25 @@ def find_tasks(labels_dir: str | Path) -> dict[str, Path]:
             if p.is_dir() and any(p.rglob("*.parquet"))}
 
 
+def read_label_tasks(meds_dir: str, stats, max_len: int,
+                     labels_dir: str | None = None) -> tuple[str, dict[str, LabelTask]]:
+    """(labels dir, {task: LabelTask}) of every task folder under labels_dir.
+
+    labels_dir None means ``<meds_dir>/labels``, which may be absent (no downstream tasks). A
+    labels_dir given explicitly must exist and hold at least one task folder. A label file that
+    cannot be read raises MEDSFormatError naming the file and column, before any model work."""
+    explicit = labels_dir is not None
+    labels_dir = str(labels_dir or os.path.join(meds_dir, "labels"))
+    tasks = find_tasks(labels_dir)
+    if explicit and not tasks:
+        problem = ("no task folder with *.parquet label files in it" if os.path.isdir(labels_dir)
+                   else "no such folder")
+        raise FileNotFoundError(f"config.eval.labels_dir={labels_dir}: {problem} (expected "
+                                "<labels_dir>/<task>/*.parquet)")
+    return labels_dir, {task: LabelTask(task_dir, task_windows(meds_dir, task_dir, stats, max_len))
+                        for task, task_dir in tasks.items()}
+
+
 def task_windows(meds_dir, task_dir, stats, max_len: int) -> dict[str, list[dict]]:
     """Label windows of every file in task_dir, grouped by the subject's split, each split in
     label-file order (files sorted by path, then row order); each window's `label_file` is the
@@ -214,6 +234,13 @@ def task_windows(meds_dir, task_dir, stats, max_len: int) -> dict[str, list[dict
     return by_split
 
 
+class LabelTask(NamedTuple):
+    """One task folder and its label windows per split (``task_windows``)."""
+
+    task_dir: Path
+    windows: dict[str, list[dict]]
+
+
 @dataclasses.dataclass
 class TaskData:
     """One task's label windows, frozen embeddings X [N, D] and labels y [N] per split (in
@@ -226,30 +253,22 @@ class TaskData:
     probe: Probe | None
 
 
-def probe_tasks(graphdef, params, meds_dir: str, stats, max_len: int, batch_size: int,
-                labels_dir: str | None = None, seed: int = 0,
+def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelTask],
+                max_len: int, batch_size: int, seed: int = 0,
                 embed_fn=None) -> tuple[dict, dict[str, TaskData]]:
-    """`downstream_metrics`' dict and, per readable task, its TaskData (for label efficiency,
-    exports and perturbations, which reuse the embeddings and the probe)."""
-    labels_dir = labels_dir or os.path.join(meds_dir, "labels")
-    out = dict(labels_dir=str(labels_dir), seed=int(seed), split=TEST,
+    """Probe results {"labels_dir", "seed", "split", "tasks": {task: probe_task dict + n per
+    split}} (without tasks: "tasks" empty and a "note") and, per task, its TaskData (for label
+    efficiency, exports and perturbations, which reuse the embeddings and the probe)."""
+    out = dict(labels_dir=labels_dir, seed=int(seed), split=TEST,
                probe="standardized logistic regression on mean-pooled encoder states",
                tasks={})
     data: dict[str, TaskData] = {}
-    tasks = find_tasks(labels_dir)
     embed_fn = embed_fn or make_embed_fn(graphdef)
-    if not tasks:
+    if not label_tasks:
         out["note"] = f"no label tasks found under {labels_dir}; downstream prediction skipped"
         logging.info("downstream: %s", out["note"])
         return out, data
-    for task, task_dir in tasks.items():
-        try:
-            windows = task_windows(meds_dir, task_dir, stats, max_len)
-        except meds.MEDSFormatError as e:
-            out["tasks"][task] = dict(auroc=None, reason=f"unreadable labels: {e}", n=0,
-                                      split=TEST, seed=int(seed))
-            logging.warning("downstream %s: skipped (%s)", task, e)
-            continue
+    for task, (task_dir, windows) in label_tasks.items():
         x = {split: embed_label_windows(graphdef, params, ws, max_len, batch_size, embed_fn)
              for split, ws in windows.items()}
         y = {split: np.array([bool(w["label"]) for w in ws], bool)
@@ -268,16 +287,6 @@ def probe_tasks(graphdef, params, meds_dir: str, stats, max_len: int, batch_size
                      f" ({result['reason']})" if result["reason"] else "")
     out["embed_traces"] = len(embed_fn.traces)
     return out, data
-
-
-def downstream_metrics(graphdef, params, meds_dir: str, stats, max_len: int, batch_size: int,
-                       labels_dir: str | None = None, seed: int = 0) -> dict:
-    """Probe results per task under labels_dir (default `<meds_dir>/labels`).
-
-    Returns {"labels_dir", "seed", "split", "tasks": {task: probe_task dict + n per split}} or,
-    without label tasks, {"tasks": {}, "note": ...}."""
-    return probe_tasks(graphdef, params, meds_dir, stats, max_len, batch_size, labels_dir,
-                       seed)[0]
 
 
 def _fmt(x) -> str:

@@ -23,7 +23,8 @@ from cvmae_jax.config import default_config
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.evaluation import perturbation, report
-from cvmae_jax.evaluation.downstream import TEST, TRAIN, make_embed_fn, probe_tasks
+from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
+                                              read_label_tasks)
 from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
@@ -31,7 +32,8 @@ from cvmae_jax.evaluation.reconstruction import single_code_sums, summarize
 from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.model import ModelConfig
-from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir
+from cvmae_jax.run_setup import (RESUMABLE_CHANGES, data_dir, mask_probabilities,
+                                 resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.train import evaluate
 
@@ -49,14 +51,43 @@ def eval_option(config, name: str):
     return config.eval.get(name, default_config().eval[name])
 
 
+def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
+    """The run's ``config.json`` with ``overrides`` ({"eval.labels_dir": ..., ...}) applied.
+    Only fields that leave the trained model and its data unchanged may be overridden
+    (``run_setup.RESUMABLE_CHANGES``: eval.*, paths, parallel.*, model.attention, ...)."""
+    config = load_run_config(workdir)
+    fixed = sorted(name for name in overrides if not name.startswith(RESUMABLE_CHANGES))
+    if fixed:
+        raise ValueError(f"{', '.join('--config.' + n for n in fixed)}: eval.py evaluates the "
+                         f"run as trained (its config.json); only eval.*, data.meds_dir, "
+                         f"data.data_dir, parallel.* and model.attention may be overridden")
+    for name, value in overrides.items():
+        *parents, leaf = name.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        with section.unlocked():
+            section[leaf] = value
+    return config
+
+
 def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     """Restores the newest checkpoint of ``workdir`` and writes under ``eval/``: metrics.json,
     report.md, reconstruction_by_lab.png, label_efficiency.png, embeddings/<task>.parquet and
-    predictions/<task>/{tuning,held_out}.parquet. Returns the metrics."""
+    predictions/<task>/{tuning,held_out}.parquet. ``config``: the run's config (default: its
+    config.json). Returns the metrics."""
     config = ml_collections.ConfigDict(config or load_run_config(workdir))
     config.eval.split = split
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    step = Checkpointer.latest_complete_step(checkpoint_dir)
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to evaluate")
     meds_dir = resolve_meds_dir(config, workdir)
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir))
+    if split not in dataset.num_examples:
+        raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
+    labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, config.data.max_len,
+                                               config.eval.get("labels_dir"))
     probs = mask_probabilities(config, dataset)
     launcher = parallel.JitLauncher(jax.devices())
     model_config = ModelConfig.from_config(config.model, dataset.stats.vocab_size)
@@ -67,10 +98,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     graphdef, state = init_state(dataclasses.replace(model_config, attention=attention),
                                  make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints: no complete checkpoint to evaluate")
+    checkpointer = Checkpointer(checkpoint_dir, keep=1)
     state = checkpointer.restore(step, abstract_like(state))
     checkpointer.close()
     params, stats = state.params, dataset.stats
@@ -88,8 +116,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                                              launcher)
     embed_fn = make_embed_fn(graphdef)
     result["downstream"], tasks = probe_tasks(
-        graphdef, params, meds_dir, stats, config.data.max_len, config.eval.batch_size,
-        labels_dir=config.eval.get("labels_dir"), seed=config.seed, embed_fn=embed_fn)
+        graphdef, params, labels_dir, label_tasks, config.data.max_len, config.eval.batch_size,
+        seed=config.seed, embed_fn=embed_fn)
     sample_seed = eval_option(config, "sample_seed")
     result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
     for task, data in tasks.items():
