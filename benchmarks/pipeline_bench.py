@@ -27,15 +27,12 @@ from cvmae_jax.config import default_config
 from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
 from cvmae_jax.data.prepare import prepare_dataset
-from cvmae_jax.data.synthetic import generate_synthetic_meds
+from cvmae_jax.data.synthetic import synthetic_meds_root
 
 
 def prepared(data_dir: str, subjects: int, meds_dir: str | None = None):
     config = default_config()
-    meds_dir = meds_dir or os.path.join(data_dir, "synthetic_meds")
-    if not os.path.exists(meds_dir):
-        common.progress(f"generating {subjects} synthetic subjects")
-        generate_synthetic_meds(meds_dir, num_subjects=subjects)
+    meds_dir = meds_dir or synthetic_meds_root(data_dir, subjects, seed=0, log=common.progress)
     common.progress("preparing (reused when present)")
     return config, prepare_dataset(config.data, meds_dir, os.path.join(data_dir, "prepared"),
                                    log=lambda m: None)

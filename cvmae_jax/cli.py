@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cvmae_jax import config as config_module
+from cvmae_jax.config_checks import eval_overridable
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.host_memory import reuse_freed_memory
 
@@ -28,8 +29,8 @@ def define_common_flags(config_required: bool) -> None:
     else:
         config_flags.DEFINE_config_file(
             "config", config_module.__file__, "Not a file here: override fields of the run's "
-            "config.json with --config.<field>=<value> (eval.*, data.meds_dir, data.data_dir, "
-            "parallel.*, model.attention).", lock_config=True)
+            f"config.json with --config.<field>=<value> ({eval_overridable()}).",
+            lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (outputs, checkpoints).", required=True)
 
 
@@ -51,6 +52,9 @@ def _eval(argv) -> None:
         if FLAGS.compare:
             from cvmae_jax.evaluation.compare import compare_runs
 
+            if eval_overrides():
+                raise ValueError("--compare reads the runs' eval/metrics.json and takes no "
+                                 "--config.<field> overrides")
             compare_runs(FLAGS.compare, FLAGS.workdir)
         else:
             from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
@@ -63,9 +67,11 @@ class _ThisPackageInfoOnly(std_logging.Filter):
     """Passes warnings and errors from everywhere, INFO lines only from cvmae_jax (Orbax and
     tfds log ~100 INFO lines per run)."""
 
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or f"{os.sep}cvmae_jax{os.sep}" in (
-            record.pathname or "")
+        return record.levelno >= std_logging.WARNING or os.path.abspath(
+            record.pathname or "").startswith(self.package)
 
 
 def log_progress() -> None:
@@ -83,7 +89,7 @@ def eval_overrides() -> dict:
     if FLAGS["config"].present:
         raise ValueError(f"--config={FLAGS['config'].config_filename}: eval.py reads the run's "
                          "config.json; change single fields with --config.<field>=<value> "
-                         "(eval.*, data.meds_dir, data.data_dir, parallel.*, model.attention)")
+                         f"({eval_overridable()})")
     return config_flags.get_override_values(FLAGS["config"])
 
 

@@ -9,6 +9,14 @@ from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.masking import STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# Fields eval.py may override on a run's config.json: none changes the trained model or data.
+EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")
+
+
+def eval_overridable() -> str:
+    """EVAL_OVERRIDABLE for messages: "eval.*, data.meds_dir, ..."."""
+    return ", ".join(f"{prefix}*" if prefix.endswith(".") else prefix
+                     for prefix in EVAL_OVERRIDABLE)
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -72,6 +80,11 @@ def check_config(config) -> None:
              "expected >= 0")
     _require(train.grad_clip_norm > 0.0, "train.grad_clip_norm", train.grad_clip_norm,
              "expected > 0")
-    _require(0.0 < config.eval.mask_rate <= 1.0, "eval.mask_rate", config.eval.mask_rate,
+    check_eval_config(config.eval)
+
+
+def check_eval_config(eval_config) -> None:
+    """``config.eval``'s evaluation mask rate and batch size."""
+    _require(0.0 < eval_config.mask_rate <= 1.0, "eval.mask_rate", eval_config.mask_rate,
              "expected a rate in (0, 1]")
-    _require_int("eval.batch_size", config.eval.batch_size, 1)
+    _require_int("eval.batch_size", eval_config.batch_size, 1)

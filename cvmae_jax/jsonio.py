@@ -1,23 +1,44 @@
-"""Atomic JSON files: written to a temporary file in the same folder, then renamed."""
+"""Atomic files: written to a temporary file in the same folder, then renamed, with the
+permissions a plain ``open`` would give (``mkstemp`` alone makes them private, 0600)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes ``obj`` as indented JSON to ``path``; readers never see a half-written file."""
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; set back at once, at import
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once: changing it later could race with other threads' files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yields a temporary path next to ``path``; when the block ends without an error it is
+    renamed to ``path`` (readers never see a half-written file), otherwise removed."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
+        yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")

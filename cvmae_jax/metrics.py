@@ -11,19 +11,45 @@ import jax
 import numpy as np
 from absl import logging
 
+from cvmae_jax.jsonio import atomic_path
+
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only).
 
-    def __init__(self, path: str | os.PathLike):
+    A run starting at ``start_step`` (its checkpoint's step, 0 for none) first drops the lines
+    logged after that step by the run that stopped before saving again, and a torn last line of
+    a run killed while writing, so every step is in the file once."""
+
+    def __init__(self, path: str | os.PathLike, start_step: int):
         self.path = os.fspath(path)
         self.enabled = jax.process_index() == 0
+        if self.enabled and os.path.exists(self.path):
+            self._drop_after(start_step)
+
+    def _drop_after(self, step: int) -> None:
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+                f.writelines(kept)
+            logging.info("metrics.jsonl: dropped %d line(s) logged after step %d, where this "
+                         "run starts", len(lines) - len(kept), step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(_plain(record)) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a complete record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(record: dict) -> dict:
@@ -43,17 +69,23 @@ def _plain(record: dict) -> dict:
 class Progress:
     """Periodic progress lines: step, selected metrics, steps/s and ETA."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int):
         self.total_steps = total_steps
-        self.start_step = start_step
-        self.start_time = time.perf_counter()
+        self.first_line = None  # (step, time) of the first line: the pace is measured from it
 
     def line(self, step: int, metrics: dict) -> str:
-        """steps/s and tok/s are the logging window's training throughput (metrics.jsonl's);
-        the ETA uses the whole run's pace so far (compiling, evaluating and saving included)."""
-        elapsed = time.perf_counter() - self.start_time
-        done = step - self.start_step
-        pace = done / elapsed if elapsed > 0 else float("nan")
+        """steps/s and tok/s are the logging window's training throughput (metrics.jsonl's).
+        The ETA uses the pace since this process's first line (evaluating and saving
+        included); the first line itself has only its window's throughput, which leaves
+        compiling out, so start-up and restoring never inflate the ETA."""
+        now = time.perf_counter()
+        if self.first_line is None:
+            self.first_line = (step, now)
+        first_step, first_time = self.first_line
+        if step > first_step:
+            pace = (step - first_step) / (now - first_time)
+        else:
+            pace = metrics.get("steps_per_sec", float("nan"))
         eta = (self.total_steps - step) / pace if pace > 0 else float("nan")
         shown = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "masked_mse", "mask_rate")
                          if k in metrics)

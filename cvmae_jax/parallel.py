@@ -48,12 +48,16 @@ def set_cpu_devices(count: int | None) -> None:
 
 
 def initialize_distributed(parallel_config) -> None:
-    """``jax.distributed.initialize`` when ``config.parallel.distributed`` is set.
+    """``jax.distributed.initialize`` when ``config.parallel.distributed`` is set or any of
+    coordinator_address/num_processes/process_id is (a manual launch, e.g. several processes
+    on one machine; without it each would train alone on the same workdir).
 
-    Unset coordinator/num_processes/process_id are auto-detected (TPU VM pods, SLURM, ...);
-    set them for a manual launch, e.g. several processes on one machine.
+    Unset fields are auto-detected (TPU VM pods, SLURM, ...).
     """
-    if not parallel_config.distributed or jax.distributed.is_initialized():
+    manual = (parallel_config.coordinator_address, parallel_config.num_processes,
+              parallel_config.process_id)
+    if jax.distributed.is_initialized() or not (
+            parallel_config.distributed or any(field is not None for field in manual)):
         return
     jax.distributed.initialize(coordinator_address=parallel_config.coordinator_address,
                                num_processes=parallel_config.num_processes,
@@ -88,7 +92,8 @@ def global_batch(local_batch, mesh: Mesh):
     """This process's rows (a dict of [b, ...] arrays, or one) -> global arrays sharded over
     ``data`` (explicit host->device copy; JAX copies each array separately, which is why the
     train step takes its batch packed into one, ``cvmae_jax/transfer.py``)."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+    with jax.transfer_guard_host_to_device("allow"):  # explicit, also with several processes
+        return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
 class CompiledTrainStep:

@@ -3,6 +3,7 @@ probabilities, and the metadata that checkpoints carry (to refuse an incompatibl
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -13,7 +14,7 @@ from jax.experimental import multihost_utils
 from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
-from cvmae_jax.data.synthetic import generate_synthetic_meds
+from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import check_config
 from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
 
@@ -51,16 +52,12 @@ def data_dir(config, workdir: str) -> str:
 
 
 def resolve_meds_dir(config, workdir: str) -> str:
-    """``config.data.meds_dir``, or the synthetic default generated once under the data dir."""
+    """``config.data.meds_dir``, or the synthetic default of ``config.data.synthetic_*``
+    generated once under the data dir."""
     if config.data.meds_dir:
         return config.data.meds_dir
-    meds_dir = os.path.join(data_dir(config, workdir), "synthetic_meds")
-    if not os.path.exists(meds_dir):
-        logging.info("Generating synthetic MEDS (%d subjects) in %s",
-                     config.data.synthetic_subjects, meds_dir)
-        generate_synthetic_meds(meds_dir, num_subjects=config.data.synthetic_subjects,
-                                seed=config.data.synthetic_seed)
-    return meds_dir
+    return synthetic_meds_root(data_dir(config, workdir), config.data.synthetic_subjects,
+                               config.data.synthetic_seed, log=logging.info)
 
 
 def prepare_run_data(config, workdir: str) -> PreparedDataset:
@@ -72,16 +69,20 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
 
     if jax.process_count() == 1:
         return prepare()
+    if jax.process_index() != 0:
+        logging.info("process %d: waiting for process 0 to prepare the dataset",
+                     jax.process_index())
     dataset = prepare() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("cvmae_jax: dataset prepared")
     return dataset or prepare()
 
 
 def remove_empty_folders(path: str) -> None:
-    """Removes ``path`` and the folders under it that hold no file, deepest first."""
+    """Removes ``path`` and the folders under it that hold no file, deepest first (what
+    another process removes or fills meanwhile is left alone)."""
     for folder, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
-        if not os.listdir(folder):
-            os.rmdir(folder)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # fails unless empty
 
 
 def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:
@@ -104,20 +105,51 @@ def stats_record(config, dataset: PreparedDataset, probs: np.ndarray) -> dict:
     return record
 
 
-def check_resume_compatible(saved_run_info: dict, config, dataset: PreparedDataset,
-                            step: int) -> None:
-    """Refuses to resume with settings that would silently change the run."""
-    if config.train.allow_config_change:
-        return
-    changes = changed_settings(saved_run_info["config"], config)
-    saved_dataset = saved_run_info["data_stats"].get("dataset")
+def check_resume_settings(saved_run_info: dict, config, step: int) -> None:
+    """Before any data is prepared: refuses to resume with another number of processes (the
+    input pipeline's position is stored per process) or, unless
+    ``train.allow_config_change``, with settings that would silently change the run."""
+    saved_processes = saved_run_info.get("processes")  # absent before 2026-11-26's session 9
+    if saved_processes is not None and saved_processes != jax.process_count():
+        raise ValueError(f"the checkpoint at step {step} was written by {saved_processes} "
+                         f"process(es) and this run has {jax.process_count()}; the input "
+                         f"pipeline's position is stored per process, so launch "
+                         f"{saved_processes} process(es) as the run that wrote it did (any "
+                         "number of devices per process)")
+    if not config.train.allow_config_change:
+        _refuse_changes(step, changed_settings(saved_run_info["config"], config))
+
+
+def check_resume_dataset(saved_run_info: dict, config, dataset: PreparedDataset,
+                         step: int) -> None:
+    """Refuses to resume on another prepared dataset (the MEDS files changed) unless
+    ``train.allow_config_change``."""
+    saved = saved_run_info["data_stats"].get("dataset")
     current = os.path.basename(os.path.dirname(dataset.path))
-    if saved_dataset != current:
-        changes.append(f"prepared dataset: {saved_dataset} -> {current}")
+    if saved != current and not config.train.allow_config_change:
+        _refuse_changes(step, [f"prepared dataset: {saved} -> {current}"])
+
+
+def _refuse_changes(step: int, changes: list[str]) -> None:
     if changes:
         raise ValueError(f"the checkpoint at step {step} was written with other settings ("
                          + "; ".join(changes) + "). Use a new workdir, or pass "
                          "--config.train.allow_config_change=True to resume anyway")
+
+
+def restore_for_resume(checkpointer, step: int, abstract_state, data_iterator, config):
+    """The state of checkpoint ``step`` (and the input pipeline moved to its position). With
+    ``train.allow_config_change``, a checkpoint whose parameters have other shapes is refused
+    in one line instead of Orbax's tree dump."""
+    try:
+        return checkpointer.restore(step, abstract_state, data_iterator)
+    except ValueError as error:
+        if not config.train.allow_config_change:
+            raise
+        first_line = str(error).strip().splitlines()[0][:160]
+        raise ValueError(f"the checkpoint at step {step} does not fit this config's model "
+                         f"(Orbax: {first_line}); config.train.allow_config_change resumes only "
+                         "changes that keep every parameter's shape: use a new workdir") from error
 
 
 def changed_settings(saved_config: dict, config) -> list[str]:

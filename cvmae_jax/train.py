@@ -73,22 +73,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  jax.default_backend(), config.parallel.mode)
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
-    try:
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                config.train.keep_checkpoints)
+    start_step = checkpointer.latest_step() or 0
+    saved_run = checkpointer.restore_run_info(start_step) if start_step else None
+    try:  # a refused resume or bad data leaves the workdir as it was
+        if saved_run:
+            run_setup.check_resume_settings(saved_run, config, start_step)
         dataset = run_setup.prepare_run_data(config, workdir)
+        if saved_run:
+            run_setup.check_resume_dataset(saved_run, config, dataset, start_step)
     except BaseException:
+        checkpointer.close()
         if created_workdir:
-            run_setup.remove_empty_folders(workdir)  # bad data leaves no empty run folder behind
+            run_setup.remove_empty_folders(workdir)
         raise
     probs = run_setup.mask_probabilities(config, dataset)
-    run_info = dict(config=config.to_dict(),
+    run_info = dict(config=config.to_dict(), processes=jax.process_count(),
                     data_stats=run_setup.stats_record(config, dataset, probs))
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "config.json"), run_info["config"])
         write_json_atomic(os.path.join(workdir, "data_stats.json"), run_info["data_stats"])
 
     optimizer = make_optimizer(config.train)
+    init_start = time.perf_counter()
     graphdef, state = init_state(ModelConfig.from_config(config.model, dataset.stats.vocab_size),
                                  optimizer, config.seed)
+    logging.info("Model: %s parameters, initialized in %.1f s",
+                 f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+                 time.perf_counter() - init_start)
     state = launcher.put_state(state)
     traces = []
     step_body = make_train_step(graphdef, optimizer, jnp.asarray(probs, jnp.float32),
@@ -110,16 +123,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data = iter(make_dataset(dataset, "train", config.train.batch_size, config.data.max_len,
                              seed=config.seed, shard_index=jax.process_index(),
                              shard_count=jax.process_count(), workers=config.data.workers))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                config.train.keep_checkpoints)
-    start_step = checkpointer.latest_step() or 0
     if start_step:
-        run_setup.check_resume_compatible(checkpointer.restore_run_info(start_step), config,
-                                          dataset, start_step)
-        restored = checkpointer.restore(start_step,
-                                        abstract_like(launcher.checkpoint_view(state)), data)
+        restored = run_setup.restore_for_resume(
+            checkpointer, start_step, abstract_like(launcher.checkpoint_view(state)), data,
+            config)
         state = launcher.put_state(restored)
-        logging.info("Resumed from the checkpoint at step %d", start_step)
+        logging.info("Resumed from the checkpoint at step %d%s", start_step,
+                     "; training is already complete" if start_step >= config.train.num_steps
+                     else "")
 
     compiled, leaves = None, None  # after the first batch: the compiled step and its state leaves
 
@@ -129,8 +140,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def save(step):
         checkpointer.save(step, launcher.checkpoint_view(current_state()), data, run_info)
 
-    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
-    progress = Progress(config.train.num_steps, start_step)
+    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start_step)
+    progress = Progress(config.train.num_steps)
     preemption = _Preemption(checkpointer)
     pending = None
     window, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0

@@ -101,3 +101,20 @@ def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, m
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+def test_eval_overrides_apply_to_old_config_files_and_are_checked(tmp_path):
+    from cvmae_jax.evaluation.run_eval import run_config_with
+
+    saved = default_config().to_dict()
+    del saved["eval"]["labels_dir"], saved["parallel"]  # as written before those fields existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = run_config_with(str(tmp_path), {"eval.labels_dir": "/labels",
+                                             "eval.mask_rate": 0.5})
+    assert config.eval.labels_dir == "/labels" and config.eval.mask_rate == 0.5
+    assert config.model.d_model == saved["model"]["d_model"]
+    with pytest.raises(ValueError, match=r"^config.eval.mask_rate=0.0: expected a rate"):
+        run_config_with(str(tmp_path), {"eval.mask_rate": 0.0})
+    with pytest.raises(ValueError, match=r"^--config.eval.split, --config.parallel.cpu_devices: "
+                                         r"eval.py evaluates the run as trained"):
+        run_config_with(str(tmp_path), {"eval.split": "tuning", "parallel.cpu_devices": 2})

@@ -1,9 +1,54 @@
-"""Progress lines: the logged throughput is the window's, the ETA the run's pace."""
+"""Progress lines and metrics.jsonl: the logged throughput is the window's, the ETA is paced
+from the first line (start-up left out), and a resumed run logs each step once."""
 
-from cvmae_jax.metrics import Progress
+import json
+import os
+import stat
+import time
+
+from cvmae_jax.jsonio import UMASK, write_json_atomic
+from cvmae_jax.metrics import MetricsWriter, Progress
 
 
 def test_progress_shows_the_window_throughput_not_the_run_average():
-    progress = Progress(total_steps=1000, start_step=0)
+    progress = Progress(total_steps=1000)
     line = progress.line(100, dict(loss=0.5, steps_per_sec=123.4, tokens_per_sec=5678.0))
     assert "123.40 steps/s 5678 tok/s" in line and line.startswith("step 100/1000 | loss 0.5000")
+
+
+def test_eta_leaves_start_up_out():
+    time.sleep(0.2)  # start-up before the first line (compiling, restoring) must not count
+    progress = Progress(total_steps=1000)
+    first = progress.line(100, dict(steps_per_sec=100.0))
+    assert first.endswith("ETA 0m09s")  # 900 steps at the window's 100 steps/s
+    start = progress.first_line[1]
+    progress.first_line = (100, start - 5.0)  # 100 more steps took 5 s: 20 steps/s
+    later = progress.line(200, dict(steps_per_sec=1000.0))
+    assert later.endswith("ETA 0m40s")  # 800 steps at the run's 20 steps/s, not the window's
+
+
+def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(path, start_step=0)
+    for step in (5, 10, 15):
+        writer.write(dict(step=step, loss=1.0 / step))
+    writer.write(dict(step=10, split="tuning", masked_mse=0.5))
+    with open(path, "a") as f:
+        f.write('{"step": 20, "lo')  # killed while writing
+    MetricsWriter(path, start_step=10).write(dict(step=15, loss=0.0))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r.get("split")) for r in lines] == [(5, None), (10, None),
+                                                           (10, "tuning"), (15, None)]
+    assert lines[-1]["loss"] == 0.0
+    MetricsWriter(path, start_step=0)  # killed before its first checkpoint: starts afresh
+    assert path.read_text() == ""
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    with open(tmp_path / "plain.json", "w") as f:
+        f.write("{}")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode) == 0o666 & ~UMASK
+    assert mode & stat.S_IRGRP  # not mkstemp's private 0600 (umask 022 here)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}

@@ -1,4 +1,5 @@
-"""Two processes on localhost (4 fake CPU devices each) train like one process with 8."""
+"""Two processes on localhost (4 fake CPU devices each) train like one process with 8, and
+their checkpoint is not resumed by one process."""
 
 import os
 import socket
@@ -26,8 +27,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")))
     address = f"localhost:{free_port()}"
     processes = [subprocess.Popen(
-        command(multi, data_dir) + steps + [
-            "--config.parallel.distributed=True",
+        command(multi, data_dir) + steps + [  # the manual fields alone start distributed
+            "--config.train.transfer_guard=disallow",  # the batch copy is explicit here too
             f"--config.parallel.coordinator_address={address}",
             "--config.parallel.num_processes=2", f"--config.parallel.process_id={i}"],
         cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -43,3 +44,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     np.testing.assert_allclose(evals[1]["masked_mse"], evals[0]["masked_mse"], rtol=1e-5)
     saved = set(os.listdir(multi / "checkpoints" / "30" / "data"))  # each process's position
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= saved
+    config_before = (multi / "config.json").read_text()
+    one = subprocess.run(command(multi, data_dir) + ["--config.train.num_steps=40"], cwd=REPO,
+                         text=True, capture_output=True, timeout=600,
+                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert one.returncode == 1 and ("error: the checkpoint at step 30 was written by 2 "
+                                    "process(es) and this run has 1") in one.stderr
+    assert (multi / "config.json").read_text() == config_before  # a refused run writes nothing

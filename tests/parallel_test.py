@@ -97,8 +97,14 @@ def test_a_checkpoint_from_eight_devices_restores_on_two_and_back(data_dir, tmp_
 
 def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_path):
     run(data_dir, tmp_path / "run")
+    saved_config = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(ValueError, match=r"model.d_model: 32 -> 64.*allow_config_change"):
         run(data_dir, tmp_path / "run", model__d_model=64, train__num_steps=30)
+    assert (tmp_path / "run" / "config.json").read_text() == saved_config  # not overwritten
+    with pytest.raises(ValueError, match=r"^the checkpoint at step 20 does not fit this "
+                                         r"config's model \(Orbax: .*\); config.train.allow"):
+        run(data_dir, tmp_path / "run", model__d_model=64, train__num_steps=30,
+            train__allow_config_change=True)
     with pytest.raises(ValueError, match=r"masking.strategy: 'cv' -> 'random'"):
         run(data_dir, tmp_path / "run", masking__strategy="random")
     # Bookkeeping fields and the device count may change.

@@ -101,5 +101,5 @@ def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
     with pytest.raises(ValueError,
                        match=r"other settings \(train.learning_rate: 0.5 -> 0.001\); use a new"):
         is_finished(run_dir, run)
-    run.train.num_steps += 1  # not finished: training resumes (and check_resume_compatible)
+    run.train.num_steps += 1  # not finished: training resumes (and check_resume_settings)
     assert not is_finished(run_dir, run)

@@ -207,7 +207,7 @@ def read_label_tasks(meds_dir: str, stats, max_len: int,
     labels_dir None means ``<meds_dir>/labels``, which may be absent (no downstream tasks). A
     labels_dir given explicitly must exist and hold at least one task folder. A label file that
     cannot be read raises MEDSFormatError naming the file and column, before any model work."""
-    explicit = labels_dir is not None
+    explicit = bool(labels_dir)
     labels_dir = str(labels_dir or os.path.join(meds_dir, "labels"))
     tasks = find_tasks(labels_dir)
     if explicit and not tasks:

@@ -15,7 +15,6 @@ Files are written to a temporary name in the same folder and renamed.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -24,22 +23,15 @@ import pyarrow.parquet as pq
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import LABEL_CHECKS, OPTIONAL, label_files
 from cvmae_jax.evaluation.downstream import TEST, TUNING, TaskData
+from cvmae_jax.jsonio import atomic_path
 
 PREDICTION_SPLITS = (TUNING, TEST)
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    """Writes ``table`` to ``path`` via a temporary file in the same folder + rename."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".parquet.tmp")
-    os.close(fd)
-    try:
+    """Writes ``table`` to ``path`` atomically (``jsonio.atomic_path``)."""
+    with atomic_path(path, suffix=".parquet.tmp") as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def embeddings_table(task: TaskData) -> pa.Table:

@@ -20,6 +20,7 @@ from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
 from cvmae_jax.config import default_config
+from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.evaluation import perturbation, report
@@ -32,8 +33,7 @@ from cvmae_jax.evaluation.reconstruction import single_code_sums, summarize
 from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.model import ModelConfig
-from cvmae_jax.run_setup import (RESUMABLE_CHANGES, data_dir, mask_probabilities,
-                                 resolve_meds_dir)
+from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.train import evaluate
 
@@ -53,21 +53,23 @@ def eval_option(config, name: str):
 
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with ``overrides`` ({"eval.labels_dir": ..., ...}) applied.
-    Only fields that leave the trained model and its data unchanged may be overridden
-    (``run_setup.RESUMABLE_CHANGES``: eval.*, paths, parallel.*, model.attention, ...)."""
+    Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
+    may be overridden; ``eval.split`` is ``--split``."""
     config = load_run_config(workdir)
-    fixed = sorted(name for name in overrides if not name.startswith(RESUMABLE_CHANGES))
+    fixed = sorted(name for name in overrides
+                   if not name.startswith(EVAL_OVERRIDABLE) or name == "eval.split")
     if fixed:
         raise ValueError(f"{', '.join('--config.' + n for n in fixed)}: eval.py evaluates the "
-                         f"run as trained (its config.json); only eval.*, data.meds_dir, "
-                         f"data.data_dir, parallel.* and model.attention may be overridden")
+                         f"run as trained (its config.json); only {eval_overridable()} may be "
+                         "overridden, and the split is --split")
     for name, value in overrides.items():
         *parents, leaf = name.split(".")
         section = config
-        for parent in parents:
+        for parent in parents:  # eval, data or model: in every run's config.json
             section = section[parent]
-        with section.unlocked():
+        with section.unlocked():  # a config.json older than the field lacks it
             section[leaf] = value
+    check_eval_config(config.eval)
     return config
 
 
@@ -78,6 +80,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     config.json). Returns the metrics."""
     config = ml_collections.ConfigDict(config or load_run_config(workdir))
     config.eval.split = split
+    parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
+                              "config.eval.batch_size")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     step = Checkpointer.latest_complete_step(checkpoint_dir)
     if step is None:
