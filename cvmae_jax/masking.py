@@ -66,8 +66,10 @@ def strategy_probs(strategy: str, *, cv: np.ndarray, variance: np.ndarray,
                    p_low: float) -> np.ndarray:
     """Per-code mask probabilities [V] for a strategy, from train-split statistics.
 
-    ``random`` and ``cv_rank`` match the expected mask rate of ``cv`` on the training tokens, so
-    all strategies hide the same share of values and differ only in which values they hide.
+    ``random`` and ``cv_rank`` match the expected mask rate of ``cv`` on the training tokens,
+    so they differ from ``cv`` only in which values they hide. ``variance`` applies the same
+    two-tier rule to the variance, so its rate is whatever share of tokens its top-tier codes
+    hold (not matched: the paper's baseline).
     """
     cv_probs = two_tier_probs(cv, threshold_percentile, p_high, p_low)
     if strategy == "cv":

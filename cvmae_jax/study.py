@@ -17,6 +17,7 @@ import ml_collections
 from absl import app, logging
 
 from cvmae_jax import cli
+from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.metrics import clock
@@ -49,8 +50,9 @@ def run_configs(config, workdir: str) -> list[tuple[str, ml_collections.ConfigDi
 
 
 def is_finished(run_dir: str, config) -> bool:
-    """True when ``eval/metrics.json`` evaluates the final training step; refuses a finished
-    run trained with other settings (as a resume would)."""
+    """True when ``eval/metrics.json`` evaluates the final training step with the study's
+    ``eval.*`` settings; refuses a finished run trained with other settings (as a resume
+    would). A run evaluated with other eval settings is evaluated again (not retrained)."""
     path = os.path.join(run_dir, "eval", "metrics.json")
     if not os.path.exists(path):
         return False
@@ -58,11 +60,21 @@ def is_finished(run_dir: str, config) -> bool:
         if json.load(f).get("step") != config.train.num_steps:
             return False
     with open(os.path.join(run_dir, "config.json")) as f:
-        changes = changed_settings(json.load(f), config)
+        saved = json.load(f)
+    changes = changed_settings(saved, config)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(changes)}); "
                          f"use a new --workdir")
+    if saved.get("eval") != json.loads(json.dumps(config.eval.to_dict())):
+        logging.info("%s: evaluated with other eval.* settings; evaluating again", run_dir)
+        return False
     return True
+
+
+def is_trained(run_dir: str, config) -> bool:
+    """True when the run's newest complete checkpoint is its final step."""
+    return Checkpointer.latest_complete_step(
+        os.path.join(run_dir, "checkpoints")) == config.train.num_steps
 
 
 def run_study(config, workdir: str) -> dict:
@@ -83,8 +95,9 @@ def run_study(config, workdir: str) -> dict:
             continue
         elapsed = time.perf_counter() - start
         eta = elapsed / done_here * (todo - done_here) if done_here else float("nan")
-        logging.info("%s: training ... (elapsed %s, ETA %s)", label, clock(elapsed),
-                     clock(eta))
+        logging.info("%s: %s ... (elapsed %s, ETA %s)", label,
+                     "evaluating (trained earlier)" if is_trained(run_dir, run_config)
+                     else "training", clock(elapsed), clock(eta))
         train_and_evaluate(run_config, run_dir)
         logging.info("%s: evaluating ... (elapsed %s)", label,
                      clock(time.perf_counter() - start))

@@ -125,6 +125,23 @@ def test_seeds_pair_by_seed_and_pool_lab_mses_first(tmp_path):
     assert summary["strategies"]["cv"]["masked_mse"]["per_seed"] == {"0": 0.9375, "1": 1.0625}
 
 
+def test_seed_noise_floor_compares_the_reference_with_itself(tmp_path):
+    runs = [make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 1.0]),
+            make_run(tmp_path, "random", 1, [1.5, 0.5, 0.75, 1.25]),
+            make_run(tmp_path, "cv", 0, [0.8, 0.9, 0.7, 1.2]),
+            make_run(tmp_path, "cv", 1, [0.8, 0.9, 0.7, 1.2])]
+    summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs]))
+    floor = summary["seed_noise_floor"]
+    diffs = [-0.5, 0.5, 0.25, -0.25]  # MSE(random s0) - MSE(random s1) per lab
+    assert floor["seeds"] == [0, 1] and floor["win_rate"] == 0.5
+    assert floor["wilcoxon_p"] == pytest.approx(wilcoxon(diffs).pvalue)
+    line = [x for x in compare.report_lines(summary, []) if "Seed noise floor" in x][0]
+    assert "`random` seed 1 vs `random` seed 0" in line and "win rate 0.50 (4)" in line
+    one_seed = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs[::2]]))
+    assert one_seed["seed_noise_floor"] is None
+    assert any("needs two `random` seeds" in x for x in compare.report_lines(one_seed, []))
+
+
 def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
     rng = np.random.default_rng(0)
     labels, ref_scores = binormal(2000, 0.5, rng)
@@ -213,7 +230,7 @@ def test_compare_runs_writes_summary_report_and_plots_without_subject_ids(tmp_pa
     labels, a = binormal(300, 0.5, rng)
     runs = [make_run(tmp_path / "runs", s, seed, [1.0, 0.9, 1.1, 1.0], task_scores={
         "death": (labels, a + 0.1 * rng.standard_normal(300))},
-        label_efficiency={"16": 0.5 + 0.1 * seed, "all": 0.7})
+        label_efficiency={"16": 0.5 + 0.1 * seed, "all": 0.7}, cv_threshold=0.25)
         for s in ("cv", "random") for seed in (0, 1)]
     summary = compare.compare_runs(runs, str(tmp_path / "out"))
     for name in ("summary.json", "report.md", "validation_curves.png",
@@ -222,6 +239,7 @@ def test_compare_runs_writes_summary_report_and_plots_without_subject_ids(tmp_pa
     assert list(summary["strategies"]) == ["random", "cv"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| `cv` | 0,1 |" in report and "win rate vs random" in report
+    assert "**Seed noise floor**: `random` seed 1 vs `random` seed 0" in report
     assert "AUROC death: Δ vs random [95% CI]" in report
     assert summary["strategies"]["cv"]["label_efficiency"]["death"]["16"]["mean"] == 0.55
     assert "| death | `cv` | 0.550 | 0.700 |" in report

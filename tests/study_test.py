@@ -103,3 +103,16 @@ def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
         is_finished(run_dir, run)
     run.train.num_steps += 1  # not finished: training resumes (and check_resume_settings)
     assert not is_finished(run_dir, run)
+
+
+def test_a_run_evaluated_with_other_eval_settings_is_evaluated_again(tmp_path):
+    config = study_config()
+    run_dir, run = run_configs(config, str(tmp_path))[0]
+    os.makedirs(os.path.join(run_dir, "eval"))
+    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
+        json.dump({"step": run.train.num_steps}, f)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(run.to_dict(), f)
+    assert is_finished(run_dir, run)
+    run.eval.mask_rate = 0.5  # e.g. --config.eval.mask_rate=0.5 on a finished study
+    assert not is_finished(run_dir, run)

@@ -38,7 +38,8 @@ CONVENTIONS = dict(
                    "over the paired seeds first, then one test across labs",
     win_rate="share of labs (evaluated in both runs) with a positive difference; ties count half",
     wilcoxon="two-sided paired signed-rank test across labs (scipy.stats.wilcoxon, zero "
-             "differences dropped)",
+             "differences dropped); the labs are its samples, so training-seed variance is not "
+             "in its p: read it against the seed noise floor below",
     cohens_d="mean / sd (ddof 1) of the per-lab differences; positive = strategy better",
     auroc_delta=f"AUROC(strategy) - AUROC(random) on the same held_out label rows, aligned by "
                 f"(subject_id, prediction_time); 95% CI from {stats.NUM_BOOTSTRAP} paired "
@@ -179,7 +180,19 @@ def summarize(groups: dict[str, dict[int, Run]]) -> dict:
                 convergence=_convergence(pairs))
         out["strategies"][strategy] = entry
     out["tasks"] = {t: predictions[t].info() for t in tasks}
+    out["seed_noise_floor"] = seed_noise_floor(reference)
     return out
+
+
+def seed_noise_floor(reference: dict[int, Run]) -> dict | None:
+    """The across-lab comparison of the reference strategy with itself, first seed vs second:
+    what win rate, Wilcoxon p and Cohen's d a change of training seed alone gives (pooled
+    stats of ``_lab_stats`` plus "seeds"); None with fewer than two reference seeds."""
+    if len(reference) < 2:
+        return None
+    first, second = sorted(reference)[:2]
+    lab = _lab_stats({second: (reference[second], reference[first])}, "uniform")
+    return dict(lab.get("pooled", {}), seeds=[first, second], note=lab.get("note"))
 
 
 def _over_seeds(values: dict[int, float | None]) -> dict:
@@ -445,6 +458,7 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
         f"{t}: no predictions files" for t, i in summary["tasks"].items())] if tasks else []
     lines += ["- masked MSE: mean over seeds of each run's held_out masked MSE (normalized "
               "units); convergence: from the validation lines of each run's metrics.jsonl."]
+    lines += [_noise_floor_line(summary.get("seed_noise_floor"))]
     lines += (_single_code_lines(strategies) + _label_efficiency_lines(strategies, tasks)
               + _per_seed_lines(strategies, tasks))
     notes = [f"- {s} {t}: {d['note']}" for s, e in strategies.items()
@@ -455,6 +469,21 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
         lines += ["", "## Notes", "", *notes]
     lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in figures)]
     return lines
+
+
+def _noise_floor_line(floor: dict | None) -> str:
+    if floor is None:
+        return (f"- Seed noise floor: needs two `{REFERENCE}` seeds. With one seed a small "
+                "Wilcoxon p may be a difference between two trainings, not between strategies; "
+                "train several seeds (config.study.seeds) before reading it as an effect.")
+    a, b = floor["seeds"]
+    if floor.get("note"):
+        return f"- Seed noise floor (`{REFERENCE}` seed {b} vs seed {a}): n/a, {floor['note']}."
+    win, p, d = _lab_cells(dict(pooled=floor))
+    return (f"- **Seed noise floor**: `{REFERENCE}` seed {b} vs `{REFERENCE}` seed {a} (the same "
+            f"strategy, another training seed): win rate {win}, Wilcoxon p {p}, Cohen's d {d}. "
+            "A strategy's p is evidence of an effect only well below this and with the same "
+            "direction in every seed (per-seed table).")
 
 
 def _lab_cells(lab: dict) -> list[str]:
@@ -568,10 +597,16 @@ def _plot_lab_differences(groups, summary):
         return None
     width = max(8, 0.25 * max(len(labs) for _, labs in rows))
     fig, axes = plt.subplots(len(rows), 1, figsize=(width, 2.6 * len(rows) + 1), squeeze=False)
+    threshold = next(iter(groups[REFERENCE].values())).metrics.get("cv_threshold")
     for ax, (strategy, labs) in zip(axes[:, 0], rows):
         diff = [lab["diff"] for lab in labs]
         ax.bar(range(len(labs)), diff, color=["tab:green" if d > 0 else "tab:red" for d in diff])
         ax.axhline(0, color="black", lw=0.8)
+        if threshold is not None:  # eval/metrics.json from before the field: no line
+            low = sum(lab["cv"] is not None and lab["cv"] <= threshold for lab in labs)
+            ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
+                       label=f"CV {threshold:.3g}: right of it the high tier")
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_xticks(range(len(labs)), [lab["code"] for lab in labs], rotation=90, fontsize=6)
         ax.set_ylabel(f"MSE(random) - MSE({strategy})", fontsize=8)
         ax.set_title(f"{strategy} vs random per lab (held_out), labs sorted by train CV; "
@@ -595,7 +630,11 @@ def _plot_aurocs(groups, summary):
                 offset = x + 0.15 * (k - (len(by_seed) - 1) / 2)
                 ax.errorbar(offset, result["auroc"], fmt="o", color=_colors(groups)[strategy],
                             yerr=[[result["auroc"] - ci[0]], [ci[1] - result["auroc"]]])
+        ax.axhline(0.5, color="gray", ls=":", lw=0.8)  # chance
         ax.set_xticks(range(len(groups)), list(groups))
-        ax.set_title(f"{task}: held_out AUROC, 95% CI per seed", fontsize=9)
+        seeds = sorted({s for by_seed in groups.values() for s in by_seed})
+        ax.set_xlabel(f"strategy (points left to right: seeds {seeds}; dotted: chance)",
+                      fontsize=8)
+        ax.set_title(f"{task}: held_out AUROC, 95% CI per run", fontsize=9)
         ax.set_ylabel("AUROC")
     return fig

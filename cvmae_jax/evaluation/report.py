@@ -143,15 +143,14 @@ def _export_lines(exports: dict) -> list[str]:
 def plot_by_lab(path: str, result: dict) -> None:
     rows = evaluated_rows(result)
     ratio = [r["mse"] / max(r["baseline_mse"], 1e-12) for r in rows]
-    high = max(r["train_mask_prob"] for r in rows)
-    colors = ["tab:red" if r["train_mask_prob"] == high else "tab:blue" for r in rows]
+    colors = ["tab:red" if r["cv"] > result["cv_threshold"] else "tab:blue" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
     ax.bar(range(len(rows)), ratio, color=colors)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), [r["code"] for r in rows], rotation=90, fontsize=6)
     ax.set_ylabel("masked MSE / per-code-mean baseline")
     ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
-                 f"(red: highest train mask p)")
+                 f"(red: CV above {result['cv_threshold']:.3g}, the high tier)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

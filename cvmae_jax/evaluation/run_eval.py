@@ -175,9 +175,11 @@ def _single_code(graphdef, params, batches: list[dict], stats, probs, config,
 
 
 def _add_cv(result: dict, cv: np.ndarray, threshold_percentile: float) -> None:
-    """Each per-code row's train CV, and the by-CV-tier summary."""
+    """Each per-code row's train CV, the CV threshold of the tiers and the by-CV-tier
+    summary."""
     for row, value in zip(result["per_code"], cv):
         row["cv"] = float(value)
+    result["cv_threshold"] = float(percentile_threshold(cv, threshold_percentile))
     result["by_cv_tier"] = _by_cv_tier(result["per_code"], cv, threshold_percentile)
 
 
