@@ -126,10 +126,9 @@ def test_seeds_pair_by_seed_and_pool_lab_mses_first(tmp_path):
 
 
 def test_seed_noise_floor_compares_the_reference_with_itself(tmp_path):
-    runs = [make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 1.0]),
-            make_run(tmp_path, "random", 1, [1.5, 0.5, 0.75, 1.25]),
-            make_run(tmp_path, "cv", 0, [0.8, 0.9, 0.7, 1.2]),
-            make_run(tmp_path, "cv", 1, [0.8, 0.9, 0.7, 1.2])]
+    random_mses = {0: [1.0, 1.0, 1.0, 1.0], 1: [1.5, 0.5, 0.75, 1.25]}
+    runs = [make_run(tmp_path, strategy, seed, random_mses[seed] if strategy == "random"
+                     else [0.8, 0.9, 0.7, 1.2]) for strategy in ("random", "cv") for seed in (0, 1)]
     summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs]))
     floor = summary["seed_noise_floor"]
     diffs = [-0.5, 0.5, 0.25, -0.25]  # MSE(random s0) - MSE(random s1) per lab

@@ -88,16 +88,23 @@ def test_tiny_study_completes_then_resumes_without_training(tmp_path):
     assert "report:" in result.stdout
 
 
-def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
-    config = study_config()
-    run_dir, run = run_configs(config, str(tmp_path))[0]
+def evaluated_run(tmp_path, **saved_changes):
+    """The study's first run as if trained and evaluated at its final step, with config.json
+    saved with ``saved_changes`` ({"train": {"learning_rate": 0.5}}); (run dir, run config)."""
+    run_dir, run = run_configs(study_config(), str(tmp_path))[0]
     os.makedirs(os.path.join(run_dir, "eval"))
     with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
         json.dump({"step": run.train.num_steps}, f)
     saved = run.to_dict()
-    saved["train"]["learning_rate"] = 0.5
+    for section, fields in saved_changes.items():
+        saved[section].update(fields)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(saved, f)
+    return run_dir, run
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
+    run_dir, run = evaluated_run(tmp_path, train={"learning_rate": 0.5})
     with pytest.raises(ValueError,
                        match=r"other settings \(train.learning_rate: 0.5 -> 0.001\); use a new"):
         is_finished(run_dir, run)
@@ -106,13 +113,7 @@ def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
 
 
 def test_a_run_evaluated_with_other_eval_settings_is_evaluated_again(tmp_path):
-    config = study_config()
-    run_dir, run = run_configs(config, str(tmp_path))[0]
-    os.makedirs(os.path.join(run_dir, "eval"))
-    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
-        json.dump({"step": run.train.num_steps}, f)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(run.to_dict(), f)
+    run_dir, run = evaluated_run(tmp_path)
     assert is_finished(run_dir, run)
     run.eval.mask_rate = 0.5  # e.g. --config.eval.mask_rate=0.5 on a finished study
     assert not is_finished(run_dir, run)
