@@ -182,7 +182,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     elapsed = time.perf_counter() - window_start
                     last_train = _mean_metrics(window)
                     slots = len(window) * local_batch["valid"].size * jax.process_count()
-                    last_train.update(step=step, tokens_per_sec=window_tokens / elapsed,
+                    last_train.update(step=step, window_steps=len(window),
+                                      tokens_per_sec=window_tokens / elapsed,
                                       steps_per_sec=len(window) / elapsed,
                                       real_token_fraction=window_tokens / slots,
                                       data_wait_fraction=data_wait / elapsed)

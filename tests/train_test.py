@@ -62,6 +62,7 @@ def test_run_writes_the_documented_outputs(cv_run):
         assert all(np.isfinite(m[key]) for m in train), key
     assert all(0 <= m["data_wait_fraction"] < 1 and 0 < m["real_token_fraction"] <= 1
                for m in train)
+    assert {m["window_steps"] for m in train} == {50}
     assert [m["step"] for m in evals] == [300, 600]
     assert summary["step"] == 600
     assert summary["train_step_traces"] == 1  # no retrace after the first step
