@@ -158,6 +158,26 @@ def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
     assert hi - lo < 0.1 and delta["n"] == 2000 and delta["method"] == "paired bootstrap"
 
 
+def test_a_single_class_task_says_there_is_no_auroc(tmp_path):
+    rng = np.random.default_rng(4)
+    labels, scores = binormal(60, 1.0, rng)
+    paths = [make_run(tmp_path, s, 0, [1.0] * 4, task_scores={"death": (labels, scores)})
+             for s in ("random", "cv")]
+    for path in paths:  # held_out with one class: eval.py wrote no AUROC
+        write_predictions(path, "death", np.zeros(60, bool), scores)
+        metrics_path = os.path.join(path, "eval", "metrics.json")
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        metrics["downstream"]["tasks"]["death"].update(auroc=None, auroc_ci=None)
+        with open(metrics_path, "w") as f:
+            json.dump(metrics, f)
+    summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in paths]))
+    delta = summary["strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
+    assert delta["delta"] is None
+    assert delta["note"] == ("the 60 held_out rows shared by the runs' predictions hold one "
+                             "class: no AUROC (eval/metrics.json has none either)")
+
+
 def test_vectorized_bootstrap_auroc_equals_sklearn_with_ties():
     rng = np.random.default_rng(1)
     labels = rng.random(80) < 0.4
@@ -187,8 +207,9 @@ def test_convergence_ratio_first_eval_step_at_or_below_randoms_final():
     ref = [(100, 1.0), (200, 0.9), (300, 0.8), (400, 0.75), (500, 0.7)]
     assert compare.convergence([(100, 0.95), (200, 0.8), (300, 0.7), (400, 0.6)], ref) == dict(
         step=300, reference_final_step=500, target_masked_mse=0.7, ratio=0.6, reason=None)
-    never = compare.convergence([(100, 0.95), (500, 0.71)], ref)
-    assert never["ratio"] is None and "never reached 0.7" in never["reason"]
+    never = compare.convergence([(100, 0.95), (300, 0.705), (500, 0.71)], ref)
+    assert never["ratio"] is None
+    assert never["reason"] == "never reached 0.7 in 500 steps (best 0.705, at step 300)"
     assert "no validation lines" in compare.convergence([], ref)["reason"]
 
 

@@ -336,7 +336,8 @@ class TaskPredictions:
         lacking = [r.name for pair in pairs.values() for r in pair if r.name not in self.scores]
         note = (f"no held_out predictions for {', '.join(lacking)}" if lacking else
                 f"the {len(self.labels)} held_out rows shared by the runs' predictions hold "
-                f"one class") + ": AUROCs from eval/metrics.json, no CI"
+                f"one class") + (": AUROCs from eval/metrics.json, no CI" if deltas else
+                                 ": no AUROC (eval/metrics.json has none either)")
         n = [r.metrics["downstream"]["tasks"][self.task].get("n") for r, _ in pairs.values()]
         return dict(delta=float(np.mean(deltas)) if deltas else None, ci=None,
                     n=n[0] if len(set(n)) == 1 else n, positives=None, split="held_out",
@@ -387,8 +388,9 @@ def convergence(curve: list[tuple[int, float]], reference: list[tuple[int, float
     out["reference_final_step"], out["target_masked_mse"] = reference[-1]
     step = next((s for s, mse in curve if mse <= out["target_masked_mse"]), None)
     if step is None:
-        out["reason"] = (f"never reached {out['target_masked_mse']:.4g} (best "
-                         f"{min(m for _, m in curve):.4g} by step {curve[-1][0]})")
+        best_step, best = min(curve, key=lambda point: point[1])
+        out["reason"] = (f"never reached {out['target_masked_mse']:.4g} in {curve[-1][0]} steps "
+                         f"(best {best:.4g}, at step {best_step})")
         return out
     out["step"], out["ratio"] = step, step / out["reference_final_step"]
     return out
