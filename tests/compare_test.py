@@ -15,6 +15,9 @@ from scipy.stats import wilcoxon
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation import compare, stats
+from cvmae_jax.evaluation.compare_report import report_lines
+from cvmae_jax.evaluation.compare_summary import convergence, summarize
+from cvmae_jax.evaluation.compared_runs import group_runs, load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODES = ("LAB//A", "LAB//B", "LAB//C", "LAB//D")
@@ -69,6 +72,11 @@ def write_predictions(run_path, task, labels, scores, order=None):
     pq.write_table(table, os.path.join(folder, "held_out.parquet"))
 
 
+def summarize_paths(paths):
+    """summary.json's content for the runs at ``paths``."""
+    return summarize(group_runs([load_run(p) for p in paths]))
+
+
 def binormal(n, shift, rng, labels=None):
     """Labels and scores ~ N(shift * label, 1): population AUROC = Phi(shift / sqrt(2))."""
     labels = rng.random(n) < 0.3 if labels is None else labels
@@ -78,7 +86,7 @@ def binormal(n, shift, rng, labels=None):
 def test_win_rate_wilcoxon_and_cohens_d_on_known_labs(tmp_path):
     ref = make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 1.0])
     cv = make_run(tmp_path, "cv", 0, [0.8, 0.9, 0.7, 1.2])  # 3 of 4 labs better
-    lab = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+    lab = summarize_paths((ref, cv))[
         "strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]["pooled"]
     diffs = [0.2, 0.1, 0.3, -0.2]
     assert lab["n_labs"] == 4 and lab["win_rate"] == 0.75
@@ -105,7 +113,7 @@ def test_labs_pair_by_code_and_skip_unmasked_ones(tmp_path):
     metrics["per_code"][0]["num_masked"] = 0  # LAB//D not evaluated -> left out
     with open(os.path.join(cv, "eval", "metrics.json"), "w") as f:
         json.dump(metrics, f)
-    lab = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+    lab = summarize_paths((ref, cv))[
         "strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]
     assert [x["code"] for x in lab["per_lab"]] == ["LAB//A", "LAB//B", "LAB//C"]
     assert lab["pooled"]["win_rate"] == 1.0
@@ -116,7 +124,7 @@ def test_seeds_pair_by_seed_and_pool_lab_mses_first(tmp_path):
             make_run(tmp_path, "random", 1, [1.5, 1.0, 1.0, 1.0]),
             make_run(tmp_path, "cv", 0, [0.75, 1.25, 0.75, 1.0]),
             make_run(tmp_path, "cv", 1, [1.75, 0.75, 1.0, 0.75])]
-    summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs]))
+    summary = summarize_paths(runs)
     lab = summary["strategies"]["cv"]["vs_random"]["reconstruction"]["uniform"]
     # seed means: random [1.25, 1, 1, 1], cv [1.25, 1, .875, .875] -> diffs [0, 0, .125, .125]
     assert [x["diff"] for x in lab["per_lab"]] == [0, 0, 0.125, 0.125]
@@ -129,16 +137,16 @@ def test_seed_noise_floor_compares_the_reference_with_itself(tmp_path):
     random_mses = {0: [1.0, 1.0, 1.0, 1.0], 1: [1.5, 0.5, 0.75, 1.25]}
     runs = [make_run(tmp_path, strategy, seed, random_mses[seed] if strategy == "random"
                      else [0.8, 0.9, 0.7, 1.2]) for strategy in ("random", "cv") for seed in (0, 1)]
-    summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs]))
+    summary = summarize_paths(runs)
     floor = summary["seed_noise_floor"]
     diffs = [-0.5, 0.5, 0.25, -0.25]  # MSE(random s0) - MSE(random s1) per lab
     assert floor["seeds"] == [0, 1] and floor["win_rate"] == 0.5
     assert floor["wilcoxon_p"] == pytest.approx(wilcoxon(diffs).pvalue)
-    line = [x for x in compare.report_lines(summary, []) if "Seed noise floor" in x][0]
+    line = [x for x in report_lines(summary, []) if "Seed noise floor" in x][0]
     assert "`random` seed 1 vs `random` seed 0" in line and "win rate 0.50 (4)" in line
-    one_seed = compare.summarize(compare.group_runs([compare.load_run(p) for p in runs[::2]]))
+    one_seed = summarize_paths(runs[::2])
     assert one_seed["seed_noise_floor"] is None
-    assert any("needs two `random` seeds" in x for x in compare.report_lines(one_seed, []))
+    assert any("needs two `random` seeds" in x for x in report_lines(one_seed, []))
 
 
 def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
@@ -149,7 +157,7 @@ def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
     ref = make_run(tmp_path, "random", 0, [1.0] * 4, task_scores={"death": (labels, ref_scores)})
     cv = make_run(tmp_path, "cv", 0, [1.0] * 4, task_scores={"death": (labels, cv_scores)})
     write_predictions(cv, "death", labels, cv_scores, order=rng.permutation(2000))  # shuffled
-    delta = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+    delta = summarize_paths((ref, cv))[
         "strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
     sample = roc_auc_score(labels, cv_scores) - roc_auc_score(labels, ref_scores)
     assert delta["delta"] == pytest.approx(sample)  # rows aligned despite the shuffle
@@ -171,7 +179,7 @@ def test_a_single_class_task_says_there_is_no_auroc(tmp_path):
         metrics["downstream"]["tasks"]["death"].update(auroc=None, auroc_ci=None)
         with open(metrics_path, "w") as f:
             json.dump(metrics, f)
-    summary = compare.summarize(compare.group_runs([compare.load_run(p) for p in paths]))
+    summary = summarize_paths(paths)
     delta = summary["strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
     assert delta["delta"] is None
     assert delta["note"] == ("the 60 held_out rows shared by the runs' predictions hold one "
@@ -197,7 +205,7 @@ def test_missing_predictions_fall_back_to_the_two_aurocs_without_ci(tmp_path):
     ref = make_run(tmp_path, "random", 0, [1.0] * 4, task_scores={"death": (labels, a)})
     cv = make_run(tmp_path, "cv", 0, [1.0] * 4, task_scores={"death": (labels, b)})
     os.remove(os.path.join(cv, "eval", "predictions", "death", "held_out.parquet"))
-    delta = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+    delta = summarize_paths((ref, cv))[
         "strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
     assert delta["ci"] is None and "no held_out predictions for cv_s0" in delta["note"]
     assert delta["delta"] == pytest.approx(roc_auc_score(labels, b) - roc_auc_score(labels, a))
@@ -205,12 +213,12 @@ def test_missing_predictions_fall_back_to_the_two_aurocs_without_ci(tmp_path):
 
 def test_convergence_ratio_first_eval_step_at_or_below_randoms_final():
     ref = [(100, 1.0), (200, 0.9), (300, 0.8), (400, 0.75), (500, 0.7)]
-    assert compare.convergence([(100, 0.95), (200, 0.8), (300, 0.7), (400, 0.6)], ref) == dict(
+    assert convergence([(100, 0.95), (200, 0.8), (300, 0.7), (400, 0.6)], ref) == dict(
         step=300, reference_final_step=500, target_masked_mse=0.7, ratio=0.6, reason=None)
-    never = compare.convergence([(100, 0.95), (300, 0.705), (500, 0.71)], ref)
+    never = convergence([(100, 0.95), (300, 0.705), (500, 0.71)], ref)
     assert never["ratio"] is None
     assert never["reason"] == "never reached 0.7 in 500 steps (best 0.705, at step 300)"
-    assert "no validation lines" in compare.convergence([], ref)["reason"]
+    assert "no validation lines" in convergence([], ref)["reason"]
 
 
 def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_step(tmp_path):
@@ -218,7 +226,7 @@ def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_ste
     cv = make_run(tmp_path, "cv", 0, [1.0] * 4, curve=((100, 0.9), (200, 0.6)))
     with open(os.path.join(cv, "metrics.jsonl"), "a") as f:  # resumed: step 100 logged again
         f.write(json.dumps({"step": 100, "split": "tuning", "masked_mse": 0.65}) + "\n")
-    conv = compare.summarize(compare.group_runs([compare.load_run(p) for p in (ref, cv)]))[
+    conv = summarize_paths((ref, cv))[
         "strategies"]["cv"]["vs_random"]["convergence"]
     assert conv["per_seed"] == {"0": 0.5} and conv["mean"] == 0.5
 
@@ -234,8 +242,7 @@ def test_single_code_and_perturbation_are_used_when_present(tmp_path):
     ref = make_run(tmp_path, "random", 0, [1.0] * 4, **extra(1.1, [1.0] * 4))
     cv = make_run(tmp_path, "cv", 0, [1.0] * 4, **extra(1.4, [0.5, 0.5, 0.5, 2.0]))
     var = make_run(tmp_path, "variance", 0, [1.0] * 4)  # an older eval: neither block
-    strategies = compare.summarize(compare.group_runs(
-        [compare.load_run(p) for p in (ref, cv, var)]))["strategies"]
+    strategies = summarize_paths((ref, cv, var))["strategies"]
     single = strategies["cv"]["vs_random"]["reconstruction"]["single_code"]
     assert single["pooled"]["win_rate"] == 0.75
     assert strategies["cv"]["perturbation"]["shuffle_within_code"]["mean"] == 1.4
@@ -272,10 +279,10 @@ def test_compare_runs_writes_summary_report_and_plots_without_subject_ids(tmp_pa
     ((("random", 0), ("cv", 1)), "has no random run with seed 1"),
 ])
 def test_unpairable_runs_are_refused(tmp_path, strategies_seeds, message):
-    runs = [compare.load_run(make_run(tmp_path, s, seed, [1.0] * 4))
+    runs = [load_run(make_run(tmp_path, s, seed, [1.0] * 4))
             for s, seed in strategies_seeds]
     with pytest.raises(ValueError, match=message):
-        compare.group_runs(runs)
+        group_runs(runs)
 
 
 def run_eval_cli(*args):

@@ -1,0 +1,144 @@
+"""report.md of ``eval.py --compare``: the summary as Markdown tables and notes."""
+
+from __future__ import annotations
+
+from cvmae_jax.evaluation.compared_runs import REFERENCE
+
+
+def _num(x, fmt=".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+
+
+def report_lines(summary: dict, figures: list[str]) -> list[str]:
+    strategies = summary["strategies"]
+    tasks = list(summary["tasks"])
+    kinds = sorted({k for e in strategies.values() for k in e["perturbation"]})
+    seeds = sorted({s for e in strategies.values() for s in e["seeds"]})
+    mask = summary.get("eval_mask") or {}
+    lines = [f"# Masking strategies vs `{REFERENCE}`", "",
+             f"{len(summary['runs'])} runs, seeds {', '.join(map(str, seeds))}. Reconstruction "
+             f"on `{summary['split']}` under one uniform evaluation mask (rate "
+             f"{_num(mask.get('rate'), '.0%')}, seed {mask.get('seed')}), so every run hides "
+             f"the same values.", ""]
+    header = (["strategy", "seeds", f"masked MSE ({summary['split']})",
+               "win rate vs random (n labs)", "Wilcoxon p", "Cohen's d"]
+              + [f"AUROC {t}: Δ vs random [95% CI]" for t in tasks]
+              + [f"convergence ratio ({summary['validation_split'] or 'no validation'})"]
+              + [f"perturbation ratio ({k})" for k in kinds])
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for strategy, e in strategies.items():
+        cells = [f"`{strategy}`", ",".join(map(str, e["seeds"])), _num(e["masked_mse"]["mean"])]
+        if strategy == REFERENCE:
+            cells += ["reference", "", ""]
+            cells += [_num(e["auroc"][t]["mean"]) for t in tasks]
+            cells += ["1 (reference)"]
+        else:
+            vs = e["vs_random"]
+            cells += _lab_cells(vs["reconstruction"]["uniform"])
+            cells += [_auroc_cell(e["auroc"][t], vs["auroc_delta"][t]) for t in tasks]
+            conv = vs["convergence"]
+            cells += [f"{_num(conv['mean'], '.2f')} ({conv['n']}/{len(e['seeds'])} seeds)"]
+        cells += [_num(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Conventions:", *(f"- {k}: {v}." for k, v in summary["conventions"].items())]
+    lines += ["- AUROC rows (held_out): " + "; ".join(
+        f"{t}: n = {i['n']} shared rows, {i['positives']} positive" if i["n"] else
+        f"{t}: no predictions files" for t, i in summary["tasks"].items())] if tasks else []
+    lines += ["- masked MSE: mean over seeds of each run's held_out masked MSE (normalized "
+              "units); convergence: from the validation lines of each run's metrics.jsonl."]
+    lines += [_noise_floor_line(summary.get("seed_noise_floor"))]
+    lines += (_single_code_lines(strategies) + _label_efficiency_lines(strategies, tasks)
+              + _per_seed_lines(strategies, tasks))
+    notes = [f"- {s} {t}: {d['note']}" for s, e in strategies.items()
+             for t, d in e.get("vs_random", {}).get("auroc_delta", {}).items() if d["note"]]
+    notes += [f"- {s}: {lab['note']}" for s, e in strategies.items() if s != REFERENCE
+              for lab in [e["vs_random"]["reconstruction"]["uniform"]] if "note" in lab]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in figures)]
+    return lines
+
+
+def _noise_floor_line(floor: dict | None) -> str:
+    if floor is None:
+        return (f"- Seed noise floor: needs two `{REFERENCE}` seeds. With one seed a small "
+                "Wilcoxon p may be a difference between two trainings, not between strategies; "
+                "train several seeds (config.study.seeds) before reading it as an effect.")
+    a, b = floor["seeds"]
+    if floor.get("note"):
+        return f"- Seed noise floor (`{REFERENCE}` seed {b} vs seed {a}): n/a, {floor['note']}."
+    win, p, d = _lab_cells(dict(pooled=floor))
+    return (f"- **Seed noise floor**: `{REFERENCE}` seed {b} vs `{REFERENCE}` seed {a} (the same "
+            f"strategy, another training seed): win rate {win}, Wilcoxon p {p}, Cohen's d {d}. "
+            "A strategy's p is evidence of an effect only well below this and with the same "
+            "direction in every seed (per-seed table).")
+
+
+def _lab_cells(lab: dict) -> list[str]:
+    if "note" in lab:
+        return ["n/a", "n/a", "n/a"]
+    p = lab["pooled"]
+    return [f"{_num(p['win_rate'], '.2f')} ({p['n_labs']})", _num(p["wilcoxon_p"], ".3g"),
+            _num(p["cohens_d"], "+.2f")]
+
+
+def _auroc_cell(auroc: dict, delta: dict) -> str:
+    if delta["delta"] is None:
+        return f"{_num(auroc['mean'])} (Δ n/a)"
+    return (f"{_num(auroc['mean'])} (Δ {delta['delta']:+.3f}{_ci(delta['ci'])}"
+            f"{'' if delta['ci'] else ', no CI'}; n = {delta['n']})")
+
+
+def _single_code_lines(strategies: dict) -> list[str]:
+    rows = [(s, e["vs_random"]["reconstruction"]["single_code"]) for s, e in strategies.items()
+            if s != REFERENCE]
+    if not any("pooled" in r for _, r in rows):
+        return ["", "Single-code masking (one lab hidden at a time): not in these runs' "
+                "eval/metrics.json (off when config.eval.single_code=False, as in "
+                "configs/study.py)."]
+    lines = ["", "## Single-code masking (one lab hidden at a time, held_out)", "",
+             "| strategy | win rate vs random (n labs) | Wilcoxon p | Cohen's d |",
+             "|---|---:|---:|---:|"]
+    return lines + [f"| `{s}` | " + " | ".join(_lab_cells(r)) + " |" for s, r in rows]
+
+
+def _label_efficiency_lines(strategies: dict, tasks: list[str]) -> list[str]:
+    rows = [(s, t, e["label_efficiency"][t]) for t in tasks for s, e in strategies.items()
+            if e["label_efficiency"][t]]
+    sizes = list(dict.fromkeys(k for _, _, curve in rows for k in curve))
+    if not rows:
+        return []
+    lines = ["", "## Label efficiency (held_out AUROC of the probe trained on k labels)", "",
+             "Mean over the label draws of each run, then over seeds.", "",
+             "| task | strategy | " + " | ".join(f"k = {k}" for k in sizes) + " |",
+             "|---|---|" + "---:|" * len(sizes)]
+    return lines + [f"| {t} | `{s}` | " + " | ".join(_num(curve.get(k, {}).get("mean"))
+                                                    for k in sizes) + " |"
+                    for s, t, curve in rows]
+
+
+def _per_seed_lines(strategies: dict, tasks: list[str]) -> list[str]:
+    lines = ["", "## Per seed (strategy seed s vs random seed s)", "",
+             "| strategy | seed | win rate (n labs) | Wilcoxon p | Cohen's d | "
+             + " | ".join(f"Δ AUROC {t} [95% CI]" for t in tasks)
+             + (" | " if tasks else "") + "convergence step / random final step |",
+             "|---|---:|---:|---:|---:|" + "---|" * len(tasks) + "---|"]
+    for s, e in strategies.items():
+        if s == REFERENCE:
+            continue
+        vs = e["vs_random"]
+        for seed in map(str, e["seeds"]):
+            lab = vs["reconstruction"]["uniform"]
+            cells = _lab_cells(dict(pooled=lab["per_seed"][seed]) if "pooled" in lab else lab)
+            for t in tasks:
+                d = vs["auroc_delta"][t]["per_seed"][seed]
+                cells.append("n/a" if d["delta"] is None else f"{d['delta']:+.3f}{_ci(d['ci'])}")
+            c = vs["convergence"]["details"][seed]
+            cells.append(f"{c['step']} / {c['reference_final_step']}" if c["ratio"] is not None
+                         else f"n/a ({c['reason']})")
+            lines.append(f"| `{s}` | {seed} | " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,194 @@
+"""summary.json of ``eval.py --compare``: every strategy against the ``random`` reference.
+
+Pairing: the run of strategy S with seed s is paired with the random run of seed s. Per-lab
+statistics pool seeds by averaging each lab's MSE over the paired seeds first, then one test
+across labs; AUROC deltas pool seeds by averaging the per-seed deltas, resampled jointly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cvmae_jax.evaluation import stats
+from cvmae_jax.evaluation.compared_runs import REFERENCE, Run
+from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED, TaskPredictions
+
+LAB_KINDS = ("uniform", "single_code")  # eval/metrics.json: per_code, single_code.per_code
+CONVENTIONS = dict(
+    lab_difference="per lab code: MSE(random) - MSE(strategy) in normalized units on held_out; "
+                   "positive = strategy better; with several seeds each lab's MSE is averaged "
+                   "over the paired seeds first, then one test across labs",
+    win_rate="share of labs (evaluated in both runs) with a positive difference; ties count half",
+    wilcoxon="two-sided paired signed-rank test across labs (scipy.stats.wilcoxon, zero "
+             "differences dropped); the labs are its samples, so training-seed variance is not "
+             "in its p: read it against the seed noise floor below",
+    cohens_d="mean / sd (ddof 1) of the per-lab differences; positive = strategy better",
+    auroc_delta=f"AUROC(strategy) - AUROC(random) on the same held_out label rows, aligned by "
+                f"(subject_id, prediction_time); 95% CI from {stats.NUM_BOOTSTRAP} paired "
+                f"bootstrap resamples of rows (seed {BOOTSTRAP_SEED}); with several seeds the "
+                f"mean delta over seed pairs, each resample shared by all of them",
+    convergence="first validation step (eval points only, no interpolation) whose masked MSE is "
+                "<= the paired random run's final validation masked MSE, divided by that "
+                "random run's final step; < 1 = reaches it sooner",
+    perturbation="masked MSE with corrupted inputs / clean masked MSE (eval/metrics.json "
+                 "perturbation.<kind>.reconstruction.ratio)",
+)
+
+
+
+def summarize(groups: dict[str, dict[int, Run]]) -> dict:
+    """The content of summary.json (see the README's study section)."""
+    runs = [r for by_seed in groups.values() for r in by_seed.values()]
+    reference = groups[REFERENCE]
+    tasks = _tasks(runs)
+    predictions = {task: TaskPredictions.load(runs, task) for task in tasks}
+    first = runs[0].metrics
+    out = dict(reference=REFERENCE, split=first.get("split"), eval_mask=first.get("eval_mask"),
+               validation_split=", ".join(sorted({r.validation_split for r in runs
+                                                  if r.validation_split})) or None,
+               bootstrap=dict(num=stats.NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
+               conventions=CONVENTIONS,
+               runs=[dict(name=r.name, path=r.path, strategy=r.strategy, seed=r.seed,
+                          step=r.metrics.get("step")) for r in runs],
+               strategies={})
+    for strategy, by_seed in groups.items():
+        entry = dict(seeds=list(by_seed),
+                     masked_mse=_over_seeds({s: r.metrics["overall"]["masked_mse"]
+                                             for s, r in by_seed.items()}),
+                     auroc={t: _auroc_over_seeds(by_seed, t) for t in tasks},
+                     label_efficiency={t: _label_efficiency(by_seed, t) for t in tasks},
+                     perturbation=_perturbation(by_seed))
+        if strategy != REFERENCE:
+            pairs = {s: (r, reference[s]) for s, r in by_seed.items()}
+            entry["vs_random"] = dict(
+                reconstruction={kind: _lab_stats(pairs, kind) for kind in LAB_KINDS},
+                auroc_delta={t: predictions[t].delta(pairs) for t in tasks},
+                convergence=_convergence(pairs))
+        out["strategies"][strategy] = entry
+    out["tasks"] = {t: predictions[t].info() for t in tasks}
+    out["seed_noise_floor"] = seed_noise_floor(reference)
+    return out
+
+
+def seed_noise_floor(reference: dict[int, Run]) -> dict | None:
+    """The across-lab comparison of the reference strategy with itself, first seed vs second:
+    what win rate, Wilcoxon p and Cohen's d a change of training seed alone gives (pooled
+    stats of ``_lab_stats`` plus "seeds"); None with fewer than two reference seeds."""
+    if len(reference) < 2:
+        return None
+    first, second = sorted(reference)[:2]
+    lab = _lab_stats({second: (reference[second], reference[first])}, "uniform")
+    return dict(lab.get("pooled", {}), seeds=[first, second], note=lab.get("note"))
+
+
+def _over_seeds(values: dict[int, float | None]) -> dict:
+    """{"mean" over the seeds with a value, "n" of them, "per_seed"}."""
+    present = [v for v in values.values() if v is not None]
+    return dict(mean=float(np.mean(present)) if present else None, n=len(present),
+                per_seed={str(s): v for s, v in values.items()})
+
+
+# --- reconstruction per lab ---------------------------------------------------------------
+
+def _per_code(run: Run, kind: str) -> dict[str, dict] | None:
+    """code -> per_code row with at least one masked value; None when the kind is absent."""
+    block = run.metrics if kind == "uniform" else run.metrics.get(kind)
+    if not block or "per_code" not in block:
+        return None
+    return {r["code"]: r for r in block["per_code"] if r.get("num_masked")}
+
+
+def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
+    tables = {s: (_per_code(run, kind), _per_code(ref, kind)) for s, (run, ref) in pairs.items()}
+    missing = [run.name for s, pair in pairs.items() for run, table in zip(pair, tables[s])
+               if table is None]
+    if missing:
+        return dict(note=f"no {kind} per-lab results in {', '.join(missing)}")
+    per_seed = {}
+    for s, (run_t, ref_t) in tables.items():
+        codes = sorted(set(run_t) & set(ref_t))
+        per_seed[str(s)] = stats.lab_comparison([ref_t[c]["mse"] - run_t[c]["mse"]
+                                                 for c in codes])
+    common = set.intersection(*(set(a) & set(b) for a, b in tables.values()))
+    ref_rows = next(iter(tables.values()))[1]
+    labs = []
+    for code in sorted(common, key=lambda c: (ref_rows[c].get("cv", np.nan), c)):
+        run_mse = float(np.mean([a[code]["mse"] for a, _ in tables.values()]))
+        ref_mse = float(np.mean([b[code]["mse"] for _, b in tables.values()]))
+        labs.append(dict(code=code, cv=ref_rows[code].get("cv"),
+                         num_masked=ref_rows[code]["num_masked"], random_mse=ref_mse,
+                         strategy_mse=run_mse, diff=ref_mse - run_mse))
+    pooled = stats.lab_comparison([lab["diff"] for lab in labs])
+    return dict(pooled=pooled, per_seed=per_seed, per_lab=labs)
+
+
+# --- downstream ---------------------------------------------------------------------------
+
+def _tasks(runs: list[Run]) -> list[str]:
+    """Tasks evaluated in every run, in the reference's order."""
+    names = [list(r.metrics.get("downstream", {}).get("tasks", {})) for r in runs]
+    return [t for t in names[0] if all(t in n for n in names[1:])]
+
+
+def _auroc_over_seeds(by_seed: dict[int, Run], task: str) -> dict:
+    per_seed = {s: r.metrics["downstream"]["tasks"][task] for s, r in by_seed.items()}
+    out = _over_seeds({s: t.get("auroc") for s, t in per_seed.items()})
+    out["ci_per_seed"] = {str(s): t.get("auroc_ci") for s, t in per_seed.items()}
+    out["n_per_seed"] = {str(s): t.get("n") for s, t in per_seed.items()}
+    return out
+
+
+def _label_efficiency(by_seed: dict[int, Run], task: str) -> dict:
+    """Training-set size -> the probe's held_out AUROC (mean over draws) over seeds; {} when
+    eval.py wrote no label-efficiency curve."""
+    curves = {s: r.metrics["downstream"]["tasks"][task].get("label_efficiency") or {}
+              for s, r in by_seed.items()}
+    sizes = list(dict.fromkeys(k for c in curves.values() for k in c))
+    return {k: _over_seeds({s: c.get(k, {}).get("auroc_mean") for s, c in curves.items()})
+            for k in sizes}
+
+# --- convergence and perturbation -----------------------------------------------------------
+
+def _convergence(pairs: dict[int, tuple[Run, Run]]) -> dict:
+    per_seed = {str(s): convergence(run.validation, ref.validation)
+                for s, (run, ref) in pairs.items()}
+    out = _over_seeds({s: v["ratio"] for s, v in per_seed.items()})
+    out["details"] = per_seed
+    return out
+
+
+def convergence(curve: list[tuple[int, float]], reference: list[tuple[int, float]]) -> dict:
+    """First eval step of ``curve`` at or below the reference's final validation masked MSE,
+    and its ratio to the reference's final step (None with a reason when never reached)."""
+    out = dict(step=None, reference_final_step=None, target_masked_mse=None, ratio=None,
+               reason=None)
+    if not reference or not curve:
+        out["reason"] = "no validation lines in metrics.jsonl" + (
+            " of the random run" if not reference else "")
+        return out
+    out["reference_final_step"], out["target_masked_mse"] = reference[-1]
+    step = next((s for s, mse in curve if mse <= out["target_masked_mse"]), None)
+    if step is None:
+        best_step, best = min(curve, key=lambda point: point[1])
+        out["reason"] = (f"never reached {out['target_masked_mse']:.4g} in {curve[-1][0]} steps "
+                         f"(best {best:.4g}, at step {best_step})")
+        return out
+    out["step"], out["ratio"] = step, step / out["reference_final_step"]
+    return out
+
+
+def _perturbation(by_seed: dict[int, Run]) -> dict:
+    """kind -> reconstruction ratio (and downstream AUROC ratio per task) over seeds."""
+    blocks = {s: r.metrics.get("perturbation") or {} for s, r in by_seed.items()}
+    kinds = sorted({k for b in blocks.values() for k, v in b.items() if isinstance(v, dict)})
+    out = {}
+    for kind in kinds:
+        entry = _over_seeds({s: b.get(kind, {}).get("reconstruction", {}).get("ratio")
+                             for s, b in blocks.items()})
+        tasks = sorted({t for b in blocks.values() for t in b.get(kind, {}).get("downstream",
+                                                                                 {})})
+        entry["auroc_ratio"] = {
+            t: _over_seeds({s: b.get(kind, {}).get("downstream", {}).get(t, {})
+                            .get("auroc_ratio") for s, b in blocks.items()}) for t in tasks}
+        out[kind] = entry
+    return out

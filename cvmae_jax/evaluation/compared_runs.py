@@ -1,0 +1,94 @@
+"""The training runs ``eval.py --compare`` reads: each run's ``eval/metrics.json``, seed and
+validation curve, grouped strategy -> seed and checked for pairing with the ``random`` runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from cvmae_jax.masking import STRATEGIES
+
+REFERENCE = "random"
+
+
+@dataclasses.dataclass
+class Run:
+    path: str
+    strategy: str
+    seed: int
+    metrics: dict  # eval/metrics.json
+    validation: list[tuple[int, float]]  # (step, masked_mse) of metrics.jsonl, one per step
+    validation_split: str | None  # the split of those lines (config.eval.split)
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}_s{self.seed}"
+
+
+def load_run(path: str) -> Run:
+    metrics_path = os.path.join(path, "eval", "metrics.json")
+    if not os.path.exists(metrics_path):
+        raise FileNotFoundError(f"{path}: no eval/metrics.json; run `python eval.py "
+                                f"--workdir={path}` first")
+    metrics = _read_json(metrics_path)
+    seed = int(_read_json(os.path.join(path, "config.json"))["seed"])
+    return Run(path, metrics["strategy"], seed, metrics, *_validation_curve(path))
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing; is {os.path.dirname(path)} an evaluated "
+                                f"training workdir?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _validation_curve(path: str) -> tuple[list[tuple[int, float]], str | None]:
+    """Validation (masked MSE by step) of metrics.jsonl and its split; a step logged twice
+    (after a resume) keeps its last line."""
+    by_step, split = {}, None
+    jsonl = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(jsonl):
+        with open(jsonl) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{jsonl}:{number}: not valid JSON ({e})") from None
+                if "split" in record:
+                    by_step[int(record["step"])] = float(record["masked_mse"])
+                    split = record["split"]
+    return sorted(by_step.items()), split
+
+
+def group_runs(runs: list[Run]) -> dict[str, dict[int, Run]]:
+    """strategy -> seed -> run, reference first; refuses what cannot be paired."""
+    groups: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        other = groups.setdefault(run.strategy, {}).get(run.seed)
+        if other:
+            raise ValueError(f"{other.path} and {run.path} are both strategy {run.strategy!r} "
+                             f"seed {run.seed}; pass each (strategy, seed) once")
+        groups[run.strategy][run.seed] = run
+    if REFERENCE not in groups:
+        raise ValueError(f"no {REFERENCE!r} run among --compare (strategies: "
+                         f"{', '.join(sorted(groups))}); the comparison needs the random "
+                         f"reference")
+    for key in ("split", "eval_mask"):
+        values = {json.dumps(r.metrics.get(key), sort_keys=True): r.path for r in runs}
+        if len(values) > 1:
+            raise ValueError(f"runs evaluated with different {key}: " + "; ".join(
+                f"{path}: {value}" for value, path in values.items()))
+    for strategy, by_seed in groups.items():
+        for seed, run in by_seed.items():
+            if seed not in groups[REFERENCE]:
+                raise ValueError(f"{run.path} ({strategy}, seed {seed}) has no {REFERENCE} run "
+                                 f"with seed {seed} to pair with (random seeds: "
+                                 f"{sorted(groups[REFERENCE])})")
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    return {s: dict(sorted(groups[s].items()))
+            for s in sorted(groups, key=lambda s: (order.get(s, len(order)), s))}
