@@ -5,8 +5,10 @@ import pytest
 
 from sklearn.metrics import roc_auc_score
 
+from cvmae_jax.evaluation import report
 from cvmae_jax.evaluation.downstream import fit_probe
-from cvmae_jax.evaluation.label_efficiency import kshot_indices, label_efficiency
+from cvmae_jax.evaluation.label_efficiency import (kshot_indices, label_efficiency,
+                                                  settings)
 
 
 @pytest.mark.parametrize("n_pos", [1, 2, 30, 299])
@@ -66,3 +68,16 @@ def test_label_efficiency_curve():
     empty = label_efficiency(*train, *test, None, seed=3, full_auroc=None)
     assert list(empty) == ["16", "64", "all"] and empty["all"]["n_train"] == 200
     assert all(e["auroc_mean"] is None and e["draws"] == 0 and e["reason"] for e in empty.values())
+
+
+def test_report_table_of_a_task_without_probe():
+    """A task whose train labels hold one class has no probe (C None): its rows read n/a."""
+    rng = np.random.default_rng(0)
+    (x, _), test = _data(rng, 100), _data(rng, 50)
+    empty = label_efficiency(x, np.zeros(100, bool), *test, None, seed=3, full_auroc=None)
+    downstream = dict(seed=3, label_efficiency=settings(3),
+                      tasks={"mortality": dict(label_efficiency=empty)})
+    lines = report._label_efficiency_lines(downstream)
+    rows = [line for line in lines if line.startswith("| mortality |")]
+    assert [row.split(" | ")[1] for row in rows] == ["16", "64", "all"]
+    assert all(row.split(" | ")[5:] == ["n/a", "n/a", "n/a |"] for row in rows)

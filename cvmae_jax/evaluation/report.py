@@ -93,8 +93,9 @@ def _label_efficiency_lines(downstream: dict) -> list[str]:
         for k, e in curve.items():
             mean = "n/a" if e["auroc_mean"] is None else f"{e['auroc_mean']:.3f}"
             std = "n/a" if e["auroc_std"] is None else f"{e['auroc_std']:.3f}"
+            c = "n/a" if e["C"] is None else f"{e['C']:g}"  # no probe: train has one class
             lines.append(f"| {task} | {k} | {e['n_train']} | {e['draws']} | {e['n_test']} | "
-                         f"{e['C']:g} | {mean} | {std} |")
+                         f"{c} | {mean} | {std} |")
     return lines + [""]
 
 
