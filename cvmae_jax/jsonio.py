@@ -37,6 +37,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
         raise
 
 
+def read_json(path: str | os.PathLike, missing_hint: str = ""):
+    """The JSON content of ``path``; FileNotFoundError (with ``missing_hint``) or ValueError
+    naming the file when it is missing or not valid JSON."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing" + (f"; {missing_hint}" if missing_hint else ""))
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Writes ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:

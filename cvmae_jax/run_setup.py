@@ -16,6 +16,7 @@ from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import check_config
+from cvmae_jax.jsonio import read_json
 from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
 
 # Fields that may change between a run and its resumption without changing its results.
@@ -101,7 +102,7 @@ def stats_record(config, dataset: PreparedDataset, probs: np.ndarray) -> dict:
                              cv_threshold=percentile_threshold(
                                  dataset.stats.cv, config.masking.threshold_percentile),
                              expected_mask_rate=expected_mask_rate(probs, dataset.stats.count))
-    record["dataset"] = os.path.basename(os.path.dirname(dataset.path))  # settings hash
+    record["dataset"] = dataset.settings_id
     return record
 
 
@@ -125,9 +126,35 @@ def check_resume_dataset(saved_run_info: dict, config, dataset: PreparedDataset,
     """Refuses to resume on another prepared dataset (the MEDS files changed) unless
     ``train.allow_config_change``."""
     saved = saved_run_info["data_stats"].get("dataset")
-    current = os.path.basename(os.path.dirname(dataset.path))
-    if saved != current and not config.train.allow_config_change:
-        _refuse_changes(step, [f"prepared dataset: {saved} -> {current}"])
+    if saved != dataset.settings_id and not config.train.allow_config_change:
+        _refuse_changes(step, [f"prepared dataset: {saved} -> {dataset.settings_id}"])
+
+
+def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:
+    """Refuses to evaluate a run on data whose lab codes differ from those it was trained on
+    (``data_stats.json``; the model's code embeddings follow that list's order, most frequent
+    first), and logs a warning when the codes match but the MEDS files changed."""
+    path = os.path.join(workdir, "data_stats.json")
+    trained_stats = read_json(path, f"is {workdir} a training workdir?")
+    trained = [row["code"] for row in trained_stats["codes"]]
+    current = list(dataset.stats.codes)
+    if trained != current:
+        missing = [c for c in trained if c not in set(current)]
+        added = [c for c in current if c not in set(trained)]
+        moved = sum(a != b for a, b in zip(trained, current)) if not (missing or added) else 0
+        problem = (f"{len(missing)} of them missing (first: {missing[:3]}), {len(added)} others "
+                   f"added (first: {added[:3]})" if missing or added else
+                   f"the same codes in another order ({moved} positions differ: the frequency "
+                   "ranking changed)")
+        raise ValueError(f"{path}: the run was trained on {len(trained)} lab codes; the data "
+                         f"prepared for evaluation ({dataset.path}) has {len(current)}, "
+                         f"{problem}. The model's code embeddings follow the training list, so "
+                         "evaluate on the data it was trained on (check config.data.meds_dir)")
+    if trained_stats.get("dataset") != dataset.settings_id:
+        logging.warning("eval: the data was prepared again as %s (trained on %s: the MEDS "
+                        "files changed); the same %d lab codes, normalized with the new "
+                        "train split's statistics", dataset.settings_id,
+                        trained_stats.get("dataset"), len(current))
 
 
 def _refuse_changes(step: int, changes: list[str]) -> None:

@@ -19,6 +19,7 @@ from absl import app, logging
 from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.host_memory import reuse_freed_memory
+from cvmae_jax.jsonio import read_json
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.metrics import clock
 from cvmae_jax.run_setup import changed_settings
@@ -56,11 +57,9 @@ def is_finished(run_dir: str, config) -> bool:
     path = os.path.join(run_dir, "eval", "metrics.json")
     if not os.path.exists(path):
         return False
-    with open(path) as f:
-        if json.load(f).get("step") != config.train.num_steps:
-            return False
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
+    if read_json(path).get("step") != config.train.num_steps:
+        return False
+    saved = read_json(os.path.join(run_dir, "config.json"))
     changes = changed_settings(saved, config)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(changes)}); "

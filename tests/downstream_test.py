@@ -5,6 +5,9 @@ and at the embedding level in eval_exports_test.py.)"""
 
 import json
 import os
+import re
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -12,10 +15,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from cvmae_jax import run_setup
 from cvmae_jax.data import meds
+from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.evaluation.downstream import embed_label_windows, probe_task, read_label_tasks
 from cvmae_jax.evaluation.run_eval import evaluate_run
-from cvmae_jax.run_setup import resolve_meds_dir
+from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 
 from train_test import tiny_config
@@ -239,3 +244,39 @@ def test_an_explicit_labels_dir_must_hold_tasks(tiny_run, tmp_path):
         read_label_tasks(meds_dir, stats, 32, str(tmp_path))
     # the default <meds_dir>/labels may be absent: no downstream tasks then
     assert read_label_tasks(str(tmp_path), stats, 32) == (str(tmp_path / "labels"), {})
+
+
+def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):
+    """Another MEDS root ranks the labs differently: the code embeddings would be misread."""
+    workdir, config = tiny_run
+    config = config.copy_and_resolve_references()
+    other = synthetic_meds_root(str(tmp_path), 60, seed=1)
+    with config.unlocked():
+        config.data.meds_dir = other
+    out = os.path.join(workdir, "eval")
+    before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    with pytest.raises(ValueError, match=r"data_stats.json: the run was trained on \d+ lab codes;"
+                                         r" the data prepared for evaluation .* in another order"):
+        evaluate_run(workdir, config=config)
+    assert config.eval.split == "tuning"  # the caller's config is not changed
+    assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before
+
+
+def test_eval_dataset_check_names_missing_codes_and_warns_on_new_files(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    with open(os.path.join(workdir, "data_stats.json")) as f:
+        saved = json.load(f)
+    codes = [row["code"] for row in saved["codes"]]
+
+    def prepared(codes, settings_id):
+        return SimpleNamespace(stats=SimpleNamespace(codes=tuple(codes)), path="/x/1.0.0",
+                               settings_id=settings_id)
+
+    with pytest.raises(ValueError, match=r"1 of them missing \(first: \['" + re.escape(codes[-1])
+                       + r"'\]\), 1 others added \(first: \['LAB//new'\]\)"):
+        check_eval_dataset(workdir, prepared(codes[:-1] + ["LAB//new"], saved["dataset"]))
+    with mock.patch.object(run_setup.logging, "warning") as warning:
+        check_eval_dataset(workdir, prepared(codes, saved["dataset"]))
+        assert not warning.called
+        check_eval_dataset(workdir, prepared(codes, "chunks32_other"))
+        assert "MEDS files changed" in warning.call_args.args[0]

@@ -35,6 +35,12 @@ class PreparedDataset:
     max_len: int
     report: dict
 
+    @property
+    def settings_id(self) -> str:
+        """The config folder's name, ``<window><max_len>_<hash of settings and MEDS files>``:
+        equal for two preparations of the same files with the same settings."""
+        return Path(self.path).parent.name
+
     def data_source(self, split: str) -> LabRecords:
         """Random-access source of `split`: len() and [i] -> dict of times, codes, values
         (numpy [n]) and example_id; the files ``tfds.data_source`` reads, decoded faster."""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+from cvmae_jax.jsonio import read_json
 from cvmae_jax.masking import STRATEGIES
 
 REFERENCE = "random"
@@ -37,14 +38,7 @@ def load_run(path: str) -> Run:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing; is {os.path.dirname(path)} an evaluated "
-                                f"training workdir?")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, f"is {os.path.dirname(path)} an evaluated training workdir?")
 
 
 def _validation_curve(path: str) -> tuple[list[tuple[int, float]], str | None]:

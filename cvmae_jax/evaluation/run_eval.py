@@ -7,8 +7,8 @@ curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import os
 
 import jax
@@ -30,20 +30,19 @@ from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.evaluation.reconstruction import single_code_sums, summarize
-from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.jsonio import read_json, write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.model import ModelConfig
-from cvmae_jax.run_setup import data_dir, mask_probabilities, resolve_meds_dir
+from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
+                                 resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.train import evaluate
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    """The config a run was trained with (its ``config.json``)."""
+    return ml_collections.ConfigDict(read_json(os.path.join(workdir, "config.json"),
+                                               f"is {workdir} a training workdir?"))
 
 
 def eval_option(config, name: str):
@@ -78,8 +77,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     report.md, reconstruction_by_lab.png, label_efficiency.png, embeddings/<task>.parquet and
     predictions/<task>/{tuning,held_out}.parquet. ``config``: the run's config (default: its
     config.json). Returns the metrics."""
-    config = ml_collections.ConfigDict(config or load_run_config(workdir))
-    config.eval.split = split
+    config = copy.deepcopy(config) if config is not None else load_run_config(workdir)
+    config.eval.split = split  # a copy: the caller's config keeps its validation split
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
                               "config.eval.batch_size")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -90,6 +89,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir))
     if split not in dataset.num_examples:
         raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
+    check_eval_dataset(workdir, dataset)
     labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, config.data.max_len,
                                                config.eval.get("labels_dir"))
     probs = mask_probabilities(config, dataset)
