@@ -32,10 +32,20 @@ class Checkpointer:
         when there is no such folder or no complete checkpoint in it)."""
         if not os.path.isdir(directory):
             return None
-        manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                        options=ocp.CheckpointManagerOptions(create=False))
+        manager = _read_only_manager(directory)
         try:
             return manager.latest_step()
+        finally:
+            manager.close()
+
+    @staticmethod
+    def restore_state(directory: str | os.PathLike, step: int, abstract_state):
+        """The ``state`` item of checkpoint ``step``, read without writing anything, onto the
+        shardings of ``abstract_state``."""
+        manager = _read_only_manager(directory)
+        try:
+            return manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state))).state
         finally:
             manager.close()
 
@@ -60,6 +70,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(directory),
+                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
 
 
 def abstract_like(tree):

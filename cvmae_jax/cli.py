@@ -115,7 +115,9 @@ def eval_main() -> None:
     ``python eval.py --compare=RUN_A,RUN_B,... --workdir=OUT`` to compare evaluated runs."""
     reuse_freed_memory()
     define_common_flags(config_required=False)
-    flags.DEFINE_string("split", "held_out", "Split to evaluate.")
+    flags.DEFINE_string("split", "held_out", "Split of the reconstruction metrics (the probes "
+                        "always test on held_out); writes eval/ for held_out, eval_<split>/ "
+                        "otherwise.")
     flags.DEFINE_list("compare", None, "Comma-separated evaluated run workdirs (one with "
                       "masking strategy 'random'): compare them into --workdir instead of "
                       "evaluating --workdir.")

@@ -132,6 +132,13 @@ class ValueOnlyMAE(nnx.Module):
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 
+def mean_pool(hidden: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean of hidden [B, L, D] over the real events (valid bool [B, L]), float32 [B, D]; a row
+    without any real event gives zeros."""
+    weight = valid.astype(jnp.float32)[..., None]
+    return (hidden.astype(jnp.float32) * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
+
+
 def reconstruction_loss(predictions: jax.Array, values: jax.Array, value_mask: jax.Array,
                         valid: jax.Array, unmasked_weight: float,
                         axis_name: str | None = None) -> tuple[jax.Array, dict]:

@@ -44,6 +44,8 @@ def _prepare(argv) -> None:
     for w in report.get("warnings", []):
         print(f"  WARNING: {w}")
     print(f"  report: {prepared.path}/prepare_report.md")
+    print(f"  read it: tfds.data_source({prepared.builder_name!r}, "
+          f"data_dir={prepared.data_dir!r}, split='train')")
 
 
 def main() -> None:

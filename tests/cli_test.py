@@ -40,11 +40,13 @@ def test_train_then_eval_from_the_command_line(trained):
     assert "orbax" not in log.lower()  # libraries' INFO lines are filtered out (-v=1 shows them)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["masking"]["strategy"] == "random"
-    result = run("eval.py", f"--workdir={workdir}", "--config.eval.single_code=False")
+    result = run("eval.py", f"--workdir={workdir}", "--config.eval.single_code=False",
+                 "--split=tuning")
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    with open(os.path.join(workdir, "eval_tuning", "metrics.json")) as f:
         metrics = json.load(f)
-    assert metrics["split"] == "held_out" and "single_code" not in metrics  # override applied
+    assert metrics["split"] == "tuning" and "single_code" not in metrics  # override applied
+    assert not os.path.exists(os.path.join(workdir, "eval"))  # held_out results have their own
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,10 +18,13 @@ import pytest
 from cvmae_jax import run_setup
 from cvmae_jax.data import meds
 from cvmae_jax.data.synthetic import synthetic_meds_root
-from cvmae_jax.evaluation.downstream import embed_label_windows, probe_task, read_label_tasks
+from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.evaluation.downstream import (embed_label_windows, probe_task, read_label_tasks,
+                                          task_windows)
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
+from cvmae_jax.trained import load_trained
 
 from train_test import tiny_config
 
@@ -280,3 +283,26 @@ def test_eval_dataset_check_names_missing_codes_and_warns_on_new_files(tiny_run,
         assert not warning.called
         check_eval_dataset(workdir, prepared(codes, "chunks32_other"))
         assert "MEDS files changed" in warning.call_args.args[0]
+
+
+def test_load_trained_reproduces_the_exported_embeddings(evaluated):
+    """The public loader gives the encoder eval.py used: its embeddings of the held_out label
+    windows equal eval/embeddings, and hiding values changes the reconstruction."""
+    workdir, result = evaluated
+    run = load_trained(workdir)
+    assert run.step == result["step"] and run.max_len == 32 and run.stats.vocab_size > 0
+    windows = task_windows(_meds_dir((workdir, run.config)), os.path.join(
+        result["downstream"]["labels_dir"], TASKS[0]), run.stats, run.max_len)["held_out"][:8]
+    batch = padded_rows(windows, run.max_len)
+    exported = pq.read_table(os.path.join(workdir, "eval", "embeddings", f"{TASKS[0]}.parquet"))
+    held_out = exported.filter(pc.equal(exported["split"], "held_out"))
+    expected = np.stack(held_out["embedding"].to_pylist()[:len(windows)])
+    np.testing.assert_allclose(np.asarray(run.embed(batch)), expected, atol=1e-5)
+    states = run.encode(batch)
+    assert states.shape == (len(windows), 32, run.config.model.d_model)
+    hide = batch["valid"] & (np.arange(32) % 3 == 0)
+    predicted = np.asarray(run.predict(batch, hide))
+    assert predicted.shape == hide.shape and np.isfinite(predicted).all()
+    assert not np.allclose(np.asarray(run.encode(batch, hide)), np.asarray(states))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 7 \(the newest"):
+        load_trained(workdir, step=7)

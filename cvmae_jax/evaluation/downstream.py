@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
 from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.model import mean_pool
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 DEFAULT_C = 1.0
@@ -46,10 +47,8 @@ def make_embed_fn(graphdef: nnx.GraphDef):
         traces.append(1)
         model = nnx.merge(graphdef, params)
         valid = batch["valid"]
-        hidden = model.encode(batch["times"], batch["codes"], batch["values"],
-                              jnp.zeros_like(valid), valid).astype(jnp.float32)
-        weight = valid.astype(jnp.float32)[..., None]
-        return (hidden * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
+        return mean_pool(model.encode(batch["times"], batch["codes"], batch["values"],
+                                      jnp.zeros_like(valid), valid), valid)
 
     def fn(params, batch):
         return embed(params, batch)

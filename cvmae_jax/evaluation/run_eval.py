@@ -72,8 +72,15 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def eval_dir(workdir: str, split: str) -> str:
+    """Where eval.py writes: ``eval/`` for held_out (what the study and ``--compare`` read),
+    ``eval_<split>/`` for another split, so evaluating it keeps the held_out results."""
+    return os.path.join(workdir, "eval" if split == "held_out" else f"eval_{split}")
+
+
 def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
-    """Restores the newest checkpoint of ``workdir`` and writes under ``eval/``: metrics.json,
+    """Restores the newest checkpoint of ``workdir`` and writes under ``eval_dir(workdir,
+    split)``: metrics.json,
     report.md, reconstruction_by_lab.png, label_efficiency.png, embeddings/<task>.parquet and
     predictions/<task>/{tuning,held_out}.parquet. ``config``: the run's config (default: its
     config.json). Returns the metrics."""
@@ -102,9 +109,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     graphdef, state = init_state(dataclasses.replace(model_config, attention=attention),
                                  make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
-    checkpointer = Checkpointer(checkpoint_dir, keep=1)
-    state = checkpointer.restore(step, abstract_like(state))
-    checkpointer.close()
+    state = Checkpointer.restore_state(checkpoint_dir, step, abstract_like(state))
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
@@ -140,7 +145,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         tasks)
     result["downstream"]["embed_traces"] = len(embed_fn.traces)
     if jax.process_index() == 0:
-        out = os.path.join(workdir, "eval")
+        out = eval_dir(workdir, split)
         result["exports"] = {task: write_task_exports(out, task, data)
                              for task, data in tasks.items()}
         for task, written in result["exports"].items():

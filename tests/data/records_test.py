@@ -8,7 +8,6 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from cvmae_jax.data.prepare import prepare_dataset
-from cvmae_jax.data.records import LabRecords
 
 
 @pytest.fixture(scope="module")
