@@ -151,11 +151,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step, metrics = step_metrics
         metrics = dict(zip(metric_names, launcher.fetch(metrics).tolist()))
         if not metrics["finite"]:
+            last = checkpointer.latest_step()
             raise FloatingPointError(
                 f"step {step}: the loss ({metrics['loss']}) or gradient norm "
                 f"({metrics['grad_norm']}) is not finite; stopped without applying or saving "
-                f"it (the last checkpoint is step {checkpointer.latest_step()})")
+                "it (" + (f"the last checkpoint is step {last})" if last is not None
+                          else "no checkpoint was saved)"))
         window.append(metrics)
+
+    def record_pending():  # before a save too: a non-finite step is never saved
+        nonlocal pending
+        if pending is not None:
+            record(pending)
+            pending = None
 
     try:
         step = start_step
@@ -172,13 +180,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     window_start += compile_seconds  # throughput counts training time only
                     logging.info("Compiled the train step in %.1f s", compile_seconds)
                 leaves, metrics = compiled(leaves, compiled.put(local_batch))
-                if pending is not None:
-                    record(pending)  # the previous step: done or nearly, so no stall
+                record_pending()  # the previous step: done or nearly, so no stall
                 pending = (step, metrics)
                 window_tokens += int(local_batch["valid"].sum()) * jax.process_count()
                 if step % config.train.log_every == 0 or step == config.train.num_steps:
-                    record(pending)
-                    pending = None
+                    record_pending()
                     elapsed = time.perf_counter() - window_start
                     last_train = _mean_metrics(window)
                     slots = len(window) * local_batch["valid"].size * jax.process_count()
@@ -204,19 +210,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  last_eval["masked_mse"], last_eval["baseline_masked_mse"],
                                  last_eval["mse_vs_baseline"])
             if preemption.reached(step):
-                if pending is not None:
-                    record(pending)
-                    pending = None
+                record_pending()
                 save(step)
                 preempted = True
                 logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun the "
                                 "same command to resume", step)
                 break
             if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+                record_pending()
                 save(step)
             window_start += time.perf_counter() - pause_start  # evaluation/saving excluded
-        if pending is not None:
-            record(pending)
+        record_pending()
     finally:
         data.close()  # stops the input pipeline's threads
         checkpointer.close()  # waits for the last async save

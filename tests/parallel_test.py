@@ -112,18 +112,22 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_pa
     assert summary["step"] == 20
 
 
-def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_path,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("poisoned_step, log_every, message, last_checkpoint", [
+    (13, 1, "last checkpoint is step 10", 10),
+    (10, 7, "no checkpoint was saved", None),  # checked before step 10's save, not after
+])
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(
+        data_dir, tmp_path, monkeypatch, poisoned_step, log_every, message, last_checkpoint):
     real = train_module.train_dataset
 
-    class PoisonedIterator:  # NaN values in the 13th batch; checkpointable like grain's
+    class PoisonedIterator:  # NaN values in one batch; checkpointable like grain's
         def __init__(self, iterator):
             self.iterator, self.count = iterator, 0
 
         def __next__(self):
             batch, self.count = next(self.iterator), self.count + 1
             return dict(batch, values=np.full_like(batch["values"], np.nan)) \
-                if self.count == 13 else batch
+                if self.count == poisoned_step else batch
 
         def get_state(self):  # bytes, as grain's checkpoint handler expects of non-grain types
             return self.iterator.get_state()
@@ -145,10 +149,9 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(data_dir,
         return PoisonedDataset(real(*args, **kwargs))
 
     monkeypatch.setattr(train_module, "train_dataset", poisoned)
-    with pytest.raises(FloatingPointError, match=r"step 13: the loss .* last checkpoint is "
-                                                 r"step 10"):
-        run(data_dir, tmp_path / "run")
-    assert Checkpointer(tmp_path / "run" / "checkpoints", 3).latest_step() == 10
+    with pytest.raises(FloatingPointError, match=rf"step {poisoned_step}: the loss .*{message}"):
+        run(data_dir, tmp_path / "run", train__log_every=log_every)
+    assert Checkpointer.latest_complete_step(tmp_path / "run" / "checkpoints") == last_checkpoint
 
 
 def test_the_loop_makes_no_implicit_host_device_transfers(data_dir, tmp_path):
