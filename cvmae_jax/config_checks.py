@@ -9,6 +9,7 @@ from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.masking import STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
 EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")
 
@@ -80,6 +81,8 @@ def check_config(config) -> None:
              "expected >= 0")
     _require(train.grad_clip_norm > 0.0, "train.grad_clip_norm", train.grad_clip_norm,
              "expected > 0")
+    _require(train.transfer_guard in TRANSFER_GUARDS, "train.transfer_guard",
+             train.transfer_guard, f"expected one of {TRANSFER_GUARDS} (jax.transfer_guard)")
     check_eval_config(config.eval)
 
 

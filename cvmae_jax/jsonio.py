@@ -50,6 +50,12 @@ def read_json(path: str | os.PathLike, missing_hint: str = ""):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Writes ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:

@@ -2,8 +2,9 @@
 
 A strategy turns train-split statistics into a probability vector ``probs`` of shape [V] (one
 entry per lab code). The step then draws each token's mask from a key that depends only on
-(seed, step, example_id): ``fold_in(fold_in(root, step), example_id)``, so the same example gets
-the same mask whatever the batch layout, device count or parallel launcher.
+(seed, step, example_id, position): ``fold_in(fold_in(fold_in(root, step), example_id),
+position)``, so the same example gets the same mask whatever the batch layout, packing, device
+count or parallel launcher.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ def test_shipped_configs_pass(name):
     ("train.num_steps", 0, "expected an integer >= 1"),
     ("train.learning_rate", 0.0, "expected > 0"),
     ("train.log_every", 0, "expected an integer >= 1"),
+    ("train.transfer_guard", "disalow", "expected one of ('allow', 'log', 'disallow'"),
     ("eval.mask_rate", 0.0, "expected a rate in (0, 1]"),
 ])
 def test_bad_values_name_their_field(field, value, message):

@@ -49,7 +49,8 @@ def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
                 f"{path}: column {col!r} has unsupported type {table.schema.field(col).type}")
         if table.column(col).null_count:
             raise meds.MEDSFormatError(f"{path}: column {col} contains nulls")
-    table = pa.table({"subject_id": table["subject_id"].cast(pa.int64()),
+    table = pa.table({"subject_id": meds.cast_column(path, "subject_id", table["subject_id"],
+                                                     pa.int64()),
                       "prediction_time": table["prediction_time"].cast(pa.timestamp("us"),
                                                                        safe=False),
                       "boolean_value": table["boolean_value"]})

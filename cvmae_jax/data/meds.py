@@ -110,6 +110,16 @@ _COLUMN_CHECKS = {"subject_id": pa.types.is_integer, "time": pa.types.is_timesta
                   "code": _is_string, "numeric_value": _is_number}
 
 
+def cast_column(path: Path, name: str, column, to_type: pa.DataType, safe: bool = True):
+    """``column`` cast to ``to_type``; a value that does not fit raises MEDSFormatError naming
+    the file, column and types but not the value (it may be a subject id)."""
+    try:
+        return column.cast(to_type, safe=safe)
+    except pa.ArrowInvalid:
+        raise MEDSFormatError(f"{path}: column {name}: a value of type {column.type} does not "
+                              f"fit {to_type} (out of range or not exact)") from None
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:300]
 
@@ -167,11 +177,8 @@ def _cast_batch(path: Path, batch: pa.RecordBatch, columns) -> pa.Table:
         if col in columns and batch.column(columns.index(col)).null_count:
             raise MEDSFormatError(f"{path}: column {col} contains nulls")
     fields = [EVENT_SCHEMA.field(c) for c in columns]
-    try:  # ns -> us may truncate; every other cast must be exact
-        arrays = [batch.column(i).cast(f.type, safe=f.name != "time")
-                  for i, f in enumerate(fields)]
-    except pa.ArrowInvalid as error:
-        raise MEDSFormatError(f"{path}: {_one_line(error)}") from error
+    arrays = [cast_column(path, f.name, batch.column(i), f.type, safe=f.name != "time")
+              for i, f in enumerate(fields)]  # ns -> us may truncate; the rest must be exact
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 

@@ -87,8 +87,8 @@ def train_dataset(prepared: PreparedDataset, split: str, global_batch_size: int,
     All processes share one global order (every epoch reshuffled, deterministically from `seed`);
     global batch k is positions [k*B, (k+1)*B) of it and process `shard_index` reads only its
     block of rows of each global batch. So the global batches, and the training run, do not
-    depend on the number of processes. Batches are read ahead in `workers` processes (0: in
-    threads); iterators have get_state()/set_state() and can be saved with
+    depend on the number of processes. Batches are read ahead in `workers` processes (0: in a
+    thread of this one); iterators have get_state()/set_state() and can be saved with
     grain.checkpoint.CheckpointSave.
     """
     order = shuffled_examples(prepared, split, global_batch_size, max_len, seed, shard_index,

@@ -5,10 +5,11 @@ function of its index: a padded batch (``pipeline.train_dataset``) or a packed b
 (``packing.packed_train_dataset``). The stream concatenates the chunks' rows in index order,
 cuts them into global batches, and keeps this process's block of rows of each.
 
-Chunks are computed ahead by grain: in ``threads`` threads of this process (``workers=0``), or
-in ``workers`` separate processes (``grain``'s ``mp_prefetch``; no GIL, so the chunks are made
-in parallel, which fast accelerators need); a background thread cuts them into batches ahead. The position saved in checkpoints is the next row
-(chunk index, row in it), so a run resumes on the same batches whatever the worker count.
+Chunks are computed ahead by grain: in READ_THREADS thread(s) of this process (``workers=0``),
+or in ``workers`` separate processes (``grain``'s ``mp_prefetch``; no GIL, so the chunks are
+made in parallel, which fast accelerators need); with workers, a background thread cuts them
+into batches ahead. The position saved in checkpoints is the next row (chunk index, row in it), so a
+run resumes on the same batches whatever the worker count.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from cvmae_jax.evaluation.compare_plots import plot_all
 from cvmae_jax.evaluation.compare_report import report_lines
 from cvmae_jax.evaluation.compare_summary import summarize
 from cvmae_jax.evaluation.compared_runs import group_runs, load_run
-from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.jsonio import write_json_atomic, write_text_atomic
 
 
 def compare_runs(paths, workdir: str) -> dict:
@@ -29,7 +29,7 @@ def compare_runs(paths, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     figures = plot_all(groups, summary, workdir)
     write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write("\n".join(report_lines(summary, figures)) + "\n")
+    write_text_atomic(os.path.join(workdir, "report.md"),
+                      "\n".join(report_lines(summary, figures)) + "\n")
     logging.info("compared %d runs (%s); wrote %s", len(runs), ", ".join(groups), workdir)
     return summary

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run  # noqa: E402
+from cvmae_jax.evaluation.report import save_figure  # noqa: E402
 
 
 def plot_all(groups: dict[str, dict[int, Run]], summary: dict, workdir: str) -> list[str]:
@@ -21,9 +22,7 @@ def plot_all(groups: dict[str, dict[int, Run]], summary: dict, workdir: str) -> 
                        ("auroc_by_task.png", _plot_aurocs)):
         fig = plot(groups, summary)
         if fig is not None:
-            fig.tight_layout()
-            fig.savefig(os.path.join(workdir, name), dpi=120)
-            plt.close(fig)
+            save_figure(fig, os.path.join(workdir, name))
             figures.append(name)
     return figures
 

@@ -107,7 +107,7 @@ def _read_predictions(path: str) -> dict[tuple[int, int, int], tuple[bool, float
     try:
         table = pq.read_table(path, columns=["subject_id", "prediction_time", "boolean_value",
                                              "predicted_boolean_probability"])
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+    except (pa.ArrowException, OSError) as e:  # a bad file, or a column missing
         raise ValueError(f"{path}: unreadable predictions ({e})") from None
     seen: dict[tuple[int, int], int] = {}
     out = {}

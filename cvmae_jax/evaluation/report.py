@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
+from cvmae_jax.jsonio import atomic_path, write_text_atomic  # noqa: E402
 
 
 def write_report(path: str, result: dict) -> None:
@@ -38,8 +39,15 @@ def write_report(path: str, result: dict) -> None:
         lines += _perturbation_lines(result["perturbation"])
     if "exports" in result:
         lines += _export_lines(result["exports"])
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def save_figure(fig, path: str) -> None:
+    """Writes ``fig`` as a PNG atomically (tight layout, 120 dpi) and closes it."""
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 def _tier_table(tiers: dict) -> list[str]:
@@ -152,9 +160,7 @@ def plot_by_lab(path: str, result: dict) -> None:
     ax.set_ylabel("masked MSE / per-code-mean baseline")
     ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
                  f"(red: CV above {result['cv_threshold']:.3g}, the high tier)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_label_efficiency(path: str, downstream: dict) -> None:
@@ -184,6 +190,4 @@ def plot_label_efficiency(path: str, downstream: dict) -> None:
     le = downstream.get("label_efficiency", {})
     ax.set_title(f"Label efficiency: {le.get('draws')} draws per k, seeds "
                  f"[{le.get('seed')}, k, draw]")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

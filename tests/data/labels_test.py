@@ -50,6 +50,8 @@ def test_windows_end_at_prediction_time(synthetic):
     (lambda t: t.append_column("extra", pa.array([1] * t.num_rows)), "unexpected columns"),
     (lambda t: t.set_column(0, "subject_id", pc.add(t["subject_id"], 10**9)),
      "rows refer to subjects missing from the subject splits"),
+    (lambda t: t.set_column(0, "subject_id", pa.array([2**63 + 7] * t.num_rows, pa.uint64())),
+     r"column subject_id: a value of type uint64 does not fit int64 \(out of range"),
 ])
 def test_bad_label_files(synthetic, tmp_path, change, problem):
     root, stats = synthetic

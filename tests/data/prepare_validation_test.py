@@ -69,6 +69,9 @@ CASES = {
                     "column 'time' has unsupported type string"),
     "value_string": (_set("numeric_value", lambda t: pa.array(["1"] * t.num_rows)), {}, SHARD,
                      "column 'numeric_value' has unsupported type string"),
+    "subject_id_overflow": (_set("subject_id", lambda t: pa.array([2**63 + 12345] * t.num_rows,
+                                                                  pa.uint64())), {}, SHARD,
+                            "column subject_id: a value of type uint64 does not fit int64"),
     "null_subject": (_set("subject_id", lambda t: pa.array([None] * t.num_rows, pa.int64())), {},
                      SHARD, "column subject_id contains nulls"),
     "null_code": (_set("code", lambda t: pa.array([None] * t.num_rows, pa.string())), {},
@@ -111,6 +114,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tiny_meds, tmp_path, name):
         prepare_dataset(tiny_meds.config(**overrides), None, data_dir)
     message = str(info.value)
     assert "\n" not in message and where in message, message
+    assert str(2**63 + 12345) not in message  # no subject id in messages
     assert re.search(problem, message), message
     assert not data_dir.exists(), list(os.walk(data_dir))  # no dataset or incomplete.* folder
 
