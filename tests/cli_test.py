@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     result = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
                  "--config.masking.strategy=random", "--config.parallel.cpu_devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result.stderr
+    return workdir, result.stdout + result.stderr
 
 
 def test_train_then_eval_from_the_command_line(trained):
@@ -38,6 +38,7 @@ def test_train_then_eval_from_the_command_line(trained):
     assert "step 6/6" in log and "ETA" in log
     assert "Training on 2 cpu device(s)" in log
     assert "orbax" not in log.lower()  # libraries' INFO lines are filtered out (-v=1 shows them)
+    assert "Using custom data configuration" not in log and "Downloading" not in log  # tfds
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["masking"]["strategy"] == "random"
     result = run("eval.py", f"--workdir={workdir}", "--config.eval.single_code=False",

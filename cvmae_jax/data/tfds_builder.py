@@ -87,6 +87,13 @@ class MedsLabSequences(FileReaderBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the MEDS root as download_config.manual_dir."
     SHARD_BYTES = 256 * 2**20
 
+    def _log_download_bytes(self) -> None:
+        """Silent: tfds prints "Downloading and preparing dataset Unknown size" here, though
+        nothing is downloaded; prepare_dataset logs the build."""
+
+    def _log_download_done(self) -> None:
+        """Silent, as above."""
+
     def _info(self) -> tfds.core.DatasetInfo:
         vector = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
         return tfds.core.DatasetInfo(
