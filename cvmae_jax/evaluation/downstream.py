@@ -29,11 +29,12 @@ from sklearn.preprocessing import StandardScaler
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
 from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.evaluation.stats import (NUM_BOOTSTRAP, bootstrap_indices, percentile_ci,
+                                        resampled_aurocs)
 from cvmae_jax.model import mean_pool
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 DEFAULT_C = 1.0
-NUM_BOOTSTRAP = 1000
 TRAIN, TUNING, TEST = meds.SPLITS  # train, tuning, held_out
 
 
@@ -82,23 +83,6 @@ def _width(params) -> int:
         return int(params["final_norm"]["scale"][...].shape[-1])
     except (KeyError, TypeError, IndexError):
         return 0
-
-
-def _bootstrap_ci(y: np.ndarray, score: np.ndarray, metric, seed: int,
-                  num: int = NUM_BOOTSTRAP) -> tuple[list[float] | None, int]:
-    """Percentile 95% CI over `num` seeded resamples; resamples with one class are skipped.
-    Returns (ci or None, number of resamples used)."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(num):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() == y[idx].max():
-            continue
-        values.append(metric(y[idx], score[idx]))
-    if not values:
-        return None, 0
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)], len(values)
 
 
 def _one_class(y: np.ndarray) -> bool:
@@ -175,9 +159,12 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y,
     score = probe.decision(test_X)
     result["auroc"] = float(roc_auc_score(test_y, score))
     result["auprc"] = float(average_precision_score(test_y, score))
-    result["auroc_ci"], result["bootstrap_used"] = _bootstrap_ci(test_y, score, roc_auc_score,
-                                                                 seed)
-    result["auprc_ci"], _ = _bootstrap_ci(test_y, score, average_precision_score, seed)
+    resamples = np.array([idx for idx in bootstrap_indices(len(test_y), seed)
+                          if not _one_class(test_y[idx])])  # seeded; one-class ones skipped
+    result["auroc_ci"] = percentile_ci(resampled_aurocs(test_y, score, resamples))
+    result["auprc_ci"] = percentile_ci(
+        [average_precision_score(test_y[idx], score[idx]) for idx in resamples])
+    result["bootstrap_used"] = len(resamples)
     return result, probe
 
 
