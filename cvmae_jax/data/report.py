@@ -10,7 +10,7 @@ import re
 import numpy as np
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.stats import DataStats
+from cvmae_jax.data.stats import DataStats, json_float
 
 # Selected codes whose train mean and std look like z-scores (already normalized upstream).
 NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
@@ -19,14 +19,9 @@ NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
 def code_rows(stats: DataStats) -> list[dict]:
     """Per selected code: code, unit (last `//` part), count, subjects, mean, std, cv."""
     return [dict(code=c, unit=meds.code_unit(c), count=int(stats.count[i]),
-                 subjects=int(stats.num_subjects[i]), mean=_num(stats.mean[i]),
-                 std=_num(stats.std[i]), cv=_num(stats.cv[i]))
+                 subjects=int(stats.num_subjects[i]), mean=json_float(stats.mean[i]),
+                 std=json_float(stats.std[i]), cv=json_float(stats.cv[i]))
             for i, c in enumerate(stats.codes)]
-
-
-def _num(x) -> float | str:
-    x = float(x)
-    return x if np.isfinite(x) else str(x)
 
 
 def warnings_for(stats: DataStats) -> list[str]:

@@ -77,7 +77,7 @@ class DataStats:
                     f"extra[{name!r}] has length {len(arr)}, expected {self.vocab_size}")
         rows = []
         for i, code in enumerate(self.codes):
-            row = {"code": code, **{f: _json_float(getattr(self, f)[i]) for f in _FLOAT_FIELDS}}
+            row = {"code": code, **{f: json_float(getattr(self, f)[i]) for f in _FLOAT_FIELDS}}
             row["count"] = int(self.count[i])
             row["num_subjects"] = int(self.num_subjects[i])
             row.update({k: _json_value(v[i]) for k, v in extra.items()})
@@ -101,14 +101,15 @@ class DataStats:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def _json_float(x) -> float | str:
+def json_float(x) -> float | str:
+    """x as a JSON number, or "inf", "-inf", "nan" when it is not finite."""
     x = float(x)
     return x if np.isfinite(x) else str(x)
 
 
 def _json_value(x):
     x = np.asarray(x).item()
-    return _json_float(x) if isinstance(x, float) else x
+    return json_float(x) if isinstance(x, float) else x
 
 
 class CodeMoments:

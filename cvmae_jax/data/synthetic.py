@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cvmae_jax.data import synthetic_labs as cat
+from cvmae_jax.data.meds import SPLITS
 from cvmae_jax.data.synthetic_labs import LAB_CATALOG, VITAL_CATALOG
 
 __all__ = ["LAB_CATALOG", "SPLITS", "TASKS", "generate_synthetic_meds"]
 
-SPLITS = ("train", "tuning", "held_out")
 TASKS = ("in_hospital_mortality_24h", "readmission_30d")
 SHARD_ROWS = 500_000  # a split's next subject starts a new shard once a shard passes this
 MAX_ADMISSIONS = 10
