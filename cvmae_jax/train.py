@@ -21,22 +21,12 @@ from absl import logging
 from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
 from cvmae_jax.data.packing import packed_train_dataset
-from cvmae_jax.data.pipeline import eval_batches, train_dataset
-from cvmae_jax.data.prepare import PreparedDataset
-from cvmae_jax.evaluation.reconstruction import accumulate_sums, summarize
+from cvmae_jax.data.pipeline import train_dataset
+from cvmae_jax.reconstruction import evaluate_split
 from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer, make_train_step
-
-
-def evaluate(eval_step, params, dataset: PreparedDataset, config, launcher, probs) -> dict:
-    """Reconstruction under the fixed evaluation mask on ``config.eval.split``."""
-    batches = eval_batches(dataset, config.eval.split, config.eval.batch_size,
-                           config.data.max_len, shard_index=jax.process_index(),
-                           shard_count=jax.process_count())
-    sums = accumulate_sums(eval_step, params, batches, launcher.put_batch, launcher.fetch)
-    return summarize(sums, dataset.stats.codes, dataset.stats.norm_std, probs)
 
 
 class _Preemption:
@@ -200,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pause_start = time.perf_counter()
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 with jax.transfer_guard(config.train.transfer_guard):
-                    result = evaluate(eval_step, current_state().params, dataset, config,
+                    result = evaluate_split(eval_step, current_state().params, dataset, config,
                                       launcher, probs)
                 last_eval = dict(result["overall"], step=step, split=config.eval.split)
                 writer.write(last_eval)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvmae_jax.evaluation.reconstruction import accumulate_sums, single_code_sums, summarize
+from cvmae_jax.reconstruction import accumulate_sums, single_code_sums, summarize
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 

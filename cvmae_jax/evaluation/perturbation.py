@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation.downstream import TEST, TaskData, embed_label_windows
-from cvmae_jax.evaluation.reconstruction import accumulate_sums
+from cvmae_jax.reconstruction import accumulate_sums
 
 KINDS = ("shuffle_within_code", "code_mean")
 

@@ -29,14 +29,13 @@ from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_t
 from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
-from cvmae_jax.evaluation.reconstruction import single_code_sums, summarize
+from cvmae_jax.reconstruction import evaluate_split, single_code_sums, summarize
 from cvmae_jax.jsonio import read_json, write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
-from cvmae_jax.train import evaluate
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -113,7 +112,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
-    result = evaluate(eval_step, params, dataset, config, launcher, probs)
+    result = evaluate_split(eval_step, params, dataset, config, launcher, probs)
     result.update(step=step, split=split, strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
     _add_cv(result, stats.cv, config.masking.threshold_percentile)

@@ -1,5 +1,5 @@
-"""Reconstruction error per lab code: under the fixed evaluation mask, or one code hidden at a
-time (single-code mode)."""
+"""Reconstruction error per lab code: under the fixed evaluation mask (training's validation and
+eval.py), or one code hidden at a time (single-code mode, eval.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,21 @@ from typing import Callable, Iterable
 
 import jax
 import numpy as np
+
+from cvmae_jax.data.pipeline import eval_batches
+from cvmae_jax.data.prepare import PreparedDataset
+
+
+def evaluate_split(eval_step: Callable, params, dataset: PreparedDataset, config, launcher,
+                   probs: np.ndarray) -> dict:
+    """``summarize``'s metrics of ``config.eval.split`` under the fixed evaluation mask, this
+    process's share of its batches run through ``eval_step`` (``launcher``: placement, fetch);
+    ``probs`` [V]: the training mask probabilities, reported per code."""
+    batches = eval_batches(dataset, config.eval.split, config.eval.batch_size,
+                           config.data.max_len, shard_index=jax.process_index(),
+                           shard_count=jax.process_count())
+    sums = accumulate_sums(eval_step, params, batches, launcher.put_batch, launcher.fetch)
+    return summarize(sums, dataset.stats.codes, dataset.stats.norm_std, probs)
 
 
 def accumulate_sums(eval_step: Callable, params, batches: Iterable[dict],
