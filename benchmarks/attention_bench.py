@@ -13,6 +13,7 @@ call and the ratio packed/padded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import jax
@@ -35,13 +36,15 @@ def layer_forward_backward(implementation: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_config_args(parser)
-    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds")
-    parser.add_argument("--calls", type=int, default=3, help="calls per round and layout")
+    common.add_config_args(parser, steps=None)
+    parser.add_argument("--rounds", type=common.count_arg(1), default=8,
+                        help="alternating rounds")
+    parser.add_argument("--calls", type=common.count_arg(1), default=3,
+                        help="calls per round and layout")
     parser.add_argument("--dtype", default="float32", choices=common.DTYPES)
     add_attention_arg(parser)
     args = parser.parse_args()
-    cfg = common.config_from_args(args)
+    cfg = common.config_from_args(args, sharded=False)
     shape = (cfg.batch, cfg.heads, cfg.seq, cfg.d_model // cfg.heads)
     rng = np.random.default_rng(cfg.seed)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), args.dtype) for _ in range(3))
@@ -67,7 +70,9 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name:6s} {statistics.median(values) * 1e3:8.2f} ms per call (median of rounds)")
     ratio = statistics.median(times["packed"]) / statistics.median(times["padded"])
-    common.write_json(args.json, dict(config=vars(args), times_s=times, ratio=ratio))
+    common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
+                                      bench_config=dataclasses.asdict(cfg), times_s=times,
+                                      ratio=ratio))
     print(f"ratio packed/padded = {ratio:.3f}")
 
 

@@ -50,15 +50,35 @@ class BenchConfig:
     seed: int = 0
 
 
-def add_config_args(parser: argparse.ArgumentParser, steps: int = 20, warmup: int = 3) -> None:
-    """--config NAME plus per-field overrides (--d_model --layers --heads --seq --batch ...)."""
+def count_arg(low: int):
+    """An argparse type: an integer >= ``low`` (a bad count is a one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def add_config_args(parser: argparse.ArgumentParser, steps: int | None = 20, warmup: int = 3,
+                    steps_help: str = "timed steps") -> None:
+    """--config NAME plus per-field overrides (--d_model --layers --heads --seq --batch ...),
+    and --steps/--warmup unless ``steps`` is None (scripts that time their own way)."""
     parser.add_argument("--config", default="default", choices=sorted(CONFIGS))
     for field in ("d_model", "layers", "heads", "seq", "batch", "vocab"):
-        parser.add_argument(f"--{field}", type=int, default=None, help="overrides --config")
-    parser.add_argument("--steps", type=int, default=steps, help="timed steps (>= 20)")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+        parser.add_argument(f"--{field}", type=count_arg(1), default=None,
+                            help="overrides --config")
+    if steps is not None:
+        parser.add_argument("--steps", type=count_arg(1), default=steps, help=steps_help)
+        parser.add_argument("--warmup", type=count_arg(0), default=warmup,
+                            help="untimed steps first")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
-    parser.add_argument("--cpu_devices", type=int, default=None, metavar="N",
+    parser.add_argument("--cpu_devices", type=count_arg(1), default=None, metavar="N",
                         help="on a CPU host, split it into N JAX devices and shard the batch "
                              "over them (config.parallel.cpu_devices; default: JAX's 1)")
     parser.add_argument("--system_malloc", action="store_true",
@@ -66,16 +86,50 @@ def add_config_args(parser: argparse.ArgumentParser, steps: int = 20, warmup: in
                              "(cvmae_jax/host_memory.py; train.py reuses it)")
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
+def config_from_args(args: argparse.Namespace, sharded: bool = True) -> BenchConfig:
     """The benchmark config; also sets up host memory as ``train.py`` does (unless
-    --system_malloc), before JAX or torch start their threads."""
+    --system_malloc), before JAX or torch start their threads. ``sharded``: the script shards
+    the batch over every JAX device (checked to divide it)."""
     global HOST_MALLOC
     if not args.system_malloc and reuse_freed_memory():
         HOST_MALLOC = "reuse freed memory (cvmae_jax.host_memory)"
     set_cpu_devices(args.cpu_devices)
     fields = dict(CONFIGS[args.config])
     fields.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    return BenchConfig(name=args.config, steps=args.steps, warmup=args.warmup, **fields)
+    cfg = BenchConfig(name=args.config, steps=getattr(args, "steps", BenchConfig.steps),
+                      warmup=getattr(args, "warmup", BenchConfig.warmup), **fields)
+    _check_before_work(cfg, args, sharded)
+    return cfg
+
+
+def usage_error(message: str) -> None:
+    """Exits as argparse does for a bad argument: one line, status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_before_work(cfg: BenchConfig, args: argparse.Namespace, sharded: bool) -> None:
+    """What would fail only after the ceiling or a compile: the shape and the attention."""
+    import jax
+
+    if cfg.d_model % cfg.heads:
+        usage_error(f"d_model={cfg.d_model} is not divisible by heads={cfg.heads}")
+    if sharded and cfg.batch % jax.device_count():
+        usage_error(f"batch={cfg.batch} is not divisible by the {jax.device_count()} JAX "
+                    "devices (--cpu_devices)")
+    check_attention_here(getattr(args, "attention", "einsum"), getattr(args, "dtype", "float32"))
+
+
+def check_attention_here(attention: str, dtype: str) -> None:
+    """A usage error when ``attention`` cannot run in ``dtype`` on this JAX backend."""
+    import jax
+
+    from cvmae_jax.attention import check_attention
+
+    try:
+        check_attention(attention, dtype, jax.default_backend())
+    except ValueError as error:
+        usage_error(str(error))
 
 
 def model_flops(cfg: BenchConfig) -> float:
@@ -182,25 +236,51 @@ def summary(times: list[float]) -> dict:
                 n=len(times))
 
 
-def ceiling_matmul_size(backend: str) -> int:
-    """Side of the square matmul that measures the ceiling: 2048 on a CPU, 8192 on an
-    accelerator (where 2048 finishes in microseconds and would time the launch)."""
-    return 2048 if backend == "cpu" else 8192
+CEILING_CALL_BUDGET_S = 0.5  # the longest one ceiling matmul may take on a CPU
+
+
+def best_matmul_gflops(make_call: Callable[[int], Callable[[], None]], device: str, label: str,
+                       repeats: int = 20) -> float:
+    """GFLOP/s of the best of ``repeats`` [n, n] @ [n, n] products, ``make_call(n)`` returning a
+    blocking call (a ceiling; on a shared machine the median mostly measures the other load).
+    n is 8192 on an accelerator (smaller sizes time the launch) and 2048 on a CPU, or smaller
+    there when one product would take over CEILING_CALL_BUDGET_S (bfloat16 without native CPU
+    support runs at ~0.3 GFLOP/s: 2048 would take a minute per call)."""
+    n = 2048 if device == "cpu" else 8192
+    if device == "cpu":
+        probe = make_call(256)
+        probe()
+        seconds = min(time_calls(lambda _: probe(), 3))
+        if seconds * (n / 256) ** 3 > CEILING_CALL_BUDGET_S:
+            n = max(256, int(256 * (CEILING_CALL_BUDGET_S / seconds) ** (1 / 3)) // 64 * 64)
+    progress(f"matmul ceiling: {label}, {n} x {n}, best of {repeats}")
+    call = make_call(n)
+    call()
+    return 2.0 * n**3 / min(time_calls(lambda _: call(), repeats)) / 1e9
 
 
 def matmul_ceiling_gflops(dtype: str = "float32", repeats: int = 20) -> float:
-    """GFLOP/s of a jitted [n, n] @ [n, n] in ``dtype`` on the default JAX device (default
-    precision: TF32 for float32 on recent NVIDIA GPUs, as in the model's step): the best of
-    ``repeats`` (a ceiling; on a shared machine the median mostly measures the other load)."""
+    """``best_matmul_gflops`` of a jitted dot in ``dtype`` on the default JAX device (default
+    precision: TF32 for float32 on recent NVIDIA GPUs, as in the model's step)."""
     import jax
     import jax.numpy as jnp
 
-    n = ceiling_matmul_size(jax.default_backend())
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    times = time_calls(lambda _: dot(a, a).block_until_ready(), repeats)
-    return 2.0 * n**3 / min(times) / 1e9
+    def make_call(n):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+        dot = jax.jit(jnp.dot)
+        return lambda: dot(a, a).block_until_ready()
+
+    return best_matmul_gflops(make_call, jax.default_backend(), f"jax {dtype}", repeats)
+
+
+def import_torch():
+    """torch, or a one-line exit naming the extra that installs it."""
+    try:
+        import torch
+    except ImportError as error:
+        usage_error(f"{error}: the PyTorch reference needs the [bench] extra "
+                    "(pip install -e '.[bench]')")
+    return torch
 
 
 def cpu_model() -> str:

@@ -23,6 +23,7 @@ the most real tokens/s, padded or packed: the time each takes to train on the sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import traceback
 
@@ -39,8 +40,10 @@ TIMING_NOTES = dict(waited="each step waited for",
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_config_args(parser, steps=5, warmup=3)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    common.add_config_args(parser, steps=5, warmup=3,
+                           steps_help="timed steps per runner and round")
+    parser.add_argument("--rounds", type=common.count_arg(1), default=5,
+                        help="alternating rounds")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="compute dtype of both (parameters stay float32)")
@@ -86,7 +89,8 @@ def main() -> None:
         next_index += cfg.steps
 
     results = [report(r.name, compile_s[r.name], times[r.name], r.tokens_per_batch, flops,
-                      ceiling) for r in runners]
+                      torch_ceiling if r.name.startswith("torch") else ceiling)
+               for r in runners]  # each runner against its own framework's ceiling
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on "
           f"{machine['jax_device']}, torch {machine.get('torch')} on "
@@ -94,10 +98,12 @@ def main() -> None:
           f"threads), load avg {machine.get('load_avg_1min', float('nan')):.1f}")
     print(f"config: {cfg.name} d_model={cfg.d_model} heads={cfg.heads} layers={cfg.layers} "
           f"seq={cfg.seq} batch={cfg.batch} vocab={cfg.vocab} {args.dtype}, jax attention "
-          f"{args.attention}; {args.rounds} rounds x {cfg.steps} steps per runner, "
+          f"{args.attention} on {jax.device_count()} device(s); {args.rounds} rounds x "
+          f"{cfg.steps} steps per runner, "
           f"{TIMING_NOTES[timing]}; {flops / 1e9:.2f} GFLOP/step (model count)")
     print(f"matmul ceiling ({args.dtype}): jax {ceiling:.1f} GFLOP/s, "
-          f"torch {torch_ceiling:.1f} GFLOP/s")
+          f"torch {torch_ceiling:.1f} GFLOP/s (the 'ceiling' column: each runner's share of its "
+          f"own framework's; torch eager's 'compile s' is its first step)")
     for name, error in failed.items():
         print(f"{name} FAILED: {error}")
     by_name = {r["name"]: r for r in results}
@@ -109,23 +115,28 @@ def main() -> None:
               f"{res['min_s'] * 1e3:7.1f} {res['max_s'] * 1e3:7.1f} {res['tokens_per_s']:9,.0f} "
               f"{res['achieved_gflops']:7.1f} {res['ceiling_fraction']:7.1%} "
               f"{res['median_s'] / jax_median:6.2f}")
-    common.write_json(args.json, dict(machine=machine, config=dict(vars(args), timing=timing),
-                                      results=results, times_s=times, failed=failed))
     torch_results = [r for r in results if r["name"].startswith("torch")]
     torch_padded = [r for r in torch_results if not r["name"].endswith("packed")]
     torch_best = min(torch_padded, key=lambda r: r["median_s"], default=None)
-    if torch_best is None:
-        print("ratio jax/torch_best = nan (no torch runner)")
-        return
+    ratio = jax_median / torch_best["median_s"] if torch_best else float("nan")
     packed = by_name.get(JaxStep.packed_name)
-    if packed is not None:  # the same data in the least time, whichever layout torch takes
+    per_token = None
+    if packed is not None and torch_results:  # the same data in the least time, any layout
         fastest = max(torch_results, key=lambda r: r["tokens_per_s"])
-        print(f"time per real token, jax packed/{fastest['name']} = "
-              f"{fastest['tokens_per_s'] / packed['tokens_per_s']:.3f} (real tokens per step: "
-              f"{packed['real_tokens_per_step']:.0f} jax packed, "
+        per_token = dict(ratio=fastest["tokens_per_s"] / packed["tokens_per_s"],
+                         against=fastest["name"])
+        print(f"time per real token, jax packed/{fastest['name']} = {per_token['ratio']:.3f} "
+              f"(real tokens per step: {packed['real_tokens_per_step']:.0f} jax packed, "
               f"{fastest['real_tokens_per_step']:.0f} {fastest['name']}, of "
               f"{cfg.batch * cfg.seq})")
-    print(f"ratio jax/torch_best = {jax_median / torch_best['median_s']:.3f}")
+    common.write_json(args.json, dict(
+        machine=machine, config=dict(vars(args), timing=timing),
+        bench_config=dataclasses.asdict(cfg), jax_devices=jax.device_count(),
+        matmul_ceiling_gflops=dict(jax=ceiling, torch=torch_ceiling),
+        ratio_jax_torch_best=ratio, torch_best=torch_best["name"] if torch_best else None,
+        time_per_real_token_jax_packed_vs_fastest_torch=per_token,
+        results=results, times_s=times, failed=failed))
+    print(f"ratio jax/torch_best = {ratio:.3f}" + ("" if torch_best else " (no torch runner)"))
 
 
 def time_round(runner, timing: str, steps: int, start: int) -> list[float]:

@@ -28,7 +28,7 @@ def run_step_bench(config: str, steps: int, extra: list[str]) -> list[float]:
         out = os.path.join(tmp, "result.json")
         subprocess.run([sys.executable, "-m", "benchmarks.step_bench", f"--config={config}",
                         f"--steps={steps}", f"--json={out}", *extra], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with open(out) as f:
             return json.load(f)["times_s"]["jax jit"]
 
@@ -36,8 +36,10 @@ def run_step_bench(config: str, steps: int, extra: list[str]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="default", choices=sorted(common.CONFIGS))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=common.count_arg(1), default=3,
+                        help="alternating rounds, a fresh step_bench process per setting each")
+    parser.add_argument("--steps", type=common.count_arg(1), default=10,
+                        help="timed steps per process")
     args = parser.parse_args()
     times = {name: [] for name in SETTINGS}
     for r in range(args.rounds):

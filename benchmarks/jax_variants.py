@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 
 import jax.numpy as jnp
@@ -77,10 +78,16 @@ VARIANTS = {  # name -> (config.model.attention, dtype, diagnostic patch or None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_config_args(parser, steps=4, warmup=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    common.add_config_args(parser, steps=4, warmup=2,
+                           steps_help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=common.count_arg(1), default=5,
+                        help="alternating rounds")
+    parser.add_argument("--only", default=",".join(VARIANTS),
+                        help="comma-separated variants, of: " + ", ".join(VARIANTS))
     args = parser.parse_args()
+    unknown = sorted(set(args.only.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--only: unknown variants {unknown}; have {', '.join(VARIANTS)}")
     cfg = common.config_from_args(args)
     names = ["baseline"] + [n for n in args.only.split(",") if n != "baseline"]
     runners, times, device, compile_s = {}, {}, {}, {}
@@ -121,7 +128,8 @@ def main() -> None:
         print(f"{name:{width}s} {compile_s[name]:9.2f} {runner.xla_flops / 1e9:7.2f} "
               f"{s['median_s'] * 1e3:9.2f} {s['min_s'] * 1e3:7.2f} {s['median_s'] / base:11.3f} "
               f"{device_s * 1e3:9.3f} {device_s / device_base:11.3f}")
-    common.write_json(args.json, dict(config=vars(args), times_s=times,
+    common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
+                                      bench_config=dataclasses.asdict(cfg), times_s=times,
                                       device_step_s=device, compile_s=compile_s))
 
 

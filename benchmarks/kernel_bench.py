@@ -55,8 +55,8 @@ def time_op(op: MatmulOp, rounds: int, calls: int) -> dict[str, list[float]]:
     """Seconds per call of the op in JAX and torch, alternating ``rounds`` times."""
     import jax
     import jax.numpy as jnp
-    import torch
 
+    torch = common.import_torch()
     rng = np.random.default_rng(0)
     lhs, rhs = (rng.standard_normal(shape, np.float32) for shape in (op.lhs, op.rhs))
     jax_fn = jax.jit(lambda x, y: jnp.einsum(op.spec, x, y))
@@ -75,12 +75,14 @@ def time_op(op: MatmulOp, rounds: int, calls: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_config_args(parser)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    parser.add_argument("--calls", type=int, default=5, help="timed calls per round and side")
+    common.add_config_args(parser, steps=None)
+    parser.add_argument("--rounds", type=common.count_arg(1), default=5,
+                        help="alternating rounds")
+    parser.add_argument("--calls", type=common.count_arg(1), default=5,
+                        help="timed calls per round and side")
     args = parser.parse_args()
-    cfg = common.config_from_args(args)
-    import torch
+    torch = common.import_torch()
+    cfg = common.config_from_args(args, sharded=False)
 
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on "
@@ -101,7 +103,8 @@ def main() -> None:
         print(f"{op.name:28s} {op.spec:18s} {jax_s * 1e3:7.2f} {torch_s * 1e3:8.2f} "
               f"{op.flops() / jax_s / 1e9:8.1f} {op.flops() / torch_s / 1e9:10.1f} "
               f"{jax_s / torch_s:9.2f}")
-    common.write_json(args.json, dict(machine=machine, config=vars(args), results=results))
+    common.write_json(args.json, dict(machine=machine, config=vars(args),
+                                      bench_config=dataclasses.asdict(cfg), results=results))
 
 
 if __name__ == "__main__":

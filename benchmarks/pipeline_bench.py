@@ -40,26 +40,37 @@ def prepared(data_dir: str, subjects: int, meds_dir: str | None = None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--subjects", type=int, default=1000)
-    parser.add_argument("--batches", type=int, default=200, help="timed batches")
+    parser.add_argument("--subjects", type=common.count_arg(1), default=1000,
+                        help="synthetic subjects (without --meds_dir)")
+    parser.add_argument("--batches", type=common.count_arg(1), default=200,
+                        help="timed batches per layout and worker count")
     parser.add_argument("--data_dir", default=None, help="keep the data here (default: temp)")
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--packing", action="store_true", help="also read packed batches")
     parser.add_argument("--meds_dir", default=None, help="a MEDS root instead of synthetic data")
     parser.add_argument("--no_step", action="store_true", help="skip timing the train step")
-    parser.add_argument("--workers", default="0", help="comma-separated config.data.workers")
+    parser.add_argument("--workers", default="0", help="comma-separated config.data.workers "
+                        "counts (each >= 0)")
     parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
                         help="compute dtype of the step timed for comparison")
     add_attention_arg(parser)
     args = parser.parse_args()
+    try:
+        worker_counts = [common.count_arg(0)(w) for w in args.workers.split(",")]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--workers={args.workers}: {error}")
+    if common.reuse_freed_memory():  # as train.py: the step timed below runs as it does there
+        common.HOST_MALLOC = "reuse freed memory (cvmae_jax.host_memory)"
+    if not args.no_step:
+        common.check_attention_here(args.attention, args.dtype)
     layouts = {"padded": train_dataset, "packed": packed_train_dataset}
     if not args.packing:
         del layouts["packed"]
-    rates = {}
+    rates, shares = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         config, dataset = prepared(args.data_dir or tmp, args.subjects, args.meds_dir)
         batch_size, max_len = config.train.batch_size, config.data.max_len
-        for workers in [int(w) for w in args.workers.split(",")]:
+        for workers in worker_counts:
             for name, make in layouts.items():
                 data = iter(make(dataset, "train", batch_size, max_len, seed=0, workers=workers))
                 for _ in range(2 * workers + 1):  # until every worker process has started
@@ -68,6 +79,8 @@ def main() -> None:
                 tokens = sum(int(next(data)["valid"].sum()) for _ in range(args.batches))
                 rate = rates[f"{name} workers={workers}"] = args.batches / (
                     time.perf_counter() - start)
+                shares[f"{name} workers={workers}"] = tokens / args.batches / (
+                    batch_size * max_len)
                 data.close()
                 print(f"{name:6s} workers={workers:<3d} pipeline {rate:8.1f} batches/s  "
                       f"({batch_size} x {max_len}; real tokens "
@@ -86,8 +99,10 @@ def main() -> None:
           f"{args.attention} attention, {cfg.steps} steps launched back to back)")
     for name, rate in rates.items():
         print(f"pipeline / step = {rate * step_s:6.1f}x  ({name})")
-    common.write_json(args.json, dict(pipeline_batches_per_s=rates,
-                                      step_batches_per_s=1 / step_s, batch_size=batch_size))
+    common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
+                                      pipeline_batches_per_s=rates, real_token_share=shares,
+                                      step_batches_per_s=1 / step_s, batch_size=batch_size,
+                                      max_len=max_len))
 
 
 if __name__ == "__main__":

@@ -18,15 +18,16 @@ Flax model computes every layer (the embedding gather included) in bf16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import traceback
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from benchmarks import common
+
+torch = common.import_torch()
+F, nn = torch.nn.functional, torch.nn
 
 LAYER_NORM_EPS = 1e-6  # flax.nnx.LayerNorm's default
 NUM_BATCHES = 8
@@ -227,19 +228,19 @@ class TorchStep:
 
 
 def torch_matmul_gflops(dtype: str = "float32", repeats: int = 20) -> float:
-    """GFLOP/s of an [n, n] @ [n, n] in torch on ``default_device()``, best of ``repeats``
-    (n as ``common.ceiling_matmul_size``)."""
+    """``common.best_matmul_gflops`` of torch's matmul in ``dtype`` on ``default_device()``."""
     device = default_device()
-    n = common.ceiling_matmul_size(device)
-    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
 
-    def product(_):
-        a @ a
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def make_call(n):
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
 
-    product(0)
-    return 2.0 * n**3 / min(common.time_calls(product, repeats)) / 1e9
+        def product():
+            a @ a
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return product
+
+    return common.best_matmul_gflops(make_call, device, f"torch {dtype}", repeats)
 
 
 def main() -> None:
@@ -255,7 +256,7 @@ def main() -> None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdpa_kernel(SDPBackend.MATH).__enter__()  # for the whole run
-    cfg = common.config_from_args(args)
+    cfg = common.config_from_args(args, sharded=False)
     print(common.machine_info())
     print(cfg)
     print(f"torch matmul          {torch_matmul_gflops(args.dtype):.1f} GFLOP/s "
@@ -278,7 +279,7 @@ def main() -> None:
               f"ms  min {s['min_s'] * 1e3:.1f}  max {s['max_s'] * 1e3:.1f}; "
               f"{runner.tokens_per_batch / s['median_s']:,.0f} real tokens/s")
     common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
-                                      results=results))
+                                      bench_config=dataclasses.asdict(cfg), results=results))
 
 
 if __name__ == "__main__":

@@ -126,3 +126,14 @@ def test_compare_torch_pipelined_with_packing_reports_both_ratios(tmp_path):
         fastest["tokens_per_s"] / packed["tokens_per_s"], abs=1e-3)
     last = out.strip().splitlines()[-1]
     assert last == f"ratio jax/torch_best = {padded['median_s'] / torch_eager['median_s']:.3f}"
+    # The JSON carries the printed headline numbers; torch rows use torch's own ceiling.
+    assert record["ratio_jax_torch_best"] == pytest.approx(
+        padded["median_s"] / torch_eager["median_s"])
+    assert record["time_per_real_token_jax_packed_vs_fastest_torch"] == dict(
+        ratio=pytest.approx(fastest["tokens_per_s"] / packed["tokens_per_s"]),
+        against=fastest["name"])
+    ceilings = record["matmul_ceiling_gflops"]
+    assert torch_eager["ceiling_fraction"] == pytest.approx(
+        torch_eager["achieved_gflops"] / ceilings["torch"])
+    assert padded["ceiling_fraction"] == pytest.approx(padded["achieved_gflops"] / ceilings["jax"])
+    assert record["bench_config"]["d_model"] == 16 and f"on {record['jax_devices']} device(s)" in out

@@ -14,6 +14,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the benc
 
 from benchmarks import common, kernel_bench, step_bench  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.mark.parametrize("layers,d_model,seq", [(2, 64, 128), (2, 128, 256)])
 def test_model_flop_count_matches_xla_cost_analysis_on_cpu(layers, d_model, seq):
@@ -33,7 +35,7 @@ def test_pipeline_bench_reads_both_layouts_with_and_without_workers(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.pipeline_bench", "--subjects=60", "--batches=5",
          "--workers=0,1", "--packing", "--no_step", f"--data_dir={tmp_path}"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        cwd=REPO, capture_output=True,
         text=True, timeout=300, check=True).stdout
     rates = re.findall(r"^(padded|packed) workers=(\d)\s+pipeline\s+([\d.]+) batches/s", out,
                        re.MULTILINE)
@@ -58,7 +60,7 @@ def test_kernel_bench_times_every_op_in_both_frameworks():
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernel_bench", "--batch=2", "--seq=16",
          "--d_model=16", "--heads=2", "--rounds=1", "--calls=1"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        cwd=REPO, capture_output=True,
         text=True, timeout=300, check=True).stdout
     ratios = re.findall(r"^(?:dense|attention) .* ([\d.]+)$", out, re.MULTILINE)
     assert len(ratios) == 6 and all(float(r) > 0 for r in ratios), out
@@ -81,7 +83,7 @@ def test_step_bench_reports_waited_and_pipelined_steps(tmp_path):
         [sys.executable, "-m", "benchmarks.step_bench", "--d_model=16", "--layers=1",
          "--heads=2", "--seq=32", "--batch=8", "--steps=20", "--warmup=1", "--packing",
          f"--json={json_path}"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        cwd=REPO, capture_output=True,
         text=True, timeout=300, check=True).stdout
     result = json.loads(json_path.read_text())
     assert [r["name"] for r in result["results"]] == ["jax jit", "jax jit packed"]
@@ -102,7 +104,7 @@ def test_attention_bench_times_padded_and_packed_rows(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.attention_bench", "--d_model=16", "--heads=2",
          "--seq=64", "--batch=8", "--rounds=2", "--calls=2", f"--json={json_path}"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        cwd=REPO, capture_output=True,
         text=True, timeout=300, check=True).stdout
     record = json.loads(json_path.read_text())
     assert {name: len(t) for name, t in record["times_s"].items()} == {"padded": 2, "packed": 2}
@@ -111,3 +113,19 @@ def test_attention_bench_times_padded_and_packed_rows(tmp_path):
     assert re.search(r"^padded +[\d.]+ ms per call", out, re.MULTILINE), out
     assert out.strip().splitlines()[-1] == (
         f"ratio packed/padded = {medians['packed'] / medians['padded']:.3f}")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("step_bench", ["--heads=3"], "d_model=128 is not divisible by heads=3"),
+    ("step_bench", ["--steps=0"], "argument --steps: 0 is below 1"),
+    ("step_bench", ["--attention=cudnn", "--dtype=bfloat16"], "runs on NVIDIA GPUs only"),
+    ("step_bench", ["--batch=12"], "batch=12 is not divisible by the 8 JAX devices"),
+    ("jax_variants", ["--only=foo"], "--only: unknown variants ['foo']; have baseline"),
+    ("pipeline_bench", ["--workers=0,x"], "--workers=0,x: 'x' is not an integer"),
+])
+def test_benchmark_usage_errors_stop_before_any_work(module, args, message):
+    """Checked before the matmul ceiling or a compile: one line, exit status 2."""
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "matmul ceiling" not in result.stderr
