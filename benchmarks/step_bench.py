@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from cvmae_jax import parallel, steps
 from cvmae_jax.attention import IMPLEMENTATIONS, check_attention
-from cvmae_jax.masking import sample_value_mask
+from cvmae_jax.masking import mask_root, sample_value_mask
 from cvmae_jax.model import ModelConfig
 
 NUM_BATCHES = 8  # distinct batches, cycled
@@ -72,7 +72,7 @@ class JaxStep:
         self.state = self.launcher.put_state(state)
         self.mask_probs = jnp.asarray(common.cv_like_probs(cfg.vocab, cfg.seed))
         self.body = steps.make_train_step(
-            graphdef, optimizer, self.mask_probs, jax.random.key(cfg.seed), cfg.unmasked_weight,
+            graphdef, optimizer, self.mask_probs, mask_root(cfg.seed), cfg.unmasked_weight,
             self.launcher.axis_name)
         make_batches = common.packed_batches if packed else common.synthetic_batches
         self.batches = make_batches(cfg, NUM_BATCHES, cfg.seed)
@@ -97,7 +97,7 @@ class JaxStep:
         batches) compiled alone, calls launched back to back: an upper bound on its share
         inside the fused step."""
         sample = jax.jit(lambda step, b: sample_value_mask(
-            jax.random.key(self.cfg.seed), step, b["example_id"], b["codes"], b["valid"],
+            mask_root(self.cfg.seed), step, b["example_id"], b["codes"], b["valid"],
             self.mask_probs, b.get("positions")))
         batches = [jax.device_put(b) for b in self.batches]
         sample(0, batches[0]).block_until_ready()

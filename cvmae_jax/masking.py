@@ -85,6 +85,16 @@ def strategy_probs(strategy: str, *, cv: np.ndarray, variance: np.ndarray,
     raise ValueError(f"config.masking.strategy={strategy!r}: expected one of {STRATEGIES}")
 
 
+MASK_STREAM = 0x6D61736B  # "mask": folded into the seed's key for the training masks
+
+
+def mask_root(seed: int) -> jax.Array:
+    """The training masks' root key: ``fold_in(key(seed), MASK_STREAM)``, so no mask key equals
+    a parameter-initialization key (``nnx.Rngs(params=seed)`` draws ``fold_in(key(seed), i)``
+    for i = 0, 1, ..., as the step numbers would)."""
+    return jax.random.fold_in(jax.random.key(seed), MASK_STREAM)
+
+
 def sample_value_mask(root: jax.Array, step: jax.Array, example_id: jax.Array,
                       codes: jax.Array, valid: jax.Array, probs: jax.Array,
                       positions: jax.Array | None = None) -> jax.Array:

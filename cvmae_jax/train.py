@@ -24,6 +24,7 @@ from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
 from cvmae_jax.reconstruction import evaluate_split
 from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.masking import mask_root
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer, make_train_step
@@ -95,7 +96,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = launcher.put_state(state)
     traces = []
     step_body = make_train_step(graphdef, optimizer, jnp.asarray(probs, jnp.float32),
-                                jax.random.key(config.seed), config.loss.unmasked_weight,
+                                mask_root(config.seed), config.loss.unmasked_weight,
                                 launcher.axis_name)
 
     metric_names = []

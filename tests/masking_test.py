@@ -123,3 +123,18 @@ def test_packed_rows_get_the_same_masks_as_one_example_per_row():
             n = lengths[e]
             np.testing.assert_array_equal(mask[r, start:start + n], alone[e, :n])
             start += n
+
+
+def test_mask_root_shares_no_key_with_parameter_initialization():
+    """nnx.Rngs(params=seed) draws fold_in(key(seed), i); the step folds the step number into
+    the mask root, so the root must not be key(seed) itself."""
+    from cvmae_jax.masking import mask_root
+
+    root = jax.random.key_data(mask_root(5))
+    assert np.array_equal(root, jax.random.key_data(mask_root(5)))  # deterministic
+    assert not np.array_equal(root, jax.random.key_data(mask_root(6)))
+    init_keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(
+        jax.random.key(5), i))(np.arange(10_000)))
+    step_keys = jax.random.key_data(jax.vmap(lambda s: jax.random.fold_in(
+        mask_root(5), s))(np.arange(10_000)))
+    assert not (init_keys[:, None, :] == step_keys[None, :1000, :]).all(-1).any()
