@@ -97,12 +97,26 @@ def eval_overrides() -> dict:
 
 @contextlib.contextmanager
 def user_errors():
-    """Bad settings or data end the program with one clear line and exit status 1."""
+    """Bad settings or data end the program with one clear line and exit status 1. An error
+    raised inside a library rather than by this package may be a bug: its line names the
+    exception and the module, and -v=1 shows the traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError, MEDSFormatError) as error:
         logging.debug("traceback of the error below", exc_info=True)  # shown with -v=1
-        sys.exit(f"error: {error}")
+        origin = _raised_in(error)
+        sys.exit(f"error: {error}" + ("" if origin == __package__ else
+                                      f" ({type(error).__name__} raised in {origin}; -v=1 "
+                                      "shows the traceback)"))
+
+
+def _raised_in(error: BaseException) -> str:
+    """The top-level package of the innermost Python frame that raised ``error``."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_globals.get("__name__", "?") if tb is not None else "?"
+    return name.split(".")[0]
 
 
 def train_main() -> None:

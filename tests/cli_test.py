@@ -121,3 +121,20 @@ def test_eval_overrides_apply_to_old_config_files_and_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"^--config.eval.split, --config.parallel.cpu_devices: "
                                          r"eval.py evaluates the run as trained"):
         run_config_with(str(tmp_path), {"eval.split": "tuning", "parallel.cpu_devices": 2})
+
+
+def test_an_error_raised_inside_a_library_names_it():
+    """A ValueError of this package is one plain line; one raised inside a library names the
+    exception and the module (it may be a bug; -v=1 shows the traceback)."""
+    from cvmae_jax import cli
+    from cvmae_jax.config_checks import check_eval_config
+
+    config = default_config()
+    config.eval.mask_rate = 0.0
+    with pytest.raises(SystemExit) as ours, cli.user_errors():
+        check_eval_config(config.eval)
+    assert str(ours.value) == "error: config.eval.mask_rate=0.0: expected a rate in (0, 1]"
+    with pytest.raises(SystemExit) as theirs, cli.user_errors():
+        json.loads("{not json")
+    assert str(theirs.value).endswith("(JSONDecodeError raised in json; -v=1 shows the "
+                                      "traceback)")
