@@ -66,7 +66,7 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
     then they reuse it."""
     def prepare():
         return prepare_dataset(config.data, resolve_meds_dir(config, workdir),
-                               data_dir(config, workdir))
+                               data_dir(config, workdir), log=logging.info)
 
     if jax.process_count() == 1:
         return prepare()

@@ -66,6 +66,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         created = _missing_parents(builder.data_path, Path(data_dir))
         try:
             builder.plan = plan_dataset(config.meds_dir, config.settings(), log)
+            builder.log = log
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=config.meds_dir))
         except BaseException as error:

@@ -115,15 +115,17 @@ class MedsLabSequences(FileReaderBuilder):
         """Writes every split and the stats and report files into self.data_dir (tfds's
         temporary folder here) and sets the split infos that tfds then writes."""
         plan: Plan = self.plan  # set by prepare_dataset, which read and checked the MEDS root
+        # and set self.log (its progress lines' destination)
         data_dir = Path(self.data_dir)
         plan.stats.save_json(data_dir / STATS_FILE)
-        split_infos = [self._write_split(plan, split) for split in meds.SPLITS]
+        split_infos = [self._write_split(plan, split, self.log) for split in meds.SPLITS]
         self.info.set_splits(tfds.core.SplitDict(split_infos))
         write_json_atomic(data_dir / REPORT_FILE, plan.report)
         (data_dir / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))
 
-    def _write_split(self, plan: Plan, split: str) -> tfds.core.SplitInfo:
-        """Streams one split's examples into its shards; adds its counts to plan.report."""
+    def _write_split(self, plan: Plan, split: str, log) -> tfds.core.SplitInfo:
+        """Streams one split's examples into its shards; adds its counts to plan.report and
+        ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
         features = self.info.features
         lab, windows = {}, {}
@@ -143,7 +145,7 @@ class MedsLabSequences(FileReaderBuilder):
                     f">= {cfg.min_window_len} events of the selected lab codes")
             info = writer.close()
         plan.report["splits"][split].update(lab=lab, windows=windows)
-        print(f'[prepare] {split}: {windows["examples"]:,} examples, {windows["tokens"]:,} '
+        log(f'[prepare] {split}: {windows["examples"]:,} examples, {windows["tokens"]:,} '
               f'tokens from {lab["lab_events"]:,} lab events, {info.num_shards} shard(s)')
         return info
 

@@ -92,7 +92,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     if step is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to evaluate")
     meds_dir = resolve_meds_dir(config, workdir)
-    dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir))
+    dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir),
+                              log=logging.info)
     if split not in dataset.num_examples:
         raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
     check_eval_dataset(workdir, dataset)
