@@ -47,6 +47,10 @@ def test_train_then_eval_from_the_command_line(trained):
     with open(os.path.join(workdir, "eval_tuning", "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["split"] == "tuning" and "single_code" not in metrics  # override applied
+    for phase in ("reconstruction on tuning", "downstream probes (2 task(s))",
+                  "perturbation sensitivity"):  # progress lines of the long parts
+        assert f"eval: {phase}" in result.stderr, result.stderr[-2000:]
+    assert "single-code" not in result.stderr and "eval: done in" in result.stderr
     assert not os.path.exists(os.path.join(workdir, "eval"))  # held_out results have their own
 
 

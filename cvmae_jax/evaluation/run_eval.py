@@ -7,9 +7,11 @@ curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
+import time
 
 import jax
 import ml_collections
@@ -32,6 +34,7 @@ from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_s
 from cvmae_jax.reconstruction import evaluate_split, single_code_sums, summarize
 from cvmae_jax.jsonio import read_json, write_json_atomic
 from cvmae_jax.masking import percentile_threshold
+from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
                                  resolve_meds_dir)
@@ -113,7 +116,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
-    result = evaluate_split(eval_step, params, dataset, config, launcher, probs)
+    with _phase(f"reconstruction on {split} ({dataset.num_examples[split]:,} windows)"):
+        result = evaluate_split(eval_step, params, dataset, config, launcher, probs)
     result.update(step=step, split=split, strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
     _add_cv(result, stats.cv, config.masking.threshold_percentile)
@@ -121,28 +125,33 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                                 shard_index=jax.process_index(),
                                 shard_count=jax.process_count()))
     if eval_option(config, "single_code"):
-        result["single_code"] = _single_code(graphdef, params, batches, stats, probs, config,
-                                             launcher)
+        with _phase(f"single-code reconstruction ({stats.vocab_size} codes x {len(batches)} "
+                    "batches; config.eval.single_code=False skips it)"):
+            result["single_code"] = _single_code(graphdef, params, batches, stats, probs,
+                                                 config, launcher)
     embed_fn = make_embed_fn(graphdef)
-    result["downstream"], tasks = probe_tasks(
-        graphdef, params, labels_dir, label_tasks, config.data.max_len, config.eval.batch_size,
-        seed=config.seed, embed_fn=embed_fn)
+    with _phase(f"downstream probes ({len(label_tasks)} task(s))"):
+        result["downstream"], tasks = probe_tasks(
+            graphdef, params, labels_dir, label_tasks, config.data.max_len,
+            config.eval.batch_size, seed=config.seed, embed_fn=embed_fn)
     sample_seed = eval_option(config, "sample_seed")
     result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
-    for task, data in tasks.items():
-        probe = result["downstream"]["tasks"][task]
-        probe["label_efficiency"] = label_efficiency(
-            data.x[TRAIN], data.y[TRAIN], data.x[TEST], data.y[TEST], data.probe, sample_seed,
-            probe["auroc"])
-    result["perturbation"] = perturbation.perturbation_metrics(
-        perturbation.KINDS, sample_seed, split, sum(int(b["valid"].sum()) for b in batches),
-        lambda kind: perturbation.reconstruction_sensitivity(
-            eval_step, params, batches, kind, sample_seed, result["overall"]["masked_mse"],
-            launcher.put_batch, launcher.fetch),
-        lambda task, kind: perturbation.downstream_sensitivity(
-            graphdef, params, tasks[task], kind, sample_seed, config.data.max_len,
-            config.eval.batch_size, embed_fn),
-        tasks)
+    with _phase("label-efficiency curves"):
+        for task, data in tasks.items():
+            probe = result["downstream"]["tasks"][task]
+            probe["label_efficiency"] = label_efficiency(
+                data.x[TRAIN], data.y[TRAIN], data.x[TEST], data.y[TEST], data.probe,
+                sample_seed, probe["auroc"])
+    with _phase(f"perturbation sensitivity ({', '.join(perturbation.KINDS)})"):
+        result["perturbation"] = perturbation.perturbation_metrics(
+            perturbation.KINDS, sample_seed, split, sum(int(b["valid"].sum()) for b in batches),
+            lambda kind: perturbation.reconstruction_sensitivity(
+                eval_step, params, batches, kind, sample_seed, result["overall"]["masked_mse"],
+                launcher.put_batch, launcher.fetch),
+            lambda task, kind: perturbation.downstream_sensitivity(
+                graphdef, params, tasks[task], kind, sample_seed, config.data.max_len,
+                config.eval.batch_size, embed_fn),
+            tasks)
     result["downstream"]["embed_traces"] = len(embed_fn.traces)
     if jax.process_index() == 0:
         out = eval_dir(workdir, split)
@@ -160,6 +169,16 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                      result["overall"]["masked_mse"], result["overall"]["baseline_masked_mse"],
                      out)
     return result
+
+
+@contextlib.contextmanager
+def _phase(description: str):
+    """Logs (process 0) the start of one part of the evaluation and, after it, its time."""
+    log = logging.info if jax.process_index() == 0 else lambda *args: None
+    log("eval: %s", description)
+    start = time.perf_counter()
+    yield
+    log("eval: done in %s", clock(time.perf_counter() - start))
 
 
 def _single_code(graphdef, params, batches: list[dict], stats, probs, config,
