@@ -16,8 +16,8 @@ from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import check_config
-from cvmae_jax.jsonio import read_json
 from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
+from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
@@ -134,8 +134,8 @@ def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:
     """Refuses to evaluate a run on data whose lab codes differ from those it was trained on
     (``data_stats.json``; the model's code embeddings follow that list's order, most frequent
     first), and logs a warning when the codes match but the MEDS files changed."""
-    path = os.path.join(workdir, "data_stats.json")
-    trained_stats = read_json(path, f"is {workdir} a training workdir?")
+    path = os.path.join(workdir, DATA_STATS_FILE)
+    trained_stats = read_data_stats(workdir)
     trained = [row["code"] for row in trained_stats["codes"]]
     current = list(dataset.stats.codes)
     if trained != current:

@@ -19,10 +19,10 @@ from absl import app, logging
 from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.host_memory import reuse_freed_memory
-from cvmae_jax.jsonio import read_json
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.metrics import clock
 from cvmae_jax.run_setup import changed_settings
+from cvmae_jax.workdir import checkpoint_dir, eval_dir, read_config, read_eval_metrics
 
 FLAGS = cli.FLAGS
 
@@ -54,12 +54,11 @@ def is_finished(run_dir: str, config) -> bool:
     """True when ``eval/metrics.json`` evaluates the final training step with the study's
     ``eval.*`` settings; refuses a finished run trained with other settings (as a resume
     would). A run evaluated with other eval settings is evaluated again (not retrained)."""
-    path = os.path.join(run_dir, "eval", "metrics.json")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(eval_dir(run_dir), "metrics.json")):
         return False
-    if read_json(path).get("step") != config.train.num_steps:
+    if read_eval_metrics(run_dir).get("step") != config.train.num_steps:
         return False
-    saved = read_json(os.path.join(run_dir, "config.json"))
+    saved = read_config(run_dir).to_dict()
     changes = changed_settings(saved, config)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(changes)}); "
@@ -72,8 +71,7 @@ def is_finished(run_dir: str, config) -> bool:
 
 def is_trained(run_dir: str, config) -> bool:
     """True when the run's newest complete checkpoint is its final step."""
-    return Checkpointer.latest_complete_step(
-        os.path.join(run_dir, "checkpoints")) == config.train.num_steps
+    return Checkpointer.latest_complete_step(checkpoint_dir(run_dir)) == config.train.num_steps
 
 
 def run_study(config, workdir: str) -> dict:

@@ -28,6 +28,7 @@ from cvmae_jax.masking import mask_root
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer, make_train_step
+from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, checkpoint_dir
 
 
 class _Preemption:
@@ -64,7 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  jax.default_backend(), config.parallel.mode)
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = Checkpointer(checkpoint_dir(workdir),
                                 config.train.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
     saved_run = checkpointer.restore_run_info(start_step) if start_step else None
@@ -83,8 +84,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run_info = dict(config=config.to_dict(), processes=jax.process_count(),
                     data_stats=run_setup.stats_record(config, dataset, probs))
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "config.json"), run_info["config"])
-        write_json_atomic(os.path.join(workdir, "data_stats.json"), run_info["data_stats"])
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE), run_info["config"])
+        write_json_atomic(os.path.join(workdir, DATA_STATS_FILE), run_info["data_stats"])
 
     optimizer = make_optimizer(config.train)
     init_start = time.perf_counter()
@@ -131,7 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def save(step):
         checkpointer.save(step, launcher.checkpoint_view(current_state()), data, run_info)
 
-    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), start_step)
+    writer = MetricsWriter(os.path.join(workdir, METRICS_FILE), start_step)
     progress = Progress(config.train.num_steps)
     preemption = _Preemption(checkpointer)
     pending = None

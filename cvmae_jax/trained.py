@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,9 @@ from flax import nnx
 
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.data.stats import DataStats
-from cvmae_jax.jsonio import read_json
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, mean_pool
 from cvmae_jax.steps import init_state, make_optimizer
+from cvmae_jax.workdir import checkpoint_dir, read_config, read_data_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +68,9 @@ class TrainedRun:
 def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     """The run in ``workdir`` (written by train.py) at checkpoint ``step`` (default: the newest
     complete one), its parameters on this process's first device."""
-    config = ml_collections.ConfigDict(read_json(os.path.join(workdir, "config.json"),
-                                                 f"is {workdir} a training workdir?"))
-    stats = DataStats.from_dict(read_json(os.path.join(workdir, "data_stats.json"),
-                                          f"is {workdir} a training workdir?"))
-    directory = os.path.join(workdir, "checkpoints")
+    config = read_config(workdir)
+    stats = DataStats.from_dict(read_data_stats(workdir))
+    directory = checkpoint_dir(workdir)
     latest = Checkpointer.latest_complete_step(directory)
     if latest is None:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")

@@ -7,8 +7,8 @@ import dataclasses
 import json
 import os
 
-from cvmae_jax.jsonio import read_json
 from cvmae_jax.masking import STRATEGIES
+from cvmae_jax.workdir import METRICS_FILE, eval_dir, read_config, read_eval_metrics
 
 REFERENCE = "random"
 
@@ -28,24 +28,19 @@ class Run:
 
 
 def load_run(path: str) -> Run:
-    metrics_path = os.path.join(path, "eval", "metrics.json")
-    if not os.path.exists(metrics_path):
+    if not os.path.exists(os.path.join(eval_dir(path), "metrics.json")):
         raise FileNotFoundError(f"{path}: no eval/metrics.json; run `python eval.py "
                                 f"--workdir={path}` first")
-    metrics = _read_json(metrics_path)
-    seed = int(_read_json(os.path.join(path, "config.json"))["seed"])
+    metrics = read_eval_metrics(path)
+    seed = int(read_config(path)["seed"])
     return Run(path, metrics["strategy"], seed, metrics, *_validation_curve(path))
-
-
-def _read_json(path: str) -> dict:
-    return read_json(path, f"is {os.path.dirname(path)} an evaluated training workdir?")
 
 
 def _validation_curve(path: str) -> tuple[list[tuple[int, float]], str | None]:
     """Validation (masked MSE by step) of metrics.jsonl and its split; a step logged twice
     (after a resume) keeps its last line."""
     by_step, split = {}, None
-    jsonl = os.path.join(path, "metrics.jsonl")
+    jsonl = os.path.join(path, METRICS_FILE)
     if os.path.exists(jsonl):
         with open(jsonl) as f:
             for number, line in enumerate(f, 1):

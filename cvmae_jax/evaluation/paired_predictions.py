@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation import stats
 from cvmae_jax.evaluation.compared_runs import Run
+from cvmae_jax.workdir import eval_dir
 
 BOOTSTRAP_SEED = 0
 
@@ -32,7 +33,7 @@ class TaskPredictions:
     def load(cls, runs: list[Run], task: str) -> "TaskPredictions":
         tables, missing = {}, []
         for run in runs:
-            path = os.path.join(run.path, "eval", "predictions", task, "held_out.parquet")
+            path = os.path.join(eval_dir(run.path), "predictions", task, "held_out.parquet")
             if os.path.exists(path):
                 tables[run.name] = _read_predictions(path)
             else:

@@ -32,19 +32,14 @@ from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.reconstruction import evaluate_split, single_code_sums, summarize
-from cvmae_jax.jsonio import read_json, write_json_atomic
+from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (its ``config.json``)."""
-    return ml_collections.ConfigDict(read_json(os.path.join(workdir, "config.json"),
-                                               f"is {workdir} a training workdir?"))
+from cvmae_jax.workdir import checkpoint_dir, eval_dir, read_config
 
 
 def eval_option(config, name: str):
@@ -56,7 +51,7 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with ``overrides`` ({"eval.labels_dir": ..., ...}) applied.
     Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
     may be overridden; ``eval.split`` is ``--split``."""
-    config = load_run_config(workdir)
+    config = read_config(workdir)
     fixed = sorted(name for name in overrides
                    if not name.startswith(EVAL_OVERRIDABLE) or name == "eval.split")
     if fixed:
@@ -74,26 +69,20 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def eval_dir(workdir: str, split: str) -> str:
-    """Where eval.py writes: ``eval/`` for held_out (what the study and ``--compare`` read),
-    ``eval_<split>/`` for another split, so evaluating it keeps the held_out results."""
-    return os.path.join(workdir, "eval" if split == "held_out" else f"eval_{split}")
-
-
 def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     """Restores the newest checkpoint of ``workdir`` and writes under ``eval_dir(workdir,
     split)``: metrics.json,
     report.md, reconstruction_by_lab.png, label_efficiency.png, embeddings/<task>.parquet and
     predictions/<task>/{tuning,held_out}.parquet. ``config``: the run's config (default: its
     config.json). Returns the metrics."""
-    config = copy.deepcopy(config) if config is not None else load_run_config(workdir)
+    config = copy.deepcopy(config) if config is not None else read_config(workdir)
     config.eval.split = split  # a copy: the caller's config keeps its validation split
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
                               "config.eval.batch_size")
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    step = Checkpointer.latest_complete_step(checkpoint_dir)
+    checkpoints = checkpoint_dir(workdir)
+    step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
-        raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint to evaluate")
+        raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to evaluate")
     meds_dir = resolve_meds_dir(config, workdir)
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir),
                               log=logging.info)
@@ -112,7 +101,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     graphdef, state = init_state(dataclasses.replace(model_config, attention=attention),
                                  make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
-    state = Checkpointer.restore_state(checkpoint_dir, step, abstract_like(state))
+    state = Checkpointer.restore_state(checkpoints, step, abstract_like(state))
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))

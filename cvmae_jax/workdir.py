@@ -1,0 +1,45 @@
+"""The files of a training workdir: train.py writes them; eval.py, the study, ``--compare`` and
+``load_trained`` read them (the README's *Outputs in the workdir*)."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from cvmae_jax.jsonio import read_json
+
+CONFIG_FILE = "config.json"
+DATA_STATS_FILE = "data_stats.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def eval_dir(workdir: str, split: str = "held_out") -> str:
+    """Where eval.py writes: ``eval/`` for held_out (what the study and ``--compare`` read),
+    ``eval_<split>/`` for another split, so evaluating it keeps the held_out results."""
+    return os.path.join(workdir, "eval" if split == "held_out" else f"eval_{split}")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config the run was trained with (its ``config.json``)."""
+    return ml_collections.ConfigDict(_read(workdir, CONFIG_FILE))
+
+
+def read_data_stats(workdir: str) -> dict:
+    """``data_stats.json``: the lab codes (the model's code ids index them), their statistics,
+    the masking settings and the prepared dataset's id."""
+    return _read(workdir, DATA_STATS_FILE)
+
+
+def read_eval_metrics(workdir: str) -> dict:
+    """``eval/metrics.json`` of the held_out evaluation."""
+    return read_json(os.path.join(eval_dir(workdir), "metrics.json"),
+                     f"run `python eval.py --workdir={workdir}` first")
+
+
+def _read(workdir: str, name: str):
+    return read_json(os.path.join(workdir, name), f"is {workdir} a training workdir?")
