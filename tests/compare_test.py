@@ -14,9 +14,9 @@ from scipy import special
 from scipy.stats import wilcoxon
 from sklearn.metrics import roc_auc_score
 
-from cvmae_jax.evaluation import compare, stats
+from cvmae_jax.evaluation import compare, paired_stats
 from cvmae_jax.evaluation.compare_report import report_lines
-from cvmae_jax.evaluation.compare_summary import convergence, summarize
+from cvmae_jax.evaluation.compare_summary import convergence, summarize_runs
 from cvmae_jax.evaluation.compared_runs import group_runs, load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,7 @@ def write_predictions(run_path, task, labels, scores, order=None):
 
 def summarize_paths(paths):
     """summary.json's content for the runs at ``paths``."""
-    return summarize(group_runs([load_run(p) for p in paths]))
+    return summarize_runs(group_runs([load_run(p) for p in paths]))
 
 
 def binormal(n, shift, rng, labels=None):
@@ -96,11 +96,11 @@ def test_win_rate_wilcoxon_and_cohens_d_on_known_labs(tmp_path):
 
 
 def test_ties_count_half_and_a_worse_strategy_has_negative_d():
-    tied = stats.lab_comparison([0.1, 0.0, -0.1, 0.2])
+    tied = paired_stats.lab_comparison([0.1, 0.0, -0.1, 0.2])
     assert tied["win_rate"] == pytest.approx(2.5 / 4) and tied["ties"] == 1
-    worse = stats.lab_comparison([-0.2, -0.1, -0.3, 0.05])
+    worse = paired_stats.lab_comparison([-0.2, -0.1, -0.3, 0.05])
     assert worse["win_rate"] == 0.25 and worse["cohens_d"] < 0
-    none = stats.lab_comparison([0.0, 0.0])
+    none = paired_stats.lab_comparison([0.0, 0.0])
     assert none["wilcoxon_p"] is None and "no test" in none["reason"]
 
 
@@ -190,11 +190,11 @@ def test_vectorized_bootstrap_auroc_equals_sklearn_with_ties():
     rng = np.random.default_rng(1)
     labels = rng.random(80) < 0.4
     scores = np.round(rng.random(80) + labels * 0.3, 1)  # many ties
-    idx = stats.bootstrap_indices(80, seed=3, num=40)
-    got = stats.resampled_aurocs(labels, scores, idx)
+    idx = paired_stats.bootstrap_indices(80, seed=3, num=40)
+    got = paired_stats.resampled_aurocs(labels, scores, idx)
     want = [roc_auc_score(labels[i], scores[i]) for i in idx]
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    one_class = stats.resampled_aurocs(np.zeros(5, bool), np.arange(5.0), idx[:2, :5] % 5)
+    one_class = paired_stats.resampled_aurocs(np.zeros(5, bool), np.arange(5.0), idx[:2, :5] % 5)
     assert np.isnan(one_class).all()
 
 

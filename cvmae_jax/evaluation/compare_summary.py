@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cvmae_jax.evaluation import stats
+from cvmae_jax.evaluation import paired_stats
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run
 from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED, TaskPredictions
 
@@ -24,7 +24,7 @@ CONVENTIONS = dict(
              "in its p: read it against the seed noise floor below",
     cohens_d="mean / sd (ddof 1) of the per-lab differences; positive = strategy better",
     auroc_delta=f"AUROC(strategy) - AUROC(random) on the same held_out label rows, aligned by "
-                f"(subject_id, prediction_time); 95% CI from {stats.NUM_BOOTSTRAP} paired "
+                f"(subject_id, prediction_time); 95% CI from {paired_stats.NUM_BOOTSTRAP} paired "
                 f"bootstrap resamples of rows (seed {BOOTSTRAP_SEED}); with several seeds the "
                 f"mean delta over seed pairs, each resample shared by all of them",
     convergence="first validation step (eval points only, no interpolation) whose masked MSE is "
@@ -36,7 +36,7 @@ CONVENTIONS = dict(
 
 
 
-def summarize(groups: dict[str, dict[int, Run]]) -> dict:
+def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
     """The content of summary.json (see the README's study section)."""
     runs = [r for by_seed in groups.values() for r in by_seed.values()]
     reference = groups[REFERENCE]
@@ -46,7 +46,7 @@ def summarize(groups: dict[str, dict[int, Run]]) -> dict:
     out = dict(reference=REFERENCE, split=first.get("split"), eval_mask=first.get("eval_mask"),
                validation_split=", ".join(sorted({r.validation_split for r in runs
                                                   if r.validation_split})) or None,
-               bootstrap=dict(num=stats.NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
+               bootstrap=dict(num=paired_stats.NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
                conventions=CONVENTIONS,
                runs=[dict(name=r.name, path=r.path, strategy=r.strategy, seed=r.seed,
                           step=r.metrics.get("step")) for r in runs],
@@ -107,7 +107,7 @@ def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
     per_seed = {}
     for s, (run_t, ref_t) in tables.items():
         codes = sorted(set(run_t) & set(ref_t))
-        per_seed[str(s)] = stats.lab_comparison([ref_t[c]["mse"] - run_t[c]["mse"]
+        per_seed[str(s)] = paired_stats.lab_comparison([ref_t[c]["mse"] - run_t[c]["mse"]
                                                  for c in codes])
     common = set.intersection(*(set(a) & set(b) for a, b in tables.values()))
     ref_rows = next(iter(tables.values()))[1]
@@ -118,7 +118,7 @@ def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
         labs.append(dict(code=code, cv=ref_rows[code].get("cv"),
                          num_masked=ref_rows[code]["num_masked"], random_mse=ref_mse,
                          strategy_mse=run_mse, diff=ref_mse - run_mse))
-    pooled = stats.lab_comparison([lab["diff"] for lab in labs])
+    pooled = paired_stats.lab_comparison([lab["diff"] for lab in labs])
     return dict(pooled=pooled, per_seed=per_seed, per_lab=labs)
 
 

@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.stats import (NUM_BOOTSTRAP, bootstrap_indices, percentile_ci,
+from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, bootstrap_indices, percentile_ci,
                                         resampled_aurocs)
 from cvmae_jax.model import mean_pool
 

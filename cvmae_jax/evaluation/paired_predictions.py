@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from cvmae_jax.evaluation import stats
+from cvmae_jax.evaluation import paired_stats
 from cvmae_jax.evaluation.compared_runs import Run
 from cvmae_jax.workdir import eval_dir
 
@@ -26,7 +26,7 @@ class TaskPredictions:
                  dropped: dict[str, int]):
         self.task, self.labels, self.scores = task, labels, scores
         self.missing, self.dropped = missing, dropped
-        self.indices = stats.bootstrap_indices(len(labels), BOOTSTRAP_SEED)
+        self.indices = paired_stats.bootstrap_indices(len(labels), BOOTSTRAP_SEED)
         self._resampled: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -60,7 +60,7 @@ class TaskPredictions:
 
     def _auroc(self, name: str) -> tuple[float, np.ndarray]:
         if name not in self._resampled:
-            self._resampled[name] = stats.resampled_aurocs(self.labels, self.scores[name],
+            self._resampled[name] = paired_stats.resampled_aurocs(self.labels, self.scores[name],
                                                            self.indices)
         return float(roc_auc_score(self.labels, self.scores[name])), self._resampled[name]
 
@@ -75,9 +75,9 @@ class TaskPredictions:
             (auc, run_b), (ref_auc, ref_b) = self._auroc(run.name), self._auroc(ref.name)
             resampled.append(run_b - ref_b)
             per_seed[str(s)] = dict(auroc=auc, random_auroc=ref_auc, delta=auc - ref_auc,
-                                    ci=stats.percentile_ci(run_b - ref_b))
+                                    ci=paired_stats.percentile_ci(run_b - ref_b))
         deltas = [v["delta"] for v in per_seed.values()]
-        return dict(delta=float(np.mean(deltas)), ci=stats.percentile_ci(np.mean(resampled, 0)),
+        return dict(delta=float(np.mean(deltas)), ci=paired_stats.percentile_ci(np.mean(resampled, 0)),
                     n=int(len(self.labels)), positives=int(self.labels.sum()), split="held_out",
                     seeds=list(pairs), per_seed=per_seed, method="paired bootstrap", note=None)
 
