@@ -237,6 +237,7 @@ def summary(times: list[float]) -> dict:
 
 
 CEILING_CALL_BUDGET_S = 0.5  # the longest one ceiling matmul may take on a CPU
+CEILING_SIZES: dict[str, int] = {}  # label -> n of each ceiling measured (in machine_info)
 
 
 def best_matmul_gflops(make_call: Callable[[int], Callable[[], None]], device: str, label: str,
@@ -254,6 +255,7 @@ def best_matmul_gflops(make_call: Callable[[int], Callable[[], None]], device: s
         if seconds * (n / 256) ** 3 > CEILING_CALL_BUDGET_S:
             n = max(256, int(256 * (CEILING_CALL_BUDGET_S / seconds) ** (1 / 3)) // 64 * 64)
     progress(f"matmul ceiling: {label}, {n} x {n}, best of {repeats}")
+    CEILING_SIZES[label] = n
     call = make_call(n)
     call()
     return 2.0 * n**3 / min(time_calls(lambda _: call(), repeats)) / 1e9
@@ -301,7 +303,8 @@ def machine_info() -> dict:
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(),
                 jax=jax.__version__, jax_backend=jax.default_backend(),
                 jax_device=jax.devices()[0].device_kind, jax_devices=jax.device_count(),
-                xla_flags=os.environ.get("XLA_FLAGS", ""), host_malloc=HOST_MALLOC)
+                xla_flags=os.environ.get("XLA_FLAGS", ""), host_malloc=HOST_MALLOC,
+                ceiling_matmul_sizes=dict(CEILING_SIZES))
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())

@@ -133,7 +133,8 @@ def main() -> None:
         machine=machine, config=dict(vars(args), timing=timing),
         bench_config=dataclasses.asdict(cfg), jax_devices=jax.device_count(),
         matmul_ceiling_gflops=dict(jax=ceiling, torch=torch_ceiling),
-        ratio_jax_torch_best=ratio, torch_best=torch_best["name"] if torch_best else None,
+        ratio_jax_torch_best=ratio if torch_best else None,
+        torch_best=torch_best["name"] if torch_best else None,
         time_per_real_token_jax_packed_vs_fastest_torch=per_token,
         results=results, times_s=times, failed=failed))
     print(f"ratio jax/torch_best = {ratio:.3f}" + ("" if torch_best else " (no torch runner)"))

@@ -26,9 +26,13 @@ def run_step_bench(config: str, steps: int, extra: list[str]) -> list[float]:
     """Step times (s) of one step_bench process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        subprocess.run([sys.executable, "-m", "benchmarks.step_bench", f"--config={config}",
-                        f"--steps={steps}", f"--json={out}", *extra], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = subprocess.run([sys.executable, "-m", "benchmarks.step_bench",
+                                f"--config={config}", f"--steps={steps}", f"--json={out}",
+                                *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+        if child.returncode:
+            sys.exit(f"step_bench {' '.join(extra)} failed (status {child.returncode}):\n"
+                     + child.stderr[-2000:])
         with open(out) as f:
             return json.load(f)["times_s"]["jax jit"]
 

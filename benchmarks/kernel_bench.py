@@ -81,8 +81,8 @@ def main() -> None:
     parser.add_argument("--calls", type=common.count_arg(1), default=5,
                         help="timed calls per round and side")
     args = parser.parse_args()
+    cfg = common.config_from_args(args, sharded=False)  # host memory before torch's threads
     torch = common.import_torch()
-    cfg = common.config_from_args(args, sharded=False)
 
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on "

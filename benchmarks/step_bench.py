@@ -15,6 +15,7 @@ device; "host launch" is the host's own time per step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -202,6 +203,7 @@ def main() -> None:
         print(f"packed/padded real tokens/s = "
               f"{results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}")
     common.write_json(args.json, dict(machine=common.machine_info(), config=vars(args),
+                                      bench_config=dataclasses.asdict(cfg),
                                       matmul_ceiling_gflops=ceiling, times_s=times,
                                       xla_flops=[runner.xla_flops for runner in runners],
                                       results=results))

@@ -73,8 +73,10 @@ class Checkpointer:
 
 
 def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    """A manager that creates nothing and is never asked to save (Orbax's read_only=True
+    would add two WARNING lines per use)."""
     return ocp.CheckpointManager(os.path.abspath(directory),
-                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+                                 options=ocp.CheckpointManagerOptions(create=False))
 
 
 def abstract_like(tree):

@@ -82,7 +82,12 @@ def log_progress() -> None:
     if logging.get_verbosity() < logging.INFO:
         logging.set_verbosity(logging.INFO)
     if logging.get_verbosity() < logging.DEBUG:
-        logging.get_absl_handler().addFilter(_ThisPackageInfoOnly())
+        filter_library_lines()
+
+
+def filter_library_lines() -> None:
+    """Console: INFO lines of this package only, and not tfds's custom-config warning."""
+    logging.get_absl_handler().addFilter(_ThisPackageInfoOnly())
 
 
 def eval_overrides() -> dict:

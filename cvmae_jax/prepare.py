@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cvmae_jax.cli import user_errors
+from cvmae_jax.cli import filter_library_lines, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -22,6 +22,7 @@ def _prepare(argv) -> None:
     from cvmae_jax.data.prepare import prepare_dataset
 
     logging.set_verbosity(logging.WARNING)
+    filter_library_lines()
     data = FLAGS.config.data
     with user_errors():
         if not data.meds_dir:

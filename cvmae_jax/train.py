@@ -192,8 +192,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pause_start = time.perf_counter()
             if step % config.train.eval_every == 0 or step == config.train.num_steps:
                 with jax.transfer_guard(config.train.transfer_guard):
-                    result = evaluate_split(eval_step, current_state().params, dataset, config,
-                                      launcher, probs)
+                    result = evaluate_split(eval_step, current_state().params, dataset,
+                                            config, launcher, probs)
                 last_eval = dict(result["overall"], step=step, split=config.eval.split)
                 writer.write(last_eval)
                 if jax.process_index() == 0:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, mean_pool
@@ -76,6 +77,8 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")
     step = latest if step is None else int(step)
     model_config = ModelConfig.from_config(config.model, stats.vocab_size)
+    model_config = dataclasses.replace(  # cuDNN-trained runs load on a CPU too
+        model_config, attention=runnable_here(model_config.attention, jax.default_backend()))
     graphdefs = []
 
     def fresh_state():

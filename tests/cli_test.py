@@ -25,7 +25,7 @@ def run(script, *args):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run trained by train.py on 2 CPU devices: (workdir, its stderr)."""
+    """A run trained by train.py on 2 CPU devices: (workdir, its stdout + stderr)."""
     workdir = str(tmp_path_factory.mktemp("cli") / "run")
     result = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY,
                  "--config.masking.strategy=random", "--config.parallel.cpu_devices=2")
@@ -51,6 +51,7 @@ def test_train_then_eval_from_the_command_line(trained):
                   "perturbation sensitivity"):  # progress lines of the long parts
         assert f"eval: {phase}" in result.stderr, result.stderr[-2000:]
     assert "single-code" not in result.stderr and "eval: done in" in result.stderr
+    assert "orbax" not in result.stderr.lower() and "read only" not in result.stderr
     assert not os.path.exists(os.path.join(workdir, "eval"))  # held_out results have their own
 
 

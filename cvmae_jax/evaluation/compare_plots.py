@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run  # noqa: E402
-from cvmae_jax.evaluation.report import save_figure  # noqa: E402
+from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
 
 
 def plot_all(groups: dict[str, dict[int, Run]], summary: dict, workdir: str) -> list[str]:

@@ -29,8 +29,8 @@ from sklearn.preprocessing import StandardScaler
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, bootstrap_indices, percentile_ci,
-                                        resampled_aurocs)
+from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, bootstrap_indices,
+                                               percentile_ci, resampled_aurocs)
 from cvmae_jax.model import mean_pool
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -159,12 +159,13 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y,
     score = probe.decision(test_X)
     result["auroc"] = float(roc_auc_score(test_y, score))
     result["auprc"] = float(average_precision_score(test_y, score))
-    resamples = np.array([idx for idx in bootstrap_indices(len(test_y), seed)
-                          if not _one_class(test_y[idx])])  # seeded; one-class ones skipped
-    result["auroc_ci"] = percentile_ci(resampled_aurocs(test_y, score, resamples))
+    resamples = bootstrap_indices(len(test_y), seed)  # seeded, [NUM_BOOTSTRAP, n]
+    aurocs = resampled_aurocs(test_y, score, resamples)  # NaN where a resample has one class
+    used = np.flatnonzero(np.isfinite(aurocs))
+    result["auroc_ci"] = percentile_ci(aurocs)
     result["auprc_ci"] = percentile_ci(
-        [average_precision_score(test_y[idx], score[idx]) for idx in resamples])
-    result["bootstrap_used"] = len(resamples)
+        [average_precision_score(test_y[resamples[i]], score[resamples[i]]) for i in used])
+    result["bootstrap_used"] = len(used)
     return result, probe
 
 

@@ -60,8 +60,8 @@ class TaskPredictions:
 
     def _auroc(self, name: str) -> tuple[float, np.ndarray]:
         if name not in self._resampled:
-            self._resampled[name] = paired_stats.resampled_aurocs(self.labels, self.scores[name],
-                                                           self.indices)
+            self._resampled[name] = paired_stats.resampled_aurocs(
+                self.labels, self.scores[name], self.indices)
         return float(roc_auc_score(self.labels, self.scores[name])), self._resampled[name]
 
     def delta(self, pairs: dict[int, tuple[Run, Run]]) -> dict:
@@ -77,7 +77,8 @@ class TaskPredictions:
             per_seed[str(s)] = dict(auroc=auc, random_auroc=ref_auc, delta=auc - ref_auc,
                                     ci=paired_stats.percentile_ci(run_b - ref_b))
         deltas = [v["delta"] for v in per_seed.values()]
-        return dict(delta=float(np.mean(deltas)), ci=paired_stats.percentile_ci(np.mean(resampled, 0)),
+        return dict(delta=float(np.mean(deltas)),
+                    ci=paired_stats.percentile_ci(np.mean(resampled, 0)),
                     n=int(len(self.labels)), positives=int(self.labels.sum()), split="held_out",
                     seeds=list(pairs), per_seed=per_seed, method="paired bootstrap", note=None)
 

@@ -1,5 +1,5 @@
-"""Paired statistics for comparing a strategy with the reference: per-lab tests and a paired
-bootstrap of AUROC differences."""
+"""Paired statistics: per-lab tests of a strategy against the reference, and the seeded
+bootstrap resamples behind the AUROC-difference CIs of ``--compare`` and the probes' CIs."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
-from cvmae_jax.jsonio import atomic_path, write_text_atomic  # noqa: E402
+from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
+from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
 
 
 def write_report(path: str, result: dict) -> None:
@@ -40,14 +41,6 @@ def write_report(path: str, result: dict) -> None:
     if "exports" in result:
         lines += _export_lines(result["exports"])
     write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def save_figure(fig, path: str) -> None:
-    """Writes ``fig`` as a PNG atomically (tight layout, 120 dpi) and closes it."""
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 def _tier_table(tiers: dict) -> list[str]:

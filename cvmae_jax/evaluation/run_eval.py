@@ -1,4 +1,5 @@
-"""``eval.py``: evaluation of a pretrained run, written to ``RUN/eval/``.
+"""``eval.py``: evaluation of a pretrained run, written to ``RUN/eval/`` (``RUN/eval_<split>/``
+for a split other than held_out).
 
 Reconstruction under the fixed uniform mask (overall, by CV tier, per lab) and, optionally, with
 one code hidden at a time; downstream probes on the MEDS label tasks with label-efficiency
@@ -71,10 +72,9 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
 
 def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     """Restores the newest checkpoint of ``workdir`` and writes under ``eval_dir(workdir,
-    split)``: metrics.json,
-    report.md, reconstruction_by_lab.png, label_efficiency.png, embeddings/<task>.parquet and
-    predictions/<task>/{tuning,held_out}.parquet. ``config``: the run's config (default: its
-    config.json). Returns the metrics."""
+    split)``: metrics.json, report.md, reconstruction_by_lab.png, label_efficiency.png,
+    embeddings/<task>.parquet and predictions/<task>/{tuning,held_out}.parquet. ``config``:
+    the run's config (default: its config.json). Returns the metrics."""
     config = copy.deepcopy(config) if config is not None else read_config(workdir)
     config.eval.split = split  # a copy: the caller's config keeps its validation split
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),

@@ -22,6 +22,8 @@ def test_prepare_prints_summary_and_refuses_bad_input(tiny_meds, tmp_path):
     ok = _prepare(*flags)
     assert ok.returncode == 0, ok.stderr
     assert "train: 5 subjects" in ok.stdout and "prepare_report.md" in ok.stdout
+    assert "read it: tfds.data_source('meds_lab_sequences/" in ok.stdout
+    assert "Using custom data configuration" not in ok.stderr and "Downloading" not in ok.stdout
     shard = tiny_meds.root / "data/held_out/0.parquet"
     pq.write_table(pq.read_table(shard).drop_columns(["time"]), shard)
     bad = _prepare(*flags[:1], f"--config.data.data_dir={tmp_path / 'bad'}")
