@@ -22,7 +22,7 @@ from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.metrics import clock
 from cvmae_jax.run_setup import changed_settings
-from cvmae_jax.workdir import checkpoint_dir, eval_dir, read_config, read_eval_metrics
+from cvmae_jax.workdir import checkpoint_dir, eval_metrics_path, read_config, read_eval_metrics
 
 FLAGS = cli.FLAGS
 
@@ -54,7 +54,7 @@ def is_finished(run_dir: str, config) -> bool:
     """True when ``eval/metrics.json`` evaluates the final training step with the study's
     ``eval.*`` settings; refuses a finished run trained with other settings (as a resume
     would). A run evaluated with other eval settings is evaluated again (not retrained)."""
-    if not os.path.exists(os.path.join(eval_dir(run_dir), "metrics.json")):
+    if not os.path.exists(eval_metrics_path(run_dir)):
         return False
     if read_eval_metrics(run_dir).get("step") != config.train.num_steps:
         return False

@@ -24,6 +24,11 @@ def eval_dir(workdir: str, split: str = "held_out") -> str:
     return os.path.join(workdir, "eval" if split == "held_out" else f"eval_{split}")
 
 
+def eval_metrics_path(workdir: str, split: str = "held_out") -> str:
+    """eval.py's ``metrics.json`` of ``split``."""
+    return os.path.join(eval_dir(workdir, split), "metrics.json")
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config the run was trained with (its ``config.json``)."""
     return ml_collections.ConfigDict(_read(workdir, CONFIG_FILE))
@@ -37,7 +42,7 @@ def read_data_stats(workdir: str) -> dict:
 
 def read_eval_metrics(workdir: str) -> dict:
     """``eval/metrics.json`` of the held_out evaluation."""
-    return read_json(os.path.join(eval_dir(workdir), "metrics.json"),
+    return read_json(eval_metrics_path(workdir),
                      f"run `python eval.py --workdir={workdir}` first")
 
 

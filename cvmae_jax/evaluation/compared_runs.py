@@ -8,7 +8,8 @@ import json
 import os
 
 from cvmae_jax.masking import STRATEGIES
-from cvmae_jax.workdir import METRICS_FILE, eval_dir, read_config, read_eval_metrics
+from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
+                               read_eval_metrics)
 
 REFERENCE = "random"
 
@@ -28,7 +29,7 @@ class Run:
 
 
 def load_run(path: str) -> Run:
-    if not os.path.exists(os.path.join(eval_dir(path), "metrics.json")):
+    if not os.path.exists(eval_metrics_path(path)):
         raise FileNotFoundError(f"{path}: no eval/metrics.json; run `python eval.py "
                                 f"--workdir={path}` first")
     metrics = read_eval_metrics(path)

@@ -40,7 +40,7 @@ from cvmae_jax.model import ModelConfig
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
-from cvmae_jax.workdir import checkpoint_dir, eval_dir, read_config
+from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, read_config
 
 
 def eval_option(config, name: str):
@@ -149,7 +149,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         for task, written in result["exports"].items():
             logging.info("eval %s: embeddings of %d label rows, predictions %s", task,
                          written["embeddings"], written["predictions"])
-        write_json_atomic(os.path.join(out, "metrics.json"), result)
+        write_json_atomic(eval_metrics_path(workdir, split), result)
         report.write_report(os.path.join(out, "report.md"), result)
         report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
         report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"),
