@@ -163,7 +163,8 @@ def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
     assert delta["delta"] == pytest.approx(sample)  # rows aligned despite the shuffle
     lo, hi = delta["ci"]
     assert lo < true_delta < hi and lo > 0
-    assert hi - lo < 0.1 and delta["n"] == 2000 and delta["method"] == "paired bootstrap"
+    assert hi - lo < 0.1 and delta["n"] == 2000
+    assert delta["method"] == "paired bootstrap of subjects" and delta["subjects"] == 2000
 
 
 def test_a_single_class_task_says_there_is_no_auroc(tmp_path):
@@ -186,16 +187,38 @@ def test_a_single_class_task_says_there_is_no_auroc(tmp_path):
                              "class: no AUROC (eval/metrics.json has none either)")
 
 
-def test_vectorized_bootstrap_auroc_equals_sklearn_with_ties():
+def test_subject_bootstrap_auroc_equals_sklearn_on_the_resampled_rows():
     rng = np.random.default_rng(1)
+    subjects = rng.integers(0, 30, 80)  # 80 label rows of 30 subjects
     labels = rng.random(80) < 0.4
     scores = np.round(rng.random(80) + labels * 0.3, 1)  # many ties
-    idx = paired_stats.bootstrap_indices(80, seed=3, num=40)
-    got = paired_stats.resampled_aurocs(labels, scores, idx)
-    want = [roc_auc_score(labels[i], scores[i]) for i in idx]
+    bootstrap = paired_stats.SubjectBootstrap(subjects, seed=3, num=150)
+    weights = np.concatenate(list(bootstrap.weights()))
+    assert weights.shape == (150, 80) and bootstrap.n_subjects == len(np.unique(subjects))
+    for s in np.unique(subjects):  # a subject's rows are drawn together
+        assert (weights[:, subjects == s] == weights[:, subjects == s][:, :1]).all()
+    first_rows = np.unique(subjects, return_index=True)[1]
+    assert (weights[:, first_rows].sum(1) == bootstrap.n_subjects).all()  # draws per resample
+    got = paired_stats.resampled_aurocs(labels, scores, bootstrap)
+    want = [roc_auc_score(np.repeat(labels, w), np.repeat(scores, w)) for w in weights]
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    one_class = paired_stats.resampled_aurocs(np.zeros(5, bool), np.arange(5.0), idx[:2, :5] % 5)
+    np.testing.assert_array_equal(got, paired_stats.resampled_aurocs(labels, scores, bootstrap))
+    one_class = paired_stats.resampled_aurocs(
+        np.zeros(5, bool), np.arange(5.0), paired_stats.SubjectBootstrap(np.arange(5), 0, 2))
     assert np.isnan(one_class).all()
+
+
+def test_subject_bootstrap_is_unchanged_by_repeating_each_subjects_rows():
+    """A subject with k identical rows carries no more evidence than with one: the subject
+    bootstrap's AUROCs are the same (a bootstrap of rows would narrow the CI by ~sqrt(k))."""
+    rng = np.random.default_rng(4)
+    labels, scores = binormal(60, 0.8, rng)
+    once = paired_stats.resampled_aurocs(labels, scores,
+                                         paired_stats.SubjectBootstrap(np.arange(60), 0))
+    repeated = paired_stats.resampled_aurocs(
+        np.repeat(labels, 5), np.repeat(scores, 5),
+        paired_stats.SubjectBootstrap(np.repeat(np.arange(60), 5), 0))
+    np.testing.assert_allclose(repeated, once, rtol=1e-12)
 
 
 def test_missing_predictions_fall_back_to_the_two_aurocs_without_ci(tmp_path):
@@ -211,14 +234,17 @@ def test_missing_predictions_fall_back_to_the_two_aurocs_without_ci(tmp_path):
     assert delta["delta"] == pytest.approx(roc_auc_score(labels, b) - roc_auc_score(labels, a))
 
 
-def test_convergence_ratio_first_eval_step_at_or_below_randoms_final():
+def test_convergence_ratio_is_steps_to_randoms_final_mse_over_randoms_own_steps():
     ref = [(100, 1.0), (200, 0.9), (300, 0.8), (400, 0.75), (500, 0.7)]
     assert convergence([(100, 0.95), (200, 0.8), (300, 0.7), (400, 0.6)], ref) == dict(
-        step=300, reference_final_step=500, target_masked_mse=0.7, ratio=0.6, reason=None)
+        step=300, reference_step=500, target_masked_mse=0.7, ratio=0.6, reason=None)
     never = convergence([(100, 0.95), (300, 0.705), (500, 0.71)], ref)
     assert never["ratio"] is None
     assert never["reason"] == "never reached 0.7 in 500 steps (best 0.705, at step 300)"
     assert "no validation lines" in convergence([], ref)["reason"]
+    plateau = [(100, 0.80), (200, 0.70), (300, 0.72), (400, 0.71), (500, 0.70)]
+    assert convergence(plateau, plateau)["ratio"] == 1.0  # a run against itself
+    assert convergence(plateau, plateau)["reference_step"] == 200
 
 
 def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_step(tmp_path):
@@ -228,7 +254,29 @@ def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_ste
         f.write(json.dumps({"step": 100, "split": "tuning", "masked_mse": 0.65}) + "\n")
     conv = summarize_paths((ref, cv))[
         "strategies"]["cv"]["vs_random"]["convergence"]
-    assert conv["per_seed"] == {"0": 0.5} and conv["mean"] == 0.5
+    assert conv["details"]["0"]["ratio"] == 0.5
+    assert (conv["median"], conv["n_reached"], conv["n"]) == (0.5, 1, 1)
+
+
+@pytest.mark.parametrize("cv_curves, median, cell", [
+    ([((100, 0.6), (200, 0.6)), ((100, 0.9), (200, 0.8))], None,
+     "not reached (1/2 seeds reach it)"),
+    ([((100, 0.6), (200, 0.6)), ((100, 0.9), (200, 0.6)), ((100, 0.9), (200, 0.8))], 1.0,
+     "1.00 (2/3 seeds reach it)"),
+])
+def test_convergence_pools_seeds_that_never_reach_the_target_as_slowest(tmp_path, cv_curves,
+                                                                        median, cell):
+    """The median counts a seed that never reaches random's final MSE as the slowest, instead
+    of averaging over the seeds that do (which reported 0.50 for the first case)."""
+    paths = []
+    for seed, curve in enumerate(cv_curves):
+        paths.append(make_run(tmp_path, "random", seed, [1.0] * 4,
+                              curve=((100, 1.0), (200, 0.7))))
+        paths.append(make_run(tmp_path, "cv", seed, [1.0] * 4, curve=curve))
+    summary = summarize_paths(paths)
+    assert summary["strategies"]["cv"]["vs_random"]["convergence"]["median"] == median
+    assert f"| {cell} |" in "\n".join(report_lines(summary, []))
+    assert summary["seed_noise_floor"]["convergence_ratio"] == 1.0
 
 
 def test_single_code_and_perturbation_are_used_when_present(tmp_path):

@@ -59,6 +59,24 @@ def test_probe_on_noise_is_near_chance():
     assert r["bootstrap_used"] == 1000
 
 
+def test_probe_cis_resample_subjects_so_repeated_rows_add_no_evidence():
+    """Each held_out subject's label row repeated 3 times (several prediction times with the
+    same outcome and features): resampling subjects gives the CIs of the rows taken once."""
+    rng = np.random.default_rng(5)
+    train, tuning, (x_test, y_test) = (_split(rng, n, False) for n in (300, 200, 120))
+    x_test[:, 0] += 0.8 * y_test  # some signal, so the CIs are not degenerate
+    once = probe_task(*train, *tuning, x_test, y_test, seed=0)
+    repeated = probe_task(*train, *tuning, np.repeat(x_test, 3, 0), np.repeat(y_test, 3),
+                          seed=0, test_subjects=np.repeat(np.arange(120), 3))
+    assert repeated["n"] == 360 and repeated["n_subjects"] == once["n_subjects"] == 120
+    assert repeated["auroc"] == pytest.approx(once["auroc"])
+    assert repeated["auroc_ci"] == pytest.approx(once["auroc_ci"], rel=1e-12)
+    assert repeated["auprc_ci"] == pytest.approx(once["auprc_ci"], rel=1e-12)
+    by_row = probe_task(*train, *tuning, np.repeat(x_test, 3, 0), np.repeat(y_test, 3), seed=0)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(by_row["auroc_ci"]) < 0.8 * width(once["auroc_ci"])  # rows: too narrow
+
+
 def test_probe_single_class_held_out_and_tuning():
     rng = np.random.default_rng(2)
     x_test, _ = _split(rng, 50, True)

@@ -40,13 +40,13 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
             vs = e["vs_random"]
             cells += _lab_cells(vs["reconstruction"]["uniform"])
             cells += [_auroc_cell(e["auroc"][t], vs["auroc_delta"][t]) for t in tasks]
-            conv = vs["convergence"]
-            cells += [f"{_num(conv['mean'], '.2f')} ({conv['n']}/{len(e['seeds'])} seeds)"]
+            cells += [_convergence_cell(vs["convergence"])]
         cells += [_num(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Conventions:", *(f"- {k}: {v}." for k, v in summary["conventions"].items())]
     lines += ["- AUROC rows (held_out): " + "; ".join(
-        f"{t}: n = {i['n']} shared rows, {i['positives']} positive" if i["n"] else
+        f"{t}: n = {i['n']} shared rows of {i['subjects']} subjects, {i['positives']} positive"
+        if i["n"] else
         f"{t}: no predictions files" for t, i in summary["tasks"].items())] if tasks else []
     lines += ["- masked MSE: mean over seeds of each run's held_out masked MSE (normalized "
               "units); convergence: from the validation lines of each run's metrics.jsonl."]
@@ -72,10 +72,21 @@ def _noise_floor_line(floor: dict | None) -> str:
     if floor.get("note"):
         return f"- Seed noise floor (`{REFERENCE}` seed {b} vs seed {a}): n/a, {floor['note']}."
     win, p, d = _lab_cells(dict(pooled=floor))
+    steps = (_num(floor["convergence_ratio"], ".2f") if floor.get("convergence_ratio")
+             is not None else f"n/a ({floor.get('convergence_reason')})")
     return (f"- **Seed noise floor**: `{REFERENCE}` seed {b} vs `{REFERENCE}` seed {a} (the same "
-            f"strategy, another training seed): win rate {win}, Wilcoxon p {p}, Cohen's d {d}. "
-            "A strategy's p is evidence of an effect only well below this and with the same "
-            "direction in every seed (per-seed table).")
+            f"strategy, another training seed): win rate {win}, Wilcoxon p {p}, Cohen's d {d}, "
+            f"convergence ratio {steps}. A strategy's p or ratio is evidence of an effect only "
+            "well beyond this and with the same direction in every seed (per-seed table).")
+
+
+def _convergence_cell(conv: dict) -> str:
+    if not conv["n"]:
+        return "n/a (no validation lines)"
+    reached = f"{conv['n_reached']}/{conv['n']} seeds reach it"
+    if conv["median"] is None:
+        return f"not reached ({reached})"
+    return f"{conv['median']:.2f} ({reached})"
 
 
 def _lab_cells(lab: dict) -> list[str]:
@@ -125,7 +136,7 @@ def _per_seed_lines(strategies: dict, tasks: list[str]) -> list[str]:
     lines = ["", "## Per seed (strategy seed s vs random seed s)", "",
              "| strategy | seed | win rate (n labs) | Wilcoxon p | Cohen's d | "
              + " | ".join(f"Δ AUROC {t} [95% CI]" for t in tasks)
-             + (" | " if tasks else "") + "convergence step / random final step |",
+             + (" | " if tasks else "") + "convergence: step / random's step |",
              "|---|---:|---:|---:|---:|" + "---|" * len(tasks) + "---|"]
     for s, e in strategies.items():
         if s == REFERENCE:
@@ -138,7 +149,7 @@ def _per_seed_lines(strategies: dict, tasks: list[str]) -> list[str]:
                 d = vs["auroc_delta"][t]["per_seed"][seed]
                 cells.append("n/a" if d["delta"] is None else f"{d['delta']:+.3f}{_ci(d['ci'])}")
             c = vs["convergence"]["details"][seed]
-            cells.append(f"{c['step']} / {c['reference_final_step']}" if c["ratio"] is not None
+            cells.append(f"{c['step']} / {c['reference_step']}" if c["ratio"] is not None
                          else f"n/a ({c['reason']})")
             lines.append(f"| `{s}` | {seed} | " + " | ".join(cells) + " |")
     return lines

@@ -7,6 +7,8 @@ across labs; AUROC deltas pool seeds by averaging the per-seed deltas, resampled
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cvmae_jax.evaluation import paired_stats
@@ -25,11 +27,15 @@ CONVENTIONS = dict(
     cohens_d="mean / sd (ddof 1) of the per-lab differences; positive = strategy better",
     auroc_delta=f"AUROC(strategy) - AUROC(random) on the same held_out label rows, aligned by "
                 f"(subject_id, prediction_time); 95% CI from {paired_stats.NUM_BOOTSTRAP} paired "
-                f"bootstrap resamples of rows (seed {BOOTSTRAP_SEED}); with several seeds the "
-                f"mean delta over seed pairs, each resample shared by all of them",
-    convergence="first validation step (eval points only, no interpolation) whose masked MSE is "
-                "<= the paired random run's final validation masked MSE, divided by that "
-                "random run's final step; < 1 = reaches it sooner",
+                f"bootstrap resamples of subjects, each with all its rows (seed "
+                f"{BOOTSTRAP_SEED}); with several seeds the mean delta over seed pairs, each "
+                f"resample shared by all of them",
+    convergence="steps to reach the paired random run's final validation masked MSE: the "
+                "strategy's first validation step at or below it over the random run's own "
+                "first step at or below it (eval points only, no interpolation; random vs "
+                "itself = 1); < 1 = reaches it sooner; pooled as the median over seeds, a seed "
+                "that never reaches it counted as slower than any that does ('not reached' "
+                "when that is the median)",
     perturbation="masked MSE with corrupted inputs / clean masked MSE (eval/metrics.json "
                  "perturbation.<kind>.reconstruction.ratio)",
 )
@@ -71,14 +77,16 @@ def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
 
 
 def seed_noise_floor(reference: dict[int, Run]) -> dict | None:
-    """The across-lab comparison of the reference strategy with itself, first seed vs second:
-    what win rate, Wilcoxon p and Cohen's d a change of training seed alone gives (pooled
-    stats of ``_lab_stats`` plus "seeds"); None with fewer than two reference seeds."""
+    """The reference strategy against itself, second seed vs first: what win rate, Wilcoxon p,
+    Cohen's d (pooled stats of ``_lab_stats``) and convergence ratio a change of training seed
+    alone gives, plus "seeds"; None with fewer than two reference seeds."""
     if len(reference) < 2:
         return None
     first, second = sorted(reference)[:2]
     lab = _lab_stats({second: (reference[second], reference[first])}, "uniform")
-    return dict(lab.get("pooled", {}), seeds=[first, second], note=lab.get("note"))
+    steps = convergence(reference[second].validation, reference[first].validation)
+    return dict(lab.get("pooled", {}), seeds=[first, second], note=lab.get("note"),
+                convergence_ratio=steps["ratio"], convergence_reason=steps["reason"])
 
 
 def _over_seeds(values: dict[int, float | None]) -> dict:
@@ -150,30 +158,38 @@ def _label_efficiency(by_seed: dict[int, Run], task: str) -> dict:
 # --- convergence and perturbation -----------------------------------------------------------
 
 def _convergence(pairs: dict[int, tuple[Run, Run]]) -> dict:
+    """Per seed pair `convergence`, pooled as the median ratio over the pairs with validation
+    lines, a seed that never reaches the target counted as slower than any that does (so a
+    strategy is not scored on its reaching seeds alone; None when the median is such a seed)."""
     per_seed = {str(s): convergence(run.validation, ref.validation)
                 for s, (run, ref) in pairs.items()}
-    out = _over_seeds({s: v["ratio"] for s, v in per_seed.items()})
-    out["details"] = per_seed
-    return out
+    measured = [v for v in per_seed.values() if v["reference_step"] is not None]
+    ratios = [math.inf if v["ratio"] is None else v["ratio"] for v in measured]
+    median = float(np.median(ratios)) if ratios else None
+    return dict(median=median if median is not None and math.isfinite(median) else None,
+                n_reached=sum(v["ratio"] is not None for v in measured), n=len(measured),
+                details=per_seed)
 
 
 def convergence(curve: list[tuple[int, float]], reference: list[tuple[int, float]]) -> dict:
-    """First eval step of ``curve`` at or below the reference's final validation masked MSE,
-    and its ratio to the reference's final step (None with a reason when never reached)."""
-    out = dict(step=None, reference_final_step=None, target_masked_mse=None, ratio=None,
-               reason=None)
+    """Steps to reach the reference's final validation masked MSE (the target): the first eval
+    step of ``curve`` at or below it, over the reference's own first eval step at or below it
+    (eval points only, no interpolation). A run against itself gives 1; < 1 = sooner. Ratio
+    None with a reason when ``curve`` never reaches the target (or a curve is empty)."""
+    out = dict(step=None, reference_step=None, target_masked_mse=None, ratio=None, reason=None)
     if not reference or not curve:
         out["reason"] = "no validation lines in metrics.jsonl" + (
             " of the random run" if not reference else "")
         return out
-    out["reference_final_step"], out["target_masked_mse"] = reference[-1]
-    step = next((s for s, mse in curve if mse <= out["target_masked_mse"]), None)
+    target = out["target_masked_mse"] = reference[-1][1]
+    out["reference_step"] = next(s for s, mse in reference if mse <= target)
+    step = next((s for s, mse in curve if mse <= target), None)
     if step is None:
         best_step, best = min(curve, key=lambda point: point[1])
-        out["reason"] = (f"never reached {out['target_masked_mse']:.4g} in {curve[-1][0]} steps "
+        out["reason"] = (f"never reached {target:.4g} in {curve[-1][0]} steps "
                          f"(best {best:.4g}, at step {best_step})")
         return out
-    out["step"], out["ratio"] = step, step / out["reference_final_step"]
+    out["step"], out["ratio"] = step, step / out["reference_step"]
     return out
 
 

@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_files, label_windows
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, bootstrap_indices,
+from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                percentile_ci, resampled_aurocs)
 from cvmae_jax.model import mean_pool
 
@@ -128,8 +128,8 @@ def select_c(train_x, train_y, tuning_x, tuning_y, seed: int = 0) -> tuple[float
     return best, "tuning AUROC", float(scores[best])
 
 
-def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y,
-                   seed: int = 0) -> tuple[dict, Probe | None]:
+def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int = 0,
+                   test_subjects=None) -> tuple[dict, Probe | None]:
     """`probe_task`'s result and the fitted probe (None when train has a single class), so
     predictions and perturbations reuse the probe instead of fitting it again."""
     train_y, tuning_y, test_y = (np.asarray(y).astype(int) for y in (train_y, tuning_y, test_y))
@@ -141,7 +141,7 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y,
                   tuning_prevalence=float(tuning_y.mean()) if len(tuning_y) else None,
                   C=None, c_selection=None, tuning_auroc=None,
                   auroc=None, auroc_ci=None, auprc=None, auprc_ci=None,
-                  bootstrap_used=0, reason=None)
+                  bootstrap_used=0, n_subjects=None, reason=None)
     if _one_class(train_y):
         result["reason"] = f"train split has {len(train_y)} rows with a single class"
         return result, None
@@ -159,23 +159,34 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y,
     score = probe.decision(test_X)
     result["auroc"] = float(roc_auc_score(test_y, score))
     result["auprc"] = float(average_precision_score(test_y, score))
-    resamples = bootstrap_indices(len(test_y), seed)  # seeded, [NUM_BOOTSTRAP, n]
-    aurocs = resampled_aurocs(test_y, score, resamples)  # NaN where a resample has one class
-    used = np.flatnonzero(np.isfinite(aurocs))
+    bootstrap = SubjectBootstrap(np.arange(len(test_y)) if test_subjects is None
+                                 else test_subjects, seed)
+    aurocs = resampled_aurocs(test_y, score, bootstrap)  # NaN where a resample has one class
     result["auroc_ci"] = percentile_ci(aurocs)
-    result["auprc_ci"] = percentile_ci(
-        [average_precision_score(test_y[resamples[i]], score[resamples[i]]) for i in used])
-    result["bootstrap_used"] = len(used)
+    result["auprc_ci"] = percentile_ci(_resampled_auprcs(test_y, score, bootstrap, aurocs))
+    result["bootstrap_used"] = int(np.isfinite(aurocs).sum())
+    result["n_subjects"] = bootstrap.n_subjects  # of the test rows: the bootstrap's unit
     return result, probe
 
 
-def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int = 0) -> dict:
+def _resampled_auprcs(y, score, bootstrap: SubjectBootstrap, aurocs) -> list[float]:
+    """AUPRC on each resample with both classes (finite ``aurocs``), rows weighted by draws."""
+    weights = (w for chunk in bootstrap.weights() for w in chunk)
+    return [average_precision_score(y[w > 0], score[w > 0], sample_weight=w[w > 0])
+            for w, auroc in zip(weights, aurocs) if np.isfinite(auroc)]
+
+
+def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int = 0,
+               test_subjects=None) -> dict:
     """Standardized logistic-regression probe: fit on train, C by tuning AUROC, report held_out.
 
     Returns a dict with n / positives / prevalence per split, the chosen C (and why), and on
-    held_out: auroc, auprc and their bootstrap 95% CIs (`*_ci`, [lo, hi]), or None with
-    `reason` when the probe or the metric cannot be computed (never raises for one class)."""
-    return fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed)[0]
+    held_out: auroc, auprc and their bootstrap 95% CIs (`*_ci`, [lo, hi]; resampling
+    ``test_subjects``, the subject id of each test row, so a subject's rows stay together;
+    None: each row its own subject), or None with `reason` when the probe or the metric cannot
+    be computed (never raises for one class)."""
+    return fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed,
+                          test_subjects)[0]
 
 
 def find_tasks(labels_dir: str | Path) -> dict[str, Path]:
@@ -260,8 +271,9 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
              for split, ws in windows.items()}
         y = {split: np.array([bool(w["label"]) for w in ws], bool)
              for split, ws in windows.items()}
-        result, probe = fit_task_probe(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST],
-                                       seed=seed)
+        result, probe = fit_task_probe(
+            x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST], seed=seed,
+            test_subjects=[int(w["subject_id"]) for w in windows[TEST]])
         result["empty_windows"] = {s: int(sum(len(w["codes"]) == 0 for w in ws))
                                    for s, ws in windows.items()}
         out["tasks"][task] = result
@@ -287,8 +299,9 @@ def report_lines(downstream: dict) -> list[str]:
         return lines + [downstream.get("note", "no label tasks"), ""]
     lines += [f"Linear probe ({downstream['probe']}), C chosen on tuning by AUROC (C=1 when "
               f"tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
-              f"held_out, seed {downstream['seed']}.", "",
-              "| task | n test | prevalence | AUROC [95% CI] | AUPRC [95% CI] |",
+              f"held_out's subjects (a subject's label rows stay together), seed "
+              f"{downstream['seed']}.", "",
+              "| task | n test (subjects) | prevalence | AUROC [95% CI] | AUPRC [95% CI] |",
               "|---|---:|---:|---|---|"]
     notes = []
 
@@ -299,7 +312,8 @@ def report_lines(downstream: dict) -> list[str]:
 
     for task, r in downstream["tasks"].items():
         prev = r.get("prevalence")
-        lines.append(f"| {task} | {r.get('n', 0)} | {_fmt(prev)} | "
+        subjects = f" ({r['n_subjects']})" if r.get("n_subjects") is not None else ""
+        lines.append(f"| {task} | {r.get('n', 0)}{subjects} | {_fmt(prev)} | "
                      f"{cell(r.get('auroc'), r.get('auroc_ci'))} | "
                      f"{cell(r.get('auprc'), r.get('auprc_ci'))} |")
         if r.get("reason"):

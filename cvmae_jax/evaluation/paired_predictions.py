@@ -1,5 +1,5 @@
 """One downstream task's held_out predictions across runs, aligned on shared label rows, with
-paired-bootstrap AUROC deltas between runs."""
+paired-bootstrap AUROC deltas between runs (resampling subjects, each with all its rows)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ class TaskPredictions:
     """One task's held_out predictions of every run that has them, aligned on the rows all
     of those runs share, with each run's AUROC on every bootstrap resample of those rows."""
 
-    def __init__(self, task: str, labels, scores: dict[str, np.ndarray], missing: list[str],
-                 dropped: dict[str, int]):
+    def __init__(self, task: str, labels, subjects, scores: dict[str, np.ndarray],
+                 missing: list[str], dropped: dict[str, int]):
         self.task, self.labels, self.scores = task, labels, scores
         self.missing, self.dropped = missing, dropped
-        self.indices = paired_stats.bootstrap_indices(len(labels), BOOTSTRAP_SEED)
+        self.bootstrap = paired_stats.SubjectBootstrap(subjects, BOOTSTRAP_SEED)
         self._resampled: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -50,18 +50,19 @@ class TaskPredictions:
                                  f"shared rows; were the runs evaluated on the same data?")
             scores[name] = rows[:, 1]
         dropped = {name: len(t) - len(keys) for name, t in tables.items()}
-        return cls(task, labels if labels is not None else np.zeros(0, bool), scores, missing,
-                   dropped)
+        return cls(task, labels if labels is not None else np.zeros(0, bool),
+                   [subject for subject, _, _ in keys], scores, missing, dropped)
 
     def info(self) -> dict:
         return dict(n=int(len(self.labels)), positives=int(self.labels.sum()),
+                    subjects=self.bootstrap.n_subjects,
                     runs_with_predictions=sorted(self.scores), runs_without=self.missing,
                     rows_not_shared=self.dropped)
 
     def _auroc(self, name: str) -> tuple[float, np.ndarray]:
         if name not in self._resampled:
             self._resampled[name] = paired_stats.resampled_aurocs(
-                self.labels, self.scores[name], self.indices)
+                self.labels, self.scores[name], self.bootstrap)
         return float(roc_auc_score(self.labels, self.scores[name])), self._resampled[name]
 
     def delta(self, pairs: dict[int, tuple[Run, Run]]) -> dict:
@@ -79,8 +80,9 @@ class TaskPredictions:
         deltas = [v["delta"] for v in per_seed.values()]
         return dict(delta=float(np.mean(deltas)),
                     ci=paired_stats.percentile_ci(np.mean(resampled, 0)),
-                    n=int(len(self.labels)), positives=int(self.labels.sum()), split="held_out",
-                    seeds=list(pairs), per_seed=per_seed, method="paired bootstrap", note=None)
+                    n=int(len(self.labels)), positives=int(self.labels.sum()),
+                    subjects=self.bootstrap.n_subjects, split="held_out", seeds=list(pairs),
+                    per_seed=per_seed, method="paired bootstrap of subjects", note=None)
 
     def _delta_without_ci(self, pairs: dict[int, tuple[Run, Run]]) -> dict:
         per_seed = {}

@@ -1,5 +1,5 @@
 """Paired statistics: per-lab tests of a strategy against the reference, and the seeded
-bootstrap resamples behind the AUROC-difference CIs of ``--compare`` and the probes' CIs."""
+subject-level bootstrap behind the AUROC-difference CIs of ``--compare`` and the probes' CIs."""
 
 from __future__ import annotations
 
@@ -35,26 +35,53 @@ def lab_comparison(diffs) -> dict:
     return out
 
 
-def bootstrap_indices(n: int, seed: int, num: int = NUM_BOOTSTRAP) -> np.ndarray:
-    """[num, n] row indices drawn with replacement; shared by every run, so resamples pair."""
-    return np.random.default_rng(seed).integers(0, n, (num, n))
+class SubjectBootstrap:
+    """Bootstrap resamples of label rows that resample SUBJECTS with replacement, so the
+    correlated rows of one subject (several prediction times) enter or leave a resample
+    together. A resample is a weight per row: the number of times its subject was drawn.
+
+    ``groups[i]`` is row i's subject id. The resamples are regenerated from ``seed`` on each
+    ``weights()`` call, so every run scored with the same object (or the same groups and seed)
+    sees the same resamples: the AUROC differences of ``--compare`` are paired."""
+
+    def __init__(self, groups, seed: int, num: int = NUM_BOOTSTRAP):
+        _, self.group_of_row = np.unique(np.asarray(groups), return_inverse=True)
+        self.group_of_row = self.group_of_row.reshape(-1)
+        self.n_subjects = int(self.group_of_row.max()) + 1 if self.group_of_row.size else 0
+        self.seed, self.num = seed, num
+
+    def weights(self):
+        """Yields [<=_CHUNK, n] int64 row weights, ``num`` resamples in all (bounded memory)."""
+        rng = np.random.default_rng(self.seed)
+        k = self.n_subjects
+        for lo in range(0, self.num, _CHUNK):
+            size = min(_CHUNK, self.num - lo)
+            counts = rng.multinomial(k, np.full(k, 1.0 / k), size=size) if k else (
+                np.zeros((size, 0), np.int64))
+            yield counts[:, self.group_of_row]
 
 
-def resampled_aurocs(labels, scores, indices: np.ndarray) -> np.ndarray:
-    """AUROC of ``scores`` on each resample (row of ``indices``); NaN where a resample has one
-    class. Rank form of the Mann-Whitney U with average ranks for ties, which equals sklearn's
-    ``roc_auc_score``, vectorized over resamples (1000 sklearn calls take seconds)."""
+def resampled_aurocs(labels, scores, bootstrap: SubjectBootstrap) -> np.ndarray:
+    """[num] AUROC of ``scores`` on each resample; NaN where a resample has one class. The
+    weighted Mann-Whitney U with ties counted half, which equals sklearn's ``roc_auc_score`` on
+    the resample's rows (each row repeated by its weight), vectorized over resamples."""
     labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
+    _, tie_group = np.unique(scores, return_inverse=True)  # ascending score order
+    num_groups = int(tie_group.max()) + 1 if tie_group.size else 0
     out = []
-    for lo in range(0, len(indices), _CHUNK):
-        idx = indices[lo:lo + _CHUNK]
-        y = labels[idx]
-        ranks = stats.rankdata(scores[idx], axis=1)
-        pos = y.sum(1)
-        neg = y.shape[1] - pos
+    for w in bootstrap.weights():
+        offsets = np.arange(len(w))[:, None] * num_groups + tie_group[None, :]  # [c, n]
+
+        def per_group(rows):  # [c, num_groups] summed weights of `rows` in each tie group
+            return np.bincount(offsets[:, rows].ravel(), w[:, rows].ravel().astype(np.float64),
+                               len(w) * num_groups).reshape(len(w), num_groups)
+
+        pos, neg = per_group(labels), per_group(~labels)
+        below = np.cumsum(neg, 1) - neg  # negatives' weight with a lower score
+        u = (pos * (below + 0.5 * neg)).sum(1)
+        pos_w, neg_w = pos.sum(1), neg.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            u = (ranks * y).sum(1) - pos * (pos + 1) / 2.0
-            out.append(np.where((pos > 0) & (neg > 0), u / (pos * neg), np.nan))
+            out.append(np.where((pos_w > 0) & (neg_w > 0), u / (pos_w * neg_w), np.nan))
     return np.concatenate(out) if out else np.zeros(0)
 
 
