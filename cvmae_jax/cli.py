@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import importlib.util
 import logging as std_logging
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -124,22 +127,103 @@ def _raised_in(error: BaseException) -> str:
     return name.split(".")[0]
 
 
+def run(main) -> None:
+    """``absl.app.run(main)``, where a ``--config.<field>`` that names no field of the config
+    ends with one line naming it and the closest fields (ml_collections raises a bare
+    AttributeError or KeyError with a traceback)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    with config_field_errors(argv):
+        return app.parse_flags_with_usage(argv)
+
+
+@contextlib.contextmanager
+def config_field_errors(argv: list[str]):
+    """Turns ml_collections' error for an override of an unknown field into one line and exit
+    status 1 (ml_collections checks overrides when the flag is parsed, and for a config flag
+    with a default file already when it is defined)."""
+    try:
+        yield
+    except (AttributeError, KeyError):
+        unknown = unknown_config_fields(argv)
+        if not unknown:
+            raise
+        sys.exit("error: " + "; ".join(unknown))
+
+
+def unknown_config_fields(argv: list[str]) -> list[str]:
+    """One message per ``--config.<field>=...`` of ``argv`` that names no field of the config
+    file given with ``--config`` (default: cvmae_jax/config.py), with the closest field names."""
+    fields = _field_names(_config_file_named_in(argv))
+    out = []
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if not name.startswith(("--config.", "--noconfig.")):
+            continue
+        field = name.split("config.", 1)[1]
+        if field in fields:
+            continue
+        close = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.75)
+        section = field.rsplit(".", 1)[0] if "." in field else ""
+        siblings = sorted(f.rsplit(".", 1)[1] for f in fields
+                          if "." in f and f.rsplit(".", 1)[0] == section)
+        out.append(f"--config.{field}: no such config field" + (
+            "; did you mean " + " or ".join(f"--config.{c}" for c in close) + "?" if close
+            else "") + (f" (config.{section} has: {', '.join(siblings)})" if siblings and
+                        not close else ""))
+    return out
+
+
+def _config_file_named_in(argv: list[str]) -> ml_collections.ConfigDict:
+    """The config of the ``--config=FILE`` (or ``--config FILE``) argument, else the defaults."""
+    path = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path and os.path.isfile(path.split(":", 1)[0]):
+        try:
+            spec = importlib.util.spec_from_file_location("_named_config",
+                                                          path.split(":", 1)[0])
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.get_config()
+        except Exception:  # noqa: BLE001 - the message then lists the default config's fields
+            pass
+    return config_module.default_config()
+
+
+def _field_names(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+    """Dotted names of every leaf field ("train.num_steps", ...)."""
+    names = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            names |= _field_names(value, f"{prefix}{key}.")
+        else:
+            names.add(f"{prefix}{key}")
+    return names
+
+
 def train_main() -> None:
     """``python train.py --config=configs/demo.py --workdir=runs/demo``."""
     reuse_freed_memory()
     define_common_flags(config_required=True)
-    app.run(_train)
+    run(_train)
 
 
 def eval_main() -> None:
     """``python eval.py --workdir=runs/demo [--config.eval.labels_dir=...] [--split=held_out]``, or
     ``python eval.py --compare=RUN_A,RUN_B,... --workdir=OUT`` to compare evaluated runs."""
     reuse_freed_memory()
-    define_common_flags(config_required=False)
+    with config_field_errors(sys.argv):  # the default config parses overrides when defined
+        define_common_flags(config_required=False)
     flags.DEFINE_string("split", "held_out", "Split of the reconstruction metrics (the probes "
                         "always test on held_out); writes eval/ for held_out, eval_<split>/ "
                         "otherwise.")
     flags.DEFINE_list("compare", None, "Comma-separated evaluated run workdirs (one with "
                       "masking strategy 'random'): compare them into --workdir instead of "
                       "evaluating --workdir.")
-    app.run(_eval)
+    run(_eval)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cvmae_jax.cli import filter_library_lines, user_errors
+from cvmae_jax.cli import filter_library_lines, run, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -54,7 +54,7 @@ def main() -> None:
         "config", None, "Path to a config file in configs/ (fields can be overridden with "
         "--config.<field>=<value>).", lock_config=True)
     flags.mark_flags_as_required(["config"])
-    app.run(_prepare)
+    run(_prepare)
 
 
 if __name__ == "__main__":

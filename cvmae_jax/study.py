@@ -117,7 +117,7 @@ def _study(argv) -> None:
 def main() -> None:
     reuse_freed_memory()  # as train.py: the study trains in this process
     cli.define_common_flags(config_required=True)
-    app.run(_study)
+    cli.run(_study)
 
 
 if __name__ == "__main__":

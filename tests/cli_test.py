@@ -111,6 +111,24 @@ def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, m
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--config=configs/demo.py", "--config.train.steps=5"],
+     "error: --config.train.steps: no such config field; did you mean --config.train.num_steps "
+     "or --config.train.warmup_steps?"),
+    ("eval.py", ["--config.eval.lables_dir=/labels"],
+     "error: --config.eval.lables_dir: no such config field; did you mean "
+     "--config.eval.labels_dir?"),
+    ("train.py", ["--config=configs/study.py", "--config.study.seed=1"],
+     "did you mean --config.study.seeds?"),  # a field only that config file has
+    ("train.py", ["--config=configs/demo.py", "--config.model.xyz=1"],
+     "error: --config.model.xyz: no such config field (config.model has: attention, d_model,"),
+])
+def test_an_unknown_config_field_is_one_line_naming_it(tmp_path, script, args, message):
+    result = run(script, f"--workdir={tmp_path / 'run'}", *args)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_eval_overrides_apply_to_old_config_files_and_are_checked(tmp_path):
     from cvmae_jax.evaluation.run_eval import run_config_with
 
