@@ -7,6 +7,8 @@ counted (see `event_counts`), never silently dropped; bad input raises `MEDSForm
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -239,6 +241,28 @@ def death_times(t: pa.Table) -> pa.Table:
 def count_duplicates(events: pa.Table) -> int:
     """Rows of `events` that repeat an earlier row exactly (subject, time, code, value)."""
     return events.num_rows - events.group_by(list(EVENT_COLUMNS)).aggregate([]).num_rows
+
+
+def count_mirrored_values(events: pa.Table) -> collections.Counter:
+    """(code, other code) -> number of (subject, time, value) of ``code`` in ``events`` that
+    ``other code`` also has: a value one code copies from another (MIMIC-IV's ICU chart items
+    copy hospital lab results), which a model can read off the copy when one of them is masked.
+    Counted per (subject, time, value) group, in both directions."""
+    groups = events.group_by(["subject_id", "time", "numeric_value"]).aggregate(
+        [("code", "distinct")])["code_distinct"].combine_chunks()
+    sizes = pc.list_value_length(groups).to_numpy(zero_copy_only=False)
+    pairs: collections.Counter = collections.Counter()
+    two = pc.dictionary_encode(pc.list_flatten(groups.filter(pa.array(sizes == 2))))
+    index = two.indices.to_numpy(zero_copy_only=False).reshape(-1, 2)  # vectorized: most groups
+    if len(index):
+        names = two.dictionary.to_pylist()
+        found, counts = np.unique(np.concatenate([index, index[:, ::-1]]), axis=0,
+                                  return_counts=True)
+        pairs.update({(names[a], names[b]): int(n) for (a, b), n in zip(found, counts)})
+    for codes in groups.filter(pa.array(sizes > 2)).to_pylist():
+        for a, b in itertools.permutations(codes, 2):
+            pairs[a, b] += 1
+    return pairs
 
 
 def count_after_death(events: pa.Table, deaths: pa.Table) -> int:

@@ -6,6 +6,7 @@ Counts and aggregates only: never subject ids or raw rows.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from cvmae_jax.data.stats import DataStats, json_float
 
 # Selected codes whose train mean and std look like z-scores (already normalized upstream).
 NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
+# A selected code is "mirrored" when at least this share of its train values equal a value of
+# another selected code at the same (subject, time).
+MIRRORED_SHARE = 0.9
 
 
 def code_rows(stats: DataStats) -> list[dict]:
@@ -44,6 +48,36 @@ def warnings_for(stats: DataStats) -> list[str]:
             "teach nothing about volatility; list the codes to keep with "
             "config.data.lab_codes to leave them out.")
     return warnings
+
+
+def mirrored_codes(pairs: Mapping[tuple[str, str], int], stats: DataStats) -> list[dict]:
+    """Selected codes with >= MIRRORED_SHARE of their train values equal to a value of another
+    selected code at the same (subject, time) (``meds.count_mirrored_values`` over train), each
+    with the code it mirrors most, most mirrored first: [{code, mirrors, values, share}]."""
+    count = dict(zip(stats.codes, stats.count.tolist()))
+    best: dict[str, tuple[int, str]] = {}
+    for (code, other), n in pairs.items():
+        if code in count and other in count and n > best.get(code, (0, ""))[0]:
+            best[code] = (n, other)
+    rows = [dict(code=code, mirrors=other, values=n, share=n / count[code])
+            for code, (n, other) in best.items()
+            if count[code] and n / count[code] >= MIRRORED_SHARE]
+    return sorted(rows, key=lambda r: (-r["share"], r["code"]))
+
+
+def mirrored_warning(rows: list[dict], vocab_size: int) -> list[str]:
+    """The report's warning about ``mirrored_codes`` rows (none when there are none)."""
+    if not rows:
+        return []
+    shown = "; ".join(f"{r['code']} = {r['mirrors']} ({r['share']:.0%})" for r in rows[:4])
+    return [f"{len(rows)} of {vocab_size} selected codes have >= {MIRRORED_SHARE:.0%} of their "
+            f"train values equal to another selected code's value at the same time ({shown}"
+            f"{'; ...' if len(rows) > 4 else ''}; all in prepare_report.json "
+            "'mirrored_codes'): when one of such a pair is masked the model can read its value "
+            "off the other, so their reconstruction is easy and a masking strategy's effect on "
+            "them says little. On MIMIC-IV `^LAB//` takes ICU chart items, some of which copy "
+            "hospital lab results or each other; --config.data.lab_code_pattern="
+            "'^LAB//(RESULT//)?5\\d{4}//' keeps the hospital lab table only."]
 
 
 def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], selected,
@@ -89,6 +123,12 @@ def markdown(report: dict) -> str:
     for r in report["codes"]:
         lines.append(f"| {r['code']} | {r['unit']} | {r['count']:,} | {r['subjects']:,} | "
                      + " | ".join(_fmt(r[k]) for k in ("mean", "std", "cv")) + " |")
+    if report.get("mirrored_codes"):
+        lines += ["", f"Codes with >= {MIRRORED_SHARE:.0%} of their train values equal to "
+                  "another code's value at the same (subject, time):", "",
+                  "| code | equals | values | share |", "|---" * 4 + "|"]
+        lines += [f"| {r['code']} | {r['mirrors']} | {r['values']:,} | {r['share']:.1%} |"
+                  for r in report["mirrored_codes"]]
     return "\n".join(lines) + "\n"
 
 

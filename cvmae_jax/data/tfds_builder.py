@@ -11,6 +11,8 @@ Everything goes to tfds's temporary folder, renamed to the version folder only o
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import hashlib
 import json
@@ -128,10 +130,12 @@ class MedsLabSequences(FileReaderBuilder):
         ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
         features = self.info.features
-        lab, windows = {}, {}
+        lab, windows, mirrored = {}, {}, collections.Counter()
         with SplitWriter(self._get_filename_template(split), self.SHARD_BYTES) as writer:
             for events, shard_counts in stream.lab_events_by_shard(
                     plan.scan.shards[split], plan.lookup, split, plan.stats.codes):
+                if split == "train":
+                    mirrored.update(meds.count_mirrored_values(events))
                 shard_windows = {}
                 for example in sequences.build_examples(
                         events, plan.stats, cfg.max_len, cfg.window, cfg.min_window_len,
@@ -145,6 +149,11 @@ class MedsLabSequences(FileReaderBuilder):
                     f">= {cfg.min_window_len} events of the selected lab codes")
             info = writer.close()
         plan.report["splits"][split].update(lab=lab, windows=windows)
+        if split == "train":
+            rows = plan.report["mirrored_codes"] = report_lib.mirrored_codes(mirrored, plan.stats)
+            for w in report_lib.mirrored_warning(rows, plan.stats.vocab_size):
+                plan.report["warnings"].append(w)
+                log(f"[prepare] WARNING: {w}")
         log(f'[prepare] {split}: {windows["examples"]:,} examples, {windows["tokens"]:,} '
               f'tokens from {lab["lab_events"]:,} lab events, {info.num_shards} shard(s)')
         return info

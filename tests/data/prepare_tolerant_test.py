@@ -129,6 +129,36 @@ def test_constant_codes_are_warned_about(tiny_meds, tmp_path):
     assert prepared.stats.cv[list(prepared.stats.codes).index(tiny_meds.B)] == 0
 
 
+def test_counting_values_another_code_has_at_the_same_time():
+    t = pa.table({"subject_id": [1, 1, 1, 1, 1, 2, 2, 2],
+                  "time": pa.array([0, 0, 0, 5, 5, 0, 0, 9], pa.timestamp("us")),
+                  "code": ["A", "B", "C", "A", "B", "A", "B", "A"],
+                  "numeric_value": [1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 4.0, 4.0]})
+    # (1, 0, 1.0): A, B and C; (1, 5): values differ; (2, 0, 4.0): A and B; (2, 9): A alone
+    assert meds.count_mirrored_values(t) == {("A", "B"): 2, ("B", "A"): 2, ("A", "C"): 1,
+                                             ("C", "A"): 1, ("B", "C"): 1, ("C", "B"): 1}
+
+
+def test_codes_copying_another_codes_values_are_warned_about(tiny_meds, tmp_path):
+    copy = "LAB//COPY//mg/dL"
+
+    def add_copies_of_a(t):
+        a = t.filter(pc.equal(t["code"].cast(pa.string()), tiny_meds.A))
+        copies = a.set_column(2, "code", pa.array([copy] * a.num_rows, t.schema.field(2).type))
+        return pa.concat_tables([t, copies]).sort_by([("subject_id", "ascending"),
+                                                      ("time", "ascending")])
+
+    _rewrite_shards(tiny_meds.root, add_copies_of_a)
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path)
+    assert {r["code"]: r["mirrors"] for r in prepared.report["mirrored_codes"]} == {
+        tiny_meds.A: copy, copy: tiny_meds.A}
+    assert all(r["share"] == 1.0 for r in prepared.report["mirrored_codes"])
+    (warning,) = [w for w in prepared.report["warnings"] if "same time" in w]
+    assert warning.startswith(f"2 of {prepared.stats.vocab_size} selected codes have >= 90% of "
+                              "their train values equal to another selected code's value")
+    assert f"| {copy} | {tiny_meds.A} |" in open(f"{prepared.path}/prepare_report.md").read()
+
+
 def test_reservoir_quantiles_are_seeded_and_close():
     rng = np.random.default_rng(1)
     n = 50_000
