@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.parallel.coordinator_address = ml_collections.FieldReference(None, field_type=str)
     config.parallel.num_processes = ml_collections.FieldReference(None, field_type=int)
     config.parallel.process_id = ml_collections.FieldReference(None, field_type=int)
+    # GPUs this process uses (None: all, except under SLURM/Open MPI where JAX picks the one of
+    # the task's local rank: one process per GPU); README "Launching on GPUs, TPU VMs and pods"
+    config.parallel.local_device_ids = ml_collections.FieldReference(None, field_type=tuple)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.labels_dir = ml_collections.FieldReference(None, field_type=str)  # None: MEDS/labels

@@ -52,16 +52,20 @@ def initialize_distributed(parallel_config) -> None:
     coordinator_address/num_processes/process_id is (a manual launch, e.g. several processes
     on one machine; without it each would train alone on the same workdir).
 
-    Unset fields are auto-detected (TPU VM pods, SLURM, ...).
+    Unset fields are auto-detected (TPU VM pods, SLURM, ...). ``local_device_ids`` None lets
+    JAX choose: every local device, except under SLURM or Open MPI, where each process gets the
+    one GPU of its local rank (so launch one task per GPU, or list the GPUs of a task).
     """
     manual = (parallel_config.coordinator_address, parallel_config.num_processes,
               parallel_config.process_id)
     if jax.distributed.is_initialized() or not (
             parallel_config.distributed or any(field is not None for field in manual)):
         return
+    local_ids = parallel_config.get("local_device_ids")
     jax.distributed.initialize(coordinator_address=parallel_config.coordinator_address,
                                num_processes=parallel_config.num_processes,
-                               process_id=parallel_config.process_id)
+                               process_id=parallel_config.process_id,
+                               local_device_ids=list(local_ids) if local_ids else None)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ from cvmae_jax.config_checks import check_config
 from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
+SHARED_WORKDIR_WAIT_S = 30.0  # check_processes_share: longest wait for process 0's file
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
                      "train.compilation_cache_dir",
@@ -63,7 +65,8 @@ def resolve_meds_dir(config, workdir: str) -> str:
 
 def prepare_run_data(config, workdir: str) -> PreparedDataset:
     """The prepared dataset; with several processes, process 0 builds it while the others wait,
-    then they reuse it."""
+    then they reuse it. When process 0 fails (bad MEDS input), every process raises at once
+    (they would otherwise wait in the barrier until JAX's shutdown timeout)."""
     def prepare():
         return prepare_dataset(config.data, resolve_meds_dir(config, workdir),
                                data_dir(config, workdir), log=logging.info)
@@ -73,9 +76,50 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
     if jax.process_index() != 0:
         logging.info("process %d: waiting for process 0 to prepare the dataset",
                      jax.process_index())
-    dataset = prepare() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("cvmae_jax: dataset prepared")
-    return dataset or prepare()
+        failed = multihost_utils.broadcast_one_to_all(np.int32(0))
+        if failed:
+            raise ValueError("process 0 could not prepare the dataset; its error is in its log")
+        return prepare()
+    try:
+        dataset = prepare()
+    except BaseException:
+        multihost_utils.broadcast_one_to_all(np.int32(1))  # releases the waiting processes
+        raise
+    multihost_utils.broadcast_one_to_all(np.int32(0))
+    return dataset
+
+
+def check_processes_share(workdir: str, start_step: int,
+                          wait_s: float = SHARED_WORKDIR_WAIT_S) -> None:
+    """With several processes: every process sees the same ``workdir`` (a file process 0
+    writes there) and resumes from the same checkpoint step; else every process raises with
+    the processes that differ (instead of hanging at the first checkpoint). Waits up to
+    ``wait_s`` for the file, for network file systems that cache directory listings."""
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(
+        np.int32(np.random.default_rng().integers(1, 2**31 - 1))))
+    marker = os.path.join(workdir, f".shared_by_processes_{token}")
+    if jax.process_index() == 0:
+        with open(marker, "w"):
+            pass
+    multihost_utils.sync_global_devices("cvmae_jax: shared workdir marker written")
+    deadline = time.monotonic() + wait_s
+    while not (sees := os.path.exists(marker)) and time.monotonic() < deadline:
+        os.listdir(workdir)  # a directory read refreshes cached listings on NFS
+        time.sleep(0.5)
+    seen = multihost_utils.process_allgather(np.array([sees, start_step], np.int64))
+    if jax.process_index() == 0:
+        os.remove(marker)
+    blind = [i for i, (ok, _) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(f"{workdir}: process(es) {blind} do not see the files process 0 writes "
+                         "there; every process needs the same workdir on a shared file system "
+                         "(NFS, Filestore, a GCS-FUSE mount), not a local disk")
+    if len({int(step) for _, step in seen}) > 1:
+        raise ValueError(f"{workdir}: the processes see different latest checkpoints "
+                         f"({sorted({int(step) for _, step in seen})}); is a save still being "
+                         "copied? Rerun when every process sees the same checkpoints")
 
 
 def remove_empty_folders(path: str) -> None:

@@ -35,9 +35,11 @@ class _Preemption:
     """SIGTERM sets a flag the loop checks after each step (single process). With several
     processes, Orbax's preemption sync point makes every process stop at the same step."""
 
-    def __init__(self, checkpointer: Checkpointer):
+    def __init__(self, checkpointer: Checkpointer, preempted_early: bool = False):
         self.checkpointer = checkpointer
         self.flag = threading.Event()
+        if preempted_early:
+            self.flag.set()
         self.previous = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
@@ -68,8 +70,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer = Checkpointer(checkpoint_dir(workdir),
                                 config.train.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
+    # Every process reports its step to JAX's preemption sync now: a notice that arrives while
+    # resuming then stops the run at start_step + 1 (else at step 1, never reached after it).
+    preempted_early = checkpointer.manager.reached_preemption(start_step)
     saved_run = checkpointer.restore_run_info(start_step) if start_step else None
     try:  # a refused resume or bad data leaves the workdir as it was
+        run_setup.check_processes_share(workdir, start_step)
         if saved_run:
             run_setup.check_resume_settings(saved_run, config, start_step)
         dataset = run_setup.prepare_run_data(config, workdir)
@@ -134,7 +140,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     writer = MetricsWriter(os.path.join(workdir, METRICS_FILE), start_step)
     progress = Progress(config.train.num_steps)
-    preemption = _Preemption(checkpointer)
+    preemption = _Preemption(checkpointer, preempted_early)
     pending = None
     window, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0
     last_train, last_eval, preempted = {}, {}, False

@@ -1,13 +1,17 @@
-"""Two processes on localhost (4 fake CPU devices each) train like one process with 8, and
-their checkpoint is not resumed by one process."""
+"""Two processes on localhost (4 fake CPU devices each) train like one process with 8, their
+checkpoint is not resumed by one process, and a failure that one process meets ends both at
+once with an error (instead of a hang until JAX's shutdown timeout)."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
 
-from preemption_test import REPO, command, finish, last_losses
+from preemption_test import REPO, command, finish, last_losses, wait_for_step
 from train_test import read_metrics
 
 
@@ -51,3 +55,72 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert one.returncode == 1 and ("error: the checkpoint at step 30 was written by 2 "
                                     "process(es) and this run has 1") in one.stderr
     assert (multi / "config.json").read_text() == config_before  # a refused run writes nothing
+
+
+def start_two(commands, logs=None):
+    """Two processes of one distributed run on localhost; ``commands[i]`` is process i's;
+    output to pipes, or to the files ``logs`` (to be read while the processes run)."""
+    address = f"localhost:{free_port()}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    return [subprocess.Popen(
+        cmd + [f"--config.parallel.coordinator_address={address}",
+               "--config.parallel.num_processes=2", f"--config.parallel.process_id={i}"],
+        cwd=REPO, text=True, stderr=subprocess.STDOUT, env=env,
+        stdout=subprocess.PIPE if logs is None else open(logs[i], "w"))
+        for i, cmd in enumerate(commands)]
+
+
+def outcomes(processes):
+    """(exit code, output) of each process, and the seconds until the last one ended."""
+    start = time.monotonic()
+    results = [(p.wait(timeout=240), p.communicate()[0]) for p in processes]
+    return results, time.monotonic() - start
+
+
+def test_a_data_error_on_process_0_ends_every_process_with_an_error(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = command(workdir, tmp_path / "data") + [f"--config.data.meds_dir={tmp_path}/no_meds"]
+    (code0, out0), (code1, out1) = outcomes(start_two([cmd, cmd]))[0]
+    assert code0 == 1 and f"{tmp_path}/no_meds" in out0 and "error:" in out0, out0[-2000:]
+    assert code1 == 1 and ("error: process 0 could not prepare the dataset; its error is in "
+                           "its log") in out1, out1[-2000:]
+    assert not workdir.exists()  # the run's folders are removed, as with one process
+
+
+def test_a_workdir_that_the_processes_do_not_share_is_refused(tmp_path):
+    """Each process on its own local disk: every process says so (it hung at the first
+    checkpoint). Takes run_setup.SHARED_WORKDIR_WAIT_S (30 s) for process 1 to give up."""
+    data_dir = tmp_path / "data"
+    results, _ = outcomes(start_two([command(tmp_path / f"host{i}", data_dir)
+                                     for i in range(2)]))
+    for code, output in results:
+        assert code == 1 and ("do not see the files process 0 writes there; every process "
+                              "needs the same workdir on a shared file system") in output, (
+            output[-2000:])
+        assert "process(es) [1]" in output
+    assert not (tmp_path / "host0").exists() and not (tmp_path / "host1").exists()
+
+
+def test_sigterm_while_a_resumed_run_compiles_stops_both_processes_at_the_next_step(tmp_path):
+    """JAX's preemption sync point is the largest step the processes reported + 1. A resumed
+    run used to report its first step only after compiling, so a notice during the restore or
+    compile set the sync point to step 1, never reached: the run trained on until killed."""
+    workdir, data_dir = tmp_path / "run", tmp_path / "data"
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    first = start_two([command(workdir, data_dir)] * 2, logs)
+    wait_for_step(workdir, 5, first[0])
+    for p in first:
+        p.send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=240) for p in first] == [0, 0]
+    stopped = int(re.search(r"Preempted \(SIGTERM\) at step (\d+)", logs[0].read_text())[1])
+    resumed = start_two([command(workdir, data_dir)] * 2, logs)
+    deadline = time.monotonic() + 240
+    while "Resumed from the checkpoint" not in logs[0].read_text():
+        assert time.monotonic() < deadline and resumed[0].poll() is None, logs[0].read_text()
+        time.sleep(0.05)
+    for p in resumed:  # before the first step (the compile takes seconds)
+        p.send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=240) for p in resumed] == [0, 0], logs[0].read_text()[-3000:]
+    assert f"Preempted (SIGTERM) at step {stopped + 1}" in logs[0].read_text()
+    assert str(stopped + 1) in os.listdir(workdir / "checkpoints")

@@ -4,6 +4,7 @@ changes, resume refusal, the non-finite guard and the transfer guard."""
 import json
 import os
 import shutil
+from unittest import mock
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import cvmae_jax.train as train_module
 from cvmae_jax import parallel
 from cvmae_jax.checkpoint import Checkpointer
+from cvmae_jax.config import default_config
 from cvmae_jax.train import train_and_evaluate
 
 from train_test import read_metrics, tiny_config
@@ -196,3 +198,28 @@ def test_the_compiled_step_runs_on_the_state_leaves_and_donates_them(launcher_cl
     assert sorted(new_state) == ["count", "weights"] and int(new_state["count"]) == 1
     np.testing.assert_array_equal(new_state["weights"], [0.0, 2.0, 4.0])
     assert float(np.ravel(launcher.fetch(metric))[0]) == 3.0 + 8.0  # weights + all 16 values
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(distributed=True), dict(coordinator_address=None, num_processes=None,
+                                  process_id=None, local_device_ids=None)),
+    (dict(distributed=True, local_device_ids=(0, 1, 2, 3)),  # one SLURM task per node, 4 GPUs
+     dict(coordinator_address=None, num_processes=None, process_id=None,
+          local_device_ids=[0, 1, 2, 3])),
+    (dict(coordinator_address="host:1234", num_processes=2, process_id=1),  # implies distributed
+     dict(coordinator_address="host:1234", num_processes=2, process_id=1,
+          local_device_ids=None)),
+])
+def test_initialize_distributed_passes_the_config_fields(fields, expected):
+    config = default_config().parallel
+    config.update(fields)
+    with mock.patch.object(jax.distributed, "is_initialized", return_value=False), \
+            mock.patch.object(jax.distributed, "initialize") as initialize:
+        parallel.initialize_distributed(config)
+    initialize.assert_called_once_with(**expected)
+
+
+def test_initialize_distributed_is_not_called_for_one_process():
+    with mock.patch.object(jax.distributed, "initialize") as initialize:
+        parallel.initialize_distributed(default_config().parallel)
+    initialize.assert_not_called()
