@@ -110,7 +110,7 @@ def user_errors():
     exception and the module, and -v=1 shows the traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, MEDSFormatError) as error:
+    except (ValueError, OSError, MEDSFormatError) as error:  # OSError: unwritable paths too
         logging.debug("traceback of the error below", exc_info=True)  # shown with -v=1
         origin = _raised_in(error)
         sys.exit(f"error: {error}" + ("" if origin == __package__ else

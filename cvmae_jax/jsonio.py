@@ -61,3 +61,15 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+
+
+def check_writable(folder: str | os.PathLike, purpose: str) -> None:
+    """Raises ValueError when files cannot be created in ``folder`` (or, while it does not
+    exist, in its nearest existing parent): called before long work that ends by writing there,
+    so a read-only or mistyped path fails in a second, not after the work."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        kind = "a folder that cannot be written" if os.path.isdir(existing) else "not a folder"
+        raise ValueError(f"{folder}: cannot write there ({existing} is {kind}); {purpose}")

@@ -72,6 +72,16 @@ def _add(totals: dict, outputs: dict) -> None:
         totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
 
 
+NO_VARIATION_MSE = 1e-8  # a code's per-code-mean baseline MSE below this: its values on the
+# split do not vary (a constant code), so there is nothing to reconstruct and no ratio to it
+
+
+def vs_baseline(row: dict) -> float | None:
+    """A per-code row's MSE / its per-code-mean baseline MSE; None for a code without
+    variation on the split (the ratio would divide by ~0)."""
+    return row["mse"] / row["baseline_mse"] if row["baseline_mse"] > NO_VARIATION_MSE else None
+
+
 def summarize(sums: dict[str, np.ndarray], codes: tuple[str, ...], norm_std: np.ndarray,
               mask_prob: np.ndarray | None = None) -> dict:
     """Overall and per-code errors from per-code sums.

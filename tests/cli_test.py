@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -127,6 +128,22 @@ def test_an_unknown_config_field_is_one_line_naming_it(tmp_path, script, args, m
     result = run(script, f"--workdir={tmp_path / 'run'}", *args)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run("train.py", "--config=configs/demo.py", f"--workdir={tmp_path}/a_file/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'" in result.stderr
+    workdir = tmp_path / "run"  # eval's results folder cannot be created: refused up front
+    shutil.copytree(trained[0], workdir)
+    shutil.rmtree(workdir / "eval", ignore_errors=True)
+    (workdir / "eval").write_text("")
+    result = run("eval.py", f"--workdir={workdir}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"error: {workdir}/eval: cannot write there ({workdir}/eval is not a folder); "
+            "eval.py writes its results there") in result.stderr
+    assert "reconstruction on held_out" not in result.stderr  # before any evaluation
 
 
 def test_eval_overrides_apply_to_old_config_files_and_are_checked(tmp_path):

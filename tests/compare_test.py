@@ -354,3 +354,17 @@ def test_cli_compare_writes_the_report_and_refuses_unusable_runs(tmp_path):
     result = run_eval_cli(f"--compare={ref},{cv}", f"--workdir={tmp_path}/out")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| `cv` | 0 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_codes_without_variation_are_left_out_of_the_lab_comparison(tmp_path):
+    """A constant code has baseline MSE 0 and errors ~0 for every model: its sign is noise."""
+    ref = make_run(tmp_path, "random", 0, [1.0, 1.0, 1.0, 2e-6])
+    cv = make_run(tmp_path, "cv", 0, [0.9, 0.9, 0.9, 1e-6])
+    for path in (ref, cv):
+        metrics_path = os.path.join(path, "eval", "metrics.json")
+        metrics = json.load(open(metrics_path))
+        metrics["per_code"][3]["baseline_mse"] = 0.0  # LAB//D: one value on held_out
+        json.dump(metrics, open(metrics_path, "w"))
+    lab = summarize_paths((ref, cv))["strategies"]["cv"]["vs_random"]["reconstruction"][
+        "uniform"]["pooled"]
+    assert lab["n_labs"] == 3 and lab["win_rate"] == 1.0

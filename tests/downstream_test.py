@@ -324,3 +324,19 @@ def test_load_trained_reproduces_the_exported_embeddings(evaluated):
     assert not np.allclose(np.asarray(run.encode(batch, hide)), np.asarray(states))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 7 \(the newest"):
         load_trained(workdir, step=7)
+
+
+def test_report_says_when_an_auroc_rests_on_few_positives():
+    from cvmae_jax.evaluation.downstream import report_lines
+
+    rng = np.random.default_rng(6)
+    train, tuning = _split(rng, 200, True), _split(rng, 100, True)
+    x_test, y_test = _split(rng, 15, True)
+    y_test[:] = False
+    y_test[0] = True  # one positive, as in the MIMIC demo's held_out tasks
+    few = probe_task(*train, *tuning, x_test, y_test, seed=0)
+    many = probe_task(*train, *tuning, *_split(rng, 150, True), seed=0)
+    text = "\n".join(report_lines(dict(probe="p", seed=0, tasks=dict(death=few, ok=many))))
+    assert (f"- death: 1 positive and 14 negative held_out rows: the AUROC rests on the 1 row(s) "
+            f"of the smaller class, and its CI on the {few['bootstrap_used']} of 1000") in text
+    assert few["bootstrap_used"] < 1000 and "- ok:" not in text

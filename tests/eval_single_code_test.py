@@ -1,13 +1,15 @@
 """Single-code reconstruction and separate targets in the eval step: constructed known answers
 with stand-in models whose predictions we know, and mask independence from the model."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from cvmae_jax.reconstruction import accumulate_sums, single_code_sums, summarize
+from cvmae_jax.reconstruction import accumulate_sums, single_code_sums, summarize, vs_baseline
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 
@@ -125,3 +127,18 @@ def test_uniform_step_scores_against_separate_targets():
     np.testing.assert_allclose(corrupted["sse"], corrupted["baseline_sse"], rtol=1e-6)
     np.testing.assert_allclose(corrupted["baseline_sse"], clean["baseline_sse"], rtol=1e-6)
     assert corrupted["sse"].sum() > 0
+
+
+def test_a_constant_code_has_no_ratio_to_its_baseline_and_is_left_out_of_the_plot(tmp_path):
+    """A code whose values do not vary (baseline MSE 0) gave ratios of ~1e10, and a y axis
+    that hid every other lab in reconstruction_by_lab.png."""
+    from cvmae_jax.evaluation import report
+
+    rows = [dict(code=f"LAB//{i}", num_masked=10, mse=mse, baseline_mse=base, cv=0.1 * i)
+            for i, (mse, base) in enumerate([(0.5, 1.0), (0.8, 0.8), (3e-4, 0.0)])]
+    assert [vs_baseline(r) for r in rows] == [0.5, 1.0, None]
+    result = dict(per_code=rows, split="held_out", cv_threshold=0.15)
+    with mock.patch.object(report.plt.Axes, "bar") as bar:
+        report.plot_by_lab(str(tmp_path / "by_lab.png"), result)
+    assert list(bar.call_args.args[1]) == [0.5, 1.0]
+    assert (tmp_path / "by_lab.png").exists()

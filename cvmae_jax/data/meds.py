@@ -45,6 +45,9 @@ def config_get(data_config: Any, key: str) -> Any:
 def data_files(meds_dir: str | Path) -> list[Path]:
     """All `data/**/*.parquet` shards under the MEDS root, sorted by path."""
     data = Path(meds_dir) / "data"
+    if not Path(meds_dir).is_dir():
+        raise MEDSFormatError(f"{meds_dir}: no such folder (config.data.meds_dir, the MEDS root "
+                              "holding data/ and metadata/)")
     files = sorted(data.rglob("*.parquet"))
     if not files:
         raise MEDSFormatError(f"{data}: no *.parquet files found (is this a MEDS root?)")

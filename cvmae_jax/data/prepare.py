@@ -17,6 +17,7 @@ from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.records import LabRecords
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.data.tfds_builder import REPORT_FILE, STATS_FILE, MedsLabConfig, MedsLabSequences
+from cvmae_jax.jsonio import check_writable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
     if builder.data_path.exists():
         log(f"[prepare] reusing {builder.data_path}")
     else:
+        check_writable(data_dir, "the prepared dataset is written there (config.data.data_dir)")
         log(f"[prepare] building {builder.data_path}")
         created = _missing_parents(builder.data_path, Path(data_dir))
         try:

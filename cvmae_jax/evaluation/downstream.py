@@ -292,6 +292,21 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+FEW_LABELS = 10  # fewer positives or negatives than this on held_out: the report says so
+
+
+def _few_labels_note(task: str, r: dict) -> list[str]:
+    """A note when held_out has few rows of a class: the AUROC rests on them, and resamples
+    without one class are dropped, so the CI is conditional on having both (too narrow)."""
+    n, pos = r.get("n") or 0, r.get("positives") or 0
+    if r.get("auroc") is None or min(pos, n - pos) >= FEW_LABELS:
+        return []
+    return [f"- {task}: {pos} positive and {n - pos} negative held_out rows: the AUROC rests on "
+            f"the {min(pos, n - pos)} row(s) of the smaller class, and its CI on the "
+            f"{r.get('bootstrap_used')} of {NUM_BOOTSTRAP} resamples that hold both classes "
+            "(narrower than the uncertainty); read it as anecdotal"]
+
+
 def report_lines(downstream: dict) -> list[str]:
     """Markdown section for eval/report.md."""
     lines = ["", f"## Downstream prediction on `{downstream.get('split', TEST)}`", ""]
@@ -313,6 +328,7 @@ def report_lines(downstream: dict) -> list[str]:
     for task, r in downstream["tasks"].items():
         prev = r.get("prevalence")
         subjects = f" ({r['n_subjects']})" if r.get("n_subjects") is not None else ""
+        notes += _few_labels_note(task, r)
         lines.append(f"| {task} | {r.get('n', 0)}{subjects} | {_fmt(prev)} | "
                      f"{cell(r.get('auroc'), r.get('auroc_ci'))} | "
                      f"{cell(r.get('auprc'), r.get('auprc_ci'))} |")

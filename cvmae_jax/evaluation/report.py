@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
+from cvmae_jax.reconstruction import vs_baseline  # noqa: E402
 
 
 def write_report(path: str, result: dict) -> None:
@@ -71,8 +72,7 @@ def _single_code_lines(result: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in evaluated_rows(single):
         lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['num_masked']} | {r['mse']:.4f} | "
-                     f"{r['baseline_mse']:.4f} | {r['mse'] / max(r['baseline_mse'], 1e-12):.3f}"
-                     f" | {r['raw_rmse']:.4g} |")
+                     f"{r['baseline_mse']:.4f} | {_ratio(r)} | {r['raw_rmse']:.4g} |")
     return lines
 
 
@@ -142,9 +142,17 @@ def _export_lines(exports: dict) -> list[str]:
     return lines + [""]
 
 
+def _ratio(row: dict) -> str:
+    ratio = vs_baseline(row)
+    return "n/a (constant)" if ratio is None else f"{ratio:.3f}"
+
+
 def plot_by_lab(path: str, result: dict) -> None:
-    rows = evaluated_rows(result)
-    ratio = [r["mse"] / max(r["baseline_mse"], 1e-12) for r in rows]
+    """MSE / baseline per lab, sorted by train CV; codes without variation on the split (no
+    ratio) are left out and counted in the title."""
+    rows = [r for r in evaluated_rows(result) if vs_baseline(r) is not None]
+    constant = len(evaluated_rows(result)) - len(rows)
+    ratio = [vs_baseline(r) for r in rows]
     colors = ["tab:red" if r["cv"] > result["cv_threshold"] else "tab:blue" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
     ax.bar(range(len(rows)), ratio, color=colors)
@@ -152,7 +160,9 @@ def plot_by_lab(path: str, result: dict) -> None:
     ax.set_xticks(range(len(rows)), [r["code"] for r in rows], rotation=90, fontsize=6)
     ax.set_ylabel("masked MSE / per-code-mean baseline")
     ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
-                 f"(red: CV above {result['cv_threshold']:.3g}, the high tier)")
+                 f"(red: CV above {result['cv_threshold']:.3g}, the high tier)"
+                 + (f"\n{constant} constant code(s) without a ratio left out" if constant
+                    else ""), fontsize=9)
     save_figure(fig, path)
 
 

@@ -33,7 +33,7 @@ from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.reconstruction import evaluate_split, single_code_sums, summarize
-from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
@@ -83,6 +83,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
         raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to evaluate")
+    check_writable(eval_dir(workdir, split), "eval.py writes its results there")
     meds_dir = resolve_meds_dir(config, workdir)
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir),
                               log=logging.info)

@@ -2,12 +2,14 @@
 
 import os
 import re
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.data import meds
+from cvmae_jax.data import prepare as prepare_module
 from cvmae_jax.data.prepare import prepare_dataset
 
 SHARD = "data/held_out/0.parquet"
@@ -117,6 +119,21 @@ def test_bad_input_is_refused_and_nothing_is_written(tiny_meds, tmp_path, name):
     assert str(2**63 + 12345) not in message  # no subject id in messages
     assert re.search(problem, message), message
     assert not data_dir.exists(), list(os.walk(data_dir))  # no dataset or incomplete.* folder
+
+
+def test_a_meds_dir_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(meds.MEDSFormatError, match=f"^{tmp_path}/MEDS: no such folder "
+                                                   r"\(config.data.meds_dir"):
+        meds.data_files(tmp_path / "MEDS")
+
+
+def test_a_data_dir_that_cannot_be_written_fails_before_reading(tiny_meds, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file/prepared: cannot write there .*a_file is not "
+                                         "a folder"), mock.patch.object(prepare_module,
+                                                                        "plan_dataset") as scan:
+        prepare_dataset(tiny_meds.config(), None, tmp_path / "a_file" / "prepared")
+    scan.assert_not_called()  # the MEDS files are not scanned
 
 
 def test_existing_data_dir_is_left_empty(tiny_meds, tmp_path):
