@@ -1,5 +1,7 @@
 """k-shot label draws and the label-efficiency curve on constructed features."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -58,7 +60,7 @@ def test_label_efficiency_curve():
         assert e["seeds"] == [[3, int(k), r] for r in range(5)]
         assert all(0.5 < a <= 1.0 for a in e["aurocs"])  # a real signal is found from 16 rows
     assert curve["all"] == dict(n_train=200, draws=1, aurocs=[full_auroc],
-                                auroc_mean=full_auroc, auroc_std=0.0, seeds=[],
+                                auroc_mean=full_auroc, auroc_std=None, seeds=[],
                                 C=0.1, split="held_out", n_test=150)
     assert curve["64"]["auroc_mean"] > 0.7
     again = label_efficiency(*train, *test, probe, seed=3, full_auroc=full_auroc)
@@ -81,3 +83,23 @@ def test_report_table_of_a_task_without_probe():
     rows = [line for line in lines if line.startswith("| mortality |")]
     assert [row.split(" | ")[1] for row in rows] == ["16", "64", "all"]
     assert all(row.split(" | ")[5:] == ["n/a", "n/a", "n/a |"] for row in rows)
+
+
+def test_report_names_the_skipped_k_and_the_plot_keeps_bars_within_0_and_1(tmp_path):
+    rng = np.random.default_rng(1)
+    train, test = _data(rng, 200), _data(rng, 150)
+    probe = fit_probe(*train, c=0.1)
+    full_auroc = roc_auc_score(test[1], probe.decision(test[0]))
+    curve = label_efficiency(*train, *test, probe, seed=3, full_auroc=full_auroc)
+    curve["64"].update(auroc_mean=0.95, auroc_std=0.2)  # mean + std would pass 1
+    downstream = dict(seed=3, label_efficiency=settings(3),
+                      tasks={"mortality": dict(label_efficiency=curve)})
+    lines = report._label_efficiency_lines(downstream)
+    assert "- mortality: k = 256 left out (not fewer than its 200 train label rows)" in lines
+    assert [r.split(" | ")[7] for r in lines if r.startswith("| mortality | all")] == ["n/a |"]
+    with mock.patch.object(report.plt.Axes, "errorbar") as errorbar:
+        report.plot_label_efficiency(str(tmp_path / "le.png"), downstream)
+    low, high = errorbar.call_args.kwargs["yerr"]
+    means = np.array(errorbar.call_args.args[1])
+    assert (means + high <= 1.0).all() and (means - low >= 0.0).all()
+    assert high[1] == pytest.approx(0.05) and high[2] == 0.0  # clipped at 1; "all": no bar

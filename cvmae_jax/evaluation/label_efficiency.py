@@ -42,7 +42,7 @@ def settings(seed: int) -> dict:
 def label_efficiency(train_x, train_y, test_x, test_y, probe: Probe | None, seed: int,
                      full_auroc: float | None, ks=K_SHOTS, draws: int = NUM_DRAWS) -> dict:
     """{"16": {...}, ..., "all": {...}} (k >= n_train skipped except "all"); each entry has
-    n_train, draws, aurocs (one per draw), auroc_mean, auroc_std (ddof=1; 0 for one draw),
+    n_train, draws, aurocs (one per draw), auroc_mean, auroc_std (ddof=1; None for one draw),
     seeds (each draw's [seed, k, draw]; none for "all"), C, split and n_test. Without a probe
     or a held_out AUROC every entry has draws 0, auroc_mean None and a reason."""
     train_y, test_y = np.asarray(train_y).astype(bool), np.asarray(test_y).astype(bool)
@@ -70,7 +70,7 @@ def label_efficiency(train_x, train_y, test_x, test_y, probe: Probe | None, seed
         curve[str(k)] = dict(n_train=int(k), draws=len(aurocs), aurocs=aurocs,
                              auroc_mean=float(np.mean(aurocs)) if aurocs else None,
                              auroc_std=float(np.std(aurocs, ddof=1)) if len(aurocs) > 1
-                             else 0.0 if aurocs else None, seeds=seeds, **common)
+                             else None, seeds=seeds, **common)
     curve["all"] = dict(n_train=int(len(train_y)), draws=1, aurocs=[float(full_auroc)],
-                        auroc_mean=float(full_auroc), auroc_std=0.0, seeds=[], **common)
+                        auroc_mean=float(full_auroc), auroc_std=None, seeds=[], **common)
     return curve

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
@@ -90,14 +91,19 @@ def _label_efficiency_lines(downstream: dict) -> list[str]:
              "`label_efficiency.png`.", "",
              "| task | k | n train | draws | n test | C | AUROC mean | AUROC std |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
     for task, curve in curves.items():
+        too_many = [str(k) for k in le.get("ks", []) if str(k) not in curve]
+        if too_many:
+            skipped.append(f"- {task}: k = {', '.join(too_many)} left out (not fewer than its "
+                           f"{curve['all']['n_train']} train label rows)")
         for k, e in curve.items():
             mean = "n/a" if e["auroc_mean"] is None else f"{e['auroc_mean']:.3f}"
             std = "n/a" if e["auroc_std"] is None else f"{e['auroc_std']:.3f}"
             c = "n/a" if e["C"] is None else f"{e['C']:g}"  # no probe: train has one class
             lines.append(f"| {task} | {k} | {e['n_train']} | {e['draws']} | {e['n_test']} | "
                          f"{c} | {mean} | {std} |")
-    return lines + [""]
+    return lines + ([""] + skipped if skipped else []) + [""]
 
 
 def _perturbation_lines(p: dict) -> list[str]:
@@ -175,8 +181,10 @@ def plot_label_efficiency(path: str, downstream: dict) -> None:
                  if e["auroc_mean"] is not None]
         ticks.update(e["n_train"] for e in curve[:-1])  # the k values; "all" is the last
         if curve:
-            ax.errorbar([e["n_train"] for e in curve], [e["auroc_mean"] for e in curve],
-                        yerr=[e["auroc_std"] for e in curve], marker="o", capsize=3,
+            mean = np.array([e["auroc_mean"] for e in curve])
+            std = np.array([e["auroc_std"] or 0.0 for e in curve])  # one draw: no bar
+            ax.errorbar([e["n_train"] for e in curve], mean, marker="o", capsize=3,
+                        yerr=[mean - np.maximum(mean - std, 0), np.minimum(mean + std, 1) - mean],
                         label=f"{task} (all: n train {curve[-1]['n_train']}, "
                               f"n test {curve[-1]['n_test']})")
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
