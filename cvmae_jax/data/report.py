@@ -15,6 +15,9 @@ from cvmae_jax.data.stats import DataStats, json_float
 
 # Selected codes whose train mean and std look like z-scores (already normalized upstream).
 NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
+# A CV above this (|mean| below a tenth of the std) comes from a mean near 0 or extreme values
+# rather than from volatility; the report warns about such codes.
+EXTREME_CV = 10.0
 # A selected code is "mirrored" when at least this share of its train values equal a value of
 # another selected code at the same (subject, time).
 MIRRORED_SHARE = 0.9
@@ -39,6 +42,15 @@ def warnings_for(stats: DataStats) -> list[str]:
             f"{NORMALIZED_MEAN} and std in [{NORMALIZED_STD[0]}, {NORMALIZED_STD[1]}]: the "
             "values look already normalized (e.g. by MEDS_transforms). CV = std/|mean| is "
             "meaningless on normalized values; prepare from the unnormalized MEDS data.")
+    extreme = [f"{code} ({cv:.3g})" for code, cv in zip(stats.codes, stats.cv) if cv > EXTREME_CV]
+    if extreme and not warnings:  # normalized values: said above, every mean is near 0
+        warnings.append(
+            f"{len(extreme)} of {stats.vocab_size} selected codes have a train CV above "
+            f"{EXTREME_CV:g} ({', '.join(extreme[:5])}{', ...' if len(extreme) > 5 else ''}): "
+            "their |mean| is below a tenth of their std, from a mean near 0 (signed or flag-like "
+            "values) or a few extreme raw values (CV is computed before clipping, as in the "
+            "paper), so their high masking tier says little about volatility; check their "
+            "values or leave them out with config.data.lab_codes.")
     constant = [code for code, std in zip(stats.codes, stats.std) if std == 0]
     if constant:
         warnings.append(

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cvmae_jax.data import meds
+from cvmae_jax.data import meds, report
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.stats import compute_stats
 
@@ -127,6 +127,15 @@ def test_constant_codes_are_warned_about(tiny_meds, tmp_path):
     assert warning.startswith(f"2 of 3 selected codes have one value on train ({tiny_meds.B}, "
                               f"{tiny_meds.D}): their CV is 0")
     assert prepared.stats.cv[list(prepared.stats.codes).index(tiny_meds.B)] == 0
+
+
+def test_codes_whose_cv_comes_from_a_mean_near_zero_are_warned_about():
+    events = pa.table({"subject_id": [1] * 8, "code": ["FLAG"] * 4 + ["LAB"] * 4,
+                       "numeric_value": [-1.0, 1.0, -1.0, 1.02, 4.0, 5.0, 6.0, 5.0]})
+    stats = compute_stats(events, ["FLAG", "LAB"])
+    (warning,) = report.warnings_for(stats)
+    assert warning.startswith("1 of 2 selected codes have a train CV above 10 (FLAG (201)): "
+                              "their |mean| is below a tenth of their std")
 
 
 def test_counting_values_another_code_has_at_the_same_time():
