@@ -37,13 +37,15 @@ def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
     missing from the subject splits."""
     path = Path(path)
     table = meds.read_small_parquet(path)
-    unexpected = set(table.column_names) - set(LABEL_CHECKS) - set(OPTIONAL)
+    unexpected = sorted(set(table.column_names) - set(LABEL_CHECKS) - set(OPTIONAL))
+    missing = [col for col in LABEL_CHECKS if col not in table.column_names]
+    if missing:  # named first: a misspelled column is also an unexpected one
+        raise meds.MEDSFormatError(f"{path}: column {missing[0]!r} is missing" + (
+            f" (the file has {unexpected} instead)" if unexpected else ""))
     if unexpected:
-        raise meds.MEDSFormatError(f"{path}: unexpected columns {sorted(unexpected)} (a label "
+        raise meds.MEDSFormatError(f"{path}: unexpected columns {unexpected} (a label "
                                    f"file has {list(LABEL_CHECKS) + list(OPTIONAL)})")
     for col, ok in LABEL_CHECKS.items():
-        if col not in table.column_names:
-            raise meds.MEDSFormatError(f"{path}: column {col!r} is missing")
         if not ok(table.schema.field(col).type):
             raise meds.MEDSFormatError(
                 f"{path}: column {col!r} has unsupported type {table.schema.field(col).type}")

@@ -48,6 +48,9 @@ def test_windows_end_at_prediction_time(synthetic):
 @pytest.mark.parametrize("change, problem", [
     (lambda t: t.drop_columns(["boolean_value"]), "column 'boolean_value' is missing"),
     (lambda t: t.append_column("extra", pa.array([1] * t.num_rows)), "unexpected columns"),
+    (lambda t: t.rename_columns(["predictiontime" if c == "prediction_time" else c
+                                 for c in t.column_names]),
+     r"column 'prediction_time' is missing \(the file has \['predictiontime'\] instead\)"),
     (lambda t: t.set_column(0, "subject_id", pc.add(t["subject_id"], 10**9)),
      "rows refer to subjects missing from the subject splits"),
     (lambda t: t.set_column(0, "subject_id", pa.array([2**63 + 7] * t.num_rows, pa.uint64())),
