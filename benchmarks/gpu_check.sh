@@ -23,6 +23,7 @@ CMP_ARGS=${CMP_ARGS:---config=default --packing}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)  # absolute: the parts run from the repository root
 cd "$(dirname "$0")/.."
 
 failed=()

@@ -73,12 +73,13 @@ def _add(totals: dict, outputs: dict) -> None:
 
 
 NO_VARIATION_MSE = 1e-8  # a code's per-code-mean baseline MSE below this: its values on the
-# split do not vary (a constant code), so there is nothing to reconstruct and no ratio to it
+# split all equal its train mean (in practice a code constant on train, normalized to 0), so
+# there is nothing to reconstruct and no ratio to it
 
 
 def vs_baseline(row: dict) -> float | None:
-    """A per-code row's MSE / its per-code-mean baseline MSE; None for a code without
-    variation on the split (the ratio would divide by ~0)."""
+    """A per-code row's MSE / its per-code-mean baseline MSE; None for a code whose values on
+    the split all equal its train mean (the ratio would divide by ~0)."""
     return row["mse"] / row["baseline_mse"] if row["baseline_mse"] > NO_VARIATION_MSE else None
 
 

@@ -65,8 +65,9 @@ def resolve_meds_dir(config, workdir: str) -> str:
 
 def prepare_run_data(config, workdir: str) -> PreparedDataset:
     """The prepared dataset; with several processes, process 0 builds it while the others wait,
-    then they reuse it. When process 0 fails (bad MEDS input), every process raises at once
-    (they would otherwise wait in the barrier until JAX's shutdown timeout)."""
+    then they reuse it. When a process fails (bad MEDS input on process 0, an unreadable
+    dataset on another), every process raises at once instead of waiting in the next
+    collective until JAX's shutdown timeout."""
     def prepare():
         return prepare_dataset(config.data, resolve_meds_dir(config, workdir),
                                data_dir(config, workdir), log=logging.info)
@@ -76,17 +77,28 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
     if jax.process_index() != 0:
         logging.info("process %d: waiting for process 0 to prepare the dataset",
                      jax.process_index())
-        failed = multihost_utils.broadcast_one_to_all(np.int32(0))
-        if failed:
-            raise ValueError("process 0 could not prepare the dataset; its error is in its log")
-        return prepare()
-    try:
-        dataset = prepare()
-    except BaseException:
-        multihost_utils.broadcast_one_to_all(np.int32(1))  # releases the waiting processes
-        raise
-    multihost_utils.broadcast_one_to_all(np.int32(0))
+    built, error = _attempt(prepare) if jax.process_index() == 0 else (None, None)
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+        if error is not None:
+            raise error
+        raise ValueError("process 0 could not prepare the dataset; its error is in its log")
+    dataset, error = (built, None) if jax.process_index() == 0 else _attempt(prepare)
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if len(failed):
+        raise ValueError(f"process(es) {failed.tolist()} could not read the prepared dataset; "
+                         "their errors are in their logs")
     return dataset
+
+
+def _attempt(work):
+    """(work(), None), or (None, the exception) so that the collective after it still runs
+    on this process (the others would wait in it until JAX's shutdown timeout)."""
+    try:
+        return work(), None
+    except Exception as error:  # noqa: BLE001 - re-raised by the caller after the collective
+        return None, error
 
 
 def check_processes_share(workdir: str, start_step: int,
@@ -97,20 +109,24 @@ def check_processes_share(workdir: str, start_step: int,
     ``wait_s`` for the file, for network file systems that cache directory listings."""
     if jax.process_count() == 1:
         return
-    token = int(multihost_utils.broadcast_one_to_all(
-        np.int32(np.random.default_rng().integers(1, 2**31 - 1))))
-    marker = os.path.join(workdir, f".shared_by_processes_{token}")
+    token, error = 0, None
     if jax.process_index() == 0:
-        with open(marker, "w"):
-            pass
-    multihost_utils.sync_global_devices("cvmae_jax: shared workdir marker written")
+        token = int(np.random.default_rng().integers(1, 2**31 - 1))
+        _, error = _attempt(lambda: open(_marker(workdir, token), "w").close())
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(0 if error else token)))
+    if not token:  # process 0 could not write its file
+        if error is not None:
+            raise error
+        raise ValueError(f"{workdir}: process 0 could not write there; its error is in its log")
+    marker = _marker(workdir, token)
     deadline = time.monotonic() + wait_s
     while not (sees := os.path.exists(marker)) and time.monotonic() < deadline:
         os.listdir(workdir)  # a directory read refreshes cached listings on NFS
         time.sleep(0.5)
     seen = multihost_utils.process_allgather(np.array([sees, start_step], np.int64))
     if jax.process_index() == 0:
-        os.remove(marker)
+        with contextlib.suppress(OSError):
+            os.remove(marker)
     blind = [i for i, (ok, _) in enumerate(seen) if not ok]
     if blind:
         raise ValueError(f"{workdir}: process(es) {blind} do not see the files process 0 writes "
@@ -120,6 +136,10 @@ def check_processes_share(workdir: str, start_step: int,
         raise ValueError(f"{workdir}: the processes see different latest checkpoints "
                          f"({sorted({int(step) for _, step in seen})}); is a save still being "
                          "copied? Rerun when every process sees the same checkpoints")
+
+
+def _marker(workdir: str, token: int) -> str:
+    return os.path.join(workdir, f".shared_by_processes_{token}")
 
 
 def remove_empty_folders(path: str) -> None:

@@ -73,9 +73,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Every process reports its step to JAX's preemption sync now: a notice that arrives while
     # resuming then stops the run at start_step + 1 (else at step 1, never reached after it).
     preempted_early = checkpointer.manager.reached_preemption(start_step)
-    saved_run = checkpointer.restore_run_info(start_step) if start_step else None
     try:  # a refused resume or bad data leaves the workdir as it was
+        # before Orbax's restore, whose barrier a process seeing no checkpoint would not join
         run_setup.check_processes_share(workdir, start_step)
+        saved_run = checkpointer.restore_run_info(start_step) if start_step else None
         if saved_run:
             run_setup.check_resume_settings(saved_run, config, start_step)
         dataset = run_setup.prepare_run_data(config, workdir)

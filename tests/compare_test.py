@@ -245,6 +245,9 @@ def test_convergence_ratio_is_steps_to_randoms_final_mse_over_randoms_own_steps(
     plateau = [(100, 0.80), (200, 0.70), (300, 0.72), (400, 0.71), (500, 0.70)]
     assert convergence(plateau, plateau)["ratio"] == 1.0  # a run against itself
     assert convergence(plateau, plateau)["reference_step"] == 200
+    broken = convergence(plateau, [(100, 0.9), (200, float("nan"))])
+    assert broken["ratio"] is None and broken["reason"] == (
+        "the random run's final validation masked MSE is nan")
 
 
 def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_step(tmp_path):

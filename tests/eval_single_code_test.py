@@ -130,8 +130,8 @@ def test_uniform_step_scores_against_separate_targets():
 
 
 def test_a_constant_code_has_no_ratio_to_its_baseline_and_is_left_out_of_the_plot(tmp_path):
-    """A code whose values do not vary (baseline MSE 0) gave ratios of ~1e10, and a y axis
-    that hid every other lab in reconstruction_by_lab.png."""
+    """A code constant on train (held_out values = its train mean, baseline MSE 0) gave
+    ratios of ~1e10, and a y axis that hid every other lab in reconstruction_by_lab.png."""
     from cvmae_jax.evaluation import report
 
     rows = [dict(code=f"LAB//{i}", num_masked=10, mse=mse, baseline_mse=base, cv=0.1 * i)

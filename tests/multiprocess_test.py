@@ -124,3 +124,19 @@ def test_sigterm_while_a_resumed_run_compiles_stops_both_processes_at_the_next_s
     assert [p.wait(timeout=240) for p in resumed] == [0, 0], logs[0].read_text()[-3000:]
     assert f"Preempted (SIGTERM) at step {stopped + 1}" in logs[0].read_text()
     assert str(stopped + 1) in os.listdir(workdir / "checkpoints")
+
+
+def test_a_resume_that_only_process_0_sees_is_refused_not_hung(tmp_path):
+    """Process 0's workdir holds a checkpoint, process 1's none: the check must come before
+    Orbax's restore, whose barrier process 1 would never join."""
+    data_dir = tmp_path / "data"
+    finish(subprocess.Popen(
+        command(tmp_path / "host0", data_dir) + ["--config.train.num_steps=25"], cwd=REPO,
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu")))
+    results, seconds = outcomes(start_two([command(tmp_path / f"host{i}", data_dir)
+                                           for i in range(2)]))
+    for code, output in results:
+        assert code == 1 and "process(es) [1] do not see the files process 0 writes" in output, (
+            output[-2000:])
+    assert seconds < 120

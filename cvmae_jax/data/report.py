@@ -36,14 +36,15 @@ def warnings_for(stats: DataStats) -> list[str]:
     warnings = []
     zscore = (np.abs(stats.mean) < NORMALIZED_MEAN) & (stats.std >= NORMALIZED_STD[0]) & (
         stats.std <= NORMALIZED_STD[1])
-    if zscore.sum() * 2 > stats.vocab_size:
+    normalized = zscore.sum() * 2 > stats.vocab_size
+    if normalized:
         warnings.append(
             f"{int(zscore.sum())} of {stats.vocab_size} selected codes have train |mean| < "
             f"{NORMALIZED_MEAN} and std in [{NORMALIZED_STD[0]}, {NORMALIZED_STD[1]}]: the "
             "values look already normalized (e.g. by MEDS_transforms). CV = std/|mean| is "
             "meaningless on normalized values; prepare from the unnormalized MEDS data.")
     extreme = [f"{code} ({cv:.3g})" for code, cv in zip(stats.codes, stats.cv) if cv > EXTREME_CV]
-    if extreme and not warnings:  # normalized values: said above, every mean is near 0
+    if extreme and not normalized:  # normalized values: said above, every mean is near 0
         warnings.append(
             f"{len(extreme)} of {stats.vocab_size} selected codes have a train CV above "
             f"{EXTREME_CV:g} ({', '.join(extreme[:5])}{', ...' if len(extreme) > 5 else ''}): "

@@ -12,7 +12,6 @@ Everything goes to tfds's temporary folder, renamed to the version folder only o
 from __future__ import annotations
 
 import collections
-
 import dataclasses
 import hashlib
 import json

@@ -14,14 +14,15 @@ import numpy as np
 from cvmae_jax.evaluation import paired_stats
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run
 from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED, TaskPredictions
-from cvmae_jax.reconstruction import NO_VARIATION_MSE
+from cvmae_jax.reconstruction import vs_baseline
 
 LAB_KINDS = ("uniform", "single_code")  # eval/metrics.json: per_code, single_code.per_code
 CONVENTIONS = dict(
     lab_difference="per lab code: MSE(random) - MSE(strategy) in normalized units on held_out; "
                    "positive = strategy better; with several seeds each lab's MSE is averaged "
-                   "over the paired seeds first, then one test across labs; codes whose values "
-                   "do not vary on held_out (nothing to reconstruct) are left out",
+                   "over the paired seeds first, then one test across labs; codes whose held_out "
+                   "values all equal their train mean (codes constant on train: nothing to "
+                   "reconstruct) are left out",
     win_rate="share of labs (evaluated in both runs) with a positive difference; ties count half",
     wilcoxon="two-sided paired signed-rank test across labs (scipy.stats.wilcoxon, zero "
              "differences dropped); the labs are its samples, so training-seed variance is not "
@@ -101,13 +102,14 @@ def _over_seeds(values: dict[int, float | None]) -> dict:
 # --- reconstruction per lab ---------------------------------------------------------------
 
 def _per_code(run: Run, kind: str) -> dict[str, dict] | None:
-    """code -> per_code row with at least one masked value whose values vary on the split (a
-    constant code's errors are ~0 for every model: ties by noise); None when the kind is absent."""
+    """code -> per_code row with at least one masked value and a baseline to compare with
+    (``vs_baseline``: not a code constant on train, whose errors are ~0 for every model and
+    whose sign is noise); None when the kind is absent."""
     block = run.metrics if kind == "uniform" else run.metrics.get(kind)
     if not block or "per_code" not in block:
         return None
     return {r["code"]: r for r in block["per_code"]
-            if r.get("num_masked") and r.get("baseline_mse", 1.0) > NO_VARIATION_MSE}
+            if r.get("num_masked") and ("baseline_mse" not in r or vs_baseline(r) is not None)}
 
 
 def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
@@ -186,7 +188,10 @@ def convergence(curve: list[tuple[int, float]], reference: list[tuple[int, float
             " of the random run" if not reference else "")
         return out
     target = out["target_masked_mse"] = reference[-1][1]
-    out["reference_step"] = next(s for s, mse in reference if mse <= target)
+    out["reference_step"] = next((s for s, mse in reference if mse <= target), None)
+    if out["reference_step"] is None:  # NaN
+        out["reason"] = f"the random run's final validation masked MSE is {target}"
+        return out
     step = next((s for s, mse in curve if mse <= target), None)
     if step is None:
         best_step, best = min(curve, key=lambda point: point[1])

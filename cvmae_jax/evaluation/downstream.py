@@ -159,6 +159,8 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: i
     score = probe.decision(test_X)
     result["auroc"] = float(roc_auc_score(test_y, score))
     result["auprc"] = float(average_precision_score(test_y, score))
+    if test_subjects is not None and len(test_subjects) != len(test_y):
+        raise ValueError(f"{len(test_subjects)} test_subjects for {len(test_y)} test rows")
     bootstrap = SubjectBootstrap(np.arange(len(test_y)) if test_subjects is None
                                  else test_subjects, seed)
     aurocs = resampled_aurocs(test_y, score, bootstrap)  # NaN where a resample has one class
