@@ -154,8 +154,9 @@ def _ratio(row: dict) -> str:
 
 
 def plot_by_lab(path: str, result: dict) -> None:
-    """MSE / baseline per lab, sorted by train CV; codes without variation on the split (no
-    ratio) are left out and counted in the title."""
+    """MSE / baseline per lab, sorted by train CV; codes without a ratio (``vs_baseline``:
+    values equal to the train mean, i.e. constant on train) are left out and counted in the
+    title."""
     rows = [r for r in evaluated_rows(result) if vs_baseline(r) is not None]
     constant = len(evaluated_rows(result)) - len(rows)
     ratio = [vs_baseline(r) for r in rows]
