@@ -161,7 +161,8 @@ def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:
 
 def stats_record(config, dataset: PreparedDataset, probs: np.ndarray) -> dict:
     """The content of ``data_stats.json``: per-code statistics with mask probabilities."""
-    record = dataset.stats.to_dict(extra={"mask_prob": probs})
+    record = dataset.stats.to_dict(extra={"mask_prob": probs,
+                                          "description": dataset.descriptions})
     record["masking"] = dict(config.masking.to_dict(),
                              cv_threshold=percentile_threshold(
                                  dataset.stats.cv, config.masking.threshold_percentile),

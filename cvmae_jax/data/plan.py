@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from cvmae_jax.data import meds, report as report_lib
+from cvmae_jax.data import code_names, meds, report as report_lib
 from cvmae_jax.data.stats import RESERVOIR_SIZE, DataStats, finish_stats
 from cvmae_jax.data.stream import Scan, SplitLookup, sample_train_values, scan_meds
 
@@ -21,6 +21,7 @@ class Plan:
     scan: Scan
     stats: DataStats
     report: dict
+    descriptions: tuple[str | None, ...]  # of stats.codes, from metadata/codes.parquet
 
 
 def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None] = print,
@@ -44,6 +45,7 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
     reservoirs = sample_train_values(scan.shards["train"], lookup, codes, reservoir_size,
                                      log=log)
     stats = finish_stats(codes, scan.moments, reservoirs, settings["clip_quantiles"])
+    descriptions = code_names.read_descriptions(meds_dir, stats.codes)
     splits = {s: dict(scan.splits[s]) for s in meds.SPLITS}
     for s in meds.SPLITS[1:]:
         splits[s]["out_of_vocab"] = report_lib.out_of_vocab(
@@ -53,6 +55,6 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
         log(f"[prepare] WARNING: {w}")
     report = dict(settings=settings, selection=selection, splits=splits,
                   rows_without_split=scan.rows_without_split, shards=scan.num_shards,
-                  reservoir_size=reservoir_size, codes=report_lib.code_rows(stats),
+                  reservoir_size=reservoir_size, codes=report_lib.code_rows(stats, descriptions),
                   warnings=warnings)
-    return Plan(meds_dir, lookup, scan, stats, report)
+    return Plan(meds_dir, lookup, scan, stats, report, descriptions)

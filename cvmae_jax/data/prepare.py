@@ -12,7 +12,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from cvmae_jax.data import meds
+from cvmae_jax.data import code_names, meds
 from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.records import LabRecords
 from cvmae_jax.data.stats import DataStats
@@ -35,6 +35,12 @@ class PreparedDataset:
     num_tokens: dict[str, int]
     max_len: int
     report: dict
+    descriptions: tuple[str | None, ...]  # of stats.codes (metadata/codes.parquet), None: none
+
+    @property
+    def lab_names(self) -> tuple[str, ...]:
+        """Readable name of each of ``stats.codes`` (``code_names.lab_name``)."""
+        return code_names.lab_names(self.stats.codes, self.descriptions)
 
     @property
     def settings_id(self) -> str:
@@ -100,13 +106,15 @@ def load_prepared(path: str | Path) -> PreparedDataset:
         raise FileNotFoundError(f"{path}: not a prepared dataset (no {STATS_FILE} / {REPORT_FILE})")
     info = tfds.builder_from_directory(str(path)).info
     report = json.loads((path / REPORT_FILE).read_text())
+    stats = json.loads((path / STATS_FILE).read_text())
     return PreparedDataset(
         path=str(path),
         data_dir=str(path.parents[2]),
         builder_name=f"{info.name}/{info.config_name}:{info.version}",
-        stats=DataStats.load_json(path / STATS_FILE),
+        stats=DataStats.from_dict(stats),
         num_examples={s: int(info.splits[s].num_examples) for s in meds.SPLITS},
         num_tokens={s: int(report["splits"][s]["windows"]["tokens"]) for s in meds.SPLITS},
         max_len=int(report["settings"]["max_len"]),
         report=report,
+        descriptions=tuple(row.get("description") for row in stats["codes"]),
     )

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cvmae_jax.data import meds
+from cvmae_jax.data import code_names, meds
 from cvmae_jax.data.stats import DataStats, json_float
 
 # Selected codes whose train mean and std look like z-scores (already normalized upstream).
@@ -23,9 +23,11 @@ EXTREME_CV = 10.0
 MIRRORED_SHARE = 0.9
 
 
-def code_rows(stats: DataStats) -> list[dict]:
-    """Per selected code: code, unit (last `//` part), count, subjects, mean, std, cv."""
-    return [dict(code=c, unit=meds.code_unit(c), count=int(stats.count[i]),
+def code_rows(stats: DataStats, descriptions) -> list[dict]:
+    """Per selected code: code, name (``code_names.lab_name`` of its description [V]), unit
+    (last `//` part), count, subjects, mean, std, cv."""
+    names = code_names.lab_names(stats.codes, descriptions)
+    return [dict(code=c, name=names[i], unit=meds.code_unit(c), count=int(stats.count[i]),
                  subjects=int(stats.num_subjects[i]), mean=json_float(stats.mean[i]),
                  std=json_float(stats.std[i]), cv=json_float(stats.cv[i]))
             for i, c in enumerate(stats.codes)]
@@ -132,15 +134,18 @@ def markdown(report: dict) -> str:
         o = report["splits"][s]["out_of_vocab"]
         lines.append(f"- {s}: {o['codes']} lab-like codes not selected ({o['events']:,} "
                      f"events), {o['unseen_in_train_codes']} never seen in train")
-    lines += ["", "| code | unit | count | subjects | mean | std | CV |", "|---" * 7 + "|"]
+    lines += ["", "| lab | code | unit | count | subjects | mean | std | CV |", "|---" * 8 + "|"]
     for r in report["codes"]:
-        lines.append(f"| {r['code']} | {r['unit']} | {r['count']:,} | {r['subjects']:,} | "
+        lines.append(f"| {code_names.markdown_cell(r['name'])} | `{r['code']}` | {r['unit']} | "
+                     f"{r['count']:,} | {r['subjects']:,} | "
                      + " | ".join(_fmt(r[k]) for k in ("mean", "std", "cv")) + " |")
     if report.get("mirrored_codes"):
         lines += ["", f"Codes with >= {MIRRORED_SHARE:.0%} of their train values equal to "
                   "another code's value at the same (subject, time):", "",
-                  "| code | equals | values | share |", "|---" * 4 + "|"]
-        lines += [f"| {r['code']} | {r['mirrors']} | {r['values']:,} | {r['share']:.1%} |"
+                  "| lab | code | equals | values | share |", "|---" * 5 + "|"]
+        names = {r["code"]: code_names.markdown_cell(r["name"]) for r in report["codes"]}
+        lines += [f"| {names[r['code']]} | `{r['code']}` | {names[r['mirrors']]} "
+                  f"(`{r['mirrors']}`) | {r['values']:,} | {r['share']:.1%} |"
                   for r in report["mirrored_codes"]]
     return "\n".join(lines) + "\n"
 

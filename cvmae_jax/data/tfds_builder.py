@@ -118,7 +118,7 @@ class MedsLabSequences(FileReaderBuilder):
         plan: Plan = self.plan  # set by prepare_dataset, which read and checked the MEDS root
         # and set self.log (its progress lines' destination)
         data_dir = Path(self.data_dir)
-        plan.stats.save_json(data_dir / STATS_FILE)
+        plan.stats.save_json(data_dir / STATS_FILE, extra={"description": plan.descriptions})
         split_infos = [self._write_split(plan, split, self.log) for split in meds.SPLITS]
         self.info.set_splits(tfds.core.SplitDict(split_infos))
         write_json_atomic(data_dir / REPORT_FILE, plan.report)

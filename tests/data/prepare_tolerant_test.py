@@ -90,7 +90,7 @@ def test_report_counts_and_markdown(reference):
     assert [w.split(":")[0] for w in report["warnings"]] == [  # the fixture's D is always 5.0
         "1 of 3 selected codes have one value on train (LAB//D// )"]
     text = open(f"{path}/prepare_report.md").read()
-    assert "| unsorted_subjects | 2 |" in text and "LAB//A//mg/dL | mg/dL" in text
+    assert "| unsorted_subjects | 2 |" in text and "| LAB//A//mg/dL | `LAB//A//mg/dL` | mg/dL |" in text
     assert "subject_id" not in text.replace("subjects", "")  # counts only
 
 
@@ -165,7 +165,8 @@ def test_codes_copying_another_codes_values_are_warned_about(tiny_meds, tmp_path
     (warning,) = [w for w in prepared.report["warnings"] if "same time" in w]
     assert warning.startswith(f"2 of {prepared.stats.vocab_size} selected codes have >= 90% of "
                               "their train values equal to another selected code's value")
-    assert f"| {copy} | {tiny_meds.A} |" in open(f"{prepared.path}/prepare_report.md").read()
+    assert f"| {copy} | `{copy}` | {tiny_meds.A} (`{tiny_meds.A}`) |" in open(
+        f"{prepared.path}/prepare_report.md").read()
 
 
 def test_reservoir_quantiles_are_seeded_and_close():
