@@ -38,7 +38,7 @@ DAY, YEAR = 24.0, 365.25 * 24.0  # in hours, the generator's time unit
 _US_PER_MIN, _US_PER_H = 60_000_000, 3_600_000_000
 _EPOCH = np.datetime64("2110-01-01", "us").astype(np.int64)  # shifted dates, as in MIMIC-IV
 _NO_TIME = np.iinfo(np.int64).min
-GENERATOR_VERSION = "1.0.0"  # bump when the generated data change
+GENERATOR_VERSION = "1.1.0"  # bump when the generated data change
 DATA_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")),
                          ("code", pa.string()), ("numeric_value", pa.float32())])
 LABEL_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),

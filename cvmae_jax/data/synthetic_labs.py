@@ -63,8 +63,9 @@ class LabDef(NamedTuple):
 
     @property
     def description(self) -> str:
-        unit = "UNK (none recorded)" if self.unit == "UNK" else self.unit
-        return f"{self.name} [{self.category}] ({self.source} itemid {self.itemid}); unit {unit}"
+        """The readable name codes.parquet gives the code: "Creatinine [mg/dL]" (no unit for
+        ``UNK``)."""
+        return self.name if self.unit == "UNK" else f"{self.name} [{self.unit}]"
 
 
 def _lab(name, itemid, unit, category, panel, kind, center=0.0, scale=0.0, lo=0.0, hi=0.0,

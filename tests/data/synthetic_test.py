@@ -111,6 +111,9 @@ def test_codes_metadata_lists_every_code_with_a_description(dataset, events):
     codes = pq.read_table(root / "metadata/codes.parquet").to_pydict()
     assert codes["code"] == sorted(set(events["code"]))
     assert all(codes["description"]) and codes["parent_codes"] == [None] * len(codes["code"])
+    described = dict(zip(codes["code"], codes["description"]))
+    assert described["LAB//50912//mg/dL"] == "Creatinine [mg/dL]"
+    assert described["LAB//51237//UNK"] == "INR(PT)"
 
 
 def test_null_times_values_and_code_families(events):
