@@ -39,7 +39,9 @@ def _prepare(argv) -> None:
     print(f"  codes: {prepared.stats.vocab_size} ({sel})")
     for split in prepared.num_examples:
         s = report["splits"][split]
-        print(f"  {split}: {s['subjects']:,} subjects, {s['events']:,} events, "
+        listed = "" if s["subjects_with_rows"] == s["subjects"] else \
+            f" (of {s['subjects']:,} in the split list)"
+        print(f"  {split}: {s['subjects_with_rows']:,} subjects{listed}, {s['events']:,} events, "
               f"{s['lab']['lab_events']:,} lab events -> {prepared.num_examples[split]:,} "
               f"windows, {prepared.num_tokens[split]:,} tokens")
     for w in report.get("warnings", []):

@@ -3,6 +3,10 @@
 A MEDS root holds `data/**/*.parquet` (subject_id, time, code, numeric_value, ...) and
 `metadata/subject_splits.parquet` (subject_id, split). Oddities that can be survived are
 counted (see `event_counts`), never silently dropped; bad input raises `MEDSFormatError`.
+
+Times are read as timestamp[us] without a zone: a naive `time` (MEDS's local wall time) as it
+is, a zone-aware one as its UTC instant, so that durations and order are exact whatever the zone
+(a local wall time repeats an hour when daylight saving ends).
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -42,16 +47,73 @@ def config_get(data_config: Any, key: str) -> Any:
     return getattr(data_config, key, DATA_DEFAULTS[key])
 
 
-def data_files(meds_dir: str | Path) -> list[Path]:
-    """All `data/**/*.parquet` shards under the MEDS root, sorted by path."""
+class FoundFiles(NamedTuple):
+    """The `*.parquet` files under a folder (sorted by path, as reached through symbolic links)
+    and the links not followed because they lead to a folder or file already found."""
+    files: list[Path]
+    repeated_links: list[Path]
+
+
+def find_parquet_files(folder: str | Path) -> FoundFiles:
+    """Every `*.parquet` file under `folder`, following symbolic links to folders and files
+    (`Path.rglob` skips linked folders before Python 3.13), each real file once and by its own
+    name where it has one outside links. A linked folder already walked or to be walked (a loop,
+    or a second name for a folder) and a second name for a file already found are listed in
+    `repeated_links`, not read again. A broken link or an unreadable folder raises
+    MEDSFormatError naming it."""
+    def unreadable(error: OSError) -> None:
+        raise MEDSFormatError(f"{error.filename}: unreadable folder ({error.strerror})")
+
+    claimed = {os.path.realpath(top) for top, _, _ in os.walk(folder, onerror=unreadable)}
+    through_link = {str(folder): False}
+    by_target: dict[str, list[tuple[bool, Path]]] = {}  # real file -> (not direct, name)
+    repeated = []
+    for top, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        claimed.add(os.path.realpath(top))
+        kept = []
+        for name in sorted(folders):
+            path = os.path.join(top, name)
+            if os.path.islink(path) and os.path.realpath(path) in claimed:
+                repeated.append(Path(path))
+                continue
+            claimed.add(os.path.realpath(path))
+            through_link[path] = through_link[top] or os.path.islink(path)
+            kept.append(name)
+        folders[:] = kept
+        for name in names:
+            path = Path(top, name)
+            if not name.endswith(".parquet"):
+                continue
+            if not path.exists():
+                raise MEDSFormatError(f"{path}: a symbolic link to {os.readlink(path)}, "
+                                      "which does not exist")
+            linked = through_link[top] or path.is_symlink()
+            by_target.setdefault(os.path.realpath(path), []).append((linked, path))
+    files = []
+    for names in by_target.values():
+        first, *others = sorted(names)
+        files.append(first[1])
+        repeated += [path for _, path in others]
+    return FoundFiles(sorted(files), sorted(repeated))
+
+
+def find_data_files(meds_dir: str | Path) -> FoundFiles:
+    """The `data/**/*.parquet` shards of a MEDS root (`find_parquet_files`); a missing root or
+    no shard raises MEDSFormatError."""
     data = Path(meds_dir) / "data"
     if not Path(meds_dir).is_dir():
         raise MEDSFormatError(f"{meds_dir}: no such folder (config.data.meds_dir, the MEDS root "
                               "holding data/ and metadata/)")
-    files = sorted(data.rglob("*.parquet"))
-    if not files:
+    found = find_parquet_files(data) if data.is_dir() else FoundFiles([], [])
+    if not found.files:
         raise MEDSFormatError(f"{data}: no *.parquet files found (is this a MEDS root?)")
-    return files
+    return found
+
+
+def data_files(meds_dir: str | Path) -> list[Path]:
+    """All `data/**/*.parquet` shards under the MEDS root, sorted by path, linked folders
+    followed (`find_data_files`)."""
+    return find_data_files(meds_dir).files
 
 
 def read_subject_splits(meds_dir: str | Path) -> dict[int, str]:
@@ -142,13 +204,25 @@ def read_small_parquet(path: Path) -> pa.Table:
     return table
 
 
+def time_zone(path: Path, column: str = "time") -> str | None:
+    """The time zone of a parquet file's timestamp `column`; None when it has none (naive:
+    MEDS's local wall time) or is not a timestamp. Unreadable files raise MEDSFormatError."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
+    kind = schema.field(column).type if column in schema.names else None
+    return kind.tz if kind is not None and pa.types.is_timestamp(kind) else None
+
+
 def shard_batches(path: Path, columns=EVENT_COLUMNS, batch_rows: int = 1 << 20
                   ) -> Iterator[pa.Table]:
     """Streams one data shard as tables of <= batch_rows rows, row group by row group.
 
     Returns `columns` (a subset of EVENT_COLUMNS) validated and cast to EVENT_SCHEMA's types
     (MEDS 0.3 patient_id is read as subject_id; codes may be string, large_string or dictionary;
-    values any float or integer type). Bad files raise MEDSFormatError naming file and column.
+    values any float or integer type; a zone-aware time as its UTC instant). Bad files raise
+    MEDSFormatError naming file and column.
     """
     try:
         file = pq.ParquetFile(path)

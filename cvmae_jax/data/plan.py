@@ -56,5 +56,6 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
     report = dict(settings=settings, selection=selection, splits=splits,
                   rows_without_split=scan.rows_without_split, shards=scan.num_shards,
                   reservoir_size=reservoir_size, codes=report_lib.code_rows(stats, descriptions),
-                  warnings=warnings)
+                  warnings=scan.warnings + warnings, files=scan.files,
+                  repeated_links=scan.repeated_links)
     return Plan(meds_dir, lookup, scan, stats, report, descriptions)

@@ -147,7 +147,21 @@ def markdown(report: dict) -> str:
         lines += [f"| {names[r['code']]} | `{r['code']}` | {names[r['mirrors']]} "
                   f"(`{r['mirrors']}`) | {r['values']:,} | {r['share']:.1%} |"
                   for r in report["mirrored_codes"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + files_lines(report)) + "\n"
+
+
+def files_lines(report: dict) -> list[str]:
+    """The report's table of the files read under data/ (rows, time zone) and the symbolic
+    links not read again."""
+    lines = ["", "Files read (symbolic links to folders and files followed, each real file "
+             "once):", "", "| file | rows | time zone |", "|---|---:|---|"]
+    lines += [f"| {f['file']} | {f['rows']:,} | {f['time_zone'] or 'none (local wall time)'} |"
+              for f in report.get("files", [])]
+    repeated = report.get("repeated_links", [])
+    if repeated:
+        lines += ["", f"Not read again ({len(repeated)} links to a folder or file already "
+                  f"read): {', '.join(repeated)}"]
+    return lines
 
 
 def _flatten(split: dict) -> dict:

@@ -8,6 +8,7 @@ by the dataset: `scan_meds` (every shard: per-split counts, per-code train momen
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,9 @@ class Scan:
     splits: per split, the counts in _SPLIT_COUNTS. code_counts: per split, {code: timed finite
     numeric rows}. moments: train moments of every numeric code. shards: per split, the shards
     holding its subjects. rows_without_split: rows of subjects missing from the split list.
+    files: every file read, [{file (under the MEDS root), rows, time_zone (None: naive)}];
+    repeated_links: links under data/ to a folder or file already read (not read again);
+    warnings: about what was read (files, time zones, subjects without rows).
     """
     splits: dict[str, dict[str, int]]
     code_counts: dict[str, dict[str, int]]
@@ -59,6 +63,9 @@ class Scan:
     rows_without_split: int
     num_shards: int
     seconds: float
+    files: list[dict]
+    repeated_links: list[str]
+    warnings: list[str]
 
 
 def _progress(log, stage: str, k: int, files: list[Path], rows: int, done_bytes: int,
@@ -74,7 +81,10 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
     """Pass 1 over every row. Refuses (MEDSFormatError) a subject whose rows span two shards
     and a dataset without rows."""
     start = time.perf_counter()
-    files = meds.data_files(meds_dir)
+    found = meds.find_data_files(meds_dir)
+    files = found.files
+    read = [dict(file=str(f.relative_to(meds_dir)), rows=0, time_zone=meds.time_zone(f))
+            for f in files]
     sizes = np.cumsum([f.stat().st_size for f in files])
     counts = {s: dict.fromkeys(_SPLIT_COUNTS, 0) for s in meds.SPLITS}
     code_counts: dict[str, dict[str, int]] = {s: {} for s in meds.SPLITS[1:]}
@@ -85,6 +95,7 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
         in_shard = np.zeros(len(lookup.ids), bool)
         for batch in meds.shard_batches(path):
             total += batch.num_rows
+            read[k]["rows"] += batch.num_rows
             pos = lookup.positions(batch["subject_id"].to_numpy())
             rows_without_split += int((pos < 0).sum())
             in_shard[pos[pos >= 0]] = True
@@ -108,8 +119,47 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
     for s, name in enumerate(meds.SPLITS):
         counts[name]["subjects"] = int((lookup.split == s).sum())
         counts[name]["subjects_with_rows"] = int((seen & (lookup.split == s)).sum())
+    repeated = [str(p.relative_to(meds_dir)) for p in found.repeated_links]
+    warnings = _what_was_read(read, repeated, counts, total, log)
     return Scan(counts, code_counts, moments, shards, rows_without_split, len(files),
-                time.perf_counter() - start)
+                time.perf_counter() - start, read, repeated, warnings)
+
+
+def _what_was_read(files: list[dict], repeated: list[str], counts: dict, rows: int,
+                   log: Callable[[str], None]) -> list[str]:
+    """Logs the files read, their time zones, the links not followed again and the warnings
+    (naive and zone-aware times mixed, listed subjects without rows), which it returns."""
+    log(f"[prepare] read {len(files)} files under data/ ({rows:,} rows; each file's rows in "
+        "prepare_report.md)")
+    if repeated:
+        log(f"[prepare] {len(repeated)} symbolic link(s) under data/ lead to a folder or file "
+            f"already read and were not read again: {', '.join(repeated[:3])}"
+            f"{', ...' if len(repeated) > 3 else ''}")
+    zones = collections.Counter(f["time_zone"] for f in files if f["time_zone"])
+    warnings = []
+    if zones:
+        named = ", ".join(f"{zone} in {n}" for zone, n in sorted(zones.items()))
+        log(f"[prepare] column time carries a time zone ({named} of {len(files)} files): read "
+            "as UTC instants, so durations and order are exact; naive times are read as they "
+            "are (local wall time)")
+        naive = len(files) - sum(zones.values())
+        if naive:
+            warnings.append(
+                f"column time carries a time zone in {sum(zones.values())} of {len(files)} data "
+                f"files ({named}) and none in {naive} (e.g. "
+                f"{next(f['file'] for f in files if not f['time_zone'])}): eval.py refuses to "
+                "compare label prediction times with both; give every file the same convention "
+                "(see docs/data_problems.md, Time zones)")
+    for split in meds.SPLITS:
+        missing = counts[split]["subjects"] - counts[split]["subjects_with_rows"]
+        if missing:
+            warnings.append(
+                f"{missing:,} of {counts[split]['subjects']:,} {split} subjects of the split "
+                f"list have no rows in the {len(files)} files read under data/ (a shard "
+                "missing or outside data/?); the counts are of the subjects read")
+    for w in warnings:
+        log(f"[prepare] WARNING: {w}")
+    return warnings
 
 
 def _count_split(t: pa.Table, split: str, counts: dict, code_counts: dict,
