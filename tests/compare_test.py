@@ -21,6 +21,8 @@ from cvmae_jax.evaluation.compared_runs import group_runs, load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODES = ("LAB//A", "LAB//B", "LAB//C", "LAB//D")
+NAMES = {"LAB//A": "Albumin [g/dL]", "LAB//B": "B | with a pipe", "LAB//C": "LAB//C",
+         "LAB//D": "D-dimer"}  # LAB//C: no description in codes.parquet
 SUBJECT_BASE = 987_654_000  # subject ids that must never reach a report
 
 
@@ -37,7 +39,7 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
         for step, mse in curve:
             f.write(json.dumps({"step": step, "loss": 1.0, "masked_mse": 9.9}) + "\n")
             f.write(json.dumps({"step": step, "split": "tuning", "masked_mse": mse}) + "\n")
-    per_code = [dict(code=c, num_masked=50, mse=m, mae=m, rmse=m ** 0.5, baseline_mse=1.0,
+    per_code = [dict(code=c, name=NAMES[c], num_masked=50, mse=m, mae=m, rmse=m ** 0.5, baseline_mse=1.0,
                      raw_rmse=m, raw_mae=m, cv=0.1 * (i + 1), train_mask_prob=0.3)
                 for i, (c, m) in enumerate(zip(CODES, mses))]
     tasks = {}
@@ -284,7 +286,8 @@ def test_convergence_pools_seeds_that_never_reach_the_target_as_slowest(tmp_path
 
 def test_single_code_and_perturbation_are_used_when_present(tmp_path):
     def extra(ratio, single):
-        return dict(single_code=dict(per_code=[dict(code=c, num_masked=10, mse=m)
+        return dict(single_code=dict(per_code=[dict(code=c, name=NAMES[c], num_masked=10,
+                                                    mse=m)
                                                for c, m in zip(CODES, single)]),
                     perturbation=dict(seed=0, split="held_out", shuffle_within_code=dict(
                         reconstruction=dict(masked_mse_clean=1.0, masked_mse_corrupted=ratio,
@@ -371,3 +374,24 @@ def test_codes_without_variation_are_left_out_of_the_lab_comparison(tmp_path):
     lab = summarize_paths((ref, cv))["strategies"]["cv"]["vs_random"]["reconstruction"][
         "uniform"]["pooled"]
     assert lab["n_labs"] == 3 and lab["win_rate"] == 1.0
+
+
+def test_report_and_lab_plot_name_the_labs(tmp_path):
+    from unittest import mock
+
+    from cvmae_jax.evaluation import compare_plots
+
+    paths = (make_run(tmp_path, "random", 0, [1.0] * 4),
+             make_run(tmp_path, "cv", 0, [0.8, 0.9, 0.7, 1.2]))
+    groups = group_runs([load_run(p) for p in paths])
+    summary = summarize_runs(groups)
+    report = "\n".join(report_lines(summary, []))
+    assert "| lab | code | train CV | Δ `cv` |" in report
+    assert "| Albumin [g/dL] | `LAB//A` | 0.100 | +0.2000 |" in report
+    assert "| B \\| with a pipe | `LAB//B` | 0.200 | +0.1000 |" in report
+    assert "| LAB//C | `LAB//C` | 0.300 | +0.3000 |" in report  # no description: the code
+    with mock.patch.object(compare_plots, "save_figure") as save:
+        compare_plots.plot_all(groups, summary, str(tmp_path))
+    (fig,) = [c.args[0] for c in save.call_args_list if c.args[1].endswith("by_cv.png")]
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == [NAMES[c] for c in CODES]

@@ -126,6 +126,14 @@ def test_eval_reports_downstream_probes(evaluated):
     assert result["downstream"]["embed_traces"] == 1  # one compile for every task and split
 
 
+def test_eval_names_labs_from_the_synthetic_codes_metadata(evaluated):
+    workdir, result = evaluated
+    names = {r["code"]: r["name"] for r in result["per_code"]}
+    assert names["LAB//50912//mg/dL"] == "Creatinine [mg/dL]"
+    with open(os.path.join(workdir, "eval", "report.md")) as f:
+        assert "| Creatinine [mg/dL] | `LAB//50912//mg/dL` |" in f.read()
+
+
 def test_empty_window_embeds_to_zeros_and_padding_does_not_matter():
     from cvmae_jax.model import ModelConfig
     from cvmae_jax.steps import init_state, make_optimizer

@@ -134,7 +134,8 @@ def test_a_constant_code_has_no_ratio_to_its_baseline_and_is_left_out_of_the_plo
     ratios of ~1e10, and a y axis that hid every other lab in reconstruction_by_lab.png."""
     from cvmae_jax.evaluation import report
 
-    rows = [dict(code=f"LAB//{i}", num_masked=10, mse=mse, baseline_mse=base, cv=0.1 * i)
+    rows = [dict(code=f"LAB//{i}", name=f"LAB//{i}", num_masked=10, mse=mse, baseline_mse=base,
+                 cv=0.1 * i)
             for i, (mse, base) in enumerate([(0.5, 1.0), (0.8, 0.8), (3e-4, 0.0)])]
     assert [vs_baseline(r) for r in rows] == [0.5, 1.0, None]
     result = dict(per_code=rows, split="held_out", cv_threshold=0.15)

@@ -11,6 +11,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cvmae_jax.data.code_names import short_name  # noqa: E402
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run  # noqa: E402
 from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
 
@@ -66,7 +67,8 @@ def _plot_lab_differences(groups, summary):
             ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
                        label=f"CV {threshold:.3g}: right of it the high tier")
             ax.legend(fontsize=7, loc="upper left")
-        ax.set_xticks(range(len(labs)), [lab["code"] for lab in labs], rotation=90, fontsize=6)
+        ax.set_xticks(range(len(labs)), [short_name(lab["name"], lab["code"]) for lab in labs],
+                      rotation=90, fontsize=6)
         ax.set_ylabel(f"MSE(random) - MSE({strategy})", fontsize=8)
         ax.set_title(f"{strategy} vs random per lab (held_out), labs sorted by train CV; "
                      f"green: {strategy} better", fontsize=9)

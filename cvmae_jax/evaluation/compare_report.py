@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cvmae_jax.data.code_names import markdown_cell
 from cvmae_jax.evaluation.compared_runs import REFERENCE
 
 
@@ -52,7 +53,7 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
               "units); convergence: from the validation lines of each run's metrics.jsonl."]
     lines += [_noise_floor_line(summary.get("seed_noise_floor"))]
     lines += (_single_code_lines(strategies) + _label_efficiency_lines(strategies, tasks)
-              + _per_seed_lines(strategies, tasks))
+              + _per_seed_lines(strategies, tasks) + _per_lab_lines(strategies))
     notes = [f"- {s} {t}: {d['note']}" for s, e in strategies.items()
              for t, d in e.get("vs_random", {}).get("auroc_delta", {}).items() if d["note"]]
     notes += [f"- {s}: {lab['note']}" for s, e in strategies.items() if s != REFERENCE
@@ -152,4 +153,26 @@ def _per_seed_lines(strategies: dict, tasks: list[str]) -> list[str]:
             cells.append(f"{c['step']} / {c['reference_step']}" if c["ratio"] is not None
                          else f"n/a ({c['reason']})")
             lines.append(f"| `{s}` | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_lab_lines(strategies: dict) -> list[str]:
+    """One row per lab (by train CV): each strategy's per-lab difference to random."""
+    diffs = {s: {lab["code"]: lab for lab in
+                 e["vs_random"]["reconstruction"]["uniform"].get("per_lab", [])}
+             for s, e in strategies.items() if s != REFERENCE}
+    labs = {code: lab for by_code in diffs.values() for code, lab in by_code.items()}
+    if not labs:
+        return []
+    lines = ["", "## Per lab (held_out, uniform mask)", "",
+             "MSE(random) - MSE(strategy) in normalized units, each lab's MSE averaged over the "
+             "paired seeds; positive = the strategy reconstructs the lab better.", "",
+             "| lab | code | train CV | " + " | ".join(f"Δ `{s}`" for s in diffs) + " |",
+             "|---|---|---:|" + "---:|" * len(diffs)]
+    for lab in sorted(labs.values(), key=lambda lab: (lab["cv"] is None, lab["cv"] or 0,
+                                                       lab["code"])):
+        cells = [_num(by_code[lab["code"]]["diff"], "+.4f") if lab["code"] in by_code else "n/a"
+                 for by_code in diffs.values()]
+        lines.append(f"| {markdown_cell(lab['name'])} | `{lab['code']}` | {_num(lab['cv'])} | "
+                     + " | ".join(cells) + " |")
     return lines

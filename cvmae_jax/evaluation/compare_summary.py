@@ -129,7 +129,7 @@ def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
     for code in sorted(common, key=lambda c: (ref_rows[c].get("cv", np.nan), c)):
         run_mse = float(np.mean([a[code]["mse"] for a, _ in tables.values()]))
         ref_mse = float(np.mean([b[code]["mse"] for _, b in tables.values()]))
-        labs.append(dict(code=code, cv=ref_rows[code].get("cv"),
+        labs.append(dict(code=code, name=ref_rows[code]["name"], cv=ref_rows[code].get("cv"),
                          num_masked=ref_rows[code]["num_masked"], random_mse=ref_mse,
                          strategy_mse=run_mse, diff=ref_mse - run_mse))
     pooled = paired_stats.lab_comparison([lab["diff"] for lab in labs])

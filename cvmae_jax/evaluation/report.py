@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
@@ -26,11 +27,12 @@ def write_report(path: str, result: dict) -> None:
         f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
         f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",
         *_tier_table(result["by_cv_tier"]), "",
-        "| code | train CV | train mask p | n masked | MSE | baseline MSE | RMSE (raw units) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| lab | code | train CV | train mask p | n masked | MSE | baseline MSE | "
+        "RMSE (raw units) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in evaluated_rows(result):
-        lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
+        lines.append(f"| {_lab_cells(r)} | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
                      f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
                      f"{r['raw_rmse']:.4g} |")
     if "single_code" in result:
@@ -53,6 +55,11 @@ def _tier_table(tiers: dict) -> list[str]:
               for name, t in tiers.items())]
 
 
+def _lab_cells(row: dict) -> str:
+    """The lab's name and its code: two cells of a per-lab table."""
+    return f"{markdown_cell(row['name'])} | `{row['code']}`"
+
+
 def evaluated_rows(result: dict) -> list[dict]:
     """Per-code rows with at least one masked value, sorted by train CV."""
     return sorted((r for r in result["per_code"] if r["num_masked"]), key=lambda r: r["cv"])
@@ -69,10 +76,11 @@ def _single_code_lines(result: dict) -> list[str]:
              f"- masked MSE: {overall['masked_mse']:.4f} vs per-code-mean baseline "
              f"{overall['baseline_masked_mse']:.4f} (ratio {overall['mse_vs_baseline']:.3f})",
              "", *_tier_table(single["by_cv_tier"]), "",
-             "| code | train CV | n hidden | MSE | baseline MSE | ratio | RMSE (raw units) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| lab | code | train CV | n hidden | MSE | baseline MSE | ratio | "
+             "RMSE (raw units) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in evaluated_rows(single):
-        lines.append(f"| `{r['code']}` | {r['cv']:.3f} | {r['num_masked']} | {r['mse']:.4f} | "
+        lines.append(f"| {_lab_cells(r)} | {r['cv']:.3f} | {r['num_masked']} | {r['mse']:.4f} | "
                      f"{r['baseline_mse']:.4f} | {_ratio(r)} | {r['raw_rmse']:.4g} |")
     return lines
 
@@ -164,7 +172,8 @@ def plot_by_lab(path: str, result: dict) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
     ax.bar(range(len(rows)), ratio, color=colors)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(rows)), [r["code"] for r in rows], rotation=90, fontsize=6)
+    ax.set_xticks(range(len(rows)), [short_name(r["name"], r["code"]) for r in rows],
+                  rotation=90, fontsize=6)
     ax.set_ylabel("masked MSE / per-code-mean baseline")
     ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
                  f"(red: CV above {result['cv_threshold']:.3g}, the high tier)"

@@ -111,6 +111,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     result.update(step=step, split=split, strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
     _add_cv(result, stats.cv, config.masking.threshold_percentile)
+    _add_names(result["per_code"], dataset.lab_names)
     batches = list(eval_batches(dataset, split, config.eval.batch_size, config.data.max_len,
                                 shard_index=jax.process_index(),
                                 shard_count=jax.process_count()))
@@ -119,6 +120,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                     "batches; config.eval.single_code=False skips it)"):
             result["single_code"] = _single_code(graphdef, params, batches, stats, probs,
                                                  config, launcher)
+            _add_names(result["single_code"]["per_code"], dataset.lab_names)
     embed_fn = make_embed_fn(graphdef)
     with _phase(f"downstream probes ({len(label_tasks)} task(s))"):
         result["downstream"], tasks = probe_tasks(
@@ -195,6 +197,12 @@ def _add_cv(result: dict, cv: np.ndarray, threshold_percentile: float) -> None:
         row["cv"] = float(value)
     result["cv_threshold"] = float(percentile_threshold(cv, threshold_percentile))
     result["by_cv_tier"] = _by_cv_tier(result["per_code"], cv, threshold_percentile)
+
+
+def _add_names(rows: list[dict], names: tuple[str, ...]) -> None:
+    """Each per-code row's readable lab name (``PreparedDataset.lab_names``, same order)."""
+    for row, name in zip(rows, names, strict=True):
+        row["name"] = name
 
 
 def _by_cv_tier(rows: list[dict], cv: np.ndarray, threshold_percentile: float) -> dict:
