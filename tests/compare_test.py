@@ -39,8 +39,9 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
         for step, mse in curve:
             f.write(json.dumps({"step": step, "loss": 1.0, "masked_mse": 9.9}) + "\n")
             f.write(json.dumps({"step": step, "split": "tuning", "masked_mse": mse}) + "\n")
-    per_code = [dict(code=c, name=NAMES[c], num_masked=50, mse=m, mae=m, rmse=m ** 0.5, baseline_mse=1.0,
-                     raw_rmse=m, raw_mae=m, cv=0.1 * (i + 1), train_mask_prob=0.3)
+    per_code = [dict(code=c, name=NAMES[c], num_masked=50, mse=m, mae=m, rmse=m ** 0.5,
+                     baseline_mse=1.0, raw_rmse=m, raw_mae=m, cv=0.1 * (i + 1),
+                     train_mask_prob=0.3)
                 for i, (c, m) in enumerate(zip(CODES, mses))]
     tasks = {}
     for task, (labels, scores) in (task_scores or {}).items():
