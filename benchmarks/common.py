@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -19,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from cvmae_jax.host_memory import reuse_freed_memory
+from cvmae_jax.jsonio import dumps_json
 from cvmae_jax.parallel import set_cpu_devices
 
 HOST_MALLOC = "glibc defaults"  # what config_from_args set up
@@ -324,5 +324,5 @@ def progress(message: str) -> None:
 def write_json(path: str | None, record: dict) -> None:
     if path:
         with open(path, "w") as f:
-            json.dump(record, f, indent=2, default=str)
+            f.write(dumps_json(record, indent=2, default=str))
         progress(f"wrote {path}")

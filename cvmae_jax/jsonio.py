@@ -1,10 +1,16 @@
 """Atomic files: written to a temporary file in the same folder, then renamed, with the
-permissions a plain ``open`` would give (``mkstemp`` alone makes them private, 0600)."""
+permissions a plain ``open`` would give (``mkstemp`` alone makes them private, 0600).
+
+JSON is written strict (``allow_nan=False``): a non-finite float is written as the string
+"inf", "-inf" or "nan" (``json_float``), which ``read_json`` and ``loads_json`` turn back into
+the float, so every file parses with any JSON reader.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 
@@ -37,15 +43,50 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
         raise
 
 
+NONFINITE = ("inf", "-inf", "nan")
+
+
+def json_float(x) -> float | str:
+    """x as a JSON number, or "inf", "-inf", "nan" when it is not finite."""
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+
+
+def strict_json(obj):
+    """``obj`` (dicts, lists, tuples, numbers, strings, None) with every non-finite float
+    replaced by ``json_float``'s string."""
+    if isinstance(obj, float):
+        return json_float(obj)
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kwargs) -> str:
+    """``json.dumps`` of ``strict_json(obj)`` with ``allow_nan=False``."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
+def _restore_nonfinite(pairs: list[tuple]) -> dict:
+    return {k: float(v) if isinstance(v, str) and v in NONFINITE else v for k, v in pairs}
+
+
+def loads_json(text: str):
+    """``json.loads`` with the values "inf", "-inf", "nan" read back as floats."""
+    return json.loads(text, object_pairs_hook=_restore_nonfinite)
+
+
 def read_json(path: str | os.PathLike, missing_hint: str = ""):
-    """The JSON content of ``path``; FileNotFoundError (with ``missing_hint``) or ValueError
-    naming the file when it is missing or not valid JSON."""
+    """The JSON content of ``path`` (``loads_json``); FileNotFoundError (with ``missing_hint``)
+    or ValueError naming the file when it is missing or not valid JSON."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing" + (f"; {missing_hint}" if missing_hint else ""))
     try:
         with open(path) as f:
-            return json.load(f)
+            return loads_json(f.read())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -57,10 +98,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
+    """Writes ``obj`` as indented strict JSON (``dumps_json``) to ``path`` atomically."""
+    write_text_atomic(path, dumps_json(obj, indent=1) + "\n")
 
 
 def check_writable(folder: str | os.PathLike, purpose: str) -> None:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cvmae_jax.jsonio import atomic_path
+from cvmae_jax.jsonio import atomic_path, dumps_json
 
 
 class MetricsWriter:
@@ -41,7 +41,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+            f.write(dumps_json(_plain(record)) + "\n")
 
 
 def _logged_step(line: str) -> float:

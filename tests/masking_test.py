@@ -95,6 +95,11 @@ def test_infinite_cv_counts_as_most_volatile():
     assert p[2] == 0.8 and (p == 0.8).sum() == 2
 
 
+def test_a_nan_score_is_refused_not_put_in_the_low_tier():
+    with pytest.raises(ValueError, match="1 of 8 codes have a NaN masking score"):
+        probs("cv", cv=np.where(CV == 0.5, np.nan, CV))
+
+
 def test_packed_rows_get_the_same_masks_as_one_example_per_row():
     codes, valid, example_id = _batch(num_examples=4, length=16)
     lengths = valid.sum(axis=1)

@@ -6,7 +6,7 @@ import os
 import stat
 import time
 
-from cvmae_jax.jsonio import UMASK, write_json_atomic
+from cvmae_jax.jsonio import UMASK, read_json, write_json_atomic
 from cvmae_jax.metrics import MetricsWriter, Progress
 
 
@@ -52,3 +52,21 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode) == 0o666 & ~UMASK
     assert mode & stat.S_IRGRP  # not mkstemp's private 0600 (umask 022 here)
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def _refuse(token):
+    raise ValueError(f"not strict JSON: {token}")
+
+
+def test_json_files_and_lines_are_strict_and_read_back(tmp_path):
+    record = {"cv": float("inf"), "rows": [{"ratio": float("nan"), "low": -float("inf")}],
+              "name": "LAB//x", "step": 3}
+    write_json_atomic(tmp_path / "m.json", record)
+    strict = json.loads((tmp_path / "m.json").read_text(), parse_constant=_refuse)
+    assert strict["cv"] == "inf" and strict["rows"][0] == {"ratio": "nan", "low": "-inf"}
+    back = read_json(tmp_path / "m.json")
+    assert back["cv"] == float("inf") and back["rows"][0]["low"] == -float("inf")
+    assert back["rows"][0]["ratio"] != back["rows"][0]["ratio"] and back["name"] == "LAB//x"
+    MetricsWriter(tmp_path / "metrics.jsonl", start_step=0).write(dict(step=3, loss=float("nan")))
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=_refuse)
+    assert line == {"step": 3, "loss": "nan"}

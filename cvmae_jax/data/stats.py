@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cvmae_jax.data.meds import MEDSFormatError
-from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.jsonio import json_float, write_json_atomic
 
 STD_EPS = 1e-6  # floor of the std used to normalize (constant codes)
 RESERVOIR_SIZE = 100_000  # values per code sampled for the clipping quantiles
@@ -101,12 +101,6 @@ class DataStats:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def json_float(x) -> float | str:
-    """x as a JSON number, or "inf", "-inf", "nan" when it is not finite."""
-    x = float(x)
-    return x if np.isfinite(x) else str(x)
-
-
 def _json_value(x):
     x = np.asarray(x).item()
     return json_float(x) if isinstance(x, float) else x
@@ -117,12 +111,16 @@ class CodeMoments:
     batch by batch (Chan et al.), and the number of distinct subjects per code. Codes are added
     as they are seen; memory grows with the number of codes, not of rows.
 
-    Subjects are counted per shard (`end_shard`), so a subject must not span shards.
+    The moments are kept in units of a per-code power of two near the largest |value| seen
+    (`power_of_two_scale`; rescaling is exact), so no sum or square overflows whatever the
+    finite values: `means()` and `stds()` are finite. Subjects are counted per shard (`end_shard`), so a subject must not
+    span shards.
     """
 
     def __init__(self):
         self.index: dict[str, int] = {}
-        self.n, self.mean, self.m2 = np.zeros(0), np.zeros(0), np.zeros(0)
+        self.n, self.mean, self.m2 = np.zeros(0), np.zeros(0), np.zeros(0)  # scaled units
+        self.scale = np.full(0, 0.5)  # power_of_two_scale(0)
         self.subjects = np.zeros(0, np.int64)
         self._pairs: list[pa.Table] = []
 
@@ -139,8 +137,15 @@ class CodeMoments:
         if grow:
             self.n, self.mean, self.m2 = (np.r_[a, np.zeros(grow)]
                                           for a in (self.n, self.mean, self.m2))
+            self.scale = np.r_[self.scale, np.full(grow, 0.5)]
             self.subjects = np.r_[self.subjects, np.zeros(grow, np.int64)]
         v = len(self.n)
+        largest = np.zeros(v)
+        np.maximum.at(largest, idx, np.abs(values))
+        scale = np.maximum(self.scale, power_of_two_scale(largest))
+        shrink = self.scale / scale  # a power of two: exact
+        self.mean, self.m2, self.scale = self.mean * shrink, self.m2 * shrink ** 2, scale
+        values = values / scale[idx]  # |values| < 2
         n_b = np.bincount(idx, minlength=v).astype(np.float64)
         mean_b = np.bincount(idx, values, v) / np.maximum(n_b, 1)
         m2_b = np.bincount(idx, (values - mean_b[idx]) ** 2, v)
@@ -154,6 +159,14 @@ class CodeMoments:
         self._pairs.append(pa.table({"c": idx, "s": subject_ids}).group_by(["c", "s"])
                            .aggregate([]))
 
+    def means(self) -> np.ndarray:
+        """Per-code mean of the values added, float64 [codes seen]."""
+        return self.mean * self.scale
+
+    def stds(self) -> np.ndarray:
+        """Per-code population standard deviation (ddof=0), float64 [codes seen]."""
+        return np.sqrt(self.m2 / np.maximum(self.n, 1)) * self.scale
+
     def end_shard(self) -> None:
         """Adds the distinct (code, subject) pairs seen since the last call to `subjects`."""
         if self._pairs:
@@ -163,6 +176,20 @@ class CodeMoments:
 
     def counts(self) -> dict[str, int]:
         return {c: int(self.n[i]) for c, i in self.index.items()}
+
+
+def power_of_two_scale(x: np.ndarray) -> np.ndarray:
+    """The power of two s with x / s in [1, 2) (0.5 where x is 0), float64 [...]: finite for
+    every finite x >= 0, and dividing by it is exact."""
+    return np.ldexp(1.0, np.frexp(np.asarray(x, np.float64))[1] - 1)
+
+
+def scaled_mean_std(x: np.ndarray) -> tuple[float, float]:
+    """Mean and population std of finite values x [n] (n >= 1), computed in units of
+    `power_of_two_scale(max |x|)` so neither overflows."""
+    scale = float(power_of_two_scale(np.max(np.abs(x))))
+    y = x / scale
+    return float(y.mean() * scale), float(y.std() * scale)
 
 
 class Reservoirs:
@@ -207,16 +234,41 @@ def finish_stats(codes, moments: CodeMoments, reservoirs: Reservoirs,
             f"train split, column numeric_value: no values for codes {empty[:10]}")
     rows = np.array(rows, np.int64)
     out = {f: np.zeros(len(codes)) for f in _FLOAT_FIELDS}
-    out["count"], out["mean"] = moments.n[rows], moments.mean[rows]
-    out["std"] = np.sqrt(moments.m2[rows] / out["count"])
-    for i, sample in enumerate(reservoirs.samples):
-        out["clip_low"][i], out["clip_high"][i] = np.quantile(sample, clip_quantiles)
-        clipped = np.clip(sample, out["clip_low"][i], out["clip_high"][i])
-        out["norm_mean"][i], out["norm_std"][i] = clipped.mean(), clipped.std()
-    out["variance"] = out["std"] ** 2
+    out["count"], out["mean"], out["std"] = (moments.n[rows], moments.means()[rows],
+                                             moments.stds()[rows])
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, sample in enumerate(reservoirs.samples):
+            out["clip_low"][i], out["clip_high"][i] = np.quantile(sample, clip_quantiles)
+            out["norm_mean"][i], out["norm_std"][i] = scaled_mean_std(
+                np.clip(sample, out["clip_low"][i], out["clip_high"][i]))
+        out["variance"] = out["std"] ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         out["cv"] = np.where(out["std"] == 0, 0.0, out["std"] / np.abs(out["mean"]))
+    _check_finite(codes, out)
     return DataStats(codes=codes, num_subjects=moments.subjects[rows], **out)
+
+
+def _check_finite(codes: tuple[str, ...], out: dict[str, np.ndarray]) -> None:
+    """Raises MEDSFormatError naming the codes whose statistics or normalized values would not
+    be finite (float64 moments, float32 normalized values): values so large (|value| beyond
+    ~1e154, where the variance passes float64's 1.8e308) that they are placeholders, not
+    results. cv may be inf: the CV of a code whose mean is exactly 0."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        span = out["clip_high"] - out["clip_low"]
+        reach = np.maximum(np.abs(out["clip_high"] - out["norm_mean"]),
+                           np.abs(out["clip_low"] - out["norm_mean"]))
+        z_max = reach / np.maximum(out["norm_std"], STD_EPS)
+    fields = [out[f] for f in _FLOAT_FIELDS if f != "cv"]
+    ok = np.isfinite(span) & (z_max < np.finfo(np.float32).max) & ~np.isnan(out["cv"])
+    ok &= np.logical_and.reduce([np.isfinite(f) for f in fields])
+    bad = [c for c, good in zip(codes, ok) if not good]
+    if bad:
+        raise MEDSFormatError(
+            f"train split, column numeric_value: {len(bad)} code(s) have values too large for "
+            f"float64 statistics ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; "
+            "their variance or value range passes 1.8e308): such values are placeholders, not "
+            "results; drop them with config.data.drop_values or leave the codes out with "
+            "config.data.lab_codes")
 
 
 def compute_stats(train_events: pa.Table, codes, clip_quantiles=(0.001, 0.999),

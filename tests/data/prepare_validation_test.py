@@ -5,6 +5,7 @@ import re
 from unittest import mock
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,6 +60,14 @@ def _split_subject_across_shards(root):
     pq.write_table(t.slice(3), root / "data/train/0b.parquet")
 
 
+def _huge_a_values(t):
+    """LAB//A's train values near 1e307: their sum and squares pass float64's range."""
+    is_a = pc.equal(t["code"], "LAB//A//mg/dL")
+    return t.set_column(3, "numeric_value", pc.if_else(
+        is_a, pc.multiply(t["numeric_value"].cast(pa.float64()), 1e306),
+        t["numeric_value"].cast(pa.float64())))
+
+
 _IDS = pa.array([1, 2, 3, 4, 5, 6, 7], pa.int64())
 CASES = {
     "missing_code": (_drop("code"), {}, SHARD, "column 'code' is missing"),
@@ -104,6 +113,9 @@ CASES = {
                               {}, SPLITS_FILE, "already listed subject into a different split"),
     "subject_spans_shards": (_split_subject_across_shards, {}, "data/train/0b.parquet",
                              "subjects also have rows in an earlier shard"),
+    "values_overflow_statistics": (_edit("data/train/0.parquet", _huge_a_values), {},
+                                   "train split", r"too large for float64 statistics "
+                                   r"\(LAB//A//mg/dL;.*config.data.drop_values"),
 }
 
 

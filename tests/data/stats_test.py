@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.stats import DataStats, compute_stats
+from cvmae_jax.data.stats import CodeMoments, DataStats, compute_stats
 
 
 def _stats(tiny_meds, quantiles=(0.001, 0.999)):
@@ -96,3 +96,34 @@ def test_json_round_trip_with_extra_and_inf(tmp_path, tiny_meds):
     for field in ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high",
                   "num_subjects"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(stats, field))
+
+
+def test_moments_of_huge_values_do_not_overflow():
+    values = np.array([0.0, 2e154] * 10)  # squared deviations 1e308: their sum overflowed
+    events = pa.table({"subject_id": np.arange(20), "code": ["x"] * 20, "numeric_value": values})
+    stats = compute_stats(events, ["x"], (0.0, 1.0))
+    np.testing.assert_allclose([stats.mean[0], stats.std[0], stats.cv[0], stats.norm_std[0]],
+                               [1e154, 1e154, 1.0, 1e154], rtol=1e-12)
+    np.testing.assert_allclose(stats.variance[0], 1e308, rtol=1e-12)
+    np.testing.assert_array_equal(stats.normalize(np.zeros(2, int), [0.0, 2e154]), [-1.0, 1.0])
+
+
+def test_streamed_moments_rescale_exactly_when_larger_values_arrive():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(100, 3, 50) * 10.0 ** k for k in (-3, 0, 5, 2)]
+    moments = CodeMoments()
+    for b in batches:
+        moments.add(pa.array(["x"] * len(b)), b, np.arange(len(b)))
+    everything = np.concatenate(batches)
+    np.testing.assert_allclose([moments.means()[0], moments.stds()[0]],
+                               [everything.mean(), everything.std()], rtol=1e-12)
+
+
+def test_values_whose_variance_passes_float64_refuse_the_code_by_name():
+    values = np.array([1e307, 1.7e307] * 10)  # the sum of the values alone overflows
+    events = pa.table({"subject_id": np.arange(20), "code": ["LAB//huge"] * 20,
+                       "numeric_value": values})
+    with pytest.raises(meds.MEDSFormatError, match=r"too large for float64 statistics "
+                                                   r"\(LAB//huge;"):
+        compute_stats(events, ["LAB//huge"], (0.001, 0.999))
+
