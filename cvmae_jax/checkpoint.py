@@ -6,7 +6,11 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from cvmae_jax.damaged_checkpoints import check_intact, set_aside_damaged
 
 
 class Checkpointer:
@@ -15,10 +19,14 @@ class Checkpointer:
     Each checkpoint holds three items: ``state`` (params, optimizer state, step), ``data`` (the
     input pipeline's position, saved by grain's checkpoint handler) and ``run`` (config and
     dataset statistics, as JSON). Orbax writes to a temporary folder and renames it when
-    complete, so a save killed half-way is ignored.
+    complete, so a save killed half-way is ignored. Damaged checkpoints (a truncated file)
+    newer than the newest intact one are set aside first, with a warning, so a resume starts
+    from the intact one.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int):
+        _on_process_0(lambda: set_aside_damaged(str(directory),
+                                                Checkpointer.complete_steps(directory)))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -27,21 +35,30 @@ class Checkpointer:
         return self.manager.latest_step()
 
     @staticmethod
-    def latest_complete_step(directory: str | os.PathLike) -> int | None:
-        """The newest complete checkpoint's step under ``directory``, creating nothing (None
-        when there is no such folder or no complete checkpoint in it)."""
+    def complete_steps(directory: str | os.PathLike) -> list[int]:
+        """The complete checkpoints' steps under ``directory``, oldest first, creating nothing
+        (none when there is no such folder)."""
         if not os.path.isdir(directory):
-            return None
+            return []
         manager = _read_only_manager(directory)
         try:
-            return manager.latest_step()
+            return sorted(manager.all_steps())
         finally:
             manager.close()
 
     @staticmethod
+    def latest_complete_step(directory: str | os.PathLike) -> int | None:
+        """The newest complete checkpoint's step under ``directory``, creating nothing (None
+        when there is no such folder or no complete checkpoint in it)."""
+        steps = Checkpointer.complete_steps(directory)
+        return steps[-1] if steps else None
+
+    @staticmethod
     def restore_state(directory: str | os.PathLike, step: int, abstract_state):
         """The ``state`` item of checkpoint ``step``, read without writing anything, onto the
-        shardings of ``abstract_state``."""
+        shardings of ``abstract_state``. A damaged checkpoint is refused in one line naming
+        its step and the newest intact one."""
+        check_intact(str(directory), step, Checkpointer.complete_steps(directory))
         manager = _read_only_manager(directory)
         try:
             return manager.restore(step, args=ocp.args.Composite(
@@ -70,6 +87,24 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _on_process_0(work) -> None:
+    """Runs ``work`` on process 0 while the others wait; when it raises, every process raises
+    (the others would otherwise wait in their next collective)."""
+    if jax.process_count() == 1:
+        work()
+        return
+    error = None
+    if jax.process_index() == 0:
+        try:
+            work()
+        except Exception as raised:  # noqa: BLE001 - re-raised below, after the collective
+            error = raised
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+        if error is not None:
+            raise error
+        raise ValueError("process 0 could not check the checkpoints; its error is in its log")
 
 
 def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:

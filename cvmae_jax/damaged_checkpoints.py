@@ -1,0 +1,117 @@
+"""Checkpoints with a truncated or damaged file: found before Orbax reads them (its error is a
+TensorStore traceback), set aside on resume, named in one line on evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorstore as ts
+from absl import logging
+
+# Files of a step folder that are not JSON: OCDBT's array databases and Orbax's commit notes.
+_NOT_JSON = ("manifest.ocdbt", "commit_success.txt")
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint that cannot be read back; the message names its step and what to do."""
+
+
+def damage(step_dir: str) -> str | None:
+    """What is damaged in the checkpoint folder ``step_dir`` ("state/d/3f2a: Requested byte
+    range ... is not valid"), or None when every JSON file parses and every value of every
+    array database reads in full. Reads the whole checkpoint once."""
+    for folder, subfolders, files in os.walk(step_dir):
+        subfolders[:] = [name for name in subfolders  # OCDBT's files: read through its root
+                         if name != "d" and not name.startswith("ocdbt.process_")]
+        if "manifest.ocdbt" in files:
+            problem = _unreadable_database(folder)
+            if problem:
+                return f"{os.path.relpath(folder, step_dir)}: {problem}"
+        for name in files:
+            if name in _NOT_JSON:
+                continue
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError) as error:
+                return f"{os.path.relpath(os.path.join(folder, name), step_dir)}: {error}"
+    return None
+
+
+def _unreadable_database(folder: str) -> str | None:
+    """TensorStore's first error line on reading every value of the OCDBT database in
+    ``folder`` (the arrays of one item), or None."""
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt",
+                                 "base": "file://" + os.path.abspath(folder) + "/"}).result()
+        for key in store.list().result():
+            store.read(key).result()
+    except Exception as error:  # noqa: BLE001 - TensorStore raises ValueError and others
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return lines[0][:200]
+    return None
+
+
+def step_dir(directory: str, step: int) -> str:
+    return os.path.join(directory, str(step))
+
+
+def newest_intact(directory: str, steps: list[int]) -> int | None:
+    """The newest of ``steps`` whose checkpoint has no damage, or None."""
+    for step in sorted(steps, reverse=True):
+        if damage(step_dir(directory, step)) is None:
+            return step
+    return None
+
+
+def set_aside_damaged(directory: str, steps: list[int]) -> None:
+    """Before a resume from the checkpoints of ``steps`` (all complete ones under
+    ``directory``): moves those newer than the newest intact one to
+    ``damaged_checkpoints/`` beside ``directory``, with a warning naming each, so the run
+    resumes from the intact one (Orbax would try the newest). Refuses, moving nothing, when no
+    checkpoint is intact."""
+    steps, damaged = sorted(steps), []
+    for step in reversed(steps):
+        problem = damage(step_dir(directory, step))
+        if problem is None:
+            break
+        damaged.append((step, problem))
+    if not damaged:
+        return
+    if len(damaged) == len(steps):
+        raise DamagedCheckpointError(
+            f"{directory}: every checkpoint is damaged (step {damaged[0][0]}: {damaged[0][1]}); "
+            f"to train from step 0 in this workdir, move {directory} aside, or use a new workdir")
+    resume = steps[-len(damaged) - 1]
+    for step, problem in damaged:
+        moved_to = _free_path(os.path.join(os.path.dirname(os.path.abspath(directory)),
+                                           "damaged_checkpoints", str(step)))
+        os.makedirs(os.path.dirname(moved_to), exist_ok=True)
+        os.rename(step_dir(directory, step), moved_to)
+        logging.warning("%s: the checkpoint at step %d is damaged (%s); moved to %s, resuming "
+                        "from step %d, the newest intact checkpoint", directory, step, problem,
+                        moved_to, resume)
+
+
+def check_intact(directory: str, step: int, steps: list[int]) -> None:
+    """Raises DamagedCheckpointError naming ``step`` and the newest intact one of the older
+    ``steps`` when the checkpoint at ``step`` is damaged."""
+    problem = damage(step_dir(directory, step))
+    if problem is None:
+        return
+    older = newest_intact(directory, [s for s in steps if s < step])
+    remedy = (f"the newest intact checkpoint is step {older}: rerun the run's train.py command "
+              f"to set step {step} aside and train on from step {older}" if older is not None
+              else "no older checkpoint is intact: train the run again in a new workdir")
+    raise DamagedCheckpointError(f"{step_dir(directory, step)}: the checkpoint at step {step} "
+                                 f"is damaged ({problem}); {remedy}")
+
+
+def _free_path(path: str) -> str:
+    """``path``, or ``path_2``, ``path_3``... when it exists."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}_{n}"
+    return candidate

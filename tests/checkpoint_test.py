@@ -1,0 +1,84 @@
+"""Damaged checkpoints (a truncated file): resume sets them aside and goes on from the newest
+intact one; evaluation names the step in one line."""
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from cvmae_jax.damaged_checkpoints import DamagedCheckpointError, damage
+from cvmae_jax.evaluation.run_eval import evaluate_run
+from cvmae_jax.train import train_and_evaluate
+from cvmae_jax.trained import load_trained
+from train_test import read_metrics, tiny_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 20-step run with checkpoints at steps 10 and 20."""
+    data_dir = tmp_path_factory.mktemp("data")
+    config = tiny_config(data_dir, num_steps=20, log_every=1, eval_every=100,
+                         checkpoint_every=10)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def damaged_copy(workdir, tmp_path, step=20):
+    """A copy of ``workdir`` whose checkpoint at ``step`` has its largest array file cut in
+    half (what a full disk or a copy killed half-way leaves)."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    files = [os.path.join(folder, name)
+             for folder, _, names in os.walk(os.path.join(copy, "checkpoints", str(step), "state"))
+             for name in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    return copy
+
+
+def test_an_intact_checkpoint_has_no_damage(finished):
+    _, workdir = finished
+    assert damage(os.path.join(workdir, "checkpoints", "20")) is None
+
+
+def test_resume_sets_a_damaged_checkpoint_aside_and_trains_on_from_the_intact_one(
+        finished, tmp_path, caplog):
+    config, workdir = finished
+    copy = damaged_copy(workdir, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        summary = train_and_evaluate(config, copy)
+    assert summary["step"] == 20
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "step 20" in warnings[0] and "step 10" in warnings[0]
+    assert os.path.isdir(os.path.join(copy, "damaged_checkpoints", "20"))
+    assert damage(os.path.join(copy, "checkpoints", "20")) is None  # saved again, intact
+    expected = {m["step"]: m["loss"] for m in read_metrics(workdir) if "split" not in m}
+    again = {m["step"]: m["loss"] for m in read_metrics(copy) if "split" not in m}
+    assert again == expected  # steps 11-20 trained again from step 10, bitwise
+
+
+def test_evaluating_a_damaged_checkpoint_names_its_step_and_the_intact_one(finished, tmp_path):
+    _, workdir = finished
+    copy = damaged_copy(workdir, tmp_path)
+    for load in (evaluate_run, load_trained):
+        with pytest.raises(DamagedCheckpointError) as raised:
+            load(copy)
+        message = str(raised.value)
+        assert "\n" not in message
+        assert "checkpoints/20: the checkpoint at step 20 is damaged" in message
+        assert "the newest intact checkpoint is step 10" in message
+    assert not os.path.exists(os.path.join(copy, "eval"))
+
+
+def test_resume_with_every_checkpoint_damaged_is_refused_moving_nothing(finished, tmp_path):
+    config, workdir = finished
+    copy = damaged_copy(workdir, tmp_path)
+    shutil.rmtree(os.path.join(copy, "checkpoints", "10"))
+    with pytest.raises(DamagedCheckpointError, match="every checkpoint is damaged"):
+        train_and_evaluate(config, copy)
+    assert os.listdir(os.path.join(copy, "checkpoints")) == ["20"]
+    assert not os.path.exists(os.path.join(copy, "damaged_checkpoints"))
