@@ -19,8 +19,8 @@ STRATEGIES = ("random", "variance", "cv", "cv_rank")
 def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> float:
     """The score percentile that splits codes into tiers; an infinite score (the CV of a
     mean-0 code) counts as the largest finite one, so it never makes the threshold infinite or
-    NaN, and the code lands in the high tier. A NaN score (statistics of an older preparation
-    that overflowed) raises ValueError: it would silently put every code in the low tier."""
+    NaN, and the code lands in the high tier. A NaN score (train statistics that are not
+    finite) raises ValueError: it would silently put every code in the low tier."""
     score = np.asarray(score, dtype=np.float64)
     if np.isnan(score).any():
         raise ValueError(f"{int(np.isnan(score).sum())} of {score.size} codes have a NaN masking "

@@ -175,8 +175,8 @@ def check_resume_settings(saved_run_info: dict, config, step: int) -> None:
     """Before any data is prepared: refuses to resume with another number of processes (the
     input pipeline's position is stored per process) or, unless
     ``train.allow_config_change``, with settings that would silently change the run."""
-    saved_processes = saved_run_info.get("processes")  # absent before 2026-11-26's session 9
-    if saved_processes is not None and saved_processes != jax.process_count():
+    saved_processes = saved_run_info["processes"]
+    if saved_processes != jax.process_count():
         raise ValueError(f"the checkpoint at step {step} was written by {saved_processes} "
                          f"process(es) and this run has {jax.process_count()}; the input "
                          f"pipeline's position is stored per process, so launch "

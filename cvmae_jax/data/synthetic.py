@@ -465,23 +465,13 @@ def synthetic_meds_root(data_dir: str | os.PathLike, num_subjects: int, seed: in
                         log=print) -> str:
     """The synthetic MEDS root for these settings under data_dir
     (``synthetic_meds_n<subjects>_seed<seed>``), generated on first use; runs sharing a
-    data_dir with other settings get their own. A ``synthetic_meds`` folder from before the
-    settings were in the name is reused for seed 0 when it holds as many subjects, so runs
-    trained then still resume."""
+    data_dir with other settings get their own."""
     data_dir = os.fspath(data_dir)
-    legacy = os.path.join(data_dir, "synthetic_meds")
-    if seed == 0 and _subject_count(legacy) == int(num_subjects):
-        return legacy
     root = os.path.join(data_dir, f"synthetic_meds_n{int(num_subjects)}_seed{seed}")
     if not os.path.exists(root):
         log(f"Generating synthetic MEDS ({num_subjects} subjects, seed {seed}) in {root}")
         generate_synthetic_meds(root, num_subjects=num_subjects, seed=seed)
     return root
-
-
-def _subject_count(meds_root: str) -> int | None:
-    path = os.path.join(meds_root, "metadata", "subject_splits.parquet")
-    return pq.read_metadata(path).num_rows if os.path.exists(path) else None
 
 
 def main(argv=None) -> None:

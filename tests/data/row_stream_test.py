@@ -66,9 +66,3 @@ def test_an_error_while_assembling_ahead_reaches_the_training_loop():
     finally:
         batches.stop()
     assert not batches.thread.is_alive()
-
-
-def test_a_position_saved_by_the_old_grain_pipeline_is_refused_clearly():
-    stream = iter(RowStream(numbered_rows, global_rows=2, first_row=0, num_rows=2))
-    with pytest.raises(ValueError, match="older cvmae-jax.*new workdir"):
-        stream.set_state(b'{"next_index": 12, "parent": {}}')

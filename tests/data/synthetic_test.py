@@ -357,14 +357,3 @@ def test_runs_sharing_a_data_dir_get_the_synthetic_data_they_ask_for(tmp_path):
     subjects = [pq.read_table(Path(root) / "metadata" / "subject_splits.parquet").num_rows
                 for root in (small, larger)]
     assert subjects == [20, 30]
-
-
-def test_a_synthetic_meds_folder_from_before_the_settings_in_its_name_is_reused(tmp_path):
-    generate_synthetic_meds(tmp_path / "synthetic_meds", num_subjects=20, seed=0)
-    messages = []
-    assert synthetic.synthetic_meds_root(tmp_path, 20, 0, log=messages.append) == str(
-        tmp_path / "synthetic_meds") and messages == []
-    assert synthetic.synthetic_meds_root(tmp_path, 25, 0, log=messages.append).endswith(
-        "synthetic_meds_n25_seed0")  # other settings: not the old folder
-    assert synthetic.synthetic_meds_root(tmp_path, 20, 1, log=messages.append).endswith(
-        "synthetic_meds_n20_seed1")
