@@ -90,3 +90,26 @@ def test_changing_an_event_after_prediction_time_leaves_the_embedding_unchanged(
     np.testing.assert_array_equal(embed(), clean)  # the future does not leak in
     assert _change_values(root, subject, stats.codes, lambda times: times <= t) > 0
     assert not np.allclose(embed(), clean)  # while the window's own events do matter
+
+
+def test_exports_keep_the_label_files_prediction_times_and_zone(tmp_path):
+    """Predictions and embeddings join back to a zone-aware label file on its own values."""
+    from cvmae_jax.evaluation.downstream import TaskData, fit_probe
+    from cvmae_jax.evaluation.exports import embeddings_table, predictions_table
+
+    zone = pa.timestamp("us", tz="America/New_York")
+    times = pa.array([1_700_000_000_000_000 + i * 3_600_000_000 for i in range(4)], zone)
+    table = pa.table({"subject_id": pa.array([1, 1, 2, 3], pa.int64()), "prediction_time": times,
+                      "boolean_value": [True, False, True, False]})
+    (tmp_path / "task").mkdir()
+    pq.write_table(table, tmp_path / "task" / "held_out.parquet")
+    windows = [dict(example_id=np.int64(i), label_file=np.int64(0), subject_id=np.int64(s),
+                    prediction_time_us=np.int64(t))
+               for i, (s, t) in enumerate(zip([1, 1, 2, 3], times.cast(pa.int64()).to_pylist()))]
+    x, y = np.arange(8, dtype=np.float32).reshape(4, 2), np.array([True, False, True, False])
+    task = TaskData(tmp_path / "task", dict(held_out=windows), dict(held_out=x),
+                    dict(held_out=y), fit_probe(x, y, 1.0))
+    predictions = predictions_table(task, "held_out")
+    assert predictions["prediction_time"].type == zone
+    assert predictions.select(table.column_names).equals(table)
+    assert embeddings_table(task)["prediction_time"].combine_chunks().equals(times)

@@ -3,6 +3,11 @@
 A label file (`labels/<task>/<split>.parquet` or `labels/<task>/*.parquet`) has subject_id,
 prediction_time, boolean_value, and optionally integer_value, float_value, categorical_value
 (possibly all null). Only events with time <= prediction_time may inform a prediction.
+
+Times are compared as `meds.py` reads them: naive ones as local wall time, zone-aware ones as
+UTC instants (whatever their zones, exact). A naive column is never compared with a zone-aware
+one: the naive one's zone is unknown, and any guess could let events recorded after
+prediction_time into the window, so such a label file is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from absl import logging
 
 from cvmae_jax.data import meds, stream
 from cvmae_jax.data.sequences import US_PER_HOUR
@@ -25,15 +31,15 @@ OPTIONAL = ("integer_value", "float_value", "categorical_value")
 
 def label_files(labels_dir: str | Path) -> list[Path]:
     """`*.parquet` files of one task folder (e.g. labels/<task>/), sorted by path."""
-    files = sorted(Path(labels_dir).rglob("*.parquet"))
+    files = meds.find_parquet_files(labels_dir).files
     if not files:
         raise meds.MEDSFormatError(f"{labels_dir}: no *.parquet label files found")
     return files
 
 
 def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
-    """A validated label file: subject_id int64, prediction_time timestamp[us], boolean_value
-    bool, [N] rows. Raises MEDSFormatError for missing/mistyped/null columns and for subjects
+    """A validated label file: subject_id int64, prediction_time timestamp[us] (with the file's
+    time zone, if any), boolean_value bool, [N] rows. Raises MEDSFormatError for missing/mistyped/null columns and for subjects
     missing from the subject splits."""
     path = Path(path)
     table = meds.read_small_parquet(path)
@@ -53,8 +59,9 @@ def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
             raise meds.MEDSFormatError(f"{path}: column {col} contains nulls")
     table = pa.table({"subject_id": meds.cast_column(path, "subject_id", table["subject_id"],
                                                      pa.int64()),
-                      "prediction_time": table["prediction_time"].cast(pa.timestamp("us"),
-                                                                       safe=False),
+                      "prediction_time": table["prediction_time"].cast(
+                          pa.timestamp("us", tz=table.schema.field("prediction_time").type.tz),
+                          safe=False),
                       "boolean_value": table["boolean_value"]})
     known = pc.is_in(table["subject_id"], pa.array(list(subject_splits), pa.int64()))
     unknown = table.num_rows - int(pc.sum(known).as_py() or 0)
@@ -64,10 +71,45 @@ def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
     return table
 
 
+def _zone_words(zone: str | None) -> str:
+    return f"has time zone {zone}" if zone else "has no time zone (local wall time)"
+
+
+def check_time_zones(labels_path: Path, label_zone: str | None, data_files: list[Path]) -> None:
+    """Refuses (MEDSFormatError naming both files and zones) a label file whose prediction_time
+    is naive while a data file's time is zone-aware, or the reverse; logs the zones compared."""
+    zones = {f: meds.time_zone(f) for f in data_files}
+    other = next((f for f, zone in zones.items() if (zone is None) != (label_zone is None)), None)
+    if other is not None:
+        raise meds.MEDSFormatError(
+            f"{labels_path}: column prediction_time {_zone_words(label_zone)} but {other}: "
+            f"column time {_zone_words(zones[other])}; a naive time's zone is unknown, so "
+            "comparing them could put events recorded after prediction_time into a window: "
+            "give both columns a time zone, or neither (docs/data_problems.md, Time zones)")
+    if label_zone:
+        logging.info("labels %s: column prediction_time has time zone %s and the data's column "
+                     "time %s: compared as UTC instants", labels_path, label_zone,
+                     ", ".join(sorted(set(zones.values()))))
+
+
+def prediction_time_zone(files: list[Path]) -> str | None:
+    """The time zone of prediction_time shared by a task's label files (None: naive); files
+    that differ raise MEDSFormatError naming two (their predictions share one column)."""
+    zones = [meds.time_zone(f, "prediction_time") for f in files]
+    for f, zone in zip(files, zones):
+        if zone != zones[0]:
+            raise meds.MEDSFormatError(
+                f"{f}: column prediction_time {_zone_words(zone)} but {files[0]}'s "
+                f"{_zone_words(zones[0])}: the label files of one task need the same zone, or "
+                "none")
+    return zones[0] if zones else None
+
+
 def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStats,
                   max_len: int) -> Iterator[dict]:
     """For each label row, the last max_len events of `stats.codes` with time <= its
-    prediction_time (inclusive), streamed shard by shard.
+    prediction_time (inclusive), streamed shard by shard (time zones: see the module
+    docstring; `check_time_zones`).
 
     Yields dicts as `sequences.build_examples` (example_id = the label's row index, subject_id,
     start_time_us / end_time_us of the window's first/last event, times float32 [n] hours since
@@ -77,12 +119,13 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
     """
     subject_splits = meds.read_subject_splits(meds_dir)
     labels = read_labels(labels_path, subject_splits)
+    files = meds.data_files(meds_dir)
+    check_time_zones(Path(labels_path), labels.schema.field("prediction_time").type.tz, files)
     lookup = stream.SplitLookup(subject_splits)
     l_subject = labels["subject_id"].to_numpy()
     l_time = labels["prediction_time"].cast(pa.int64()).to_numpy()
     l_value = labels["boolean_value"].to_numpy(zero_copy_only=False)
     split_of_label = lookup.splits_of(l_subject)
-    files = meds.data_files(meds_dir)
     for s, split in enumerate(meds.SPLITS):
         todo = np.flatnonzero(split_of_label == s)
         if not len(todo):

@@ -6,7 +6,8 @@ counted (see `event_counts`), never silently dropped; bad input raises `MEDSForm
 
 Times are read as timestamp[us] without a zone: a naive `time` (MEDS's local wall time) as it
 is, a zone-aware one as its UTC instant, so that durations and order are exact whatever the zone
-(a local wall time repeats an hour when daylight saving ends).
+(a local wall time repeats an hour when daylight saving ends). `labels.py` refuses to compare
+prediction times with event times when one of the two carries a zone and the other does not.
 """
 
 from __future__ import annotations

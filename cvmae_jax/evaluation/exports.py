@@ -1,11 +1,12 @@
 """Data exports of ``eval.py`` (they hold subject ids; logs never do).
 
-- ``eval/embeddings/<task>.parquet``: subject_id int64, prediction_time timestamp[us], split
-  string, embedding list<float32> [d_model]: every label row of every split (train, tuning,
-  held_out; each in label-file order).
+- ``eval/embeddings/<task>.parquet``: subject_id int64, prediction_time timestamp[us] (in the
+  label files' time zone, if they have one), split string, embedding list<float32> [d_model]:
+  every label row of every split (train, tuning, held_out; each in label-file order).
 - ``eval/predictions/<task>/<split>.parquet`` (MEDS-DEV prediction format): the label rows of
   the split in label-file order with their columns as read (subject_id int64, prediction_time
-  timestamp[us], boolean_value, optional integer/float/categorical_value), plus
+  timestamp[us] with the label file's time zone, if any: the file's own values, so that
+  predictions join back to it; boolean_value, optional integer/float/categorical_value), plus
   predicted_boolean_probability float64 (the probe fit on train, C chosen on tuning) and
   predicted_boolean_value (probability >= 0.5).
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.labels import LABEL_CHECKS, OPTIONAL, label_files
+from cvmae_jax.data.labels import LABEL_CHECKS, OPTIONAL, label_files, prediction_time_zone
 from cvmae_jax.evaluation.downstream import TEST, TUNING, TaskData
 from cvmae_jax.jsonio import atomic_path
 
@@ -43,8 +44,8 @@ def embeddings_table(task: TaskData) -> pa.Table:
     offsets = pa.array(np.arange(len(windows) + 1) * width, pa.int32())
     return pa.table({
         "subject_id": pa.array([int(w["subject_id"]) for w in windows], pa.int64()),
-        "prediction_time": pa.array([int(w["prediction_time_us"]) for w in windows],
-                                    pa.timestamp("us")),
+        "prediction_time": pa.array([int(w["prediction_time_us"]) for w in windows], pa.timestamp(
+            "us", tz=prediction_time_zone(label_files(task.task_dir)))),
         "split": pa.array([s for s in splits for _ in task.windows[s]], pa.string()),
         "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float32())),
     })
@@ -52,7 +53,8 @@ def embeddings_table(task: TaskData) -> pa.Table:
 
 def label_rows(task: TaskData, split: str) -> pa.Table:
     """The label rows of ``split`` as read from the task's files, in the windows' order
-    (label-file order), subject_id cast to int64 and prediction_time to timestamp[us]."""
+    (label-file order), subject_id cast to int64 and prediction_time to timestamp[us] (its
+    time zone kept)."""
     windows = task.windows[split]
     parts = []
     for f, path in enumerate(label_files(task.task_dir)):
@@ -63,8 +65,9 @@ def label_rows(task: TaskData, split: str) -> pa.Table:
         keep = [c for c in (*LABEL_CHECKS, *OPTIONAL) if c in table.column_names]
         table = table.select(keep).take(pa.array(rows, pa.int64()))
         table = table.set_column(0, "subject_id", table["subject_id"].cast(pa.int64()))
-        table = table.set_column(1, "prediction_time",
-                                 table["prediction_time"].cast(pa.timestamp("us"), safe=False))
+        zone = table.schema.field("prediction_time").type.tz
+        table = table.set_column(1, "prediction_time", table["prediction_time"].cast(
+            pa.timestamp("us", tz=zone), safe=False))
         parts.append(table)
     if not parts:
         return pa.table({"subject_id": pa.array([], pa.int64()),
