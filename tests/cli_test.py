@@ -146,11 +146,10 @@ def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
     assert "reconstruction on held_out" not in result.stderr  # before any evaluation
 
 
-def test_eval_overrides_apply_to_old_config_files_and_are_checked(tmp_path):
+def test_eval_overrides_apply_to_the_run_config_and_are_checked(tmp_path):
     from cvmae_jax.evaluation.run_eval import run_config_with
 
     saved = default_config().to_dict()
-    del saved["eval"]["labels_dir"], saved["parallel"]  # as written before those fields existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = run_config_with(str(tmp_path), {"eval.labels_dir": "/labels",
                                              "eval.mask_rate": 0.5})

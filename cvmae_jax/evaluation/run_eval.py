@@ -64,8 +64,7 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
         section = config
         for parent in parents:  # eval, data or model: in every run's config.json
             section = section[parent]
-        with section.unlocked():  # a config.json older than the field lacks it
-            section[leaf] = value
+        section[leaf] = value
     check_eval_config(config.eval)
     return config
 
