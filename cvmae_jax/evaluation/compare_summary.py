@@ -46,7 +46,7 @@ CONVENTIONS = dict(
 
 
 def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
-    """The content of summary.json (see the README's study section)."""
+    """The content of summary.json (docs/evaluation.md, *Reading the report*)."""
     runs = [r for by_seed in groups.values() for r in by_seed.values()]
     reference = groups[REFERENCE]
     tasks = _tasks(runs)
