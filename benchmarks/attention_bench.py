@@ -6,7 +6,7 @@
 mask of the benchmark's padded batch (``common.synthetic_batches``) and of its packed batch
 (``common.packed_batches``), alternating ``--rounds`` times, ``--calls`` calls per round each.
 The masks are arguments of the jitted function, as in the train step: as constants XLA would
-fold them and time a different program (benchmarks/NOTES.md, session 8). Prints median ms per
+fold them and time a different program. Prints median ms per
 call and the ratio packed/padded.
 """
 

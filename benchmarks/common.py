@@ -24,7 +24,7 @@ from cvmae_jax.parallel import set_cpu_devices
 HOST_MALLOC = "glibc defaults"  # what config_from_args set up
 DTYPES = ("float32", "bfloat16")  # compute dtypes the benchmarks take (parameters stay float32)
 
-# The benchmark configs of issue 6 (the model fields match config.model).
+# The benchmark configs (the model fields match config.model).
 CONFIGS = {
     "default": dict(d_model=128, heads=4, layers=2, seq=256, batch=32, vocab=100),
     "large": dict(d_model=256, heads=8, layers=4, seq=256, batch=64, vocab=100),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers of README "Benchmarks" and "Launching on GPUs" in one run, on one CUDA host
+# The GPU numbers of docs/benchmarks.md and docs/launching.md in one run, on one CUDA host
 # with the project installed (torch too for `compare`). Each part writes its log (and JSON
 # where the script has one) to OUT_DIR and the run goes on if one part fails; the last lines
 # say which parts failed.

@@ -7,7 +7,7 @@ gradient at the largest width, and attention's scores, weighted sum and weighted
 a jitted ``jnp.einsum`` and ``torch.einsum`` of the same spec alternate on the same float32
 arrays, ``--calls`` calls per round each. Prints median ms and GFLOP/s of both and their ratio:
 where the ratio is well above 1, the JAX step cannot beat torch on that op whatever the program
-around it does (benchmarks/NOTES.md, session 6). Needs the ``[bench]`` extra.
+around it does. Needs the ``[bench]`` extra.
 """
 
 from __future__ import annotations

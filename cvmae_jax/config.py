@@ -22,10 +22,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.top_k = 100  # most frequent matching codes on the train split
     config.data.min_code_count = 20  # codes with fewer numeric train rows are dropped
     config.data.clip_quantiles = (0.001, 0.999)  # per-code raw clipping before z-scoring
+    # Raw values that are placeholders, not results (e.g. (99999.0,)): left out of every split
+    # before statistics and windows, and counted (dropped_value) in the prepare report
+    config.data.drop_values = ()
     config.data.window = "chunks"  # 'chunks': consecutive windows; 'last': most recent max_len
     config.data.min_window_len = 2  # shorter windows are dropped
     config.data.packing = False  # training rows hold several windows (segment-masked attention)
-    config.data.workers = 0  # processes reading/packing batches ahead (0: a thread; README)
+    config.data.workers = 0  # processes reading/packing batches ahead (0: a thread; docs/data.md)
 
     config.masking = ml_collections.ConfigDict()
     config.masking.strategy = "cv"  # random | variance | cv | cv_rank
@@ -66,13 +69,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "jit"  # jit (mesh, multi-host) | pmap (one process)
     config.parallel.num_devices = 0  # 0: all devices
-    config.parallel.cpu_devices = 0  # CPU hosts: split into N devices (0: JAX's 1; README)
+    config.parallel.cpu_devices = 0  # CPU hosts: split into N devices (0: JAX's 1; docs/benchmarks.md)
     config.parallel.distributed = False  # call jax.distributed.initialize (multi-host)
     config.parallel.coordinator_address = ml_collections.FieldReference(None, field_type=str)
     config.parallel.num_processes = ml_collections.FieldReference(None, field_type=int)
     config.parallel.process_id = ml_collections.FieldReference(None, field_type=int)
     # GPUs this process uses (None: all, except under SLURM/Open MPI where JAX picks the one of
-    # the task's local rank: one process per GPU); README "Launching on GPUs, TPU VMs and pods"
+    # the task's local rank: one process per GPU); docs/launching.md
     config.parallel.local_device_ids = ml_collections.FieldReference(None, field_type=tuple)
 
     config.eval = ml_collections.ConfigDict()

@@ -10,7 +10,7 @@ kernel must fault in and zero. Measured on a 2-core CPU (benchmarks/NOTES.md): w
 With one JAX device trimming is off entirely, not just above a large threshold: with a 2 GB
 threshold (the largest positive value ``mallopt`` takes) the ``large`` benchmark step, whose
 freed temporaries exceed 2 GB, had its heap top returned and faulted in again every step (730k
-page faults, 7.8 s per step against 4.7-5.0 s without; benchmarks/NOTES.md, session 6).
+page faults, 7.8 s per step against 4.7-5.0 s without; benchmarks/NOTES.md).
 Several CPU devices (``config.parallel.cpu_devices``) allocate concurrently, in a different
 order each step, which fragments the one arena: without trimming the ``large`` step's heap grew
 by 1.24 GB every few steps (5.6 -> 14.3 GB in 43 steps), so ``parallel.set_cpu_devices`` caps the

@@ -101,8 +101,8 @@ class ValueOnlyMAE(nnx.Module):
         """int codes [B, L] -> [B, L, D] in the compute dtype, gathered from the float32 table.
 
         ``nnx.Embed.__call__`` casts the whole table to the compute dtype before the gather, so in
-        bfloat16 the table's gradient is a bfloat16 scatter-add; on GPUs that made the bfloat16
-        step 3x slower than float32 (benchmarks/NOTES.md, session 4). Gathering first keeps the
+        bfloat16 the table's gradient is a bfloat16 scatter-add, which makes the bfloat16 step 3x
+        slower than float32 on GPUs (benchmarks/NOTES.md). Gathering first keeps the
         scatter-add in float32; in float32 nothing changes."""
         table = self.code_embed.embedding[...]
         return jnp.take(table, codes, axis=0).astype(self.code_embed.dtype)

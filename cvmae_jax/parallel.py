@@ -104,7 +104,7 @@ class CompiledTrainStep:
     """An ahead-of-time compiled ``body(state, batch) -> (state, metrics)`` that takes the
     state as its flat list of arrays and the batch as one packed array (``put``).
 
-    The host's fixed costs per step, measured (benchmarks/NOTES.md, session 7): calling a
+    The host's fixed costs per step, measured (benchmarks/NOTES.md): calling a
     compiled function flattens its arguments and rebuilds its outputs, which for the train
     state's ~100 nnx Variables took ~1.3 of the ~2.3 ms the call cost (CPU); and each array put
     on a device costs a fixed amount, ~0.28 ms per batch field on an H200 host, where the

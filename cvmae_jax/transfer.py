@@ -2,8 +2,8 @@
 
 Each array put on a device costs the host a fixed amount: profiled on an H200 host, ``train.py``
 spent ~0.28 ms per field, ~1.4 ms per step for the five fields of a padded batch (seven when
-packed), while the whole ``large`` bf16 step takes 2.28 ms on that GPU (benchmarks/NOTES.md,
-session 7). ``pack`` lays the fields side by side as int32 bits on the host (float32 by bit
+packed), while the whole ``large`` bf16 step takes 2.28 ms on that GPU (benchmarks/NOTES.md).
+``pack`` lays the fields side by side as int32 bits on the host (float32 by bit
 pattern, bool as 0/1, per-row fields repeated along the row), so the step takes one array;
 ``unpack`` recovers the exact fields inside the compiled step. The copy grows from 13 to 20
 bytes per token for a padded batch; on the CPU it still took 183 us (+22 us packing) against

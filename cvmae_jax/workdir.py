@@ -1,5 +1,5 @@
 """The files of a training workdir: train.py writes them; eval.py, the study, ``--compare`` and
-``load_trained`` read them (the README's *Outputs in the workdir*)."""
+``load_trained`` read them (docs/training.md, *Outputs in the workdir*)."""
 
 from __future__ import annotations
 

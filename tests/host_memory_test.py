@@ -48,7 +48,7 @@ def test_freed_memory_stays_resident_for_reuse(size):
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_several_cpu_devices_cap_the_kept_heap_at_2gb():
     """Several CPU devices allocate concurrently and fragment the heap, which then grew without
-    bound (benchmarks/NOTES.md, session 6): splitting the host returns a freed 2.5 GB top to the
+    bound (benchmarks/NOTES.md): splitting the host returns a freed 2.5 GB top to the
     system again, while a 64 MB one is still kept."""
     assert kept_fraction("reuse_with_2_devices", 5 << 29) < 0.1
     assert kept_fraction("reuse_with_2_devices", 64 << 20) > 0.9
