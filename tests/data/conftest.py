@@ -106,5 +106,6 @@ def tiny_meds(tmp_path) -> TinyMeds:
 
 
 @pytest.fixture(scope="session")
-def tiny_meds_session(tmp_path_factory) -> TinyMeds:
-    return make_tiny_meds(tmp_path_factory.mktemp("meds_session"))
+def tiny_meds_shared(tmp_path_factory) -> TinyMeds:
+    """One tiny MEDS dataset for every test that only reads it (written once per test run)."""
+    return make_tiny_meds(tmp_path_factory.mktemp("meds_shared"))

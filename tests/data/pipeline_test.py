@@ -17,8 +17,8 @@ MAX_LEN = 8
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_meds_session, tmp_path_factory):
-    return prepare_dataset(tiny_meds_session.config(max_len=MAX_LEN, min_window_len=1), None,
+def prepared(tiny_meds_shared, tmp_path_factory):
+    return prepare_dataset(tiny_meds_shared.config(max_len=MAX_LEN, min_window_len=1), None,
                            tmp_path_factory.mktemp("tfds"))
 
 

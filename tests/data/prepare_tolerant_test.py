@@ -15,8 +15,8 @@ FIELDS = ("count", "mean", "std", "cv", "clip_low", "clip_high", "norm_mean", "n
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_meds_session, tmp_path_factory):
-    return prepare_dataset(tiny_meds_session.config(), None, tmp_path_factory.mktemp("ref"))
+def reference(tiny_meds_shared, tmp_path_factory):
+    return prepare_dataset(tiny_meds_shared.config(), None, tmp_path_factory.mktemp("ref"))
 
 
 def _same(prepared, reference):

@@ -11,8 +11,8 @@ from cvmae_jax.data.prepare import prepare_dataset
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_meds_session, tmp_path_factory):
-    return prepare_dataset(tiny_meds_session.config(), None, tmp_path_factory.mktemp("tfds"))
+def prepared(tiny_meds_shared, tmp_path_factory):
+    return prepare_dataset(tiny_meds_shared.config(), None, tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.mark.parametrize("split", ["train", "tuning", "held_out"])

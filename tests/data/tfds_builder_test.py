@@ -26,14 +26,14 @@ def _files(folder):
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_meds_session, tmp_path_factory):
-    return prepare_dataset(tiny_meds_session.config(), None, tmp_path_factory.mktemp("tfds"))
+def prepared(tiny_meds_shared, tmp_path_factory):
+    return prepare_dataset(tiny_meds_shared.config(), None, tmp_path_factory.mktemp("tfds"))
 
 
-def test_round_trip_through_tfds_data_source(prepared, tiny_meds_session):
-    root = tiny_meds_session.root
+def test_round_trip_through_tfds_data_source(prepared, tiny_meds_shared):
+    root = tiny_meds_shared.root
     train = meds.read_numeric_events(root, "train")
-    stats = compute_stats(train, meds.select_lab_codes(train, tiny_meds_session.config()),
+    stats = compute_stats(train, meds.select_lab_codes(train, tiny_meds_shared.config()),
                           (0.001, 0.999))
     assert stats.codes == prepared.stats.codes  # streamed stats = in-memory stats
     for field in ("count", "mean", "std", "cv", "clip_low", "clip_high", "norm_mean", "norm_std",
