@@ -296,7 +296,7 @@ def test_single_code_and_perturbation_are_used_when_present(tmp_path):
 
     ref = make_run(tmp_path, "random", 0, [1.0] * 4, **extra(1.1, [1.0] * 4))
     cv = make_run(tmp_path, "cv", 0, [1.0] * 4, **extra(1.4, [0.5, 0.5, 0.5, 2.0]))
-    var = make_run(tmp_path, "variance", 0, [1.0] * 4)  # an older eval: neither block
+    var = make_run(tmp_path, "variance", 0, [1.0] * 4)  # evaluated without either block
     strategies = summarize_paths((ref, cv, var))["strategies"]
     single = strategies["cv"]["vs_random"]["reconstruction"]["single_code"]
     assert single["pooled"]["win_rate"] == 0.75
