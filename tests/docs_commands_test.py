@@ -104,6 +104,27 @@ def test_the_readme_commands_are_what_ci_runs():
     assert ci in bash_lines((REPO / "README.md").read_text())
 
 
+def test_the_readme_is_a_front_page():
+    assert len((REPO / "README.md").read_text().split()) <= 1500
+
+
+HISTORY = re.compile(r"\bsessions? \d|\bissue #?\d|\breview|\buntil session|before this change",
+                     flags=re.I)
+
+
+def test_the_project_tells_no_development_history():
+    """The software as it is and why; the experiment log (benchmarks/NOTES.md) is the place
+    for what happened when."""
+    files = [*PAGES, REPO / "train.py", REPO / "eval.py", *REPO.glob("configs/*.py"),
+             *REPO.glob("cvmae_jax/**/*.py"), *REPO.glob("benchmarks/*.py"),
+             *REPO.glob("benchmarks/*.sh"), *REPO.glob("tests/**/*.py")]
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+             for path in files if path != pathlib.Path(__file__).resolve()
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if HISTORY.search(line)]
+    assert not found, "\n".join(found)
+
+
 def _parse_config(config_file: str, overrides: list[str]):
     """The config of ``--config=FILE`` with the ``--config.<field>=<value>`` overrides applied,
     as the entry points parse it (a fresh flag registry)."""
