@@ -108,6 +108,27 @@ def test_the_readme_is_a_front_page():
     assert len((REPO / "README.md").read_text().split()) <= 1500
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_links_between_pages_resolve():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path, _, anchor = target.partition("#")
+            if target.startswith("http"):
+                continue
+            linked = page.parent / path if path else page
+            anchors = ({_anchor(h) for h in re.findall(r"^#+ (.*)$", linked.read_text(),
+                                                       flags=re.M)}
+                       if anchor and linked.is_file() else set())
+            if not linked.exists() or (anchor and anchor not in anchors):
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken
+
+
 HISTORY = re.compile(r"\bsessions? \d|\bissue #?\d|\breview|\buntil session|before this change",
                      flags=re.I)
 
