@@ -7,6 +7,7 @@ it was trained with (the model's code ids index ``stats.codes``) and its config.
     batch = padded_rows(records, run.max_len)     # records of the prepared dataset
     states = run.encode(batch)                    # float32 [B, L, D]
     vectors = run.embed(batch)                    # float32 [B, D], mean over real events
+    run.labs                                      # pandas DataFrame, one row per code id
 
 Batches are dicts of numpy or jax arrays: ``times`` f32 [B, L] (hours since the window's first
 event), ``codes`` i32 [B, L] (index into ``stats.codes``), ``values`` f32 [B, L] (normalized:
@@ -22,11 +23,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import pandas as pd
 from flax import nnx
 
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.data.stats import DataStats
+from cvmae_jax.evaluation.results import code_table
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, mean_pool
 from cvmae_jax.steps import init_state, make_optimizer
 from cvmae_jax.workdir import checkpoint_dir, read_config, read_data_stats
@@ -39,6 +42,7 @@ class TrainedRun:
     stats: DataStats
     config: ml_collections.ConfigDict  # the run's config.json
     step: int  # the checkpoint's step
+    labs: pd.DataFrame  # index code id: code, name, train statistics, mask_prob (code_table)
 
     @property
     def model(self) -> ValueOnlyMAE:
@@ -70,7 +74,8 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     """The run in ``workdir`` (written by train.py) at checkpoint ``step`` (default: the newest
     complete one), its parameters on this process's first device."""
     config = read_config(workdir)
-    stats = DataStats.from_dict(read_data_stats(workdir))
+    data_stats = read_data_stats(workdir)
+    stats = DataStats.from_dict(data_stats)
     directory = checkpoint_dir(workdir)
     latest = Checkpointer.latest_complete_step(directory)
     if latest is None:
@@ -94,7 +99,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (the newest "
                                 f"complete one is {latest})") from None
-    return TrainedRun(graphdefs[0], state.params, stats, config, step)
+    return TrainedRun(graphdefs[0], state.params, stats, config, step, code_table(data_stats))
 
 
 def _inputs(batch: dict, value_mask) -> tuple:

@@ -396,3 +396,23 @@ def test_report_and_lab_plot_name_the_labs(tmp_path):
     (fig,) = [c.args[0] for c in save.call_args_list if c.args[1].endswith("by_cv.png")]
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert ticks == [NAMES[c] for c in CODES]
+
+
+def test_study_tables_are_dataframes(tmp_path):
+    from cvmae_jax.evaluation import results
+
+    labels, scores = binormal(200, 1.0, np.random.default_rng(0))
+    paths = [make_run(tmp_path / "runs", s, 0, mses, task_scores={"death": (labels, scores)})
+             for s, mses in (("random", [1.0] * 4), ("cv", [0.8, 0.9, 0.7, 1.2]))]
+    summary = compare.compare_runs(paths, str(tmp_path / "out"))
+    table = results.study_table(str(tmp_path / "out"))
+    assert table.equals(results.study_table(summary))
+    assert list(table.index) == ["random", "cv"]
+    assert table.loc["cv", "death_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert table.loc["cv", "death_auroc_delta"] == 0.0  # the same predictions
+    assert table.loc["cv", "death_auroc_delta_ci_low"] == 0.0
+    assert table.loc["cv", "win_rate"] == 0.75 and table.loc["cv", "n_labs"] == 4
+    assert np.isnan(table.loc["random", "win_rate"]) and table.loc["cv", "seeds"] == [0]
+    labs = results.study_lab_table(str(tmp_path / "out"))
+    assert list(labs["name"]) == [NAMES[c] for c in CODES]
+    np.testing.assert_allclose(labs["diff"], [0.2, 0.1, 0.3, -0.2])

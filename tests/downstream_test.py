@@ -21,6 +21,7 @@ from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (embed_label_windows, probe_task, read_label_tasks,
                                           task_windows)
+from cvmae_jax.evaluation.results import per_lab_table
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
@@ -132,6 +133,9 @@ def test_eval_names_labs_from_the_synthetic_codes_metadata(evaluated):
     assert names["LAB//50912//mg/dL"] == "Creatinine [mg/dL]"
     with open(os.path.join(workdir, "eval", "report.md")) as f:
         assert "| Creatinine [mg/dL] | `LAB//50912//mg/dL` |" in f.read()
+    labs = per_lab_table(workdir)  # the DataFrame of the same rows
+    assert list(labs["code"]) == [r["code"] for r in result["per_code"]]
+    assert dict(zip(labs["code"], labs["name"])) == names
 
 
 def test_empty_window_embeds_to_zeros_and_padding_does_not_matter():
@@ -318,6 +322,10 @@ def test_load_trained_reproduces_the_exported_embeddings(evaluated):
     workdir, result = evaluated
     run = load_trained(workdir)
     assert run.step == result["step"] and run.max_len == 32 and run.stats.vocab_size > 0
+    assert list(run.labs["code"]) == list(run.stats.codes)  # row i: the model's code id i
+    assert dict(zip(run.labs["code"], run.labs["name"]))["LAB//50912//mg/dL"] == (
+        "Creatinine [mg/dL]")
+    assert (run.labs["mask_prob"] > 0).all()
     windows = task_windows(_meds_dir((workdir, run.config)), os.path.join(
         result["downstream"]["labels_dir"], TASKS[0]), run.stats, run.max_len)["held_out"][:8]
     batch = padded_rows(windows, run.max_len)

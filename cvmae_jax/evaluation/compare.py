@@ -15,7 +15,7 @@ from absl import logging
 
 from cvmae_jax.evaluation.compare_plots import plot_all
 from cvmae_jax.evaluation.compare_report import report_lines
-from cvmae_jax.evaluation.compare_summary import summarize_runs
+from cvmae_jax.evaluation.compare_summary import SUMMARY_FILE, summarize_runs
 from cvmae_jax.evaluation.compared_runs import group_runs, load_run
 from cvmae_jax.jsonio import write_json_atomic, write_text_atomic
 
@@ -28,7 +28,7 @@ def compare_runs(paths, workdir: str) -> dict:
     summary = summarize_runs(groups)
     os.makedirs(workdir, exist_ok=True)
     figures = plot_all(groups, summary, workdir)
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
     write_text_atomic(os.path.join(workdir, "report.md"),
                       "\n".join(report_lines(summary, figures)) + "\n")
     logging.info("compared %d runs (%s); wrote %s", len(runs), ", ".join(groups), workdir)

@@ -16,6 +16,7 @@ from cvmae_jax.evaluation.compared_runs import REFERENCE, Run
 from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED, TaskPredictions
 from cvmae_jax.reconstruction import vs_baseline
 
+SUMMARY_FILE = "summary.json"  # written to the workdir of eval.py --compare and the study
 LAB_KINDS = ("uniform", "single_code")  # eval/metrics.json: per_code, single_code.per_code
 CONVENTIONS = dict(
     lab_difference="per lab code: MSE(random) - MSE(strategy) in normalized units on held_out; "
