@@ -123,13 +123,13 @@ def _masked_scores(q: jax.Array, k: jax.Array, keep: AttentionMask) -> jax.Array
     """float32 [B, H, L, L] scores q.k, plus a large negative bias where ``keep`` forbids
     (-1e30 per feature; less in size in float16, ``_scores_with_features``).
 
-    The mask rides in the scores' matmul as extra features instead of a pass of its own over
-    the scores (0.83x the attention layer's time, benchmarks/NOTES.md). A key-padding mask is
-    an additive bias per key: q gets a feature of ones and k one holding the bias (0 or
-    -1e30). Packed rows get two features per bit of the segment id (0 on padding): q has the
-    bit and its complement, k 0 where its bit is the same and -1e30 where it differs, so a score gains -1e30 for each bit
-    in which the two tokens' segments differ and nothing within a segment. That is exact for
-    any number of examples per row, at 2 ceil(log2(L + 1)) features (18 for L = 256)."""
+    The mask rides in the scores' matmul as extra features instead of a pass of its own over the
+    scores (0.83x the attention layer's time, benchmarks/NOTES.md). A key-padding mask is an
+    additive bias per key: q gets a feature of ones and k one holding the bias (0 or -1e30).
+    Packed rows get two features per bit of the segment id (0 on padding): q has the bit and its
+    complement, k 0 where its bit is the same and -1e30 where it differs, so a score gains -1e30
+    for each bit in which the two tokens' segments differ and nothing within a segment. That is
+    exact for any number of examples per row, at 2 ceil(log2(L + 1)) features (18 for L = 256)."""
     if keep.segment_ids is None:
         ones = jnp.ones(keep.valid.shape + (1,), q.dtype)
         return _scores_with_features(q, k, ones, keep.valid[..., None])
