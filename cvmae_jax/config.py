@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "jit"  # jit (mesh, multi-host) | pmap (one process)
     config.parallel.num_devices = 0  # 0: all devices
-    config.parallel.cpu_devices = 0  # CPU hosts: split into N devices (0: JAX's 1; docs/benchmarks.md)
+    config.parallel.cpu_devices = 0  # CPU hosts: split into N devices (0: JAX's 1; benchmarks)
     config.parallel.distributed = False  # call jax.distributed.initialize (multi-host)
     config.parallel.coordinator_address = ml_collections.FieldReference(None, field_type=str)
     config.parallel.num_processes = ml_collections.FieldReference(None, field_type=int)
