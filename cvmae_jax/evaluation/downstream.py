@@ -4,7 +4,9 @@ For every task folder under the labels dir (`labels/<task>/*.parquet`), each lab
 window (the subject's last max_len lab events with time <= prediction_time) is encoded by the
 frozen model with no value hidden, mean-pooled over its valid tokens, and a standardized
 logistic regression is fit on train, its C chosen on tuning by AUROC, and reported on held_out
-with bootstrap 95% CIs. Logs hold counts and aggregates only, never subject ids.
+with bootstrap 95% CIs. A label row whose window is empty (no selected lab event at or before
+its prediction_time) is left out of all of it, counted and warned about; a task with a split
+whose rows are all such is refused. Logs hold counts and aggregates only, never subject ids.
 `probe_tasks` also returns each task's windows, embeddings and fitted `Probe` (`TaskData`), so
 eval.py's label-efficiency curves, predictions and perturbations reuse them instead of
 embedding or fitting again.
@@ -27,7 +29,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.labels import label_files, label_windows
+from cvmae_jax.data.labels import label_files, label_windows, prediction_time_zone
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                percentile_ci, resampled_aurocs)
@@ -121,7 +123,8 @@ def select_c(train_x, train_y, tuning_x, tuning_y, seed: int = 0) -> tuple[float
     """(C, how it was chosen, its tuning AUROC): the C_GRID value with the best tuning AUROC
     (ties: closest to 1), or DEFAULT_C when tuning has a single class."""
     if _one_class(tuning_y):
-        return DEFAULT_C, "default (tuning split has one class)", None
+        return DEFAULT_C, ("default (tuning split has one class)" if len(tuning_y) else
+                           "default (tuning split has no label rows)"), None
     scores = {c: roc_auc_score(tuning_y, fit_probe(train_x, train_y, c, seed).decision(tuning_x))
               for c in C_GRID}
     best = max(C_GRID, key=lambda c: (scores[c], -abs(np.log10(c))))
@@ -191,31 +194,44 @@ def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int =
                           test_subjects)[0]
 
 
-def find_tasks(labels_dir: str | Path) -> dict[str, Path]:
-    """Task name -> folder: each subfolder of labels_dir holding *.parquet files."""
+def find_tasks(labels_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
+    """({task name: folder}, unread): the subfolders of labels_dir holding *.parquet files
+    (symbolic links followed), and a line for each folder without any and each label file
+    outside a task folder (not read)."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
-        return {}
-    return {p.name: p for p in sorted(labels_dir.iterdir())
-            if p.is_dir() and any(p.rglob("*.parquet"))}
+        return {}, []
+    tasks, unread = {}, []
+    for p in sorted(labels_dir.iterdir()):
+        if p.is_dir() and meds.find_parquet_files(p).files:
+            tasks[p.name] = p
+        elif p.is_dir():
+            unread.append(f"{p}: a task folder without *.parquet label files, skipped")
+        elif p.suffix == ".parquet":
+            unread.append(f"{p}: a label file outside a task folder (expected "
+                          "<labels_dir>/<task>/*.parquet), not read")
+    return tasks, unread
 
 
 def read_label_tasks(meds_dir: str, stats, max_len: int,
                      labels_dir: str | None = None) -> tuple[str, dict[str, LabelTask]]:
-    """(labels dir, {task: LabelTask}) of every task folder under labels_dir.
+    """(labels dir, {task: LabelTask}) of every task folder under labels_dir (`read_task`).
 
     labels_dir None means ``<meds_dir>/labels``, which may be absent (no downstream tasks). A
-    labels_dir given explicitly must exist and hold at least one task folder. A label file that
-    cannot be read raises MEDSFormatError naming the file and column, before any model work."""
+    labels_dir given explicitly must exist and hold at least one task folder. Folders and files
+    that hold no task are logged as warnings. A label file that cannot be read, or a task with
+    nothing to evaluate, raises MEDSFormatError naming it, before any model work."""
     explicit = bool(labels_dir)
     labels_dir = str(labels_dir or os.path.join(meds_dir, "labels"))
-    tasks = find_tasks(labels_dir)
+    tasks, unread = find_tasks(labels_dir)
+    for line in unread:
+        logging.warning("labels: %s", line)
     if explicit and not tasks:
         problem = ("no task folder with *.parquet label files in it" if os.path.isdir(labels_dir)
                    else "no such folder")
         raise FileNotFoundError(f"config.eval.labels_dir={labels_dir}: {problem} (expected "
                                 "<labels_dir>/<task>/*.parquet)")
-    return labels_dir, {task: LabelTask(task_dir, task_windows(meds_dir, task_dir, stats, max_len))
+    return labels_dir, {task: read_task(meds_dir, task_dir, stats, max_len)
                         for task, task_dir in tasks.items()}
 
 
@@ -235,10 +251,41 @@ def task_windows(meds_dir, task_dir, stats, max_len: int) -> dict[str, list[dict
 
 
 class LabelTask(NamedTuple):
-    """One task folder and its label windows per split (``task_windows``)."""
+    """One task folder, its usable label windows per split (``read_task``) and per split the
+    counts {rows, empty_windows} of its label rows."""
 
     task_dir: Path
     windows: dict[str, list[dict]]
+    rows: dict[str, dict[str, int]]
+
+
+def read_task(meds_dir, task_dir, stats, max_len: int) -> LabelTask:
+    """The task's label windows (``task_windows``) less those that are empty: no selected lab
+    event at or before the row's prediction_time, so nothing to embed; a metric on them would
+    only measure the probe's constant. Empty windows are counted and logged as a warning; a
+    split whose label rows all have one raises MEDSFormatError, as do label files of the task
+    with different time zones."""
+    windows = task_windows(meds_dir, task_dir, stats, max_len)
+    prediction_time_zone(label_files(task_dir))
+    rows = {s: dict(rows=len(ws), empty_windows=sum(len(w["codes"]) == 0 for w in ws))
+            for s, ws in windows.items()}
+    for split, r in rows.items():
+        if r["rows"] and r["rows"] == r["empty_windows"]:
+            raise meds.MEDSFormatError(
+                f"{task_dir}: all {r['rows']} {split} label rows have an empty window (no "
+                "selected lab event at or before their prediction_time, e.g. prediction times "
+                "before the subjects' first lab event): no metric can rest on them")
+    if any(r["empty_windows"] for r in rows.values()):
+        logging.warning("labels %s: %s", task_dir, empty_windows_words(rows))
+    return LabelTask(Path(task_dir), {s: [w for w in ws if len(w["codes"])]
+                                      for s, ws in windows.items()}, rows)
+
+
+def empty_windows_words(rows: dict[str, dict[str, int]]) -> str:
+    """What the report and the console say of a task's label rows with empty windows."""
+    per_split = ", ".join(f"{s} {r['empty_windows']} of {r['rows']}" for s, r in rows.items())
+    return (f"label rows with an empty window ({per_split}): no selected lab event at or before "
+            "their prediction_time; left out of the probe, its metrics and the exports")
 
 
 @dataclasses.dataclass
@@ -257,18 +304,19 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
                 max_len: int, batch_size: int, seed: int = 0,
                 embed_fn=None) -> tuple[dict, dict[str, TaskData]]:
     """Probe results {"labels_dir", "seed", "split", "tasks": {task: probe_task dict + n per
-    split}} (without tasks: "tasks" empty and a "note") and, per task, its TaskData (for label
-    efficiency, exports and perturbations, which reuse the embeddings and the probe)."""
+    split, label_rows and empty_windows per split}, "unread": lines of `find_tasks`} (without
+    tasks: "tasks" empty and a "note") and, per task, its TaskData (for label efficiency, exports
+    and perturbations, which reuse the embeddings and the probe)."""
     out = dict(labels_dir=labels_dir, seed=int(seed), split=TEST,
                probe="standardized logistic regression on mean-pooled encoder states",
-               tasks={})
+               tasks={}, unread=find_tasks(labels_dir)[1])
     data: dict[str, TaskData] = {}
     embed_fn = embed_fn or make_embed_fn(graphdef)
     if not label_tasks:
         out["note"] = f"no label tasks found under {labels_dir}; downstream prediction skipped"
         logging.info("downstream: %s", out["note"])
         return out, data
-    for task, (task_dir, windows) in label_tasks.items():
+    for task, (task_dir, windows, rows) in label_tasks.items():
         x = {split: embed_label_windows(graphdef, params, ws, max_len, batch_size, embed_fn)
              for split, ws in windows.items()}
         y = {split: np.array([bool(w["label"]) for w in ws], bool)
@@ -276,16 +324,18 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
         result, probe = fit_task_probe(
             x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST], seed=seed,
             test_subjects=[int(w["subject_id"]) for w in windows[TEST]])
-        result["empty_windows"] = {s: int(sum(len(w["codes"]) == 0 for w in ws))
-                                   for s, ws in windows.items()}
+        result["label_rows"] = {s: r["rows"] for s, r in rows.items()}
+        result["empty_windows"] = {s: r["empty_windows"] for s, r in rows.items()}
         out["tasks"][task] = result
         data[task] = TaskData(task_dir, windows, x, y, probe)
         logging.info("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
-                     "C=%s (%s), AUROC %s, AUPRC %s%s", task, TEST, result["n_train"],
+                     "C=%s (%s), AUROC %s, AUPRC %s%s%s", task, TEST, result["n_train"],
                      result["n_tuning"], result["n"], TEST, _fmt(result["prevalence"]),
                      result["C"], result["c_selection"], _fmt(result["auroc"]),
                      _fmt(result["auprc"]),
-                     f" ({result['reason']})" if result["reason"] else "")
+                     f" ({result['reason']})" if result["reason"] else "",
+                     f"; {sum(result['empty_windows'].values())} label rows with an empty window "
+                     "left out" if any(result["empty_windows"].values()) else "")
     out["embed_traces"] = len(embed_fn.traces)
     return out, data
 
@@ -312,8 +362,10 @@ def _few_labels_note(task: str, r: dict) -> list[str]:
 def report_lines(downstream: dict) -> list[str]:
     """Markdown section for eval/report.md."""
     lines = ["", f"## Downstream prediction on `{downstream.get('split', TEST)}`", ""]
+    unread = [f"- **Warning:** {line}" for line in downstream.get("unread", [])]
     if not downstream["tasks"]:
-        return lines + [downstream.get("note", "no label tasks"), ""]
+        return lines + [downstream.get("note", "no label tasks"), ""] + (
+            unread + [""] if unread else [])
     lines += [f"Linear probe ({downstream['probe']}), C chosen on tuning by AUROC (C=1 when "
               f"tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
               f"held_out's subjects (a subject's label rows stay together), seed "
@@ -336,4 +388,9 @@ def report_lines(downstream: dict) -> list[str]:
                      f"{cell(r.get('auprc'), r.get('auprc_ci'))} |")
         if r.get("reason"):
             notes.append(f"- {task}: {r['reason']}")
+        if any(r.get("empty_windows", {}).values()):
+            rows = {s: dict(rows=n, empty_windows=r["empty_windows"][s])
+                    for s, n in r["label_rows"].items()}
+            notes.append(f"- **Warning:** {task}: {empty_windows_words(rows)}")
+    notes += unread
     return lines + ([""] + notes if notes else []) + [""]
