@@ -2,13 +2,14 @@
 
 - ``eval/embeddings/<task>.parquet``: subject_id int64, prediction_time timestamp[us] (in the
   label files' time zone, if they have one), split string, embedding list<float32> [d_model]:
-  every label row of every split (train, tuning, held_out; each in label-file order).
+  every label row of every split (train, tuning, held_out; each in label-file order) but those
+  whose window is empty (``downstream.read_task``: nothing to embed).
 - ``eval/predictions/<task>/<split>.parquet`` (MEDS-DEV prediction format): the label rows of
-  the split in label-file order with their columns as read (subject_id int64, prediction_time
-  timestamp[us] with the label file's time zone, if any: the file's own values, so that
-  predictions join back to it; boolean_value, optional integer/float/categorical_value), plus
-  predicted_boolean_probability float64 (the probe fit on train, C chosen on tuning) and
-  predicted_boolean_value (probability >= 0.5).
+  the split (but those with an empty window) in label-file order with their columns as read
+  (subject_id int64, prediction_time timestamp[us] with the label file's time zone, if any: the
+  file's own values, so that predictions join back to it; boolean_value, optional
+  integer/float/categorical_value), plus predicted_boolean_probability float64 (the probe fit on
+  train, C chosen on tuning) and predicted_boolean_value (probability >= 0.5).
 
 Files are written to a temporary name in the same folder and renamed.
 """
