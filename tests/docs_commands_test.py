@@ -108,6 +108,31 @@ def test_the_readme_is_a_front_page():
     assert len((REPO / "README.md").read_text().split()) <= 1500
 
 
+def test_every_config_field_is_in_the_reference():
+    """docs/training.md's config table names each field of cvmae_jax/config.py, alone
+    (`train.num_steps`) or in a row of its section (`train.learning_rate`, `warmup_steps`)."""
+    rows = [line for line in (REPO / "docs" / "training.md").read_text().splitlines()
+            if line.startswith("| `")]
+    missing = []
+    for field in sorted(_leaf_fields(config_module.default_config())):
+        section, _, leaf = field.rpartition(".")
+        if not any(f"`{field}`" in row or (section and f"`{section}." in row.split("|")[1]
+                                           and f"`{leaf}`" in row.split("|")[1])
+                   for row in rows):
+            missing.append(field)
+    assert not missing, f"config fields missing from docs/training.md: {missing}"
+
+
+def _leaf_fields(config, prefix: str = "") -> set[str]:
+    fields = set()
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            fields |= _leaf_fields(value, f"{prefix}{key}.")
+        else:
+            fields.add(f"{prefix}{key}")
+    return fields
+
+
 def _anchor(heading: str) -> str:
     """GitHub's anchor of a markdown heading."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
