@@ -39,8 +39,8 @@ def label_files(labels_dir: str | Path) -> list[Path]:
 
 def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
     """A validated label file: subject_id int64, prediction_time timestamp[us] (with the file's
-    time zone, if any), boolean_value bool, [N] rows. Raises MEDSFormatError for missing/mistyped/null columns and for subjects
-    missing from the subject splits."""
+    time zone, if any), boolean_value bool, [N] rows. Raises MEDSFormatError for
+    missing/mistyped/null columns and for subjects missing from the subject splits."""
     path = Path(path)
     table = meds.read_small_parquet(path)
     unexpected = sorted(set(table.column_names) - set(LABEL_CHECKS) - set(OPTIONAL))
@@ -131,7 +131,8 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
         if not len(todo):
             continue
         done = np.zeros(len(l_subject), bool)
-        for events, _ in stream.lab_events_by_shard(files, lookup, split, stats.codes):
+        for events, _ in stream.lab_events_by_shard(files, lookup, split, stats.codes,
+                                                    stats.drop_values):
             subjects = events["subject_id"].to_numpy()
             rows = todo[np.isin(l_subject[todo], subjects)]
             if not len(rows):
