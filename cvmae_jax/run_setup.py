@@ -36,7 +36,7 @@ def validate_config(config, num_devices: int) -> None:
         raise ValueError("config.data.meds_dir is required with this config "
                          "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "
                          "the embedded synthetic data)")
-    check_attention(config.model.get("attention", "einsum"), config.model.dtype,
+    check_attention(config.model.attention, config.model.dtype,
                     jax.default_backend())
     parallel.check_batch_size(config.train.batch_size, num_devices, "config.train.batch_size")
     parallel.check_batch_size(config.eval.batch_size, num_devices, "config.eval.batch_size")

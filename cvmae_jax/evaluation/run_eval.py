@@ -22,7 +22,6 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
-from cvmae_jax.config import default_config
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
@@ -41,11 +40,6 @@ from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilitie
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, read_config
-
-
-def eval_option(config, name: str):
-    """``config.eval.<name>``, or its default for a run whose config.json predates the field."""
-    return config.eval.get(name, default_config().eval[name])
 
 
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
@@ -90,7 +84,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
     check_eval_dataset(workdir, dataset)
     labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, config.data.max_len,
-                                               config.eval.get("labels_dir"))
+                                               config.eval.labels_dir)
     probs = mask_probabilities(config, dataset)
     launcher = parallel.JitLauncher(jax.devices())
     model_config = ModelConfig.from_config(config.model, dataset.stats.vocab_size)
@@ -114,7 +108,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     batches = list(eval_batches(dataset, split, config.eval.batch_size, config.data.max_len,
                                 shard_index=jax.process_index(),
                                 shard_count=jax.process_count()))
-    if eval_option(config, "single_code"):
+    if config.eval.single_code:
         with _phase(f"single-code reconstruction ({stats.vocab_size} codes x {len(batches)} "
                     "batches; config.eval.single_code=False skips it)"):
             result["single_code"] = _single_code(graphdef, params, batches, stats, probs,
@@ -125,7 +119,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         result["downstream"], tasks = probe_tasks(
             graphdef, params, labels_dir, label_tasks, config.data.max_len,
             config.eval.batch_size, seed=config.seed, embed_fn=embed_fn)
-    sample_seed = eval_option(config, "sample_seed")
+    sample_seed = config.eval.sample_seed
     result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
     with _phase("label-efficiency curves"):
         for task, data in tasks.items():
