@@ -67,7 +67,7 @@ def find_parquet_files(folder: str | Path) -> FoundFiles:
 
     claimed = {os.path.realpath(top) for top, _, _ in os.walk(folder, onerror=unreadable)}
     through_link = {str(folder): False}
-    by_target: dict[str, list[tuple[bool, Path]]] = {}  # real file -> (not direct, name)
+    by_target: dict[str, list[tuple[bool, Path]]] = {}  # real file -> (through a link, name)
     repeated = []
     for top, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
         claimed.add(os.path.realpath(top))
