@@ -61,7 +61,7 @@ def initialize_distributed(parallel_config) -> None:
     if jax.distributed.is_initialized() or not (
             parallel_config.distributed or any(field is not None for field in manual)):
         return
-    local_ids = parallel_config.get("local_device_ids")
+    local_ids = parallel_config.local_device_ids
     jax.distributed.initialize(coordinator_address=parallel_config.coordinator_address,
                                num_processes=parallel_config.num_processes,
                                process_id=parallel_config.process_id,
