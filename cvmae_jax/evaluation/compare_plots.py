@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cvmae_jax.data.code_names import short_name  # noqa: E402
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run  # noqa: E402
-from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
+from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
 
 
 def plot_all(groups: dict[str, dict[int, Run]], summary: dict, workdir: str) -> list[str]:
@@ -56,7 +56,10 @@ def _plot_lab_differences(groups, summary):
     if not rows:
         return None
     width = max(8, 0.25 * max(len(labs) for _, labs in rows))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(width, 2.6 * len(rows) + 1), squeeze=False)
+    labels = {s: [short_name(lab["name"], lab["code"]) for lab in labs] for s, labs in rows}
+    height = 2 + rotated_labels_height([t for ts in labels.values() for t in ts], 6)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, height * len(rows) + 1),
+                             squeeze=False)
     threshold = next(iter(groups[REFERENCE].values())).metrics.get("cv_threshold")
     for ax, (strategy, labs) in zip(axes[:, 0], rows):
         diff = [lab["diff"] for lab in labs]
@@ -67,8 +70,7 @@ def _plot_lab_differences(groups, summary):
             ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
                        label=f"CV {threshold:.3g}: right of it the high tier")
             ax.legend(fontsize=7, loc="upper left")
-        ax.set_xticks(range(len(labs)), [short_name(lab["name"], lab["code"]) for lab in labs],
-                      rotation=90, fontsize=6)
+        ax.set_xticks(range(len(labs)), labels[strategy], rotation=90, fontsize=6)
         ax.set_ylabel(f"MSE(random) - MSE({strategy})", fontsize=8)
         ax.set_title(f"{strategy} vs random per lab (held_out), labs sorted by train CV; "
                      f"green: {strategy} better", fontsize=9)

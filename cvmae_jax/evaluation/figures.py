@@ -16,3 +16,9 @@ def save_figure(fig, path: str) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+def rotated_labels_height(labels: list[str], fontsize: float) -> float:
+    """Inches that tick labels rotated by 90 degrees take below an axis (about 0.6 em per
+    character), so a figure can grow by it instead of squeezing its plot."""
+    return max(map(len, labels), default=0) * 0.6 * fontsize / 72

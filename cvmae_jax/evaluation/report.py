@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 
 from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
-from cvmae_jax.evaluation.figures import save_figure  # noqa: E402
+from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
 from cvmae_jax.reconstruction import vs_baseline  # noqa: E402
 
@@ -35,6 +35,7 @@ def write_report(path: str, result: dict) -> None:
         lines.append(f"| {_lab_cells(r)} | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
                      f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
                      f"{r['raw_rmse']:.4g} |")
+    lines += suppressed_lines(result)
     if "single_code" in result:
         lines += _single_code_lines(result)
     if "downstream" in result:
@@ -61,18 +62,29 @@ def _lab_cells(row: dict) -> str:
 
 
 def evaluated_rows(result: dict) -> list[dict]:
-    """Per-code rows with at least one masked value, sorted by train CV."""
-    return sorted((r for r in result["per_code"] if r["num_masked"]), key=lambda r: r["cv"])
+    """Per-code rows with at least one masked value and not suppressed, sorted by train CV."""
+    return sorted((r for r in result["per_code"] if r.get("num_masked")), key=lambda r: r["cv"])
+
+
+def suppressed_lines(result: dict) -> list[str]:
+    """The note under a per-code table on its suppressed rows (``disclosure.suppress_rows``)."""
+    s = result.get("suppressed")
+    if not s or not s["rows"]:
+        return []
+    return ["", f"{s['rows']} code(s) not shown: their values on this split come from fewer "
+            f"than {s['min_subjects']} subjects, or fewer than {s['min_subjects']} were hidden "
+            "(config.data.min_subjects); they still count in the pooled rows above."]
 
 
 def _single_code_lines(result: dict) -> list[str]:
     single = result["single_code"]
     overall = single["overall"]
+    codes = sum(1 for r in single["per_code"] if r.get("num_masked") or r.get("suppressed"))
     lines = ["", f"## Single-code reconstruction on `{result['split']}`", "",
              "Each lab code in turn has every one of its values in the window hidden, all other "
              "values visible (a fixed mask, identical for every model; no seed). n = "
              f"{overall['num_masked']} hidden values over "
-             f"{sum(1 for r in single['per_code'] if r['num_masked'])} codes.", "",
+             f"{codes} codes.", "",
              f"- masked MSE: {overall['masked_mse']:.4f} vs per-code-mean baseline "
              f"{overall['baseline_masked_mse']:.4f} (ratio {overall['mse_vs_baseline']:.3f})",
              "", *_tier_table(single["by_cv_tier"]), "",
@@ -82,7 +94,7 @@ def _single_code_lines(result: dict) -> list[str]:
     for r in evaluated_rows(single):
         lines.append(f"| {_lab_cells(r)} | {r['cv']:.3f} | {r['num_masked']} | {r['mse']:.4f} | "
                      f"{r['baseline_mse']:.4f} | {_ratio(r)} | {r['raw_rmse']:.4g} |")
-    return lines
+    return lines + suppressed_lines(single)
 
 
 def _label_efficiency_lines(downstream: dict) -> list[str]:
@@ -169,11 +181,12 @@ def plot_by_lab(path: str, result: dict) -> None:
     constant = len(evaluated_rows(result)) - len(rows)
     ratio = [vs_baseline(r) for r in rows]
     colors = ["tab:red" if r["cv"] > result["cv_threshold"] else "tab:blue" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
+    labels = [short_name(r["name"], r["code"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)),
+                                    3 + rotated_labels_height(labels, 6)))
     ax.bar(range(len(rows)), ratio, color=colors)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(rows)), [short_name(r["name"], r["code"]) for r in rows],
-                  rotation=90, fontsize=6)
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
     ax.set_ylabel("masked MSE / per-code-mean baseline")
     ax.set_title(f"{result['split']}: reconstruction by lab, sorted by train CV "
                  f"(red: CV above {result['cv_threshold']:.3g}, the high tier)"
