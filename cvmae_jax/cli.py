@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from cvmae_jax import config as config_module
 from cvmae_jax.config_checks import eval_overridable
 from cvmae_jax.data.meds import MEDSFormatError
+from cvmae_jax.jsonio import check_writable
 from cvmae_jax.host_memory import reuse_freed_memory
 
 FLAGS = flags.FLAGS
@@ -44,6 +45,7 @@ def _train(argv) -> None:
 
     log_progress()
     with user_errors():
+        check_writable(FLAGS.workdir, "train.py writes the run there (--workdir)")
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -58,6 +60,7 @@ def _eval(argv) -> None:
             if eval_overrides():
                 raise ValueError("--compare reads the runs' eval/metrics.json and takes no "
                                  "--config.<field> overrides")
+            check_writable(FLAGS.workdir, "--compare writes its report there (--workdir)")
             compare_runs(FLAGS.compare, FLAGS.workdir)
         else:
             from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
@@ -110,7 +113,8 @@ def user_errors():
     exception and the module, and -v=1 shows the traceback."""
     try:
         yield
-    except (ValueError, OSError, MEDSFormatError) as error:  # OSError: unwritable paths too
+    # OSError: unwritable paths too; FloatingPointError: a training step that is not finite
+    except (ValueError, OSError, MEDSFormatError, FloatingPointError) as error:
         logging.debug("traceback of the error below", exc_info=True)  # shown with -v=1
         origin = _raised_in(error)
         sys.exit(f"error: {error}" + ("" if origin == __package__ else

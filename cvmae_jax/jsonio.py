@@ -105,10 +105,17 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 def check_writable(folder: str | os.PathLike, purpose: str) -> None:
     """Raises ValueError when files cannot be created in ``folder`` (or, while it does not
     exist, in its nearest existing parent): called before long work that ends by writing there,
-    so a read-only or mistyped path fails in a second, not after the work."""
+    so a read-only or mistyped path fails in a second, not after the work. Tried by creating
+    and removing an empty folder there: permission bits say nothing for root, read-only mounts
+    or root-squashed shares."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        kind = "a folder that cannot be written" if os.path.isdir(existing) else "not a folder"
-        raise ValueError(f"{folder}: cannot write there ({existing} is {kind}); {purpose}")
+    if not os.path.isdir(existing):
+        raise ValueError(f"{folder}: cannot write there ({existing} is not a folder: it is a "
+                         f"file); {purpose}")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write_check_"))
+    except OSError as error:
+        raise ValueError(f"{folder}: cannot write there ({existing} refuses new files: "
+                         f"{(error.strerror or str(error)).lower()}); {purpose}") from None

@@ -19,6 +19,7 @@ from absl import app, logging
 from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.host_memory import reuse_freed_memory
+from cvmae_jax.jsonio import check_writable
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.metrics import clock
 from cvmae_jax.run_setup import changed_settings
@@ -110,6 +111,7 @@ def _study(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.log_progress()
     with cli.user_errors():
+        check_writable(FLAGS.workdir, "the study writes its runs and report there (--workdir)")
         run_study(FLAGS.config, FLAGS.workdir)
     print(f"report: {os.path.join(FLAGS.workdir, 'report.md')}")
 

@@ -47,4 +47,7 @@ def read_eval_metrics(workdir: str) -> dict:
 
 
 def _read(workdir: str, name: str):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"{workdir}: a file, not a folder; --workdir is the folder train.py "
+                         "wrote the run to")
     return read_json(os.path.join(workdir, name), f"is {workdir} a training workdir?")

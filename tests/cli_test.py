@@ -5,10 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
 from cvmae_jax.config import default_config
+from cvmae_jax.jsonio import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
@@ -134,16 +136,34 @@ def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
     (tmp_path / "a_file").write_text("")
     result = run("train.py", "--config=configs/demo.py", f"--workdir={tmp_path}/a_file/run")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"error: [Errno 20] Not a directory: '{tmp_path}/a_file/run'" in result.stderr
+    assert (f"error: {tmp_path}/a_file/run: cannot write there ({tmp_path}/a_file is not a "
+            "folder: it is a file); train.py writes the run there (--workdir)\n"
+            == result.stderr), result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "cvmae_jax.study", "--config=configs/study.py",
+                             f"--workdir={tmp_path}/a_file"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert (f"error: {tmp_path}/a_file: cannot write there ({tmp_path}/a_file is not a "
+            "folder: it is a file); the study writes its runs and report there (--workdir)\n"
+            == result.stderr and result.returncode == 1), result.stderr[-2000:]
     workdir = tmp_path / "run"  # eval's results folder cannot be created: refused up front
     shutil.copytree(trained[0], workdir)
     shutil.rmtree(workdir / "eval", ignore_errors=True)
     (workdir / "eval").write_text("")
     result = run("eval.py", f"--workdir={workdir}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert (f"error: {workdir}/eval: cannot write there ({workdir}/eval is not a folder); "
+    assert (f"error: {workdir}/eval: cannot write there ({workdir}/eval is not a folder: it is "
+            "a file); "
             "eval.py writes its results there") in result.stderr
     assert "reconstruction on held_out" not in result.stderr  # before any evaluation
+
+
+def test_a_folder_the_file_system_refuses_is_named_in_words(tmp_path):
+    refused = PermissionError(1, "Operation not permitted")
+    with mock.patch("tempfile.mkdtemp", side_effect=refused), pytest.raises(
+            ValueError, match=f"^{tmp_path}/run: cannot write there \\({tmp_path} refuses new "
+                              "files: operation not permitted\\); train.py writes"):
+        check_writable(tmp_path / "run", "train.py writes the run there (--workdir)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_overrides_apply_to_the_run_config_and_are_checked(tmp_path):
