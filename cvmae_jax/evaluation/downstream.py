@@ -196,8 +196,8 @@ def probe_task(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: int =
 
 def find_tasks(labels_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
     """({task name: folder}, unread): the subfolders of labels_dir holding *.parquet files
-    (symbolic links followed), and a line for each folder without any and each label file
-    outside a task folder (not read)."""
+    (symbolic links followed), and a line for each folder without any, each label file outside
+    a task folder and each broken link (not read)."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         return {}, []
@@ -210,6 +210,9 @@ def find_tasks(labels_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
         elif p.suffix == ".parquet":
             unread.append(f"{p}: a label file outside a task folder (expected "
                           "<labels_dir>/<task>/*.parquet), not read")
+        elif p.is_symlink() and not p.exists():
+            unread.append(f"{p}: a symbolic link to {os.readlink(p)}, which does not exist; "
+                          "skipped")
     return tasks, unread
 
 

@@ -3,6 +3,7 @@ refused, folders and files that hold no task named."""
 
 import datetime
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -95,12 +96,14 @@ def test_folders_and_files_that_hold_no_task_are_named(setup, caplog):
     (tiny_meds.root / "labels/csv_only").mkdir()
     (tiny_meds.root / "labels/csv_only/train.csv").write_text("subject_id\n1\n")
     shutil.copy(tiny_meds.root / "labels/mixed/labels.parquet", tiny_meds.root / "labels/x.parquet")
+    os.symlink("/nowhere", tiny_meds.root / "labels/moved")
     with caplog.at_level(logging.WARNING):
         labels_dir, tasks = downstream.read_label_tasks(str(tiny_meds.root), stats, 8)
     assert list(tasks) == ["mixed"]
     for name, problem in (("csv_only", "a task folder without *.parquet label files, skipped"),
                           ("empty", "a task folder without *.parquet label files, skipped"),
-                          ("x.parquet", "a label file outside a task folder")):
+                          ("x.parquet", "a label file outside a task folder"),
+                          ("moved", "a symbolic link to /nowhere, which does not exist")):
         assert f"labels/{name}: {problem}" in caplog.text
     result, _ = downstream.probe_tasks(None, None, labels_dir, tasks, 8, 4,
                                        embed_fn=_constant_embed)
