@@ -259,6 +259,12 @@ def _cast_batch(path: Path, batch: pa.RecordBatch, columns) -> pa.Table:
     fields = [EVENT_SCHEMA.field(c) for c in columns]
     arrays = [cast_column(path, f.name, batch.column(i), f.type, safe=f.name != "time")
               for i, f in enumerate(fields)]  # ns -> us may truncate; the rest must be exact
+    if "code" in columns:
+        try:  # parquet readers pass string bytes through; Python's decoding fails much later
+            arrays[columns.index("code")].validate(full=True)
+        except pa.ArrowInvalid:
+            raise MEDSFormatError(f"{path}: column code: a value is not valid UTF-8 text (MEDS "
+                                  "codes are UTF-8 strings; re-export the file as UTF-8)") from None
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
