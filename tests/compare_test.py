@@ -56,7 +56,8 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
     metrics = dict(overall=dict(num_masked=200, masked_mse=float(np.mean(mses))),
                    per_code=per_code, step=curve[-1][0], split="held_out", strategy=strategy,
                    eval_mask=dict(rate=0.3, seed=1234),
-                   downstream=dict(seed=seed, split="held_out", tasks=tasks), **extra)
+                   downstream=dict(seed=seed, split="held_out", tasks=tasks),
+                   **{"cv_threshold": 0.25, **extra})
     (path / "eval" / "metrics.json").write_text(json.dumps(metrics))
     return str(path)
 

@@ -60,16 +60,15 @@ def _plot_lab_differences(groups, summary):
     height = 2 + rotated_labels_height([t for ts in labels.values() for t in ts], 6)
     fig, axes = plt.subplots(len(rows), 1, figsize=(width, height * len(rows) + 1),
                              squeeze=False)
-    threshold = next(iter(groups[REFERENCE].values())).metrics.get("cv_threshold")
+    threshold = next(iter(groups[REFERENCE].values())).metrics["cv_threshold"]
     for ax, (strategy, labs) in zip(axes[:, 0], rows):
         diff = [lab["diff"] for lab in labs]
         ax.bar(range(len(labs)), diff, color=["tab:green" if d > 0 else "tab:red" for d in diff])
         ax.axhline(0, color="black", lw=0.8)
-        if threshold is not None:  # eval/metrics.json from before the field: no line
-            low = sum(lab["cv"] is not None and lab["cv"] <= threshold for lab in labs)
-            ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
-                       label=f"CV {threshold:.3g}: right of it the high tier")
-            ax.legend(fontsize=7, loc="upper left")
+        low = sum(lab["cv"] is not None and lab["cv"] <= threshold for lab in labs)
+        ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
+                   label=f"CV {threshold:.3g}: right of it the high tier")
+        ax.legend(fontsize=7, loc="upper left")
         ax.set_xticks(range(len(labs)), labels[strategy], rotation=90, fontsize=6)
         ax.set_ylabel(f"MSE(random) - MSE({strategy})", fontsize=8)
         ax.set_title(f"{strategy} vs random per lab (held_out), labs sorted by train CV; "
