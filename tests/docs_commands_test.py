@@ -246,8 +246,11 @@ def test_doc_command(command, monkeypatch, tmp_path):
         return
     if argv[0] in NOT_CHECKED:
         return
-    if argv[0].startswith("cvmae-"):
-        argv = ["python", "-m", f"cvmae_jax.{argv[0][len('cvmae-'):]}", *argv[1:]]
+    scripts = {"cvmae-train": ["train.py"], "cvmae-eval": ["eval.py"],
+               "cvmae-prepare": ["-m", "cvmae_jax.prepare"],
+               "cvmae-study": ["-m", "cvmae_jax.study"]}
+    if argv[0] in scripts:  # pyproject.toml's console scripts
+        argv = ["python", *scripts[argv[0]], *argv[1:]]
     assert argv[0] == "python", f"not a command this check knows: {command.line}"
     if argv[1] in ("train.py", "eval.py"):
         return _check_entry_point(argv[1], argv[2:])
