@@ -61,6 +61,9 @@ def check_config(config) -> None:
                  "a masking probability must lie in [0, 1]")
     _require(0.0 <= masking.threshold_percentile <= 100.0, "masking.threshold_percentile",
              masking.threshold_percentile, "expected a percentile in [0, 100]")
+    _require(masking.p_low <= masking.p_high, "masking.p_low", masking.p_low,
+             f"must be <= config.masking.p_high={masking.p_high!r} (p_high is the probability "
+             "of the high tier; swapped, the tiers would be inverted)")
     model = config.model
     for name in ("d_model", "num_heads", "num_layers", "mlp_ratio", "time_frequencies"):
         _require_int(f"model.{name}", model[name], 1)
@@ -84,6 +87,29 @@ def check_config(config) -> None:
     _require(train.transfer_guard in TRANSFER_GUARDS, "train.transfer_guard",
              train.transfer_guard, f"expected one of {TRANSFER_GUARDS} (jax.transfer_guard)")
     check_eval_config(config.eval)
+
+
+def config_warnings(config) -> list[str]:
+    """Settings that run but are likely not what was meant, one sentence each naming the
+    fields (train.py logs them as warnings)."""
+    train, masking = config.train, config.masking
+    out = []
+    if train.warmup_steps >= train.num_steps:
+        out.append(f"config.train.warmup_steps={train.warmup_steps} >= config.train.num_steps="
+                   f"{train.num_steps}: the learning rate rises for the whole run and never "
+                   f"reaches config.train.learning_rate={train.learning_rate!r}")
+    if train.checkpoint_every > train.num_steps:
+        out.append(f"config.train.checkpoint_every={train.checkpoint_every} > "
+                   f"config.train.num_steps={train.num_steps}: only the last step is saved, "
+                   "so a run killed before it starts again from step 0")
+    if masking.strategy != "random" and masking.p_high == masking.p_low:
+        out.append(f"config.masking.p_high = config.masking.p_low = {masking.p_high!r}: both "
+                   f"tiers mask alike, so strategy {masking.strategy!r} is uniform masking")
+    elif masking.strategy in ("cv", "variance") and masking.threshold_percentile >= 100.0:
+        out.append(f"config.masking.threshold_percentile={masking.threshold_percentile!r}: no "
+                   f"code lies above it, so every code gets config.masking.p_low="
+                   f"{masking.p_low!r} (uniform masking)")
+    return out
 
 
 def check_eval_config(eval_config) -> None:

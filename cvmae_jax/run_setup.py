@@ -16,7 +16,7 @@ from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
-from cvmae_jax.config_checks import check_config
+from cvmae_jax.config_checks import check_config, config_warnings
 from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
@@ -30,7 +30,8 @@ RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel
 
 
 def validate_config(config, num_devices: int) -> None:
-    """Refuses settings that would fail later, before anything is read or written."""
+    """Refuses settings that would fail later, before anything is read or written, and logs
+    a warning for each setting that runs but is likely not what was meant."""
     check_config(config)
     if not (config.data.meds_dir or config.data.allow_synthetic):
         raise ValueError("config.data.meds_dir is required with this config "
@@ -40,6 +41,9 @@ def validate_config(config, num_devices: int) -> None:
                     jax.default_backend())
     parallel.check_batch_size(config.train.batch_size, num_devices, "config.train.batch_size")
     parallel.check_batch_size(config.eval.batch_size, num_devices, "config.eval.batch_size")
+    if jax.process_index() == 0:
+        for warning in config_warnings(config):
+            logging.warning("%s", warning)
 
 
 def enable_compilation_cache(cache_dir: str | None) -> None:

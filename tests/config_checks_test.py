@@ -1,12 +1,14 @@
 """Config values are checked before any data is read: each bad value names its field."""
 
 import importlib.util
+import logging
 import os
 
 import pytest
 
 from cvmae_jax.config import default_config
-from cvmae_jax.config_checks import check_config
+from cvmae_jax.config_checks import check_config, config_warnings
+from cvmae_jax.run_setup import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +20,7 @@ def test_shipped_configs_pass(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     check_config(module.get_config())
+    assert config_warnings(module.get_config()) == []
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -33,6 +36,8 @@ def test_shipped_configs_pass(name):
     ("masking.p_high", 1.5, "a masking probability must lie in [0, 1]"),
     ("masking.p_low", -0.1, "a masking probability must lie in [0, 1]"),
     ("masking.threshold_percentile", 120.0, "expected a percentile in [0, 100]"),
+    ("masking.p_low", 0.9, "must be <= config.masking.p_high=0.8 (p_high is the probability "
+                           "of the high tier; swapped, the tiers would be inverted)"),
     ("model.num_heads", 3, "config.model.d_model=128: must be divisible by "
                            "config.model.num_heads=3"),
     ("model.num_layers", 0, "expected an integer >= 1"),
@@ -54,3 +59,28 @@ def test_bad_values_name_their_field(field, value, message):
     assert text.startswith("config.") and message in text
     if field != "model.num_heads":  # named with the field it must divide
         assert text.startswith(f"config.{field}={value!r}: ")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"train.warmup_steps": 1000, "train.num_steps": 200},
+     "config.train.warmup_steps=1000 >= config.train.num_steps=200: the learning rate rises for "
+     "the whole run and never reaches config.train.learning_rate="),
+    ({"train.checkpoint_every": 500, "train.num_steps": 200},
+     "config.train.checkpoint_every=500 > config.train.num_steps=200: only the last step is "
+     "saved"),
+    ({"masking.p_high": 0.3, "masking.p_low": 0.3},
+     "config.masking.p_high = config.masking.p_low = 0.3: both tiers mask alike, so strategy "
+     "'cv' is uniform masking"),
+    ({"masking.threshold_percentile": 100.0},
+     "config.masking.threshold_percentile=100.0: no code lies above it, so every code gets "
+     "config.masking.p_low=0.2 (uniform masking)"),
+])
+def test_settings_that_run_but_mislead_are_warned_about(fields, message, caplog):
+    config = default_config()
+    for field, value in fields.items():
+        section, name = field.split(".")
+        config[section][name] = value
+    assert [w for w in config_warnings(config) if w.startswith(message)], config_warnings(config)
+    with caplog.at_level(logging.WARNING):
+        validate_config(config, num_devices=1)  # what train.py calls first
+    assert [r for r in caplog.records if r.getMessage().startswith(message)]
