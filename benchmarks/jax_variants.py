@@ -5,7 +5,7 @@
 Variants change ``config.model.attention`` (``cudnn`` compiles on NVIDIA GPUs only; elsewhere it
 is reported as skipped) or the compute dtype, or (diagnostic only, not the model) patch a piece
 of it: attention replaced by ``v`` to bound what attention costs, the code embedding computed
-the way ``nnx.Embed`` does (table cast to bfloat16 before the gather), which made the bfloat16
+the way ``nnx.Embed`` does (table cast to bfloat16 before the gather), which makes the bfloat16
 step 3x slower on GPUs, or the value masks drawn without ``jax.random`` (``*_fixed_mask``: the
 difference is what in-step mask sampling costs).
 XLA flags act per process: run ``step_bench`` under different ``XLA_FLAGS`` for those.
