@@ -11,6 +11,7 @@ import pytest
 
 from cvmae_jax.config import default_config
 from cvmae_jax.jsonio import check_writable
+from cvmae_jax.workdir import read_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
@@ -164,6 +165,13 @@ def test_a_folder_the_file_system_refuses_is_named_in_words(tmp_path):
                               "files: operation not permitted\\); train.py writes"):
         check_writable(tmp_path / "run", "train.py writes the run there (--workdir)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluating_a_file_says_it_is_not_a_workdir(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/a_file: a file, not a folder; --workdir "
+                                         "is the folder train.py wrote the run to$"):
+        read_config(str(tmp_path / "a_file"))
 
 
 def test_eval_overrides_apply_to_the_run_config_and_are_checked(tmp_path):
