@@ -21,6 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.lab_codes = ()  # explicit code list; replaces pattern + top_k when non-empty
     config.data.top_k = 100  # most frequent matching codes on the train split
     config.data.min_code_count = 20  # codes with fewer numeric train rows are dropped
+    # k of statistical disclosure control: codes with values from fewer train subjects are not
+    # selected, clip bounds rest on >= k subjects, smaller eval per-code rows are suppressed
+    config.data.min_subjects = 10
     config.data.clip_quantiles = (0.001, 0.999)  # per-code raw clipping before z-scoring
     # Raw values that are placeholders, not results (e.g. (99999.0,)): left out of every split
     # before statistics and windows, and counted (dropped_value) in the prepare report

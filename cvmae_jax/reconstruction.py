@@ -7,7 +7,9 @@ from typing import Callable, Iterable
 
 import jax
 import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
 
+from cvmae_jax.data.disclosure import suppress_rows
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import PreparedDataset
 
@@ -111,3 +113,28 @@ def summarize(sums: dict[str, np.ndarray], codes: tuple[str, ...], norm_std: np.
             row["train_mask_prob"] = float(mask_prob[i])
         per_code.append(row)
     return dict(overall=overall, per_code=per_code)
+
+
+def subjects_per_code(dataset: PreparedDataset, split: str) -> np.ndarray:
+    """int64 [V]: the subjects of ``split`` with a value of each code in their windows (records
+    are in subject order: build order)."""
+    records = dataset.data_source(split).records
+    counts = np.zeros(dataset.stats.vocab_size, np.int64)
+    seen = np.zeros(dataset.stats.vocab_size, bool)
+    current = None
+    for start in range(0, len(records), 1024):
+        for raw in records.__getitems__(range(start, min(start + 1024, len(records)))):
+            feature = tf_example_pb2.Example.FromString(raw).features.feature
+            subject = feature["subject_id"].int64_list.value[0]
+            if subject != current:
+                counts += seen
+                seen[:], current = False, subject
+            seen[np.asarray(feature["codes"].int64_list.value, np.int64)] = True
+    return counts + seen
+
+
+def suppress_small_codes(result: dict, code_subjects: np.ndarray, min_subjects: int) -> None:
+    """``disclosure.suppress_rows`` on ``result["per_code"]`` (summarize's format); records
+    how many rows were suppressed and k in ``result["suppressed"]``."""
+    result["suppressed"] = dict(rows=suppress_rows(result["per_code"], code_subjects,
+                                                   min_subjects), min_subjects=min_subjects)

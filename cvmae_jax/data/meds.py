@@ -280,6 +280,7 @@ def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Tabl
     split_ids = pa.array([i for i, s in subject_splits.items() if s == split], pa.int64())
     code_set = None if codes is None else pa.array(list(codes), pa.string())
     counts = dict.fromkeys(("rows", "rows_without_split", "null_time", "null_value",
+                            "dropped_value",
                             "nonfinite_value", "other_code"), 0)
     parts, deaths = [], []
     for path in data_files(meds_dir):
@@ -304,16 +305,20 @@ def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Tabl
     return table.replace_schema_metadata({_COUNTS_KEY: json.dumps(counts).encode()})
 
 
-def numeric_rows(t: pa.Table) -> tuple[pa.Table, dict[str, int]]:
-    """The rows of `t` with a time and a finite numeric value, and counts of the others
-    (null_time, null_value, nonfinite_value; each row counted once, in that order)."""
+def numeric_rows(t: pa.Table, drop_values=()) -> tuple[pa.Table, dict[str, int]]:
+    """The rows of `t` with a time and a finite numeric value not in `drop_values`, and counts
+    of the others (null_time, null_value, nonfinite_value, dropped_value; each row counted
+    once, in that order)."""
     dropped = {"null_time": t["time"].null_count}
     t = t.filter(pc.is_valid(t["time"]))
     dropped["null_value"] = t["numeric_value"].null_count
     t = t.filter(pc.is_valid(t["numeric_value"]))
     finite = pc.is_finite(t["numeric_value"])
     dropped["nonfinite_value"] = t.num_rows - _count(finite)
-    return t.filter(finite), dropped
+    t = t.filter(finite)
+    kept = pc.invert(pc.is_in(t["numeric_value"], pa.array(drop_values, pa.float64())))
+    dropped["dropped_value"] = t.num_rows - _count(kept)
+    return t.filter(kept), dropped
 
 
 def death_times(t: pa.Table) -> pa.Table:

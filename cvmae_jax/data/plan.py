@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cvmae_jax.data import code_names, meds, report as report_lib
+from cvmae_jax.data.disclosure import selectable_counts
 from cvmae_jax.data.stats import RESERVOIR_SIZE, DataStats, finish_stats
 from cvmae_jax.data.stream import Scan, SplitLookup, sample_train_values, scan_meds
 
@@ -37,25 +38,32 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
         if split not in subject_splits.values():
             raise meds.MEDSFormatError(f"{source}, column split: split {split!r} has no subjects")
     lookup = SplitLookup(subject_splits)
-    scan = scan_meds(meds_dir, lookup, log)
+    drop = settings.get("drop_values", ())
+    scan = scan_meds(meds_dir, lookup, log, drop)
     selection: dict = {}
     train_counts = scan.moments.counts()
-    codes = meds.select_lab_codes(train_counts, settings, report=selection)
+    codes = meds.select_lab_codes(selectable_counts(
+        train_counts, scan.moments.subject_counts(), settings, selection), settings,
+        report=selection)
     log(f"[prepare] lab codes: selected {selection['selected']} ({selection['selection']})")
     reservoirs = sample_train_values(scan.shards["train"], lookup, codes, reservoir_size,
-                                     log=log)
-    stats = finish_stats(codes, scan.moments, reservoirs, settings["clip_quantiles"])
+                                     log=log, drop_values=drop)
+    stats = finish_stats(codes, scan.moments, reservoirs, settings["clip_quantiles"], drop,
+                         settings["min_subjects"])
     descriptions = code_names.read_descriptions(meds_dir, stats.codes)
     splits = {s: dict(scan.splits[s]) for s in meds.SPLITS}
     for s in meds.SPLITS[1:]:
         splits[s]["out_of_vocab"] = report_lib.out_of_vocab(
             scan.code_counts[s], train_counts, codes, settings["lab_code_pattern"])
-    warnings = report_lib.warnings_for(stats)
+    squeezed = report_lib.squeezed_codes(stats, reservoirs, settings["min_subjects"])
+    warnings = report_lib.warnings_for(stats) + report_lib.squeezed_warning(
+        squeezed, stats.vocab_size)
     for w in warnings:
         log(f"[prepare] WARNING: {w}")
     report = dict(settings=settings, selection=selection, splits=splits,
                   rows_without_split=scan.rows_without_split, shards=scan.num_shards,
                   reservoir_size=reservoir_size, codes=report_lib.code_rows(stats, descriptions),
+                  squeezed_codes=squeezed,
                   warnings=scan.warnings + warnings, files=scan.files,
                   repeated_links=scan.repeated_links)
     return Plan(meds_dir, lookup, scan, stats, report, descriptions)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cvmae_jax.data import code_names, meds
-from cvmae_jax.data.stats import DataStats, json_float
+from cvmae_jax.data.stats import STD_EPS, DataStats, Reservoirs, json_float
 
 # Selected codes whose train mean and std look like z-scores (already normalized upstream).
 NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
@@ -21,6 +21,10 @@ EXTREME_CV = 10.0
 # A selected code is "mirrored" when at least this share of its train values equal a value of
 # another selected code at the same (subject, time).
 MIRRORED_SHARE = 0.9
+# A train value is "far" beyond this many interquartile ranges (IQR) outside the quartiles; a
+# code is "squeezed" when its clipping keeps far values and its IQR spans less than
+# SQUEEZED_IQR normalized units (a normal distribution's spans 1.35).
+FAR_IQR, SQUEEZED_IQR = 10.0, 0.1
 
 
 def code_rows(stats: DataStats, descriptions) -> list[dict]:
@@ -63,6 +67,55 @@ def warnings_for(stats: DataStats) -> list[str]:
             "teach nothing about volatility; list the codes to keep with "
             "config.data.lab_codes to leave them out.")
     return warnings
+
+
+def squeezed_codes(stats: DataStats, reservoirs: Reservoirs, min_subjects: int) -> list[dict]:
+    """Codes whose clipping bounds keep train values more than FAR_IQR IQRs outside their
+    quartiles, so that the middle half of their values spans under SQUEEZED_IQR normalized
+    units: [{code, far_share, iqr_normalized, value, value_share}], from the reservoir samples.
+    value is the far value most repeated when it makes at least half the far values and
+    min_subjects subjects have it (a placeholder such as 99999), else None."""
+    rows = []
+    for i, (x, who) in enumerate(zip(reservoirs.samples, reservoirs.subjects)):
+        q25, q75 = np.quantile(x, [0.25, 0.75])
+        iqr = q75 - q25
+        low, high = q25 - FAR_IQR * iqr, q75 + FAR_IQR * iqr
+        squeezed = iqr / max(stats.norm_std[i], STD_EPS) < SQUEEZED_IQR
+        kept = stats.clip_low[i] < low or stats.clip_high[i] > high
+        if iqr <= 0 or not squeezed or not kept:
+            continue
+        far = (x < low) | (x > high)
+        values, counts = np.unique(x[far], return_counts=True)
+        top = int(np.argmax(counts))
+        placeholder = counts[top] * 2 >= far.sum() and len(
+            np.unique(who[far][x[far] == values[top]])) >= min_subjects
+        rows.append(dict(code=stats.codes[i], far_share=float(far.mean()),
+                         iqr_normalized=float(iqr / max(stats.norm_std[i], STD_EPS)),
+                         value=float(values[top]) if placeholder else None,
+                         value_share=float(counts[top] / len(x)) if placeholder else None))
+    return rows
+
+
+def squeezed_warning(rows: list[dict], vocab_size: int) -> list[str]:
+    """The report's warning about ``squeezed_codes`` rows (none when there are none)."""
+    if not rows:
+        return []
+
+    def describe(r):
+        value = "" if r["value"] is None else f", {r['value']:g} in {r['value_share']:.2%}"
+        return (f"{r['code']} ({r['far_share']:.2%} far{value}; middle half spans "
+                f"{r['iqr_normalized']:.2g})")
+
+    values = sorted({r["value"] for r in rows if r["value"] is not None})
+    example = ", ".join(f"{v:g}" for v in values[:3]) if values else "99999.0"
+    return [f"{len(rows)} of {vocab_size} selected codes have train values more than "
+            f"{FAR_IQR:g} IQRs outside their quartiles that the clipping quantiles keep, so "
+            f"the middle half of their values spans under {SQUEEZED_IQR:g} of a normalized "
+            f"unit ({'; '.join(describe(r) for r in rows[:4])}{'; ...' if len(rows) > 4 else ''};"
+            " all in prepare_report.json 'squeezed_codes'): placeholders such as 99999 or 1e30 "
+            "squeeze every real value into a sliver of the normalized range. Leave such values "
+            f"out with --config.data.drop_values='({example},)', or narrow "
+            "config.data.clip_quantiles when they are real."]
 
 
 def mirrored_codes(pairs: Mapping[tuple[str, str], int], stats: DataStats) -> list[dict]:
@@ -119,7 +172,8 @@ def markdown(report: dict) -> str:
     for w in report["warnings"]:
         lines.append(f"**Warning:** {w}\n")
     keys = ("subjects", "subjects_with_rows", "events", "numeric_events", "lab_events",
-            "null_time", "null_value", "nonfinite_value", "duplicate_rows", "after_death_rows",
+            "null_time", "null_value", "nonfinite_value", "dropped_value", "duplicate_rows",
+            "after_death_rows",
             "unsorted_subjects", "examples", "tokens", "short_windows_dropped")
     lines += ["| | " + " | ".join(meds.SPLITS) + " |", "|---" * (len(meds.SPLITS) + 1) + "|"]
     flat = {s: _flatten(report["splits"][s]) for s in meds.SPLITS}
@@ -127,7 +181,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {k} | " + " | ".join(f"{flat[s].get(k, 0):,}" for s in meds.SPLITS)
                      + " |")
     lines += ["", "Left out: rows without a time (null_time), without a numeric value "
-              "(null_value) or with NaN/inf (nonfinite_value). Kept and counted: exact duplicate "
+              "(null_value), with NaN/inf (nonfinite_value) or with a value listed in "
+              "config.data.drop_values (dropped_value). Kept and counted: exact duplicate "
               "lab rows, lab rows after the subject's MEDS_DEATH, and subjects whose rows were "
               "not time-sorted in the file (sorted here).", ""]
     for s in meds.SPLITS[1:]:

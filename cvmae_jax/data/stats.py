@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cvmae_jax.data.disclosure import subject_safe_bounds
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import json_float, write_json_atomic
 
@@ -33,6 +34,8 @@ class DataStats:
     and norm_mean/norm_std the moments of the CLIPPED train values that the z-score uses (so a
     few extreme outliers cannot squash every other value towards 0).
     num_subjects (int64) counts the train subjects with at least one value of the code.
+    drop_values: the raw values left out as placeholders before any of this
+    (config.data.drop_values); readers of raw events leave them out too.
     """
     codes: tuple[str, ...]
     count: np.ndarray
@@ -45,6 +48,7 @@ class DataStats:
     norm_mean: np.ndarray
     norm_std: np.ndarray
     num_subjects: np.ndarray
+    drop_values: tuple[float, ...] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -68,8 +72,9 @@ class DataStats:
         return np.maximum(self.norm_std[i], STD_EPS)
 
     def to_dict(self, extra: dict[str, np.ndarray] | None = None) -> dict:
-        """JSON-ready {"codes": [{"code", "count", ..., "num_subjects", **extra}, ...]};
-        non-finite floats are written as the strings "inf", "-inf", "nan"."""
+        """JSON-ready {"codes": [{"code", "count", ..., "num_subjects", **extra}, ...],
+        "drop_values": [...]}; non-finite floats are written as the strings "inf", "-inf",
+        "nan"."""
         extra = extra or {}
         for name, arr in extra.items():
             if len(arr) != self.vocab_size:
@@ -82,7 +87,7 @@ class DataStats:
             row["num_subjects"] = int(self.num_subjects[i])
             row.update({k: _json_value(v[i]) for k, v in extra.items()})
             rows.append(row)
-        return {"codes": rows}
+        return {"codes": rows, "drop_values": list(self.drop_values)}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataStats:
@@ -90,7 +95,7 @@ class DataStats:
         arrays = {f: np.array([float(r[f]) for r in rows], np.float64) for f in _FLOAT_FIELDS}
         return cls(codes=tuple(r["code"] for r in rows),
                    num_subjects=np.array([int(r.get("num_subjects", 0)) for r in rows], np.int64),
-                   **arrays)
+                   drop_values=tuple(float(v) for v in d.get("drop_values", ())), **arrays)
 
     def save_json(self, path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Writes `to_dict(extra)` atomically."""
@@ -177,6 +182,10 @@ class CodeMoments:
     def counts(self) -> dict[str, int]:
         return {c: int(self.n[i]) for c, i in self.index.items()}
 
+    def subject_counts(self) -> dict[str, int]:
+        """{code: distinct subjects} over the shards ended so far."""
+        return {c: int(self.subjects[i]) for c, i in self.index.items()}
+
 
 def power_of_two_scale(x: np.ndarray) -> np.ndarray:
     """The power of two s with x / s in [1, 2) (0.5 where x is 0), float64 [...]: finite for
@@ -193,39 +202,43 @@ def scaled_mean_std(x: np.ndarray) -> tuple[float, float]:
 
 
 class Reservoirs:
-    """A uniform random sample of at most `size` values per code index (Algorithm R, vectorized,
-    seeded): it holds every value of codes with <= size values, so quantiles are exact there and
-    approximate beyond."""
+    """A uniform random sample of at most `size` values per code index, each with its subject
+    (Algorithm R, vectorized, seeded): it holds every value of codes with <= size values, so
+    quantiles are exact there and approximate beyond."""
 
     def __init__(self, num_codes: int, size: int = RESERVOIR_SIZE, seed: int = 0):
         self.size = int(size)
         self.rng = np.random.default_rng(seed)
         self.seen = np.zeros(num_codes, np.int64)
         self.samples = [np.zeros(0) for _ in range(num_codes)]
+        self.subjects = [np.zeros(0, np.int64) for _ in range(num_codes)]
 
-    def add(self, idx: np.ndarray, values: np.ndarray) -> None:
-        """idx int [n] in [0, num_codes), values float64 [n]."""
+    def add(self, idx: np.ndarray, values: np.ndarray, subjects: np.ndarray) -> None:
+        """idx int [n] in [0, num_codes), values float64 [n], subjects int64 [n]."""
         order = np.argsort(idx, kind="stable")
-        idx, values = idx[order], values[order]
+        idx, values, subjects = idx[order], values[order], subjects[order]
         bounds = np.searchsorted(idx, np.arange(len(self.samples) + 1))
         for i in np.flatnonzero(np.diff(bounds)):
-            self._add_one(i, values[bounds[i]:bounds[i + 1]])
+            self._add_one(i, values[bounds[i]:bounds[i + 1]], subjects[bounds[i]:bounds[i + 1]])
 
-    def _add_one(self, i: int, v: np.ndarray) -> None:
+    def _add_one(self, i: int, v: np.ndarray, s: np.ndarray) -> None:
         take = min(max(self.size - len(self.samples[i]), 0), len(v))
-        sample = np.r_[self.samples[i], v[:take]]
-        seen, v = self.seen[i] + take, v[take:]
+        sample, who = np.r_[self.samples[i], v[:take]], np.r_[self.subjects[i], s[:take]]
+        seen, v, s = self.seen[i] + take, v[take:], s[take:]
         if len(v):  # item number j (0-based) replaces slot r ~ U{0..j} when r < size
             r = self.rng.integers(0, seen + np.arange(len(v)) + 1)
             keep = r < self.size
-            sample[r[keep]] = v[keep]  # later items win, as in the sequential algorithm
-        self.samples[i], self.seen[i] = sample, seen + len(v)
+            sample[r[keep]], who[r[keep]] = v[keep], s[keep]  # later items win, as in the
+            # sequential algorithm
+        self.samples[i], self.subjects[i], self.seen[i] = sample, who, seen + len(v)
 
 
 def finish_stats(codes, moments: CodeMoments, reservoirs: Reservoirs,
-                 clip_quantiles=(0.001, 0.999)) -> DataStats:
+                 clip_quantiles=(0.001, 0.999), drop_values=(), min_subjects: int = 1
+                 ) -> DataStats:
     """DataStats of `codes` (reservoir i samples codes[i]): exact counts, moments and subject
-    counts from `moments`; clip bounds and the clipped moments from the reservoir samples."""
+    counts from `moments`; clip bounds (`subject_safe_bounds` with k = min_subjects) and the
+    clipped moments from the reservoir samples."""
     codes = tuple(codes)
     rows = [moments.index.get(c) for c in codes]
     empty = [c for c, r in zip(codes, rows) if r is None or moments.n[r] == 0]
@@ -237,15 +250,17 @@ def finish_stats(codes, moments: CodeMoments, reservoirs: Reservoirs,
     out["count"], out["mean"], out["std"] = (moments.n[rows], moments.means()[rows],
                                              moments.stds()[rows])
     with np.errstate(over="ignore", invalid="ignore"):
-        for i, sample in enumerate(reservoirs.samples):
-            out["clip_low"][i], out["clip_high"][i] = np.quantile(sample, clip_quantiles)
+        for i, (sample, who) in enumerate(zip(reservoirs.samples, reservoirs.subjects)):
+            out["clip_low"][i], out["clip_high"][i] = subject_safe_bounds(
+                sample, who, clip_quantiles, min_subjects)
             out["norm_mean"][i], out["norm_std"][i] = scaled_mean_std(
                 np.clip(sample, out["clip_low"][i], out["clip_high"][i]))
         out["variance"] = out["std"] ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         out["cv"] = np.where(out["std"] == 0, 0.0, out["std"] / np.abs(out["mean"]))
     _check_finite(codes, out)
-    return DataStats(codes=codes, num_subjects=moments.subjects[rows], **out)
+    return DataStats(codes=codes, num_subjects=moments.subjects[rows],
+                     drop_values=tuple(drop_values), **out)
 
 
 def _check_finite(codes: tuple[str, ...], out: dict[str, np.ndarray]) -> None:
@@ -272,7 +287,7 @@ def _check_finite(codes: tuple[str, ...], out: dict[str, np.ndarray]) -> None:
 
 
 def compute_stats(train_events: pa.Table, codes, clip_quantiles=(0.001, 0.999),
-                  reservoir_size: int | None = None) -> DataStats:
+                  reservoir_size: int | None = None, min_subjects: int = 1) -> DataStats:
     """Stats of `codes` from TRAIN events (subject_id, code, numeric_value); other codes ignored.
 
     Every code needs at least one row. Quantiles use numpy's default (linear) method, over all
@@ -287,5 +302,6 @@ def compute_stats(train_events: pa.Table, codes, clip_quantiles=(0.001, 0.999),
     moments.end_shard()
     reservoirs = Reservoirs(len(codes), reservoir_size or max(events.num_rows, 1))
     idx = pc.index_in(events["code"], value_set=pa.array(codes, pa.string()))
-    reservoirs.add(idx.to_numpy(zero_copy_only=False).astype(np.int64), values)
-    return finish_stats(codes, moments, reservoirs, clip_quantiles)
+    reservoirs.add(idx.to_numpy(zero_copy_only=False).astype(np.int64), values,
+                   events["subject_id"].to_numpy().astype(np.int64))
+    return finish_stats(codes, moments, reservoirs, clip_quantiles, min_subjects=min_subjects)

@@ -22,7 +22,7 @@ from cvmae_jax.data import meds
 from cvmae_jax.data.stats import CodeMoments, Reservoirs
 
 _SPLIT_COUNTS = ("subjects", "subjects_with_rows", "rows", "events", "numeric_events",
-                 "null_time", "null_value", "nonfinite_value")
+                 "null_time", "null_value", "nonfinite_value", "dropped_value")
 
 
 class SplitLookup:
@@ -77,9 +77,9 @@ def _progress(log, stage: str, k: int, files: list[Path], rows: int, done_bytes:
 
 
 def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
-              log: Callable[[str], None] = print) -> Scan:
-    """Pass 1 over every row. Refuses (MEDSFormatError) a subject whose rows span two shards
-    and a dataset without rows."""
+              log: Callable[[str], None] = print, drop_values=()) -> Scan:
+    """Pass 1 over every row (values in `drop_values` left out and counted). Refuses
+    (MEDSFormatError) a subject whose rows span two shards and a dataset without rows."""
     start = time.perf_counter()
     found = meds.find_data_files(meds_dir)
     files = found.files
@@ -103,7 +103,8 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
             for s, name in enumerate(meds.SPLITS):
                 mask = split_idx == s
                 if mask.any():
-                    _count_split(batch.filter(mask), name, counts[name], code_counts, moments)
+                    _count_split(batch.filter(mask), name, counts[name], code_counts, moments,
+                                 drop_values)
         if (in_shard & seen).any():
             raise meds.MEDSFormatError(
                 f"{path}: column subject_id: {int((in_shard & seen).sum())} subjects also have "
@@ -163,10 +164,10 @@ def _what_was_read(files: list[dict], repeated: list[str], counts: dict, rows: i
 
 
 def _count_split(t: pa.Table, split: str, counts: dict, code_counts: dict,
-                 moments: CodeMoments) -> None:
+                 moments: CodeMoments, drop_values) -> None:
     counts["rows"] += t.num_rows
     counts["events"] += t.num_rows - t["time"].null_count
-    t, dropped = meds.numeric_rows(t)
+    t, dropped = meds.numeric_rows(t, drop_values)
     for key, n in dropped.items():
         counts[key] += n
     counts["numeric_events"] += t.num_rows
@@ -180,8 +181,10 @@ def _count_split(t: pa.Table, split: str, counts: dict, code_counts: dict,
 
 
 def sample_train_values(shards: list[Path], lookup: SplitLookup, codes, size: int,
-                        seed: int = 0, log: Callable[[str], None] = print) -> Reservoirs:
-    """Pass 2 over the train shards: a seeded reservoir sample of <= size values per code."""
+                        seed: int = 0, log: Callable[[str], None] = print,
+                        drop_values=()) -> Reservoirs:
+    """Pass 2 over the train shards: a seeded reservoir sample of <= size values per code, with
+    their subjects."""
     start, total = time.perf_counter(), 0
     sizes = np.cumsum([f.stat().st_size for f in shards] or [0])
     value_set = pa.array(list(codes), pa.string())
@@ -191,20 +194,22 @@ def sample_train_values(shards: list[Path], lookup: SplitLookup, codes, size: in
         for batch in meds.shard_batches(path):
             total += batch.num_rows
             batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == train)
-            batch, _ = meds.numeric_rows(batch)
+            batch, _ = meds.numeric_rows(batch, drop_values)
             idx = pc.index_in(batch["code"], value_set=value_set)
             keep = pc.is_valid(idx)
             reservoirs.add(idx.filter(keep).to_numpy().astype(np.int64),
-                           batch["numeric_value"].filter(keep).to_numpy())
+                           batch["numeric_value"].filter(keep).to_numpy(),
+                           batch["subject_id"].filter(keep).to_numpy())
         _progress(log, "sample", k, shards, total, sizes[k], sizes[-1], start)
     return reservoirs
 
 
-def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, codes
-                        ) -> Iterator[tuple[pa.Table, dict[str, int]]]:
-    """Pass 3: per shard, the split's timed finite rows of `codes`, sorted stably by
-    (subject_id, time), with counts: lab_events, unsorted_subjects (rows out of time order in
-    the file, sorted here), duplicate_rows and after_death_rows (kept)."""
+def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, codes,
+                        drop_values=()) -> Iterator[tuple[pa.Table, dict[str, int]]]:
+    """Pass 3: per shard, the split's timed finite rows of `codes` (values in `drop_values`
+    left out), sorted stably by (subject_id, time), with counts: lab_events, unsorted_subjects
+    (rows out of time order in the file, sorted here), duplicate_rows and after_death_rows
+    (kept)."""
     value_set = pa.array(list(codes), pa.string())
     s = meds.SPLITS.index(split)
     for path in shards:
@@ -212,7 +217,7 @@ def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, cod
         for batch in meds.shard_batches(path):
             batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == s)
             deaths.append(meds.death_times(batch))
-            batch, _ = meds.numeric_rows(batch)
+            batch, _ = meds.numeric_rows(batch, drop_values)
             parts.append(batch.filter(pc.is_in(batch["code"], value_set)))
         table = pa.concat_tables(parts) if parts else meds.EVENT_SCHEMA.empty_table()
         deaths = pa.concat_tables(deaths) if deaths else table.select(["subject_id", "time"])

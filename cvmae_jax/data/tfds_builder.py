@@ -30,7 +30,8 @@ from cvmae_jax.jsonio import write_json_atomic
 STATS_FILE = "data_stats.json"
 REPORT_FILE = "prepare_report.json"
 REPORT_MD_FILE = "prepare_report.md"
-_SETTINGS = ("lab_code_pattern", "lab_codes", "top_k", "min_code_count", "clip_quantiles",
+_SETTINGS = ("lab_code_pattern", "lab_codes", "top_k", "min_code_count", "min_subjects",
+             "clip_quantiles", "drop_values",
              "max_len", "window", "min_window_len")
 
 
@@ -42,7 +43,9 @@ class MedsLabConfig(tfds.core.BuilderConfig):
     lab_codes: tuple[str, ...] = ()
     top_k: int = 100
     min_code_count: int = 20
+    min_subjects: int = 10
     clip_quantiles: tuple[float, float] = (0.001, 0.999)
+    drop_values: tuple[float, ...] = ()
     max_len: int = 256
     window: str = "chunks"
     min_window_len: int = 2
@@ -57,18 +60,36 @@ class MedsLabConfig(tfds.core.BuilderConfig):
         s = {k: meds.config_get(data_config, k) for k in _SETTINGS}
         s["lab_codes"] = tuple(s["lab_codes"] or ())
         s["clip_quantiles"] = tuple(float(q) for q in s["clip_quantiles"])
-        for k in ("top_k", "min_code_count", "max_len", "min_window_len"):
+        s["drop_values"] = drop_values(s["drop_values"])
+        for k in ("top_k", "min_code_count", "min_subjects", "max_len", "min_window_len"):
             s[k] = int(s[k])
+        if s["min_subjects"] < 1:
+            raise ValueError(f"config.data.min_subjects must be >= 1, got {s['min_subjects']}")
         if s["window"] not in sequences.WINDOWS:
             raise ValueError(f"config.data.window must be one of {sequences.WINDOWS}, "
                              f"got {s['window']!r}")
-        key = json.dumps({**s, "meds": meds_identity(meds_dir)}, sort_keys=True)
+        hashed = {k: v for k, v in s.items() if k != "drop_values" or v}  # none: names as
+        # before the field existed, so those datasets are reused
+        key = json.dumps({**hashed, "meds": meds_identity(meds_dir)}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         return cls(name=f'{s["window"]}{s["max_len"]}_{digest}', meds_dir=str(meds_dir),
                    description=json.dumps(s, sort_keys=True), **s)
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in _SETTINGS}
+
+
+def drop_values(values) -> tuple[float, ...]:
+    """config.data.drop_values as sorted distinct floats; ValueError unless each is a finite
+    number."""
+    try:
+        floats = [float(v) for v in (values or ())]
+    except (TypeError, ValueError):
+        floats = [float("nan")]
+    if not all(np.isfinite(floats)):
+        raise ValueError(f"config.data.drop_values must be finite numbers (raw values to leave "
+                         f"out, e.g. (99999.0,)), got {values!r}")
+    return tuple(sorted(set(floats)))
 
 
 def meds_identity(meds_dir: str | Path) -> list:
@@ -132,7 +153,8 @@ class MedsLabSequences(FileReaderBuilder):
         lab, windows, mirrored = {}, {}, collections.Counter()
         with SplitWriter(self._get_filename_template(split), self.SHARD_BYTES) as writer:
             for events, shard_counts in stream.lab_events_by_shard(
-                    plan.scan.shards[split], plan.lookup, split, plan.stats.codes):
+                    plan.scan.shards[split], plan.lookup, split, plan.stats.codes,
+                    plan.stats.drop_values):
                 if split == "train":
                     mirrored.update(meds.count_mirrored_values(events))
                 shard_windows = {}

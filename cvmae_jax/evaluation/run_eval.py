@@ -23,6 +23,7 @@ from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
+from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.evaluation import perturbation, report
@@ -31,7 +32,8 @@ from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_t
 from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
-from cvmae_jax.reconstruction import evaluate_split, single_code_sums, summarize
+from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
+                                      summarize, suppress_small_codes)
 from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.masking import percentile_threshold
 from cvmae_jax.metrics import clock
@@ -114,6 +116,11 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             result["single_code"] = _single_code(graphdef, params, batches, stats, probs,
                                                  config, launcher)
             _add_names(result["single_code"]["per_code"], dataset.lab_names)
+    code_subjects = subjects_per_code(dataset, split)  # suppression after the CV tiers pool
+    for block in (result, result.get("single_code")):  # every code's values
+        if block:
+            suppress_small_codes(block, code_subjects, config.data.get(
+                "min_subjects", meds.DATA_DEFAULTS["min_subjects"]))
     embed_fn = make_embed_fn(graphdef)
     with _phase(f"downstream probes ({len(label_tasks)} task(s))"):
         result["downstream"], tasks = probe_tasks(

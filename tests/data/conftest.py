@@ -27,10 +27,11 @@ class TinyMeds:
     splits = SPLITS
 
     def config(self, **overrides) -> ml_collections.ConfigDict:
-        """A `config.data` for this root: lab codes with >= 3 train rows, windows of 8."""
+        """A `config.data` for this root: lab codes with >= 3 train rows (of its 5 train
+        subjects, so min_subjects=1), windows of 8."""
         cfg = dict(meds_dir=str(self.root), max_len=8, lab_code_pattern=r"^LAB//", lab_codes=(),
                    top_k=100, min_code_count=3, clip_quantiles=(0.001, 0.999), window="chunks",
-                   min_window_len=2)
+                   min_window_len=2, min_subjects=1)
         cfg.update(overrides)
         return ml_collections.ConfigDict(cfg)
 

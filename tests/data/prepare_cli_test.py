@@ -18,7 +18,8 @@ def _prepare(*args):
 def test_prepare_prints_summary_and_refuses_bad_input(tiny_meds, tmp_path):
     out = tmp_path / "prepared"
     flags = [f"--config.data.meds_dir={tiny_meds.root}", f"--config.data.data_dir={out}",
-             "--config.data.min_code_count=3", "--config.data.max_len=8"]
+             "--config.data.min_code_count=3", "--config.data.min_subjects=1",
+             "--config.data.max_len=8"]
     ok = _prepare(*flags)
     assert ok.returncode == 0, ok.stderr
     assert "train: 5 subjects" in ok.stdout and "prepare_report.md" in ok.stdout

@@ -180,3 +180,32 @@ def test_reservoir_quantiles_are_seeded_and_close():
     assert a.clip_high[0] == b.clip_high[0] and a.mean[0] == exact.mean[0]
     np.testing.assert_allclose([a.clip_low[0], a.clip_high[0]],
                                [exact.clip_low[0], exact.clip_high[0]], rtol=0.15)
+
+
+def test_placeholder_values_are_warned_about_and_can_be_dropped(tiny_meds, tmp_path):
+    def placeholder(t):  # the first LAB//A value of train subjects 3 and 4 becomes 99999
+        df = t.to_pandas()
+        is_a = (df.code == tiny_meds.A) & df.subject_id.isin([3, 4]) & np.isfinite(
+            df.numeric_value.astype(float))
+        df.loc[df[is_a].groupby("subject_id").head(1).index, "numeric_value"] = 99999.0
+        return pa.Table.from_pandas(df, schema=t.schema, preserve_index=False)
+
+    _rewrite_shards(tiny_meds.root, placeholder)
+    a = 0  # LAB//A, the most frequent code
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path / "kept")
+    assert prepared.stats.codes[a] == tiny_meds.A and prepared.stats.clip_high[a] == 99999.0
+    (row,) = prepared.report["squeezed_codes"]
+    assert row["code"] == tiny_meds.A and row["value"] == 99999.0
+    assert row["far_share"] == row["value_share"] == 2 / prepared.stats.count[a]
+    (warning,) = [w for w in prepared.report["warnings"] if "IQRs outside" in w]
+    assert f"{tiny_meds.A} (4.88% far, 99999 in 4.88%;" in warning
+    assert "--config.data.drop_values='(99999,)'" in warning
+    dropped = prepare_dataset(tiny_meds.config(drop_values=(99999,)), None, tmp_path / "drop")
+    assert dropped.report["splits"]["train"]["dropped_value"] == 2
+    assert dropped.stats.count[a] == prepared.stats.count[a] - 2
+    assert dropped.stats.clip_high[a] < 20 and not dropped.report["squeezed_codes"]
+    assert dropped.stats.drop_values == (99999.0,)
+    values = np.concatenate([r["values"][r["codes"] == a] for r in
+                             map(dropped.data_source("train").__getitem__,
+                                 range(dropped.num_examples["train"]))])
+    assert len(values) == dropped.stats.count[a] and 0.8 < values.std() < 1.2

@@ -101,6 +101,15 @@ CASES = {
     "explicit_code_not_in_train": (lambda root: None, {"lab_codes": ("LAB//A//mg/dL",
                                                                      "LAB//E//x")},
                                    "train split", "column code: 1 requested lab_codes"),
+    "explicit_code_of_few_subjects": (lambda root: None,
+                                      {"lab_codes": ("LAB//A//mg/dL", "LAB//C//UNK"),
+                                       "min_subjects": 3}, "train split",
+                                      r"1 requested lab_codes have values from fewer than "
+                                      r"config.data.min_subjects=3 train subjects "
+                                      r"\(\['LAB//C//UNK'\]\)"),
+    "every_code_of_few_subjects": (lambda root: None, {"min_subjects": 6}, "train split",
+                                   "codes matching '\\^LAB//' with >= 3 rows has values from "
+                                   "fewer than config.data.min_subjects=6"),
     "split_without_subjects": (_splits({"subject_id": _IDS, "split": ["train"] * 6 + ["tuning"]}),
                                {}, SPLITS_FILE, "split 'held_out' has no subjects"),
     "splits_wrong_columns": (_splits({"subject_id": _IDS, "fold": ["train"] * 7}), {},

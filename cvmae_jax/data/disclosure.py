@@ -1,0 +1,81 @@
+"""Statistical disclosure control: no per-code aggregate the tool writes rests on fewer than k
+subjects (``config.data.min_subjects``, default 10), so none gives away one patient's value.
+
+- Selection: a code with values from fewer than k train subjects is not selected (listed in
+  ``config.data.lab_codes``: refused), so its count, moments and CV are never written.
+- Clipping bounds (``data_stats.json``, copied into every checkpoint): each bound is moved
+  inward from its quantile until at least min(k, half the code's subjects) subjects have a
+  train value at or beyond it, so a bound is never the one extreme value of a patient.
+- Evaluation: a per-code row whose values on the evaluated split come from fewer than k
+  subjects, or with fewer than k hidden values, is suppressed (``suppress_rows``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from cvmae_jax.data.meds import MEDSFormatError, config_get
+
+
+def selectable_counts(counts: Mapping[str, int], subjects: Mapping[str, int], data_config,
+                      report: dict) -> dict[str, int]:
+    """``counts`` ({code: numeric train rows}) without the codes whose values come from fewer
+    than k train ``subjects``; sets ``report["below_min_subjects"]`` to how many codes matching
+    the lab pattern were left out. A code of ``lab_codes`` below k raises MEDSFormatError."""
+    k = int(config_get(data_config, "min_subjects"))
+    few = {c for c, n in subjects.items() if n < k}
+    explicit = [c for c in config_get(data_config, "lab_codes") or () if c in few]
+    if explicit:
+        raise MEDSFormatError(
+            f"data/ (train split), column code: {len(explicit)} requested lab_codes have values "
+            f"from fewer than config.data.min_subjects={k} train subjects ({explicit[:10]}): "
+            "their statistics could reveal one patient's values; leave them out (or lower "
+            "min_subjects)")
+    pattern = config_get(data_config, "lab_code_pattern")
+    min_count = int(config_get(data_config, "min_code_count"))
+    regex = re.compile(pattern)
+    report["below_min_subjects"] = sum(1 for c in few if regex.search(c))
+    kept = {c: n for c, n in counts.items() if c not in few}
+    frequent = [c for c, n in counts.items() if n >= min_count and regex.search(c)]
+    if frequent and not config_get(data_config, "lab_codes") and all(c in few for c in frequent):
+        raise MEDSFormatError(
+            f"data/ (train split), column code: each of the {len(frequent)} codes matching "
+            f"{pattern!r} with >= {min_count} rows has values from fewer than "
+            f"config.data.min_subjects={k} train subjects: their statistics could reveal one "
+            "patient's values (lower min_subjects only for data you may publish per patient)")
+    return kept
+
+
+def subject_safe_bounds(values: np.ndarray, subjects: np.ndarray, quantiles, k: int
+                        ) -> tuple[float, float]:
+    """The ``quantiles`` (low, high) of ``values`` [n] (numpy's linear method), each moved
+    inward until at least min(k, half the distinct ``subjects`` [n]) subjects have a value at
+    or beyond it (at least one subject)."""
+    low, high = np.quantile(values, quantiles)
+    order = np.argsort(values, kind="stable")
+    ascending, who = values[order], subjects[order]
+    first_up = np.sort(np.unique(who, return_index=True)[1])  # where each subject first appears
+    first_down = np.sort(np.unique(who[::-1], return_index=True)[1])
+    m = max(1, min(int(k), len(first_up) // 2))
+    return (float(max(low, ascending[first_up[m - 1]])),
+            float(min(high, ascending[::-1][first_down[m - 1]])))
+
+
+def suppress_rows(rows: list[dict], code_subjects: np.ndarray, k: int) -> int:
+    """Suppresses, in place, the per-code evaluation rows ([V], one per code, with
+    ``num_masked``) with values from fewer than k subjects (``code_subjects`` [V]: the evaluated
+    split's subjects with a value of the code) or fewer than k hidden values: each keeps its
+    code, name, train CV and mask probability and gets ``suppressed: True``. Returns how many
+    rows with hidden values were suppressed."""
+    hidden = ("num_masked", "mse", "rmse", "mae", "baseline_mse", "raw_rmse", "raw_mae")
+    suppressed = 0
+    for row, n_subjects in zip(rows, code_subjects, strict=True):
+        if row.get("num_masked") and (n_subjects < k or row["num_masked"] < k):
+            for key in hidden:
+                row.pop(key, None)
+            row["suppressed"] = True
+            suppressed += 1
+    return suppressed

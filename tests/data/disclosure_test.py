@@ -1,0 +1,63 @@
+"""Statistical disclosure control: no per-code aggregate rests on fewer than k subjects."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from cvmae_jax.data.disclosure import suppress_rows
+from cvmae_jax.data.prepare import prepare_dataset
+from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.evaluation.report import evaluated_rows, suppressed_lines
+from cvmae_jax.reconstruction import subjects_per_code
+
+
+def test_clip_bounds_rest_on_k_subjects():
+    values = np.r_[np.arange(1.0, 21.0), 1000.0]  # subject 20 alone has the extreme 1000
+    events = pa.table({"subject_id": np.arange(21), "code": ["x"] * 21, "numeric_value": values})
+    plain = compute_stats(events, ["x"], (0.001, 0.999))
+    assert plain.clip_high[0] > 900  # the 99.9% quantile: almost that one subject's value
+    safe = compute_stats(events, ["x"], (0.001, 0.999), min_subjects=5)
+    assert (safe.clip_low[0], safe.clip_high[0]) == (5.0, 17.0)  # 5 subjects at or beyond each
+    few = compute_stats(events.slice(0, 6), ["x"], (0.001, 0.999), min_subjects=5)
+    assert (few.clip_low[0], few.clip_high[0]) == (3.0, 4.0)  # half of its 6 subjects
+
+
+def test_repeated_values_of_one_subject_count_once():
+    events = pa.table({"subject_id": [0] * 5 + list(range(1, 11)), "code": ["x"] * 15,
+                       "numeric_value": [99.0] * 5 + list(np.arange(1.0, 11.0))})
+    stats = compute_stats(events, ["x"], (0.0, 1.0), min_subjects=3)
+    assert stats.clip_high[0] == 9.0  # 99 (one subject, five values), 10, 9
+
+
+def test_codes_with_few_train_subjects_are_not_selected(tiny_meds, tmp_path):
+    prepared = prepare_dataset(tiny_meds.config(min_subjects=3), None, tmp_path)
+    assert tiny_meds.C not in prepared.stats.codes  # 2 train subjects
+    assert set(prepared.stats.codes) == {tiny_meds.A, tiny_meds.B, tiny_meds.D}
+    assert prepared.report["selection"]["below_min_subjects"] == 1
+    stats_file = json.loads((tmp_path.glob("**/data_stats.json").__next__()).read_text())
+    assert tiny_meds.C not in {row["code"] for row in stats_file["codes"]}
+    assert (prepared.stats.num_subjects >= 3).all()
+
+
+def test_subjects_per_code_counts_each_subject_once(tiny_meds, tmp_path):
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path)
+    np.testing.assert_array_equal(subjects_per_code(prepared, "train"),
+                                  prepared.stats.num_subjects)
+    held_out = subjects_per_code(prepared, "held_out")  # subject 6 only; no LAB//C there
+    assert held_out.tolist() == [0 if c == tiny_meds.C else 1 for c in prepared.stats.codes]
+
+
+def test_per_code_rows_of_few_subjects_or_values_are_suppressed():
+    rows = [dict(code=c, num_masked=n, mse=0.5, rmse=0.7, mae=0.4, baseline_mse=1.0,
+                 raw_rmse=2.0, raw_mae=1.0, cv=cv, train_mask_prob=0.2)
+            for c, n, cv in (("a", 40, 0.1), ("b", 40, 0.2), ("c", 3, 0.3), ("d", 0, 0.4))]
+    assert suppress_rows(rows, np.array([12, 4, 30, 30]), k=10) == 2
+    assert "mse" in rows[0] and not rows[0].get("suppressed")
+    for row in rows[1:3]:  # b: values from 4 subjects; c: 3 hidden values
+        assert row == dict(code=row["code"], cv=row["cv"], train_mask_prob=0.2, suppressed=True)
+    assert rows[3]["num_masked"] == 0 and "suppressed" not in rows[3]  # nothing to hide
+    result = dict(per_code=rows, suppressed=dict(rows=2, min_subjects=10))
+    assert [r["code"] for r in evaluated_rows(result)] == ["a"]
+    assert "2 code(s) not shown: their values on this split come from fewer than 10" in \
+        "\n".join(suppressed_lines(result))
