@@ -18,6 +18,7 @@ def tiny_config(data_dir, **train):
     config = default_config()
     config.data.data_dir = str(data_dir)
     config.data.synthetic_subjects = 60
+    config.data.min_subjects = 1  # eval's per-code rows: a held_out split of a few subjects
     config.data.max_len = 32
     config.data.top_k = 40
     config.model.d_model, config.model.num_heads, config.model.num_layers = 32, 4, 1
