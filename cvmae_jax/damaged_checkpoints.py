@@ -102,7 +102,8 @@ def check_intact(directory: str, step: int, steps: list[int]) -> None:
         return
     older = newest_intact(directory, [s for s in steps if s < step])
     remedy = (f"the newest intact checkpoint is step {older}: rerun the run's train.py command "
-              f"to set step {step} aside and train on from step {older}" if older is not None
+              f"(or the study) to set step {step} aside and train on from step {older}"
+              if older is not None
               else "no older checkpoint is intact: train the run again in a new workdir")
     raise DamagedCheckpointError(f"{step_dir(directory, step)}: the checkpoint at step {step} "
                                  f"is damaged ({problem}); {remedy}")
