@@ -165,10 +165,15 @@ def markdown(report: dict) -> str:
     lines += [f"- MEDS shards: {report['shards']}; rows of subjects without a split (left out): "
               f"{report['rows_without_split']:,}",
               f"- Lab selection: {sel.get('selection')}, {sel.get('selected')} codes "
-              f"(pattern {report['settings']['lab_code_pattern']!r}; {sel.get('matching', '-')} "
-              f"match, {sel.get('below_min_count', 0)} below min_code_count)",
+              f"(pattern {report['settings']['lab_code_pattern']!r}; "
+              f"{sel.get('below_min_subjects', 0)} left out for values from fewer than "
+              f"{report['settings'].get('min_subjects', 1)} train subjects; of the others "
+              f"{sel.get('matching', '-')} match, {sel.get('below_min_count', 0)} below "
+              "min_code_count)",
               f"- Clipping quantiles from a sample of <= {report['reservoir_size']:,} train values "
-              "per code (exact for codes with fewer values)", ""]
+              "per code (exact for codes with fewer values), each bound moved inward until "
+              f"{report['settings'].get('min_subjects', 1)} subjects (at most half the code's) "
+              "have a value at or beyond it", ""]
     for w in report["warnings"]:
         lines.append(f"**Warning:** {w}\n")
     keys = ("subjects", "subjects_with_rows", "events", "numeric_events", "lab_events",
