@@ -91,7 +91,10 @@ def summarize(sums: dict[str, np.ndarray], codes: tuple[str, ...], norm_std: np.
 
     Overall ``masked_mse`` pools all hidden tokens; ``baseline_masked_mse`` is the error of
     predicting each code's (clipped) train mean, 0 in normalized units. Raw-unit errors rescale
-    by the code's ``norm_std`` (normalization is affine after clipping).
+    by the code's ``norm_std`` (normalization is affine after clipping). With the carry-forward
+    sums (``locf_sse``, ``locf_fallbacks``: uniform eval step) also ``locf_masked_mse``,
+    ``mse_vs_locf`` and ``locf_fallback_share`` (the hidden values with no visible value of
+    their code earlier in the window, predicted by the mean), overall and per code.
     """
     count, sse, sae, baseline = sums["count"], sums["sse"], sums["sae"], sums["baseline_sse"]
     total = max(count.sum(), 1.0)
@@ -99,6 +102,12 @@ def summarize(sums: dict[str, np.ndarray], codes: tuple[str, ...], norm_std: np.
                    masked_mae=float(sae.sum() / total),
                    baseline_masked_mse=float(baseline.sum() / total))
     overall["mse_vs_baseline"] = overall["masked_mse"] / max(overall["baseline_masked_mse"], 1e-12)
+    locf = "locf_sse" in sums
+    if locf:
+        overall.update(_carry_forward(sums["locf_sse"].sum(), sums["locf_fallbacks"].sum(),
+                                      total),
+                       mse_vs_locf=overall["masked_mse"] / max(sums["locf_sse"].sum() / total,
+                                                               1e-12))
     per_code = []
     for i, code in enumerate(codes):
         n = count[i]
@@ -109,10 +118,19 @@ def summarize(sums: dict[str, np.ndarray], codes: tuple[str, ...], norm_std: np.
                        baseline_mse=float(baseline[i] / n),
                        raw_rmse=float(np.sqrt(mse) * norm_std[i]),
                        raw_mae=float(mae * norm_std[i]))
+            if locf:
+                row.update(_carry_forward(sums["locf_sse"][i], sums["locf_fallbacks"][i], n,
+                                          "locf_mse"))
         if mask_prob is not None:
             row["train_mask_prob"] = float(mask_prob[i])
         per_code.append(row)
     return dict(overall=overall, per_code=per_code)
+
+
+def _carry_forward(sse: float, fallbacks: float, n: float, name: str = "locf_masked_mse"
+                   ) -> dict:
+    """The carry-forward baseline's MSE (as ``name``) and fallback share of n hidden values."""
+    return {name: float(sse / n), "locf_fallback_share": float(fallbacks / n)}
 
 
 def subjects_per_code(dataset: PreparedDataset, split: str) -> np.ndarray:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from cvmae_jax.carry_forward import carry_forward
 from cvmae_jax.masking import sample_value_mask
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
 
@@ -87,7 +88,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
                    mask_seed: int, axis_name: str | None = None,
                    mode: str = "uniform") -> Callable:
-    """Per-code sums [V] (count, sse, sae, baseline_sse) of the reconstruction of hidden values.
+    """Per-code sums [V] (count, sse, sae, baseline_sse) of the reconstruction of hidden values;
+    in uniform mode also locf_sse and locf_fallbacks of the carry-forward baseline
+    (``carry_forward``: the last visible value of the code earlier in the row, else its mean).
 
     ``mode='uniform'``: ``(params, batch)``, under a fixed uniform mask that depends only on
     (mask_seed, example_id, position): every model compared on a split sees exactly the same
@@ -103,7 +106,8 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
     root = jax.random.key(mask_seed)
     probs = jnp.full((vocab_size,), mask_rate, jnp.float32)
 
-    def sums_under(params: nnx.State, batch: dict, value_mask: jax.Array) -> dict:
+    def sums_under(params: nnx.State, batch: dict, value_mask: jax.Array,
+                   with_carry_forward: bool = False) -> dict:
         model = nnx.merge(graphdef, params)
         predictions = model(batch["times"], batch["codes"], batch["values"], value_mask,
                             batch["valid"])
@@ -118,12 +122,17 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,
         sums = dict(count=per_code(hidden), sse=per_code(jnp.square(error)),
                     sae=per_code(jnp.abs(error)),
                     baseline_sse=per_code(jnp.square(targets) * hidden))
+        if with_carry_forward:
+            locf, fallback = carry_forward(batch["codes"], batch["values"],
+                                           batch["valid"] & ~value_mask)
+            sums.update(locf_sse=per_code(jnp.square((locf - targets) * hidden)),
+                        locf_fallbacks=per_code(fallback * hidden))
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
     def eval_step(params: nnx.State, batch: dict) -> dict:
         value_mask = sample_value_mask(root, 0, batch["example_id"], batch["codes"],
                                        batch["valid"], probs)
-        return sums_under(params, batch, value_mask)
+        return sums_under(params, batch, value_mask, with_carry_forward=True)
 
     def single_code_step(params: nnx.State, batch: dict, code: jax.Array) -> dict:
         return sums_under(params, batch, (batch["codes"] == code) & batch["valid"])

@@ -70,7 +70,8 @@ def suppress_rows(rows: list[dict], code_subjects: np.ndarray, k: int) -> int:
     split's subjects with a value of the code) or fewer than k hidden values: each keeps its
     code, name, train CV and mask probability and gets ``suppressed: True``. Returns how many
     rows with hidden values were suppressed."""
-    hidden = ("num_masked", "mse", "rmse", "mae", "baseline_mse", "raw_rmse", "raw_mae")
+    hidden = ("num_masked", "mse", "rmse", "mae", "baseline_mse", "raw_rmse", "raw_mae",
+              "locf_mse", "locf_fallback_share")
     suppressed = 0
     for row, n_subjects in zip(rows, code_subjects, strict=True):
         if row.get("num_masked") and (n_subjects < k or row["num_masked"] < k):
