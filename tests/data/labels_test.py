@@ -1,5 +1,7 @@
 """Label windows: only events at or before prediction_time; label file validation."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,3 +65,23 @@ def test_bad_label_files(synthetic, tmp_path, change, problem):
                    path)
     with pytest.raises(meds.MEDSFormatError, match=f"train.parquet: .*{problem}"):
         next(labels.label_windows(root, path, stats, max_len=8))
+
+
+def test_label_windows_leave_out_the_dropped_values(synthetic):
+    root, stats = synthetic
+    (path,) = [p for p in labels.label_files(root / "labels/in_hospital_mortality_24h")
+               if p.stem == "tuning"]
+    events = meds.read_numeric_events(root, "tuning", codes=stats.codes)
+    values = events["numeric_value"].to_numpy()
+    common, counts = np.unique(values, return_counts=True)
+    placeholder = float(common[np.argmax(counts)])  # the most repeated tuning value
+    table = pq.read_table(path)
+    ev_subject = events["subject_id"].to_numpy()
+    ev_time = events["time"].cast(pa.int64()).to_numpy()
+    expected = sum(int(((ev_subject == s) & (ev_time <= t) & (values == placeholder)).sum())
+                   for s, t in zip(table["subject_id"].to_numpy(),
+                                   table["prediction_time"].cast(pa.int64()).to_numpy()))
+    kept = dataclasses.replace(stats, drop_values=(placeholder,))
+    tokens = [sum(len(w["codes"]) for w in labels.label_windows(root, path, s, max_len=10**6))
+              for s in (stats, kept)]
+    assert expected > 0 and tokens[0] - tokens[1] == expected
