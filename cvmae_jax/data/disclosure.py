@@ -64,19 +64,20 @@ def subject_safe_bounds(values: np.ndarray, subjects: np.ndarray, quantiles, k: 
             float(min(high, ascending[::-1][first_down[m - 1]])))
 
 
+SHOWN_WHEN_SUPPRESSED = ("code", "name", "cv", "train_mask_prob")  # none measured on the split
+
+
 def suppress_rows(rows: list[dict], code_subjects: np.ndarray, k: int) -> int:
     """Suppresses, in place, the per-code evaluation rows ([V], one per code, with
     ``num_masked``) with values from fewer than k subjects (``code_subjects`` [V]: the evaluated
     split's subjects with a value of the code) or fewer than k hidden values: each keeps its
     code, name, train CV and mask probability and gets ``suppressed: True``. Returns how many
     rows with hidden values were suppressed."""
-    hidden = ("num_masked", "mse", "rmse", "mae", "baseline_mse", "raw_rmse", "raw_mae",
-              "locf_mse", "locf_fallback_share")
     suppressed = 0
     for row, n_subjects in zip(rows, code_subjects, strict=True):
         if row.get("num_masked") and (n_subjects < k or row["num_masked"] < k):
-            for key in hidden:
-                row.pop(key, None)
-            row["suppressed"] = True
+            kept = {key: row[key] for key in SHOWN_WHEN_SUPPRESSED if key in row}
+            row.clear()  # every measured field goes, including any added later
+            row.update(kept, suppressed=True)
             suppressed += 1
     return suppressed
