@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -83,6 +84,66 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return new_state, dict(metrics, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
 
     return train_step
+
+
+# The per-step train metrics summed over a logging window, in ``WindowTotals.sums`` order.
+SUMMED_METRICS = ("loss", "unmasked_mse", "grad_norm", "num_masked", "num_tokens", "masked_sse",
+                  "baseline_masked_sse")
+
+
+@struct.dataclass
+class WindowTotals:
+    """Train metrics summed on the device over a logging window, and the window's first step
+    whose loss or gradient norm was not finite: four arrays, one transfer to read them all."""
+
+    sums: jax.Array  # f32 [len(SUMMED_METRICS)]
+    steps: jax.Array  # i32 []: steps summed
+    first_nonfinite: jax.Array  # i32 []: that step's number (1-based), 0 when none
+    nonfinite_values: jax.Array  # f32 [2]: its loss and gradient norm
+
+    @classmethod
+    def zeros(cls) -> "WindowTotals":
+        """An empty window, as host arrays (the launcher puts them on its devices)."""
+        return cls(sums=np.zeros(len(SUMMED_METRICS), np.float32), steps=np.int32(0),
+                   first_nonfinite=np.int32(0), nonfinite_values=np.zeros(2, np.float32))
+
+    def add(self, step: jax.Array, metrics: dict) -> "WindowTotals":
+        """These totals plus one step's metrics (traced; ``step``: its 1-based number)."""
+        first_bad = (self.first_nonfinite == 0) & (metrics["finite"] == 0)
+        values = jnp.stack([metrics["loss"], metrics["grad_norm"]]).astype(jnp.float32)
+        return WindowTotals(
+            sums=self.sums + jnp.stack([metrics[k].astype(jnp.float32) for k in SUMMED_METRICS]),
+            steps=self.steps + 1,
+            first_nonfinite=jnp.where(first_bad, step, self.first_nonfinite),
+            nonfinite_values=jnp.where(first_bad, values, self.nonfinite_values))
+
+    def total(self, name: str) -> float:
+        """The window's sum of metric ``name`` (of SUMMED_METRICS), from a host copy."""
+        return float(self.sums[SUMMED_METRICS.index(name)])
+
+    def summary(self) -> dict:
+        """The logged window metrics, from a host copy: means of the loss, unmasked MSE and
+        gradient norm; the masked MSE, its per-code-mean baseline and the mask rate pooled
+        from the summed errors and counts."""
+        total = dict(zip(SUMMED_METRICS, np.asarray(self.sums, np.float64).tolist()))
+        steps, masked = max(int(self.steps), 1), max(total["num_masked"], 1.0)
+        return dict(loss=total["loss"] / steps, unmasked_mse=total["unmasked_mse"] / steps,
+                    grad_norm=total["grad_norm"] / steps,
+                    masked_mse=total["masked_sse"] / masked,
+                    baseline_masked_mse=total["baseline_masked_sse"] / masked,
+                    mask_rate=total["num_masked"] / max(total["num_tokens"], 1.0))
+
+
+def make_window_step(train_step: Callable) -> Callable:
+    """``train_step`` (``make_train_step``'s) carrying the logging window's metric totals:
+    ((state, totals), batch) -> ((new state, totals with this step's metrics), None)."""
+
+    def window_step(carry: tuple[TrainState, WindowTotals], batch: dict):
+        state, totals = carry
+        new_state, metrics = train_step(state, batch)
+        return (new_state, totals.add(state.step + 1, metrics)), None
+
+    return window_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, vocab_size: int, mask_rate: float,

@@ -9,7 +9,8 @@ import pytest
 from cvmae_jax import parallel
 from cvmae_jax.config import default_config
 from cvmae_jax.model import ModelConfig
-from cvmae_jax.steps import init_state, make_optimizer, make_train_step
+from cvmae_jax.steps import (WindowTotals, init_state, make_optimizer, make_train_step,
+                             make_window_step)
 
 V, L = 6, 32
 
@@ -75,3 +76,38 @@ def test_one_and_eight_devices_give_the_same_step():
 def test_batch_not_divisible_by_devices_is_refused():
     with pytest.raises(ValueError, match="config.train.batch_size=12 must be divisible"):
         parallel.check_batch_size(12, 8, "config.train.batch_size")
+
+
+def test_window_totals_pool_the_steps_and_keep_the_first_non_finite_one():
+    """The loop's carry sums the steps' metrics on the device; the host's summary of them is
+    what per-step host averaging gave (pooled masked MSE and mask rate); the first step whose
+    loss is not finite is kept with its values."""
+    train_config = ml_collections.ConfigDict(default_config().train)
+    optimizer = make_optimizer(train_config)
+    graphdef, state = init_state(ModelConfig(vocab_size=V, d_model=32, num_heads=4,
+                                             num_layers=1), optimizer, seed=0)
+    body = make_train_step(graphdef, optimizer, jnp.full((V,), 0.3), jax.random.key(0), 0.1)
+    step, window_step = jax.jit(body), jax.jit(make_window_step(body))
+    rng = np.random.default_rng(1)
+    carry, per_step = (state, jax.tree.map(jnp.asarray, WindowTotals.zeros())), []
+    for i in range(3):
+        batch = _batch(rng, 8, 8 * i)
+        per_step.append(jax.device_get(step(carry[0], batch)[1]))
+        carry, _ = window_step(carry, batch)
+    totals = jax.device_get(carry[1])
+    assert int(totals.steps) == 3 and int(totals.first_nonfinite) == 0
+    summary = totals.summary()
+    np.testing.assert_allclose(summary["loss"], np.mean([m["loss"] for m in per_step]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(summary["masked_mse"],
+                               sum(m["masked_sse"] for m in per_step)
+                               / sum(m["num_masked"] for m in per_step), rtol=1e-5)
+    np.testing.assert_allclose(summary["mask_rate"], sum(m["num_masked"] for m in per_step)
+                               / sum(m["num_tokens"] for m in per_step), rtol=1e-6)
+    for _ in range(2):
+        batch = _batch(rng, 8, 99)
+        carry, _ = window_step(carry, dict(batch, values=np.full_like(batch["values"], np.nan)))
+    totals = jax.device_get(carry[1])
+    assert int(totals.steps) == 5 and int(totals.first_nonfinite) == 4
+    assert np.isnan(totals.nonfinite_values).all()
+    assert int(carry[0].step) == 3  # the non-finite steps were not applied
