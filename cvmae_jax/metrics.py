@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` lines and progress lines with rate and ETA."""
+"""Run outputs: ``metrics.jsonl`` lines, TensorBoard scalars and progress lines with rate and
+ETA."""
 
 from __future__ import annotations
 
@@ -15,17 +16,23 @@ from cvmae_jax.jsonio import atomic_path, dumps_json
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only).
+    """Appends one JSON object per line to ``metrics.jsonl`` and, with ``tensorboard_dir``,
+    writes the same scalars as TensorBoard event files there (process 0 only).
 
     A run starting at ``start_step`` (its checkpoint's step, 0 for none) first drops the lines
     logged after that step by the run that stopped before saving again, and a torn last line of
-    a run killed while writing, so every step is in the file once."""
+    a run killed while writing, so every step is in the file once. Its event file tells
+    TensorBoard to hide the earlier files' events after ``start_step`` in the same way."""
 
-    def __init__(self, path: str | os.PathLike, start_step: int):
+    def __init__(self, path: str | os.PathLike, start_step: int,
+                 tensorboard_dir: str | os.PathLike | None = None):
         self.path = os.fspath(path)
         self.enabled = jax.process_index() == 0
         if self.enabled and os.path.exists(self.path):
             self._drop_after(start_step)
+        self.tensorboard = None
+        if self.enabled and tensorboard_dir is not None:
+            self.tensorboard = TensorBoardWriter(tensorboard_dir, start_step)
 
     def _drop_after(self, step: int) -> None:
         with open(self.path) as f:
@@ -38,10 +45,48 @@ class MetricsWriter:
                          "run starts", len(lines) - len(kept), step)
 
     def write(self, record: dict) -> None:
+        """One record: ``step``, ``split`` for validation (none for a training window), and
+        metric values."""
         if not self.enabled:
             return
+        record = _plain(record)
         with open(self.path, "a") as f:
-            f.write(dumps_json(_plain(record)) + "\n")
+            f.write(dumps_json(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class TensorBoardWriter:
+    """A record's numbers as TensorBoard scalars tagged ``train/<metric>`` (training windows)
+    or ``<split>/<metric>`` (validation), in an event file of its own in ``logdir``, flushed
+    after each record (tensorboardX: no TensorFlow needed). ``tensorboard --logdir`` on a
+    folder of workdirs shows each run by its folder name.
+
+    A run resuming from ``start_step`` marks its file so that TensorBoard purges the events
+    after ``start_step`` of the files written before it (the steps it trains again)."""
+
+    def __init__(self, logdir: str | os.PathLike, start_step: int):
+        from tensorboardX import SummaryWriter
+
+        # The file name holds the time in seconds; the suffix keeps files apart (and in order)
+        # when two runs of one workdir start in the same second.
+        self.writer = SummaryWriter(os.fspath(logdir), purge_step=start_step + 1,
+                                    filename_suffix=f".{time.time_ns()}")
+
+    def write(self, record: dict) -> None:
+        prefix = record.get("split", "train")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and \
+                    not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _logged_step(line: str) -> float:

@@ -1,5 +1,5 @@
-"""Progress lines and metrics.jsonl: the logged throughput is the window's, the ETA is paced
-from the first line (start-up left out), and a resumed run logs each step once."""
+"""Progress lines, metrics.jsonl and TensorBoard: the logged throughput is the window's, the ETA
+is paced from the first line (start-up left out), and a resumed run logs each step once."""
 
 import json
 import os
@@ -8,6 +8,17 @@ import time
 
 from cvmae_jax.jsonio import UMASK, read_json, write_json_atomic
 from cvmae_jax.metrics import MetricsWriter, Progress
+
+
+def tensorboard_scalars(logdir):
+    """{tag: [(step, value), ...]} as TensorBoard loads the event files in ``logdir`` (its
+    purges of the steps a resumed run trains again included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
 
 
 def test_progress_shows_the_window_throughput_not_the_run_average():
@@ -70,3 +81,21 @@ def test_json_files_and_lines_are_strict_and_read_back(tmp_path):
     MetricsWriter(tmp_path / "metrics.jsonl", start_step=0).write(dict(step=3, loss=float("nan")))
     line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=_refuse)
     assert line == {"step": 3, "loss": "nan"}
+
+
+def test_tensorboard_shows_a_resumed_runs_steps_once(tmp_path):
+    """A resumed run (here within the same second) retrains the steps after its checkpoint:
+    TensorBoard shows its values for them, the first run's for the steps before."""
+    first = MetricsWriter(tmp_path / "metrics.jsonl", 0, tensorboard_dir=tmp_path)
+    for step in (5, 10, 15):
+        first.write(dict(step=step, loss=float(step), steps_per_sec=2.5))
+    first.write(dict(step=10, split="tuning", masked_mse=0.5, num_masked=7, note="text"))
+    first.close()
+    resumed = MetricsWriter(tmp_path / "metrics.jsonl", 10, tensorboard_dir=tmp_path)
+    resumed.write(dict(step=15, loss=-15.0, steps_per_sec=2.5))
+    resumed.close()
+    shown = tensorboard_scalars(tmp_path)
+    assert sorted(shown) == ["train/loss", "train/steps_per_sec", "tuning/masked_mse",
+                             "tuning/num_masked"]
+    assert shown["train/loss"] == [(5, 5.0), (10, 10.0), (15, -15.0)]
+    assert shown["tuning/num_masked"] == [(10, 7.0)]
