@@ -400,6 +400,8 @@ def test_report_and_lab_plot_name_the_labs(tmp_path):
 
 
 def test_study_tables_are_dataframes(tmp_path):
+    import pandas as pd
+
     from cvmae_jax.evaluation import results
 
     labels, scores = binormal(200, 1.0, np.random.default_rng(0))
@@ -414,6 +416,7 @@ def test_study_tables_are_dataframes(tmp_path):
     assert table.loc["cv", "death_auroc_delta_ci_low"] == 0.0
     assert table.loc["cv", "win_rate"] == 0.75 and table.loc["cv", "n_labs"] == 4
     assert np.isnan(table.loc["random", "win_rate"]) and table.loc["cv", "seeds"] == [0]
+    assert pd.isna(table.loc["random", "n_labs"]) and table["n_labs"].dtype == "Int64"
     labs = results.study_lab_table(str(tmp_path / "out"))
     assert list(labs["name"]) == [NAMES[c] for c in CODES]
     np.testing.assert_allclose(labs["diff"], [0.2, 0.1, 0.3, -0.2])

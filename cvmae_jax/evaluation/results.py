@@ -88,6 +88,7 @@ def study_table(study: str | dict) -> pd.DataFrame:
     table = pd.DataFrame(rows).set_index("strategy")
     numeric = table.columns.drop("seeds")
     table[numeric] = table[numeric].apply(pd.to_numeric)
+    table["n_labs"] = table["n_labs"].astype("Int64")  # <NA> in the random row
     return table
 
 
