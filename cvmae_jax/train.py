@@ -1,34 +1,341 @@
-"""Pretraining loop: ``train_and_evaluate(config, workdir)``.
+"""Pretraining: ``train_and_evaluate(config, workdir)`` = ``set_up``, ``compile_step``,
+``TrainLoop.run``.
 
-Compiles the whole step (mask draw, forward, backward, update) once under the configured
-launcher (jit over a ``data`` mesh, or pmap), then trains with periodic metrics, validation and
-Orbax checkpoints. It resumes automatically from ``workdir``, saves and exits cleanly on SIGTERM
-(preemption), and stops at the first non-finite loss or gradient without saving it.
+``set_up`` starts the devices, opens the workdir (resuming from its newest checkpoint),
+prepares the data and builds the model state. ``compile_step`` compiles the whole step (mask
+draw, forward, backward, update, metric totals) once under the configured launcher (jit over a
+``data`` mesh, or pmap). ``TrainLoop`` trains with periodic metrics, validation and Orbax
+checkpoints; it saves and exits cleanly on SIGTERM (preemption) and stops at the first
+non-finite loss or gradient without saving anything after it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
+from flax import nnx
 
 from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
 from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
-from cvmae_jax.reconstruction import evaluate_split
+from cvmae_jax.data.prepare import PreparedDataset
 from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.masking import mask_root
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
-from cvmae_jax.steps import init_state, make_eval_step, make_optimizer, make_train_step
+from cvmae_jax.reconstruction import evaluate_split
+from cvmae_jax.steps import (TrainState, WindowTotals, init_state, make_eval_step,
+                             make_optimizer, make_train_step, make_window_step)
 from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, checkpoint_dir
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Pretrains the VO-MAE described by ``config``; writes outputs to ``workdir``.
+
+    Returns a summary: final step, last training and validation metrics, the number of times the
+    train step was traced (1 when nothing recompiled) and whether the run was preempted.
+    """
+    run = set_up(config, workdir)
+    try:
+        if run.start_step >= config.train.num_steps:
+            return dict(step=run.start_step, train={}, eval={}, train_step_traces=0,
+                        preempted=False)
+        first_batch = next(run.data)
+        step, traces = compile_step(run, first_batch)
+        summary = TrainLoop(run, step).train(first_batch)
+        return dict(summary, train_step_traces=len(traces))
+    finally:
+        run.close()
+
+
+@dataclasses.dataclass
+class Run:
+    """A run from set-up to the end of its loop."""
+
+    config: Any
+    workdir: str
+    launcher: Any  # parallel.JitLauncher or PmapLauncher
+    checkpointer: Checkpointer
+    start_step: int  # the restored checkpoint's step (0: a fresh run)
+    preempted_early: bool  # a preemption notice came while resuming
+    dataset: PreparedDataset
+    probs: np.ndarray  # f32 [V]: the training mask probability of each code
+    run_info: dict  # config and data statistics, saved with every checkpoint
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    state: TrainState  # on the launcher's devices
+    data: Iterator[dict]  # this process's training batches, from the checkpoint's position
+
+    def close(self) -> None:
+        self.data.close()  # stops the input pipeline's threads
+        self.checkpointer.close()  # waits for the last async save
+
+
+def set_up(config, workdir: str) -> Run:
+    """Devices, the workdir (refusing a resume whose settings or data changed), the data, and
+    the model state: fresh, or restored from the workdir's newest checkpoint."""
+    parallel.set_cpu_devices(config.parallel.get("cpu_devices"))
+    parallel.initialize_distributed(config.parallel)
+    run_setup.enable_compilation_cache(config.train.get("compilation_cache_dir"))
+    launcher = parallel.make_launcher(config.parallel)
+    run_setup.validate_config(config, launcher.num_devices)
+    logging.info("Training on %d %s device(s), parallel mode %s", launcher.num_devices,
+                 jax.default_backend(), config.parallel.mode)
+    checkpointer, start_step, preempted_early, dataset = _open_workdir(config, workdir)
+    data = None
+    try:
+        probs = run_setup.mask_probabilities(config, dataset)
+        run_info = _write_run_info(config, workdir, dataset, probs)
+        optimizer = make_optimizer(config.train)
+        graphdef, state = _initial_state(config, dataset, optimizer)
+        state = launcher.put_state(state)
+        data = _train_batches(config, dataset)
+        if start_step:
+            state = launcher.put_state(run_setup.restore_for_resume(
+                checkpointer, start_step, abstract_like(launcher.checkpoint_view(state)), data,
+                config))
+            logging.info("Resumed from the checkpoint at step %d%s", start_step,
+                         "; training is already complete"
+                         if start_step >= config.train.num_steps else "")
+    except BaseException:
+        if data is not None:
+            data.close()
+        checkpointer.close()
+        raise
+    return Run(config, workdir, launcher, checkpointer, start_step, preempted_early, dataset,
+               probs, run_info, graphdef, optimizer, state, data)
+
+
+def _open_workdir(config, workdir: str):
+    """(checkpointer, start step, preempted while resuming, prepared dataset). A refused resume
+    or bad data leaves the workdir as it was."""
+    created_workdir = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints)
+    start_step = checkpointer.latest_step() or 0
+    # Every process reports its step to JAX's preemption sync now: a notice that arrives while
+    # resuming then stops the run at start_step + 1 (else at step 1, never reached after it).
+    preempted_early = checkpointer.manager.reached_preemption(start_step)
+    try:
+        # before Orbax's restore, whose barrier a process seeing no checkpoint would not join
+        run_setup.check_processes_share(workdir, start_step)
+        saved_run = checkpointer.restore_run_info(start_step) if start_step else None
+        if saved_run:
+            run_setup.check_resume_settings(saved_run, config, start_step)
+        dataset = run_setup.prepare_run_data(config, workdir)
+        if saved_run:
+            run_setup.check_resume_dataset(saved_run, config, dataset, start_step)
+    except BaseException:
+        checkpointer.close()
+        if created_workdir:
+            run_setup.remove_empty_folders(workdir)
+        raise
+    return checkpointer, start_step, preempted_early, dataset
+
+
+def _write_run_info(config, workdir: str, dataset: PreparedDataset, probs: np.ndarray) -> dict:
+    """config.json and data_stats.json (process 0); returns both for the checkpoints."""
+    run_info = dict(config=config.to_dict(), processes=jax.process_count(),
+                    data_stats=run_setup.stats_record(config, dataset, probs))
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE), run_info["config"])
+        write_json_atomic(os.path.join(workdir, DATA_STATS_FILE), run_info["data_stats"])
+    return run_info
+
+
+def _initial_state(config, dataset: PreparedDataset, optimizer) -> tuple[nnx.GraphDef,
+                                                                         TrainState]:
+    start = time.perf_counter()
+    graphdef, state = init_state(ModelConfig.from_config(config.model, dataset.stats.vocab_size),
+                                 optimizer, config.seed)
+    logging.info("Model: %s parameters, initialized in %.1f s",
+                 f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+                 time.perf_counter() - start)
+    return graphdef, state
+
+
+def _train_batches(config, dataset: PreparedDataset):
+    """This process's share of every training batch, padded or packed, in a checkpointable
+    iterator."""
+    make_dataset = packed_train_dataset if config.data.packing else train_dataset
+    return iter(make_dataset(dataset, "train", config.train.batch_size, config.data.max_len,
+                             seed=config.seed, shard_index=jax.process_index(),
+                             shard_count=jax.process_count(), workers=config.data.workers))
+
+
+def compile_step(run: Run, first_batch: dict) -> tuple[parallel.CompiledTrainStep, list]:
+    """The run's train step compiled ahead of time for batches like ``first_batch``; its
+    carry is (train state, ``WindowTotals``). Also a list that gets one entry each time the
+    step is traced (one when nothing recompiles)."""
+    traces = []
+    window_step = make_window_step(make_train_step(
+        run.graphdef, run.optimizer, jnp.asarray(run.probs, jnp.float32),
+        mask_root(run.config.seed), run.config.loss.unmasked_weight, run.launcher.axis_name))
+
+    def counted_step(carry, batch):
+        traces.append(1)  # runs only while tracing
+        return window_step(carry, batch)
+
+    start = time.perf_counter()
+    with jax.transfer_guard(run.config.train.transfer_guard):
+        compiled = run.launcher.compile_train_step(
+            counted_step, (run.state, run.launcher.put_state(WindowTotals.zeros())),
+            first_batch)
+    logging.info("Compiled the train step in %.1f s", time.perf_counter() - start)
+    return compiled, traces
+
+
+class TrainLoop:
+    """Steps, logging windows, validation, checkpoints and preemption of a compiled run.
+
+    The train state and the window's metric totals stay on the devices as the compiled step's
+    carry. The host reads the totals once per logging window (``train.log_every`` steps) and
+    their non-finite step alone before each validation and save, so a step whose loss or
+    gradient is not finite ends the run before anything after it is evaluated or saved.
+    """
+
+    def __init__(self, run: Run, step: parallel.CompiledTrainStep):
+        self.run, self.step, self.config = run, step, run.config
+        self.carry = step.flatten((run.state, self._empty_totals()))
+        run.state = None  # the carry holds it now (its arrays are donated to each step)
+        self.eval_step = run.launcher.eval_step(make_eval_step(
+            run.graphdef, run.dataset.stats.vocab_size, self.config.eval.mask_rate,
+            self.config.eval.mask_seed, run.launcher.axis_name))
+        self.writer = MetricsWriter(os.path.join(run.workdir, METRICS_FILE), run.start_step,
+                                    tensorboard_dir=run.workdir)
+        self.progress = Progress(self.config.train.num_steps)
+        self.window = _WindowClock(run.start_step + 1)
+        self.last_train, self.last_eval = {}, {}
+
+    def train(self, first_batch: dict) -> dict:
+        """Trains from the run's start step to ``train.num_steps`` (or a preemption); returns
+        the final step, the last window's and validation's metrics and whether preempted."""
+        train, guard = self.config.train, self.config.train.transfer_guard
+        preemption = _Preemption(self.run.checkpointer, self.run.preempted_early)
+        batch, preempted = first_batch, False
+        try:
+            for step in range(self.run.start_step + 1, train.num_steps + 1):
+                if batch is None:
+                    batch = self.window.timed_wait(self.run.data)
+                with jax.transfer_guard(guard):
+                    self.carry, _ = self.step(self.carry, self.step.put(batch))
+                    if step % train.log_every == 0 or step == train.num_steps:
+                        self._log_window(step)
+                batch = None
+                pause_start = time.perf_counter()
+                if step % train.eval_every == 0 or step == train.num_steps:
+                    self._validate(step)
+                if preemption.reached(step):
+                    self._save(step)
+                    preempted = True
+                    logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun "
+                                    "the same command to resume", step)
+                    break
+                if step % train.checkpoint_every == 0 or step == train.num_steps:
+                    self._save(step)
+                self.window.exclude(time.perf_counter() - pause_start)
+        finally:
+            self.writer.close()
+            preemption.restore_handler()
+        final = self.run.launcher.checkpoint_view(self._state()).step
+        return dict(step=int(jax.device_get(final)), train=self.last_train, eval=self.last_eval,
+                    preempted=preempted)
+
+    def _state(self) -> TrainState:
+        return self.step.unflatten(self.carry)[0]
+
+    def _totals(self) -> WindowTotals:
+        return self.step.unflatten(self.carry)[1]
+
+    def _empty_totals(self) -> WindowTotals:
+        return self.run.launcher.put_state(WindowTotals.zeros())
+
+    def _log_window(self, step: int) -> None:
+        """Reads the window's totals (one transfer), stops if a step was not finite, writes
+        metrics.jsonl, TensorBoard and the progress line, and starts the next window."""
+        totals = self.run.launcher.fetch(self._totals())
+        self._stop_if_not_finite(totals, step)
+        elapsed, steps = self.window.elapsed(), int(totals.steps)
+        tokens = totals.total("num_tokens")
+        slots = steps * self.config.train.batch_size * self.config.data.max_len
+        self.last_train = dict(totals.summary(), step=step, window_steps=steps,
+                               tokens_per_sec=tokens / elapsed, steps_per_sec=steps / elapsed,
+                               real_token_fraction=tokens / slots,
+                               data_wait_fraction=self.window.data_wait / elapsed)
+        self.writer.write(self.last_train)
+        self.progress.log(step, self.last_train)
+        self.carry = self.step.flatten((self._state(), self._empty_totals()))
+        self.window = _WindowClock(step + 1)
+
+    def _check_finite(self, step: int) -> None:
+        """Before a validation or save: the window's non-finite step, read alone."""
+        if self.run.launcher.fetch(self._totals().first_nonfinite):
+            self._stop_if_not_finite(self.run.launcher.fetch(self._totals()), step)
+
+    def _stop_if_not_finite(self, totals: WindowTotals, step: int) -> None:
+        if not totals.first_nonfinite:
+            return
+        loss, grad_norm = np.asarray(totals.nonfinite_values).tolist()
+        last = self.run.checkpointer.latest_step()
+        raise FloatingPointError(
+            f"step {int(totals.first_nonfinite)}: the loss ({loss:.4g}) or gradient norm "
+            f"({grad_norm:.4g}) is not finite (the first such step of steps "
+            f"{self.window.first_step}-{step}); training stopped and saved nothing after it: "
+            + (f"the last checkpoint is step {last}" if last is not None
+               else "no checkpoint was saved")
+            + " (lower config.train.learning_rate, or look for extreme values in the data)")
+
+    def _validate(self, step: int) -> None:
+        self._check_finite(step)
+        with jax.transfer_guard(self.config.train.transfer_guard):
+            result = evaluate_split(self.eval_step, self._state().params, self.run.dataset,
+                                    self.config, self.run.launcher, self.run.probs)
+        self.last_eval = dict(result["overall"], step=step, split=self.config.eval.split)
+        self.writer.write(self.last_eval)
+        if jax.process_index() == 0:
+            logging.info("eval %s step %d: masked_mse %.4f (per-code-mean baseline %.4f, "
+                         "ratio %.3f)", self.config.eval.split, step,
+                         self.last_eval["masked_mse"], self.last_eval["baseline_masked_mse"],
+                         self.last_eval["mse_vs_baseline"])
+
+    def _save(self, step: int) -> None:
+        self._check_finite(step)  # a non-finite step is never saved
+        self.run.checkpointer.save(step, self.run.launcher.checkpoint_view(self._state()),
+                                   self.run.data, self.run.run_info)
+
+
+class _WindowClock:
+    """A logging window's training time (evaluating and saving excluded) and the part of it
+    the host waited for the input pipeline."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+
+    def timed_wait(self, data: Iterator[dict]) -> dict:
+        """The next batch of ``data``; the wait counts as data wait."""
+        start = time.perf_counter()
+        batch = next(data)
+        self.data_wait += time.perf_counter() - start
+        return batch
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 class _Preemption:
@@ -50,193 +357,3 @@ class _Preemption:
     def restore_handler(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Pretrains the VO-MAE described by ``config``; writes outputs to ``workdir``.
-
-    Returns a summary: final step, last training and validation metrics, the number of times the
-    train step was traced (1 when nothing recompiled) and whether the run was preempted.
-    """
-    parallel.set_cpu_devices(config.parallel.get("cpu_devices"))
-    parallel.initialize_distributed(config.parallel)
-    run_setup.enable_compilation_cache(config.train.get("compilation_cache_dir"))
-    launcher = parallel.make_launcher(config.parallel)
-    run_setup.validate_config(config, launcher.num_devices)
-    logging.info("Training on %d %s device(s), parallel mode %s", launcher.num_devices,
-                 jax.default_backend(), config.parallel.mode)
-    created_workdir = not os.path.exists(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    checkpointer = Checkpointer(checkpoint_dir(workdir),
-                                config.train.keep_checkpoints)
-    start_step = checkpointer.latest_step() or 0
-    # Every process reports its step to JAX's preemption sync now: a notice that arrives while
-    # resuming then stops the run at start_step + 1 (else at step 1, never reached after it).
-    preempted_early = checkpointer.manager.reached_preemption(start_step)
-    try:  # a refused resume or bad data leaves the workdir as it was
-        # before Orbax's restore, whose barrier a process seeing no checkpoint would not join
-        run_setup.check_processes_share(workdir, start_step)
-        saved_run = checkpointer.restore_run_info(start_step) if start_step else None
-        if saved_run:
-            run_setup.check_resume_settings(saved_run, config, start_step)
-        dataset = run_setup.prepare_run_data(config, workdir)
-        if saved_run:
-            run_setup.check_resume_dataset(saved_run, config, dataset, start_step)
-    except BaseException:
-        checkpointer.close()
-        if created_workdir:
-            run_setup.remove_empty_folders(workdir)
-        raise
-    probs = run_setup.mask_probabilities(config, dataset)
-    run_info = dict(config=config.to_dict(), processes=jax.process_count(),
-                    data_stats=run_setup.stats_record(config, dataset, probs))
-    if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, CONFIG_FILE), run_info["config"])
-        write_json_atomic(os.path.join(workdir, DATA_STATS_FILE), run_info["data_stats"])
-
-    optimizer = make_optimizer(config.train)
-    init_start = time.perf_counter()
-    graphdef, state = init_state(ModelConfig.from_config(config.model, dataset.stats.vocab_size),
-                                 optimizer, config.seed)
-    logging.info("Model: %s parameters, initialized in %.1f s",
-                 f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
-                 time.perf_counter() - init_start)
-    state = launcher.put_state(state)
-    traces = []
-    step_body = make_train_step(graphdef, optimizer, jnp.asarray(probs, jnp.float32),
-                                mask_root(config.seed), config.loss.unmasked_weight,
-                                launcher.axis_name)
-
-    metric_names = []
-
-    def counted_step(state, batch):
-        traces.append(1)  # runs only while tracing
-        state, metrics = step_body(state, batch)
-        metric_names[:] = sorted(metrics)  # one float32 vector: one small transfer per step
-        return state, jnp.stack([metrics[name].astype(jnp.float32) for name in metric_names])
-
-    eval_step = launcher.eval_step(make_eval_step(
-        graphdef, dataset.stats.vocab_size, config.eval.mask_rate, config.eval.mask_seed,
-        launcher.axis_name))
-    make_dataset = packed_train_dataset if config.data.packing else train_dataset
-    data = iter(make_dataset(dataset, "train", config.train.batch_size, config.data.max_len,
-                             seed=config.seed, shard_index=jax.process_index(),
-                             shard_count=jax.process_count(), workers=config.data.workers))
-    if start_step:
-        restored = run_setup.restore_for_resume(
-            checkpointer, start_step, abstract_like(launcher.checkpoint_view(state)), data,
-            config)
-        state = launcher.put_state(restored)
-        logging.info("Resumed from the checkpoint at step %d%s", start_step,
-                     "; training is already complete" if start_step >= config.train.num_steps
-                     else "")
-
-    compiled, leaves = None, None  # after the first batch: the compiled step and its state leaves
-
-    def current_state():  # the loop holds the state as the compiled step's leaves
-        return state if compiled is None else compiled.unflatten(leaves)
-
-    def save(step):
-        checkpointer.save(step, launcher.checkpoint_view(current_state()), data, run_info)
-
-    writer = MetricsWriter(os.path.join(workdir, METRICS_FILE), start_step)
-    progress = Progress(config.train.num_steps)
-    preemption = _Preemption(checkpointer, preempted_early)
-    pending = None
-    window, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0
-    last_train, last_eval, preempted = {}, {}, False
-
-    def record(step_metrics):  # host copy of a finished step's metrics; stop if non-finite
-        step, metrics = step_metrics
-        metrics = dict(zip(metric_names, launcher.fetch(metrics).tolist()))
-        if not metrics["finite"]:
-            last = checkpointer.latest_step()
-            raise FloatingPointError(
-                f"step {step}: the loss ({metrics['loss']}) or gradient norm "
-                f"({metrics['grad_norm']}) is not finite; stopped without applying or saving "
-                "it (" + (f"the last checkpoint is step {last})" if last is not None
-                          else "no checkpoint was saved)"))
-        window.append(metrics)
-
-    def record_pending():  # before a save too: a non-finite step is never saved
-        nonlocal pending
-        if pending is not None:
-            record(pending)
-            pending = None
-
-    try:
-        step = start_step
-        for step in range(start_step + 1, config.train.num_steps + 1):
-            wait_start = time.perf_counter()
-            local_batch = next(data)
-            data_wait += time.perf_counter() - wait_start  # host blocked on the input pipeline
-            with jax.transfer_guard(config.train.transfer_guard):
-                if compiled is None:
-                    compile_start = time.perf_counter()
-                    compiled = launcher.compile_train_step(counted_step, state, local_batch)
-                    leaves, state = compiled.flatten(state), None
-                    compile_seconds = time.perf_counter() - compile_start
-                    window_start += compile_seconds  # throughput counts training time only
-                    logging.info("Compiled the train step in %.1f s", compile_seconds)
-                leaves, metrics = compiled(leaves, compiled.put(local_batch))
-                record_pending()  # the previous step: done or nearly, so no stall
-                pending = (step, metrics)
-                window_tokens += int(local_batch["valid"].sum()) * jax.process_count()
-                if step % config.train.log_every == 0 or step == config.train.num_steps:
-                    record_pending()
-                    elapsed = time.perf_counter() - window_start
-                    last_train = _mean_metrics(window)
-                    slots = len(window) * local_batch["valid"].size * jax.process_count()
-                    last_train.update(step=step, window_steps=len(window),
-                                      tokens_per_sec=window_tokens / elapsed,
-                                      steps_per_sec=len(window) / elapsed,
-                                      real_token_fraction=window_tokens / slots,
-                                      data_wait_fraction=data_wait / elapsed)
-                    writer.write(last_train)
-                    progress.log(step, last_train)
-                    window, window_tokens, window_start = [], 0, time.perf_counter()
-                    data_wait = 0.0
-            pause_start = time.perf_counter()
-            if step % config.train.eval_every == 0 or step == config.train.num_steps:
-                with jax.transfer_guard(config.train.transfer_guard):
-                    result = evaluate_split(eval_step, current_state().params, dataset,
-                                            config, launcher, probs)
-                last_eval = dict(result["overall"], step=step, split=config.eval.split)
-                writer.write(last_eval)
-                if jax.process_index() == 0:
-                    logging.info("eval %s step %d: masked_mse %.4f (per-code-mean baseline %.4f, "
-                                 "ratio %.3f)", config.eval.split, step,
-                                 last_eval["masked_mse"], last_eval["baseline_masked_mse"],
-                                 last_eval["mse_vs_baseline"])
-            if preemption.reached(step):
-                record_pending()
-                save(step)
-                preempted = True
-                logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun the "
-                                "same command to resume", step)
-                break
-            if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-                record_pending()
-                save(step)
-            window_start += time.perf_counter() - pause_start  # evaluation/saving excluded
-        record_pending()
-    finally:
-        data.close()  # stops the input pipeline's threads
-        checkpointer.close()  # waits for the last async save
-        preemption.restore_handler()
-    return dict(step=int(jax.device_get(launcher.checkpoint_view(current_state()).step)),
-                train=last_train, eval=last_eval, train_step_traces=len(traces),
-                preempted=preempted)
-
-
-def _mean_metrics(window: list[dict]) -> dict:
-    """Averages per-step scalar metrics over a logging window (masked MSE pooled by count)."""
-    stacked = {k: np.asarray([m[k] for m in window], np.float64) for k in window[0]}
-    out = {k: float(v.mean()) for k, v in stacked.items()
-           if k not in ("num_masked", "num_tokens", "masked_sse", "baseline_masked_sse",
-                        "finite")}
-    masked = max(stacked["num_masked"].sum(), 1.0)
-    out["masked_mse"] = float(stacked["masked_sse"].sum() / masked)
-    out["baseline_masked_mse"] = float(stacked["baseline_masked_sse"].sum() / masked)
-    out["mask_rate"] = float(stacked["num_masked"].sum() / max(stacked["num_tokens"].sum(), 1))
-    return out

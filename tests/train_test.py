@@ -1,4 +1,5 @@
-"""End to end on tiny synthetic MEDS: outputs, strategies, compile-once, exact resume, eval."""
+"""End to end on tiny synthetic MEDS: outputs, TensorBoard, strategies, compile-once, exact
+resume, the non-finite stop, eval."""
 
 import importlib.util
 import json
@@ -8,10 +9,15 @@ import shutil
 import numpy as np
 import pytest
 
+import cvmae_jax.train as train_module
+from cvmae_jax import cli, parallel
+from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import default_config
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.train import train_and_evaluate
+
+from metrics_test import tensorboard_scalars
 
 
 def tiny_config(data_dir, **train):
@@ -35,6 +41,22 @@ def tiny_config(data_dir, **train):
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def assert_tensorboard_shows_the_metrics(workdir):
+    """Every number of metrics.jsonl, at its step, as ``train/<key>`` or ``<split>/<key>``."""
+    expected = {}
+    for record in read_metrics(workdir):
+        for key, value in record.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                expected.setdefault(f"{record.get('split', 'train')}/{key}", []).append(
+                    (record["step"], value))
+    shown = tensorboard_scalars(workdir)
+    assert sorted(shown) == sorted(expected)
+    for tag, points in expected.items():
+        assert [step for step, _ in shown[tag]] == [step for step, _ in points], tag
+        np.testing.assert_allclose([v for _, v in shown[tag]], [v for _, v in points],
+                                   rtol=1e-6, err_msg=tag)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +89,8 @@ def test_run_writes_the_documented_outputs(cv_run):
     assert [m["step"] for m in evals] == [300, 600]
     assert summary["step"] == 600
     assert summary["train_step_traces"] == 1  # no retrace after the first step
+    assert_tensorboard_shows_the_metrics(workdir)
+    assert "tuning/masked_mse" in tensorboard_scalars(workdir)
 
 
 def test_loss_decreases_and_validation_beats_the_per_code_mean(cv_run):
@@ -124,6 +148,68 @@ def test_kill_and_resume_repeats_the_same_losses(data_dir, tmp_path):
     assert [m["step"] for m in logged] == list(range(1, 21))  # 11-20 once: dropped, relogged
     again = {m["step"]: m["loss"] for m in logged}
     assert all(again[s] == expected[s] for s in again), (again, expected)
+    assert_tensorboard_shows_the_metrics(resumed)  # TensorBoard too hides the first 11-20
+
+
+class PoisonedData:
+    """``train_dataset``'s batches, with NaN values in batch number ``poisoned_step``;
+    checkpointable like grain's iterator."""
+
+    def __init__(self, dataset, poisoned_step: int):
+        self.iterator, self.poisoned_step, self.count = iter(dataset), poisoned_step, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, self.count = next(self.iterator), self.count + 1
+        if self.count == self.poisoned_step:
+            batch = dict(batch, values=np.full_like(batch["values"], np.nan))
+        return batch
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+    def close(self):
+        self.iterator.close()
+
+
+def test_a_non_finite_step_ends_the_command_in_one_line_naming_its_window(
+        data_dir, tmp_path, monkeypatch):
+    real = train_module.train_dataset
+    monkeypatch.setattr(train_module, "train_dataset",
+                        lambda *args, **kwargs: PoisonedData(real(*args, **kwargs), 13))
+    config = tiny_config(data_dir, num_steps=20, log_every=5, eval_every=100,
+                         checkpoint_every=10)
+    with pytest.raises(SystemExit) as stop, cli.user_errors():
+        train_and_evaluate(config, str(tmp_path))
+    message = str(stop.value.code)
+    assert message.startswith("error: step 13: the loss (nan) or gradient norm (nan) is not "
+                              "finite (the first such step of steps 11-15)"), message
+    assert "the last checkpoint is step 10" in message and "\n" not in message
+    assert Checkpointer.latest_complete_step(tmp_path / "checkpoints") == 10
+    assert [m["step"] for m in read_metrics(tmp_path)] == [5, 10]
+
+
+def test_the_host_reads_the_train_metrics_once_per_logging_window(data_dir, tmp_path,
+                                                                   monkeypatch):
+    reads = []
+    fetch = parallel.JitLauncher.fetch
+
+    def counted_fetch(launcher, tree):
+        if not isinstance(tree, dict):  # validation fetches dicts of per-code sums
+            reads.append(tree)
+        return fetch(launcher, tree)
+
+    monkeypatch.setattr(parallel.JitLauncher, "fetch", counted_fetch)
+    config = tiny_config(data_dir, num_steps=20, log_every=10, eval_every=20,
+                         checkpoint_every=20)
+    assert train_and_evaluate(config, str(tmp_path))["step"] == 20
+    # Two windows, and the non-finite flag before step 20's validation and save.
+    assert len(reads) == 4, reads
 
 
 def test_eval_writes_per_lab_reconstruction(cv_run):
