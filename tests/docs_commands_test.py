@@ -25,10 +25,13 @@ from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 HARDWARE_MARK = re.compile(r"#\s*(GPU|TPU|cluster)\b")
-# Flags other than --config.* that each entry point defines (cvmae_jax/cli.py, study.py).
-ENTRY_FLAGS = {"train.py": {"config", "workdir"}, "eval.py": {"config", "workdir", "split",
-                                                                  "compare"},
-               "cvmae_jax.study": {"config", "workdir"}, "cvmae_jax.prepare": {"config"}}
+# The flags other than --config.* that each entry point defines, and those it requires.
+ENTRY_FLAGS = {"train.py": ({"config", "workdir"}, {"config", "workdir"}),
+               "eval.py": ({"config", "workdir", "split", "compare"}, {"workdir"}),
+               "cvmae_jax.study": ({"config", "workdir"}, {"config", "workdir"}),
+               "cvmae_jax.prepare": ({"config"}, {"config"}),
+               "cvmae_jax.labels": ({"config", "task", "output_dir", "overwrite"},
+                                    {"config", "task"})}
 # Commands a user types that this check leaves alone (shell set-up, other tools).
 NOT_CHECKED = {"cd", ".", "source", "ls", "cat", "head", "cp", "rsync", "mkdir", "tensorboard",
                "meds-evaluation", "export"}
@@ -110,14 +113,17 @@ def test_the_readme_is_a_front_page():
 
 def test_every_config_field_is_in_the_reference():
     """docs/training.md's config table names each field of cvmae_jax/config.py, alone
-    (`train.num_steps`) or in a row of its section (`train.learning_rate`, `warmup_steps`)."""
+    (`train.num_steps`), in a row of its section (`train.learning_rate`, `warmup_steps`) or
+    with its section's fields (`eval.finetune.*`)."""
     rows = [line for line in (REPO / "docs" / "training.md").read_text().splitlines()
             if line.startswith("| `")]
     missing = []
     for field in sorted(_leaf_fields(config_module.default_config())):
         section, _, leaf = field.rpartition(".")
+        sections = [field.rsplit(".", n)[0] for n in range(1, field.count(".") + 1)]
         if not any(f"`{field}`" in row or (section and f"`{section}." in row.split("|")[1]
                                            and f"`{leaf}`" in row.split("|")[1])
+                   or any(f"`{s}.*`" in row.split("|")[1] for s in sections)
                    for row in rows):
             missing.append(field)
     assert not missing, f"config fields missing from docs/training.md: {missing}"
@@ -186,8 +192,11 @@ def _check_entry_point(entry: str, args: list[str]) -> None:
     options = [a for a in args if a.startswith("-")]
     names = {a.lstrip("-").split("=", 1)[0] for a in options}
     overrides = [a for a in options if a.startswith("--config.")]
-    unknown = {n for n in names if not n.startswith("config.")} - ENTRY_FLAGS[entry]
+    known, required = ENTRY_FLAGS[entry]
+    unknown = {n[2:] if n.startswith("no") and n[2:] in known else n
+               for n in names if not n.startswith("config.")} - known
     assert not unknown, f"no such flag: {sorted(unknown)}"
+    assert required <= names, f"needs --{', --'.join(sorted(required - names))}"
     config_file = next((a.split("=", 1)[1] for a in options if a.startswith("--config=")),
                        None)
     if entry == "eval.py":
@@ -196,11 +205,8 @@ def _check_entry_point(entry: str, args: list[str]) -> None:
             assert name.startswith(EVAL_OVERRIDABLE), f"eval.py cannot override {name}"
         config_file = config_module.__file__
     else:
-        assert config_file, "needs --config=FILE"
         assert (REPO / config_file).is_file(), f"no config file {config_file}"
         config_file = str(REPO / config_file)
-    if "compare" not in names:
-        assert "workdir" in names or entry == "cvmae_jax.prepare", "needs --workdir"
     check_config(_parse_config(config_file, overrides))
 
 
