@@ -66,3 +66,10 @@ def test_prepared_dataset_carries_and_reports_the_names(tiny_meds, tmp_path):
     text = open(f"{prepared.path}/prepare_report.md").read()
     assert f"| Creatinine [mg/dL] | `{tiny_meds.A}` | mg/dL |" in text
     assert f"| {tiny_meds.B} | `{tiny_meds.B}` | mmol/L |" in text  # no description: the code
+
+
+def test_the_shared_mimic_sample_names_its_labs(shared_meds_dir):
+    creatinine = "LAB//50912//mg/dL"
+    (description,) = code_names.read_descriptions(shared_meds_dir, [creatinine])
+    assert description.startswith("Creatinine")
+    assert code_names.lab_name(creatinine, description) == description  # its unit is in it
