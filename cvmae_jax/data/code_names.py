@@ -44,10 +44,11 @@ def read_descriptions(meds_dir: str | Path, codes: Sequence[str]) -> tuple[str |
     return tuple(found.get(c) for c in codes)
 
 
-def lab_name(code: str, description: str | None) -> str:
+def lab_name(code: str, description) -> str:
     """The readable name of ``code``: its description, plus `` [unit]`` when the code has a
-    unit the description does not contain; the code itself without a description."""
-    if not description:
+    unit the description does not contain; the code itself without a description (None, empty,
+    or not text: a JSON reader may turn the text "nan" into a float)."""
+    if not isinstance(description, str) or not description:
         return code
     unit = meds.code_unit(code)
     if unit in UNKNOWN_UNITS or _mentions(description, unit):

@@ -22,6 +22,7 @@ def test_name_adds_the_codes_unit_unless_the_description_has_it():
     assert code_names.lab_name("LAB//1//UNK", "Pain") == "Pain"
     assert code_names.lab_name("LAB//1//mg/dL", None) == "LAB//1//mg/dL"
     assert code_names.lab_name("LAB//1//mg/dL", "") == "LAB//1//mg/dL"
+    assert code_names.lab_name("LAB//1//mg/dL", float("nan")) == "LAB//1//mg/dL"
 
 
 def test_short_name_keeps_the_unit():
