@@ -61,10 +61,8 @@ def _mentions(text: str, unit: str) -> bool:
     return re.search(rf"(?<![\w/]){re.escape(unit)}(?![\w/])", text) is not None
 
 
-def lab_names(codes: Sequence[str], descriptions: Sequence[str | None] | None
-              ) -> tuple[str, ...]:
-    """``lab_name`` of each code (the codes themselves when ``descriptions`` is None)."""
-    descriptions = descriptions or (None,) * len(codes)
+def lab_names(codes: Sequence[str], descriptions: Sequence[str | None]) -> tuple[str, ...]:
+    """``lab_name`` of each code with the description at the same position."""
     return tuple(lab_name(c, d) for c, d in zip(codes, descriptions, strict=True))
 
 
