@@ -159,19 +159,26 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: i
         result["reason"] = (f"{TEST} split has a single class ({result['positives']} positives "
                             f"of {len(test_y)}): AUROC/AUPRC undefined")
         return result, probe
-    score = probe.decision(test_X)
-    result["auroc"] = float(roc_auc_score(test_y, score))
-    result["auprc"] = float(average_precision_score(test_y, score))
+    result.update(held_out_metrics(test_y, probe.decision(test_X), seed, test_subjects))
+    return result, probe
+
+
+def held_out_metrics(test_y, score, seed: int = 0, test_subjects=None) -> dict:
+    """AUROC and AUPRC of ``score`` [N] on labels ``test_y`` [N] (both classes present) with
+    subject-bootstrap 95% CIs (``probe_task``): auroc, auroc_ci, auprc, auprc_ci,
+    bootstrap_used, n_subjects."""
+    test_y = np.asarray(test_y).astype(int)
     if test_subjects is not None and len(test_subjects) != len(test_y):
         raise ValueError(f"{len(test_subjects)} test_subjects for {len(test_y)} test rows")
     bootstrap = SubjectBootstrap(np.arange(len(test_y)) if test_subjects is None
                                  else test_subjects, seed)
     aurocs = resampled_aurocs(test_y, score, bootstrap)  # NaN where a resample has one class
-    result["auroc_ci"] = percentile_ci(aurocs)
-    result["auprc_ci"] = percentile_ci(_resampled_auprcs(test_y, score, bootstrap, aurocs))
-    result["bootstrap_used"] = int(np.isfinite(aurocs).sum())
-    result["n_subjects"] = bootstrap.n_subjects  # of the test rows: the bootstrap's unit
-    return result, probe
+    return dict(auroc=float(roc_auc_score(test_y, score)),
+                auroc_ci=percentile_ci(aurocs),
+                auprc=float(average_precision_score(test_y, score)),
+                auprc_ci=percentile_ci(_resampled_auprcs(test_y, score, bootstrap, aurocs)),
+                bootstrap_used=int(np.isfinite(aurocs).sum()),
+                n_subjects=bootstrap.n_subjects)  # of the test rows: the bootstrap's unit
 
 
 def _resampled_auprcs(y, score, bootstrap: SubjectBootstrap, aurocs) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 NUM_BOOTSTRAP = 1000
 _CHUNK = 100  # resamples per vectorized block (bounds memory for large label sets)
@@ -83,6 +84,16 @@ def resampled_aurocs(labels, scores, bootstrap: SubjectBootstrap) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append(np.where((pos_w > 0) & (neg_w > 0), u / (pos_w * neg_w), np.nan))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def paired_auroc_difference(labels, scores_a, scores_b, bootstrap: SubjectBootstrap) -> dict:
+    """AUROC(a) - AUROC(b) on the same rows (both classes present), with the percentile 95% CI
+    of the differences on the same resamples (paired): {delta, ci, bootstrap_used}."""
+    a = resampled_aurocs(labels, scores_a, bootstrap)
+    b = resampled_aurocs(labels, scores_b, bootstrap)  # NaN on the same resamples as a
+    labels = np.asarray(labels, bool)
+    return dict(delta=float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b)),
+                ci=percentile_ci(a - b), bootstrap_used=int(np.isfinite(a - b).sum()))
 
 
 def percentile_ci(values) -> list[float] | None:

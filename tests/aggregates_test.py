@@ -1,0 +1,89 @@
+"""As-of aggregate features of label windows (nothing after prediction_time, missing codes) and
+the aggregates baseline models beside the probe."""
+
+import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cvmae_jax.data import labels, meds
+from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.evaluation.aggregates import FEATURES, aggregate_features, aggregates_baseline
+from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, fit_task_probe
+
+A, B = "LAB//A", "LAB//B"
+T0 = datetime.datetime(2100, 1, 1)
+
+
+def _hours(h):
+    return T0 + datetime.timedelta(hours=h)
+
+
+def _meds_with_events_after_prediction_time(root):
+    """Subject 1: A = 1 at 0 h and 3 at 1 h, then A = 100 at 5 h and B = 7 at 6 h, after its
+    prediction time (2 h); subject 2 gives B train values; subject 3 has no lab event."""
+    rows = [(1, 0, A, 1.0), (1, 1, A, 3.0), (1, 5, A, 100.0), (1, 6, B, 7.0),
+            (2, 0, A, 2.0), (2, 1, B, 4.0), (2, 2, B, 6.0)]
+    (root / "data/train").mkdir(parents=True)
+    pq.write_table(pa.table({"subject_id": pa.array([r[0] for r in rows], pa.int64()),
+                             "time": pa.array([_hours(r[1]) for r in rows], pa.timestamp("us")),
+                             "code": [r[2] for r in rows],
+                             "numeric_value": pa.array([r[3] for r in rows], pa.float32())}),
+                   root / "data/train/0.parquet")
+    (root / "metadata").mkdir()
+    pq.write_table(pa.table({"subject_id": pa.array([1, 2, 3], pa.int64()),
+                             "split": ["train"] * 3}), root / "metadata/subject_splits.parquet")
+    (root / "labels/task").mkdir(parents=True)
+    pq.write_table(pa.table({"subject_id": pa.array([1, 3], pa.int64()),
+                             "prediction_time": pa.array([_hours(2), _hours(2)],
+                                                         pa.timestamp("us")),
+                             "boolean_value": [True, False]}),
+                   root / "labels/task/train.parquet")
+    stats = compute_stats(meds.read_numeric_events(root, "train"), (A, B), clip_quantiles=(0, 1))
+    return list(labels.label_windows(root, root / "labels/task/train.parquet", stats, 8)), stats
+
+
+def test_aggregates_see_nothing_after_prediction_time_and_flag_missing_codes(tmp_path):
+    windows, stats = _meds_with_events_after_prediction_time(tmp_path)
+    features = aggregate_features(windows, 2).reshape(2, 2, len(FEATURES))
+    assert np.isfinite(features).all()
+    a, b = (dict(zip(FEATURES, features[0, code])) for code in range(2))
+    norm = stats.normalize(np.zeros(3, np.int32), np.array([1.0, 3.0, 2.0]))
+    np.testing.assert_allclose([a["last"], a["min"], a["max"], a["mean"]],
+                               [norm[1], norm[0], norm[1], norm[2]], rtol=1e-6)
+    assert (a["count"], a["hours_since_last"], a["missing"]) == (2, 1.0, 0)  # not A = 100 at 5 h
+    assert b == dict.fromkeys(FEATURES, 0.0) | dict(missing=1.0)  # B's only value is at 6 h
+    assert (features[1, :, FEATURES.index("missing")] == 1).all()  # an empty window
+    assert features[1].sum() == 2
+
+
+def _task(rng, n=120):
+    """Windows of one code whose last value is the label's signal, embeddings of noise."""
+    windows, ys, xs = {}, {}, {}
+    for split in (TRAIN, TUNING, TEST):
+        y = rng.random(n) < 0.4
+        windows[split] = [dict(codes=np.zeros(3, np.int32),
+                               values=(rng.normal(size=3) + 2.0 * yi).astype(np.float32),
+                               times=np.arange(3, dtype=np.float32), start_time_us=0,
+                               prediction_time_us=3 * 3_600_000_000, subject_id=i // 2)
+                          for i, yi in enumerate(y)]
+        ys[split], xs[split] = y, rng.normal(size=(n, 4)).astype(np.float32)
+    probe_result, probe = fit_task_probe(xs[TRAIN], ys[TRAIN], xs[TUNING], ys[TUNING], xs[TEST],
+                                         ys[TEST])
+    return TaskData(None, windows, xs, ys, probe), probe_result
+
+
+def test_aggregates_beat_a_probe_on_noise_with_a_paired_difference():
+    data, probe_result = _task(np.random.default_rng(0))
+    out = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    assert out["features"]["windows_at_max_len"] == {TRAIN: 120, TUNING: 120, TEST: 120}
+    for name in ("logistic_regression", "gradient_boosting"):
+        r = out[name]
+        assert r["auroc"] > 0.8 and r["auroc_ci"][0] < r["auroc"] < r["auroc_ci"][1]
+        diff = r["probe_minus_model"]
+        np.testing.assert_allclose(diff["delta"], probe_result["auroc"] - r["auroc"])
+        assert diff["ci"][1] < 0 and r["n_subjects"] == 60  # two rows per subject
+    assert out["gradient_boosting"]["selection"] == "tuning AUROC"
+    no_auroc = aggregates_baseline(data, dict(auroc=None, reason="one class"), 1, 3)
+    assert no_auroc["reason"] == "as for the probe: one class" and "gradient_boosting" not in no_auroc
