@@ -152,7 +152,15 @@ def subjects_per_code(dataset: PreparedDataset, split: str) -> np.ndarray:
 
 
 def suppress_small_codes(result: dict, code_subjects: np.ndarray, min_subjects: int) -> None:
-    """``disclosure.suppress_rows`` on ``result["per_code"]`` (summarize's format); records
-    how many rows were suppressed and k in ``result["suppressed"]``."""
-    result["suppressed"] = dict(rows=suppress_rows(result["per_code"], code_subjects,
-                                                   min_subjects), min_subjects=min_subjects)
+    """``disclosure.suppress_rows`` on ``result["per_code"]`` (summarize's format with each
+    row's ``cv``), grouped by the CV tiers of ``result["by_cv_tier"]`` (codes above
+    ``result["cv_threshold"]``, the others). When a tier rests on fewer than k subjects both
+    tiers are suppressed (the overall row minus one tier gives the other). Records the number
+    of suppressed rows and k in ``result["suppressed"]``."""
+    above = np.array([row["cv"] for row in result["per_code"]]) > result["cv_threshold"]
+    rows, unsafe = suppress_rows(result["per_code"], code_subjects, min_subjects,
+                                 (above, ~above))
+    if unsafe:
+        result["by_cv_tier"] = {name: dict(num_codes=tier["num_codes"], suppressed=True)
+                                for name, tier in result["by_cv_tier"].items()}
+    result["suppressed"] = dict(rows=rows, min_subjects=min_subjects)

@@ -67,17 +67,36 @@ def subject_safe_bounds(values: np.ndarray, subjects: np.ndarray, quantiles, k: 
 SHOWN_WHEN_SUPPRESSED = ("code", "name", "cv", "train_mask_prob")  # none measured on the split
 
 
-def suppress_rows(rows: list[dict], code_subjects: np.ndarray, k: int) -> int:
+def suppress_rows(rows: list[dict], code_subjects: np.ndarray, k: int,
+                  groups: tuple[np.ndarray, ...] = ()) -> tuple[int, list[int]]:
     """Suppresses, in place, the per-code evaluation rows ([V], one per code, with
     ``num_masked``) with values from fewer than k subjects (``code_subjects`` [V]: the evaluated
-    split's subjects with a value of the code) or fewer than k hidden values: each keeps its
-    code, name, train CV and mask probability and gets ``suppressed: True``. Returns how many
-    rows with hidden values were suppressed."""
-    suppressed = 0
-    for row, n_subjects in zip(rows, code_subjects, strict=True):
-        if row.get("num_masked") and (n_subjects < k or row["num_masked"] < k):
-            kept = {key: row[key] for key in SHOWN_WHEN_SUPPRESSED if key in row}
-            row.clear()  # every measured field goes, including any added later
-            row.update(kept, suppressed=True)
-            suppressed += 1
-    return suppressed
+    split's subjects with a value of the code) or fewer than k hidden values: each keeps only
+    SHOWN_WHEN_SUPPRESSED and gets ``suppressed: True``.
+
+    ``groups`` (bool [V] each) are the codes of pooled rows published beside them (the CV
+    tiers). A pooled row minus its shown rows gives the sum of its suppressed ones, so where
+    that sum could rest on fewer than k subjects (fewer than k hidden values, or no suppressed
+    code of k subjects) one more row of the group is suppressed (secondary suppression): the
+    shown one with the fewest hidden values. Returns how many rows were suppressed and the
+    groups all of whose rows are suppressed and that still rest on fewer than k subjects (their
+    pooled row must go too)."""
+    masked = np.array([row.get("num_masked") or 0 for row in rows])
+    hide = (masked > 0) & ((np.asarray(code_subjects) < k) | (masked < k))
+
+    def safe(members: np.ndarray) -> bool:
+        return masked[members].sum() >= k and code_subjects[members].max(initial=0) >= k
+
+    unsafe = []
+    for g, group in enumerate(groups):
+        hidden, shown = np.flatnonzero(group & hide), np.flatnonzero(group & ~hide & (masked > 0))
+        if len(hidden) and not safe(hidden):
+            if len(shown):
+                hide[shown[np.argmin(masked[shown])]] = True  # >= k subjects and values
+            else:
+                unsafe.append(g)
+    for i in np.flatnonzero(hide):
+        kept = {key: rows[i][key] for key in SHOWN_WHEN_SUPPRESSED if key in rows[i]}
+        rows[i].clear()  # every measured field goes, including any added later
+        rows[i].update(kept, suppressed=True)
+    return int(hide.sum()), unsafe

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
+from cvmae_jax.evaluation.yardstick import yardstick_lines  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
 from cvmae_jax.reconstruction import vs_baseline  # noqa: E402
 
@@ -26,14 +27,16 @@ def write_report(path: str, result: dict) -> None:
         f"- masked MSE (normalized units): {overall['masked_mse']:.4f}",
         f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
         f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",
+        *yardstick_lines(result), "## Reconstruction by CV tier and by lab", "",
         *_tier_table(result["by_cv_tier"]), "",
-        "| lab | code | train CV | train mask p | n masked | MSE | baseline MSE | "
-        "RMSE (raw units) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| lab | code | train CV | train mask p | n masked | MSE | baseline MSE | LOCF MSE | "
+        "LOCF fallback | RMSE (raw units) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in evaluated_rows(result):
         lines.append(f"| {_lab_cells(r)} | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
                      f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
+                     f"{r['locf_mse']:.4f} | {r['locf_fallback_share']:.0%} | "
                      f"{r['raw_rmse']:.4g} |")
     lines += suppressed_lines(result)
     if "single_code" in result:
@@ -51,7 +54,8 @@ def write_report(path: str, result: dict) -> None:
 def _tier_table(tiers: dict) -> list[str]:
     return ["| CV tier | codes | n masked | masked MSE | baseline MSE | ratio |",
             "|---|---:|---:|---:|---:|---:|",
-            *(f"| {name} | {t['num_codes']} | {t['num_masked']} | {t['masked_mse']:.4f} | "
+            *(f"| {name} | {t['num_codes']} | suppressed | | | |" if t.get("suppressed") else
+              f"| {name} | {t['num_codes']} | {t['num_masked']} | {t['masked_mse']:.4f} | "
               f"{t['baseline_masked_mse']:.4f} | {t['mse_vs_baseline']:.3f} |"
               for name, t in tiers.items())]
 
@@ -71,9 +75,11 @@ def suppressed_lines(result: dict) -> list[str]:
     s = result.get("suppressed")
     if not s or not s["rows"]:
         return []
-    return ["", f"{s['rows']} code(s) not shown: their values on this split come from fewer "
-            f"than {s['min_subjects']} subjects, or fewer than {s['min_subjects']} were hidden "
-            "(config.data.min_subjects); they still count in the pooled rows above."]
+    return ["", f"{s['rows']} code(s) not shown (config.data.min_subjects = "
+            f"{s['min_subjects']}): their values on this split come from fewer than "
+            f"{s['min_subjects']} subjects or fewer than {s['min_subjects']} were hidden, or "
+            "hiding them keeps the others from being worked out from a pooled row; they still "
+            "count in the pooled rows above."]
 
 
 def _single_code_lines(result: dict) -> list[str]:

@@ -52,12 +52,30 @@ def test_per_code_rows_of_few_subjects_or_values_are_suppressed():
     rows = [dict(code=c, num_masked=n, mse=0.5, rmse=0.7, mae=0.4, baseline_mse=1.0,
                  raw_rmse=2.0, raw_mae=1.0, cv=cv, train_mask_prob=0.2)
             for c, n, cv in (("a", 40, 0.1), ("b", 40, 0.2), ("c", 3, 0.3), ("d", 0, 0.4))]
-    assert suppress_rows(rows, np.array([12, 4, 30, 30]), k=10) == 2
+    assert suppress_rows(rows, np.array([12, 4, 30, 30]), k=10) == (2, [])
     assert "mse" in rows[0] and not rows[0].get("suppressed")
     for row in rows[1:3]:  # b: values from 4 subjects; c: 3 hidden values
         assert row == dict(code=row["code"], cv=row["cv"], train_mask_prob=0.2, suppressed=True)
     assert rows[3]["num_masked"] == 0 and "suppressed" not in rows[3]  # nothing to hide
     result = dict(per_code=rows, suppressed=dict(rows=2, min_subjects=10))
     assert [r["code"] for r in evaluated_rows(result)] == ["a"]
-    assert "2 code(s) not shown: their values on this split come from fewer than 10" in \
-        "\n".join(suppressed_lines(result))
+    assert "2 code(s) not shown (config.data.min_subjects = 10): their values on this split " \
+        "come from fewer than 10 subjects" in "\n".join(suppressed_lines(result))
+
+
+def _rows(masked):
+    return [dict(code=str(i), num_masked=n, mse=1.0) for i, n in enumerate(masked)]
+
+
+def test_a_pooled_row_cannot_give_away_a_suppressed_one():
+    rows = _rows([50, 30, 3, 40])  # code 2: 3 hidden values; tiers {0, 1, 2} and {3}
+    tiers = (np.array([True, True, True, False]), np.array([False, False, False, True]))
+    assert suppress_rows(rows, np.array([20, 20, 20, 20]), 10, tiers) == (2, [])
+    assert [r.get("suppressed", False) for r in rows] == [False, True, True, False]  # tier -
+    # code 0 = codes 1 and 2 together: 33 values of 20 subjects
+    rows = _rows([50, 30, 40])  # codes 1 and 2 together come from 8 subjects at most
+    assert suppress_rows(rows, np.array([20, 5, 3]), 10, (np.array([True, True, True]),)) == \
+        (3, [])
+    rows = _rows([50, 30])  # a tier whose every code has fewer than 10 subjects
+    assert suppress_rows(rows, np.array([6, 4]), 10, (np.array([True, False]),
+                                                     np.array([False, True]))) == (2, [0, 1])
