@@ -8,6 +8,7 @@ it was trained with (the model's code ids index ``stats.codes``) and its config.
     states = run.encode(batch)                    # float32 [B, L, D]
     vectors = run.embed(batch)                    # float32 [B, D], mean over real events
     run.labs                                      # pandas DataFrame, one row per code id
+    vectors = run.embed(run.batch(events))        # your own events: a pandas DataFrame
 
 Batches are dicts of numpy or jax arrays: ``times`` f32 [B, L] (hours since the window's first
 event), ``codes`` i32 [B, L] (index into ``stats.codes``), ``values`` f32 [B, L] (normalized:
@@ -23,11 +24,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 from flax import nnx
 
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer
+from cvmae_jax.data import meds
+from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.data.sequences import build_examples
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.evaluation.results import code_table
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE, mean_pool
@@ -62,6 +68,10 @@ class TrainedRun:
         """One vector per row, float32 [B, D]: the hidden states averaged over the real events
         with no value hidden, as ``eval.py``'s probes and ``eval/embeddings`` use them."""
         return _embed(self.graphdef, self.params, *_inputs(batch, None))
+
+    def batch(self, events: pd.DataFrame) -> dict:
+        """A batch of your own lab events in raw units (``events_batch``)."""
+        return events_batch(events, self.stats, self.max_len)
 
     def predict(self, batch: dict, value_mask) -> jax.Array:
         """Reconstructed values float32 [B, L] in normalized units with the values at
@@ -100,6 +110,37 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
         raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (the newest "
                                 f"complete one is {latest})") from None
     return TrainedRun(graphdefs[0], state.params, stats, config, step, code_table(data_stats))
+
+
+def events_batch(events: pd.DataFrame, stats: DataStats, max_len: int) -> dict:
+    """A padded batch (``padded_rows``) of lab events in raw units. ``events``: one row per event
+    with the MEDS columns subject_id (int), time (datetime64), code and numeric_value. Rows are
+    kept as prepare keeps them: with a time, a finite value not in ``stats.drop_values`` and a
+    code of ``stats.codes``. Each subject keeps its latest ``max_len`` events (the window eval.py
+    gives a label row), times in hours since the window's first event, values clipped and
+    z-scored. One row per subject with an event left, by subject_id (``subject_id`` int64 [B])."""
+    missing = [c for c in meds.EVENT_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"events: no column {', '.join(missing)} (expected the MEDS columns "
+                         f"{', '.join(meds.EVENT_COLUMNS)})")
+    table = pa.Table.from_pandas(events[list(meds.EVENT_COLUMNS)], preserve_index=False)
+    try:
+        table = table.cast(pa.schema([
+            ("subject_id", pa.int64()), ("time", pa.timestamp("us", _time_zone(table))),
+            ("code", pa.string()), ("numeric_value", pa.float64())]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(f"events: expected integer subject_id, datetime time, text code and "
+                         f"numeric numeric_value ({e})") from None
+    table, _ = meds.numeric_rows(table, stats.drop_values)
+    windows = list(build_examples(table, stats, max_len, window="last", min_window_len=1))
+    batch = padded_rows(windows, max_len)
+    batch["subject_id"] = np.array([w["subject_id"] for w in windows], np.int64)
+    return batch
+
+
+def _time_zone(table: pa.Table) -> str | None:
+    kind = table.schema.field("time").type
+    return kind.tz if pa.types.is_timestamp(kind) else None
 
 
 def _inputs(batch: dict, value_mask) -> tuple:

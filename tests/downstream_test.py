@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -125,6 +126,23 @@ def test_eval_reports_downstream_probes(evaluated):
     assert all(f"| {task} |" in report for task in TASKS)
     assert "# Reconstruction on `held_out`" in report  # the reconstruction part is unchanged
     assert result["downstream"]["embed_traces"] == 1  # one compile for every task and split
+
+
+def test_eval_reports_the_yardstick_beside_the_model(evaluated):
+    workdir, result = evaluated
+    overall = result["overall"]
+    assert 0 < overall["locf_fallback_share"] < 1 and overall["locf_masked_mse"] > 0
+    assert overall["mse_vs_locf"] == overall["masked_mse"] / overall["locf_masked_mse"]
+    for task in TASKS:
+        probe = result["downstream"]["tasks"][task]
+        aggregates = probe["aggregates"]
+        assert aggregates["reason"] or aggregates["gradient_boosting"]["n"] == probe["n"]
+    with open(os.path.join(workdir, "eval", "report.md")) as f:
+        report = f.read()
+    assert "## Does pretraining earn its keep?" in report
+    assert f"| carry-forward (LOCF) | {overall['locf_masked_mse']:.4f} |" in report
+    assert any(f"| {task} | {result['downstream']['tasks'][task]['n']} |" in report
+               for task in TASKS)
 
 
 def test_eval_names_labs_from_the_synthetic_codes_metadata(evaluated):
@@ -326,6 +344,10 @@ def test_load_trained_reproduces_the_exported_embeddings(evaluated):
     assert dict(zip(run.labs["code"], run.labs["name"]))["LAB//50912//mg/dL"] == (
         "Creatinine [mg/dL]")
     assert (run.labs["mask_prob"] > 0).all()
+    events = pd.DataFrame({"subject_id": [5, 5], "code": list(run.stats.codes[:2]),
+                           "time": pd.to_datetime(["2100-01-01 08:00", "2100-01-01 09:00"]),
+                           "numeric_value": run.stats.mean[:2]})  # your own events, raw units
+    assert np.isfinite(np.asarray(run.embed(run.batch(events)))).all()
     windows = task_windows(_meds_dir((workdir, run.config)), os.path.join(
         result["downstream"]["labels_dir"], TASKS[0]), run.stats, run.max_len)["held_out"][:8]
     batch = padded_rows(windows, run.max_len)
