@@ -13,7 +13,8 @@ def _write_metrics(workdir, **extra):
     rows = [dict(code="LAB//50912//mg/dL", name="Creatinine [mg/dL]", cv=0.5, num_masked=10,
                  mse=0.5, baseline_mse=1.0, train_mask_prob=0.3, raw_rmse=0.2),
             dict(code="LAB//X//UNK", name="LAB//X//UNK", cv=0.0, num_masked=4, mse=1e-9,
-                 baseline_mse=0.0, train_mask_prob=0.3, raw_rmse=0.0)]  # constant on train
+                 baseline_mse=0.0, train_mask_prob=0.3, raw_rmse=0.0),  # constant on train
+            dict(code="LAB//Y//x", name="Y [x]", cv=0.2, train_mask_prob=0.3, suppressed=True)]
     (workdir / "eval").mkdir()
     (workdir / "eval" / "metrics.json").write_text(json.dumps(dict(per_code=rows, **extra)))
 
@@ -25,6 +26,7 @@ def test_per_lab_table_is_a_dataframe_by_code_id(tmp_path):
     assert list(table.columns[:4]) == ["code", "name", "cv", "train_mask_prob"]
     assert table.loc[0, "name"] == "Creatinine [mg/dL]" and table.loc[0, "mse_vs_baseline"] == 0.5
     assert np.isnan(table.loc[1, "mse_vs_baseline"])  # no ratio for a constant code
+    assert table.loc[2, "suppressed"] and np.isnan(table.loc[2, ["mse", "mse_vs_baseline"]]).all()
 
 
 def test_per_lab_table_says_what_is_missing(tmp_path):

@@ -44,7 +44,8 @@ def per_lab_table(workdir: str, split: str = "held_out", kind: str = "uniform"
     """eval.py's per-lab reconstruction of the run in ``workdir`` on ``split``, one row per
     lab code, index ``code_id``: code, name, cv (train), train_mask_prob, num_masked, mse and
     baseline_mse (normalized units), mse_vs_baseline (NaN for a code constant on train: no
-    ratio), raw_rmse (the lab's units), then metrics.json's other per-code fields.
+    ratio), raw_rmse (the lab's units), then metrics.json's other per-code fields (NaN in the
+    measured columns of a row ``suppressed`` for resting on too few subjects).
     ``kind="single_code"``: each code hidden in turn (config.eval.single_code)."""
     if kind not in LAB_KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {LAB_KINDS}")
@@ -54,8 +55,7 @@ def per_lab_table(workdir: str, split: str = "held_out", kind: str = "uniform"
     if not block:
         raise ValueError(f"{path}: no {kind} results (config.eval.single_code=False)")
     table = pd.DataFrame(block["per_code"]).rename_axis("code_id")
-    table["mse_vs_baseline"] = [np.nan if ratio is None else ratio
-                                for ratio in map(vs_baseline, block["per_code"])]
+    table["mse_vs_baseline"] = [_ratio(row) for row in block["per_code"]]
     return _columns_first(table, _FIRST_LAB_COLUMNS)
 
 
@@ -106,6 +106,12 @@ def study_lab_table(study: str | dict, kind: str = "uniform") -> pd.DataFrame:
     columns = ["strategy", "code", "name", "cv", "num_masked", "random_mse", "strategy_mse",
                "diff"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _ratio(row: dict) -> float:
+    """``vs_baseline`` of a per-code row; NaN without one or when the row is suppressed."""
+    ratio = vs_baseline(row) if "mse" in row else None
+    return np.nan if ratio is None else ratio
 
 
 def _summary(study: str | dict) -> dict:
