@@ -34,7 +34,7 @@ ENTRY_FLAGS = {"train.py": ({"config", "workdir"}, {"config", "workdir"}),
                                     {"config", "task"})}
 # Commands a user types that this check leaves alone (shell set-up, other tools).
 NOT_CHECKED = {"cd", ".", "source", "ls", "cat", "head", "cp", "rsync", "mkdir", "tensorboard",
-               "meds-evaluation", "export"}
+               "meds-evaluation", "meds-evaluation-cli", "export"}
 
 
 @dataclasses.dataclass(frozen=True)
