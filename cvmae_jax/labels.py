@@ -27,17 +27,17 @@ def make_labels(meds_dir: str, task: str, output_dir: str | None = None,
                 overwrite: bool = False) -> dict[str, dict]:
     """Extracts ``task`` (a shipped task's name or an ACES config path) over meds_dir and
     writes its label files; returns {split: {rows, subjects, positives, prevalence}}."""
-    from cvmae_jax.tasks import aces_extract, label_files
+    from cvmae_jax.tasks import aces_extract, write_labels
     from cvmae_jax.tasks.task_configs import task_config
 
     name, config_path = task_config(task)
     out = Path(output_dir) if output_dir else Path(meds_dir) / "labels" / name
-    label_files.check_output(out, overwrite)
+    write_labels.check_output(out, overwrite)
     subject_splits = meds.read_subject_splits(meds_dir)
     logging.info("labels %s: extracting %s over %s", name, config_path, meds_dir)
     labels = aces_extract.extract_labels(config_path, meds_dir)
-    splits = label_files.row_splits(labels, subject_splits, str(config_path))
-    counts = label_files.split_counts(labels, splits)
+    splits = write_labels.row_splits(labels, subject_splits, str(config_path))
+    counts = write_labels.split_counts(labels, splits)
     for split, c in counts.items():
         logging.info("labels %s %s: %d rows, %d subjects, %d positive (prevalence %.1f%%)",
                      name, split, c["rows"], c["subjects"], c["positives"],
@@ -45,8 +45,8 @@ def make_labels(meds_dir: str, task: str, output_dir: str | None = None,
         if c["rows"] and not c["positives"]:
             logging.warning("labels %s %s: no positive row; AUROC is undefined there", name,
                             split)
-    label_files.check_train_positives(name, counts)
-    label_files.write_task_folder(out, labels, splits, overwrite)
+    write_labels.check_train_positives(name, counts)
+    write_labels.write_task_folder(out, labels, splits, overwrite)
     logging.info("labels %s: wrote %s", name, out)
     return counts
 
