@@ -89,7 +89,25 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.mask_seed = 1234
     config.eval.single_code = True  # eval.py: hide each code in turn (one pass per code)
     config.eval.sample_seed = 0  # eval.py: k-shot label draws and perturbations (same per model)
+    config.eval.finetune = finetune_defaults()
     return config
+
+
+def finetune_defaults() -> ml_collections.ConfigDict:
+    """``config.eval.finetune``: eval.py's fine-tuned and from-scratch classifiers on each label
+    task (docs/evaluation.md, "Fine-tuning")."""
+    finetune = ml_collections.ConfigDict()
+    finetune.enabled = True
+    finetune.steps = 200  # most updates per model (early stopping may end it sooner)
+    finetune.batch_size = 32  # global label rows per update
+    finetune.learning_rate = 1e-3  # peak (10% warmup, cosine decay)
+    finetune.encoder_lr_scale = 0.1  # pretrained encoder's rate / the head's (scratch: 1)
+    finetune.weight_decay = 0.01
+    finetune.head = "linear"  # linear | mlp (one hidden layer of d_model)
+    finetune.eval_every = 20  # steps between tuning-AUROC checks
+    finetune.patience = 3  # checks without a better tuning AUROC before stopping
+    finetune.kshot_draws = 1  # fine-tuned draws per k of the label-efficiency curve (0: none)
+    return finetune
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -87,7 +87,13 @@ def predictions_table(task: TaskData, split: str) -> pa.Table | None:
     """MEDS-DEV predictions of ``split`` from the task's probe (None without a probe)."""
     if task.probe is None:
         return None
-    prob = task.probe.probability(task.x[split]).astype(np.float64)
+    return with_probabilities(task, split, task.probe.probability(task.x[split]))
+
+
+def with_probabilities(task: TaskData, split: str, prob: np.ndarray) -> pa.Table:
+    """The label rows of ``split`` (``label_rows``) with predicted_boolean_value and
+    predicted_boolean_probability from ``prob`` float [N] (P(label = True), window order)."""
+    prob = np.asarray(prob, np.float64)
     table = label_rows(task, split)
     return (table.append_column("predicted_boolean_value", pa.array(prob >= 0.5, pa.bool_()))
             .append_column("predicted_boolean_probability", pa.array(prob, pa.float64())))

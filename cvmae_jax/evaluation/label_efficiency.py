@@ -2,7 +2,8 @@
 
 For k in K_SHOTS, R seeded draws of k train rows (stratified: each class gets its share of k
 rounded, at least one row when it has any), a probe fit on each draw with C fixed to the value
-the full-data probe chose on tuning, AUROC on held_out. "all" is the full-data probe itself.
+the full-data probe chose on tuning, AUROC on held_out. "all" is the full-data probe itself. ``kshot_curve`` draws the same rows for any other model
+(eval.py's fine-tuned classifier, ``cvmae_jax.evaluation.finetune``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ def label_efficiency(train_x, train_y, test_x, test_y, probe: Probe | None, seed
                              aurocs=[], auroc_mean=None, auroc_std=None, seeds=[],
                              reason=reason, **common)
                 for k in (*[k for k in ks if k < len(train_y)], "all")}
+    def auroc_of_draw(idx):
+        fitted = fit_probe(train_x[idx], train_y[idx], probe.C, seed)
+        return float(roc_auc_score(test_y, fitted.decision(test_x)))
+
+    return kshot_curve(auroc_of_draw, train_y, seed, full_auroc, ks, draws, common)
+
+
+def kshot_curve(auroc_of_draw, train_y, seed: int, full_auroc: float, ks=K_SHOTS,
+                draws: int = NUM_DRAWS, common: dict | None = None) -> dict:
+    """``label_efficiency``'s curve of any model: ``auroc_of_draw(indices)`` fits it on those
+    train rows and returns its held_out AUROC; draw r of k takes the rows of seed [seed, k, r]
+    (so models drawn alike see the same rows); ``common`` fields are copied into each entry."""
+    train_y = np.asarray(train_y).astype(bool)
+    common = common or {}
     curve = {}
     for k in ks:
         if k >= len(train_y):
@@ -64,8 +79,7 @@ def label_efficiency(train_x, train_y, test_x, test_y, probe: Probe | None, seed
             idx = kshot_indices(train_y, k, np.random.default_rng(draw_seed))
             if np.unique(train_y[idx]).size < 2:
                 continue  # only when train itself has a single class
-            fitted = fit_probe(train_x[idx], train_y[idx], probe.C, seed)
-            aurocs.append(float(roc_auc_score(test_y, fitted.decision(test_x))))
+            aurocs.append(float(auroc_of_draw(idx)))
             seeds.append(draw_seed)
         curve[str(k)] = dict(n_train=int(k), draws=len(aurocs), aurocs=aurocs,
                              auroc_mean=float(np.mean(aurocs)) if aurocs else None,

@@ -1,0 +1,356 @@
+"""Fine-tuning on the label tasks, beside the frozen probe: the pretrained encoder plus a small
+head trained on the task's train label windows (the probe's, empty windows left out), and the
+same network from a random initialization (from scratch), so the value of pretraining is
+measured.
+
+Each model is trained with binary cross-entropy on shuffled batches of train windows, every
+weight updated (the pretrained encoder at ``encoder_lr_scale`` times the head's rate, the
+scratch encoder at the head's rate); every ``eval_every`` steps its tuning AUROC is measured,
+the best parameters are kept, and training stops after ``patience`` checks without a better
+one. Both models share the head's initialization and the order of batches. One compiled step
+(``cvmae_jax.finetune_steps``, under the run's launcher: jit over the data mesh, or pmap)
+serves every task, model and k-shot draw. Held_out AUROC/AUPRC get subject-bootstrap CIs, and
+the differences pretrained - scratch and pretrained - probe paired-bootstrap CIs (the same
+resamples of subjects for both models). Logs hold counts and aggregates only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from cvmae_jax import parallel
+from cvmae_jax.config import finetune_defaults
+from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, _resampled_auprcs
+from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomic
+from cvmae_jax.evaluation.label_efficiency import kshot_curve
+from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
+                                               percentile_ci, resampled_aurocs)
+from cvmae_jax.finetune_steps import (HEADS, init_encoder, init_head, init_opt_state,
+                                      make_finetune_optimizer, make_finetune_step,
+                                      make_logit_step)
+from cvmae_jax.model import ModelConfig
+from cvmae_jax.steps import TrainState
+
+MODELS = ("pretrained", "scratch")
+
+
+def finetune_config(config) -> ml_collections.ConfigDict:
+    """``config.eval.finetune`` with the defaults for fields a run's config.json lacks, checked
+    (one line naming the field when a value is unusable)."""
+    settings = finetune_defaults()
+    settings.update(dict(config.eval.get("finetune", {})))
+    for name in ("steps", "batch_size", "eval_every", "patience"):
+        _require(isinstance(settings[name], int) and settings[name] >= 1, name, settings[name],
+                 "expected an integer >= 1")
+    _require(isinstance(settings.kshot_draws, int) and settings.kshot_draws >= 0,
+             "kshot_draws", settings.kshot_draws, "expected an integer >= 0")
+    for name in ("learning_rate", "encoder_lr_scale"):
+        _require(settings[name] > 0, name, settings[name], "expected > 0")
+    _require(settings.weight_decay >= 0, "weight_decay", settings.weight_decay, "expected >= 0")
+    _require(settings.head in HEADS, "head", settings.head, f"expected one of {HEADS}")
+    return settings
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.eval.finetune.{field}={value!r}: {expected}")
+
+
+@dataclasses.dataclass
+class Fit:
+    """One trained classifier: its best parameters (host arrays), the step they come from and
+    the record of training (``summary``)."""
+
+    params: dict
+    best_step: int
+    steps_run: int
+    tuning_auroc: float | None
+    tuning_curve: list  # [step, tuning AUROC or None] per check
+    train_loss: list  # [step, mean train loss since the previous check] per check
+    nonfinite_steps: int
+
+    def summary(self) -> dict:
+        return dict(best_step=self.best_step, steps_run=self.steps_run,
+                    tuning_auroc=self.tuning_auroc, tuning_curve=self.tuning_curve,
+                    train_loss=self.train_loss, nonfinite_steps=self.nonfinite_steps)
+
+
+class EarlyStopping:
+    """Keeps the parameters of the best check (highest score; the first of equals) and says
+    when ``patience`` checks in a row brought no better one. A check without a score (tuning
+    has one class) keeps the latest parameters and never stops training."""
+
+    def __init__(self, patience: int):
+        self.patience, self.since_best = patience, 0
+        self.best_score, self.best_step, self.best_params = None, 0, None
+
+    def update(self, step: int, score: float | None, snapshot) -> bool:
+        """Records a check at ``step``; ``snapshot()`` copies the parameters when they are
+        kept. Returns whether to stop."""
+        if score is None or self.best_score is None or score > self.best_score:
+            self.best_score, self.best_step, self.best_params = score, step, snapshot()
+            self.since_best = 0
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+
+class Finetuner:
+    """Trains and applies classifiers on label windows under ``launcher`` (``parallel``'s
+    ``JitLauncher`` or ``PmapLauncher``). The train step is compiled at the first ``fit`` and
+    reused by every later one; ``traces`` counts its traces."""
+
+    def __init__(self, launcher, model_config: ModelConfig, settings, max_len: int, seed: int):
+        self.launcher, self.settings, self.max_len, self.seed = launcher, settings, max_len, seed
+        self.model_config = model_config
+        self.encoder_graphdef = init_encoder(model_config, seed)[0]
+        self.head_graphdef = init_head(model_config.d_model, settings.head, 0.5, seed)[0]
+        self.optimizer = make_finetune_optimizer(settings.learning_rate, settings.weight_decay,
+                                                 settings.steps)
+        self.traces: list = []
+        self._body = make_finetune_step(self.encoder_graphdef, self.head_graphdef,
+                                        self.optimizer, launcher.axis_name, self.traces)
+        self._step = None
+        self._logits = launcher.eval_step(make_logit_step(
+            self.encoder_graphdef, self.head_graphdef, launcher.axis_name))
+
+    def scratch_encoder(self) -> dict:
+        """Randomly initialized encoder parameters (host arrays), seeded with ``seed``: with
+        the run's seed, the initialization its pretraining started from."""
+        return jax.device_get(init_encoder(self.model_config, self.seed)[1])
+
+    def fit(self, encoder_params, train: list[dict], tuning: list[dict],
+            encoder_lr_scale: float) -> Fit:
+        """Trains the encoder ``encoder_params`` plus a fresh head on the ``train`` windows
+        (``label_windows`` dicts), early-stopped on the tuning AUROC of ``tuning``."""
+        s = self.settings
+        train_y = _labels(train)
+        _, head = init_head(self.model_config.d_model, s.head, float(train_y.mean()), self.seed)
+        params = dict(encoder=jax.device_get(encoder_params), head=jax.device_get(head))
+        state = self.launcher.put_state(TrainState(
+            step=np.zeros((), np.int32), params=params,
+            opt_state=init_opt_state(self.optimizer, params, encoder_lr_scale)))
+        batches = self._train_batches(train)
+        if self._step is None:
+            self._step = self.launcher.compile_train_step(self._body, state,
+                                                          self._batch(train[:s.batch_size]))
+        leaves = self._step.flatten(state)
+        tuning_y = _labels(tuning)
+        stopper = EarlyStopping(s.patience)
+        curve, losses, window, nonfinite, step = [], [], [], 0, 0
+        for step in range(1, s.steps + 1):
+            leaves, metrics = self._step(leaves, self._step.put(next(batches)))
+            window.append(metrics)
+            if step % s.eval_every and step < s.steps:
+                continue
+            fetched = self.launcher.fetch(window)
+            window = []
+            losses.append([step, float(np.mean([m["loss"] for m in fetched]))])
+            nonfinite += sum(int(m["finite"] == 0) for m in fetched)
+            params = self._step.unflatten(leaves).params
+            score = (None if np.unique(tuning_y).size < 2 else
+                     float(roc_auc_score(tuning_y, self._logits_of(params, tuning))))
+            curve.append([step, score])
+            if stopper.update(step, score, lambda: jax.device_get(
+                    self.launcher.checkpoint_view(self._step.unflatten(leaves)).params)):
+                break
+        return Fit(stopper.best_params, stopper.best_step, step, stopper.best_score, curve,
+                   losses, nonfinite)
+
+    def logits(self, params: dict, windows: list[dict]) -> np.ndarray:
+        """Logits float64 [N] on ``windows`` of host parameters {"encoder", "head"} (as
+        ``Fit.params`` holds them)."""
+        return self._logits_of(self.launcher.put_state(params), windows)
+
+    def _logits_of(self, params, windows: list[dict]) -> np.ndarray:
+        """``logits`` of parameters already in the launcher's layout (``put_state``)."""
+        b = self.settings.batch_size
+        out = []
+        for lo in range(0, len(windows), b):
+            chunk = windows[lo:lo + b]
+            logits = self._logits(params, self.launcher.put_batch(self._batch(chunk)))
+            out.append(np.asarray(self.launcher.fetch(logits))[:len(chunk)])
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+    def _batch(self, windows: list[dict]) -> dict:
+        """Windows -> this process's rows of one padded global batch of ``batch_size`` rows."""
+        batch = padded_rows(windows, self.max_len, self.settings.batch_size)
+        del batch["example_id"]
+        batch["label"] = np.zeros(self.settings.batch_size, np.float32)
+        batch["label"][:len(windows)] = _labels(windows)
+        batch["weight"] = (np.arange(self.settings.batch_size) < len(windows)).astype(np.float32)
+        rows = self.settings.batch_size // jax.process_count()
+        first = jax.process_index() * rows
+        return {k: v[first:first + rows] for k, v in batch.items()}
+
+    def _train_batches(self, windows: list[dict]):
+        """Endless batches of ``windows``, reshuffled each epoch (seeded with ``seed`` and the
+        number of windows); an epoch's last batch is completed with padding rows."""
+        rng = np.random.default_rng([self.seed, len(windows)])
+        b = self.settings.batch_size
+        while True:
+            order = rng.permutation(len(windows))
+            for lo in range(0, len(order), b):
+                yield self._batch([windows[i] for i in order[lo:lo + b]])
+
+
+def _labels(windows: list[dict]) -> np.ndarray:
+    return np.array([bool(w["label"]) for w in windows], bool)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def scored(y: np.ndarray, score: np.ndarray, subjects, seed: int) -> dict:
+    """AUROC and AUPRC of ``score`` on labels ``y`` with subject-bootstrap 95% CIs (``subjects``:
+    each row's subject id), or None with a reason when ``y`` has a single class."""
+    y = np.asarray(y, bool)
+    out = dict(n=int(len(y)), positives=int(y.sum()), auroc=None, auroc_ci=None, auprc=None,
+               auprc_ci=None, bootstrap_used=0, reason=None)
+    if np.unique(y).size < 2:
+        out["reason"] = f"{TEST} split has a single class ({out['positives']} of {len(y)})"
+        return out
+    bootstrap = SubjectBootstrap(subjects, seed)
+    aurocs = resampled_aurocs(y, score, bootstrap)
+    out.update(auroc=float(roc_auc_score(y, score)), auroc_ci=percentile_ci(aurocs),
+               auprc=float(average_precision_score(y, score)),
+               auprc_ci=percentile_ci(_resampled_auprcs(y, score, bootstrap, aurocs)),
+               bootstrap_used=int(np.isfinite(aurocs).sum()))
+    return out
+
+
+def paired_delta(y: np.ndarray, score: np.ndarray, reference: np.ndarray, subjects,
+                 seed: int) -> dict:
+    """AUROC(score) - AUROC(reference) on the same rows with a paired subject-bootstrap 95% CI
+    (both scored on the same resamples); None when ``y`` has a single class."""
+    y = np.asarray(y, bool)
+    if np.unique(y).size < 2:
+        return dict(delta=None, ci=None, reason=f"{TEST} split has a single class")
+    bootstrap = SubjectBootstrap(subjects, seed)
+    diff = resampled_aurocs(y, score, bootstrap) - resampled_aurocs(y, reference, bootstrap)
+    return dict(delta=float(roc_auc_score(y, score) - roc_auc_score(y, reference)),
+                ci=percentile_ci(diff), reason=None)
+
+
+@dataclasses.dataclass
+class TaskFinetune:
+    """One task's fine-tuning results (``result``, for metrics.json) and each model's
+    probabilities per split {model: {split: float64 [N]}} for the prediction exports."""
+
+    result: dict
+    probabilities: dict[str, dict[str, np.ndarray]]
+
+
+def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
+                  probe_score: np.ndarray | None, seed: int) -> TaskFinetune:
+    """Trains the pretrained and the scratch classifier on one task (``TaskData``: the probe's
+    windows) and scores both on held_out; ``probe_score`` is the probe's held_out decision
+    (None without a probe)."""
+    windows = data.windows
+    train_y = _labels(windows[TRAIN])
+    result = dict(n_train=int(len(train_y)), n_tuning=len(windows[TUNING]),
+                  n=len(windows[TEST]), reason=None)
+    if np.unique(train_y).size < 2:
+        result["reason"] = f"train split has {len(train_y)} rows with a single class"
+        return TaskFinetune(result, {})
+    test_y = _labels(windows[TEST])
+    subjects = [int(w["subject_id"]) for w in windows[TEST]]
+    encoders = dict(pretrained=(pretrained_encoder, finetuner.settings.encoder_lr_scale),
+                    scratch=(finetuner.scratch_encoder(), 1.0))
+    logits, probabilities = {}, {}
+    for model, (encoder, scale) in encoders.items():
+        fit = finetuner.fit(encoder, windows[TRAIN], windows[TUNING], scale)
+        split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
+        logits[model] = split_logits[TEST]
+        probabilities[model] = {s: sigmoid(v) for s, v in split_logits.items()}
+        result[model] = dict(scored(test_y, logits[model], subjects, seed),
+                             encoder_lr_scale=scale, **fit.summary())
+    result["pretrained_vs_scratch"] = paired_delta(test_y, logits["pretrained"],
+                                                   logits["scratch"], subjects, seed)
+    if probe_score is not None:
+        result["pretrained_vs_probe"] = paired_delta(test_y, logits["pretrained"], probe_score,
+                                                     subjects, seed)
+    return TaskFinetune(result, probabilities)
+
+
+def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
+                   tasks: dict[str, TaskData], probe_results: dict, settings, max_len: int,
+                   seed: int, sample_seed: int) -> tuple[dict, dict[str, TaskFinetune]]:
+    """Fine-tunes on every task (``finetune_task``) and, with ``settings.kshot_draws``, on the
+    label-efficiency curve's k-shot draws (``label_efficiency.kshot_curve``: the probe's rows).
+    Adds each task's result to ``probe_results[task]["finetune"]``; returns the shared settings
+    (with the number of traces of the train step) and each task's ``TaskFinetune``."""
+    parallel.check_batch_size(settings.batch_size, launcher.num_devices,
+                              "config.eval.finetune.batch_size")
+    finetuner = Finetuner(launcher, model_config, settings, max_len, seed)
+    pretrained = jax.device_get(pretrained_params)
+    out = {}
+    for task, data in tasks.items():
+        probe_score = None if data.probe is None else data.probe.decision(data.x[TEST])
+        tuned = finetune_task(finetuner, pretrained, data, probe_score, seed)
+        full_auroc = tuned.result.get("pretrained", {}).get("auroc")
+        if settings.kshot_draws and full_auroc is not None:
+            tuned.result["label_efficiency"] = _kshot(finetuner, pretrained, data, sample_seed,
+                                                      full_auroc)
+        probe_results[task]["finetune"] = tuned.result
+        log_task(task, tuned.result)
+        out[task] = tuned
+    record = dict(dict(settings), seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP,
+                  launcher=type(launcher).__name__, devices=launcher.num_devices,
+                  models=list(MODELS), kshot_seed=int(sample_seed),
+                  train_step_traces=len(finetuner.traces))
+    return record, out
+
+
+def _kshot(finetuner: Finetuner, pretrained, data: TaskData, sample_seed: int,
+           full_auroc: float) -> dict:
+    """The fine-tuned (pretrained) classifier's k-shot curve: ``kshot_draws`` draws per k."""
+    train, test = data.windows[TRAIN], data.windows[TEST]
+    test_y = _labels(test)
+
+    def auroc_of_draw(idx):
+        fit = finetuner.fit(pretrained, [train[i] for i in idx], data.windows[TUNING],
+                            finetuner.settings.encoder_lr_scale)
+        return roc_auc_score(test_y, finetuner.logits(fit.params, test))
+
+    return kshot_curve(auroc_of_draw, _labels(train), sample_seed, full_auroc,
+                       draws=finetuner.settings.kshot_draws,
+                       common=dict(split=TEST, n_test=len(test)))
+
+
+def write_predictions(eval_dir: str, name: str, data: TaskData, tuned: TaskFinetune) -> dict:
+    """Writes ``predictions_<model>/<task>/<split>.parquet`` (MEDS-DEV format, as the probe's
+    ``predictions/``) for each model; returns {model: {split: rows}}."""
+    written = {}
+    for model, by_split in tuned.probabilities.items():
+        for split, prob in by_split.items():
+            table = with_probabilities(data, split, prob)
+            write_parquet_atomic(table, os.path.join(eval_dir, f"predictions_{model}", name,
+                                                     f"{split}.parquet"))
+            written.setdefault(model, {})[split] = table.num_rows
+    return written
+
+
+def log_task(task: str, r: dict) -> None:
+    """One console line per task: held_out AUROC of both models, steps, and the delta."""
+    if r.get("reason"):
+        logging.info("finetune %s: skipped (%s)", task, r["reason"])
+        return
+    parts = [f"{m} AUROC {_fmt(r[m]['auroc'])} (best step {r[m]['best_step']} of "
+             f"{r[m]['steps_run']})" for m in MODELS]
+    delta = r["pretrained_vs_scratch"]["delta"]
+    logging.info("finetune %s: %s; pretrained - scratch %s", task, ", ".join(parts),
+                 _fmt(delta))
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -1,0 +1,138 @@
+"""Fine-tuning on label windows, on constructed windows and a tiny encoder: the loss falls, the
+step compiles once for every model, jit and pmap train alike over 8 devices, early stopping keeps
+the best check, and the held_out statistics are paired. (eval.py's fine-tuning end to end, with
+its exports, is in eval_finetune_test.py.)"""
+
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import jax
+
+from cvmae_jax import parallel
+from cvmae_jax.config import finetune_defaults
+from cvmae_jax.evaluation.finetune import (EarlyStopping, Finetuner, finetune_config,
+                                           paired_delta)
+from cvmae_jax.model import ModelConfig
+
+MAX_LEN, VOCAB = 12, 6
+MODEL = ModelConfig(vocab_size=VOCAB, d_model=16, num_heads=2, num_layers=1, mlp_ratio=2,
+                    time_frequencies=2)
+
+
+def _windows(rng, n: int, first_subject: int = 0) -> list[dict]:
+    """Windows of 3..MAX_LEN events; a positive's values are shifted up by 0.5, its
+    code-1 values by 2."""
+    out = []
+    for i in range(n):
+        label = bool(i % 3 == 0)
+        length = int(rng.integers(3, MAX_LEN + 1))
+        codes = rng.integers(0, VOCAB, length).astype(np.int32)
+        values = rng.normal(size=length) + 1.5 * label * (codes == 1) + 0.5 * label
+        out.append(dict(times=np.sort(rng.random(length) * 48).astype(np.float32), codes=codes,
+                        values=values.astype(np.float32), label=label,
+                        subject_id=np.int64(first_subject + i)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def windows():
+    rng = np.random.default_rng(0)
+    return dict(train=_windows(rng, 96), tuning=_windows(rng, 48, 1000))
+
+
+def _settings(**overrides) -> ml_collections.ConfigDict:
+    settings = finetune_defaults()
+    settings.update(dict(dict(steps=24, batch_size=16, learning_rate=1e-2, eval_every=6,
+                              patience=10), **overrides))
+    return settings
+
+
+def _encoder(seed=0):
+    return Finetuner(parallel.JitLauncher(jax.devices()), MODEL, _settings(), MAX_LEN,
+                     seed).scratch_encoder()
+
+
+def test_loss_falls_and_one_compile_serves_every_model(windows):
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL, _settings(), MAX_LEN, 0)
+    assert finetuner.launcher.num_devices == 8  # data-parallel over the fake devices
+    pretrained = finetuner.fit(_encoder(1), windows["train"], windows["tuning"], 0.1)
+    scratch = finetuner.fit(finetuner.scratch_encoder(), windows["train"], windows["tuning"],
+                            1.0)
+    subset = finetuner.fit(_encoder(1), windows["train"][:20], windows["tuning"], 0.1)
+    assert len(finetuner.traces) == 1  # the step compiled once for all three
+    for fit in (pretrained, scratch):
+        losses = [loss for _, loss in fit.train_loss]
+        assert losses[-1] < 0.9 * losses[0], losses
+        assert fit.tuning_auroc > 0.7 and fit.nonfinite_steps == 0
+        assert [step for step, _ in fit.tuning_curve] == [6, 12, 18, 24]
+    assert subset.steps_run == 24
+
+
+def test_jit_and_pmap_train_alike(windows):
+    fits = {}
+    for launcher in (parallel.JitLauncher(jax.devices()),
+                     parallel.PmapLauncher(jax.devices())):
+        finetuner = Finetuner(launcher, MODEL, _settings(steps=12), MAX_LEN, 0)
+        fits[type(launcher).__name__] = finetuner.fit(_encoder(1), windows["train"],
+                                                      windows["tuning"], 0.1)
+        assert len(finetuner.traces) == 1
+    jit, pmap = fits["JitLauncher"], fits["PmapLauncher"]
+    np.testing.assert_allclose([v for _, v in pmap.train_loss], [v for _, v in jit.train_loss],
+                               rtol=1e-4)
+    for p, j in zip(jax.tree.leaves(pmap.params), jax.tree.leaves(jit.params), strict=True):
+        np.testing.assert_allclose(p, j, rtol=1e-3, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_first_best_check():
+    stopper = EarlyStopping(patience=2)
+    scores = {10: 0.6, 20: 0.8, 30: 0.8, 40: 0.7, 50: 0.9}
+    stops = [stopper.update(step, s, lambda step=step: f"params@{step}")
+             for step, s in scores.items() if step <= 40]
+    assert stops == [False, False, False, True]
+    assert (stopper.best_step, stopper.best_score, stopper.best_params) == (20, 0.8,
+                                                                            "params@20")
+    without_score = EarlyStopping(patience=1)
+    assert not any(without_score.update(step, None, lambda step=step: step)
+                   for step in (1, 2, 3))
+    assert without_score.best_params == 3  # tuning has one class: the last parameters
+
+
+def test_fit_returns_the_parameters_of_its_best_check(windows):
+    """A high rate and a check every step: the tuning AUROC moves, training stops early and
+    the returned parameters reproduce the best check's AUROC, not the last one's."""
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=40, eval_every=1, patience=3, learning_rate=3e-2),
+                          MAX_LEN, 0)
+    fit = finetuner.fit(_encoder(1), windows["train"], windows["tuning"], 1.0)
+    scores = [s for _, s in fit.tuning_curve]
+    assert fit.steps_run < 40 and fit.best_step < fit.steps_run
+    assert fit.tuning_auroc == max(scores) and scores[-1] < max(scores)
+    assert fit.best_step == fit.tuning_curve[scores.index(max(scores))][0]
+    tuning_y = [w["label"] for w in windows["tuning"]]
+    again = roc_auc_score(tuning_y, finetuner.logits(fit.params, windows["tuning"]))
+    assert again == pytest.approx(fit.tuning_auroc, abs=1e-6)
+
+
+def test_paired_delta_of_a_model_with_itself_and_a_better_one():
+    rng = np.random.default_rng(3)
+    y = rng.random(200) < 0.3
+    weak, strong = y + rng.normal(0, 2, 200), y + rng.normal(0, 0.3, 200)
+    subjects = np.arange(200) // 2  # two rows per subject
+    same = paired_delta(y, weak, weak, subjects, 0)
+    assert same["delta"] == 0 and same["ci"] == [0.0, 0.0]
+    better = paired_delta(y, strong, weak, subjects, 0)
+    assert better["delta"] > 0.1 and 0 < better["ci"][0] <= better["delta"] <= better["ci"][1]
+    assert paired_delta(np.zeros(5, bool), weak[:5], weak[:5], subjects[:5], 0)["delta"] is None
+
+
+def test_finetune_config_fills_defaults_and_names_a_bad_field():
+    config = ml_collections.ConfigDict(dict(eval=dict(batch_size=8)))  # a run without the section
+    assert dict(finetune_config(config)) == dict(finetune_defaults())
+    config.eval.finetune = dict(head="deep")
+    with pytest.raises(ValueError, match=r"config.eval.finetune.head='deep': expected one of"):
+        finetune_config(config)
+    config.eval.finetune = dict(patience=0)
+    with pytest.raises(ValueError, match=r"config.eval.finetune.patience=0"):
+        finetune_config(config)
