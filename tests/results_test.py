@@ -46,3 +46,5 @@ def test_code_table_names_the_codes_of_data_stats():
     assert list(table["name"]) == ["Creatinine [mg/dL]", "LAB//X//UNK"]
     assert list(table.columns[:3]) == ["code", "name", "count"]
     assert "description" not in table and table.loc[1, "mask_prob"] == 0.1
+    del stats["codes"][0]["description"]
+    assert results.code_table(stats).loc[0, "name"] == "LAB//50912//mg/dL"
