@@ -33,7 +33,7 @@ def code_table(data_stats: dict) -> pd.DataFrame:
     """The lab codes of a run's ``data_stats.json`` (dict), index ``code_id`` (the model's
     code id): code, name (``code_names.lab_name``), count, num_subjects, mean, std, cv (raw
     train values), mask_prob (the run's masking), clip bounds and normalization moments."""
-    rows = data_stats["codes"]  # without "description": the data had no codes.parquet text
+    rows = data_stats["codes"]  # a row without "description" is named by its code
     table = pd.DataFrame(rows).drop(columns="description", errors="ignore")
     table = table.rename_axis("code_id")
     table["name"] = lab_names([r["code"] for r in rows], [r.get("description") for r in rows])
