@@ -103,7 +103,7 @@ def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max
                                    seed, subjects)
     gbm, gbm_result = fit_gradient_boosting(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], seed)
     gbm_score = gbm.decision_function(x[TEST])
-    gbm_result.update(held_out_metrics(y[TEST], gbm_score, seed, subjects))
+    gbm_result.update(n=len(y[TEST]), **held_out_metrics(y[TEST], gbm_score, seed, subjects))
     for name, result, score in (("logistic_regression", lr_result, lr.decision(x[TEST])),
                                 ("gradient_boosting", gbm_result, gbm_score)):
         result["probe_minus_model"] = paired_auroc_difference(y[TEST], probe_score, score,

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
+from cvmae_jax.evaluation.yardstick import yardstick_lines  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
 from cvmae_jax.reconstruction import vs_baseline  # noqa: E402
 
@@ -26,14 +27,16 @@ def write_report(path: str, result: dict) -> None:
         f"- masked MSE (normalized units): {overall['masked_mse']:.4f}",
         f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
         f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",
+        *yardstick_lines(result), "## Reconstruction by CV tier and by lab", "",
         *_tier_table(result["by_cv_tier"]), "",
-        "| lab | code | train CV | train mask p | n masked | MSE | baseline MSE | "
-        "RMSE (raw units) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| lab | code | train CV | train mask p | n masked | MSE | baseline MSE | LOCF MSE | "
+        "LOCF fallback | RMSE (raw units) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in evaluated_rows(result):
         lines.append(f"| {_lab_cells(r)} | {r['cv']:.3f} | {r['train_mask_prob']:.2f} | "
                      f"{r['num_masked']} | {r['mse']:.4f} | {r['baseline_mse']:.4f} | "
+                     f"{r['locf_mse']:.4f} | {r['locf_fallback_share']:.0%} | "
                      f"{r['raw_rmse']:.4g} |")
     lines += suppressed_lines(result)
     if "single_code" in result:

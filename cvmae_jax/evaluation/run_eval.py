@@ -1,9 +1,9 @@
 """``eval.py``: evaluation of a pretrained run, written to ``RUN/eval/`` (``RUN/eval_<split>/``
 for a split other than held_out).
 
-Reconstruction under the fixed uniform mask (overall, by CV tier, per lab) and, optionally, with
-one code hidden at a time; downstream probes on the MEDS label tasks with label-efficiency
-curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
+Reconstruction under the fixed uniform mask (overall, by CV tier, per lab, beside the per-code
+mean and carry-forward) and, optionally, with one code hidden at a time; downstream probes on
+the MEDS label tasks beside the aggregates baseline, with label-efficiency curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.evaluation import perturbation, report
+from cvmae_jax.evaluation.aggregates import aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
                                               read_label_tasks)
 from cvmae_jax.evaluation.exports import write_task_exports
@@ -126,6 +127,11 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         result["downstream"], tasks = probe_tasks(
             graphdef, params, labels_dir, label_tasks, config.data.max_len,
             config.eval.batch_size, seed=config.seed, embed_fn=embed_fn)
+    with _phase("aggregates baseline (logistic regression, gradient boosting)"):
+        for task, data in tasks.items():
+            probe = result["downstream"]["tasks"][task]
+            probe["aggregates"] = aggregates_baseline(data, probe, stats.vocab_size,
+                                                      config.data.max_len, config.seed)
     sample_seed = config.eval.sample_seed
     result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
     with _phase("label-efficiency curves"):
