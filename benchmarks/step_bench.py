@@ -8,7 +8,7 @@ The step is built as ``cvmae_jax.train`` builds it (``steps.init_state``, ``make
 Each timed step includes the host->device batch copy (``put``) and waits for the new state.
 On an accelerator that adds the host's round trip to every step, so two more lines launch the
 steps back to back and wait once: "pipelined" with the batch copies (train.py's loop, which
-runs at most one step ahead, gets no more than this) and "device" on batches already on the
+waits once per logging window, gets no more than this) and "device" on batches already on the
 device; "host launch" is the host's own time per step.
 """
 
