@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
 from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
+from cvmae_jax.evaluation.finetune_report import finetune_lines, kshot_points  # noqa: E402
 from cvmae_jax.evaluation.yardstick import yardstick_lines  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
 from cvmae_jax.reconstruction import vs_baseline  # noqa: E402
@@ -44,6 +45,7 @@ def write_report(path: str, result: dict) -> None:
     if "downstream" in result:
         lines += report_lines(result["downstream"])
         lines += _label_efficiency_lines(result["downstream"])
+        lines += finetune_lines(result["downstream"])
     if "perturbation" in result:
         lines += _perturbation_lines(result["perturbation"])
     if "exports" in result:
@@ -212,10 +214,15 @@ def plot_label_efficiency(path: str, downstream: dict) -> None:
         if curve:
             mean = np.array([e["auroc_mean"] for e in curve])
             std = np.array([e["auroc_std"] or 0.0 for e in curve])  # one draw: no bar
-            ax.errorbar([e["n_train"] for e in curve], mean, marker="o", capsize=3,
-                        yerr=[mean - np.maximum(mean - std, 0), np.minimum(mean + std, 1) - mean],
-                        label=f"{task} (all: n train {curve[-1]['n_train']}, "
-                              f"n test {curve[-1]['n_test']})")
+            bars = ax.errorbar(
+                [e["n_train"] for e in curve], mean, marker="o", capsize=3,
+                yerr=[mean - np.maximum(mean - std, 0), np.minimum(mean + std, 1) - mean],
+                label=f"{task} (all: n train {curve[-1]['n_train']}, "
+                      f"n test {curve[-1]['n_test']})")
+            tuned = kshot_points(r)
+            if tuned:
+                ax.plot(*zip(*tuned), marker="s", ls="--", color=bars.lines[0].get_color(),
+                        label=f"{task}, fine-tuned")
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
     if ax.get_legend_handles_labels()[0]:
         ax.set_xscale("log")

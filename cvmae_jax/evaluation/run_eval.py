@@ -31,6 +31,7 @@ from cvmae_jax.evaluation.aggregates import aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
                                               read_label_tasks)
 from cvmae_jax.evaluation.exports import write_task_exports
+from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks, write_predictions
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
@@ -50,6 +51,7 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
     may be overridden; ``eval.split`` is ``--split``."""
     config = read_config(workdir)
+    config.eval.finetune = finetune_config(config)  # a run's config.json may lack the section
     fixed = sorted(name for name in overrides
                    if not name.startswith(EVAL_OVERRIDABLE) or name == "eval.split")
     if fixed:
@@ -79,6 +81,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
         raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to evaluate")
+    finetune = finetune_config(config)
     check_writable(eval_dir(workdir, split), "eval.py writes its results there")
     meds_dir = resolve_meds_dir(config, workdir)
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir),
@@ -95,8 +98,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     if attention != model_config.attention:
         logging.info("eval: attention %s -> %s (the same function) on %s", model_config.attention,
                      attention, jax.default_backend())
-    graphdef, state = init_state(dataclasses.replace(model_config, attention=attention),
-                                 make_optimizer(config.train), config.seed)
+    model_config = dataclasses.replace(model_config, attention=attention)
+    graphdef, state = init_state(model_config, make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
     state = Checkpointer.restore_state(checkpoints, step, abstract_like(state))
     params, stats = state.params, dataset.stats
@@ -140,6 +143,13 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             probe["label_efficiency"] = label_efficiency(
                 data.x[TRAIN], data.y[TRAIN], data.x[TEST], data.y[TEST], data.probe,
                 sample_seed, probe["auroc"])
+    finetuned = {}
+    if finetune.enabled and tasks:
+        with _phase(f"fine-tuning ({len(tasks)} task(s), pretrained and from scratch; "
+                    "config.eval.finetune.enabled=False skips it)"):
+            result["downstream"]["finetune"], finetuned = finetune_tasks(
+                launcher, model_config, params, tasks, result["downstream"]["tasks"], finetune,
+                config.data.max_len, config.seed, sample_seed)
     with _phase(f"perturbation sensitivity ({', '.join(perturbation.KINDS)})"):
         result["perturbation"] = perturbation.perturbation_metrics(
             perturbation.KINDS, sample_seed, split, sum(int(b["valid"].sum()) for b in batches),
@@ -155,6 +165,10 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         out = eval_dir(workdir, split)
         result["exports"] = {task: write_task_exports(out, task, data)
                              for task, data in tasks.items()}
+        if finetuned:
+            result["downstream"]["finetune"]["exports"] = {
+                task: write_predictions(out, task, tasks[task], tuned)
+                for task, tuned in finetuned.items()}
         for task, written in result["exports"].items():
             logging.info("eval %s: embeddings of %d label rows, predictions %s", task,
                          written["embeddings"], written["predictions"])

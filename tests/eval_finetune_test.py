@@ -1,0 +1,98 @@
+"""eval.py's fine-tuning end to end on a tiny run: both models on every task with paired CIs,
+the k-shot points, MEDS-DEV predictions that join back to the label files, the report."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
+from cvmae_jax.train import train_and_evaluate
+
+from train_test import tiny_config
+
+SPLITS = ("tuning", "held_out")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config(tmp_path_factory.mktemp("data"), num_steps=20, log_every=10,
+                         eval_every=20, checkpoint_every=20)
+    train_and_evaluate(config, workdir)
+    config = run_config_with(workdir, {"eval.single_code": False, "eval.finetune.steps": 30,
+                                       "eval.finetune.eval_every": 10})
+    return workdir, evaluate_run(workdir, config=config)
+
+
+def test_both_models_are_trained_and_compared_on_every_task(evaluated):
+    _, result = evaluated
+    downstream = result["downstream"]
+    settings = downstream["finetune"]
+    assert settings["steps"] == 30 and settings["devices"] == 8
+    assert settings["train_step_traces"] == 1  # every task, model and k-shot draw
+    for task, r in downstream["tasks"].items():
+        f = r["finetune"]
+        assert f["n_train"] == r["n_train"] and f["n"] == r["n"]
+        for model in ("pretrained", "scratch"):
+            m = f[model]
+            assert 1 <= m["best_step"] <= m["steps_run"] <= 30 and m["nonfinite_steps"] == 0
+            assert m["encoder_lr_scale"] == (0.1 if model == "pretrained" else 1.0)
+            if r["auroc"] is not None:  # held_out with both classes
+                assert 0 <= m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1] <= 1
+        if r["auroc"] is not None:
+            d = f["pretrained_vs_scratch"]
+            assert d["delta"] == pytest.approx(f["pretrained"]["auroc"] - f["scratch"]["auroc"])
+            assert d["ci"][0] <= d["ci"][1]
+            kshot = f["label_efficiency"]
+            assert list(kshot) == list(r["label_efficiency"])  # the probe's k
+            assert kshot["all"]["auroc_mean"] == f["pretrained"]["auroc"]
+            assert all(e["draws"] == 1 for k, e in kshot.items() if k != "all")
+
+
+def test_predictions_join_back_to_the_label_files(evaluated):
+    workdir, result = evaluated
+    labels = result["downstream"]["labels_dir"]
+    exports = result["downstream"]["finetune"]["exports"]
+    for task, r in result["downstream"]["tasks"].items():
+        for split in SPLITS:
+            rows = pq.read_table(os.path.join(labels, task, f"{split}.parquet"))
+            probe = pq.read_table(os.path.join(workdir, "eval", "predictions", task,
+                                               f"{split}.parquet"))
+            for model in ("pretrained", "scratch"):
+                pred = pq.read_table(os.path.join(workdir, "eval", f"predictions_{model}",
+                                                  task, f"{split}.parquet"))
+                assert exports[task][model][split] == pred.num_rows == probe.num_rows
+                assert pred.select(rows.column_names).equals(rows)  # the label rows as read
+                keys = set(zip(rows["subject_id"].to_pylist(),
+                               rows["prediction_time"].to_pylist()))
+                assert set(zip(pred["subject_id"].to_pylist(),
+                               pred["prediction_time"].to_pylist())) == keys
+                p = pred["predicted_boolean_probability"].to_numpy()
+                assert pred.schema.field("predicted_boolean_probability").type == pa.float64()
+                assert ((p > 0) & (p < 1)).all() and np.ptp(p) > 0
+                np.testing.assert_array_equal(
+                    pred["predicted_boolean_value"].to_numpy(zero_copy_only=False), p >= 0.5)
+        if r["auroc"] is not None:  # the held_out file scores as metrics.json says
+            from sklearn.metrics import roc_auc_score
+            pred = pq.read_table(os.path.join(workdir, "eval", "predictions_pretrained", task,
+                                              "held_out.parquet"))
+            assert roc_auc_score(pred["boolean_value"].to_numpy(zero_copy_only=False),
+                                 pred["predicted_boolean_probability"].to_numpy()) == \
+                pytest.approx(r["finetune"]["pretrained"]["auroc"], abs=1e-9)
+
+
+def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):
+    workdir, result = evaluated
+    with open(os.path.join(workdir, "eval", "report.md")) as f:
+        report = f.read()
+    assert "## Fine-tuning on `held_out`" in report
+    for task in result["downstream"]["tasks"]:
+        for model in ("probe", "pretrained", "scratch"):
+            assert f"| {task} | {model} |" in report
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["downstream"]["finetune"]["train_step_traces"] == 1
