@@ -33,6 +33,7 @@ from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_t
 from cvmae_jax.evaluation.exports import write_task_exports
 from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks, write_predictions
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
+from cvmae_jax.evaluation.meds_evaluation import score_exports
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
@@ -172,6 +173,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         for task, written in result["exports"].items():
             logging.info("eval %s: embeddings of %d label rows, predictions %s", task,
                          written["embeddings"], written["predictions"])
+        result["meds_evaluation"] = score_exports(out, result["exports"])
         write_json_atomic(eval_metrics_path(workdir, split), result)
         report.write_report(os.path.join(out, "report.md"), result)
         report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)

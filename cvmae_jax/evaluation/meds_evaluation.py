@@ -1,0 +1,64 @@
+"""eval.py's predictions scored by ``meds-evaluation``, the MEDS ecosystem's scorer (the
+``[scoring]`` extra), as a check that the exported files mean what the report says.
+
+For every exported ``predictions/<task>/<split>.parquet``, meds-evaluation's
+``evaluate_binary_classification`` (the function behind ``meds-evaluation-cli
+predictions_path=... output_file=...``, with its defaults) gives AUROC, average precision,
+Brier score, calibration error, accuracy and F1, over rows ("samples_equally_weighted") and
+over up to 4 rows drawn per subject ("subjects_equally_weighted"). meds-evaluation reads the
+probabilities as float32. A split whose labels are all one class has no AUROC: it is recorded
+as undefined, not scored. Without meds-evaluation installed nothing is scored.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from cvmae_jax.jsonio import json_float
+
+SCORER = "meds-evaluation"
+
+
+def _evaluator():
+    """meds-evaluation's binary-classification function, or None when it is not installed."""
+    try:
+        from meds_evaluation.evaluate import evaluate_binary_classification
+    except ImportError:
+        return None
+    return evaluate_binary_classification
+
+
+def score_file(path: str, evaluate=None) -> dict:
+    """meds-evaluation's metrics of one predictions file ({block: {metric: float}}), or
+    {"undefined": reason} when its labels are all one class."""
+    import polars as pl
+
+    evaluate = evaluate or _evaluator()
+    predictions = pl.read_parquet(path)
+    if predictions["boolean_value"].n_unique() < 2:
+        return {"undefined": "the labels are all one class"}
+    result = evaluate(predictions)
+    return {block: {name: json_float(value) for name, value in metrics.items()}
+            for block, metrics in result.items()}
+
+
+def score_exports(eval_dir: str, exports: dict) -> dict:
+    """{task: {split: score_file(...)}} of every predictions file in ``exports``
+    (``write_task_exports``' {task: {"predictions": {split: rows}}}); {} without
+    meds-evaluation."""
+    evaluate = _evaluator()
+    if evaluate is None:
+        logging.info("eval: meds-evaluation is not installed; predictions not scored by it "
+                     "(pip install 'cvmae-jax[scoring]')")
+        return {}
+    scores = {}
+    for task, written in exports.items():
+        for split in written["predictions"]:
+            path = os.path.join(eval_dir, "predictions", task, f"{split}.parquet")
+            scores.setdefault(task, {})[split] = score = score_file(path, evaluate)
+            auroc = score.get("samples_equally_weighted", {}).get("roc_auc_score")
+            logging.info("eval %s %s: %s AUROC %s", task, split, SCORER,
+                         "undefined (one class)" if auroc is None else auroc)
+    return scores
