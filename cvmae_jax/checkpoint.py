@@ -25,8 +25,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int):
-        _on_process_0(lambda: set_aside_damaged(str(directory),
-                                                Checkpointer.complete_steps(directory)))
+        _on_process_0(lambda: set_aside_damaged(str(directory)))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -35,30 +34,23 @@ class Checkpointer:
         return self.manager.latest_step()
 
     @staticmethod
-    def complete_steps(directory: str | os.PathLike) -> list[int]:
-        """The complete checkpoints' steps under ``directory``, oldest first, creating nothing
-        (none when there is no such folder)."""
-        if not os.path.isdir(directory):
-            return []
-        manager = _read_only_manager(directory)
-        try:
-            return sorted(manager.all_steps())
-        finally:
-            manager.close()
-
-    @staticmethod
     def latest_complete_step(directory: str | os.PathLike) -> int | None:
         """The newest complete checkpoint's step under ``directory``, creating nothing (None
         when there is no such folder or no complete checkpoint in it)."""
-        steps = Checkpointer.complete_steps(directory)
-        return steps[-1] if steps else None
+        if not os.path.isdir(directory):
+            return None
+        manager = _read_only_manager(directory)
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
 
     @staticmethod
     def restore_state(directory: str | os.PathLike, step: int, abstract_state):
         """The ``state`` item of checkpoint ``step``, read without writing anything, onto the
         shardings of ``abstract_state``. A damaged checkpoint is refused in one line naming
         its step and the newest intact one."""
-        check_intact(str(directory), step, Checkpointer.complete_steps(directory))
+        check_intact(str(directory), step)
         manager = _read_only_manager(directory)
         try:
             return manager.restore(step, args=ocp.args.Composite(
@@ -91,7 +83,8 @@ class Checkpointer:
 
 def _on_process_0(work) -> None:
     """Runs ``work`` on process 0 while the others wait; when it raises, every process raises
-    (the others would otherwise wait in their next collective)."""
+    (the others would otherwise wait in their next collective). ``work`` must not call Orbax's
+    CheckpointManager, whose barriers the waiting processes would never join."""
     if jax.process_count() == 1:
         work()
         return

@@ -18,9 +18,10 @@ class DamagedCheckpointError(ValueError):
 
 
 def damage(step_dir: str) -> str | None:
-    """What is damaged in the checkpoint folder ``step_dir`` ("state/d/3f2a: Requested byte
-    range ... is not valid"), or None when every JSON file parses and every value of every
-    array database reads in full. Reads the whole checkpoint once."""
+    """What is damaged in the checkpoint folder ``step_dir`` ("run/metadata: Expecting ...", or
+    for an array database "state: OUT_OF_RANGE: ... of local file .../state/d/3f2a ..."), or
+    None when every JSON file parses and every value of every array database reads in full.
+    Reads the whole checkpoint once."""
     for folder, subfolders, files in os.walk(step_dir):
         subfolders[:] = [name for name in subfolders  # OCDBT's files: read through its root
                          if name != "d" and not name.startswith("ocdbt.process_")]
@@ -57,6 +58,16 @@ def step_dir(directory: str, step: int) -> str:
     return os.path.join(directory, str(step))
 
 
+def step_folders(directory: str) -> list[int]:
+    """Steps of the complete checkpoints under ``directory``, oldest first: the folders named
+    by a step alone (Orbax renames a save's temporary folder to that name when it completes).
+    Listed without Orbax's CheckpointManager, whose barriers need every process."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
 def newest_intact(directory: str, steps: list[int]) -> int | None:
     """The newest of ``steps`` whose checkpoint has no damage, or None."""
     for step in sorted(steps, reverse=True):
@@ -65,13 +76,12 @@ def newest_intact(directory: str, steps: list[int]) -> int | None:
     return None
 
 
-def set_aside_damaged(directory: str, steps: list[int]) -> None:
-    """Before a resume from the checkpoints of ``steps`` (all complete ones under
-    ``directory``): moves those newer than the newest intact one to
-    ``damaged_checkpoints/`` beside ``directory``, with a warning naming each, so the run
-    resumes from the intact one (Orbax would try the newest). Refuses, moving nothing, when no
-    checkpoint is intact."""
-    steps, damaged = sorted(steps), []
+def set_aside_damaged(directory: str) -> None:
+    """Before a resume from the checkpoints under ``directory``: moves those newer than the
+    newest intact one to ``damaged_checkpoints/`` beside ``directory``, with a warning naming
+    each, so the run resumes from the intact one (Orbax would try the newest). Refuses, moving
+    nothing, when no checkpoint is intact."""
+    steps, damaged = step_folders(directory), []
     for step in reversed(steps):
         problem = damage(step_dir(directory, step))
         if problem is None:
@@ -94,13 +104,13 @@ def set_aside_damaged(directory: str, steps: list[int]) -> None:
                         moved_to, resume)
 
 
-def check_intact(directory: str, step: int, steps: list[int]) -> None:
-    """Raises DamagedCheckpointError naming ``step`` and the newest intact one of the older
-    ``steps`` when the checkpoint at ``step`` is damaged."""
+def check_intact(directory: str, step: int) -> None:
+    """Raises DamagedCheckpointError naming ``step`` and the newest intact older step when
+    the checkpoint at ``step`` is damaged."""
     problem = damage(step_dir(directory, step))
     if problem is None:
         return
-    older = newest_intact(directory, [s for s in steps if s < step])
+    older = newest_intact(directory, [s for s in step_folders(directory) if s < step])
     remedy = (f"the newest intact checkpoint is step {older}: rerun the run's train.py command "
               f"(or the study) to set step {step} aside and train on from step {older}"
               if older is not None
