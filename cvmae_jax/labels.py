@@ -12,6 +12,7 @@ split. A task with no positive row in train is refused and nothing is written (d
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -59,7 +60,10 @@ def _main(argv) -> None:
         meds_dir = FLAGS.config.data.meds_dir
         if not meds_dir:
             raise ValueError("--config.data.meds_dir is required: the MEDS dataset to label")
-        make_labels(meds_dir, FLAGS.task, FLAGS.output_dir, FLAGS.overwrite)
+        try:
+            make_labels(meds_dir, FLAGS.task, FLAGS.output_dir, FLAGS.overwrite)
+        except ImportError as error:  # no [tasks] extra: the install line, not a traceback
+            sys.exit(f"error: {error}")
 
 
 def main() -> None:

@@ -140,3 +140,17 @@ def test_label_prevalence_is_counted_per_split(synthetic, tmp_path):
     for c in counts.values():
         assert c["rows"] == 0 or np.isclose(c["prevalence"], c["positives"] / c["rows"])
         assert c["subjects"] <= c["rows"]
+
+
+def test_labels_cli_without_aces_says_how_to_install_it(synthetic, tmp_path):
+    code = ("import sys; sys.modules['aces'] = None; from cvmae_jax.labels import main; "
+            "main()")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config=configs/meds.py",
+         f"--config.data.meds_dir={synthetic}", "--task=readmission_30d",
+         f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: the labels command needs ACES: pip install 'cvmae-jax[tasks]'"), result.stderr
+    assert not (tmp_path / "out").exists()
