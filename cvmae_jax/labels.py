@@ -20,6 +20,8 @@ from ml_collections import config_flags
 
 from cvmae_jax.cli import log_progress, run, user_errors
 from cvmae_jax.data import meds
+from cvmae_jax.tasks import aces_extract, write_labels
+from cvmae_jax.tasks.task_configs import task_config
 
 FLAGS = flags.FLAGS
 
@@ -28,9 +30,6 @@ def make_labels(meds_dir: str, task: str, output_dir: str | None = None,
                 overwrite: bool = False) -> dict[str, dict]:
     """Extracts ``task`` (a shipped task's name or an ACES config path) over meds_dir and
     writes its label files; returns {split: {rows, subjects, positives, prevalence}}."""
-    from cvmae_jax.tasks import aces_extract, write_labels
-    from cvmae_jax.tasks.task_configs import task_config
-
     name, config_path = task_config(task)
     out = Path(output_dir) if output_dir else Path(meds_dir) / "labels" / name
     write_labels.check_output(out, overwrite)
@@ -42,7 +41,7 @@ def make_labels(meds_dir: str, task: str, output_dir: str | None = None,
     for split, c in counts.items():
         logging.info("labels %s %s: %d rows, %d subjects, %d positive (prevalence %.1f%%)",
                      name, split, c["rows"], c["subjects"], c["positives"],
-                     100 * c["prevalence"] if c["rows"] else float("nan"))
+                     100 * c["prevalence"])
         if c["rows"] and not c["positives"]:
             logging.warning("labels %s %s: no positive row; AUROC is undefined there", name,
                             split)
