@@ -9,8 +9,9 @@ import os
 import tensorstore as ts
 from absl import logging
 
-# Files of a step folder that are not JSON: OCDBT's array databases and Orbax's commit notes.
-_NOT_JSON = ("manifest.ocdbt", "commit_success.txt")
+# The JSON files of a step folder (Orbax's and grain's metadata, the run item); other files,
+# OCDBT's array databases included, are read through TensorStore or not at all.
+_JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
 
 
 class DamagedCheckpointError(ValueError):
@@ -30,7 +31,8 @@ def damage(step_dir: str) -> str | None:
             if problem:
                 return f"{os.path.relpath(folder, step_dir)}: {problem}"
         for name in files:
-            if name in _NOT_JSON:
+            if not (name in _JSON_NAMES or name.endswith(".json")
+                    or os.path.basename(folder) == "array_metadatas"):
                 continue
             try:
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
