@@ -11,9 +11,12 @@ left out), the median over each round's windows after the first.
 (``compile_train_step``), called back to back on one batch already on the device, waiting
 once per round: the ceiling the loop approaches.
 
-Rounds alternate loop and step (a shared machine's load hits both alike); each line reports the
+Rounds alternate loop and step (a shared machine's load hits both alike); the lines report the
 medians over rounds and the loop's overhead per step, 1/loop - 1/step, with the share of the
-loop's time it spent waiting for the input pipeline (``data_wait_fraction``).
+loop's time it spent waiting for the input pipeline (``data_wait_fraction``). Other processes'
+load moves wall times a lot on a small shared machine, so each also reports this process's CPU
+time per step (all its threads: the input pipeline's too): for the loop, a run's CPU time less
+that of a run of two windows (set-up, compiling, evaluating and saving), over the extra steps.
 """
 
 from __future__ import annotations
@@ -54,12 +57,16 @@ def tiny_config(data_dir: str, steps: int, log_every: int):
 
 
 def loop_round(config, workdir: str) -> dict:
-    """One fresh run; steps/s and data wait of its windows after the first (warm-up)."""
+    """One fresh run: steps/s and data wait of its windows after the first (warm-up), and the
+    process's CPU seconds for the whole run."""
+    cpu_start = time.process_time()
     train_and_evaluate(config, workdir)
+    cpu_s = time.process_time() - cpu_start
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         windows = [m for m in map(json.loads, f) if "split" not in m][1:]
     return dict(steps_per_sec=statistics.median(m["steps_per_sec"] for m in windows),
-                data_wait_fraction=statistics.median(m["data_wait_fraction"] for m in windows))
+                data_wait_fraction=statistics.median(m["data_wait_fraction"] for m in windows),
+                cpu_s=cpu_s)
 
 
 class StepAlone:
@@ -85,12 +92,16 @@ class StepAlone:
         self.leaves = self.compiled.flatten(state)
         self.batch = self.compiled.put(local_batch)
 
-    def steps_per_sec(self, steps: int) -> float:
+    def run(self, steps: int) -> dict:
+        """Steps/s and CPU ms per step of ``steps`` steps launched back to back."""
         def launch(_):
             self.leaves, metrics = self.compiled(self.leaves, self.batch)
             return metrics
 
-        return 1.0 / common.time_pipelined(launch, steps, wait=jax.block_until_ready)
+        cpu_start = time.process_time()
+        seconds = common.time_pipelined(launch, steps, wait=jax.block_until_ready)
+        return dict(steps_per_sec=1.0 / seconds,
+                    cpu_ms_per_step=1e3 * (time.process_time() - cpu_start) / steps)
 
 
 def main() -> None:
@@ -102,33 +113,45 @@ def main() -> None:
                         help="the loop's config.train.log_every")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results here")
     args = parser.parse_args()
-    if args.steps < 2 * args.log_every:
-        common.usage_error(f"--steps={args.steps} gives fewer than two windows of "
-                           f"--log_every={args.log_every} (the first is left out)")
+    if args.steps < 4 * args.log_every:
+        common.usage_error(f"--steps={args.steps} gives fewer than four windows of "
+                           f"--log_every={args.log_every} (the CPU time is measured over the "
+                           "steps after two)")
     with tempfile.TemporaryDirectory() as tmp:
-        config = tiny_config(os.path.join(tmp, "data"), args.steps, args.log_every)
+        data_dir = os.path.join(tmp, "data")
+        config = tiny_config(data_dir, args.steps, args.log_every)
+        fixed = tiny_config(data_dir, 2 * args.log_every, args.log_every)
         common.progress("preparing the data and compiling the step alone")
         step = StepAlone(config, os.path.join(tmp, "setup"))
-        step.steps_per_sec(20)  # warm-up
-        loops, alone = [], []
+        step.run(20)  # warm-up
+        loops, alone, fixed_cpu = [], [], []
         for i in range(args.rounds):
             common.progress(f"round {i + 1}/{args.rounds}")
+            fixed_cpu.append(loop_round(fixed, os.path.join(tmp, f"fixed{i}"))["cpu_s"])
             loops.append(loop_round(config, os.path.join(tmp, f"run{i}")))
-            alone.append(step.steps_per_sec(args.steps))
-    loop = statistics.median(r["steps_per_sec"] for r in loops)
+            alone.append(step.run(args.steps))
+    extra_steps = args.steps - 2 * args.log_every
+    for r, cpu in zip(loops, fixed_cpu):
+        r["cpu_ms_per_step"] = 1e3 * (r["cpu_s"] - cpu) / extra_steps
+    loop, ceiling = (statistics.median(r["steps_per_sec"] for r in loops),
+                     statistics.median(r["steps_per_sec"] for r in alone))
+    loop_cpu, alone_cpu = (statistics.median(r["cpu_ms_per_step"] for r in loops),
+                           statistics.median(r["cpu_ms_per_step"] for r in alone))
     wait = statistics.median(r["data_wait_fraction"] for r in loops)
-    ceiling = statistics.median(alone)
     overhead_ms = 1e3 * (1.0 / loop - 1.0 / ceiling)
-    print(f"step alone: {ceiling:.1f} steps/s ({1e3 / ceiling:.2f} ms/step)")
-    print(f"loop:       {loop:.1f} steps/s ({1e3 / loop:.2f} ms/step; "
-          f"data wait {100 * wait:.0f}% of it)")
-    print(f"loop overhead: {overhead_ms:.2f} ms/step; loop/step = {loop / ceiling:.2f}")
+    print(f"step alone: {ceiling:.1f} steps/s ({1e3 / ceiling:.2f} ms/step), "
+          f"{alone_cpu:.2f} CPU ms/step")
+    print(f"loop:       {loop:.1f} steps/s ({1e3 / loop:.2f} ms/step; data wait {100 * wait:.0f}%"
+          f" of it), {loop_cpu:.2f} CPU ms/step")
+    print(f"loop overhead: {overhead_ms:.2f} ms/step, {loop_cpu - alone_cpu:.2f} CPU ms/step; "
+          f"loop/step = {loop / ceiling:.2f}")
     common.write_json(args.json, dict(
         machine=common.machine_info(), args=vars(args), time=time.strftime("%Y-%m-%d %H:%M"),
-        step_alone_steps_per_sec=alone, loop_rounds=loops, loop_steps_per_sec=loop,
-        data_wait_fraction=wait, overhead_ms_per_step=overhead_ms,
-        loop_over_step=loop / ceiling, devices=jax.device_count()))
-
+        step_alone_rounds=alone, loop_rounds=loops, fixed_run_cpu_s=fixed_cpu,
+        loop_steps_per_sec=loop, step_alone_steps_per_sec=ceiling, data_wait_fraction=wait,
+        overhead_ms_per_step=overhead_ms, loop_cpu_ms_per_step=loop_cpu,
+        step_alone_cpu_ms_per_step=alone_cpu, loop_over_step=loop / ceiling,
+        devices=jax.device_count()))
 
 if __name__ == "__main__":
     main()
