@@ -17,7 +17,8 @@ TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
         "--config.train.batch_size=8", "--config.train.log_every=3",
         "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
         "--config.eval.batch_size=8", "--config.study.strategies=('random', 'cv')",
-        "--config.study.seeds=(0,)"]
+        "--config.study.seeds=(0,)",
+        "--config.data.min_subjects=1"]  # per-lab rows of a held_out split of a few subjects
 
 
 def study_config():
