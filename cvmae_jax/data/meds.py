@@ -383,7 +383,11 @@ def select_lab_codes(train_events_or_meds_dir, data_config,
     rows}. `data_config.lab_codes` (non-empty) is taken as given, in its order; every code must
     have numeric train rows. Otherwise: codes matching `lab_code_pattern` (re.search) with at
     least `min_code_count` numeric train rows, the `top_k` most frequent (ties by code; top_k <= 0
-    keeps all). `report`, when given, receives counts of the selection.
+    keeps all). `report`, when given, receives counts of the selection, `by_prefix` included.
+
+    Any numeric code can be selected: `^LAB//` models labs only, `^(LAB|VITAL|STATIC)//` labs,
+    vital signs and static descriptors alike. Static rows with a null time are left out by the
+    reader (counted as null_time): a window holds timed events only.
     """
     counts = train_events_or_meds_dir
     if not isinstance(counts, Mapping):
@@ -401,7 +405,8 @@ def select_lab_codes(train_events_or_meds_dir, data_config,
         if missing:
             raise MEDSFormatError(f"data/ (train split), column code: {len(missing)} requested "
                                   f"lab_codes have no numeric train rows: {missing[:10]}")
-        report.update(selection="explicit", selected=len(explicit))
+        report.update(selection="explicit", selected=len(explicit),
+                      by_prefix=code_prefix_counts(explicit))
         return list(explicit)
     pattern = config_get(data_config, "lab_code_pattern")
     regex = re.compile(pattern)
@@ -417,10 +422,16 @@ def select_lab_codes(train_events_or_meds_dir, data_config,
                               f"({len(matching)} match with fewer rows)")
     below = sorted(c for c, n in matching.items() if n < min_count)
     report.update(selection="pattern", matching=len(matching), below_min_count=len(below),
-                  selected=len(selected))
+                  selected=len(selected), by_prefix=code_prefix_counts(selected))
     if below:
         report["below_min_count_codes"] = below[:20]
     return selected
+
+
+def code_prefix_counts(codes) -> dict[str, int]:
+    """{prefix: number of codes} by each code's first `//` part (`LAB//K` -> `LAB`; a code
+    without `//` is its own prefix), prefixes sorted."""
+    return dict(sorted(collections.Counter(code.split("//")[0] for code in codes).items()))
 
 
 def code_unit(code: str) -> str:

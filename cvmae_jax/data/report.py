@@ -148,6 +148,16 @@ def mirrored_warning(rows: list[dict], vocab_size: int) -> list[str]:
             "'^LAB//(RESULT//)?5\\d{4}//' keeps the hospital lab table only."]
 
 
+def selection_summary(report: dict) -> str:
+    """Which codes a prepared dataset models, from its report: "pattern '^LAB//', 24 codes
+    (LAB 24)" or "explicit list, 3 codes (LAB 2, VITAL 1)"."""
+    sel = report["selection"]
+    how = (f"pattern {report['settings']['lab_code_pattern']!r}"
+           if sel.get("selection") == "pattern" else "explicit list (config.data.lab_codes)")
+    prefixes = ", ".join(f"{p} {n}" for p, n in sel.get("by_prefix", {}).items())
+    return f"{how}, {sel.get('selected')} codes" + (f" ({prefixes})" if prefixes else "")
+
+
 def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], selected,
                  pattern: str) -> dict:
     """Lab-like codes (matching `pattern`) of a non-train split that are not selected:
@@ -164,8 +174,7 @@ def markdown(report: dict) -> str:
     sel, lines = report["selection"], ["# Preparation report", ""]
     lines += [f"- MEDS shards: {report['shards']}; rows of subjects without a split (left out): "
               f"{report['rows_without_split']:,}",
-              f"- Lab selection: {sel.get('selection')}, {sel.get('selected')} codes "
-              f"(pattern {report['settings']['lab_code_pattern']!r}; "
+              f"- Code selection: {selection_summary(report)} ("
               f"{sel.get('below_min_subjects', 0)} left out for values from fewer than "
               f"{report['settings'].get('min_subjects', 1)} train subjects; of the others "
               f"{sel.get('matching', '-')} match, {sel.get('below_min_count', 0)} below "

@@ -84,7 +84,7 @@ def test_select_top_k_by_frequency_with_regex_and_min_count(tiny_meds):
     codes = meds.select_lab_codes(train, tiny_meds.config(), report=report)
     assert codes == [tiny_meds.A, tiny_meds.B, tiny_meds.D]  # C has 2 < 3 rows, HR not LAB
     assert report == dict(selection="pattern", matching=4, below_min_count=1, selected=3,
-                          below_min_count_codes=[tiny_meds.C])
+                          by_prefix={"LAB": 3}, below_min_count_codes=[tiny_meds.C])
     assert meds.select_lab_codes(tiny_meds.root, tiny_meds.config(top_k=2)) == codes[:2]
     other = tiny_meds.config(lab_code_pattern="HR|//C//", min_code_count=1)
     assert meds.select_lab_codes(train, other) == [tiny_meds.HR, tiny_meds.C]
