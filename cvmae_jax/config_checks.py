@@ -38,7 +38,7 @@ def check_data_config(data) -> None:
         raise ValueError(f"config.data.lab_code_pattern={data.lab_code_pattern!r}: not a "
                          f"valid regular expression ({error})") from None
     for name, low in (("top_k", 0), ("min_code_count", 0), ("max_len", 1),
-                      ("min_window_len", 1), ("workers", 0)):
+                      ("min_window_len", 1), ("workers", 0), ("prepare_workers", 1)):
         _require_int(f"data.{name}", data[name], low,
                      " (0: every matching code)" if name == "top_k" else "")
     _require(data.min_window_len <= data.max_len, "data.min_window_len", data.min_window_len,
@@ -110,6 +110,26 @@ def config_warnings(config) -> list[str]:
                    f"code lies above it, so every code gets config.masking.p_low="
                    f"{masking.p_low!r} (uniform masking)")
     return out
+
+
+# Unpacked train windows whose real tokens fill less than this share of their max_len slots
+# are mostly padding: compute spent on nothing (short stays, e.g. ICU stays of 48 h).
+MIN_REAL_TOKEN_FRACTION = 0.5
+
+
+def padding_warnings(data, num_tokens: int, num_windows: int) -> list[str]:
+    """Without ``data.packing``: a warning when ``num_windows`` train windows of
+    ``data.max_len`` slots hold ``num_tokens`` real tokens, under MIN_REAL_TOKEN_FRACTION of
+    the slots (the counts of the prepared train split)."""
+    if data.packing or not num_windows:
+        return []
+    fraction = num_tokens / (num_windows * data.max_len)
+    if fraction >= MIN_REAL_TOKEN_FRACTION:
+        return []
+    return [f"config.data.packing=False: the train windows fill {fraction:.0%} of their "
+            f"config.data.max_len={data.max_len} slots ({num_tokens:,} real tokens in "
+            f"{num_windows:,} windows), so most of each batch is padding; pass "
+            "--config.data.packing=True to put several windows in a row"]
 
 
 def check_eval_config(eval_config) -> None:

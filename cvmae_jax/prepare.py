@@ -18,8 +18,9 @@ FLAGS = flags.FLAGS
 def _prepare(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cvmae_jax.config_checks import check_data_config
+    from cvmae_jax.config_checks import check_data_config, padding_warnings
     from cvmae_jax.data.prepare import prepare_dataset
+    from cvmae_jax.data.report import selection_summary
 
     logging.set_verbosity(logging.WARNING)
     filter_library_lines()
@@ -35,8 +36,9 @@ def _prepare(argv) -> None:
         prepared = prepare_dataset(data, None, data.data_dir)
     report = prepared.report
     print(f"\nPrepared dataset: {prepared.path}")
-    sel = {k: v for k, v in report["selection"].items() if not k.endswith("_codes")}
-    print(f"  codes: {prepared.stats.vocab_size} ({sel})")
+    sel = {k: v for k, v in report["selection"].items()
+           if not k.endswith("_codes") and k != "by_prefix"}
+    print(f"  codes: {selection_summary(report)} ({sel})")
     for split in prepared.num_examples:
         s = report["splits"][split]
         listed = "" if s["subjects_with_rows"] == s["subjects"] else \
@@ -44,7 +46,8 @@ def _prepare(argv) -> None:
         print(f"  {split}: {s['subjects_with_rows']:,} subjects{listed}, {s['events']:,} events, "
               f"{s['lab']['lab_events']:,} lab events -> {prepared.num_examples[split]:,} "
               f"windows, {prepared.num_tokens[split]:,} tokens")
-    for w in report.get("warnings", []):
+    for w in report.get("warnings", []) + padding_warnings(
+            data, prepared.num_tokens["train"], prepared.num_examples["train"]):
         print(f"  WARNING: {w}")
     print(f"  report: {prepared.path}/prepare_report.md")
     print(f"  read it: tfds.data_source({prepared.builder_name!r}, "

@@ -16,7 +16,7 @@ from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
-from cvmae_jax.config_checks import check_config, config_warnings
+from cvmae_jax.config_checks import check_config, config_warnings, padding_warnings
 from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
@@ -73,8 +73,13 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
     dataset on another), every process raises at once instead of waiting in the next
     collective until JAX's shutdown timeout."""
     def prepare():
-        return prepare_dataset(config.data, resolve_meds_dir(config, workdir),
-                               data_dir(config, workdir), log=logging.info)
+        dataset = prepare_dataset(config.data, resolve_meds_dir(config, workdir),
+                                  data_dir(config, workdir), log=logging.info)
+        if jax.process_index() == 0:
+            for warning in padding_warnings(config.data, dataset.num_tokens["train"],
+                                            dataset.num_examples["train"]):
+                logging.warning("%s", warning)
+        return dataset
 
     if jax.process_count() == 1:
         return prepare()
