@@ -98,7 +98,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     task (docs/evaluation.md, "Fine-tuning")."""
     finetune = ml_collections.ConfigDict()
     finetune.enabled = True
-    finetune.steps = 200  # most updates per model (early stopping may end it sooner)
+    finetune.steps = 60  # most updates per model (early stopping may end it sooner)
     finetune.batch_size = 32  # global label rows per update
     finetune.learning_rate = 1e-3  # peak (10% warmup, cosine decay)
     finetune.encoder_lr_scale = 0.1  # pretrained encoder's rate / the head's (scratch: 1)
@@ -106,7 +106,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     finetune.head = "linear"  # linear | mlp (one hidden layer of d_model)
     finetune.eval_every = 20  # steps between tuning-AUROC checks
     finetune.patience = 3  # checks without a better tuning AUROC before stopping
-    finetune.kshot_draws = 1  # fine-tuned draws per k of the label-efficiency curve (0: none)
+    finetune.kshot_draws = 0  # fine-tuned draws per k of the label-efficiency curve (0: none)
     return finetune
 
 

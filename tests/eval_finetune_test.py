@@ -24,7 +24,8 @@ def evaluated(tmp_path_factory):
                          eval_every=20, checkpoint_every=20)
     train_and_evaluate(config, workdir)
     config = run_config_with(workdir, {"eval.single_code": False, "eval.finetune.steps": 30,
-                                       "eval.finetune.eval_every": 10})
+                                       "eval.finetune.eval_every": 10,
+                                       "eval.finetune.kshot_draws": 1})
     return workdir, evaluate_run(workdir, config=config)
 
 

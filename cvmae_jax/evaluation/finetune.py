@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
 import ml_collections
@@ -76,11 +77,13 @@ class Fit:
     tuning_curve: list  # [step, tuning AUROC or None] per check
     train_loss: list  # [step, mean train loss since the previous check] per check
     nonfinite_steps: int
+    seconds: float  # wall time of the fit (compile included for the first)
 
     def summary(self) -> dict:
         return dict(best_step=self.best_step, steps_run=self.steps_run,
                     tuning_auroc=self.tuning_auroc, tuning_curve=self.tuning_curve,
-                    train_loss=self.train_loss, nonfinite_steps=self.nonfinite_steps)
+                    train_loss=self.train_loss, nonfinite_steps=self.nonfinite_steps,
+                    seconds=self.seconds)
 
 
 class EarlyStopping:
@@ -131,7 +134,7 @@ class Finetuner:
             encoder_lr_scale: float) -> Fit:
         """Trains the encoder ``encoder_params`` plus a fresh head on the ``train`` windows
         (``label_windows`` dicts), early-stopped on the tuning AUROC of ``tuning``."""
-        s = self.settings
+        s, start = self.settings, time.perf_counter()
         train_y = _labels(train)
         _, head = init_head(self.model_config.d_model, s.head, float(train_y.mean()), self.seed)
         params = dict(encoder=jax.device_get(encoder_params), head=jax.device_get(head))
@@ -163,7 +166,7 @@ class Finetuner:
                     self.launcher.checkpoint_view(self._step.unflatten(leaves)).params)):
                 break
         return Fit(stopper.best_params, stopper.best_step, step, stopper.best_score, curve,
-                   losses, nonfinite)
+                   losses, nonfinite, time.perf_counter() - start)
 
     def logits(self, params: dict, windows: list[dict]) -> np.ndarray:
         """Logits float64 [N] on ``windows`` of host parameters {"encoder", "head"} (as
@@ -298,11 +301,15 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
         probe_score = None if data.probe is None else data.probe.decision(data.x[TEST])
         tuned = finetune_task(finetuner, pretrained, data, probe_score, seed)
         full_auroc = tuned.result.get("pretrained", {}).get("auroc")
-        if settings.kshot_draws and full_auroc is not None:
-            tuned.result["label_efficiency"] = _kshot(finetuner, pretrained, data, sample_seed,
-                                                      full_auroc)
-        probe_results[task]["finetune"] = tuned.result
         log_task(task, tuned.result)
+        if settings.kshot_draws and full_auroc is not None:
+            start = time.perf_counter()
+            curve = _kshot(finetuner, pretrained, data, sample_seed, full_auroc)
+            tuned.result["label_efficiency"] = curve
+            logging.info("finetune %s: k-shot %s in %.0f s", task, ", ".join(
+                f"k={k} AUROC {_fmt(e['auroc_mean'])}" for k, e in curve.items() if k != "all"),
+                time.perf_counter() - start)
+        probe_results[task]["finetune"] = tuned.result
         out[task] = tuned
     record = dict(dict(settings), seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP,
                   launcher=type(launcher).__name__, devices=launcher.num_devices,
@@ -346,7 +353,7 @@ def log_task(task: str, r: dict) -> None:
         logging.info("finetune %s: skipped (%s)", task, r["reason"])
         return
     parts = [f"{m} AUROC {_fmt(r[m]['auroc'])} (best step {r[m]['best_step']} of "
-             f"{r[m]['steps_run']})" for m in MODELS]
+             f"{r[m]['steps_run']}, {r[m]['seconds']:.0f} s)" for m in MODELS]
     delta = r["pretrained_vs_scratch"]["delta"]
     logging.info("finetune %s: %s; pretrained - scratch %s", task, ", ".join(parts),
                  _fmt(delta))
