@@ -20,12 +20,14 @@ def _result():
                 mse_vs_baseline=0.5)
     return dict(per_code=rows, overall=overall, by_cv_tier=dict(high_cv=tier, low_cv=tier),
                 split="held_out", step=3, strategy="cv", cv_threshold=0.4,
-                eval_mask=dict(rate=0.3, seed=0))
+                eval_mask=dict(rate=0.3, seed=0),
+                code_selection="pattern '^LAB//', 3 codes (LAB 3)")
 
 
 def test_report_tables_name_each_lab_beside_its_code(tmp_path):
     report.write_report(str(tmp_path / "report.md"), _result())
     text = (tmp_path / "report.md").read_text()
+    assert "Codes: pattern '^LAB//', 3 codes (LAB 3)." in text
     assert "| lab | code | train CV |" in text
     assert "| Sodium [mEq/L] | `LAB//50983//mEq/L` | 0.020 |" in text
     assert f"| {LONG} | `LAB//50912//mg/dL` | 0.500 |" in text

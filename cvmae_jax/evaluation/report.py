@@ -25,6 +25,7 @@ def write_report(path: str, result: dict) -> None:
         f"Evaluation mask: uniform {result['eval_mask']['rate']:.0%} of values, seed "
         f"{result['eval_mask']['seed']}, identical for every model. n = "
         f"{overall['num_masked']} masked values.", "",
+        f"Codes: {result.get('code_selection', 'not recorded')}.", "",
         f"- masked MSE (normalized units): {overall['masked_mse']:.4f}",
         f"- per-code-mean baseline MSE: {overall['baseline_masked_mse']:.4f}",
         f"- ratio model / baseline: {overall['mse_vs_baseline']:.3f}", "",

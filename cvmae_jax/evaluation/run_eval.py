@@ -26,6 +26,7 @@ from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_ov
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
+from cvmae_jax.data.report import selection_summary
 from cvmae_jax.evaluation import perturbation, report
 from cvmae_jax.evaluation.aggregates import aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
@@ -109,7 +110,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     with _phase(f"reconstruction on {split} ({dataset.num_examples[split]:,} windows)"):
         result = evaluate_split(eval_step, params, dataset, config, launcher, probs)
     result.update(step=step, split=split, strategy=config.masking.strategy,
-                  eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed))
+                  eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed),
+                  code_selection=selection_summary(dataset.report))
     _add_cv(result, stats.cv, config.masking.threshold_percentile)
     _add_names(result["per_code"], dataset.lab_names)
     batches = list(eval_batches(dataset, split, config.eval.batch_size, config.data.max_len,
