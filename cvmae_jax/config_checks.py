@@ -38,7 +38,7 @@ def check_data_config(data) -> None:
         raise ValueError(f"config.data.lab_code_pattern={data.lab_code_pattern!r}: not a "
                          f"valid regular expression ({error})") from None
     for name, low in (("top_k", 0), ("min_code_count", 0), ("max_len", 1),
-                      ("min_window_len", 1), ("workers", 0)):
+                      ("min_window_len", 1), ("workers", 0), ("prepare_workers", 1)):
         _require_int(f"data.{name}", data[name], low,
                      " (0: every matching code)" if name == "top_k" else "")
     _require(data.min_window_len <= data.max_len, "data.min_window_len", data.min_window_len,

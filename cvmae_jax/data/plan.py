@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cvmae_jax.data import code_names, meds, report as report_lib
 from cvmae_jax.data.disclosure import selectable_counts
+from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.stats import RESERVOIR_SIZE, DataStats, finish_stats
 from cvmae_jax.data.stream import Scan, SplitLookup, sample_train_values, scan_meds
 
@@ -26,9 +27,10 @@ class Plan:
 
 
 def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None] = print,
-                 reservoir_size: int = RESERVOIR_SIZE) -> Plan:
-    """Reads the MEDS root (two streaming passes over train, one over the rest) and decides the
-    codes and statistics. `settings` holds the data settings (see MedsLabConfig.settings)."""
+                 reservoir_size: int = RESERVOIR_SIZE, pool: ShardPool | None = None) -> Plan:
+    """Reads the MEDS root (two streaming passes over train, one over the rest; shards read by
+    `pool`, default this process) and decides the codes and statistics. `settings` holds the
+    data settings (see MedsLabConfig.settings)."""
     meds_dir = Path(meds_dir)
     subject_splits = meds.read_subject_splits(meds_dir)
     source = meds_dir / "metadata/subject_splits.parquet"
@@ -39,7 +41,7 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
             raise meds.MEDSFormatError(f"{source}, column split: split {split!r} has no subjects")
     lookup = SplitLookup(subject_splits)
     drop = settings.get("drop_values", ())
-    scan = scan_meds(meds_dir, lookup, log, drop)
+    scan = scan_meds(meds_dir, lookup, log, drop, pool)
     selection: dict = {}
     train_counts = scan.moments.counts()
     codes = meds.select_lab_codes(selectable_counts(
@@ -47,7 +49,7 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
         report=selection)
     log(f"[prepare] lab codes: selected {selection['selected']} ({selection['selection']})")
     reservoirs = sample_train_values(scan.shards["train"], lookup, codes, reservoir_size,
-                                     log=log, drop_values=drop)
+                                     log=log, drop_values=drop, pool=pool)
     stats = finish_stats(codes, scan.moments, reservoirs, settings["clip_quantiles"], drop,
                          settings["min_subjects"])
     descriptions = code_names.read_descriptions(meds_dir, stats.codes)

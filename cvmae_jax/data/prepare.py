@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from cvmae_jax.data import code_names, meds
 from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.records import LabRecords
+from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.data.tfds_builder import REPORT_FILE, STATS_FILE, MedsLabConfig, MedsLabSequences
 from cvmae_jax.jsonio import check_writable
@@ -61,6 +62,8 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
 
     The MEDS root is streamed (see stream.py) and fully checked before anything is written; the
     records are streamed to array_record shards (see tfds_builder.py) in tfds's temporary folder,
+    the MEDS shards read by `data_config.prepare_workers` processes (the files written are the
+    same for any number),
     renamed to the version folder when complete, and the folders this call created are removed
     on failure, so bad input or an interrupted build leaves nothing behind."""
     start = time.perf_counter()
@@ -70,13 +73,17 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         log(f"[prepare] reusing {builder.data_path}")
     else:
         check_writable(data_dir, "the prepared dataset is written there (config.data.data_dir)")
-        log(f"[prepare] building {builder.data_path}")
+        workers = int(meds.config_get(data_config, "prepare_workers"))
+        if workers < 1:
+            raise ValueError(f"config.data.prepare_workers must be >= 1, got {workers}")
+        log(f"[prepare] building {builder.data_path} ({workers} process(es))")
         created = _missing_parents(builder.data_path, Path(data_dir))
         try:
-            builder.plan = plan_dataset(config.meds_dir, config.settings(), log)
-            builder.log = log
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=config.meds_dir))
+            with ShardPool(workers) as pool:
+                builder.plan = plan_dataset(config.meds_dir, config.settings(), log, pool=pool)
+                builder.log, builder.pool = log, pool
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=config.meds_dir))
         except BaseException as error:
             if builder.data_path.exists() and isinstance(error, OSError):
                 pass  # another process finished the same build first

@@ -129,6 +129,14 @@ class CodeMoments:
         self.subjects = np.zeros(0, np.int64)
         self._pairs: list[pa.Table] = []
 
+    def _grow(self, grow: int) -> None:
+        """Room for `grow` more codes (zero moments)."""
+        if grow:
+            self.n, self.mean, self.m2 = (np.r_[a, np.zeros(grow)]
+                                          for a in (self.n, self.mean, self.m2))
+            self.scale = np.r_[self.scale, np.full(grow, 0.5)]
+            self.subjects = np.r_[self.subjects, np.zeros(grow, np.int64)]
+
     def add(self, codes: pa.Array, values: np.ndarray, subject_ids: np.ndarray) -> None:
         """codes string [n], values float64 [n] (finite), subject_ids int64 [n]."""
         enc = pc.dictionary_encode(codes)
@@ -138,12 +146,7 @@ class CodeMoments:
                            for c in enc.dictionary.to_pylist()], np.int64)
         idx = lookup[enc.indices.to_numpy(zero_copy_only=False)] if len(values) else \
             np.zeros(0, np.int64)
-        grow = len(self.index) - len(self.n)
-        if grow:
-            self.n, self.mean, self.m2 = (np.r_[a, np.zeros(grow)]
-                                          for a in (self.n, self.mean, self.m2))
-            self.scale = np.r_[self.scale, np.full(grow, 0.5)]
-            self.subjects = np.r_[self.subjects, np.zeros(grow, np.int64)]
+        self._grow(len(self.index) - len(self.n))
         v = len(self.n)
         largest = np.zeros(v)
         np.maximum.at(largest, idx, np.abs(values))
@@ -154,15 +157,23 @@ class CodeMoments:
         n_b = np.bincount(idx, minlength=v).astype(np.float64)
         mean_b = np.bincount(idx, values, v) / np.maximum(n_b, 1)
         m2_b = np.bincount(idx, (values - mean_b[idx]) ** 2, v)
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(n > 0, n_b / n, 0.0)
-        self.mean = self.mean + delta * share
-        self.m2 = self.m2 + m2_b + delta ** 2 * self.n * share
-        self.n = n
+        self.n, self.mean, self.m2 = _chan(self.n, self.mean, self.m2, n_b, mean_b, m2_b)
         self._pairs.append(pa.table({"c": idx, "s": subject_ids}).group_by(["c", "s"])
                            .aggregate([]))
+
+    def merge(self, other: CodeMoments) -> None:
+        """Adds the moments and subject counts of `other` (its shards ended, their subjects
+        none of these); codes new here are appended in `other`'s order. Merging per-shard
+        moments in shard order gives the same bits whichever processes computed them."""
+        rows = np.array([self.index.setdefault(c, len(self.index)) for c in other.index],
+                        np.int64)
+        self._grow(len(self.index) - len(self.n))
+        scale = np.maximum(self.scale[rows], other.scale)
+        mine, theirs = self.scale[rows] / scale, other.scale / scale  # powers of two: exact
+        n, mean, m2 = _chan(self.n[rows], self.mean[rows] * mine, self.m2[rows] * mine ** 2,
+                            other.n, other.mean * theirs, other.m2 * theirs ** 2)
+        self.n[rows], self.mean[rows], self.m2[rows], self.scale[rows] = n, mean, m2, scale
+        self.subjects[rows] += other.subjects
 
     def means(self) -> np.ndarray:
         """Per-code mean of the values added, float64 [codes seen]."""
@@ -185,6 +196,15 @@ class CodeMoments:
     def subject_counts(self) -> dict[str, int]:
         """{code: distinct subjects} over the shards ended so far."""
         return {c: int(self.subjects[i]) for c, i in self.index.items()}
+
+
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Count, mean and M2 [k] of two groups of values [k] together (Chan et al.)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(n > 0, n_b / n, 0.0)
+    return n, mean_a + delta * share, m2_a + m2_b + delta ** 2 * n_a * share
 
 
 def power_of_two_scale(x: np.ndarray) -> np.ndarray:
@@ -231,6 +251,28 @@ class Reservoirs:
             sample[r[keep]], who[r[keep]] = v[keep], s[keep]  # later items win, as in the
             # sequential algorithm
         self.samples[i], self.subjects[i], self.seen[i] = sample, who, seen + len(v)
+
+    def merge(self, other: Reservoirs, rng: np.random.Generator) -> None:
+        """Makes each code's sample a uniform sample of <= size of the values seen here and in
+        `other` (drawn with `rng`): all of them while they fit, else a hypergeometric share of
+        each side (binomial beyond numpy's 1e9 limit), so merging per-shard samples in shard
+        order with seeded generators gives the same sample whichever processes drew them."""
+        for i, (n_a, n_b) in enumerate(zip(self.seen.tolist(), other.seen.tolist())):
+            if n_b == 0:
+                continue
+            if n_a == 0 or n_a + n_b <= self.size:
+                self.samples[i] = np.r_[self.samples[i], other.samples[i]]
+                self.subjects[i] = np.r_[self.subjects[i], other.subjects[i]]
+            else:
+                k = self.size
+                from_a = (rng.hypergeometric(n_a, n_b, k) if max(n_a, n_b) < 10 ** 9
+                          else min(rng.binomial(k, n_a / (n_a + n_b)), n_a, k))
+                from_a = max(from_a, k - len(other.samples[i]))
+                a = rng.choice(len(self.samples[i]), from_a, replace=False)
+                b = rng.choice(len(other.samples[i]), k - from_a, replace=False)
+                self.samples[i] = np.r_[self.samples[i][a], other.samples[i][b]]
+                self.subjects[i] = np.r_[self.subjects[i][a], other.subjects[i][b]]
+            self.seen[i] = n_a + n_b
 
 
 def finish_stats(codes, moments: CodeMoments, reservoirs: Reservoirs,

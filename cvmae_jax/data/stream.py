@@ -3,13 +3,17 @@
 Memory is bounded by the number of subjects and codes and by one shard's selected lab rows, not
 by the dataset: `scan_meds` (every shard: per-split counts, per-code train moments),
 `sample_train_values` (train shards: reservoir samples of the selected codes), and
-`lab_events_by_shard` (one split's selected lab events, one sorted shard at a time).
+`shard_lab_events` (one split's selected lab events of one shard, sorted).
+
+Each pass works shard by shard (`scan_shard`, `sample_shard`) and merges the shards' results in
+shard order, so a `ShardPool` can compute them in several processes with the same result.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cvmae_jax.data import meds
+from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.stats import CodeMoments, Reservoirs
 
 _SPLIT_COUNTS = ("subjects", "subjects_with_rows", "rows", "events", "numeric_events",
@@ -68,6 +73,40 @@ class Scan:
     warnings: list[str]
 
 
+@dataclasses.dataclass
+class ShardScan:
+    """Pass 1 over one shard: per split counts (_SPLIT_COUNTS), per split {code: count} but
+    train's, train moments (shard ended), the positions into SplitLookup.ids of the subjects
+    with rows here [k], the rows read and those of subjects without a split."""
+    rows: int
+    rows_without_split: int
+    counts: dict[str, dict[str, int]]
+    code_counts: dict[str, dict[str, int]]
+    moments: CodeMoments
+    subjects: np.ndarray
+
+
+def scan_shard(path: Path, lookup: SplitLookup, drop_values=()) -> ShardScan:
+    """Pass 1 over one shard (values in `drop_values` left out and counted)."""
+    part = ShardScan(0, 0, {s: dict.fromkeys(_SPLIT_COUNTS, 0) for s in meds.SPLITS},
+                     {s: {} for s in meds.SPLITS[1:]}, CodeMoments(), np.zeros(0, np.int64))
+    in_shard = np.zeros(len(lookup.ids), bool)
+    for batch in meds.shard_batches(path):
+        part.rows += batch.num_rows
+        pos = lookup.positions(batch["subject_id"].to_numpy())
+        part.rows_without_split += int((pos < 0).sum())
+        in_shard[pos[pos >= 0]] = True
+        split_idx = np.where(pos >= 0, lookup.split[np.maximum(pos, 0)], -1)
+        for s, name in enumerate(meds.SPLITS):
+            mask = split_idx == s
+            if mask.any():
+                _count_split(batch.filter(mask), name, part.counts[name], part.code_counts,
+                             part.moments, drop_values)
+    part.moments.end_shard()
+    part.subjects = np.flatnonzero(in_shard)
+    return part
+
+
 def _progress(log, stage: str, k: int, files: list[Path], rows: int, done_bytes: int,
               total_bytes: int, start: float) -> None:
     elapsed = max(time.perf_counter() - start, 1e-9)
@@ -77,9 +116,11 @@ def _progress(log, stage: str, k: int, files: list[Path], rows: int, done_bytes:
 
 
 def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
-              log: Callable[[str], None] = print, drop_values=()) -> Scan:
-    """Pass 1 over every row (values in `drop_values` left out and counted). Refuses
-    (MEDSFormatError) a subject whose rows span two shards and a dataset without rows."""
+              log: Callable[[str], None] = print, drop_values=(),
+              pool: ShardPool | None = None) -> Scan:
+    """Pass 1 over every row (values in `drop_values` left out and counted), shards computed by
+    `pool` (default: this process). Refuses (MEDSFormatError) a subject whose rows span two
+    shards and a dataset without rows."""
     start = time.perf_counter()
     found = meds.find_data_files(meds_dir)
     files = found.files
@@ -91,20 +132,19 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
     moments, shards = CodeMoments(), {s: [] for s in meds.SPLITS}
     seen = np.zeros(len(lookup.ids), bool)
     rows_without_split = total = 0
-    for k, path in enumerate(files):
+    parts = (pool or ShardPool()).map(
+        functools.partial(scan_shard, lookup=lookup, drop_values=drop_values), files)
+    for k, (path, part) in enumerate(zip(files, parts)):
+        total += part.rows
+        read[k]["rows"] = part.rows
+        rows_without_split += part.rows_without_split
         in_shard = np.zeros(len(lookup.ids), bool)
-        for batch in meds.shard_batches(path):
-            total += batch.num_rows
-            read[k]["rows"] += batch.num_rows
-            pos = lookup.positions(batch["subject_id"].to_numpy())
-            rows_without_split += int((pos < 0).sum())
-            in_shard[pos[pos >= 0]] = True
-            split_idx = np.where(pos >= 0, lookup.split[np.maximum(pos, 0)], -1)
-            for s, name in enumerate(meds.SPLITS):
-                mask = split_idx == s
-                if mask.any():
-                    _count_split(batch.filter(mask), name, counts[name], code_counts, moments,
-                                 drop_values)
+        in_shard[part.subjects] = True
+        for name in meds.SPLITS:
+            _add_counts(counts[name], part.counts[name])
+        for name in meds.SPLITS[1:]:
+            _add_counts(code_counts[name], part.code_counts[name])
+        moments.merge(part.moments)
         if (in_shard & seen).any():
             raise meds.MEDSFormatError(
                 f"{path}: column subject_id: {int((in_shard & seen).sum())} subjects also have "
@@ -113,7 +153,6 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
         for s, name in enumerate(meds.SPLITS):
             if (in_shard & (lookup.split == s)).any():
                 shards[name].append(path)
-        moments.end_shard()
         _progress(log, "scan", k, files, total, sizes[k], sizes[-1], start)
     if not total:
         raise meds.MEDSFormatError(f"{Path(meds_dir) / 'data'}: the data files hold no rows")
@@ -124,6 +163,11 @@ def scan_meds(meds_dir: str | Path, lookup: SplitLookup,
     warnings = _what_was_read(read, repeated, counts, total, log)
     return Scan(counts, code_counts, moments, shards, rows_without_split, len(files),
                 time.perf_counter() - start, read, repeated, warnings)
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    for key, n in counts.items():
+        total[key] = total.get(key, 0) + n
 
 
 def _what_was_read(files: list[dict], repeated: list[str], counts: dict, rows: int,
@@ -182,52 +226,73 @@ def _count_split(t: pa.Table, split: str, counts: dict, code_counts: dict,
 
 def sample_train_values(shards: list[Path], lookup: SplitLookup, codes, size: int,
                         seed: int = 0, log: Callable[[str], None] = print,
-                        drop_values=()) -> Reservoirs:
+                        drop_values=(), pool: ShardPool | None = None) -> Reservoirs:
     """Pass 2 over the train shards: a seeded reservoir sample of <= size values per code, with
-    their subjects."""
+    their subjects: one sample per shard (`sample_shard`, computed by `pool`), merged in shard
+    order, each merge seeded by (seed, shard), so the sample does not depend on the pool."""
     start, total = time.perf_counter(), 0
     sizes = np.cumsum([f.stat().st_size for f in shards] or [0])
-    value_set = pa.array(list(codes), pa.string())
-    reservoirs = Reservoirs(len(value_set), size, seed)
-    train = meds.SPLITS.index("train")
-    for k, path in enumerate(shards):
-        for batch in meds.shard_batches(path):
-            total += batch.num_rows
-            batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == train)
-            batch, _ = meds.numeric_rows(batch, drop_values)
-            idx = pc.index_in(batch["code"], value_set=value_set)
-            keep = pc.is_valid(idx)
-            reservoirs.add(idx.filter(keep).to_numpy().astype(np.int64),
-                           batch["numeric_value"].filter(keep).to_numpy(),
-                           batch["subject_id"].filter(keep).to_numpy())
+    codes = tuple(codes)
+    reservoirs = Reservoirs(len(codes), size)
+    parts = (pool or ShardPool()).map(functools.partial(
+        sample_shard, lookup=lookup, codes=codes, size=size, seed=seed,
+        drop_values=drop_values), list(enumerate(shards)))
+    for k, (rows, part) in enumerate(parts):
+        total += rows
+        reservoirs.merge(part, np.random.default_rng([seed, 1, k]))
         _progress(log, "sample", k, shards, total, sizes[k], sizes[-1], start)
     return reservoirs
 
 
+def sample_shard(shard: tuple[int, Path], lookup: SplitLookup, codes: tuple[str, ...],
+                 size: int, seed: int = 0, drop_values=()) -> tuple[int, Reservoirs]:
+    """Pass 2 over train shard (k, path): the rows read and a reservoir sample of <= size
+    values per code (seeded by (seed, k)), with their subjects."""
+    k, path = shard
+    value_set = pa.array(list(codes), pa.string())
+    reservoirs = Reservoirs(len(codes), size, [seed, 0, k])
+    train, rows = meds.SPLITS.index("train"), 0
+    for batch in meds.shard_batches(path):
+        rows += batch.num_rows
+        batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == train)
+        batch, _ = meds.numeric_rows(batch, drop_values)
+        idx = pc.index_in(batch["code"], value_set=value_set)
+        keep = pc.is_valid(idx)
+        reservoirs.add(idx.filter(keep).to_numpy().astype(np.int64),
+                       batch["numeric_value"].filter(keep).to_numpy(),
+                       batch["subject_id"].filter(keep).to_numpy())
+    return rows, reservoirs
+
+
 def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, codes,
                         drop_values=()) -> Iterator[tuple[pa.Table, dict[str, int]]]:
-    """Pass 3: per shard, the split's timed finite rows of `codes` (values in `drop_values`
-    left out), sorted stably by (subject_id, time), with counts: lab_events, unsorted_subjects
-    (rows out of time order in the file, sorted here), duplicate_rows and after_death_rows
-    (kept)."""
+    """Pass 3: `shard_lab_events` of each shard in turn."""
+    for path in shards:
+        yield shard_lab_events(path, lookup, split, codes, drop_values)
+
+
+def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
+                     drop_values=()) -> tuple[pa.Table, dict[str, int]]:
+    """The split's timed finite rows of `codes` in one shard (values in `drop_values` left
+    out), sorted stably by (subject_id, time), with counts: lab_events, unsorted_subjects (rows
+    out of time order in the file, sorted here), duplicate_rows and after_death_rows (kept)."""
     value_set = pa.array(list(codes), pa.string())
     s = meds.SPLITS.index(split)
-    for path in shards:
-        parts, deaths = [], []
-        for batch in meds.shard_batches(path):
-            batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == s)
-            deaths.append(meds.death_times(batch))
-            batch, _ = meds.numeric_rows(batch, drop_values)
-            parts.append(batch.filter(pc.is_in(batch["code"], value_set)))
-        table = pa.concat_tables(parts) if parts else meds.EVENT_SCHEMA.empty_table()
-        deaths = pa.concat_tables(deaths) if deaths else table.select(["subject_id", "time"])
-        subjects = table["subject_id"].to_numpy()
-        by_subject = np.argsort(subjects, kind="stable")
-        t_us = table["time"].cast(pa.int64()).to_numpy()[by_subject]
-        same = np.diff(subjects[by_subject]) == 0
-        unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
-        table = table.take(pc.sort_indices(
-            table, [("subject_id", "ascending"), ("time", "ascending")]))
-        yield table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
-                          duplicate_rows=meds.count_duplicates(table),
-                          after_death_rows=meds.count_after_death(table, deaths))
+    parts, deaths = [], []
+    for batch in meds.shard_batches(path):
+        batch = batch.filter(lookup.splits_of(batch["subject_id"].to_numpy()) == s)
+        deaths.append(meds.death_times(batch))
+        batch, _ = meds.numeric_rows(batch, drop_values)
+        parts.append(batch.filter(pc.is_in(batch["code"], value_set)))
+    table = pa.concat_tables(parts) if parts else meds.EVENT_SCHEMA.empty_table()
+    deaths = pa.concat_tables(deaths) if deaths else table.select(["subject_id", "time"])
+    subjects = table["subject_id"].to_numpy()
+    by_subject = np.argsort(subjects, kind="stable")
+    t_us = table["time"].cast(pa.int64()).to_numpy()[by_subject]
+    same = np.diff(subjects[by_subject]) == 0
+    unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
+    table = table.take(pc.sort_indices(
+        table, [("subject_id", "ascending"), ("time", "ascending")]))
+    return table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
+                       duplicate_rows=meds.count_duplicates(table),
+                       after_death_rows=meds.count_after_death(table, deaths))

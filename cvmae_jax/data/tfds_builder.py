@@ -3,9 +3,9 @@
 The MEDS root is the builder's manual_dir. The config name carries a short hash of every
 setting that changes the data and of the MEDS files' identity, so other settings build another
 dataset. The builder writes from a `Plan` (codes, train stats, counts; see plan.py) set as
-`builder.plan` before `download_and_prepare`; it streams each split shard by shard, writing each
-record as it is made (array_record_writer.py: no shuffle buffer, shards of ~SHARD_BYTES), and
-writes `data_stats.json`, `prepare_report.json` and `prepare_report.md` next to the tfds files.
+`builder.plan` before `download_and_prepare`; it streams each split shard by shard (the shards'
+records made by `builder.pool`, a ShardPool: in this process or several), writing the records in
+order (array_record_writer.py: no shuffle buffer, shards of ~SHARD_BYTES), and writes `data_stats.json`, `prepare_report.json` and `prepare_report.md` next to the tfds files.
 Everything goes to tfds's temporary folder, renamed to the version folder only once complete.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -22,9 +23,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.dataset_builder import FileReaderBuilder
 
-from cvmae_jax.data import meds, report as report_lib, sequences, stream
+from cvmae_jax.data import meds, report as report_lib, sequences
 from cvmae_jax.data.array_record_writer import SplitWriter
 from cvmae_jax.data.plan import Plan
+from cvmae_jax.data.shard_pool import ShardPool
+from cvmae_jax.data.window_records import lab_features, renumbered, shard_windows
 from cvmae_jax.jsonio import write_json_atomic
 
 STATS_FILE = "data_stats.json"
@@ -117,19 +120,10 @@ class MedsLabSequences(FileReaderBuilder):
         """Silent, as above."""
 
     def _info(self) -> tfds.core.DatasetInfo:
-        vector = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
         return tfds.core.DatasetInfo(
             builder=self,
             description="MEDS lab windows for the CV-Masking value-only MAE.",
-            features=tfds.features.FeaturesDict({
-                "example_id": tfds.features.Scalar(np.int64),
-                "subject_id": tfds.features.Scalar(np.int64),
-                "start_time_us": tfds.features.Scalar(np.int64),
-                "end_time_us": tfds.features.Scalar(np.int64),
-                "times": vector(np.float32),
-                "codes": vector(np.int32),
-                "values": vector(np.float32),
-            }),
+            features=lab_features(),
             disable_shuffling=True,  # records stay in example_id order
         )
 
@@ -137,7 +131,7 @@ class MedsLabSequences(FileReaderBuilder):
         """Writes every split and the stats and report files into self.data_dir (tfds's
         temporary folder here) and sets the split infos that tfds then writes."""
         plan: Plan = self.plan  # set by prepare_dataset, which read and checked the MEDS root
-        # and set self.log (its progress lines' destination)
+        # and set self.log (its progress lines' destination) and self.pool (may be unset)
         data_dir = Path(self.data_dir)
         plan.stats.save_json(data_dir / STATS_FILE, extra={"description": plan.descriptions})
         split_infos = [self._write_split(plan, split, self.log) for split in meds.SPLITS]
@@ -149,21 +143,18 @@ class MedsLabSequences(FileReaderBuilder):
         """Streams one split's examples into its shards; adds its counts to plan.report and
         ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
-        features = self.info.features
         lab, windows, mirrored = {}, {}, collections.Counter()
+        make = functools.partial(shard_windows, lookup=plan.lookup, split=split,
+                                 stats=plan.stats, max_len=cfg.max_len, window=cfg.window,
+                                 min_window_len=cfg.min_window_len)
         with SplitWriter(self._get_filename_template(split), self.SHARD_BYTES) as writer:
-            for events, shard_counts in stream.lab_events_by_shard(
-                    plan.scan.shards[split], plan.lookup, split, plan.stats.codes,
-                    plan.stats.drop_values):
-                if split == "train":
-                    mirrored.update(meds.count_mirrored_values(events))
-                shard_windows = {}
-                for example in sequences.build_examples(
-                        events, plan.stats, cfg.max_len, cfg.window, cfg.min_window_len,
-                        report=shard_windows, first_example_id=windows.get("examples", 0)):
-                    writer.write(features.serialize_example(example))
-                _add(lab, shard_counts)
-                _add(windows, shard_windows)
+            for shard in getattr(self, "pool", ShardPool()).map(make, plan.scan.shards[split]):
+                first = windows.get("examples", 0)
+                for k, record in enumerate(shard.records):
+                    writer.write(renumbered(record, first + k))
+                mirrored.update(shard.mirrored)
+                _add(lab, shard.lab)
+                _add(windows, shard.windows)
             if not windows.get("examples"):
                 raise meds.MEDSFormatError(
                     f"{plan.meds_dir}/data, split {split!r}: no window with "
