@@ -1,5 +1,7 @@
 """``python -m cvmae_jax.prepare --config=configs/meds.py --config.data.meds_dir=MEDS
---config.data.data_dir=OUT``: prepare a MEDS root on the CPU, before (and apart from) training.
+--config.data.data_dir=OUT``: prepare a MEDS root on the CPU, before (and apart from) training,
+in `config.data.prepare_workers` processes, or as Apache Beam pipelines with
+``--beam_options="--runner=..."`` (the ``[beam]`` extra; docs/data.md).
 
 Prints a summary and the path of the dataset that training reuses (same config, same data_dir).
 Bad input exits with status 1 and one line ``error: ...``; nothing is written then.
@@ -33,7 +35,7 @@ def _prepare(argv) -> None:
             raise ValueError("config.data.data_dir is required: pass "
                              "--config.data.data_dir=/path/to/prepared (the same as for training)")
         check_data_config(data)
-        prepared = prepare_dataset(data, None, data.data_dir)
+        prepared = prepare_dataset(data, None, data.data_dir, pool=_beam_pool(data.data_dir))
     report = prepared.report
     print(f"\nPrepared dataset: {prepared.path}")
     sel = {k: v for k, v in report["selection"].items()
@@ -54,10 +56,26 @@ def _prepare(argv) -> None:
           f"data_dir={prepared.data_dir!r}, split='train')")
 
 
+def _beam_pool(data_dir: str):
+    """The BeamPool of --beam_options; None without them."""
+    if not FLAGS.beam_options:
+        return None
+    try:
+        from cvmae_jax.data.beam_pool import BeamPool
+    except ImportError as error:
+        raise ValueError(f"--beam_options needs Apache Beam ({error}): pip install -e "
+                         "'.[beam]'") from None
+    return BeamPool(FLAGS.beam_options, f"{data_dir}/downloads/beam")
+
+
 def main() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "Path to a config file in configs/ (fields can be overridden with "
         "--config.<field>=<value>).", lock_config=True)
+    flags.DEFINE_string(
+        "beam_options", "", "Prepare as Apache Beam pipelines with these pipeline options, e.g. "
+        "'--runner=DirectRunner --direct_num_workers=4 --direct_running_mode=multi_processing' "
+        "(needs the [beam] extra; empty: config.data.prepare_workers local processes).")
     flags.mark_flags_as_required(["config"])
     run(_prepare)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import pathlib
 import re
 import shlex
@@ -29,7 +30,7 @@ HARDWARE_MARK = re.compile(r"#\s*(GPU|TPU|cluster)\b")
 ENTRY_FLAGS = {"train.py": ({"config", "workdir"}, {"config", "workdir"}),
                "eval.py": ({"config", "workdir", "split", "compare"}, {"workdir"}),
                "cvmae_jax.study": ({"config", "workdir"}, {"config", "workdir"}),
-               "cvmae_jax.prepare": ({"config"}, {"config"}),
+               "cvmae_jax.prepare": ({"config", "beam_options"}, {"config"}),
                "cvmae_jax.labels": ({"config", "task", "output_dir", "overwrite"},
                                     {"config", "task"})}
 # Commands a user types that this check leaves alone (shell set-up, other tools).
@@ -167,14 +168,24 @@ HISTORY = re.compile(r"\bsessions? \d|\bissue #?\d|\breview|\buntil session|befo
 def test_the_project_tells_no_development_history():
     """The software as it is and why; the experiment log (benchmarks/NOTES.md) is the place
     for what happened when."""
-    files = [*PAGES, REPO / "train.py", REPO / "eval.py", *REPO.glob("configs/*.py"),
-             *REPO.glob("cvmae_jax/**/*.py"), *REPO.glob("benchmarks/*.py"),
-             *REPO.glob("benchmarks/*.sh"), *REPO.glob("tests/**/*.py")]
+    files = [path for path in _project_text_files() if path != REPO / "benchmarks" / "NOTES.md"]
     found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
              for path in files if path != pathlib.Path(__file__).resolve()
              for number, line in enumerate(path.read_text().splitlines(), 1)
              if HISTORY.search(line)]
     assert not found, "\n".join(found)
+
+
+def _project_text_files() -> list[pathlib.Path]:
+    """The project's source, config and documentation files (not .git, virtual environments,
+    run folders or build metadata)."""
+    files = []
+    for folder, subfolders, names in os.walk(REPO):
+        subfolders[:] = [d for d in subfolders if not d.startswith((".", "__"))
+                         and d not in ("runs", "build", "dist") and not d.endswith(".egg-info")]
+        files += [pathlib.Path(folder, n) for n in names
+                  if n.endswith((".py", ".md", ".sh", ".yaml", ".yml", ".toml"))]
+    return files
 
 
 def _parse_config(config_file: str, overrides: list[str]):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from cvmae_jax.config import default_config
 from cvmae_jax.data import meds
 from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.prepare import prepare_dataset
@@ -125,3 +127,14 @@ def test_a_worker_error_names_the_file(tiny_meds, tmp_path):
         prepare_dataset(tiny_meds.config(prepare_workers=2), None, tmp_path / "out",
                         log=lambda line: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_two_workers_write_the_shared_sample_as_one_does(shared_meds_dir, tmp_path):
+    config = ml_collections.ConfigDict(default_config().data.to_dict())
+    config.meds_dir, config.min_subjects = str(shared_meds_dir), 1
+    written = []
+    for workers in (1, 2):
+        config.prepare_workers = workers
+        prepared = prepare_dataset(config, None, tmp_path / f"w{workers}", log=lambda line: None)
+        written.append(_files(Path(prepared.path)))
+    assert written[0] == written[1]
