@@ -70,7 +70,7 @@ class TensorBoardWriter:
     after ``start_step`` of the files written before it (the steps it trains again)."""
 
     def __init__(self, logdir: str | os.PathLike, start_step: int):
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # here: only training writes event files
 
         # The file name holds the time in seconds; the suffix keeps files apart (and in order)
         # when two runs of one workdir start in the same second.
