@@ -10,9 +10,10 @@
 - ``pretrain`` (MEDS-DEV's unsupervised train): CV-Masking pretraining on the dataset; the
   output folder is a training workdir (train.py's).
 - ``probe`` (supervised train): the frozen encoder's linear probe on the task's labels, as
-  eval.py fits it (C chosen on tuning; the single-code reconstruction pass skipped):
-  ``PROBE/run`` is an evaluation workdir whose checkpoints link to the pretraining run's and
-  whose ``eval/`` holds eval.py's outputs, the task's labels linked in as ``PROBE/labels/task``.
+  eval.py fits it (C chosen on tuning; eval.py's single-code reconstruction and fine-tuning
+  skipped): ``PROBE/run`` is an evaluation workdir whose checkpoints link to the pretraining
+  run's and whose ``eval/`` holds eval.py's outputs, the task's labels linked in as
+  ``PROBE/labels/task``.
 - ``predict`` (supervised predict): ``PREDICT/predictions.parquet``, the probe's predictions of
   the split in MEDS-DEV's schema (eval.py exports tuning and held_out; label rows without any
   lab event before prediction_time have no prediction, see docs/evaluation.md).
@@ -63,7 +64,8 @@ def probe(dataset_dir: str, labels_dir: str, pretrain_dir: str, output_dir: str)
                  "data.data_dir": os.path.abspath(pretrained.data.data_dir or os.path.join(
                      pretrain_dir, "data")),
                  "eval.labels_dir": os.path.join(output_dir, "labels"),
-                 "eval.single_code": False}  # one pass per lab code; not the task's business
+                 # neither is the probe's: one pass per lab code; two more trainings per task
+                 "eval.single_code": False, "eval.finetune.enabled": False}
     return evaluate_run(run_dir, config=run_config_with(run_dir, overrides))
 
 
