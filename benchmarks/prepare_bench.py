@@ -1,10 +1,15 @@
-"""Preparation throughput and peak memory on synthetic MEDS at two sizes.
+"""Preparation throughput and peak memory per process on synthetic MEDS at two sizes, for the
+single-process, multi-process and Apache Beam DirectRunner paths.
 
-    python benchmarks/prepare_bench.py --events=10000000 --work_dir=/tmp/prepare_bench
+    python benchmarks/prepare_bench.py --events=10000000 --workers=2 --work_dir=/tmp/prepare_bench
 
 Generates synthetic MEDS with about `events` and 2 x `events` rows (525 events per subject),
-runs `python -m cvmae_jax.prepare` on each in a subprocess and prints events/s and the
-subprocess's peak RSS, which should stay flat as the data doubles (streaming preparation).
+runs `python -m cvmae_jax.prepare` on each in a subprocess per path (`--paths`: single =
+1 process, multi = `--workers` processes, beam = DirectRunner with `--workers` processes; beam
+needs apache-beam in this Python and is skipped without it) and prints one JSON line per size
+and path: events/s, the speedup over single, the main process's peak RSS and the largest
+worker's (the workers are that process's children). Peak RSS should stay flat as the data
+doubles (streaming preparation).
 
 Both steps run in subprocesses and this process imports nothing heavy: Linux carries a
 process's peak RSS across fork and exec into the child's ru_maxrss, so generating the data in
@@ -14,6 +19,7 @@ this process would add the generator's peak to the measured one.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +30,20 @@ from pathlib import Path
 
 EVENTS_PER_SUBJECT = 525  # measured: the default 1,000 subjects give 525k events
 ROOT = Path(__file__).resolve().parents[1]
+PATHS = ("single", "multi", "beam")
+# Runs the prepare command line in this subprocess, then prints its own peak RSS and its
+# largest reaped child's (the workers, stopped and joined before the command returns).
+_MEASURED = """
+import json, resource, runpy, sys
+sys.argv = ["cvmae_jax.prepare", *sys.argv[1:]]
+try:
+    runpy.run_module("cvmae_jax.prepare", run_name="__main__")
+except SystemExit as stop:
+    if stop.code:
+        raise
+print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
 
 
 def _events(summary: dict) -> int:
@@ -39,37 +59,64 @@ def _generate(meds_dir: Path, summary_path: Path, events: int) -> None:
     summary_path.write_text(json.dumps(json.loads(out)))
 
 
-def run_one(events: int, work_dir: Path) -> dict:
+def _path_flags(path: str, workers: int) -> list[str]:
+    if path == "single":
+        return ["--config.data.prepare_workers=1"]
+    if path == "multi":
+        return [f"--config.data.prepare_workers={workers}"]
+    return [f"--beam_options=--runner=DirectRunner --direct_num_workers={workers} "
+            "--direct_running_mode=multi_processing"]
+
+
+def run_one(events: int, path: str, workers: int, work_dir: Path) -> dict:
     """Generates (or reuses) the dataset, prepares it in a fresh subprocess, measures it."""
     meds_dir = work_dir / f"meds_{events}"
     summary_path = work_dir / f"meds_{events}.json"
     if not summary_path.exists():
         _generate(meds_dir, summary_path, events)
     total = _events(json.loads(summary_path.read_text()))
-    out = work_dir / f"prepared_{events}"
+    out = work_dir / f"prepared_{events}_{path}"
     shutil.rmtree(out, ignore_errors=True)  # measure a full prepare, never a reuse
-    cmd = [sys.executable, "-m", "cvmae_jax.prepare", "--config=configs/meds.py",
-           f"--config.data.meds_dir={meds_dir}", f"--config.data.data_dir={out}"]
+    cmd = [sys.executable, "-c", _MEASURED, "--config=configs/meds.py",
+           f"--config.data.meds_dir={meds_dir}", f"--config.data.data_dir={out}",
+           *_path_flags(path, workers)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(cmd)} failed")
-    return dict(events=total, subjects=total // EVENTS_PER_SUBJECT, seconds=round(seconds, 1),
-                events_per_s=round(total / seconds), peak_rss_mib=round(usage.ru_maxrss / 1024))
+    if proc.returncode:
+        raise RuntimeError(f"prepare ({path}) failed:\n{proc.stderr[-2000:]}")
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    return dict(events=total, path=path, processes=1 if path == "single" else workers,
+                seconds=round(seconds, 1), events_per_s=round(total / seconds),
+                main_peak_rss_mib=round(rss["self"] / 1024),
+                worker_peak_rss_mib=round(rss["children"] / 1024))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000, help="the smaller size N")
+    parser.add_argument("--workers", type=int, default=2, help="processes of multi and beam")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"some of {PATHS}")
     parser.add_argument("--work_dir", default="/tmp/prepare_bench")
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    if args.events < EVENTS_PER_SUBJECT or args.workers < 1 or not set(paths) <= set(PATHS):
+        parser.error(f"--events >= {EVENTS_PER_SUBJECT}, --workers >= 1, --paths of {PATHS}")
+    if "beam" in paths and importlib.util.find_spec("apache_beam") is None:
+        print("beam: skipped (apache-beam is not installed in this Python: the [beam] extra)")
+        paths.remove("beam")
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     for events in (args.events, 2 * args.events):
-        print(json.dumps(run_one(events, work_dir)), flush=True)
+        single = None
+        for path in paths:
+            row = run_one(events, path, args.workers, work_dir)
+            single = row["events_per_s"] if path == "single" else single
+            if single:
+                row["speedup_vs_single"] = round(row["events_per_s"] / single, 2)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
