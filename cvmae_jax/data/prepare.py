@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from cvmae_jax.data import code_names, meds
@@ -17,7 +18,8 @@ from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.records import LabRecords
 from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.stats import DataStats
-from cvmae_jax.data.tfds_builder import REPORT_FILE, STATS_FILE, MedsLabConfig, MedsLabSequences
+from cvmae_jax.data.tfds_builder import (LENGTHS_FILE, REPORT_FILE, STATS_FILE, MedsLabConfig,
+                                         MedsLabSequences)
 from cvmae_jax.jsonio import check_writable
 
 
@@ -48,6 +50,15 @@ class PreparedDataset:
         """The config folder's name, ``<window><max_len>_<hash of settings and MEDS files>``:
         equal for two preparations of the same files with the same settings."""
         return Path(self.path).parent.name
+
+    def window_lengths(self, split: str) -> np.ndarray:
+        """Events in each window of `split`, int32 [examples]: prepare's window_lengths file,
+        or (a dataset without it) counted by reading every record."""
+        path = Path(self.path) / LENGTHS_FILE.format(split=split)
+        if path.exists():
+            return np.load(path)
+        source = self.data_source(split)
+        return np.array([len(source[i]["codes"]) for i in range(len(source))], np.int32)
 
     def data_source(self, split: str) -> LabRecords:
         """Random-access source of `split`: len() and [i] -> dict of times, codes, values

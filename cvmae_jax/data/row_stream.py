@@ -48,6 +48,8 @@ class RowStream:
 
     Args:
       make_chunk: chunk index -> Chunk; picklable when ``workers > 0`` (it runs in the workers).
+        One with an ``anchored(chunk, row)`` method (``packing.ChunkPacker``) is told where the
+        stream starts (the next global batch begins at that row of that chunk).
       global_rows / first_row / num_rows: the global batch size and this process's rows of it.
       workers: worker processes computing chunks (0: READ_THREADS threads of this process).
     """
@@ -63,9 +65,13 @@ class RowStream:
     def __iter__(self) -> "RowStreamIterator":
         return RowStreamIterator(self)
 
-    def chunks_from(self, first_chunk: int) -> grain.IterDataset:
-        """Chunks first_chunk, first_chunk + 1, ..., computed ahead by workers or threads."""
-        chunks = grain.MapDataset.range(first_chunk, np.iinfo(np.int64).max).map(self.make_chunk)
+    def chunks_from(self, first_chunk: int, row: int = 0) -> grain.IterDataset:
+        """Chunks first_chunk, first_chunk + 1, ..., computed ahead by workers or threads, for
+        a stream whose next global batch starts at `row` of first_chunk."""
+        make_chunk = self.make_chunk
+        if hasattr(make_chunk, "anchored"):
+            make_chunk = make_chunk.anchored(first_chunk, row)
+        chunks = grain.MapDataset.range(first_chunk, np.iinfo(np.int64).max).map(make_chunk)
         if self.workers:
             if not flags.FLAGS.is_parsed():  # outside an absl app (tests, notebooks): grain's
                 flags.FLAGS.mark_as_parsed()  # worker set-up reads its flags' defaults
@@ -85,7 +91,7 @@ class _BatchAssembler:
 
     def __init__(self, stream: RowStream, chunk: int, row: int):
         self.stream, self.chunk, self.row = stream, chunk, row
-        self.chunks = iter(stream.chunks_from(chunk))
+        self.chunks = iter(stream.chunks_from(chunk, row))
         self.current: Chunk | None = None  # chunk `self.chunk`, once fetched
 
     def get(self) -> tuple[Chunk, tuple[int, int]]:

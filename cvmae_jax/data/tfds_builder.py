@@ -33,6 +33,8 @@ from cvmae_jax.jsonio import write_json_atomic
 STATS_FILE = "data_stats.json"
 REPORT_FILE = "prepare_report.json"
 REPORT_MD_FILE = "prepare_report.md"
+LENGTHS_FILE = "window_lengths-{split}.npy"  # events per window, int32 [examples]: packing
+# plans rows from them without reading the windows
 _SETTINGS = ("lab_code_pattern", "lab_codes", "top_k", "min_code_count", "min_subjects",
              "clip_quantiles", "drop_values",
              "max_len", "window", "min_window_len")
@@ -143,7 +145,7 @@ class MedsLabSequences(FileReaderBuilder):
         """Streams one split's examples into its shards; adds its counts to plan.report and
         ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
-        lab, windows, mirrored = {}, {}, collections.Counter()
+        lab, windows, mirrored, lengths = {}, {}, collections.Counter(), []
         make = functools.partial(shard_windows, lookup=plan.lookup, split=split,
                                  stats=plan.stats, max_len=cfg.max_len, window=cfg.window,
                                  min_window_len=cfg.min_window_len)
@@ -153,6 +155,7 @@ class MedsLabSequences(FileReaderBuilder):
                 for k, record in enumerate(shard.records):
                     writer.write(renumbered(record, first + k))
                 mirrored.update(shard.mirrored)
+                lengths.append(shard.lengths)
                 _add(lab, shard.lab)
                 _add(windows, shard.windows)
             if not windows.get("examples"):
@@ -160,6 +163,7 @@ class MedsLabSequences(FileReaderBuilder):
                     f"{plan.meds_dir}/data, split {split!r}: no window with "
                     f">= {cfg.min_window_len} events of the selected lab codes")
             info = writer.close()
+        np.save(Path(self.data_dir) / LENGTHS_FILE.format(split=split), np.concatenate(lengths))
         plan.report["splits"][split].update(lab=lab, windows=windows)
         if split == "train":
             rows = plan.report["mirrored_codes"] = report_lib.mirrored_codes(mirrored, plan.stats)

@@ -56,10 +56,11 @@ def serialize(example: dict) -> bytes:
 
 @dataclasses.dataclass
 class ShardWindows:
-    """One shard's records (serialized tf.train.Example, example ids 0, 1, ... in the shard)
-    and counts: lab (`stream.shard_lab_events`), windows (`sequences.build_examples`) and, for
+    """One shard's records (serialized tf.train.Example, example ids 0, 1, ... in the shard),
+    their windows' lengths (events, int32 [records]) and counts: lab (`stream.shard_lab_events`), windows (`sequences.build_examples`) and, for
     train, the mirrored values (`meds.count_mirrored_values`)."""
     records: list[bytes]
+    lengths: np.ndarray
     lab: dict[str, int]
     windows: dict[str, int]
     mirrored: collections.Counter
@@ -71,9 +72,12 @@ def shard_windows(path: Path, lookup: stream.SplitLookup, split: str, stats: Dat
     events, lab = stream.shard_lab_events(path, lookup, split, stats.codes, stats.drop_values)
     mirrored = meds.count_mirrored_values(events) if split == "train" else collections.Counter()
     windows: dict[str, int] = {}
-    records = [serialize(example) for example in sequences.build_examples(
-        events, stats, max_len, window, min_window_len, report=windows)]
-    return ShardWindows(records, lab, windows, mirrored)
+    records, lengths = [], []
+    for example in sequences.build_examples(events, stats, max_len, window, min_window_len,
+                                            report=windows):
+        records.append(serialize(example))
+        lengths.append(len(example["codes"]))
+    return ShardWindows(records, np.array(lengths, np.int32), lab, windows, mirrored)
 
 
 def renumbered(record: bytes, example_id: int) -> bytes:
