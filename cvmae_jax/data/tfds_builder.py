@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
+from collections.abc import Iterator
 import hashlib
 import json
 from pathlib import Path
@@ -27,7 +29,8 @@ from cvmae_jax.data import meds, report as report_lib, sequences
 from cvmae_jax.data.array_record_writer import SplitWriter
 from cvmae_jax.data.plan import Plan
 from cvmae_jax.data.shard_pool import ShardPool
-from cvmae_jax.data.window_records import lab_features, renumbered, shard_windows
+from cvmae_jax.data.window_records import (ShardWindows, lab_features, renumbered,
+                                           shard_windows)
 from cvmae_jax.jsonio import write_json_atomic
 
 STATS_FILE = "data_stats.json"
@@ -136,21 +139,27 @@ class MedsLabSequences(FileReaderBuilder):
         # and set self.log (its progress lines' destination) and self.pool (may be unset)
         data_dir = Path(self.data_dir)
         plan.stats.save_json(data_dir / STATS_FILE, extra={"description": plan.descriptions})
-        split_infos = [self._write_split(plan, split, self.log) for split in meds.SPLITS]
+        cfg: MedsLabConfig = self.builder_config
+        make = functools.partial(shard_windows, lookup=plan.lookup, stats=plan.stats,
+                                 max_len=cfg.max_len, window=cfg.window,
+                                 min_window_len=cfg.min_window_len)
+        # one map over every split's shards: a split's last shards and the next split's first
+        # are prepared together
+        shards = getattr(self, "pool", ShardPool()).map(
+            make, [(split, path) for split in meds.SPLITS for path in plan.scan.shards[split]])
+        split_infos = [self._write_split(plan, split, shards, self.log) for split in meds.SPLITS]
         self.info.set_splits(tfds.core.SplitDict(split_infos))
         write_json_atomic(data_dir / REPORT_FILE, plan.report)
         (data_dir / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))
 
-    def _write_split(self, plan: Plan, split: str, log) -> tfds.core.SplitInfo:
-        """Streams one split's examples into its shards; adds its counts to plan.report and
-        ``log``s them."""
+    def _write_split(self, plan: Plan, split: str, shards: Iterator[ShardWindows],
+                     log) -> tfds.core.SplitInfo:
+        """Writes one split's records, taking its shards' ShardWindows from `shards`; adds its
+        counts to plan.report and ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
         lab, windows, mirrored, lengths = {}, {}, collections.Counter(), []
-        make = functools.partial(shard_windows, lookup=plan.lookup, split=split,
-                                 stats=plan.stats, max_len=cfg.max_len, window=cfg.window,
-                                 min_window_len=cfg.min_window_len)
         with SplitWriter(self._get_filename_template(split), self.SHARD_BYTES) as writer:
-            for shard in getattr(self, "pool", ShardPool()).map(make, plan.scan.shards[split]):
+            for shard in itertools.islice(shards, len(plan.scan.shards[split])):
                 first = windows.get("examples", 0)
                 for k, record in enumerate(shard.records):
                     writer.write(renumbered(record, first + k))

@@ -66,9 +66,10 @@ class ShardWindows:
     mirrored: collections.Counter
 
 
-def shard_windows(path: Path, lookup: stream.SplitLookup, split: str, stats: DataStats,
+def shard_windows(shard: tuple[str, Path], lookup: stream.SplitLookup, stats: DataStats,
                   max_len: int, window: str, min_window_len: int) -> ShardWindows:
-    """The split's windows of one shard, serialized."""
+    """The windows of one (split, shard path), serialized."""
+    split, path = shard
     events, lab = stream.shard_lab_events(path, lookup, split, stats.codes, stats.drop_values)
     mirrored = meds.count_mirrored_values(events) if split == "train" else collections.Counter()
     windows: dict[str, int] = {}
