@@ -8,7 +8,9 @@ runs `python -m cvmae_jax.prepare` on each in a subprocess per path (`--paths`: 
 1 process, multi = `--workers` processes, beam = DirectRunner with `--workers` processes; beam
 needs apache-beam in this Python and is skipped without it) and prints one JSON line per size
 and path: events/s, the speedup over single, the main process's peak RSS and the largest
-worker's (the workers are that process's children). Peak RSS should stay flat as the data
+worker's (the workers are that process's children), and the CPU seconds of the main process and
+of the workers together (on a loaded machine the times say little; the CPU seconds show what
+the workers add and what stays in the main process). Peak RSS should stay flat as the data
 doubles (streaming preparation).
 
 Both steps run in subprocesses and this process imports nothing heavy: Linux carries a
@@ -41,8 +43,11 @@ try:
 except SystemExit as stop:
     if stop.code:
         raise
-print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+own, children = (resource.getrusage(who) for who in
+                  (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print(json.dumps({"self": own.ru_maxrss, "children": children.ru_maxrss,
+                  "main_cpu_s": own.ru_utime + own.ru_stime,
+                  "workers_cpu_s": children.ru_utime + children.ru_stime}))
 """
 
 
@@ -91,7 +96,9 @@ def run_one(events: int, path: str, workers: int, work_dir: Path) -> dict:
     return dict(events=total, path=path, processes=1 if path == "single" else workers,
                 seconds=round(seconds, 1), events_per_s=round(total / seconds),
                 main_peak_rss_mib=round(rss["self"] / 1024),
-                worker_peak_rss_mib=round(rss["children"] / 1024))
+                worker_peak_rss_mib=round(rss["children"] / 1024),
+                main_cpu_s=round(rss["main_cpu_s"], 1),
+                workers_cpu_s=round(rss["workers_cpu_s"], 1))
 
 
 def main() -> None:
