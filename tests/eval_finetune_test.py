@@ -22,6 +22,7 @@ def evaluated(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config(tmp_path_factory.mktemp("data"), num_steps=20, log_every=10,
                          eval_every=20, checkpoint_every=20)
+    config.data.synthetic_subjects = 200  # held_out label rows of both classes
     train_and_evaluate(config, workdir)
     config = run_config_with(workdir, {"eval.single_code": False, "eval.finetune.steps": 30,
                                        "eval.finetune.eval_every": 10,
@@ -35,6 +36,7 @@ def test_both_models_are_trained_and_compared_on_every_task(evaluated):
     settings = downstream["finetune"]
     assert settings["steps"] == 30 and settings["devices"] == 8
     assert settings["train_step_traces"] == 1  # every task, model and k-shot draw
+    assert any(r["auroc"] is not None for r in downstream["tasks"].values())
     for task, r in downstream["tasks"].items():
         f = r["finetune"]
         assert f["n_train"] == r["n_train"] and f["n"] == r["n"]

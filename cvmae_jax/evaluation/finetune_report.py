@@ -55,6 +55,8 @@ def finetune_lines(downstream: dict) -> list[str]:
             lines.append(f"| {task} | {model} | {_cell(m['auroc'], m['auroc_ci'])} | "
                          f"{_cell(m['auprc'], m['auprc_ci'])} | {m['best_step']} / "
                          f"{m['steps_run']} | {_cell(m['tuning_auroc'])} |")
+        if f["pretrained"]["reason"]:
+            notes.append(f"- {task}: no held_out AUROC ({f['pretrained']['reason']})")
         deltas.append(f"| {task} | {_delta_cell(f.get('pretrained_vs_scratch'))} | "
                       f"{_delta_cell(f.get('pretrained_vs_probe'))} |")
         for k, e in (f.get("label_efficiency") or {}).items():
