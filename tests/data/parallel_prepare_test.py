@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -138,3 +142,26 @@ def test_two_workers_write_the_shared_sample_as_one_does(shared_meds_dir, tmp_pa
         prepared = prepare_dataset(config, None, tmp_path / f"w{workers}", log=lambda line: None)
         written.append(_files(Path(prepared.path)))
     assert written[0] == written[1]
+
+
+def test_prepare_command_with_workers_and_beam_options(tiny_meds, tmp_path):
+    """--config.data.prepare_workers=2 prepares as one process does; --beam_options without
+    apache-beam installed is one error line, nothing written."""
+    def prepare(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "cvmae_jax.prepare", "--config=configs/meds.py",
+             f"--config.data.meds_dir={tiny_meds.root}", "--config.data.min_code_count=3",
+             "--config.data.min_subjects=1", "--config.data.max_len=8", *args],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    ok = prepare(f"--config.data.data_dir={tmp_path / 'two'}", "--config.data.prepare_workers=2")
+    assert ok.returncode == 0, ok.stderr
+    assert "train: 5 subjects" in ok.stdout
+    if importlib.util.find_spec("apache_beam") is None:
+        beam = prepare(f"--config.data.data_dir={tmp_path / 'beam'}",
+                       "--beam_options=--runner=DirectRunner")
+        assert beam.returncode == 1
+        assert beam.stderr.strip().splitlines()[-1].startswith(
+            "error: --beam_options needs Apache Beam")
+        assert not (tmp_path / "beam").exists()
