@@ -14,8 +14,12 @@ has one value on train, so the prepare report warns that it teaches nothing abou
 Windows: numeric events per train stay (48 h) are, at the 10/50/90/99th percentiles, 29 / 63 /
 118 / 191 for labs and 302 / 427 / 598 / 794 for all numeric codes. With max_len 256 all but 4
 of 3,188 labs-only stays fit one window and an all-numeric stay spans about two consecutive
-windows. Unpacked, the prepared train windows fill 27% (labs, 3,190 windows) and 77% (all,
-7,089 windows) of their slots; packed, 97.8% (real_token_fraction in metrics.jsonl).
+windows. eval.py's probe and fine-tuning read each stay's last max_len events before its
+prediction time: with all numeric codes at 256 that is about the last day, without the
+admission-time STATIC values for 95% of stays (max_len 512 keeps them for 75%, 1024 for all, at
+a higher attention cost per token; not measured here). Unpacked, the prepared train windows
+fill 27% (labs, 3,190 windows) and 77% (all, 7,089 windows) of their slots; packed, 97.8%
+(real_token_fraction in metrics.jsonl).
 
 Schedule: a CPU-sized run. One epoch of packed batches of 32 x 256 is ~27 steps (labs) or ~172
 steps (all numeric); warmup 50 is 5% of the run. Measured on set-a (train, tuning) on a 2-core

@@ -15,6 +15,7 @@ from cvmae_jax.config import default_config
 from cvmae_jax.config_checks import check_config, config_warnings, padding_warnings
 from cvmae_jax.data import meds
 from cvmae_jax.data.report import selection_summary
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALL_NUMERIC = r"^(LAB|VITAL|STATIC)//"
 
