@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 AHEAD_PER_WORKER = 2  # shards handed out per worker before their results are taken
+
+
+def _share_cores(threads: int) -> None:
+    """Worker set-up: pyarrow's compute threads (one per core by default) are shared out, so
+    N workers do not start N x cores threads."""
+    import pyarrow
+
+    pyarrow.set_cpu_count(threads)
 
 
 class ShardPool:
@@ -33,7 +42,8 @@ class ShardPool:
         self.workers = int(workers)
         self._pool = None
         if self.workers > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                self.workers, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
 
     def __enter__(self) -> ShardPool:
         return self
