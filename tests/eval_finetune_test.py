@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
 from cvmae_jax.train import train_and_evaluate
@@ -80,7 +81,6 @@ def test_predictions_join_back_to_the_label_files(evaluated):
                 np.testing.assert_array_equal(
                     pred["predicted_boolean_value"].to_numpy(zero_copy_only=False), p >= 0.5)
         if r["auroc"] is not None:  # the held_out file scores as metrics.json says
-            from sklearn.metrics import roc_auc_score
             pred = pq.read_table(os.path.join(workdir, "eval", "predictions_pretrained", task,
                                               "held_out.parquet"))
             assert roc_auc_score(pred["boolean_value"].to_numpy(zero_copy_only=False),

@@ -3,12 +3,11 @@ step compiles once for every model, jit and pmap train alike over 8 devices, ear
 the best check, and the held_out statistics are paired. (eval.py's fine-tuning end to end, with
 its exports, is in eval_finetune_test.py.)"""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-
-import jax
 
 from cvmae_jax import parallel
 from cvmae_jax.config import finetune_defaults
