@@ -194,8 +194,9 @@ def packed_batches(cfg: BenchConfig, count: int, seed: int = 0) -> list[dict[str
     per_chunk = PACK_CHUNK_BATCHES * cfg.batch
     chunks = -(-4 * count // PACK_CHUNK_BATCHES)  # enough while rows hold <= 4 examples on average
     pool = list(itertools.islice(examples(), chunks * per_chunk))
-    packed = RowStream(ChunkPacker(pool, per_chunk, cfg.seq, seed), global_rows=cfg.batch,
-                       first_row=0, num_rows=cfg.batch)
+    lengths = np.array([len(example["codes"]) for example in pool])
+    packer = ChunkPacker(pool, range(len(pool)), lengths, per_chunk, cfg.seq, seed, cfg.batch)
+    packed = RowStream(packer, global_rows=cfg.batch, first_row=0, num_rows=cfg.batch)
     return list(itertools.islice(iter(packed), count))
 
 

@@ -14,7 +14,7 @@ SHARED_MEDS = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "d
     "mimic_iv_demo_meds"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_meds_dir():
     """The real MIMIC-IV demo sample in ../shared, or a clean skip when it is absent."""
     if not (SHARED_MEDS / "metadata" / "subject_splits.parquet").exists():

@@ -16,24 +16,20 @@ from cvmae_jax.tasks.task_configs import TASKS_DIR, shipped_tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def demo_forms(tmp_path_factory):
+def demo_forms(shared_meds_dir, tmp_path_factory):
     """{form: MEDS root}: the demo as shipped and a copy with every LAB// code rewritten."""
-    from conftest import SHARED_MEDS
-
-    if not (SHARED_MEDS / "metadata" / "subject_splits.parquet").exists():
-        pytest.skip(f"shared MEDS sample not found at {SHARED_MEDS}")
     result = tmp_path_factory.mktemp("result") / "meds"
-    shutil.copytree(SHARED_MEDS / "metadata", result / "metadata")
+    shutil.copytree(shared_meds_dir / "metadata", result / "metadata")
     rewritten = 0
-    for path in meds.data_files(SHARED_MEDS):
+    for path in meds.data_files(shared_meds_dir):
         table = pq.read_table(path)
         code = pc.replace_substring_regex(table["code"], "^LAB//", "LAB//RESULT//")
         rewritten += int(pc.sum(pc.starts_with(code, "LAB//RESULT//")).as_py())
-        out = result / path.relative_to(SHARED_MEDS)
+        out = result / path.relative_to(shared_meds_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.set_column(table.schema.get_field_index("code"), "code", code), out)
     assert rewritten > 100_000
-    return {"itemid": SHARED_MEDS, "result": result}
+    return {"itemid": shared_meds_dir, "result": result}
 
 
 @pytest.mark.parametrize("task", shipped_tasks())
