@@ -76,9 +76,7 @@ class MedsLabConfig(tfds.core.BuilderConfig):
         if s["window"] not in sequences.WINDOWS:
             raise ValueError(f"config.data.window must be one of {sequences.WINDOWS}, "
                              f"got {s['window']!r}")
-        hashed = {k: v for k, v in s.items() if k != "drop_values" or v}  # none: names as
-        # before the field existed, so those datasets are reused
-        key = json.dumps({**hashed, "meds": meds_identity(meds_dir)}, sort_keys=True)
+        key = json.dumps({**s, "meds": meds_identity(meds_dir)}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         return cls(name=f'{s["window"]}{s["max_len"]}_{digest}', meds_dir=str(meds_dir),
                    description=json.dumps(s, sort_keys=True), **s)

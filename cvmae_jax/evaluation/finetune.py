@@ -27,7 +27,6 @@ from absl import logging
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cvmae_jax import parallel
-from cvmae_jax.config import finetune_defaults
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, _resampled_auprcs
 from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomic
@@ -44,10 +43,8 @@ MODELS = ("pretrained", "scratch")
 
 
 def finetune_config(config) -> ml_collections.ConfigDict:
-    """``config.eval.finetune`` with the defaults for fields a run's config.json lacks, checked
-    (one line naming the field when a value is unusable)."""
-    settings = finetune_defaults()
-    settings.update(dict(config.eval.get("finetune", {})))
+    """``config.eval.finetune``, checked (one line naming the field when a value is unusable)."""
+    settings = ml_collections.ConfigDict(dict(config.eval.finetune))
     for name in ("steps", "batch_size", "eval_every", "patience"):
         _require(isinstance(settings[name], int) and settings[name] >= 1, name, settings[name],
                  "expected an integer >= 1")

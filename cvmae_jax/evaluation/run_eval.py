@@ -53,7 +53,7 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
     may be overridden; ``eval.split`` is ``--split``."""
     config = read_config(workdir)
-    config.eval.finetune = finetune_config(config)  # a run's config.json may lack the section
+    config.eval.finetune = finetune_config(config)
     fixed = sorted(name for name in overrides
                    if not name.startswith(EVAL_OVERRIDABLE) or name == "eval.split")
     if fixed:
