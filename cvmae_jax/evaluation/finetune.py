@@ -24,15 +24,15 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, _resampled_auprcs
+from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, held_out_metrics
 from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomic
 from cvmae_jax.evaluation.label_efficiency import kshot_curve
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
-                                               percentile_ci, resampled_aurocs)
+                                               paired_auroc_difference)
 from cvmae_jax.finetune_steps import (HEADS, init_encoder, init_head, init_opt_state,
                                       make_finetune_optimizer, make_finetune_step,
                                       make_logit_step)
@@ -219,12 +219,9 @@ def scored(y: np.ndarray, score: np.ndarray, subjects, seed: int) -> dict:
     if np.unique(y).size < 2:
         out["reason"] = f"{TEST} split has a single class ({out['positives']} of {len(y)})"
         return out
-    bootstrap = SubjectBootstrap(subjects, seed)
-    aurocs = resampled_aurocs(y, score, bootstrap)
-    out.update(auroc=float(roc_auc_score(y, score)), auroc_ci=percentile_ci(aurocs),
-               auprc=float(average_precision_score(y, score)),
-               auprc_ci=percentile_ci(_resampled_auprcs(y, score, bootstrap, aurocs)),
-               bootstrap_used=int(np.isfinite(aurocs).sum()))
+    metrics = held_out_metrics(y, score, seed, subjects)
+    out.update({k: metrics[k] for k in ("auroc", "auroc_ci", "auprc", "auprc_ci",
+                                        "bootstrap_used")})
     return out
 
 
@@ -235,10 +232,8 @@ def paired_delta(y: np.ndarray, score: np.ndarray, reference: np.ndarray, subjec
     y = np.asarray(y, bool)
     if np.unique(y).size < 2:
         return dict(delta=None, ci=None, reason=f"{TEST} split has a single class")
-    bootstrap = SubjectBootstrap(subjects, seed)
-    diff = resampled_aurocs(y, score, bootstrap) - resampled_aurocs(y, reference, bootstrap)
-    return dict(delta=float(roc_auc_score(y, score) - roc_auc_score(y, reference)),
-                ci=percentile_ci(diff), reason=None)
+    difference = paired_auroc_difference(y, score, reference, SubjectBootstrap(subjects, seed))
+    return dict(delta=difference["delta"], ci=difference["ci"], reason=None)
 
 
 @dataclasses.dataclass
