@@ -29,6 +29,14 @@ LABEL_CHECKS = {"subject_id": pa.types.is_integer, "prediction_time": pa.types.i
 OPTIONAL = ("integer_value", "float_value", "categorical_value")
 
 
+def empty_label_table() -> pa.Table:
+    """A MEDS label table with no rows: subject_id int64, prediction_time timestamp[us],
+    boolean_value bool."""
+    return pa.table({"subject_id": pa.array([], pa.int64()),
+                     "prediction_time": pa.array([], pa.timestamp("us")),
+                     "boolean_value": pa.array([], pa.bool_())})
+
+
 def label_files(labels_dir: str | Path) -> list[Path]:
     """`*.parquet` files of one task folder (e.g. labels/<task>/), sorted by path."""
     files = meds.find_parquet_files(labels_dir).files

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.labels import LABEL_CHECKS, OPTIONAL, label_files, prediction_time_zone
+from cvmae_jax.data.labels import (LABEL_CHECKS, OPTIONAL, empty_label_table, label_files,
+                                   prediction_time_zone)
 from cvmae_jax.evaluation.downstream import TEST, TUNING, TaskData
 from cvmae_jax.jsonio import atomic_path
 
@@ -71,9 +72,7 @@ def label_rows(task: TaskData, split: str) -> pa.Table:
             pa.timestamp("us", tz=zone), safe=False))
         parts.append(table)
     if not parts:
-        return pa.table({"subject_id": pa.array([], pa.int64()),
-                         "prediction_time": pa.array([], pa.timestamp("us")),
-                         "boolean_value": pa.array([], pa.bool_())})
+        return empty_label_table()
     table = pa.concat_tables(parts, promote_options="permissive")
     times = table["prediction_time"].cast(pa.int64()).to_numpy()
     if (table["subject_id"].to_pylist() != [int(w["subject_id"]) for w in windows]

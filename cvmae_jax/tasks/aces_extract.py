@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from cvmae_jax.data import meds as meds_files
+from cvmae_jax.data.labels import empty_label_table
 
 
 def import_aces():
@@ -74,9 +75,7 @@ def _one_line(error: Exception) -> str:
 
 def _label_table(parts: list[pa.Table]) -> pa.Table:
     if not parts:
-        return pa.table({"subject_id": pa.array([], pa.int64()),
-                         "prediction_time": pa.array([], pa.timestamp("us")),
-                         "boolean_value": pa.array([], pa.bool_())})
+        return empty_label_table()
     table = pa.concat_tables(parts, promote_options="permissive")
     zone = table.schema.field("index_timestamp").type.tz
     subject = table["subject_id"].cast(pa.int64())
