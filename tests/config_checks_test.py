@@ -1,8 +1,6 @@
 """Config values are checked before any data is read: each bad value names its field."""
 
-import importlib.util
 import logging
-import os
 
 import pytest
 
@@ -10,17 +8,12 @@ from cvmae_jax.config import default_config
 from cvmae_jax.config_checks import check_config, config_warnings
 from cvmae_jax.run_setup import validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["demo", "meds", "study"])
-def test_shipped_configs_pass(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs",
-                                                                     f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    check_config(module.get_config())
-    assert config_warnings(module.get_config()) == []
+def test_shipped_configs_pass(name, shipped_config):
+    check_config(shipped_config(name))
+    assert config_warnings(shipped_config(name)) == []
 
 
 @pytest.mark.parametrize("field, value, message", [

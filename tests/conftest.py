@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,3 +21,18 @@ def shared_meds_dir():
     if not (SHARED_MEDS / "metadata" / "subject_splits.parquet").exists():
         pytest.skip(f"shared MEDS sample not found at {SHARED_MEDS}")
     return SHARED_MEDS.resolve()
+
+
+def _load_shipped_config(name: str):
+    """configs/<name>.py's get_config()."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def shipped_config():
+    """Loads a shipped config by name: ``shipped_config("demo")`` -> configs/demo.py's."""
+    return _load_shipped_config

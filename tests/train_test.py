@@ -1,7 +1,6 @@
 """End to end on tiny synthetic MEDS: outputs, TensorBoard, strategies, compile-once, exact
 resume, the non-finite stop, eval."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -228,16 +227,9 @@ def test_eval_writes_per_lab_reconstruction(cv_run):
     assert again["overall"] == result["overall"]
 
 
-def load_config_file(name):
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def test_meds_config_trains_on_the_shared_real_sample(shared_meds_dir, tmp_path):
-    config = load_config_file("meds")
+def test_meds_config_trains_on_the_shared_real_sample(shared_meds_dir, shipped_config,
+                                                      tmp_path):
+    config = shipped_config("meds")
     config.data.meds_dir = str(shared_meds_dir)
     config.data.data_dir = str(tmp_path / "data")
     config.data.max_len = 64

@@ -2,7 +2,6 @@
 unpacked windows."""
 
 import datetime
-import importlib.util
 import logging
 import os
 
@@ -16,19 +15,11 @@ from cvmae_jax.config_checks import check_config, config_warnings, padding_warni
 from cvmae_jax.data import meds
 from cvmae_jax.data.report import selection_summary
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALL_NUMERIC = r"^(LAB|VITAL|STATIC)//"
 
 
-def _icu_config():
-    spec = importlib.util.spec_from_file_location("icu", os.path.join(REPO, "configs/icu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def test_icu_config_validates_without_warnings_and_packs_all_numeric_codes():
-    config = _icu_config()
+def test_icu_config_validates_without_warnings_and_packs_all_numeric_codes(shipped_config):
+    config = shipped_config("icu")
     check_config(config)
     assert config_warnings(config) == []
     assert config.data.packing and config.data.top_k == 0
