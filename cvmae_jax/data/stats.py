@@ -118,8 +118,8 @@ class CodeMoments:
 
     The moments are kept in units of a per-code power of two near the largest |value| seen
     (`power_of_two_scale`; rescaling is exact), so no sum or square overflows whatever the
-    finite values: `means()` and `stds()` are finite. Subjects are counted per shard (`end_shard`), so a subject must not
-    span shards.
+    finite values: `means()` and `stds()` are finite. Subjects are counted per shard
+    (`end_shard`), so a subject must not span shards.
     """
 
     def __init__(self):
