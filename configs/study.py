@@ -15,27 +15,14 @@ Single-code masking is off here (it adds ~50 s per run): pass --config.eval.sing
 a new workdir) to add its table to the report.
 """
 
-import importlib.util
-import os
-
-import ml_collections
-
-
-def _demo_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("configs_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from cvmae_jax.config import sibling_config, study_fields
 
 
 def get_config():
-    config = _demo_config()
+    config = sibling_config(__file__, "demo")
     config.train.num_steps = 600
     config.train.eval_every = 100
     config.train.checkpoint_every = 200
     config.eval.single_code = False  # one eval pass per lab code: ~50 s per run, see above
-    config.study = ml_collections.ConfigDict()
-    config.study.strategies = ("random", "variance", "cv", "cv_rank")  # must include random
-    config.study.seeds = (0,)  # config.seed of each run; strategy seed s pairs with random s
+    config.study = study_fields(seeds=(0,))
     return config

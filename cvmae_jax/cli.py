@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -190,11 +189,7 @@ def _config_file_named_in(argv: list[str]) -> ml_collections.ConfigDict:
             path = argv[i + 1]
     if path and os.path.isfile(path.split(":", 1)[0]):
         try:
-            spec = importlib.util.spec_from_file_location("_named_config",
-                                                          path.split(":", 1)[0])
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module.get_config()
+            return config_module.load_config_file(path.split(":", 1)[0])
         except Exception:  # noqa: BLE001 - the message then lists the default config's fields
             pass
     return config_module.default_config()

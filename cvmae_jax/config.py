@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -110,6 +113,30 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     finetune.patience = 3  # checks without a better tuning AUROC before stopping
     finetune.kshot_draws = 0  # fine-tuned draws per k of the label-efficiency curve (0: none)
     return finetune
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file at ``path`` (configs/demo.py, ...)."""
+    spec = importlib.util.spec_from_file_location(
+        "_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of ``<name>.py`` in the folder of ``config_file`` (a config built on
+    another shipped config: ``sibling_config(__file__, "icu")``)."""
+    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)),
+                                         f"{name}.py"))
+
+
+def study_fields(seeds: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """``config.study`` of ``python -m cvmae_jax.study``: every strategy, the given seeds."""
+    study = ml_collections.ConfigDict()
+    study.strategies = ("random", "variance", "cv", "cv_rank")  # must include random
+    study.seeds = seeds  # config.seed of each run; strategy seed s pairs with random s
+    return study
 
 
 def get_config() -> ml_collections.ConfigDict:

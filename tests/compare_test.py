@@ -27,10 +27,13 @@ SUBJECT_BASE = 987_654_000  # subject ids that must never reach a report
 
 
 def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_scores=None,
-             label_efficiency=None, **extra):
+             label_efficiency=None, locf_mses=(1.0,) * len(CODES), task_extra=None,
+             finetuned_scores=None, **extra):
     """A training workdir with config.json, metrics.jsonl and eval/metrics.json (+ predictions
     of each task in ``task_scores``: {task: (labels, scores)}; ``label_efficiency``: {k: mean
-    AUROC} for every task)."""
+    AUROC} for every task; ``locf_mses``: carry-forward's per-lab MSE; ``task_extra``: fields
+    added to every task's result; ``finetuned_scores``: the fine-tuned model's predictions,
+    as ``task_scores``)."""
     path = root / f"{strategy}_s{seed}"
     (path / "eval").mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"seed": seed,
@@ -40,9 +43,9 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
             f.write(json.dumps({"step": step, "loss": 1.0, "masked_mse": 9.9}) + "\n")
             f.write(json.dumps({"step": step, "split": "tuning", "masked_mse": mse}) + "\n")
     per_code = [dict(code=c, name=NAMES[c], num_masked=50, mse=m, mae=m, rmse=m ** 0.5,
-                     baseline_mse=1.0, raw_rmse=m, raw_mae=m, cv=0.1 * (i + 1),
+                     baseline_mse=1.0, locf_mse=locf, raw_rmse=m, raw_mae=m, cv=0.1 * (i + 1),
                      train_mask_prob=0.3)
-                for i, (c, m) in enumerate(zip(CODES, mses))]
+                for i, (c, m, locf) in enumerate(zip(CODES, mses, locf_mses))]
     tasks = {}
     for task, (labels, scores) in (task_scores or {}).items():
         auroc = roc_auc_score(labels, scores)
@@ -52,8 +55,14 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
         if label_efficiency:
             tasks[task]["label_efficiency"] = {k: dict(auroc_mean=v, draws=5)
                                                for k, v in label_efficiency.items()}
+        tasks[task].update(task_extra or {})
         write_predictions(path, task, labels, scores)
-    metrics = dict(overall=dict(num_masked=200, masked_mse=float(np.mean(mses))),
+    for task, (labels, scores) in (finetuned_scores or {}).items():
+        write_predictions(path, task, labels, scores, folder="predictions_pretrained")
+    overall = dict(num_masked=200, masked_mse=float(np.mean(mses)),
+                   mse_vs_baseline=float(np.mean(mses)),
+                   mse_vs_locf=float(np.mean(mses) / np.mean(locf_mses)))
+    metrics = dict(overall=overall,
                    per_code=per_code, step=curve[-1][0], split="held_out", strategy=strategy,
                    eval_mask=dict(rate=0.3, seed=1234),
                    downstream=dict(seed=seed, split="held_out", tasks=tasks),
@@ -62,9 +71,9 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
     return str(path)
 
 
-def write_predictions(run_path, task, labels, scores, order=None):
+def write_predictions(run_path, task, labels, scores, order=None, folder="predictions"):
     order = np.arange(len(labels)) if order is None else order
-    folder = os.path.join(run_path, "eval", "predictions", task)
+    folder = os.path.join(run_path, "eval", folder, task)
     os.makedirs(folder, exist_ok=True)
     table = pa.table({
         "subject_id": pa.array(SUBJECT_BASE + order, pa.int64()),
@@ -306,6 +315,56 @@ def test_single_code_and_perturbation_are_used_when_present(tmp_path):
     assert "no single_code" in strategies["variance"]["vs_random"]["reconstruction"][
         "single_code"]["note"]
     assert strategies["variance"]["perturbation"] == {}
+
+
+def test_each_strategy_is_set_beside_carry_forward_aggregates_and_scratch(tmp_path):
+    rng = np.random.default_rng(5)
+    labels, a = binormal(300, 0.5, rng)
+    _, b = binormal(300, 1.0, rng, labels)
+    locf = (0.9, 0.9, 0.9, 0.9)
+
+    def outcome(probe_minus_lr, finetuned, scratch):
+        return dict(aggregates=dict(
+            reason=None, logistic_regression=dict(auroc=0.70, probe_minus_model=dict(
+                delta=probe_minus_lr)),
+            gradient_boosting=dict(auroc=0.75, probe_minus_model=dict(delta=-0.1))),
+            finetune=dict(pretrained=dict(auroc=finetuned, n=300), scratch=dict(auroc=scratch),
+                          pretrained_vs_scratch=dict(delta=finetuned - scratch)))
+
+    runs = [make_run(tmp_path, "random", 0, [1.0, 0.8, 0.8, 1.0], locf_mses=locf,
+                     task_scores={"death": (labels, a)}, finetuned_scores={"death": (labels, a)},
+                     task_extra=outcome(0.02, 0.80, 0.60)),
+            make_run(tmp_path, "random", 1, [1.0, 1.0, 1.0, 1.0], locf_mses=locf,
+                     task_scores={"death": (labels, a)}, finetuned_scores={"death": (labels, a)},
+                     task_extra=outcome(0.04, 0.82, 0.64)),
+            make_run(tmp_path, "cv", 0, [0.5, 0.5, 0.5, 1.0], locf_mses=locf,
+                     task_scores={"death": (labels, a)}, finetuned_scores={"death": (labels, b)},
+                     task_extra=outcome(0.06, 0.90, 0.60)),
+            make_run(tmp_path, "cv", 1, [0.5, 0.5, 0.5, 0.5], locf_mses=locf,
+                     task_scores={"death": (labels, a)}, finetuned_scores={"death": (labels, b)},
+                     task_extra=outcome(0.08, 0.92, 0.64))]
+    summary = summarize_paths(runs)
+    simple = summary["simple_methods"]
+    recon = simple["reconstruction"]
+    assert recon["random"]["labs_beating_locf"]["per_seed"] == {"0": 0.5, "1": 0.0}
+    assert recon["cv"]["labs_beating_locf"]["mean"] == pytest.approx(0.875)
+    assert recon["cv"]["mse_vs_locf"]["mean"] == pytest.approx((0.625 + 0.5) / 2 / 0.9)
+    death = simple["downstream"]["death"]
+    assert death["aggregates"]["logistic_regression"]["mean"] == pytest.approx(0.70)
+    assert death["scratch"]["mean"] == pytest.approx(0.62)
+    cv = death["strategies"]["cv"]
+    assert cv["probe_minus"]["logistic_regression"]["mean"] == pytest.approx(0.07)
+    assert cv["finetuned"]["mean"] == pytest.approx(0.91)
+    assert cv["finetuned_minus_scratch"]["mean"] == pytest.approx(0.29)
+    delta = summary["strategies"]["cv"]["vs_random"]["finetuned_auroc_delta"]["death"]
+    assert delta["delta"] == pytest.approx(roc_auc_score(labels, b) - roc_auc_score(labels, a))
+    assert delta["ci"][0] < delta["delta"] < delta["ci"][1]
+    report = "\n".join(report_lines(summary, []))
+    assert "## Beside the simple methods" in report
+    assert "| `cv` | 0.562 (0.500 to 0.625) | 0.625 (0.556 to 0.694) | 0.88 (0.75 to 1.00) |" \
+        in report
+    assert "- from scratch (no pretraining): 0.620 (0.600 to 0.640)" in report
+    assert "| `cv` | " in report and "+0.070 (+0.060 to +0.080)" in report
 
 
 def test_compare_runs_writes_summary_report_and_plots_without_subject_ids(tmp_path):

@@ -6,10 +6,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+from cvmae_jax.config import load_config_file  # noqa: E402
 
 SHARED_MEDS = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / \
     "mimic_iv_demo_meds"
@@ -25,11 +26,8 @@ def shared_meds_dir():
 
 def _load_shipped_config(name: str):
     """configs/<name>.py's get_config()."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(str(pathlib.Path(__file__).resolve().parents[1] / "configs"
+                                / f"{name}.py"))
 
 
 @pytest.fixture(scope="session")

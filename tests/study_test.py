@@ -1,6 +1,5 @@
 """The study command: a tiny study (2 strategies x 1 seed) that completes, then resumes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,14 +20,6 @@ TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
         "--config.data.min_subjects=1"]  # per-lab rows of a held_out split of a few subjects
 
 
-def study_config():
-    spec = importlib.util.spec_from_file_location("study_config",
-                                                  os.path.join(REPO, "configs", "study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def run_study_cli(workdir):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "cvmae_jax.study", "--config=configs/study.py",
@@ -36,8 +27,9 @@ def run_study_cli(workdir):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_path):
-    config = study_config()
+def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_path,
+                                                                          shipped_config):
+    config = shipped_config("study")
     config.study.seeds = (0, 1)
     runs = run_configs(config, str(tmp_path))
     assert [os.path.basename(d) for d, _ in runs] == [
@@ -52,8 +44,8 @@ def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_pa
     ("strategies", ("random", "spans"), "expected distinct strategies"),
     ("seeds", (), "expected distinct seeds"),
 ])
-def test_bad_study_settings_are_refused(tmp_path, field, value, message):
-    config = study_config()
+def test_bad_study_settings_are_refused(tmp_path, shipped_config, field, value, message):
+    config = shipped_config("study")
     config.study[field] = value
     with pytest.raises(ValueError, match=message):
         run_configs(config, str(tmp_path))
@@ -89,10 +81,11 @@ def test_tiny_study_completes_then_resumes_without_training(tmp_path):
     assert "report:" in result.stdout
 
 
-def evaluated_run(tmp_path, **saved_changes):
-    """The study's first run as if trained and evaluated at its final step, with config.json
-    saved with ``saved_changes`` ({"train": {"learning_rate": 0.5}}); (run dir, run config)."""
-    run_dir, run = run_configs(study_config(), str(tmp_path))[0]
+def evaluated_run(tmp_path, study_config, **saved_changes):
+    """The first run of ``study_config`` as if trained and evaluated at its final step, with
+    config.json saved with ``saved_changes`` ({"train": {"learning_rate": 0.5}}); (run dir,
+    run config)."""
+    run_dir, run = run_configs(study_config, str(tmp_path))[0]
     os.makedirs(os.path.join(run_dir, "eval"))
     with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
         json.dump({"step": run.train.num_steps}, f)
@@ -104,8 +97,8 @@ def evaluated_run(tmp_path, **saved_changes):
     return run_dir, run
 
 
-def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
-    run_dir, run = evaluated_run(tmp_path, train={"learning_rate": 0.5})
+def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path, shipped_config):
+    run_dir, run = evaluated_run(tmp_path, shipped_config("study"), train={"learning_rate": 0.5})
     with pytest.raises(ValueError,
                        match=r"other settings \(train.learning_rate: 0.5 -> 0.001\); use a new"):
         is_finished(run_dir, run)
@@ -113,8 +106,8 @@ def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path):
     assert not is_finished(run_dir, run)
 
 
-def test_a_run_evaluated_with_other_eval_settings_is_evaluated_again(tmp_path):
-    run_dir, run = evaluated_run(tmp_path)
+def test_a_run_evaluated_with_other_eval_settings_is_evaluated_again(tmp_path, shipped_config):
+    run_dir, run = evaluated_run(tmp_path, shipped_config("study"))
     assert is_finished(run_dir, run)
     run.eval.mask_rate = 0.5  # e.g. --config.eval.mask_rate=0.5 on a finished study
     assert not is_finished(run_dir, run)

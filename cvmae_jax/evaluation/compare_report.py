@@ -52,6 +52,7 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
     lines += ["- masked MSE: mean over seeds of each run's held_out masked MSE (normalized "
               "units); convergence: from the validation lines of each run's metrics.jsonl."]
     lines += [_noise_floor_line(summary.get("seed_noise_floor"))]
+    lines += _simple_methods_lines(summary.get("simple_methods"), tasks)
     lines += (_single_code_lines(strategies) + _label_efficiency_lines(strategies, tasks)
               + _per_seed_lines(strategies, tasks) + _per_lab_lines(strategies))
     notes = [f"- {s} {t}: {d['note']}" for s, e in strategies.items()
@@ -62,6 +63,58 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
         lines += ["", "## Notes", "", *notes]
     lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in figures)]
     return lines
+
+
+def _seeds_cell(values: dict, fmt: str = ".3f") -> str:
+    """Mean over seeds with the range of the seeds' values: "0.812 (0.801-0.820)"."""
+    present = [v for v in values["per_seed"].values() if v is not None]
+    if values["mean"] is None:
+        return "n/a"
+    if len(present) < 2:
+        return format(values["mean"], fmt)
+    return (f"{format(values['mean'], fmt)} ({format(min(present), fmt)} to "
+            f"{format(max(present), fmt)})")
+
+
+def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
+    """"Beside the simple methods": carry-forward, aggregates and from-scratch rows."""
+    if not block:
+        return []
+    lines = ["", "## Beside the simple methods", "",
+             "Mean over seeds (range over seeds). Reconstruction on the same held_out values "
+             "as above; carry-forward predicts each hidden value by the last visible value of "
+             "its code earlier in the window (the code's mean where there is none).", "",
+             "| strategy | masked MSE / per-code mean | masked MSE / carry-forward | share of "
+             "labs beating carry-forward |", "|---|---:|---:|---:|"]
+    for strategy, r in block["reconstruction"].items():
+        lines.append(f"| `{strategy}` | {_seeds_cell(r['mse_vs_mean'])} | "
+                     f"{_seeds_cell(r['mse_vs_locf'])} | "
+                     f"{_seeds_cell(r['labs_beating_locf'], '.2f')} |")
+    for task in tasks:
+        d = block["downstream"][task]
+        lines += ["", f"Held_out AUROC, {task}: the aggregates baseline (as-of per-code "
+                  "features of the same events) and the same network trained from scratch on "
+                  "the label do not depend on the masking strategy (the reference's seeds).", ""]
+        lines += [f"- aggregates {m.replace('_', ' ')}: {_seeds_cell(v)}"
+                  for m, v in d["aggregates"].items()]
+        lines += [f"- from scratch (no pretraining): {_seeds_cell(d['scratch'])}", "",
+                  "| strategy | frozen probe | probe - aggregates LR | probe - aggregates GBM "
+                  "| fine-tuned | fine-tuned - scratch |", "|---|---:|---:|---:|---:|---:|"]
+        for strategy, r in d["strategies"].items():
+            minus = r["probe_minus"]
+            lines.append(
+                f"| `{strategy}` | {_seeds_cell(r['probe'])} | "
+                f"{_seeds_cell(minus.get('logistic_regression', _NONE), '+.3f')} | "
+                f"{_seeds_cell(minus.get('gradient_boosting', _NONE), '+.3f')} | "
+                f"{_seeds_cell(r['finetuned'])} | "
+                f"{_seeds_cell(r['finetuned_minus_scratch'], '+.3f')} |")
+    lines += ["", "Differences are per seed on the same rows (each run's eval/report.md has "
+              "their paired bootstrap CIs), then averaged; n/a: not evaluated (fine-tuning off: "
+              "config.eval.finetune.enabled=False)."]
+    return lines
+
+
+_NONE = dict(mean=None, per_seed={})
 
 
 def _noise_floor_line(floor: dict | None) -> str:

@@ -12,8 +12,9 @@ import math
 import numpy as np
 
 from cvmae_jax.evaluation import paired_stats
-from cvmae_jax.evaluation.compared_runs import REFERENCE, Run
-from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED, TaskPredictions
+from cvmae_jax.evaluation.compare_yardstick import simple_methods
+from cvmae_jax.evaluation.compared_runs import REFERENCE, Run, over_seeds
+from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED, TaskPredictions, task_result
 from cvmae_jax.reconstruction import vs_baseline
 
 SUMMARY_FILE = "summary.json"  # written to the workdir of eval.py --compare and the study
@@ -52,6 +53,8 @@ def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
     reference = groups[REFERENCE]
     tasks = _tasks(runs)
     predictions = {task: TaskPredictions.load(runs, task) for task in tasks}
+    finetuned = {task: TaskPredictions.load(runs, task, "finetuned") for task in tasks
+                 if any(task_result(r, task, "finetuned") for r in runs)}
     first = runs[0].metrics
     out = dict(reference=REFERENCE, split=first.get("split"), eval_mask=first.get("eval_mask"),
                validation_split=", ".join(sorted({r.validation_split for r in runs
@@ -63,7 +66,7 @@ def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
                strategies={})
     for strategy, by_seed in groups.items():
         entry = dict(seeds=list(by_seed),
-                     masked_mse=_over_seeds({s: r.metrics["overall"]["masked_mse"]
+                     masked_mse=over_seeds({s: r.metrics["overall"]["masked_mse"]
                                              for s, r in by_seed.items()}),
                      auroc={t: _auroc_over_seeds(by_seed, t) for t in tasks},
                      label_efficiency={t: _label_efficiency(by_seed, t) for t in tasks},
@@ -73,10 +76,12 @@ def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
             entry["vs_random"] = dict(
                 reconstruction={kind: _lab_stats(pairs, kind) for kind in LAB_KINDS},
                 auroc_delta={t: predictions[t].delta(pairs) for t in tasks},
+                finetuned_auroc_delta={t: finetuned[t].delta(pairs) for t in finetuned},
                 convergence=_convergence(pairs))
         out["strategies"][strategy] = entry
     out["tasks"] = {t: predictions[t].info() for t in tasks}
     out["seed_noise_floor"] = seed_noise_floor(reference)
+    out["simple_methods"] = simple_methods(groups, tasks)
     return out
 
 
@@ -91,13 +96,6 @@ def seed_noise_floor(reference: dict[int, Run]) -> dict | None:
     steps = convergence(reference[second].validation, reference[first].validation)
     return dict(lab.get("pooled", {}), seeds=[first, second], note=lab.get("note"),
                 convergence_ratio=steps["ratio"], convergence_reason=steps["reason"])
-
-
-def _over_seeds(values: dict[int, float | None]) -> dict:
-    """{"mean" over the seeds with a value, "n" of them, "per_seed"}."""
-    present = [v for v in values.values() if v is not None]
-    return dict(mean=float(np.mean(present)) if present else None, n=len(present),
-                per_seed={str(s): v for s, v in values.items()})
 
 
 # --- reconstruction per lab ---------------------------------------------------------------
@@ -147,7 +145,7 @@ def _tasks(runs: list[Run]) -> list[str]:
 
 def _auroc_over_seeds(by_seed: dict[int, Run], task: str) -> dict:
     per_seed = {s: r.metrics["downstream"]["tasks"][task] for s, r in by_seed.items()}
-    out = _over_seeds({s: t.get("auroc") for s, t in per_seed.items()})
+    out = over_seeds({s: t.get("auroc") for s, t in per_seed.items()})
     out["ci_per_seed"] = {str(s): t.get("auroc_ci") for s, t in per_seed.items()}
     out["n_per_seed"] = {str(s): t.get("n") for s, t in per_seed.items()}
     return out
@@ -159,7 +157,7 @@ def _label_efficiency(by_seed: dict[int, Run], task: str) -> dict:
     curves = {s: r.metrics["downstream"]["tasks"][task].get("label_efficiency") or {}
               for s, r in by_seed.items()}
     sizes = list(dict.fromkeys(k for c in curves.values() for k in c))
-    return {k: _over_seeds({s: c.get(k, {}).get("auroc_mean") for s, c in curves.items()})
+    return {k: over_seeds({s: c.get(k, {}).get("auroc_mean") for s, c in curves.items()})
             for k in sizes}
 
 # --- convergence and perturbation -----------------------------------------------------------
@@ -209,12 +207,12 @@ def _perturbation(by_seed: dict[int, Run]) -> dict:
     kinds = sorted({k for b in blocks.values() for k, v in b.items() if isinstance(v, dict)})
     out = {}
     for kind in kinds:
-        entry = _over_seeds({s: b.get(kind, {}).get("reconstruction", {}).get("ratio")
+        entry = over_seeds({s: b.get(kind, {}).get("reconstruction", {}).get("ratio")
                              for s, b in blocks.items()})
         tasks = sorted({t for b in blocks.values() for t in b.get(kind, {}).get("downstream",
                                                                                  {})})
         entry["auroc_ratio"] = {
-            t: _over_seeds({s: b.get(kind, {}).get("downstream", {}).get(t, {})
+            t: over_seeds({s: b.get(kind, {}).get("downstream", {}).get(t, {})
                             .get("auroc_ratio") for s, b in blocks.items()}) for t in tasks}
         out[kind] = entry
     return out

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+
 from cvmae_jax.masking import STRATEGIES
 from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
                                read_eval_metrics)
@@ -26,6 +28,13 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.strategy}_s{self.seed}"
+
+
+def over_seeds(values: dict[int, float | None]) -> dict:
+    """{"mean" over the seeds with a value, "n" of them, "per_seed"}."""
+    present = [v for v in values.values() if v is not None]
+    return dict(mean=float(np.mean(present)) if present else None, n=len(present),
+                per_seed={str(s): v for s, v in values.items()})
 
 
 def load_run(path: str) -> Run:

@@ -16,24 +16,37 @@ from cvmae_jax.evaluation.compared_runs import Run
 from cvmae_jax.workdir import eval_dir
 
 BOOTSTRAP_SEED = 0
+# model -> (eval/ folder of its held_out predictions, its block in downstream.tasks[task])
+MODELS = dict(probe=("predictions", ()), finetuned=("predictions_pretrained",
+                                                     ("finetune", "pretrained")))
+
+
+def task_result(run: Run, task: str, model: str) -> dict:
+    """The ``model``'s held_out result for ``task`` in the run's eval/metrics.json ({} when the
+    run has none, e.g. fine-tuning off)."""
+    block = run.metrics["downstream"]["tasks"][task]
+    for key in MODELS[model][1]:
+        block = block.get(key) or {}
+    return block
 
 
 class TaskPredictions:
-    """One task's held_out predictions of every run that has them, aligned on the rows all
-    of those runs share, with each run's AUROC on every bootstrap resample of those rows."""
+    """One task's held_out predictions by one model (``MODELS``: the frozen probe or the
+    fine-tuned classifier) of every run that has them, aligned on the rows all of those runs
+    share, with each run's AUROC on every bootstrap resample of those rows."""
 
-    def __init__(self, task: str, labels, subjects, scores: dict[str, np.ndarray],
+    def __init__(self, task: str, model: str, labels, subjects, scores: dict[str, np.ndarray],
                  missing: list[str], dropped: dict[str, int]):
-        self.task, self.labels, self.scores = task, labels, scores
+        self.task, self.model, self.labels, self.scores = task, model, labels, scores
         self.missing, self.dropped = missing, dropped
         self.bootstrap = paired_stats.SubjectBootstrap(subjects, BOOTSTRAP_SEED)
         self._resampled: dict[str, np.ndarray] = {}
 
     @classmethod
-    def load(cls, runs: list[Run], task: str) -> "TaskPredictions":
+    def load(cls, runs: list[Run], task: str, model: str = "probe") -> "TaskPredictions":
         tables, missing = {}, []
         for run in runs:
-            path = os.path.join(eval_dir(run.path), "predictions", task, "held_out.parquet")
+            path = os.path.join(eval_dir(run.path), MODELS[model][0], task, "held_out.parquet")
             if os.path.exists(path):
                 tables[run.name] = _read_predictions(path)
             else:
@@ -50,7 +63,7 @@ class TaskPredictions:
                                  f"shared rows; were the runs evaluated on the same data?")
             scores[name] = rows[:, 1]
         dropped = {name: len(t) - len(keys) for name, t in tables.items()}
-        return cls(task, labels if labels is not None else np.zeros(0, bool),
+        return cls(task, model, labels if labels is not None else np.zeros(0, bool),
                    [subject for subject, _, _ in keys], scores, missing, dropped)
 
     def info(self) -> dict:
@@ -87,7 +100,7 @@ class TaskPredictions:
     def _delta_without_ci(self, pairs: dict[int, tuple[Run, Run]]) -> dict:
         per_seed = {}
         for s, (run, ref) in pairs.items():
-            auc, ref_auc = (r.metrics["downstream"]["tasks"][self.task].get("auroc")
+            auc, ref_auc = (task_result(r, self.task, self.model).get("auroc")
                             for r in (run, ref))
             per_seed[str(s)] = dict(auroc=auc, random_auroc=ref_auc, ci=None,
                                     delta=None if None in (auc, ref_auc) else auc - ref_auc)
@@ -97,7 +110,7 @@ class TaskPredictions:
                 f"the {len(self.labels)} held_out rows shared by the runs' predictions hold "
                 f"one class") + (": AUROCs from eval/metrics.json, no CI" if deltas else
                                  ": no AUROC (eval/metrics.json has none either)")
-        n = [r.metrics["downstream"]["tasks"][self.task].get("n") for r, _ in pairs.values()]
+        n = [task_result(r, self.task, self.model).get("n") for r, _ in pairs.values()]
         return dict(delta=float(np.mean(deltas)) if deltas else None, ci=None,
                     n=n[0] if len(set(n)) == 1 else n, positives=None, split="held_out",
                     seeds=list(pairs), per_seed=per_seed, method="difference of AUROCs",

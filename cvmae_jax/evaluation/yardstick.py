@@ -12,8 +12,7 @@ MODEL_NAMES = dict(logistic_regression="aggregates LR", gradient_boosting="aggre
 def yardstick_lines(result: dict) -> list[str]:
     """Markdown lines of the section, from eval.py's metrics (counts and aggregates only)."""
     overall = result["overall"]
-    rows = [r for r in result["per_code"] if r.get("num_masked")]
-    wins = sum(r["mse"] < r["locf_mse"] for r in rows)
+    wins, labs = labs_beating_locf(result)
     lines = ["## Does pretraining earn its keep?", "",
              f"Reconstruction of the {overall['num_masked']} values hidden by the evaluation "
              "mask (normalized units); carry-forward predicts each hidden value by the last "
@@ -25,7 +24,7 @@ def yardstick_lines(result: dict) -> list[str]:
              f"{overall['mse_vs_baseline']:.3f} |",
              f"| carry-forward (LOCF) | {overall['locf_masked_mse']:.4f} | "
              f"{overall['mse_vs_locf']:.3f} |", "",
-             f"The model beats carry-forward on {wins} of the {len(rows)} labs shown below "
+             f"The model beats carry-forward on {wins} of the {labs} labs shown below "
              "(lower MSE).", ""]
     tasks = result.get("downstream", {}).get("tasks", {})
     if not tasks:
@@ -56,6 +55,13 @@ def yardstick_lines(result: dict) -> list[str]:
               "gradient boosting (settings by tuning AUROC). A difference above 0: the probe "
               "is better; CIs resample held_out subjects, the same resamples for both.", ""]
     return lines + (notes + [""] if notes else [])
+
+
+def labs_beating_locf(result: dict) -> tuple[int, int]:
+    """(labs whose masked MSE is below carry-forward's, labs with hidden values) among the
+    per-lab rows eval.py shows (small-count rows suppressed)."""
+    rows = [r for r in result["per_code"] if r.get("num_masked")]
+    return sum(r["mse"] < r["locf_mse"] for r in rows), len(rows)
 
 
 def _auroc(r: dict) -> str:

@@ -1,0 +1,24 @@
+"""The paper's comparison on ICU stays (PhysioNet/CinC 2012 set-a in MEDS form): every strategy
+x 3 seeds on configs/icu.py, labs only or every numeric code.
+
+    python -m cvmae_jax.study --config=configs/study_icu.py --workdir=runs/study_icu_labs \
+        --config.data.meds_dir=/data/physionet2012_seta_meds --config.data.lab_code_pattern='^LAB//'
+    python -m cvmae_jax.study --config=configs/study_icu.py --workdir=runs/study_icu_all \
+        --config.data.meds_dir=/data/physionet2012_seta_meds
+
+The training of each run is configs/icu.py's (1,000 packed steps of 32 x 256), validated every
+100 steps (the eval points of the convergence ratio). Each run's eval.py adds the per-lab
+single-code table, the aggregates baseline and the fine-tuned and from-scratch classifiers.
+Results and timings on set-a: docs/results_physionet2012.md.
+"""
+
+from cvmae_jax.config import sibling_config, study_fields
+
+
+def get_config():
+    config = sibling_config(__file__, "icu")
+    config.train.eval_every = 100
+    config.train.checkpoint_every = 500
+    config.eval.single_code = True
+    config.study = study_fields(seeds=(0, 1, 2))
+    return config

@@ -1,0 +1,68 @@
+"""The "simple_methods" block of the study's summary.json: every strategy's runs beside the
+methods a practitioner would use instead, on the same rows: carry-forward and per-code means
+for reconstruction; the aggregates baseline and the same network trained from scratch on the
+label for each task. Means over seeds with every seed's value."""
+
+from __future__ import annotations
+
+from cvmae_jax.evaluation.aggregates import MODELS as AGGREGATE_MODELS
+from cvmae_jax.evaluation.compared_runs import REFERENCE, Run, over_seeds
+from cvmae_jax.evaluation.paired_predictions import task_result
+from cvmae_jax.evaluation.yardstick import labs_beating_locf
+
+
+def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
+    """{"reconstruction": {strategy: ratios and carry-forward win share}, "downstream": {task:
+    aggregates and scratch AUROCs (the reference's seeds: neither depends on the strategy) and
+    per strategy the probe and fine-tuned AUROCs with their paired differences}}."""
+    reconstruction = {s: _reconstruction(by_seed) for s, by_seed in groups.items()}
+    downstream = {}
+    for task in tasks:
+        reference = groups[REFERENCE]
+        downstream[task] = dict(
+            aggregates={m: over_seeds({s: _aggregates(r, task)[m].get("auroc")
+                                       for s, r in reference.items()})
+                        for m in AGGREGATE_MODELS if _has_aggregates(reference, task)},
+            scratch=over_seeds({s: _finetune(r, task).get("scratch", {}).get("auroc")
+                                for s, r in reference.items()}),
+            strategies={s: _downstream(by_seed, task) for s, by_seed in groups.items()})
+    return dict(reconstruction=reconstruction, downstream=downstream)
+
+
+def _reconstruction(by_seed: dict[int, Run]) -> dict:
+    shares = {}
+    for s, run in by_seed.items():
+        wins, labs = labs_beating_locf(run.metrics)
+        shares[s] = wins / labs if labs else None
+    overall = {s: r.metrics["overall"] for s, r in by_seed.items()}
+    return dict(mse_vs_mean=over_seeds({s: o.get("mse_vs_baseline") for s, o in overall.items()}),
+                mse_vs_locf=over_seeds({s: o.get("mse_vs_locf") for s, o in overall.items()}),
+                labs_beating_locf=over_seeds(shares))
+
+
+def _downstream(by_seed: dict[int, Run], task: str) -> dict:
+    aggregates = {s: _aggregates(r, task) for s, r in by_seed.items()}
+    finetune = {s: _finetune(r, task) for s, r in by_seed.items()}
+    return dict(
+        probe=over_seeds({s: task_result(r, task, "probe").get("auroc")
+                          for s, r in by_seed.items()}),
+        probe_minus={m: over_seeds({s: a.get(m, {}).get("probe_minus_model", {}).get("delta")
+                                    for s, a in aggregates.items()})
+                     for m in AGGREGATE_MODELS},
+        finetuned=over_seeds({s: task_result(r, task, "finetuned").get("auroc")
+                              for s, r in by_seed.items()}),
+        finetuned_minus_scratch=over_seeds({s: f.get("pretrained_vs_scratch", {}).get("delta")
+                                            for s, f in finetune.items()}))
+
+
+def _aggregates(run: Run, task: str) -> dict:
+    block = task_result(run, task, "probe").get("aggregates") or {}
+    return {} if block.get("reason") else block
+
+
+def _has_aggregates(by_seed: dict[int, Run], task: str) -> bool:
+    return any(_aggregates(r, task) for r in by_seed.values())
+
+
+def _finetune(run: Run, task: str) -> dict:
+    return task_result(run, task, "probe").get("finetune") or {}
