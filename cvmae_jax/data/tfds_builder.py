@@ -106,6 +106,14 @@ def meds_identity(meds_dir: str | Path) -> list:
             for f in files if f.is_file()]
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The info of a dataset built here from local files: there is no public metadata to fetch
+    from tfds's bucket (tfds's attempt leaves an empty temporary folder behind each time)."""
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to fetch."""
+
+
 class MedsLabSequences(FileReaderBuilder):
     """Windows of (time, code, value) lab triplets per subject, one record per window, each split
     in example_id order over shards of about SHARD_BYTES serialized bytes."""
@@ -123,7 +131,7 @@ class MedsLabSequences(FileReaderBuilder):
         """Silent, as above."""
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description="MEDS lab windows for the CV-Masking value-only MAE.",
             features=lab_features(),

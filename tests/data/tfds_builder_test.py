@@ -4,6 +4,7 @@ interruption, real sample."""
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +83,14 @@ def test_reuse_and_rebuild(tiny_meds, tmp_path, capsys):
     path = tiny_meds.root / "data/tuning/0.parquet"  # new MEDS content -> new dataset
     pq.write_table(pq.read_table(path).slice(1), path)
     assert prepare_dataset(tiny_meds.config(), None, data_dir).path != first.path
+
+
+def test_preparing_leaves_no_temporary_folder_behind(tiny_meds, tmp_path, monkeypatch):
+    scratch = tmp_path / "system_tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
+    assert list(scratch.iterdir()) == []
 
 
 def test_config_name_tracks_every_setting(tiny_meds):
