@@ -111,6 +111,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     finetune.head = "linear"  # linear | mlp (one hidden layer of d_model)
     finetune.eval_every = 20  # steps between tuning-AUROC checks
     finetune.patience = 3  # checks without a better tuning AUROC before stopping
+    # also the same network trained from scratch on the label (it does not depend on the
+    # pretrained run: the study trains it on its random runs only)
+    finetune.scratch = True
     finetune.kshot_draws = 0  # fine-tuned draws per k of the label-efficiency curve (0: none)
     return finetune
 

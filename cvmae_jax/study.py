@@ -47,6 +47,8 @@ def run_configs(config, workdir: str) -> list[tuple[str, ml_collections.ConfigDi
         for strategy in strategies:
             run = ml_collections.ConfigDict(base.to_dict())
             run.seed, run.masking.strategy = seed, strategy
+            # the scratch model depends on the seed only: trained once, on the random run
+            run.eval.finetune.scratch = bool(base.eval.finetune.scratch) and strategy == "random"
             out.append((os.path.join(workdir, "runs", f"{strategy}_s{seed}"), run))
     return out
 

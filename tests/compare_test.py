@@ -339,10 +339,10 @@ def test_each_strategy_is_set_beside_carry_forward_aggregates_and_scratch(tmp_pa
                      task_extra=outcome(0.04, 0.82, 0.64)),
             make_run(tmp_path, "cv", 0, [0.5, 0.5, 0.5, 1.0], locf_mses=locf,
                      task_scores={"death": (labels, a)}, finetuned_scores={"death": (labels, b)},
-                     task_extra=outcome(0.06, 0.90, 0.60)),
+                     task_extra=outcome(0.06, 0.90, 0.10)),  # its own scratch: unused
             make_run(tmp_path, "cv", 1, [0.5, 0.5, 0.5, 0.5], locf_mses=locf,
                      task_scores={"death": (labels, a)}, finetuned_scores={"death": (labels, b)},
-                     task_extra=outcome(0.08, 0.92, 0.64))]
+                     task_extra=outcome(0.08, 0.92, 0.10))]
     summary = summarize_paths(runs)
     simple = summary["simple_methods"]
     recon = simple["reconstruction"]

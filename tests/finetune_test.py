@@ -11,8 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.config import finetune_defaults
+from cvmae_jax.evaluation.downstream import TaskData
 from cvmae_jax.evaluation.finetune import (EarlyStopping, Finetuner, finetune_config,
-                                           paired_delta)
+                                           finetune_task, paired_delta)
 from cvmae_jax.model import ModelConfig
 
 MAX_LEN, VOCAB = 12, 6
@@ -135,3 +136,19 @@ def test_finetune_config_names_a_bad_field():
     config.eval.finetune = dict(finetune_defaults(), patience=0)
     with pytest.raises(ValueError, match=r"config.eval.finetune.patience=0"):
         finetune_config(config)
+
+
+@pytest.mark.parametrize("scratch", [True, False])
+def test_the_scratch_model_is_trained_only_when_asked(windows, scratch):
+    rng = np.random.default_rng(3)
+    data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
+                    x={}, y={}, probe=None)
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=6, eval_every=6, scratch=scratch), MAX_LEN, 0)
+    tuned = finetune_task(finetuner, _encoder(1), data, None, seed=0)
+    assert sorted(tuned.probabilities) == (["pretrained", "scratch"] if scratch
+                                           else ["pretrained"])
+    assert ("scratch" in tuned.result) == scratch
+    delta = tuned.result["pretrained_vs_scratch"]
+    assert (delta["delta"] is not None) == scratch
+    assert scratch or "config.eval.finetune.scratch=False" in delta["reason"]

@@ -37,6 +37,10 @@ def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_pa
     for run_dir, run in runs:
         assert "study" not in run and run.data.data_dir == str(tmp_path / "data")
         assert run_dir.endswith(f"{run.masking.strategy}_s{run.seed}")
+        # the scratch classifier depends on the seed only: the random runs train it
+        assert run.eval.finetune.scratch == (run.masking.strategy == "random")
+    config.eval.finetune.scratch = False
+    assert not any(run.eval.finetune.scratch for _, run in run_configs(config, str(tmp_path)))
 
 
 @pytest.mark.parametrize("field, value, message", [

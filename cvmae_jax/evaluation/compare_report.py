@@ -108,8 +108,11 @@ def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
                 f"{_seeds_cell(minus.get('gradient_boosting', _NONE), '+.3f')} | "
                 f"{_seeds_cell(r['finetuned'])} | "
                 f"{_seeds_cell(r['finetuned_minus_scratch'], '+.3f')} |")
-    lines += ["", "Differences are per seed on the same rows (each run's eval/report.md has "
-              "their paired bootstrap CIs), then averaged; n/a: not evaluated (fine-tuning off: "
+    lines += ["", "Differences are taken per seed on the same rows, then averaged: probe - "
+              "aggregates within each run (its eval/report.md has the paired bootstrap CI); "
+              "fine-tuned - scratch against the scratch model of the `random` run with the "
+              "same seed (the scratch model does not depend on the strategy, so the study "
+              "trains it there only). n/a: not evaluated (fine-tuning off: "
               "config.eval.finetune.enabled=False)."]
     return lines
 

@@ -25,7 +25,7 @@ def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
                         for m in AGGREGATE_MODELS if _has_aggregates(reference, task)},
             scratch=over_seeds({s: _finetune(r, task).get("scratch", {}).get("auroc")
                                 for s, r in reference.items()}),
-            strategies={s: _downstream(by_seed, task) for s, by_seed in groups.items()})
+            strategies={s: _downstream(by_seed, reference, task) for s, by_seed in groups.items()})
     return dict(reconstruction=reconstruction, downstream=downstream)
 
 
@@ -40,19 +40,23 @@ def _reconstruction(by_seed: dict[int, Run]) -> dict:
                 labs_beating_locf=over_seeds(shares))
 
 
-def _downstream(by_seed: dict[int, Run], task: str) -> dict:
+def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -> dict:
+    """The strategy's probe and fine-tuned AUROCs; fine-tuned minus the scratch model of the
+    reference run with the same seed (the study trains the scratch model there only)."""
     aggregates = {s: _aggregates(r, task) for s, r in by_seed.items()}
-    finetune = {s: _finetune(r, task) for s, r in by_seed.items()}
+    finetuned = {s: task_result(r, task, "finetuned").get("auroc") for s, r in by_seed.items()}
+    scratch = {s: _finetune(reference[s], task).get("scratch", {}).get("auroc")
+               if s in reference else None for s in by_seed}
     return dict(
         probe=over_seeds({s: task_result(r, task, "probe").get("auroc")
                           for s, r in by_seed.items()}),
         probe_minus={m: over_seeds({s: a.get(m, {}).get("probe_minus_model", {}).get("delta")
                                     for s, a in aggregates.items()})
                      for m in AGGREGATE_MODELS},
-        finetuned=over_seeds({s: task_result(r, task, "finetuned").get("auroc")
-                              for s, r in by_seed.items()}),
-        finetuned_minus_scratch=over_seeds({s: f.get("pretrained_vs_scratch", {}).get("delta")
-                                            for s, f in finetune.items()}))
+        finetuned=over_seeds(finetuned),
+        finetuned_minus_scratch=over_seeds({
+            s: None if None in (finetuned[s], scratch[s]) else finetuned[s] - scratch[s]
+            for s in by_seed}))
 
 
 def _aggregates(run: Run, task: str) -> dict:

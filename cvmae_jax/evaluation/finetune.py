@@ -259,8 +259,9 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
         return TaskFinetune(result, {})
     test_y = _labels(windows[TEST])
     subjects = [int(w["subject_id"]) for w in windows[TEST]]
-    encoders = dict(pretrained=(pretrained_encoder, finetuner.settings.encoder_lr_scale),
-                    scratch=(finetuner.scratch_encoder(), 1.0))
+    encoders = dict(pretrained=(pretrained_encoder, finetuner.settings.encoder_lr_scale))
+    if finetuner.settings.scratch:
+        encoders["scratch"] = (finetuner.scratch_encoder(), 1.0)
     logits, probabilities = {}, {}
     for model, (encoder, scale) in encoders.items():
         fit = finetuner.fit(encoder, windows[TRAIN], windows[TUNING], scale)
@@ -269,8 +270,10 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
         probabilities[model] = {s: sigmoid(v) for s, v in split_logits.items()}
         result[model] = dict(scored(test_y, logits[model], subjects, seed),
                              encoder_lr_scale=scale, **fit.summary())
-    result["pretrained_vs_scratch"] = paired_delta(test_y, logits["pretrained"],
-                                                   logits["scratch"], subjects, seed)
+    result["pretrained_vs_scratch"] = (
+        paired_delta(test_y, logits["pretrained"], logits["scratch"], subjects, seed)
+        if "scratch" in logits else
+        dict(delta=None, ci=None, reason="no scratch model (config.eval.finetune.scratch=False)"))
     if probe_score is not None:
         result["pretrained_vs_probe"] = paired_delta(test_y, logits["pretrained"], probe_score,
                                                      subjects, seed)
@@ -305,7 +308,8 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
         out[task] = tuned
     record = dict(dict(settings), seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP,
                   launcher=type(launcher).__name__, devices=launcher.num_devices,
-                  models=list(MODELS), kshot_seed=int(sample_seed),
+                  models=[m for m in MODELS if settings.scratch or m != "scratch"],
+                  kshot_seed=int(sample_seed),
                   train_step_traces=len(finetuner.traces))
     return record, out
 
@@ -345,7 +349,7 @@ def log_task(task: str, r: dict) -> None:
         logging.info("finetune %s: skipped (%s)", task, r["reason"])
         return
     parts = [f"{m} AUROC {_fmt(r[m]['auroc'])} (best step {r[m]['best_step']} of "
-             f"{r[m]['steps_run']}, {r[m]['seconds']:.0f} s)" for m in MODELS]
+             f"{r[m]['steps_run']}, {r[m]['seconds']:.0f} s)" for m in MODELS if m in r]
     delta = r["pretrained_vs_scratch"]["delta"]
     logging.info("finetune %s: %s; pretrained - scratch %s", task, ", ".join(parts),
                  _fmt(delta))

@@ -36,7 +36,9 @@ def finetune_lines(downstream: dict) -> list[str]:
              f"{s['patience']} checks without a better one. 95% CIs from {s['num_bootstrap']} "
              "bootstrap resamples of held_out's subjects; the differences are paired (the same "
              f"resamples for both models). {s['launcher']} over {s['devices']} device(s). "
-             "Predictions: `predictions_pretrained/`, `predictions_scratch/`.", "",
+             "Predictions: " + ", ".join(f"`predictions_{m}/`" for m in s["models"]) + "."
+             + ("" if "scratch" in s["models"] else " No scratch model here "
+                "(config.eval.finetune.scratch=False)."), "",
              "| task | model | AUROC [95% CI] | AUPRC [95% CI] | best step / steps run | "
              "tuning AUROC |", "|---|---|---|---|---|---:|"]
     deltas, notes, kshot = [], [], []
@@ -50,7 +52,7 @@ def finetune_lines(downstream: dict) -> list[str]:
         lines.append(f"| {task} | probe | {_cell(r.get('auroc'), r.get('auroc_ci'))} | "
                      f"{_cell(r.get('auprc'), r.get('auprc_ci'))} | | "
                      f"{_cell(r.get('tuning_auroc'))} |")
-        for model in MODELS:
+        for model in (m for m in MODELS if m in f):
             m = f[model]
             lines.append(f"| {task} | {model} | {_cell(m['auroc'], m['auroc_ci'])} | "
                          f"{_cell(m['auprc'], m['auprc_ci'])} | {m['best_step']} / "
