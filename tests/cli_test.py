@@ -190,6 +190,18 @@ def test_eval_overrides_apply_to_the_run_config_and_are_checked(tmp_path):
         run_config_with(str(tmp_path), {"eval.split": "tuning", "parallel.cpu_devices": 2})
 
 
+def test_eval_settings_a_run_was_saved_without_take_their_defaults(tmp_path):
+    from cvmae_jax.evaluation.run_eval import run_config_with
+
+    saved = default_config().to_dict()
+    saved["eval"]["finetune"]["steps"] = 7
+    del saved["eval"]["finetune"]["scratch"], saved["eval"]["sample_seed"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = run_config_with(str(tmp_path), {})
+    assert config.eval.finetune.scratch is True and config.eval.sample_seed == 0
+    assert config.eval.finetune.steps == 7  # the run's own settings are kept
+
+
 def test_an_error_raised_inside_a_library_names_it():
     """A ValueError of this package is one plain line; one raised inside a library names the
     exception and the module (it may be a bug; -v=1 shows the traceback)."""

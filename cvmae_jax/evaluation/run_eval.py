@@ -22,6 +22,7 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
+from cvmae_jax.config import default_config
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
@@ -48,11 +49,22 @@ from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, read_config
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's ``config.json`` with the ``eval.*`` fields it lacks at their defaults: eval
+    settings leave the trained model unchanged, so a run can be evaluated by a version of
+    eval.py with more of them."""
+    config = read_config(workdir)
+    settings = default_config().eval
+    settings.update(config.eval.to_dict())
+    config.eval = settings
+    return config
+
+
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with ``overrides`` ({"eval.labels_dir": ..., ...}) applied.
     Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
     may be overridden; ``eval.split`` is ``--split``."""
-    config = read_config(workdir)
+    config = run_config(workdir)
     config.eval.finetune = finetune_config(config)
     fixed = sorted(name for name in overrides
                    if not name.startswith(EVAL_OVERRIDABLE) or name == "eval.split")
@@ -75,7 +87,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     split)``: metrics.json, report.md, reconstruction_by_lab.png, label_efficiency.png,
     embeddings/<task>.parquet and predictions/<task>/{tuning,held_out}.parquet. ``config``:
     the run's config (default: its config.json). Returns the metrics."""
-    config = copy.deepcopy(config) if config is not None else read_config(workdir)
+    config = copy.deepcopy(config) if config is not None else run_config(workdir)
     config.eval.split = split  # a copy: the caller's config keeps its validation split
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
                               "config.eval.batch_size")
