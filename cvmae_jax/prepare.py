@@ -46,7 +46,7 @@ def _prepare(argv) -> None:
         listed = "" if s["subjects_with_rows"] == s["subjects"] else \
             f" (of {s['subjects']:,} in the split list)"
         print(f"  {split}: {s['subjects_with_rows']:,} subjects{listed}, {s['events']:,} events, "
-              f"{s['lab']['lab_events']:,} lab events -> {prepared.num_examples[split]:,} "
+              f"{s['lab']['lab_events']:,} selected events -> {prepared.num_examples[split]:,} "
               f"windows, {prepared.num_tokens[split]:,} tokens")
     for w in report.get("warnings", []) + padding_warnings(
             data, prepared.num_tokens["train"], prepared.num_examples["train"]):

@@ -186,7 +186,7 @@ class MedsLabSequences(FileReaderBuilder):
                 plan.report["warnings"].append(w)
                 log(f"[prepare] WARNING: {w}")
         log(f'[prepare] {split}: {windows["examples"]:,} examples, {windows["tokens"]:,} '
-              f'tokens from {lab["lab_events"]:,} lab events, {info.num_shards} shard(s)')
+              f'tokens from {lab["lab_events"]:,} selected events, {info.num_shards} shard(s)')
         return info
 
 
