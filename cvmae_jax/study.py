@@ -77,8 +77,10 @@ def is_trained(run_dir: str, config) -> bool:
     return Checkpointer.latest_complete_step(checkpoint_dir(run_dir)) == config.train.num_steps
 
 
-def run_study(config, workdir: str) -> dict:
-    """Trains and evaluates the missing runs, then compares all of them. Returns the summary."""
+def run_study(config, workdir: str) -> dict | None:
+    """Trains and evaluates the missing runs, then compares all of them. Returns the summary,
+    or None when a run was preempted (SIGTERM): its checkpoint is saved and the study stops
+    there, neither evaluating it nor starting the next run; the same command resumes."""
     from cvmae_jax.evaluation.compare import compare_runs
     from cvmae_jax.evaluation.run_eval import evaluate_run
     from cvmae_jax.train import train_and_evaluate
@@ -98,7 +100,10 @@ def run_study(config, workdir: str) -> dict:
         logging.info("%s: %s ... (elapsed %s, ETA %s)", label,
                      "evaluating (trained earlier)" if is_trained(run_dir, run_config)
                      else "training", clock(elapsed), clock(eta))
-        train_and_evaluate(run_config, run_dir)
+        if train_and_evaluate(run_config, run_dir)["preempted"]:
+            logging.warning("%s: preempted; the study stops here (rerun the same command to "
+                            "resume)", label)
+            return None
         logging.info("%s: evaluating ... (elapsed %s)", label,
                      clock(time.perf_counter() - start))
         evaluate_run(run_dir, config=run_config)
@@ -114,7 +119,8 @@ def _study(argv) -> None:
     cli.log_progress()
     with cli.user_errors():
         check_writable(FLAGS.workdir, "the study writes its runs and report there (--workdir)")
-        run_study(FLAGS.config, FLAGS.workdir)
+        if run_study(FLAGS.config, FLAGS.workdir) is None:
+            return
     print(f"report: {os.path.join(FLAGS.workdir, 'report.md')}")
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cvmae_jax.study import is_finished, run_configs
+from cvmae_jax.study import is_finished, run_configs, run_study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.synthetic_subjects=40", "--config.data.max_len=32",
@@ -115,3 +115,19 @@ def test_a_run_evaluated_with_other_eval_settings_is_evaluated_again(tmp_path, s
     assert is_finished(run_dir, run)
     run.eval.mask_rate = 0.5  # e.g. --config.eval.mask_rate=0.5 on a finished study
     assert not is_finished(run_dir, run)
+
+
+def test_a_preempted_run_stops_the_study_without_evaluating_it(tmp_path, shipped_config,
+                                                               monkeypatch):
+    import cvmae_jax.evaluation.compare as compare
+    import cvmae_jax.evaluation.run_eval as run_eval
+    import cvmae_jax.train as train
+
+    trained, evaluated = [], []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config, run_dir: (
+        trained.append(run_dir) or dict(step=3, preempted=True)))
+    monkeypatch.setattr(run_eval, "evaluate_run", lambda run_dir, config: evaluated.append(
+        run_dir))
+    monkeypatch.setattr(compare, "compare_runs", lambda *args: pytest.fail("compared"))
+    assert run_study(shipped_config("study"), str(tmp_path)) is None
+    assert [os.path.basename(d) for d in trained] == ["random_s0"] and evaluated == []
