@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.example_serializer import ExampleSerializer
-from tensorflow_datasets.proto import tf_feature_pb2
 
 from cvmae_jax.data import meds, sequences, stream
 from cvmae_jax.data.stats import DataStats
@@ -83,20 +82,22 @@ def shard_windows(shard: tuple[str, Path], lookup: stream.SplitLookup, stats: Da
 
 def renumbered(record: bytes, example_id: int) -> bytes:
     """`record` (a serialized tf.train.Example with an example_id feature) with example_id
-    set to `example_id`; every other byte as it was, the lengths around it updated."""
+    set to `example_id`; every other byte as it was, the lengths around it updated. Only the
+    feature entries up to example_id's are walked (keys in order: codes, end_time_us first)."""
     features, end = _field(record, 0)
     if end != len(record):
         raise ValueError("not a serialized tf.train.Example with one features field")
-    entries, at = [], 0
+    at = 0
     while at < len(features):
-        entry, at = _field(features, at)
+        entry, after = _field(features, at)
         if entry.startswith(_ID_KEY):
-            value = tf_feature_pb2.Feature(
-                int64_list=tf_feature_pb2.Int64List(value=[example_id])).SerializeToString()
-            entry = _ID_KEY + b"\x12" + _varint(len(value)) + value
-        entries.append(b"\x0a" + _varint(len(entry)) + entry)
-    body = b"".join(entries)
-    return b"\x0a" + _varint(len(body)) + body
+            ids = b"\x0a" + _length_prefixed(_varint(example_id))  # Int64List, packed
+            entry = _ID_KEY + b"\x12" + _length_prefixed(b"\x1a" + _length_prefixed(ids))
+            body = b"".join((features[:at], b"\x0a", _varint(len(entry)), entry,
+                             features[after:]))
+            return b"\x0a" + _varint(len(body)) + body
+        at = after
+    raise ValueError("not a serialized tf.train.Example with an example_id feature")
 
 
 def _field(data: bytes, at: int) -> tuple[bytes, int]:
@@ -110,6 +111,10 @@ def _field(data: bytes, at: int) -> tuple[bytes, int]:
         shift, at = shift + 7, at + 1
         if byte < 0x80:
             return data[at:at + length], at + length
+
+
+def _length_prefixed(data: bytes) -> bytes:
+    return _varint(len(data)) + data
 
 
 def _varint(n: int) -> bytes:
