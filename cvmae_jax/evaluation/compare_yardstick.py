@@ -20,7 +20,7 @@ def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
     for task in tasks:
         reference = groups[REFERENCE]
         downstream[task] = dict(
-            aggregates={m: over_seeds({s: _aggregates(r, task)[m].get("auroc")
+            aggregates={m: over_seeds({s: _aggregates(r, task).get(m, {}).get("auroc")
                                        for s, r in reference.items()})
                         for m in AGGREGATE_MODELS if _has_aggregates(reference, task)},
             scratch=over_seeds({s: _finetune(r, task).get("scratch", {}).get("auroc")
