@@ -23,8 +23,7 @@ def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
             aggregates={m: over_seeds({s: _aggregates(r, task).get(m, {}).get("auroc")
                                        for s, r in reference.items()})
                         for m in AGGREGATE_MODELS if _has_aggregates(reference, task)},
-            scratch=over_seeds({s: _finetune(r, task).get("scratch", {}).get("auroc")
-                                for s, r in reference.items()}),
+            scratch=over_seeds({s: _scratch_auroc(r, task) for s, r in reference.items()}),
             strategies={s: _downstream(by_seed, reference, task) for s, by_seed in groups.items()})
     return dict(reconstruction=reconstruction, downstream=downstream)
 
@@ -45,8 +44,8 @@ def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -
     reference run with the same seed (the study trains the scratch model there only)."""
     aggregates = {s: _aggregates(r, task) for s, r in by_seed.items()}
     finetuned = {s: task_result(r, task, "finetuned").get("auroc") for s, r in by_seed.items()}
-    scratch = {s: _finetune(reference[s], task).get("scratch", {}).get("auroc")
-               if s in reference else None for s in by_seed}
+    scratch = {s: _scratch_auroc(reference[s], task) if s in reference else None
+               for s in by_seed}
     return dict(
         probe=over_seeds({s: task_result(r, task, "probe").get("auroc")
                           for s, r in by_seed.items()}),
@@ -68,5 +67,7 @@ def _has_aggregates(by_seed: dict[int, Run], task: str) -> bool:
     return any(_aggregates(r, task) for r in by_seed.values())
 
 
-def _finetune(run: Run, task: str) -> dict:
-    return task_result(run, task, "probe").get("finetune") or {}
+def _scratch_auroc(run: Run, task: str) -> float | None:
+    """The held_out AUROC of the run's from-scratch classifier (None when it trained none)."""
+    finetune = task_result(run, task, "probe").get("finetune") or {}
+    return finetune.get("scratch", {}).get("auroc")
