@@ -4,8 +4,9 @@ laptop, Dataflow, Spark or Flink on a cluster.
 `BeamPool` has `ShardPool`'s ``map``: each call runs one Beam pipeline whose workers apply the
 function to the shards (a scan, a train sample or one split's serialized windows) and store each
 result, pickled, under ``results_dir``; the launching process then reads them back in shard
-order, merges the statistics and writes the records with the project's array_record writer
-(renumbering them), exactly as with local workers. So the files are the same bytes as a
+order, merges the statistics and writes each shard's records to its array_record file
+(numbering them: Beam's workers share nothing to count the shards before theirs, which local
+workers do and then write their shards themselves). So the files are the same bytes as a
 single-process prepare's, whatever the runner. The MEDS root and ``results_dir`` must be paths
 every Beam worker reads and writes (a shared or mounted filesystem; ``results_dir`` may also be
 a ``gs://`` URL).

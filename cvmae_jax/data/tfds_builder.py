@@ -3,10 +3,12 @@
 The MEDS root is the builder's manual_dir. The config name carries a short hash of every
 setting that changes the data and of the MEDS files' identity, so other settings build another
 dataset. The builder writes from a `Plan` (codes, train stats, counts; see plan.py) set as
-`builder.plan` before `download_and_prepare`; it streams each split shard by shard (the shards'
-records made by `builder.pool`, a ShardPool: in this process or several), writing the records in
-order (array_record_writer.py: no shuffle buffer, shards of ~SHARD_BYTES), and writes `data_stats.json`, `prepare_report.json` and `prepare_report.md` next to the tfds files.
-Everything goes to tfds's temporary folder, renamed to the version folder only once complete.
+`builder.plan` before `download_and_prepare`; it turns each split shard by shard into records
+(by `builder.pool`, a ShardPool: in this process or several, each writing its shards' records;
+or a BeamPool, whose results this process writes), one array_record file per MEDS shard, in
+example_id order (array_record_writer.py: no shuffle buffer), and writes `data_stats.json`,
+`prepare_report.json` and `prepare_report.md` next to the tfds files. Everything goes to tfds's
+temporary folder, renamed to the version folder only once complete.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.dataset_builder import FileReaderBuilder
 
 from cvmae_jax.data import meds, report as report_lib, sequences
-from cvmae_jax.data.array_record_writer import SplitWriter
+from cvmae_jax.data.array_record_writer import finish_split, part_path
 from cvmae_jax.data.plan import Plan
 from cvmae_jax.data.shard_pool import ShardPool
-from cvmae_jax.data.window_records import (ShardWindows, lab_features, renumbered,
-                                           shard_windows)
+from cvmae_jax.data.window_records import (ShardTask, ShardWindows, lab_features,
+                                           write_numbered, write_shard_windows)
 from cvmae_jax.jsonio import write_json_atomic
 
 STATS_FILE = "data_stats.json"
@@ -116,12 +118,11 @@ class _LocalDatasetInfo(tfds.core.DatasetInfo):
 
 class MedsLabSequences(FileReaderBuilder):
     """Windows of (time, code, value) lab triplets per subject, one record per window, each split
-    in example_id order over shards of about SHARD_BYTES serialized bytes."""
+    in example_id order over one file per MEDS shard that has windows."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial format."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the MEDS root as download_config.manual_dir."
-    SHARD_BYTES = 256 * 2**20
 
     def _log_download_bytes(self) -> None:
         """Silent: tfds prints "Downloading and preparing dataset Unknown size" here, though
@@ -146,38 +147,41 @@ class MedsLabSequences(FileReaderBuilder):
         data_dir = Path(self.data_dir)
         plan.stats.save_json(data_dir / STATS_FILE, extra={"description": plan.descriptions})
         cfg: MedsLabConfig = self.builder_config
-        make = functools.partial(shard_windows, lookup=plan.lookup, stats=plan.stats,
-                                 max_len=cfg.max_len, window=cfg.window,
-                                 min_window_len=cfg.min_window_len)
+        pool = getattr(self, "pool", None) or ShardPool()
+        write = functools.partial(
+            write_shard_windows, offsets=getattr(pool, "offsets", lambda: None)(),
+            lookup=plan.lookup, stats=plan.stats, max_len=cfg.max_len, window=cfg.window,
+            min_window_len=cfg.min_window_len)
+        tasks = {split: [ShardTask(split, path, i, part_path(self._get_filename_template(split), i))
+                         for i, path in enumerate(plan.scan.shards[split])]
+                 for split in meds.SPLITS}
         # one map over every split's shards: a split's last shards and the next split's first
         # are prepared together
-        shards = getattr(self, "pool", ShardPool()).map(
-            make, [(split, path) for split in meds.SPLITS for path in plan.scan.shards[split]])
-        split_infos = [self._write_split(plan, split, shards, self.log) for split in meds.SPLITS]
+        shards = pool.map(write, [task for split in meds.SPLITS for task in tasks[split]])
+        split_infos = [self._write_split(plan, split, tasks[split], shards, self.log)
+                       for split in meds.SPLITS]
         self.info.set_splits(tfds.core.SplitDict(split_infos))
         write_json_atomic(data_dir / REPORT_FILE, plan.report)
         (data_dir / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))
 
-    def _write_split(self, plan: Plan, split: str, shards: Iterator[ShardWindows],
-                     log) -> tfds.core.SplitInfo:
-        """Writes one split's records, taking its shards' ShardWindows from `shards`; adds its
-        counts to plan.report and ``log``s them."""
+    def _write_split(self, plan: Plan, split: str, tasks: list[ShardTask],
+                     shards: Iterator[ShardWindows], log) -> tfds.core.SplitInfo:
+        """Finishes one split (`tasks`: its shards), taking their ShardWindows from `shards`
+        and writing the records a Beam worker returned; adds its counts to plan.report and
+        ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
         lab, windows, mirrored, lengths = {}, {}, collections.Counter(), []
-        with SplitWriter(self._get_filename_template(split), self.SHARD_BYTES) as writer:
-            for shard in itertools.islice(shards, len(plan.scan.shards[split])):
-                first = windows.get("examples", 0)
-                for k, record in enumerate(shard.records):
-                    writer.write(renumbered(record, first + k))
-                mirrored.update(shard.mirrored)
-                lengths.append(shard.lengths)
-                _add(lab, shard.lab)
-                _add(windows, shard.windows)
-            if not windows.get("examples"):
-                raise meds.MEDSFormatError(
-                    f"{plan.meds_dir}/data, split {split!r}: no window with "
-                    f">= {cfg.min_window_len} events of the selected lab codes")
-            info = writer.close()
+        for task, shard in zip(tasks, itertools.islice(shards, len(tasks))):
+            write_numbered(shard, sum(len(n) for n in lengths), task.part)
+            mirrored.update(shard.mirrored)
+            lengths.append(shard.lengths)
+            _add(lab, shard.lab)
+            _add(windows, shard.windows)
+        if not windows.get("examples"):
+            raise meds.MEDSFormatError(
+                f"{plan.meds_dir}/data, split {split!r}: no window with "
+                f">= {cfg.min_window_len} events of the selected lab codes")
+        info = finish_split(self._get_filename_template(split), [len(s) for s in lengths])
         np.save(Path(self.data_dir) / LENGTHS_FILE.format(split=split), np.concatenate(lengths))
         plan.report["splits"][split].update(lab=lab, windows=windows)
         if split == "train":

@@ -4,10 +4,10 @@ A record is the tf.train.Example that tfds's serializer builds, serialized with 
 key order (`serialize`): the same example gives the same bytes in every process (protobuf's own
 map order differs from process to process), so the files are reproducible byte for byte.
 Windows are numbered in order over a split (example_id 0, 1, ... across its shards), which a
-shard alone cannot know, so `shard_windows` numbers its records from 0 and the writer gives each
-its split-wide number with `renumbered`, which rewrites only the example_id feature: the bytes
-are those serializing the example with that id gives, so the shards can be serialized in
-parallel processes (serializing is about a third of the preparation's time).
+shard alone cannot know, so `shard_windows` numbers its records from 0, and once the split's
+earlier shards are counted `renumbered` gives each its split-wide number, rewriting only the
+example_id feature: the bytes are those serializing the example with that id gives, so the
+shards can be serialized and written in parallel processes (`write_shard_windows`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.example_serializer import ExampleSerializer
 
 from cvmae_jax.data import meds, sequences, stream
+from cvmae_jax.data.array_record_writer import write_part
+from cvmae_jax.data.shard_pool import RecordOffsets
 from cvmae_jax.data.stats import DataStats
 
 _ID_KEY = b"\x0a\x0aexample_id"  # a map entry's key field: tag 1, length 10, "example_id"
@@ -53,11 +55,22 @@ def serialize(example: dict) -> bytes:
     return _serializer().get_tf_example(encoded).SerializeToString(deterministic=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """One MEDS shard to turn into records: its split, path, position among the split's
+    shards and the array_record part file its records go to (`array_record_writer.part_path`)."""
+    split: str
+    path: Path
+    index: int
+    part: str
+
+
 @dataclasses.dataclass
 class ShardWindows:
-    """One shard's records (serialized tf.train.Example, example ids 0, 1, ... in the shard),
-    their windows' lengths (events, int32 [records]) and counts: lab (`stream.shard_lab_events`), windows (`sequences.build_examples`) and, for
-    train, the mirrored values (`meds.count_mirrored_values`)."""
+    """One shard's records (serialized tf.train.Example, example ids 0, 1, ... in the shard;
+    empty once written), their windows' lengths (events, int32 [records]) and counts: lab
+    (`stream.shard_lab_events`), windows (`sequences.build_examples`) and, for train, the
+    mirrored values (`meds.count_mirrored_values`)."""
     records: list[bytes]
     lengths: np.ndarray
     lab: dict[str, int]
@@ -78,6 +91,26 @@ def shard_windows(shard: tuple[str, Path], lookup: stream.SplitLookup, stats: Da
         records.append(serialize(example))
         lengths.append(len(example["codes"]))
     return ShardWindows(records, np.array(lengths, np.int32), lab, windows, mirrored)
+
+
+def write_shard_windows(task: ShardTask, offsets: RecordOffsets | None, **settings
+                        ) -> ShardWindows:
+    """The windows of one shard (`shard_windows` with `settings`), written to ``task.part``
+    numbered from `offsets` (their records then left out of the result); without offsets (a
+    Beam worker, which shares nothing with the others) returned for the caller to write."""
+    windows = shard_windows((task.split, task.path), **settings)
+    if offsets is not None:
+        first = offsets.first_id(task.split, task.index, len(windows.lengths))
+        write_numbered(windows, first, task.part)
+    return windows
+
+
+def write_numbered(windows: ShardWindows, first_id: int, path: str) -> None:
+    """Writes the records of `windows` to `path` as example ids first_id, first_id + 1, ...
+    (no file when there are none) and drops them from `windows`."""
+    if windows.records:
+        write_part(path, (renumbered(r, first_id + k) for k, r in enumerate(windows.records)))
+    windows.records = []
 
 
 def renumbered(record: bytes, example_id: int) -> bytes:

@@ -13,11 +13,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.array_record_writer import SplitWriter
+from cvmae_jax.data import window_records
+from cvmae_jax.data.array_record_writer import finish_split, part_path, write_part
 from cvmae_jax.data.prepare import load_prepared, prepare_dataset
 from cvmae_jax.data.sequences import build_examples
 from cvmae_jax.data.stats import compute_stats
-from cvmae_jax.data.tfds_builder import MedsLabConfig, MedsLabSequences
+from cvmae_jax.data.tfds_builder import MedsLabConfig
 
 SPLITS = ("train", "tuning", "held_out")
 
@@ -137,39 +138,42 @@ def test_split_without_windows_fails_cleanly(tiny_meds, tmp_path):
     assert not _files(tmp_path / "tfds")
 
 
-def test_small_shards_read_back_in_example_id_order(tiny_meds, tmp_path, monkeypatch):
-    whole = prepare_dataset(tiny_meds.config(), None, tmp_path / "whole")
-    monkeypatch.setattr(MedsLabSequences, "SHARD_BYTES", 500)
-    sharded = prepare_dataset(tiny_meds.config(), None, tmp_path / "sharded")
-    assert os.path.basename(os.path.dirname(sharded.path)) == os.path.basename(
-        os.path.dirname(whole.path))  # the shard size does not change the data
-    info = tfds.builder_from_directory(sharded.path).info
-    train = [f for f in os.listdir(sharded.path) if "-train.array_record-" in f]
-    n = info.splits["train"].num_shards
-    assert n >= 3 and len(train) == n and f"-00000-of-{n:05d}" in min(train)
-    assert not [f for f in os.listdir(sharded.path) if f.endswith(".partial")]
-    assert sharded.num_examples == whole.num_examples
+def test_one_file_per_meds_shard_read_back_in_example_id_order(tiny_meds, tmp_path):
+    prepared = prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
+    info = tfds.builder_from_directory(prepared.path).info
+    train = sorted(f for f in os.listdir(prepared.path) if "-train.array_record-" in f)
+    n = info.splits["train"].num_shards  # train/0, train/nested/1 and tuning/0 (subject 7)
+    assert n == len(train) == 3
+    assert [f[-14:] for f in train] == [f"{i:05d}-of-{n:05d}" for i in range(n)]
+    assert not [f for f in os.listdir(prepared.path) if f.endswith(".partial")]
     for split in SPLITS:
-        got, want = sharded.data_source(split), whole.data_source(split)
-        assert len(got) == len(want) == sharded.num_examples[split]
-        for i in range(len(got)):
-            assert got[i]["example_id"] == i
-            for key, value in want[i].items():
-                np.testing.assert_array_equal(got[i][key], value)
+        source = prepared.data_source(split)
+        assert sum(info.splits[split].shard_lengths) == len(source) == \
+            prepared.num_examples[split]
+        assert [source[i]["example_id"] for i in range(len(source))] == list(range(len(source)))
+
+
+def test_shards_without_records_get_no_file(tmp_path):
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=tmp_path, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        dataset_name="d", split="train", filetype_suffix="array_record")
+    for index, n in ((0, 2), (2, 1)):
+        write_part(part_path(template, index), [b"x" * (index + 1)] * n)
+    info = finish_split(template, [2, 0, 1])
+    assert info.shard_lengths == [2, 1]
+    assert sorted(os.listdir(tmp_path)) == ["d-train.array_record-00000-of-00002",
+                                            "d-train.array_record-00001-of-00002"]
 
 
 def test_interrupted_write_leaves_nothing(tiny_meds, tmp_path, monkeypatch):
-    monkeypatch.setattr(MedsLabSequences, "SHARD_BYTES", 500)
-    write = SplitWriter.write
-
-    def interrupted(self, record):  # train and tuning are complete, held_out is not
-        if self.template.split == "held_out":
+    def interrupted(path, records):  # train and tuning are complete, held_out is not
+        if "-held_out." in path:
             raise KeyboardInterrupt
-        write(self, record)
+        write_part(path, records)
 
-    monkeypatch.setattr(SplitWriter, "write", interrupted)
+    monkeypatch.setattr(window_records, "write_part", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
     assert not (tmp_path / "tfds").exists(), _files(tmp_path / "tfds")
-    monkeypatch.setattr(SplitWriter, "write", write)
+    monkeypatch.setattr(window_records, "write_part", write_part)
     assert prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds").num_examples["held_out"]
