@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.mask_seed = 1234
     config.eval.single_code = True  # eval.py: hide each code in turn (one pass per code)
     config.eval.sample_seed = 0  # eval.py: k-shot label draws and perturbations (same per model)
+    # eval.py: events in each label window (the last N selected events at or before
+    # prediction_time) for the probe, aggregates and fine-tuning; 0: data.max_len
+    config.eval.label_max_len = 0
     config.eval.finetune = finetune_defaults()
     return config
 

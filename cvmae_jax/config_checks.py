@@ -137,3 +137,4 @@ def check_eval_config(eval_config) -> None:
     _require(0.0 < eval_config.mask_rate <= 1.0, "eval.mask_rate", eval_config.mask_rate,
              "expected a rate in (0, 1]")
     _require_int("eval.batch_size", eval_config.batch_size, 1)
+    _require_int("eval.label_max_len", eval_config.label_max_len, 0, " (0: data.max_len)")

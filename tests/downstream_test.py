@@ -23,7 +23,7 @@ from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (embed_label_windows, probe_task, read_label_tasks,
                                           task_windows)
 from cvmae_jax.evaluation.results import per_lab_table
-from cvmae_jax.evaluation.run_eval import evaluate_run
+from cvmae_jax.evaluation.run_eval import evaluate_run, run_config
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
@@ -379,3 +379,29 @@ def test_report_says_when_an_auroc_rests_on_few_positives():
     assert (f"- death: 1 positive and 14 negative held_out rows: the AUROC rests on the 1 row(s) "
             f"of the smaller class, and its CI on the {few['bootstrap_used']} of 1000") in text
     assert few["bootstrap_used"] < 1000 and "- ok:" not in text
+
+
+def test_label_windows_longer_than_the_training_windows(tiny_run, tmp_path):
+    """eval.label_max_len=64 on a run trained on windows of 32: the probe, the aggregates and
+    the report read each label row's last 64 events."""
+    import shutil
+
+    workdir, config = tiny_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+    config = run_config(copy)
+    with config.unlocked():
+        config.eval.label_max_len = 64
+        config.eval.single_code = False
+        config.eval.finetune.enabled = False
+    result = evaluate_run(copy, config=config)
+    windows = read_label_tasks(_meds_dir(tiny_run), load_trained(copy).stats, 64)[1]
+    windows = windows[TASKS[0]].windows
+    assert max(len(w["codes"]) for ws in windows.values() for w in ws) > 32
+    downstream = result["downstream"]
+    assert downstream["label_max_len"] == 64
+    features = downstream["tasks"][TASKS[0]]["aggregates"]["features"]
+    assert features["windows_at_max_len"] == {
+        split: sum(len(w["codes"]) >= 64 for w in ws) for split, ws in windows.items()}
+    with open(os.path.join(copy, "eval", "report.md")) as f:
+        assert "each label row's last 64 selected events" in f.read()

@@ -29,5 +29,5 @@ def test_yardstick_shows_reconstruction_and_task_rows():
     assert ("| mortality | 50 | 0.700 [0.600, 0.800] | 0.800 [0.750, 0.850] | "
             "-0.100 [-0.180, -0.020] aggregates better | 0.720 [0.670, 0.770] | "
             "-0.020 [-0.100, +0.060] no clear difference |") in text
-    assert "- mortality: 4 label windows hold the full max_len events" in text
+    assert "- mortality: 4 label windows are full; their older events" in text
     assert "- readmission: no comparison (as for the probe: x)" in text

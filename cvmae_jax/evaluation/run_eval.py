@@ -60,6 +60,11 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
+def label_max_len(config) -> int:
+    """Events per label window: config.eval.label_max_len, or data.max_len when it is 0."""
+    return int(config.eval.label_max_len) or int(config.data.max_len)
+
+
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with ``overrides`` ({"eval.labels_dir": ..., ...}) applied.
     Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
@@ -103,7 +108,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     if split not in dataset.num_examples:
         raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
     check_eval_dataset(workdir, dataset)
-    labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, config.data.max_len,
+    label_len = label_max_len(config)
+    labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, label_len,
                                                config.eval.labels_dir)
     probs = mask_probabilities(config, dataset)
     launcher = parallel.JitLauncher(jax.devices())
@@ -143,13 +149,13 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     embed_fn = make_embed_fn(graphdef)
     with _phase(f"downstream probes ({len(label_tasks)} task(s))"):
         result["downstream"], tasks = probe_tasks(
-            graphdef, params, labels_dir, label_tasks, config.data.max_len,
+            graphdef, params, labels_dir, label_tasks, label_len,
             config.eval.batch_size, seed=config.seed, embed_fn=embed_fn)
     with _phase("aggregates baseline (logistic regression, gradient boosting)"):
         for task, data in tasks.items():
             probe = result["downstream"]["tasks"][task]
             probe["aggregates"] = aggregates_baseline(data, probe, stats.vocab_size,
-                                                      config.data.max_len, config.seed)
+                                                      label_len, config.seed)
     sample_seed = config.eval.sample_seed
     result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
     with _phase("label-efficiency curves"):
@@ -164,7 +170,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                     "config.eval.finetune.enabled=False skips it)"):
             result["downstream"]["finetune"], finetuned = finetune_tasks(
                 launcher, model_config, params, tasks, result["downstream"]["tasks"], finetune,
-                config.data.max_len, config.seed, sample_seed)
+                label_len, config.seed, sample_seed)
     with _phase(f"perturbation sensitivity ({', '.join(perturbation.KINDS)})"):
         result["perturbation"] = perturbation.perturbation_metrics(
             perturbation.KINDS, sample_seed, split, sum(int(b["valid"].sum()) for b in batches),
@@ -172,7 +178,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                 eval_step, params, batches, kind, sample_seed, result["overall"]["masked_mse"],
                 launcher.put_batch, launcher.fetch),
             lambda task, kind: perturbation.downstream_sensitivity(
-                graphdef, params, tasks[task], kind, sample_seed, config.data.max_len,
+                graphdef, params, tasks[task], kind, sample_seed, label_len,
                 config.eval.batch_size, embed_fn),
             tasks)
     result["downstream"]["embed_traces"] = len(embed_fn.traces)

@@ -42,8 +42,9 @@ def yardstick_lines(result: dict) -> list[str]:
         table.append(f"| {task} | {r['n']} | " + " | ".join(cells) + " |")
         at_max = sum(aggregates["features"]["windows_at_max_len"].values())
         if at_max:
-            notes.append(f"- {task}: {at_max} label windows hold the full max_len events; "
-                         "older events are seen by neither the probe nor the aggregates")
+            notes.append(f"- {task}: {at_max} label windows are full; their older events are "
+                         "seen by neither the probe nor the aggregates (config.eval.label_max_len "
+                         "reads longer windows)")
     if table:
         lines += ["| task | n test | probe AUROC | " + " | ".join(
             f"{MODEL_NAMES[m]} AUROC | probe - {MODEL_NAMES[m]} [paired 95% CI]" for m in MODELS)
