@@ -139,15 +139,20 @@ def test_finetune_config_names_a_bad_field():
 
 
 @pytest.mark.parametrize("scratch", [True, False])
-def test_the_scratch_model_is_trained_only_when_asked(windows, scratch):
+def test_the_scratch_model_is_trained_only_when_asked(windows, scratch, caplog):
     rng = np.random.default_rng(3)
     data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
                     x={}, y={}, probe=None)
     finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
                           _settings(steps=6, eval_every=6, scratch=scratch), MAX_LEN, 0)
-    tuned = finetune_task(finetuner, _encoder(1), data, None, seed=0)
+    with caplog.at_level("INFO"):
+        tuned = finetune_task(finetuner, _encoder(1), data, None, seed=0, task="death")
     assert sorted(tuned.probabilities) == (["pretrained", "scratch"] if scratch
                                            else ["pretrained"])
+    progress = [r.getMessage() for r in caplog.records if "step 6/6" in r.getMessage()]
+    assert [line.split(":")[0] for line in progress] == [
+        "finetune death pretrained", *(["finetune death scratch"] if scratch else [])]
+    assert all("tuning AUROC" in line and "ETA 0m00s" in line for line in progress)
     assert ("scratch" in tuned.result) == scratch
     delta = tuned.result["pretrained_vs_scratch"]
     assert (delta["delta"] is not None) == scratch

@@ -36,6 +36,7 @@ from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
 from cvmae_jax.finetune_steps import (HEADS, init_encoder, init_head, init_opt_state,
                                       make_finetune_optimizer, make_finetune_step,
                                       make_logit_step)
+from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import TrainState
 
@@ -128,9 +129,10 @@ class Finetuner:
         return jax.device_get(init_encoder(self.model_config, self.seed)[1])
 
     def fit(self, encoder_params, train: list[dict], tuning: list[dict],
-            encoder_lr_scale: float) -> Fit:
+            encoder_lr_scale: float, name: str = "") -> Fit:
         """Trains the encoder ``encoder_params`` plus a fresh head on the ``train`` windows
-        (``label_windows`` dicts), early-stopped on the tuning AUROC of ``tuning``."""
+        (``label_windows`` dicts), early-stopped on the tuning AUROC of ``tuning``; with a
+        ``name``, logs each check (loss, tuning AUROC, steps/s, ETA)."""
         s, start = self.settings, time.perf_counter()
         train_y = _labels(train)
         _, head = init_head(self.model_config.d_model, s.head, float(train_y.mean()), self.seed)
@@ -159,8 +161,16 @@ class Finetuner:
             score = (None if np.unique(tuning_y).size < 2 else
                      float(roc_auc_score(tuning_y, self._logits_of(params, tuning))))
             curve.append([step, score])
-            if stopper.update(step, score, lambda: jax.device_get(
-                    self.launcher.checkpoint_view(self._step.unflatten(leaves)).params)):
+            stop = stopper.update(step, score, lambda: jax.device_get(
+                self.launcher.checkpoint_view(self._step.unflatten(leaves)).params))
+            if name:
+                pace = step / (time.perf_counter() - start)
+                logging.info("finetune %s: step %d/%d | loss %.4f tuning AUROC %s (best %s at "
+                             "%d) | %.2f steps/s ETA %s", name, step, s.steps, losses[-1][1],
+                             _auroc_text(score), _auroc_text(stopper.best_score),
+                             stopper.best_step, pace,
+                             "0m00s" if stop else clock((s.steps - step) / pace))
+            if stop:
                 break
         return Fit(stopper.best_params, stopper.best_step, step, stopper.best_score, curve,
                    losses, nonfinite, time.perf_counter() - start)
@@ -200,6 +210,10 @@ class Finetuner:
             order = rng.permutation(len(windows))
             for lo in range(0, len(order), b):
                 yield self._batch([windows[i] for i in order[lo:lo + b]])
+
+
+def _auroc_text(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.3f}"
 
 
 def _labels(windows: list[dict]) -> np.ndarray:
@@ -246,10 +260,10 @@ class TaskFinetune:
 
 
 def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
-                  probe_score: np.ndarray | None, seed: int) -> TaskFinetune:
+                  probe_score: np.ndarray | None, seed: int, task: str = "") -> TaskFinetune:
     """Trains the pretrained and the scratch classifier on one task (``TaskData``: the probe's
     windows) and scores both on held_out; ``probe_score`` is the probe's held_out decision
-    (None without a probe)."""
+    (None without a probe); ``task`` names it in the progress lines."""
     windows = data.windows
     train_y = _labels(windows[TRAIN])
     result = dict(n_train=int(len(train_y)), n_tuning=len(windows[TUNING]),
@@ -264,7 +278,8 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
         encoders["scratch"] = (finetuner.scratch_encoder(), 1.0)
     logits, probabilities = {}, {}
     for model, (encoder, scale) in encoders.items():
-        fit = finetuner.fit(encoder, windows[TRAIN], windows[TUNING], scale)
+        fit = finetuner.fit(encoder, windows[TRAIN], windows[TUNING], scale,
+                            f"{task} {model}".strip())
         split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
         logits[model] = split_logits[TEST]
         probabilities[model] = {s: sigmoid(v) for s, v in split_logits.items()}
@@ -294,7 +309,7 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
     out = {}
     for task, data in tasks.items():
         probe_score = None if data.probe is None else data.probe.decision(data.x[TEST])
-        tuned = finetune_task(finetuner, pretrained, data, probe_score, seed)
+        tuned = finetune_task(finetuner, pretrained, data, probe_score, seed, task)
         full_auroc = tuned.result.get("pretrained", {}).get("auroc")
         log_task(task, tuned.result)
         if settings.kshot_draws and full_auroc is not None:
