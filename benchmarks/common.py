@@ -146,7 +146,7 @@ def model_flops(cfg: BenchConfig) -> float:
 def cv_like_probs(vocab: int, seed: int = 0) -> np.ndarray:
     """Per-code mask probabilities [V] from the project's two-tier CV rule on log-normal CVs
     (p = 0.8 above the 75th CV percentile, else 0.2), as ``masking.strategy='cv'`` gives."""
-    from cvmae_jax.masking import two_tier_probs
+    from cvmae_jax.mask_probabilities import two_tier_probs
 
     cv = np.random.default_rng(seed).lognormal(np.log(0.3), 1.0, vocab)
     return two_tier_probs(cv, 75.0, 0.8, 0.2).astype(np.float32)

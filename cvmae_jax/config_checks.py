@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from cvmae_jax.data.sequences import WINDOWS
-from cvmae_jax.masking import STRATEGIES
+from cvmae_jax.mask_probabilities import STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")

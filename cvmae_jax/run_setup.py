@@ -17,7 +17,8 @@ from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import check_config, config_warnings, padding_warnings
-from cvmae_jax.masking import expected_mask_rate, percentile_threshold, strategy_probs
+from cvmae_jax.mask_probabilities import (expected_mask_rate, percentile_threshold,
+                                          strategy_probs)
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
 SHARED_WORKDIR_WAIT_S = 30.0  # check_processes_share: longest wait for process 0's file

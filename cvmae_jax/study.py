@@ -20,7 +20,7 @@ from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.jsonio import check_writable
-from cvmae_jax.masking import STRATEGIES
+from cvmae_jax.mask_probabilities import STRATEGIES
 from cvmae_jax.metrics import clock
 from cvmae_jax.run_setup import changed_settings
 from cvmae_jax.workdir import checkpoint_dir, eval_metrics_path, read_config, read_eval_metrics

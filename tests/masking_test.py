@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvmae_jax import masking
+from cvmae_jax import mask_probabilities, masking
 
 CV = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 1.2])
 VARIANCE = np.array([5.0, 0.1, 3.0, 0.2, 9.0, 0.3, 0.4, 0.5])
@@ -16,7 +16,7 @@ def probs(strategy, **kw):
     args = dict(cv=CV, variance=VARIANCE, token_counts=COUNTS, threshold_percentile=75.0,
                 p_high=0.8, p_low=0.2)
     args.update(kw)
-    return masking.strategy_probs(strategy, **args)
+    return mask_probabilities.strategy_probs(strategy, **args)
 
 
 def test_cv_gives_p_high_exactly_above_the_percentile():
@@ -33,12 +33,12 @@ def test_variance_ranks_by_raw_variance_not_cv():
 
 
 def test_random_and_cv_rank_match_the_cv_expected_rate():
-    cv_rate = masking.expected_mask_rate(probs("cv"), COUNTS)
+    cv_rate = mask_probabilities.expected_mask_rate(probs("cv"), COUNTS)
     random_p = probs("random")
     assert np.all(random_p == random_p[0])
-    assert masking.expected_mask_rate(random_p, COUNTS) == pytest.approx(cv_rate)
+    assert mask_probabilities.expected_mask_rate(random_p, COUNTS) == pytest.approx(cv_rate)
     rank_p = probs("cv_rank")
-    assert masking.expected_mask_rate(rank_p, COUNTS) == pytest.approx(cv_rate, abs=1e-6)
+    assert mask_probabilities.expected_mask_rate(rank_p, COUNTS) == pytest.approx(cv_rate, abs=1e-6)
     assert np.all(np.diff(rank_p[np.argsort(CV)]) > 0)
 
 

@@ -13,7 +13,7 @@ from cvmae_jax import cli, parallel
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import default_config
 from cvmae_jax.evaluation.run_eval import evaluate_run
-from cvmae_jax.masking import STRATEGIES
+from cvmae_jax.mask_probabilities import STRATEGIES
 from cvmae_jax.train import train_and_evaluate
 
 from metrics_test import tensorboard_scalars

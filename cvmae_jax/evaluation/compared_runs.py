@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from cvmae_jax.masking import STRATEGIES
+from cvmae_jax.mask_probabilities import STRATEGIES
 from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
                                read_eval_metrics)
 

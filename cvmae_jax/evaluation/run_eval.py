@@ -40,7 +40,7 @@ from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_s
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
 from cvmae_jax.jsonio import check_writable, write_json_atomic
-from cvmae_jax.masking import percentile_threshold
+from cvmae_jax.mask_probabilities import percentile_threshold
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,

@@ -113,10 +113,13 @@ def test_empty_split_fails_cleanly(tiny_meds, tmp_path):
     assert not _files(tmp_path / "tfds")  # nothing half-written
 
 
-def test_no_tensorflow_is_imported(tiny_meds, tmp_path):
-    code = ("import sys; from cvmae_jax.data.prepare import prepare_dataset; "
+def test_neither_tensorflow_nor_jax_is_imported(tiny_meds, tmp_path):
+    """Preparing needs neither: JAX's import alone is a second of every worker's start."""
+    code = ("import sys; import cvmae_jax.prepare; "
+            "from cvmae_jax.data.prepare import prepare_dataset; "
             f"prepare_dataset({dict(tiny_meds.config())!r}, None, {str(tmp_path)!r}); "
-            'assert "tensorflow" not in sys.modules, "TensorFlow was imported"')
+            'assert "tensorflow" not in sys.modules, "TensorFlow was imported"; '
+            'assert "jax" not in sys.modules, "JAX was imported"')
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
