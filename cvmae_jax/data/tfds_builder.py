@@ -149,7 +149,7 @@ class MedsLabSequences(FileReaderBuilder):
         cfg: MedsLabConfig = self.builder_config
         pool = getattr(self, "pool", None) or ShardPool()
         write = functools.partial(
-            write_shard_windows, offsets=getattr(pool, "offsets", lambda: None)(),
+            write_shard_windows, offsets=pool.offsets(),
             lookup=plan.lookup, stats=plan.stats, max_len=cfg.max_len, window=cfg.window,
             min_window_len=cfg.min_window_len)
         tasks = {split: [ShardTask(split, path, i, part_path(self._get_filename_template(split), i))
