@@ -166,7 +166,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                 sample_seed, probe["auroc"])
     finetuned = {}
     if finetune.enabled and tasks:
-        with _phase(f"fine-tuning ({len(tasks)} task(s), pretrained and from scratch; "
+        models = "pretrained and from scratch" if finetune.scratch else "pretrained"
+        with _phase(f"fine-tuning ({len(tasks)} task(s), {models}; "
                     "config.eval.finetune.enabled=False skips it)"):
             result["downstream"]["finetune"], finetuned = finetune_tasks(
                 launcher, model_config, params, tasks, result["downstream"]["tasks"], finetune,
