@@ -6,6 +6,7 @@ and at the embedding level in eval_exports_test.py.)"""
 import json
 import os
 import re
+import shutil
 from types import SimpleNamespace
 from unittest import mock
 
@@ -384,8 +385,6 @@ def test_report_says_when_an_auroc_rests_on_few_positives():
 def test_label_windows_longer_than_the_training_windows(tiny_run, tmp_path):
     """eval.label_max_len=64 on a run trained on windows of 32: the probe, the aggregates and
     the report read each label row's last 64 events."""
-    import shutil
-
     workdir, config = tiny_run
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))

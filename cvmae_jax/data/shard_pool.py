@@ -44,9 +44,9 @@ class ShardPool:
             raise ValueError(f"config.data.prepare_workers must be >= 1, got {workers}")
         self.workers = int(workers)
         self._pool = self._manager = None
+        self._context = multiprocessing.get_context("spawn")
         if self.workers > 1:
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(
+            self._pool = self._context.Pool(
                 self.workers, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
 
     def __enter__(self) -> ShardPool:
@@ -69,7 +69,7 @@ class ShardPool:
         if self._pool is None:
             return RecordOffsets({}, threading.Condition())
         if self._manager is None:
-            self._manager = multiprocessing.get_context("spawn").Manager()
+            self._manager = self._context.Manager()
         return RecordOffsets(self._manager.dict(), self._manager.Condition())
 
     def map(self, fn: Callable[[Any], Any], items: Iterable) -> Iterator:

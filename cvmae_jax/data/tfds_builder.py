@@ -171,8 +171,10 @@ class MedsLabSequences(FileReaderBuilder):
         ``log``s them."""
         cfg: MedsLabConfig = self.builder_config
         lab, windows, mirrored, lengths = {}, {}, collections.Counter(), []
+        first = 0  # the example_id of the shard's first record
         for task, shard in zip(tasks, itertools.islice(shards, len(tasks))):
-            write_numbered(shard, sum(len(n) for n in lengths), task.part)
+            write_numbered(shard, first, task.part)
+            first += len(shard.lengths)
             mirrored.update(shard.mirrored)
             lengths.append(shard.lengths)
             _add(lab, shard.lab)

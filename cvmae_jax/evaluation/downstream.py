@@ -314,10 +314,9 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
                 max_len: int, batch_size: int, seed: int = 0,
                 embed_fn=None) -> tuple[dict, dict[str, TaskData]]:
     """Probe results {"labels_dir", "seed", "split", "label_max_len", "tasks": {task:
-    probe_task dict + n per
-    split, label_rows and empty_windows per split}, "unread": lines of `find_tasks`} (without
-    tasks: "tasks" empty and a "note") and, per task, its TaskData (for label efficiency, exports
-    and perturbations, which reuse the embeddings and the probe)."""
+    probe_task dict + n per split, label_rows and empty_windows per split}, "unread": lines of
+    `find_tasks`} (without tasks: "tasks" empty and a "note") and, per task, its TaskData (for
+    label efficiency, exports and perturbations, which reuse the embeddings and the probe)."""
     out = dict(labels_dir=labels_dir, seed=int(seed), split=TEST, label_max_len=int(max_len),
                probe="standardized logistic regression on mean-pooled encoder states",
                tasks={}, unread=find_tasks(labels_dir)[1])
@@ -379,8 +378,8 @@ def report_lines(downstream: dict) -> list[str]:
             unread + [""] if unread else [])
     window = (f" of each label row's last {downstream['label_max_len']} selected events at or "
               "before its prediction time" if "label_max_len" in downstream else "")
-    lines += [f"Linear probe ({downstream['probe']}{window}), C chosen on tuning by AUROC (C=1 when "
-              f"tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
+    lines += [f"Linear probe ({downstream['probe']}{window}), C chosen on tuning by AUROC "
+              f"(C=1 when tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
               f"held_out's subjects (a subject's label rows stay together), seed "
               f"{downstream['seed']}.", "",
               "| task | n test (subjects) | prevalence | AUROC [95% CI] | AUPRC [95% CI] |",
