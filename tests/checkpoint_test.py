@@ -26,16 +26,19 @@ def finished(tmp_path_factory):
 
 
 def damaged_copy(workdir, tmp_path, step=20):
-    """A copy of ``workdir`` whose checkpoint at ``step`` has its largest array file cut in
-    half (what a full disk or a copy killed half-way leaves)."""
+    """A copy of ``workdir`` whose checkpoint at ``step`` has every file of its array
+    databases (OCDBT's ``d/`` folders) cut in half: what a full disk or a copy killed half-way
+    leaves. Every file, so that the damage does not depend on which one a read reaches."""
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
-    files = [os.path.join(folder, name)
-             for folder, _, names in os.walk(os.path.join(copy, "checkpoints", str(step), "state"))
-             for name in names]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.truncate(os.path.getsize(largest) // 2)
+    data_files = [os.path.join(folder, name)
+                  for folder, _, names in os.walk(os.path.join(copy, "checkpoints", str(step),
+                                                               "state"))
+                  if os.path.basename(folder) == "d" for name in names]
+    assert data_files, "no OCDBT data files to damage"
+    for path in data_files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
     return copy
 
 
