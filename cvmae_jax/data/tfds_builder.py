@@ -29,6 +29,7 @@ from tensorflow_datasets.core.dataset_builder import FileReaderBuilder
 
 from cvmae_jax.data import meds, report as report_lib, sequences
 from cvmae_jax.data.array_record_writer import finish_split, part_path
+from cvmae_jax.data.meds_identity import meds_identity
 from cvmae_jax.data.plan import Plan
 from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.window_records import (ShardTask, ShardWindows, lab_features,
@@ -98,14 +99,6 @@ def drop_values(values) -> tuple[float, ...]:
         raise ValueError(f"config.data.drop_values must be finite numbers (raw values to leave "
                          f"out, e.g. (99999.0,)), got {values!r}")
     return tuple(sorted(set(floats)))
-
-
-def meds_identity(meds_dir: str | Path) -> list:
-    """[relative path, size, mtime_ns] of the data shards and metadata files of a MEDS root."""
-    root = Path(meds_dir)
-    files = meds.data_files(root) + sorted((root / "metadata").glob("*"))
-    return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in files if f.is_file()]
 
 
 class _LocalDatasetInfo(tfds.core.DatasetInfo):
