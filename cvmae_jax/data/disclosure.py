@@ -55,13 +55,27 @@ def subject_safe_bounds(values: np.ndarray, subjects: np.ndarray, quantiles, k: 
     inward until at least min(k, half the distinct ``subjects`` [n]) subjects have a value at
     or beyond it (at least one subject)."""
     low, high = np.quantile(values, quantiles)
-    order = np.argsort(values, kind="stable")
-    ascending, who = values[order], subjects[order]
-    first_up = np.sort(np.unique(who, return_index=True)[1])  # where each subject first appears
-    first_down = np.sort(np.unique(who[::-1], return_index=True)[1])
-    m = max(1, min(int(k), len(first_up) // 2))
-    return (float(max(low, ascending[first_up[m - 1]])),
-            float(min(high, ascending[::-1][first_down[m - 1]])))
+    return (float(max(low, _value_reaching_subjects(values, subjects, k))),
+            float(min(high, -_value_reaching_subjects(-values, subjects, k))))
+
+
+def _value_reaching_subjects(values: np.ndarray, subjects: np.ndarray, k: int) -> float:
+    """The smallest value v such that m subjects have a value <= v, m = max(1, min(k, half
+    the distinct subjects)). Sorts only the smallest values, enough of them to hold 2k
+    distinct subjects (then m is k); all of them when there are fewer."""
+    n, take = len(values), max(64, 8 * k)
+    while True:
+        if take >= n:
+            smallest = np.arange(n)
+        else:  # every value up to the take-th smallest, ties included: a prefix of the order
+            smallest = np.flatnonzero(values <= np.partition(values, take - 1)[take - 1])
+        ordered = smallest[np.argsort(values[smallest], kind="stable")]
+        first = np.sort(np.unique(subjects[ordered], return_index=True)[1])
+        if len(first) >= 2 * k or len(smallest) == n:
+            break
+        take *= 4
+    m = k if len(first) >= 2 * k else max(1, min(k, len(first) // 2))
+    return values[ordered[first[m - 1]]]
 
 
 SHOWN_WHEN_SUPPRESSED = ("code", "name", "cv", "train_mask_prob")  # none measured on the split

@@ -268,10 +268,15 @@ class Reservoirs:
                 from_a = (rng.hypergeometric(n_a, n_b, k) if max(n_a, n_b) < 10 ** 9
                           else min(rng.binomial(k, n_a / (n_a + n_b)), n_a, k))
                 from_a = max(from_a, k - len(other.samples[i]))
-                a = rng.choice(len(self.samples[i]), from_a, replace=False)
                 b = rng.choice(len(other.samples[i]), k - from_a, replace=False)
-                self.samples[i] = np.r_[self.samples[i][a], other.samples[i][b]]
-                self.subjects[i] = np.r_[self.subjects[i][a], other.subjects[i][b]]
+                if len(self.samples[i]) == k:  # full: other's values take k - from_a slots
+                    slots = rng.choice(k, k - from_a, replace=False)
+                    self.samples[i][slots] = other.samples[i][b]
+                    self.subjects[i][slots] = other.subjects[i][b]
+                else:
+                    a = rng.choice(len(self.samples[i]), from_a, replace=False)
+                    self.samples[i] = np.r_[self.samples[i][a], other.samples[i][b]]
+                    self.subjects[i] = np.r_[self.subjects[i][a], other.subjects[i][b]]
             self.seen[i] = n_a + n_b
 
 

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from cvmae_jax.data.disclosure import suppress_rows
+from cvmae_jax.data.disclosure import subject_safe_bounds, suppress_rows
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.evaluation.report import evaluated_rows, suppressed_lines
@@ -79,3 +80,28 @@ def test_a_pooled_row_cannot_give_away_a_suppressed_one():
     rows = _rows([50, 30])  # a tier whose every code has fewer than 10 subjects
     assert suppress_rows(rows, np.array([6, 4]), 10, (np.array([True, False]),
                                                      np.array([False, True]))) == (2, [0, 1])
+
+
+def _bounds_reading_every_subject(values, subjects, quantiles, k):
+    """subject_safe_bounds' definition, computed over the whole arrays."""
+    low, high = np.quantile(values, quantiles)
+    order = np.argsort(values, kind="stable")
+    ascending, who = values[order], subjects[order]
+    first_up = np.sort(np.unique(who, return_index=True)[1])
+    first_down = np.sort(np.unique(who[::-1], return_index=True)[1])
+    m = max(1, min(int(k), len(first_up) // 2))
+    return (float(max(low, ascending[first_up[m - 1]])),
+            float(min(high, ascending[::-1][first_down[m - 1]])))
+
+
+@pytest.mark.parametrize("n,subjects,k", [(100_000, 5_000, 10), (100_000, 30, 10),
+                                          (5_000, 3, 10), (2_000, 2_000, 300), (1, 1, 10),
+                                          (50_000, 12, 5)])
+def test_clip_bounds_equal_the_whole_array_definition(n, subjects, k):
+    rng = np.random.default_rng(n + subjects + k)
+    # a few subjects own the tails (many values each), ties from rounding
+    who = rng.integers(0, subjects, n)
+    values = np.round(rng.standard_normal(n) * (1 + (who < 3) * 20), 1)
+    for q in ((0.001, 0.999), (0.0, 1.0), (0.1, 0.9)):
+        assert subject_safe_bounds(values, who, q, k) == _bounds_reading_every_subject(
+            values, who, q, k)

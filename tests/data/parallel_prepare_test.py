@@ -97,14 +97,16 @@ def test_reservoir_merge_keeps_everything_that_fits_and_samples_the_rest():
 
 
 def test_reservoir_merge_is_uniform():
-    """Two shards of 1,000 and 9,000 values, reservoirs of 100: about 10% from the first."""
+    """Two shards of 1,000 and 9,000 values (subjects 0 and 1), reservoirs of 100: about 10%
+    from the first."""
     shares = []
     for seed in range(200):
         a, b = Reservoirs(1, 100, [seed, 0]), Reservoirs(1, 100, [seed, 1])
         a.add(np.zeros(1000, np.int64), np.zeros(1000), np.zeros(1000, np.int64))
-        b.add(np.zeros(9000, np.int64), np.ones(9000), np.zeros(9000, np.int64))
+        b.add(np.zeros(9000, np.int64), np.ones(9000), np.ones(9000, np.int64))
         a.merge(b, np.random.default_rng([seed, 2]))
         shares.append(np.mean(a.samples[0] == 0))
+        assert a.subjects[0].tolist() == a.samples[0].tolist()  # each value with its subject
     assert abs(np.mean(shares) - 0.1) < 0.01
 
 
