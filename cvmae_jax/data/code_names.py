@@ -33,7 +33,7 @@ def read_descriptions(meds_dir: str | Path, codes: Sequence[str]) -> tuple[str |
         names = pq.read_schema(path).names
         if "code" not in names or "description" not in names:
             return (None,) * len(codes)
-        table = pq.read_table(path, columns=["code", "description"])
+        table = meds.read_parquet_file(path, columns=["code", "description"])
     except (pa.ArrowException, OSError) as e:
         raise meds.MEDSFormatError(f"{path}: not a readable Parquet file ({e})") from None
     wanted, found = set(codes), {}

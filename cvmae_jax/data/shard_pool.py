@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 AHEAD_PER_WORKER = 2  # shards handed out per worker before their results are taken
@@ -48,6 +49,11 @@ class ShardPool:
         if self.workers > 1:
             self._pool = self._context.Pool(
                 self.workers, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
+            # started now, beside the workers and in the background, not when the windows
+            # pass needs it (its process takes ~0.2 s to answer)
+            self._manager = SyncManager(ctx=self._context)
+            self._manager_started = threading.Thread(target=self._manager.start, daemon=True)
+            self._manager_started.start()
 
     def __enter__(self) -> ShardPool:
         return self
@@ -61,15 +67,15 @@ class ShardPool:
             self._pool.join()
             self._pool = None
         if self._manager is not None:
+            self._manager_started.join()
             self._manager.shutdown()
             self._manager = None
 
     def offsets(self) -> RecordOffsets:
         """Record numbering shared by this pool's workers (for functions passed to `map`)."""
-        if self._pool is None:
-            return RecordOffsets({}, threading.Condition())
         if self._manager is None:
-            self._manager = self._context.Manager()
+            return RecordOffsets({}, threading.Condition())
+        self._manager_started.join()
         return RecordOffsets(self._manager.dict(), self._manager.Condition())
 
     def map(self, fn: Callable[[Any], Any], items: Iterable) -> Iterator:
