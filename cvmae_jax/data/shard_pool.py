@@ -51,9 +51,15 @@ class ShardPool:
                 self.workers, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
             # started now, beside the workers and in the background, not when the windows
             # pass needs it (its process takes ~0.2 s to answer)
-            self._manager = SyncManager(ctx=self._context)
-            self._manager_started = threading.Thread(target=self._manager.start, daemon=True)
+            self._manager, self._manager_error = SyncManager(ctx=self._context), None
+            self._manager_started = threading.Thread(target=self._start_manager, daemon=True)
             self._manager_started.start()
+
+    def _start_manager(self) -> None:
+        try:
+            self._manager.start()
+        except Exception as error:  # noqa: BLE001 - raised by offsets(), in the caller's thread
+            self._manager_error = error
 
     def __enter__(self) -> ShardPool:
         return self
@@ -68,7 +74,8 @@ class ShardPool:
             self._pool = None
         if self._manager is not None:
             self._manager_started.join()
-            self._manager.shutdown()
+            if self._manager_error is None:
+                self._manager.shutdown()
             self._manager = None
 
     def offsets(self) -> RecordOffsets:
@@ -76,6 +83,9 @@ class ShardPool:
         if self._manager is None:
             return RecordOffsets({}, threading.Condition())
         self._manager_started.join()
+        if self._manager_error is not None:
+            raise RuntimeError("the preparation workers' record-numbering manager did not "
+                               f"start: {self._manager_error}") from self._manager_error
         return RecordOffsets(self._manager.dict(), self._manager.Condition())
 
     def map(self, fn: Callable[[Any], Any], items: Iterable) -> Iterator:

@@ -167,3 +167,17 @@ def test_prepare_command_with_workers_and_beam_options(tiny_meds, tmp_path):
         assert beam.stderr.strip().splitlines()[-1].startswith(
             "error: --beam_options needs Apache Beam")
         assert not (tmp_path / "beam").exists()
+
+
+def test_a_manager_that_does_not_start_is_named_and_the_pool_still_closes(monkeypatch):
+    from multiprocessing.managers import SyncManager
+
+    def fail(self, *args, **kwargs):
+        raise OSError("no room for the manager's socket")
+
+    monkeypatch.setattr(SyncManager, "start", fail)
+    pool = ShardPool(2)
+    with pytest.raises(RuntimeError, match="record-numbering manager did not start: no room"):
+        pool.offsets()
+    pool.close()
+    assert pool._pool is None and pool._manager is None
