@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
+
+if TYPE_CHECKING:  # the workers that write parts need no tfds (0.3 s of imports each)
+    import tensorflow_datasets as tfds
 
 _OPTIONS = "group_size:1"  # one record per chunk, as tfds writes it: fast random access
 
@@ -37,6 +40,8 @@ def finish_split(template: tfds.core.ShardedFileTemplate,
                  records_per_shard: Sequence[int]) -> tfds.core.SplitInfo:
     """Renames the parts of the MEDS shards that have records (the i-th shard's part written
     by `write_part` unless records_per_shard[i] is 0) to tfds's names; the split's info."""
+    import tensorflow_datasets as tfds
+
     parts = [(i, n) for i, n in enumerate(records_per_shard) if n]
     num_bytes = 0
     for index, (shard_index, _) in enumerate(parts):

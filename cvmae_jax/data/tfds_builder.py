@@ -32,7 +32,7 @@ from cvmae_jax.data.array_record_writer import finish_split, part_path
 from cvmae_jax.data.meds_identity import meds_identity
 from cvmae_jax.data.plan import Plan
 from cvmae_jax.data.shard_pool import ShardPool
-from cvmae_jax.data.window_records import (ShardTask, ShardWindows, lab_features,
+from cvmae_jax.data.window_records import (ShardTask, ShardWindows,
                                            write_numbered, write_shard_windows)
 from cvmae_jax.jsonio import write_json_atomic
 
@@ -99,6 +99,21 @@ def drop_values(values) -> tuple[float, ...]:
         raise ValueError(f"config.data.drop_values must be finite numbers (raw values to leave "
                          f"out, e.g. (99999.0,)), got {values!r}")
     return tuple(sorted(set(floats)))
+
+
+@functools.cache
+def lab_features() -> tfds.features.FeaturesDict:
+    """The dataset's features: one record per window (`example_proto.serialize` writes them)."""
+    vector = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
+    return tfds.features.FeaturesDict({
+        "example_id": tfds.features.Scalar(np.int64),
+        "subject_id": tfds.features.Scalar(np.int64),
+        "start_time_us": tfds.features.Scalar(np.int64),
+        "end_time_us": tfds.features.Scalar(np.int64),
+        "times": vector(np.float32),
+        "codes": vector(np.int32),
+        "values": vector(np.float32),
+    })
 
 
 class _LocalDatasetInfo(tfds.core.DatasetInfo):

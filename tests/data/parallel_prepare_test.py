@@ -20,7 +20,7 @@ from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.stats import CodeMoments, Reservoirs
 from cvmae_jax.data.tfds_builder import MedsLabConfig
-from cvmae_jax.data.window_records import renumbered, serialize
+from cvmae_jax.data.example_proto import renumbered, serialize
 
 
 def _files(path) -> dict[str, bytes]:
