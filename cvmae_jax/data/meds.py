@@ -316,16 +316,22 @@ def numeric_rows(t: pa.Table, drop_values=()) -> tuple[pa.Table, dict[str, int]]
     """The rows of `t` with a time and a finite numeric value not in `drop_values`, and counts
     of the others (null_time, null_value, nonfinite_value, dropped_value; each row counted
     once, in that order)."""
-    dropped = {"null_time": t["time"].null_count}
-    t = t.filter(pc.is_valid(t["time"]))
-    dropped["null_value"] = t["numeric_value"].null_count
-    t = t.filter(pc.is_valid(t["numeric_value"]))
-    finite = pc.is_finite(t["numeric_value"])
-    dropped["nonfinite_value"] = t.num_rows - _count(finite)
-    t = t.filter(finite)
-    kept = pc.invert(pc.is_in(t["numeric_value"], pa.array(drop_values, pa.float64())))
-    dropped["dropped_value"] = t.num_rows - _count(kept)
-    return t.filter(kept), dropped
+    timed = _flags(pc.is_valid(t["time"]))
+    valued = timed & _flags(pc.is_valid(t["numeric_value"]))
+    finite = valued & _flags(pc.is_finite(t["numeric_value"]))  # null -> False
+    kept = finite
+    if len(drop_values):
+        kept = finite & ~_flags(pc.is_in(t["numeric_value"], pa.array(drop_values, pa.float64())))
+    dropped = {"null_time": int((~timed).sum()), "null_value": int((timed & ~valued).sum()),
+               "nonfinite_value": int((valued & ~finite).sum()),
+               "dropped_value": int((finite & ~kept).sum())}
+    return (t if kept.all() else t.filter(pa.array(kept))), dropped
+
+
+def _flags(mask) -> np.ndarray:
+    """A boolean Arrow array or chunked array as bool [n], nulls as False (one filter of the
+    table at the end instead of one per condition: each filter copies every column)."""
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def death_times(t: pa.Table) -> pa.Table:
