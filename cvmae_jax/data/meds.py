@@ -345,13 +345,27 @@ def count_duplicates(events: pa.Table) -> int:
     return events.num_rows - events.group_by(list(EVENT_COLUMNS)).aggregate([]).num_rows
 
 
-def count_mirrored_values(events: pa.Table) -> collections.Counter:
-    """(code, other code) -> number of (subject, time, value) of ``code`` in ``events`` that
-    ``other code`` also has: a value one code copies from another (MIMIC-IV's ICU chart items
-    copy hospital lab results), which a model can read off the copy when one of them is masked.
-    Counted per (subject, time, value) group, in both directions."""
-    groups = events.group_by(["subject_id", "time", "numeric_value"]).aggregate(
-        [("code", "distinct")])["code_distinct"].combine_chunks()
+def value_groups(events: pa.Table) -> pa.Table:
+    """``events`` (codes not null) grouped by (subject_id, time, numeric_value): each group's
+    rows (``code_count``) and distinct codes (``code_distinct``), from which `duplicates_in`
+    and `mirrored_values` count (one hash aggregation for both)."""
+    return events.group_by(["subject_id", "time", "numeric_value"]).aggregate(
+        [("code", "count"), ("code", "distinct")])
+
+
+def duplicates_in(groups: pa.Table) -> int:
+    """Rows that repeat an earlier row exactly (subject, time, code, value), from
+    `value_groups`: within a group, the rows beyond one per distinct code."""
+    rows = pc.sum(groups["code_count"]).as_py() or 0
+    return int(rows - (pc.sum(pc.list_value_length(groups["code_distinct"])).as_py() or 0))
+
+
+def mirrored_values(groups: pa.Table) -> collections.Counter:
+    """(code, other code) -> number of (subject, time, value) of ``code`` that ``other code``
+    also has, from `value_groups`: a value one code copies from another (MIMIC-IV's ICU chart
+    items copy hospital lab results), which a model can read off the copy when one of them is
+    masked. Counted per (subject, time, value) group, in both directions."""
+    groups = groups["code_distinct"].combine_chunks()
     sizes = pc.list_value_length(groups).to_numpy(zero_copy_only=False)
     pairs: collections.Counter = collections.Counter()
     two = pc.dictionary_encode(pc.list_flatten(groups.filter(pa.array(sizes == 2))))

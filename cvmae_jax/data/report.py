@@ -120,7 +120,7 @@ def squeezed_warning(rows: list[dict], vocab_size: int) -> list[str]:
 
 def mirrored_codes(pairs: Mapping[tuple[str, str], int], stats: DataStats) -> list[dict]:
     """Selected codes with >= MIRRORED_SHARE of their train values equal to a value of another
-    selected code at the same (subject, time) (``meds.count_mirrored_values`` over train), each
+    selected code at the same (subject, time) (``meds.mirrored_values`` over train), each
     with the code it mirrors most, most mirrored first: [{code, mirrors, values, share}]."""
     count = dict(zip(stats.codes, stats.count.tolist()))
     best: dict[str, tuple[int, str]] = {}

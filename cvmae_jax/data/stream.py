@@ -17,6 +17,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -264,15 +265,23 @@ def sample_shard(shard: tuple[int, Path], lookup: SplitLookup, codes: tuple[str,
     return rows, reservoirs
 
 
+class ShardLabEvents(NamedTuple):
+    """One split's selected lab events of one shard (`shard_lab_events`)."""
+
+    events: pa.Table  # sorted stably by (subject_id, time)
+    counts: dict[str, int]  # lab_events, unsorted_subjects, duplicate_rows, after_death_rows
+    value_groups: pa.Table  # meds.value_groups(events): duplicates and mirrored values
+
+
 def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, codes,
-                        drop_values=()) -> Iterator[tuple[pa.Table, dict[str, int]]]:
+                        drop_values=()) -> Iterator[ShardLabEvents]:
     """Pass 3: `shard_lab_events` of each shard in turn."""
     for path in shards:
         yield shard_lab_events(path, lookup, split, codes, drop_values)
 
 
 def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
-                     drop_values=()) -> tuple[pa.Table, dict[str, int]]:
+                     drop_values=()) -> ShardLabEvents:
     """The split's timed finite rows of `codes` in one shard (values in `drop_values` left
     out), sorted stably by (subject_id, time), with counts: lab_events, unsorted_subjects (rows
     out of time order in the file, sorted here), duplicate_rows and after_death_rows (kept)."""
@@ -293,6 +302,8 @@ def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
     unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
     table = table.take(pc.sort_indices(
         table, [("subject_id", "ascending"), ("time", "ascending")]))
-    return table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
-                       duplicate_rows=meds.count_duplicates(table),
-                       after_death_rows=meds.count_after_death(table, deaths))
+    groups = meds.value_groups(table)
+    return ShardLabEvents(table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
+                                      duplicate_rows=meds.duplicates_in(groups),
+                                      after_death_rows=meds.count_after_death(table, deaths)),
+                          groups)

@@ -39,7 +39,7 @@ class ShardWindows:
     """One shard's records (serialized tf.train.Example, example ids 0, 1, ... in the shard;
     empty once written), their windows' lengths (events, int32 [records]) and counts: lab
     (`stream.shard_lab_events`), windows (`sequences.build_examples`) and, for train, the
-    mirrored values (`meds.count_mirrored_values`)."""
+    mirrored values (`meds.mirrored_values`)."""
     records: list[bytes]
     lengths: np.ndarray
     lab: dict[str, int]
@@ -51,8 +51,9 @@ def shard_windows(shard: tuple[str, Path], lookup: stream.SplitLookup, stats: Da
                   max_len: int, window: str, min_window_len: int) -> ShardWindows:
     """The windows of one (split, shard path), serialized."""
     split, path = shard
-    events, lab = stream.shard_lab_events(path, lookup, split, stats.codes, stats.drop_values)
-    mirrored = meds.count_mirrored_values(events) if split == "train" else collections.Counter()
+    events, lab, groups = stream.shard_lab_events(path, lookup, split, stats.codes,
+                                                  stats.drop_values)
+    mirrored = meds.mirrored_values(groups) if split == "train" else collections.Counter()
     windows: dict[str, int] = {}
     records, lengths = [], []
     for example in sequences.build_examples(events, stats, max_len, window, min_window_len,

@@ -144,8 +144,19 @@ def test_counting_values_another_code_has_at_the_same_time():
                   "code": ["A", "B", "C", "A", "B", "A", "B", "A"],
                   "numeric_value": [1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 4.0, 4.0]})
     # (1, 0, 1.0): A, B and C; (1, 5): values differ; (2, 0, 4.0): A and B; (2, 9): A alone
-    assert meds.count_mirrored_values(t) == {("A", "B"): 2, ("B", "A"): 2, ("A", "C"): 1,
-                                             ("C", "A"): 1, ("B", "C"): 1, ("C", "B"): 1}
+    assert meds.mirrored_values(meds.value_groups(t)) == {
+        ("A", "B"): 2, ("B", "A"): 2, ("A", "C"): 1, ("C", "A"): 1, ("B", "C"): 1, ("C", "B"): 1}
+
+
+def test_duplicates_from_value_groups_equal_the_exact_row_count():
+    rng = np.random.default_rng(0)
+    n = 5000
+    t = pa.table({"subject_id": rng.integers(0, 20, n),
+                  "time": pa.array(rng.integers(0, 5, n), pa.timestamp("us")),
+                  "code": rng.choice(["A", "B", "C"], n),
+                  "numeric_value": rng.integers(0, 3, n).astype(float)})
+    duplicates = meds.duplicates_in(meds.value_groups(t))
+    assert duplicates == meds.count_duplicates(t) > 0
 
 
 def test_codes_copying_another_codes_values_are_warned_about(tiny_meds, tmp_path):
