@@ -307,7 +307,7 @@ def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Tabl
     table = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
     table = table.take(pc.sort_indices(table, [("subject_id", "ascending"), ("time", "ascending")]))
     counts["kept"] = table.num_rows
-    counts["duplicate_rows"] = count_duplicates(table)
+    counts["duplicate_rows"] = duplicates_in(value_groups(table))
     counts["after_death_rows"] = count_after_death(table, pa.concat_tables(deaths))
     return table.replace_schema_metadata({_COUNTS_KEY: json.dumps(counts).encode()})
 
@@ -340,13 +340,8 @@ def death_times(t: pa.Table) -> pa.Table:
     return deaths.filter(pc.is_valid(deaths["time"]))
 
 
-def count_duplicates(events: pa.Table) -> int:
-    """Rows of `events` that repeat an earlier row exactly (subject, time, code, value)."""
-    return events.num_rows - events.group_by(list(EVENT_COLUMNS)).aggregate([]).num_rows
-
-
 def value_groups(events: pa.Table) -> pa.Table:
-    """``events`` (codes not null) grouped by (subject_id, time, numeric_value): each group's
+    """``events`` grouped by (subject_id, time, numeric_value): each group's
     rows (``code_count``) and distinct codes (``code_distinct``), from which `duplicates_in`
     and `mirrored_values` count (one hash aggregation for both)."""
     return events.group_by(["subject_id", "time", "numeric_value"]).aggregate(
