@@ -74,7 +74,7 @@ def _value_reaching_subjects(values: np.ndarray, subjects: np.ndarray, k: int) -
         if len(first) >= 2 * k or len(smallest) == n:
             break
         take *= 4
-    m = k if len(first) >= 2 * k else max(1, min(k, len(first) // 2))
+    m = max(1, min(k, len(first) // 2))  # k whenever the prefix holds 2k subjects
     return values[ordered[first[m - 1]]]
 
 

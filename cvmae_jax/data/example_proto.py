@@ -34,12 +34,9 @@ def serialize(example: dict) -> bytes:
             packed = np.asarray(example[key], "<f4").tobytes()
             feature = b"\x12" + _length_prefixed(_packed_field(packed))  # float_list
         else:
-            packed = (varint(int(example[key]) & _UINT64) if key in _SCALARS
-                      else varints(example[key]))
-            feature = b"\x1a" + _length_prefixed(_packed_field(packed))  # int64_list
-        name = key.encode()
-        entry = b"\x0a" + _length_prefixed(name) + b"\x12" + _length_prefixed(feature)
-        entries.append(b"\x0a" + _length_prefixed(entry))
+            feature = _int64_feature(varint(int(example[key]) & _UINT64) if key in _SCALARS
+                                     else varints(example[key]))
+        entries.append(_map_entry(key, feature))
     return b"\x0a" + _length_prefixed(b"".join(entries))
 
 
@@ -54,11 +51,10 @@ def renumbered(record: bytes, example_id: int) -> bytes:
     while at < len(features):
         entry, after = _field(features, at)
         if entry.startswith(_ID_KEY):
-            ids = _packed_field(varint(example_id))  # Int64List
-            entry = _ID_KEY + b"\x12" + _length_prefixed(b"\x1a" + _length_prefixed(ids))
-            body = b"".join((features[:at], b"\x0a", varint(len(entry)), entry,
+            body = b"".join((features[:at],
+                             _map_entry("example_id", _int64_feature(varint(example_id))),
                              features[after:]))
-            return b"\x0a" + varint(len(body)) + body
+            return b"\x0a" + _length_prefixed(body)
         at = after
     raise ValueError("not a serialized tf.train.Example with an example_id feature")
 
@@ -90,6 +86,17 @@ def varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def _map_entry(key: str, feature: bytes) -> bytes:
+    """One entry of the Features map (field 1 of Features: key = 1, value = 2)."""
+    entry = b"\x0a" + _length_prefixed(key.encode()) + b"\x12" + _length_prefixed(feature)
+    return b"\x0a" + _length_prefixed(entry)
+
+
+def _int64_feature(packed: bytes) -> bytes:
+    """A Feature holding an Int64List of `packed` varints."""
+    return b"\x1a" + _length_prefixed(_packed_field(packed))
 
 
 def _packed_field(packed: bytes) -> bytes:

@@ -2,11 +2,12 @@
 
 A record is a serialized tf.train.Example with its features in key order
 (`example_proto.serialize`): the same example gives the same bytes in every process, so the
-files are reproducible byte for byte. Windows are numbered in order over a split (example_id 0, 1, ... across its shards), which a
-shard alone cannot know, so `shard_windows` numbers its records from 0, and once the split's
-earlier shards are counted `renumbered` gives each its split-wide number, rewriting only the
-example_id feature: the bytes are those serializing the example with that id gives, so the
-shards can be serialized and written in parallel processes (`write_shard_windows`).
+files are reproducible byte for byte. Windows are numbered in order over a split (example_id
+0, 1, ... across its shards), which a shard alone cannot know, so `shard_windows` numbers its
+records from 0, and once the split's earlier shards are counted `renumbered` gives each its
+split-wide number, rewriting only the example_id feature: the bytes are those serializing the
+example with that id gives, so the shards can be serialized and written in parallel processes
+(`write_shard_windows`).
 """
 
 from __future__ import annotations
