@@ -139,8 +139,8 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
         if not len(todo):
             continue
         done = np.zeros(len(l_subject), bool)
-        for events, _, _ in stream.lab_events_by_shard(files, lookup, split, stats.codes,
-                                                       stats.drop_values):
+        for events in stream.lab_events_by_shard(files, lookup, split, stats.codes,
+                                                    stats.drop_values):
             subjects = events["subject_id"].to_numpy()
             rows = todo[np.isin(l_subject[todo], subjects)]
             if not len(rows):

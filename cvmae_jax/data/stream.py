@@ -274,10 +274,12 @@ class ShardLabEvents(NamedTuple):
 
 
 def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, codes,
-                        drop_values=()) -> Iterator[ShardLabEvents]:
-    """Pass 3: `shard_lab_events` of each shard in turn."""
+                        drop_values=()) -> Iterator[pa.Table]:
+    """The split's selected lab events of each shard in turn, sorted stably by (subject_id,
+    time), without `shard_lab_events`'s counts (for readers that need only the events)."""
     for path in shards:
-        yield shard_lab_events(path, lookup, split, codes, drop_values)
+        events, _ = _split_lab_rows(path, lookup, split, codes, drop_values)
+        yield _by_subject_and_time(events)
 
 
 def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
@@ -285,6 +287,24 @@ def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
     """The split's timed finite rows of `codes` in one shard (values in `drop_values` left
     out), sorted stably by (subject_id, time), with counts: lab_events, unsorted_subjects (rows
     out of time order in the file, sorted here), duplicate_rows and after_death_rows (kept)."""
+    table, deaths = _split_lab_rows(path, lookup, split, codes, drop_values)
+    subjects = table["subject_id"].to_numpy()
+    by_subject = np.argsort(subjects, kind="stable")
+    t_us = table["time"].cast(pa.int64()).to_numpy()[by_subject]
+    same = np.diff(subjects[by_subject]) == 0
+    unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
+    table = _by_subject_and_time(table)
+    groups = meds.value_groups(table)
+    return ShardLabEvents(table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
+                                      duplicate_rows=meds.duplicates_in(groups),
+                                      after_death_rows=meds.count_after_death(table, deaths)),
+                          groups)
+
+
+def _split_lab_rows(path: Path, lookup: SplitLookup, split: str, codes,
+                    drop_values=()) -> tuple[pa.Table, pa.Table]:
+    """The split's timed finite rows of `codes` in one shard, in file order, and the
+    (subject_id, time) of its subjects' timed MEDS_DEATH rows."""
     value_set = pa.array(list(codes), pa.string())
     s = meds.SPLITS.index(split)
     parts, deaths = [], []
@@ -295,15 +315,10 @@ def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
         parts.append(batch.filter(pc.is_in(batch["code"], value_set)))
     table = pa.concat_tables(parts) if parts else meds.EVENT_SCHEMA.empty_table()
     deaths = pa.concat_tables(deaths) if deaths else table.select(["subject_id", "time"])
-    subjects = table["subject_id"].to_numpy()
-    by_subject = np.argsort(subjects, kind="stable")
-    t_us = table["time"].cast(pa.int64()).to_numpy()[by_subject]
-    same = np.diff(subjects[by_subject]) == 0
-    unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
-    table = table.take(pc.sort_indices(
+    return table, deaths
+
+
+def _by_subject_and_time(table: pa.Table) -> pa.Table:
+    """``table`` sorted stably by (subject_id, time)."""
+    return table.take(pc.sort_indices(
         table, [("subject_id", "ascending"), ("time", "ascending")]))
-    groups = meds.value_groups(table)
-    return ShardLabEvents(table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
-                                      duplicate_rows=meds.duplicates_in(groups),
-                                      after_death_rows=meds.count_after_death(table, deaths)),
-                          groups)
