@@ -63,13 +63,19 @@ def _scale_encoder(encoder_lr_scale) -> optax.GradientTransformation:
         updates, encoder=jax.tree.map(lambda u: u * encoder_lr_scale, updates["encoder"])))
 
 
+def finetune_warmup_steps(num_steps: int) -> int:
+    """Steps of the fine-tuning rate's linear warmup: 10% of ``num_steps`` (at least 1)."""
+    return max(num_steps // 10, 1)
+
+
 def make_finetune_optimizer(learning_rate: float, weight_decay: float,
                             num_steps: int) -> optax.GradientTransformation:
-    """AdamW with a 10% linear warmup and cosine decay, after global-norm clipping at 1; the
-    encoder's updates (weight decay included) are then scaled by a factor held in the
-    optimizer state (``init_opt_state``), so one compiled step serves every scale."""
+    """AdamW with a 10% linear warmup (``finetune_warmup_steps``) and cosine decay, after
+    global-norm clipping at 1; the encoder's updates (weight decay included) are then scaled by
+    a factor held in the optimizer state (``init_opt_state``), so one compiled step serves
+    every scale."""
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=max(num_steps // 10, 1),
+        init_value=0.0, peak_value=learning_rate, warmup_steps=finetune_warmup_steps(num_steps),
         decay_steps=max(num_steps, 2), end_value=0.1 * learning_rate)
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adamw(schedule, weight_decay=weight_decay),

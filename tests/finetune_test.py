@@ -99,6 +99,23 @@ def test_early_stopping_keeps_the_first_best_check():
     assert without_score.best_params == 3  # tuning has one class: the last parameters
 
 
+def test_early_stopping_does_not_count_checks_during_warmup():
+    """A lucky check while the rate still rises is kept, but only checks after the warmup
+    count toward patience: a run stops no sooner than warmup + patience checks."""
+    scores = {20: 0.8, 40: 0.6, 60: 0.7, 80: 0.75, 100: 0.79}
+
+    def stops(warmup):
+        stopper = EarlyStopping(patience=2, warmup=warmup)
+        return [stopper.update(step, s, lambda step=step: step)
+                for step, s in scores.items()], stopper
+
+    without_warmup, _ = stops(0)
+    assert without_warmup[:3] == [False, False, True]  # stops at 60
+    with_warmup, stopper = stops(60)
+    assert with_warmup == [False, False, False, False, True]  # 80 and 100 count, 40 and 60 not
+    assert (stopper.best_step, stopper.best_score, stopper.best_params) == (20, 0.8, 20)
+
+
 def test_fit_returns_the_parameters_of_its_best_check(windows):
     """A high rate and a check every step: the tuning AUROC moves, training stops early and
     the returned parameters reproduce the best check's AUROC, not the last one's."""

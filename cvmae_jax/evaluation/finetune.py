@@ -7,7 +7,8 @@ Each model is trained with binary cross-entropy on shuffled batches of train win
 weight updated (the pretrained encoder at ``encoder_lr_scale`` times the head's rate, the
 scratch encoder at the head's rate); every ``eval_every`` steps its tuning AUROC is measured,
 the best parameters are kept, and training stops after ``patience`` checks without a better
-one. Both models share the head's initialization and the order of batches. One compiled step
+one (checks during the learning rate's warmup do not count). Both models share the head's
+initialization and the order of batches. One compiled step
 (``cvmae_jax.finetune_steps``, under the run's launcher: jit over the data mesh, or pmap)
 serves every task, model and k-shot draw. Held_out AUROC/AUPRC get subject-bootstrap CIs, and
 the differences pretrained - scratch and pretrained - probe paired-bootstrap CIs (the same
@@ -33,9 +34,9 @@ from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomi
 from cvmae_jax.evaluation.label_efficiency import kshot_curve
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                paired_auroc_difference)
-from cvmae_jax.finetune_steps import (HEADS, init_encoder, init_head, init_opt_state,
-                                      make_finetune_optimizer, make_finetune_step,
-                                      make_logit_step)
+from cvmae_jax.finetune_steps import (HEADS, finetune_warmup_steps, init_encoder, init_head,
+                                      init_opt_state, make_finetune_optimizer,
+                                      make_finetune_step, make_logit_step)
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import TrainState
@@ -86,11 +87,13 @@ class Fit:
 
 class EarlyStopping:
     """Keeps the parameters of the best check (highest score; the first of equals) and says
-    when ``patience`` checks in a row brought no better one. A check without a score (tuning
-    has one class) keeps the latest parameters and never stops training."""
+    when ``patience`` checks in a row after step ``warmup`` brought no better one: checks
+    while the learning rate still rises keep a better score but never count toward stopping
+    (an early lucky check must not end a run before its rate has peaked). A check without a
+    score (tuning has one class) keeps the latest parameters and never stops training."""
 
-    def __init__(self, patience: int):
-        self.patience, self.since_best = patience, 0
+    def __init__(self, patience: int, warmup: int = 0):
+        self.patience, self.warmup, self.since_best = patience, warmup, 0
         self.best_score, self.best_step, self.best_params = None, 0, None
 
     def update(self, step: int, score: float | None, snapshot) -> bool:
@@ -100,7 +103,8 @@ class EarlyStopping:
             self.best_score, self.best_step, self.best_params = score, step, snapshot()
             self.since_best = 0
             return False
-        self.since_best += 1
+        if step > self.warmup:
+            self.since_best += 1
         return self.since_best >= self.patience
 
 
@@ -146,7 +150,7 @@ class Finetuner:
                                                           self._batch(train[:s.batch_size]))
         leaves = self._step.flatten(state)
         tuning_y = _labels(tuning)
-        stopper = EarlyStopping(s.patience)
+        stopper = EarlyStopping(s.patience, finetune_warmup_steps(s.steps))
         curve, losses, window, nonfinite, step = [], [], [], 0, 0
         for step in range(1, s.steps + 1):
             leaves, metrics = self._step(leaves, self._step.put(next(batches)))
