@@ -97,6 +97,6 @@ def _plot_aurocs(groups, summary):
         seeds = sorted({s for by_seed in groups.values() for s in by_seed})
         ax.set_xlabel(f"strategy (points left to right: seeds {seeds}; dotted: chance)",
                       fontsize=8)
-        ax.set_title(f"{task}: held_out AUROC, 95% CI per run", fontsize=9)
+        ax.set_title(f"{task}\nheld_out AUROC of the frozen probe, 95% CI per run", fontsize=9)
         ax.set_ylabel("AUROC")
     return fig
