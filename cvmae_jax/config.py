@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -119,6 +120,12 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     finetune.scratch = True
     finetune.kshot_draws = 0  # fine-tuned draws per k of the label-efficiency curve (0: none)
     return finetune
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> dict:
+    """``config.eval`` as plain JSON values: what eval.py records in metrics.json, so a study
+    knows which settings a run's metrics were computed with."""
+    return json.loads(json.dumps(config.eval.to_dict()))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -9,7 +9,6 @@ final step is skipped, a half-trained run resumes from its checkpoint. The compa
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -18,6 +17,7 @@ from absl import app, logging
 
 from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
+from cvmae_jax.config import eval_settings
 from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.jsonio import check_writable
 from cvmae_jax.mask_probabilities import STRATEGIES
@@ -55,18 +55,20 @@ def run_configs(config, workdir: str) -> list[tuple[str, ml_collections.ConfigDi
 
 def is_finished(run_dir: str, config) -> bool:
     """True when ``eval/metrics.json`` evaluates the final training step with the study's
-    ``eval.*`` settings; refuses a finished run trained with other settings (as a resume
-    would). A run evaluated with other eval settings is evaluated again (not retrained)."""
+    ``eval.*`` settings (those the metrics record); refuses a finished run trained with other
+    settings (as a resume would). A run evaluated with other eval settings, or whose
+    evaluation was interrupted (its config.json already holds the new ones), is evaluated
+    again (not retrained)."""
     if not os.path.exists(eval_metrics_path(run_dir)):
         return False
-    if read_eval_metrics(run_dir).get("step") != config.train.num_steps:
+    metrics = read_eval_metrics(run_dir)
+    if metrics.get("step") != config.train.num_steps:
         return False
-    saved = read_config(run_dir).to_dict()
-    changes = changed_settings(saved, config)
+    changes = changed_settings(read_config(run_dir).to_dict(), config)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(changes)}); "
                          f"use a new --workdir")
-    if saved.get("eval") != json.loads(json.dumps(config.eval.to_dict())):
+    if metrics.get("eval_settings") != eval_settings(config):
         logging.info("%s: evaluated with other eval.* settings; evaluating again", run_dir)
         return False
     return True

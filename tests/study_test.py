@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cvmae_jax.config import eval_settings
 from cvmae_jax.study import is_finished, run_configs, run_study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,13 +87,12 @@ def test_tiny_study_completes_then_resumes_without_training(tmp_path):
 
 
 def evaluated_run(tmp_path, study_config, **saved_changes):
-    """The first run of ``study_config`` as if trained and evaluated at its final step, with
-    config.json saved with ``saved_changes`` ({"train": {"learning_rate": 0.5}}); (run dir,
-    run config)."""
+    """The first run of ``study_config`` as if trained and evaluated at its final step (with
+    its eval settings), with config.json saved with ``saved_changes`` ({"train":
+    {"learning_rate": 0.5}}); (run dir, run config)."""
     run_dir, run = run_configs(study_config, str(tmp_path))[0]
     os.makedirs(os.path.join(run_dir, "eval"))
-    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
-        json.dump({"step": run.train.num_steps}, f)
+    write_eval_metrics(run_dir, {"step": run.train.num_steps, "eval_settings": eval_settings(run)})
     saved = run.to_dict()
     for section, fields in saved_changes.items():
         saved[section].update(fields)
@@ -110,10 +110,30 @@ def test_a_finished_run_with_other_settings_is_refused_not_skipped(tmp_path, shi
     assert not is_finished(run_dir, run)
 
 
+def write_eval_metrics(run_dir, metrics):
+    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
 def test_a_run_evaluated_with_other_eval_settings_is_evaluated_again(tmp_path, shipped_config):
     run_dir, run = evaluated_run(tmp_path, shipped_config("study"))
     assert is_finished(run_dir, run)
     run.eval.mask_rate = 0.5  # e.g. --config.eval.mask_rate=0.5 on a finished study
+    assert not is_finished(run_dir, run)
+
+
+def test_an_interrupted_evaluation_is_done_again(tmp_path, shipped_config):
+    """The study saves config.json with the new eval settings before evaluating; when that
+    evaluation is killed, metrics.json still holds the old settings' results."""
+    old = shipped_config("study")
+    run_dir, _ = evaluated_run(tmp_path, old)
+    new = shipped_config("study")
+    new.eval.finetune.steps = old.eval.finetune.steps * 2
+    run = run_configs(new, str(tmp_path))[0][1]
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(run.to_dict(), f)  # as the study writes it before evaluating
+    assert not is_finished(run_dir, run)
+    write_eval_metrics(run_dir, {"step": run.train.num_steps})  # settings not recorded
     assert not is_finished(run_dir, run)
 
 

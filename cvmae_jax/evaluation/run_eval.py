@@ -22,7 +22,7 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
-from cvmae_jax.config import default_config
+from cvmae_jax.config import default_config, eval_settings
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
@@ -93,6 +93,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     embeddings/<task>.parquet and predictions/<task>/{tuning,held_out}.parquet. ``config``:
     the run's config (default: its config.json). Returns the metrics."""
     config = copy.deepcopy(config) if config is not None else run_config(workdir)
+    settings = eval_settings(config)  # before the split below: as the run's config has them
     config.eval.split = split  # a copy: the caller's config keeps its validation split
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
                               "config.eval.batch_size")
@@ -127,7 +128,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                                                   config.eval.mask_rate, config.eval.mask_seed))
     with _phase(f"reconstruction on {split} ({dataset.num_examples[split]:,} windows)"):
         result = evaluate_split(eval_step, params, dataset, config, launcher, probs)
-    result.update(step=step, split=split, strategy=config.masking.strategy,
+    result.update(step=step, split=split, eval_settings=settings,
+                  strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed),
                   code_selection=selection_summary(dataset.report))
     _add_cv(result, stats.cv, config.masking.threshold_percentile)
