@@ -140,7 +140,7 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
             continue
         done = np.zeros(len(l_subject), bool)
         for events in stream.lab_events_by_shard(files, lookup, split, stats.codes,
-                                                    stats.drop_values):
+                                                 stats.drop_values):
             subjects = events["subject_id"].to_numpy()
             rows = todo[np.isin(l_subject[todo], subjects)]
             if not len(rows):

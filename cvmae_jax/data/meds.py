@@ -305,7 +305,7 @@ def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Tabl
                 t = t.filter(keep)
             parts.append(t)
     table = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
-    table = table.take(pc.sort_indices(table, [("subject_id", "ascending"), ("time", "ascending")]))
+    table = by_subject_and_time(table)
     counts["kept"] = table.num_rows
     counts["duplicate_rows"] = duplicates_in(value_groups(table))
     counts["after_death_rows"] = count_after_death(table, pa.concat_tables(deaths))
@@ -338,6 +338,12 @@ def death_times(t: pa.Table) -> pa.Table:
     """(subject_id, time) of the timed MEDS_DEATH rows of `t`."""
     deaths = t.filter(pc.equal(t["code"], "MEDS_DEATH")).select(["subject_id", "time"])
     return deaths.filter(pc.is_valid(deaths["time"]))
+
+
+def by_subject_and_time(table: pa.Table) -> pa.Table:
+    """``table`` sorted stably by (subject_id, time)."""
+    return table.take(pc.sort_indices(
+        table, [("subject_id", "ascending"), ("time", "ascending")]))
 
 
 def value_groups(events: pa.Table) -> pa.Table:

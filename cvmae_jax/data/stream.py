@@ -279,7 +279,7 @@ def lab_events_by_shard(shards: list[Path], lookup: SplitLookup, split: str, cod
     time), without `shard_lab_events`'s counts (for readers that need only the events)."""
     for path in shards:
         events, _ = _split_lab_rows(path, lookup, split, codes, drop_values)
-        yield _by_subject_and_time(events)
+        yield meds.by_subject_and_time(events)
 
 
 def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
@@ -293,7 +293,7 @@ def shard_lab_events(path: Path, lookup: SplitLookup, split: str, codes,
     t_us = table["time"].cast(pa.int64()).to_numpy()[by_subject]
     same = np.diff(subjects[by_subject]) == 0
     unsorted = np.unique(subjects[by_subject][1:][same & (np.diff(t_us) < 0)])
-    table = _by_subject_and_time(table)
+    table = meds.by_subject_and_time(table)
     groups = meds.value_groups(table)
     return ShardLabEvents(table, dict(lab_events=table.num_rows, unsorted_subjects=len(unsorted),
                                       duplicate_rows=meds.duplicates_in(groups),
@@ -316,9 +316,3 @@ def _split_lab_rows(path: Path, lookup: SplitLookup, split: str, codes,
     table = pa.concat_tables(parts) if parts else meds.EVENT_SCHEMA.empty_table()
     deaths = pa.concat_tables(deaths) if deaths else table.select(["subject_id", "time"])
     return table, deaths
-
-
-def _by_subject_and_time(table: pa.Table) -> pa.Table:
-    """``table`` sorted stably by (subject_id, time)."""
-    return table.take(pc.sort_indices(
-        table, [("subject_id", "ascending"), ("time", "ascending")]))
