@@ -62,5 +62,6 @@ def get_config():
     config.train.log_every = 50
     config.train.eval_every = 250
     config.train.checkpoint_every = 250
+    config.eval.pooling = "per_code"
     config.eval.finetune.steps = 600
     return config

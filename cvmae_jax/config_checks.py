@@ -7,6 +7,7 @@ import re
 
 from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.mask_probabilities import STRATEGIES
+from cvmae_jax.pooling import POOLINGS
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
@@ -133,8 +134,10 @@ def padding_warnings(data, num_tokens: int, num_windows: int) -> list[str]:
 
 
 def check_eval_config(eval_config) -> None:
-    """``config.eval``'s evaluation mask rate and batch size."""
+    """``config.eval``'s evaluation mask rate, batch size, label window and pooling."""
     _require(0.0 < eval_config.mask_rate <= 1.0, "eval.mask_rate", eval_config.mask_rate,
              "expected a rate in (0, 1]")
     _require_int("eval.batch_size", eval_config.batch_size, 1)
     _require_int("eval.label_max_len", eval_config.label_max_len, 0, " (0: data.max_len)")
+    _require(eval_config.pooling in POOLINGS, "eval.pooling", eval_config.pooling,
+             f"expected one of {', '.join(POOLINGS)}")

@@ -127,6 +127,16 @@ def test_eval_reports_downstream_probes(evaluated):
     assert all(f"| {task} |" in report for task in TASKS)
     assert "# Reconstruction on `held_out`" in report  # the reconstruction part is unchanged
     assert result["downstream"]["embed_traces"] == 1  # one compile for every task and split
+    for task in TASKS:  # the same probe on the network before pretraining
+        r = tasks[task]
+        if r["auroc"] is None:
+            assert r["untrained"]["reason"]
+            continue
+        untrained = r["untrained"]
+        assert untrained["n"] == r["n"] and untrained["c_selection"] == "tuning AUROC"
+        assert untrained["probe_minus_untrained"]["delta"] == pytest.approx(
+            r["auroc"] - untrained["auroc"])
+        assert f"| {task} | {r['auroc']:.3f}" in report.split("probe - untrained")[1]
 
 
 def test_eval_reports_the_yardstick_beside_the_model(evaluated):

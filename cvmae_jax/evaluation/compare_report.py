@@ -77,7 +77,8 @@ def _seeds_cell(values: dict, fmt: str = ".3f") -> str:
 
 
 def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
-    """"Beside the simple methods": carry-forward, aggregates and from-scratch rows."""
+    """"Beside the simple methods": carry-forward, aggregates, untrained-network and
+    from-scratch rows."""
     if not block:
         return []
     lines = ["", "## Beside the simple methods", "",
@@ -93,23 +94,29 @@ def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
     for task in tasks:
         d = block["downstream"][task]
         lines += ["", f"Held_out AUROC, {task}: the aggregates baseline (as-of per-code "
-                  "features of the same events) and the same network trained from scratch on "
-                  "the label do not depend on the masking strategy (the reference's seeds).", ""]
+                  "features of the same events), the probe on the network before pretraining "
+                  "and the same network trained from scratch on the label do not depend on the "
+                  "masking strategy (the reference's seeds).", ""]
         lines += [f"- aggregates {m.replace('_', ' ')}: {_seeds_cell(v)}"
                   for m, v in d["aggregates"].items()]
-        lines += [f"- from scratch (no pretraining): {_seeds_cell(d['scratch'])}", "",
-                  "| strategy | frozen probe | probe - aggregates LR | probe - aggregates GBM "
-                  "| fine-tuned | fine-tuned - scratch |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"- frozen probe on the untrained network: "
+                  f"{_seeds_cell(d.get('untrained', _NONE))}",
+                  f"- from scratch (no pretraining): {_seeds_cell(d['scratch'])}", "",
+                  "| strategy | frozen probe | probe - untrained | probe - aggregates LR | "
+                  "probe - aggregates GBM | fine-tuned | fine-tuned - scratch |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for strategy, r in d["strategies"].items():
             minus = r["probe_minus"]
             lines.append(
                 f"| `{strategy}` | {_seeds_cell(r['probe'])} | "
+                f"{_seeds_cell(r.get('probe_minus_untrained', _NONE), '+.3f')} | "
                 f"{_seeds_cell(minus.get('logistic_regression', _NONE), '+.3f')} | "
                 f"{_seeds_cell(minus.get('gradient_boosting', _NONE), '+.3f')} | "
                 f"{_seeds_cell(r['finetuned'])} | "
                 f"{_seeds_cell(r['finetuned_minus_scratch'], '+.3f')} |")
     lines += ["", "Differences are taken per seed on the same rows, then averaged: probe - "
-              "aggregates within each run (its eval/report.md has the paired bootstrap CI); "
+              "untrained and probe - aggregates within each run (its eval/report.md has the "
+              "paired bootstrap CIs); "
               "fine-tuned - scratch against the scratch model of the `random` run with the "
               "same seed (the scratch model does not depend on the strategy, so the study "
               "trains it there only). n/a: not evaluated (fine-tuning off: "

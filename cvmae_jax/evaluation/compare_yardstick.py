@@ -1,7 +1,8 @@
 """The "simple_methods" block of the study's summary.json: every strategy's runs beside the
 methods a practitioner would use instead, on the same rows: carry-forward and per-code means
-for reconstruction; the aggregates baseline and the same network trained from scratch on the
-label for each task. Means over seeds with every seed's value."""
+for reconstruction; the aggregates baseline, the probe on the untrained network and the same
+network trained from scratch on the label for each task. Means over seeds with every seed's
+value."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from cvmae_jax.evaluation.yardstick import labs_beating_locf
 
 def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
     """{"reconstruction": {strategy: ratios and carry-forward win share}, "downstream": {task:
-    aggregates and scratch AUROCs (the reference's seeds: neither depends on the strategy) and
+    aggregates, untrained-network probe and scratch AUROCs (the reference's seeds: none depends
+    on the strategy) and
     per strategy the probe and fine-tuned AUROCs with their paired differences}}."""
     reconstruction = {s: _reconstruction(by_seed) for s, by_seed in groups.items()}
     downstream = {}
@@ -23,6 +25,8 @@ def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
             aggregates={m: over_seeds({s: _aggregates(r, task).get(m, {}).get("auroc")
                                        for s, r in reference.items()})
                         for m in AGGREGATE_MODELS if _has_aggregates(reference, task)},
+            untrained=over_seeds({s: _untrained(r, task).get("auroc")
+                                  for s, r in reference.items()}),
             scratch=over_seeds({s: _scratch_auroc(r, task) for s, r in reference.items()}),
             strategies={s: _downstream(by_seed, reference, task) for s, by_seed in groups.items()})
     return dict(reconstruction=reconstruction, downstream=downstream)
@@ -52,6 +56,9 @@ def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -
         probe_minus={m: over_seeds({s: a.get(m, {}).get("probe_minus_model", {}).get("delta")
                                     for s, a in aggregates.items()})
                      for m in AGGREGATE_MODELS},
+        probe_minus_untrained=over_seeds({
+            s: _untrained(r, task).get("probe_minus_untrained", {}).get("delta")
+            for s, r in by_seed.items()}),
         finetuned=over_seeds(finetuned),
         finetuned_minus_scratch=over_seeds({
             s: None if None in (finetuned[s], scratch[s]) else finetuned[s] - scratch[s]
@@ -60,6 +67,12 @@ def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -
 
 def _aggregates(run: Run, task: str) -> dict:
     block = task_result(run, task, "probe").get("aggregates") or {}
+    return {} if block.get("reason") else block
+
+
+def _untrained(run: Run, task: str) -> dict:
+    """The run's probe on its untrained network ({} when eval.py fit none)."""
+    block = task_result(run, task, "probe").get("untrained") or {}
     return {} if block.get("reason") else block
 
 

@@ -2,14 +2,15 @@
 
 For every task folder under the labels dir (`labels/<task>/*.parquet`), each label row's input
 window (the subject's last max_len lab events with time <= prediction_time) is encoded by the
-frozen model with no value hidden, mean-pooled over its valid tokens, and a standardized
-logistic regression is fit on train, its C chosen on tuning by AUROC, and reported on held_out
-with bootstrap 95% CIs. A label row whose window is empty (no selected lab event at or before
-its prediction_time) is left out of all of it, counted and warned about; a task with a split
-whose rows are all such is refused. Logs hold counts and aggregates only, never subject ids.
-`probe_tasks` also returns each task's windows, embeddings and fitted `Probe` (`TaskData`), so
-eval.py's label-efficiency curves, predictions and perturbations reuse them instead of
-embedding or fitting again.
+frozen model with no value hidden, pooled into one vector (config.eval.pooling: pooling.py),
+and a standardized logistic regression is fit on train, its C chosen on tuning by AUROC
+(C_GRID, half-decades: per-code vectors of thousands of columns on a few thousand rows need
+strong regularization), and reported on held_out with bootstrap 95% CIs. A label row whose
+window is empty (no selected lab event at or before its prediction_time) is left out of all
+of it, counted and warned about; a task with a split whose rows are all such is refused. Logs
+hold counts and aggregates only, never subject ids. `probe_tasks` also returns each task's
+windows, embeddings and fitted `Probe` (`TaskData`), so eval.py's label-efficiency curves,
+predictions and perturbations reuse them instead of embedding or fitting again.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from cvmae_jax.data.labels import label_files, label_windows, prediction_time_zo
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                percentile_ci, resampled_aurocs)
-from cvmae_jax.model import mean_pool
+from cvmae_jax.pooling import DESCRIPTIONS, pool, pooled_width
 
-C_GRID = (0.01, 0.1, 1.0, 10.0)
+C_GRID = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_C = 1.0
 TRAIN, TUNING, TEST = meds.SPLITS  # train, tuning, held_out
 
 
-def make_embed_fn(graphdef: nnx.GraphDef):
-    """Jitted (params, padded batch) -> mean-pooled hidden states [B, D] with no value hidden.
+def make_embed_fn(graphdef: nnx.GraphDef, pooling: str = "mean", vocab_size: int = 0):
+    """Jitted (params, padded batch) -> window vectors float32 [B, W] of ``pooling``
+    (pooling.py; ``per_code`` needs the ``vocab_size``) with no value hidden.
     `fn.traces` counts its traces (1 when every batch has the same shape)."""
     traces = []
 
@@ -50,23 +52,26 @@ def make_embed_fn(graphdef: nnx.GraphDef):
         traces.append(1)
         model = nnx.merge(graphdef, params)
         valid = batch["valid"]
-        return mean_pool(model.encode(batch["times"], batch["codes"], batch["values"],
-                                      jnp.zeros_like(valid), valid), valid)
+        hidden = model.encode(batch["times"], batch["codes"], batch["values"],
+                              jnp.zeros_like(valid), valid)
+        return pool(pooling, hidden, batch["codes"], valid, vocab_size)
 
     def fn(params, batch):
         return embed(params, batch)
 
-    fn.traces = traces
+    fn.traces, fn.pooling = traces, pooling
+    fn.width = lambda params: pooled_width(pooling, _d_model(params), vocab_size)
     return fn
 
 
 def embed_label_windows(graphdef: nnx.GraphDef, params, windows: list[dict], max_len: int,
                         batch_size: int, embed_fn=None) -> np.ndarray:
-    """Mean-pooled frozen encoder states, float32 [N, D], of `label_windows` dicts.
+    """Frozen window vectors, float32 [N, W], of `label_windows` dicts (mean-pooled unless
+    `embed_fn` is a `make_embed_fn` of another pooling).
 
     Windows (at most max_len events) are padded to [batch_size, max_len] (the last batch padded
-    with empty rows), so the encoder compiles once (pass one `make_embed_fn(graphdef)` to share it across calls); no
-    value is hidden. An empty window gets a zero vector."""
+    with empty rows), so the encoder compiles once (pass one `make_embed_fn(graphdef)` to share
+    it across calls); no value is hidden. An empty window gets a zero vector."""
     embed = embed_fn or make_embed_fn(graphdef)
     out = []
     for lo in range(0, len(windows), batch_size):
@@ -75,12 +80,12 @@ def embed_label_windows(graphdef: nnx.GraphDef, params, windows: list[dict], max
         del batch["example_id"]
         out.append(np.asarray(embed(params, batch))[:len(chunk)])
     if not out:
-        return np.zeros((0, _width(params)), np.float32)
+        return np.zeros((0, embed.width(params)), np.float32)
     return np.concatenate(out).astype(np.float32)
 
 
-def _width(params) -> int:
-    """d_model, read from the final LayerNorm scale if present (for an empty [0, D] result)."""
+def _d_model(params) -> int:
+    """d_model, read from the final LayerNorm scale if present (for an empty [0, W] result)."""
     try:
         return int(params["final_norm"]["scale"][...].shape[-1])
     except (KeyError, TypeError, IndexError):
@@ -316,12 +321,13 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
     """Probe results {"labels_dir", "seed", "split", "label_max_len", "tasks": {task:
     probe_task dict + n per split, label_rows and empty_windows per split}, "unread": lines of
     `find_tasks`} (without tasks: "tasks" empty and a "note") and, per task, its TaskData (for
-    label efficiency, exports and perturbations, which reuse the embeddings and the probe)."""
+    label efficiency, exports and perturbations, which reuse the embeddings and the probe).
+    `embed_fn`: a `make_embed_fn` (its pooling; default mean)."""
+    embed_fn = embed_fn or make_embed_fn(graphdef)
     out = dict(labels_dir=labels_dir, seed=int(seed), split=TEST, label_max_len=int(max_len),
-               probe="standardized logistic regression on mean-pooled encoder states",
+               probe=f"standardized logistic regression on {DESCRIPTIONS[embed_fn.pooling]}",
                tasks={}, unread=find_tasks(labels_dir)[1])
     data: dict[str, TaskData] = {}
-    embed_fn = embed_fn or make_embed_fn(graphdef)
     if not label_tasks:
         out["note"] = f"no label tasks found under {labels_dir}; downstream prediction skipped"
         logging.info("downstream: %s", out["note"])

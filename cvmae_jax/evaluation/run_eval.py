@@ -37,6 +37,7 @@ from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks, write
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.meds_evaluation import score_exports
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
+from cvmae_jax.evaluation.untrained_probe import untrained_probe
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
 from cvmae_jax.jsonio import check_writable, write_json_atomic
@@ -122,6 +123,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     model_config = dataclasses.replace(model_config, attention=attention)
     graphdef, state = init_state(model_config, make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
+    initial_params = state.params  # where pretraining started: the untrained probe's network
     state = Checkpointer.restore_state(checkpoints, step, abstract_like(state))
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
@@ -148,7 +150,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         if block:
             suppress_small_codes(block, code_subjects, config.data.get(
                 "min_subjects", meds.DATA_DEFAULTS["min_subjects"]))
-    embed_fn = make_embed_fn(graphdef)
+    embed_fn = make_embed_fn(graphdef, config.eval.pooling, stats.vocab_size)
     with _phase(f"downstream probes ({len(label_tasks)} task(s))"):
         result["downstream"], tasks = probe_tasks(
             graphdef, params, labels_dir, label_tasks, label_len,
@@ -158,6 +160,15 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             probe = result["downstream"]["tasks"][task]
             probe["aggregates"] = aggregates_baseline(data, probe, stats.vocab_size,
                                                       label_len, config.seed)
+    if config.eval.untrained_probe and tasks:
+        with _phase("probe on the untrained network (config.eval.untrained_probe=False skips "
+                    "it)"):
+            for task, data in tasks.items():
+                probe = result["downstream"]["tasks"][task]
+                probe["untrained"] = untrained_probe(graphdef, initial_params, data, probe,
+                                                     label_len, config.eval.batch_size,
+                                                     embed_fn, config.seed)
+    del initial_params
     sample_seed = config.eval.sample_seed
     result["downstream"]["label_efficiency"] = label_efficiency_settings(sample_seed)
     with _phase("label-efficiency curves"):

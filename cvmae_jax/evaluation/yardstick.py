@@ -1,6 +1,7 @@
 """The "Does pretraining earn its keep?" section of ``eval/report.md``: the model beside the simple
 methods a practitioner would use instead, on the same data: reconstruction (per-code mean,
-carry-forward) and, per label task, the frozen probe beside the aggregates baseline."""
+carry-forward) and, per label task, the frozen probe beside the aggregates baseline and beside
+the same probe on the untrained network."""
 
 from __future__ import annotations
 
@@ -55,7 +56,22 @@ def yardstick_lines(result: dict) -> list[str]:
               "probe; logistic regression as the probe's (standardized, C by tuning AUROC) and "
               "gradient boosting (settings by tuning AUROC). A difference above 0: the probe "
               "is better; CIs resample held_out subjects, the same resamples for both.", ""]
-    return lines + (notes + [""] if notes else [])
+    return lines + (notes + [""] if notes else []) + _untrained_lines(tasks)
+
+
+def _untrained_lines(tasks: dict) -> list[str]:
+    """The probe beside the same probe on the network's initial parameters, per task."""
+    rows = [f"| {task} | {_auroc(r)} | {_auroc(r['untrained'])} | "
+            f"{_difference(r['untrained']['probe_minus_untrained'], 'untrained network')} |"
+            for task, r in tasks.items()
+            if r.get("untrained") and not r["untrained"].get("reason")]
+    if not rows:
+        return []
+    return ["| task | probe AUROC | untrained network's probe AUROC | probe - untrained "
+            "[paired 95% CI] |", "|---|---|---|---|", *rows, "",
+            "The untrained network: the parameters pretraining started from, its windows "
+            "pooled and probed as above. The difference is what pretraining added to the "
+            "frozen vectors; the rest comes from the architecture and the pooling.", ""]
 
 
 def labs_beating_locf(result: dict) -> tuple[int, int]:
@@ -70,10 +86,10 @@ def _auroc(r: dict) -> str:
     return f"{r['auroc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def _difference(diff: dict) -> str:
+def _difference(diff: dict, other: str = "aggregates") -> str:
     ci = diff["ci"]
     if not ci:
         return f"{diff['delta']:+.3f}"
-    reading = ("probe better" if ci[0] > 0 else "aggregates better" if ci[1] < 0
+    reading = ("probe better" if ci[0] > 0 else f"{other} better" if ci[1] < 0
                else "no clear difference")
     return f"{diff['delta']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] {reading}"
