@@ -7,9 +7,9 @@ import re
 
 from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.mask_probabilities import STRATEGIES
-from cvmae_jax.pooling import POOLINGS
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("mean", "per_code")  # eval.pooling (pooling.py)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
 EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cvmae_jax.config_checks import POOLINGS
 from cvmae_jax.model import mean_pool
-
-POOLINGS = ("mean", "per_code")
 DESCRIPTIONS = dict(  # what the probe is fit on, for reports
     mean="the encoder states averaged over the window's events",
     per_code="the encoder states averaged over the window's events and over each code's events, "
