@@ -22,10 +22,11 @@ def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
     for task in tasks:
         reference = groups[REFERENCE]
         downstream[task] = dict(
-            aggregates={m: over_seeds({s: _aggregates(r, task).get(m, {}).get("auroc")
-                                       for s, r in reference.items()})
+            aggregates={m: over_seeds({
+                s: _probe_block(r, task, "aggregates").get(m, {}).get("auroc")
+                for s, r in reference.items()})
                         for m in AGGREGATE_MODELS if _has_aggregates(reference, task)},
-            untrained=over_seeds({s: _untrained(r, task).get("auroc")
+            untrained=over_seeds({s: _probe_block(r, task, "untrained").get("auroc")
                                   for s, r in reference.items()}),
             scratch=over_seeds({s: _scratch_auroc(r, task) for s, r in reference.items()}),
             strategies={s: _downstream(by_seed, reference, task) for s, by_seed in groups.items()})
@@ -46,7 +47,7 @@ def _reconstruction(by_seed: dict[int, Run]) -> dict:
 def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -> dict:
     """The strategy's probe and fine-tuned AUROCs; fine-tuned minus the scratch model of the
     reference run with the same seed (the study trains the scratch model there only)."""
-    aggregates = {s: _aggregates(r, task) for s, r in by_seed.items()}
+    aggregates = {s: _probe_block(r, task, "aggregates") for s, r in by_seed.items()}
     finetuned = {s: task_result(r, task, "finetuned").get("auroc") for s, r in by_seed.items()}
     scratch = {s: _scratch_auroc(reference[s], task) if s in reference else None
                for s in by_seed}
@@ -57,7 +58,7 @@ def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -
                                     for s, a in aggregates.items()})
                      for m in AGGREGATE_MODELS},
         probe_minus_untrained=over_seeds({
-            s: _untrained(r, task).get("probe_minus_untrained", {}).get("delta")
+            s: _probe_block(r, task, "untrained").get("probe_minus_untrained", {}).get("delta")
             for s, r in by_seed.items()}),
         finetuned=over_seeds(finetuned),
         finetuned_minus_scratch=over_seeds({
@@ -65,19 +66,15 @@ def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -
             for s in by_seed}))
 
 
-def _aggregates(run: Run, task: str) -> dict:
-    block = task_result(run, task, "probe").get("aggregates") or {}
-    return {} if block.get("reason") else block
-
-
-def _untrained(run: Run, task: str) -> dict:
-    """The run's probe on its untrained network ({} when eval.py fit none)."""
-    block = task_result(run, task, "probe").get("untrained") or {}
+def _probe_block(run: Run, task: str, name: str) -> dict:
+    """The block ``name`` ("aggregates", "untrained") beside the run's probe of ``task``; {}
+    when eval.py wrote none or only the reason it could not."""
+    block = task_result(run, task, "probe").get(name) or {}
     return {} if block.get("reason") else block
 
 
 def _has_aggregates(by_seed: dict[int, Run], task: str) -> bool:
-    return any(_aggregates(r, task) for r in by_seed.values())
+    return any(_probe_block(r, task, "aggregates") for r in by_seed.values())
 
 
 def _scratch_auroc(run: Run, task: str) -> float | None:
