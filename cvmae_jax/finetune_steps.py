@@ -1,9 +1,9 @@
 """Supervised fine-tuning of the VO-MAE encoder on a binary label: the classifier, its
 optimizer and the compiled-step bodies (``cvmae_jax.parallel``'s launchers compile them).
 
-The classifier reads a label window with no value hidden, mean-pools the encoder's hidden
-states over its real events (as the frozen probe does) and maps the pooled vector to one logit
-with a small head (linear, or one hidden layer). Its parameters are ``{"encoder": ...,
+The classifier reads a label window with no value hidden, pools the encoder's hidden states
+into one vector as the frozen probe does (``config.eval.pooling``: pooling.py) and maps it to
+one logit with a small head (linear, or one hidden layer). Its parameters are ``{"encoder": ...,
 "head": ...}``: the encoder's are a pretrained run's (or freshly initialized ones, from scratch)
 and every weight is updated, the encoder's with a scaled learning rate.
 
@@ -22,34 +22,43 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cvmae_jax.model import ModelConfig, ValueOnlyMAE, mean_pool
+from cvmae_jax.model import ModelConfig, ValueOnlyMAE
+from cvmae_jax.pooling import pool, pooled_width
 from cvmae_jax.steps import TrainState
 
 HEADS = ("linear", "mlp")
 
 
 class ClassifierHead(nnx.Module):
-    """Pooled states [B, D] -> logits [B]: one linear layer, or ``mlp``: D -> D (GELU) -> 1.
-    The output layer starts at zero weight with the bias at ``log_odds``, so the untrained
-    classifier predicts the train prevalence."""
+    """Hidden states [B, L, D] -> logits [B]: the states pooled by ``pooling`` (pooling.py)
+    into [B, W], then one linear layer, or ``mlp``: W -> D (GELU) -> 1. The output layer
+    starts at zero weight with the bias at ``log_odds``, so the untrained classifier predicts
+    the train prevalence."""
 
-    def __init__(self, d_model: int, kind: str, log_odds: float, *, rngs: nnx.Rngs):
+    def __init__(self, pooling: str, d_model: int, vocab_size: int, kind: str,
+                 log_odds: float, *, rngs: nnx.Rngs):
         if kind not in HEADS:
             raise ValueError(f"config.eval.finetune.head={kind!r}: expected one of {HEADS}")
-        self.hidden = nnx.Linear(d_model, d_model, rngs=rngs) if kind == "mlp" else None
-        self.out = nnx.Linear(d_model, 1, kernel_init=nnx.initializers.zeros,
+        self.pooling, self.vocab_size = pooling, vocab_size
+        width = pooled_width(pooling, d_model, vocab_size)
+        self.hidden = nnx.Linear(width, d_model, rngs=rngs) if kind == "mlp" else None
+        self.out = nnx.Linear(d_model if kind == "mlp" else width, 1,
+                              kernel_init=nnx.initializers.zeros,
                               bias_init=nnx.initializers.constant(log_odds), rngs=rngs)
 
-    def __call__(self, pooled: jax.Array) -> jax.Array:
-        x = pooled if self.hidden is None else jax.nn.gelu(self.hidden(pooled))
+    def __call__(self, hidden: jax.Array, codes: jax.Array, valid: jax.Array) -> jax.Array:
+        x = pool(self.pooling, hidden, codes, valid, self.vocab_size)
+        x = x if self.hidden is None else jax.nn.gelu(self.hidden(x))
         return self.out(x)[..., 0]
 
 
-def init_head(d_model: int, kind: str, prevalence: float, seed: int
-              ) -> tuple[nnx.GraphDef, nnx.State]:
-    """A fresh head (``ClassifierHead``) whose bias is the log-odds of ``prevalence``."""
+def init_head(model_config: ModelConfig, pooling: str, kind: str, prevalence: float,
+              seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+    """A fresh head (``ClassifierHead``) for ``model_config``'s encoder, whose bias is the
+    log-odds of ``prevalence``."""
     p = float(np.clip(prevalence, 1e-3, 1 - 1e-3))
-    head = ClassifierHead(d_model, kind, float(np.log(p / (1 - p))), rngs=nnx.Rngs(params=seed))
+    head = ClassifierHead(pooling, model_config.d_model, model_config.vocab_size, kind,
+                          float(np.log(p / (1 - p))), rngs=nnx.Rngs(params=seed))
     return nnx.split(head, nnx.Param)
 
 
@@ -99,7 +108,7 @@ def classifier_logits(encoder_graphdef: nnx.GraphDef, head_graphdef: nnx.GraphDe
     hidden = encoder.encode(batch["times"], batch["codes"], batch["values"],
                             jnp.zeros_like(valid), valid)
     head = nnx.merge(head_graphdef, params["head"])
-    return head(mean_pool(hidden, valid)).astype(jnp.float32)
+    return head(hidden, batch["codes"], valid).astype(jnp.float32)
 
 
 def make_finetune_step(encoder_graphdef: nnx.GraphDef, head_graphdef: nnx.GraphDef,

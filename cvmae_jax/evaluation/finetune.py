@@ -110,14 +110,16 @@ class EarlyStopping:
 
 class Finetuner:
     """Trains and applies classifiers on label windows under ``launcher`` (``parallel``'s
-    ``JitLauncher`` or ``PmapLauncher``). The train step is compiled at the first ``fit`` and
-    reused by every later one; ``traces`` counts its traces."""
+    ``JitLauncher`` or ``PmapLauncher``); the head reads the encoder states pooled by
+    ``pooling`` (pooling.py, as the frozen probe). The train step is compiled at the first
+    ``fit`` and reused by every later one; ``traces`` counts its traces."""
 
-    def __init__(self, launcher, model_config: ModelConfig, settings, max_len: int, seed: int):
+    def __init__(self, launcher, model_config: ModelConfig, settings, max_len: int, seed: int,
+                 pooling: str = "mean"):
         self.launcher, self.settings, self.max_len, self.seed = launcher, settings, max_len, seed
-        self.model_config = model_config
+        self.model_config, self.pooling = model_config, pooling
         self.encoder_graphdef = init_encoder(model_config, seed)[0]
-        self.head_graphdef = init_head(model_config.d_model, settings.head, 0.5, seed)[0]
+        self.head_graphdef = self._head(0.5)[0]
         self.optimizer = make_finetune_optimizer(settings.learning_rate, settings.weight_decay,
                                                  settings.steps)
         self.traces: list = []
@@ -139,7 +141,7 @@ class Finetuner:
         ``name``, logs each check (loss, tuning AUROC, steps/s, ETA)."""
         s, start = self.settings, time.perf_counter()
         train_y = _labels(train)
-        _, head = init_head(self.model_config.d_model, s.head, float(train_y.mean()), self.seed)
+        _, head = self._head(float(train_y.mean()))
         params = dict(encoder=jax.device_get(encoder_params), head=jax.device_get(head))
         state = self.launcher.put_state(TrainState(
             step=np.zeros((), np.int32), params=params,
@@ -178,6 +180,10 @@ class Finetuner:
                 break
         return Fit(stopper.best_params, stopper.best_step, step, stopper.best_score, curve,
                    losses, nonfinite, time.perf_counter() - start)
+
+    def _head(self, prevalence: float):
+        return init_head(self.model_config, self.pooling, self.settings.head, prevalence,
+                         self.seed)
 
     def logits(self, params: dict, windows: list[dict]) -> np.ndarray:
         """Logits float64 [N] on ``windows`` of host parameters {"encoder", "head"} (as
@@ -301,14 +307,15 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
 
 def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
                    tasks: dict[str, TaskData], probe_results: dict, settings, max_len: int,
-                   seed: int, sample_seed: int) -> tuple[dict, dict[str, TaskFinetune]]:
-    """Fine-tunes on every task (``finetune_task``) and, with ``settings.kshot_draws``, on the
+                   seed: int, sample_seed: int, pooling: str = "mean"
+                   ) -> tuple[dict, dict[str, TaskFinetune]]:
+    """Fine-tunes on every task (``finetune_task``; the head reads ``pooling``) and, with ``settings.kshot_draws``, on the
     label-efficiency curve's k-shot draws (``label_efficiency.kshot_curve``: the probe's rows).
     Adds each task's result to ``probe_results[task]["finetune"]``; returns the shared settings
     (with the number of traces of the train step) and each task's ``TaskFinetune``."""
     parallel.check_batch_size(settings.batch_size, launcher.num_devices,
                               "config.eval.finetune.batch_size")
-    finetuner = Finetuner(launcher, model_config, settings, max_len, seed)
+    finetuner = Finetuner(launcher, model_config, settings, max_len, seed, pooling)
     pretrained = jax.device_get(pretrained_params)
     out = {}
     for task, data in tasks.items():
@@ -325,7 +332,7 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
                 time.perf_counter() - start)
         probe_results[task]["finetune"] = tuned.result
         out[task] = tuned
-    record = dict(dict(settings), seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP,
+    record = dict(dict(settings), pooling=pooling, seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP,
                   launcher=type(launcher).__name__, devices=launcher.num_devices,
                   models=[m for m in MODELS if settings.scratch or m != "scratch"],
                   kshot_seed=int(sample_seed),

@@ -184,7 +184,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                     "config.eval.finetune.enabled=False skips it)"):
             result["downstream"]["finetune"], finetuned = finetune_tasks(
                 launcher, model_config, params, tasks, result["downstream"]["tasks"], finetune,
-                label_len, config.seed, sample_seed)
+                label_len, config.seed, sample_seed, config.eval.pooling)
     with _phase(f"perturbation sensitivity ({', '.join(perturbation.KINDS)})"):
         result["perturbation"] = perturbation.perturbation_metrics(
             perturbation.KINDS, sample_seed, split, sum(int(b["valid"].sum()) for b in batches),
