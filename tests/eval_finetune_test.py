@@ -27,7 +27,8 @@ def evaluated(tmp_path_factory):
     train_and_evaluate(config, workdir)
     config = run_config_with(workdir, {"eval.single_code": False, "eval.finetune.steps": 30,
                                        "eval.finetune.eval_every": 10,
-                                       "eval.finetune.kshot_draws": 1})
+                                       "eval.finetune.kshot_draws": 1,
+                                       "eval.pooling": "per_code"})
     return workdir, evaluate_run(workdir, config=config)
 
 
@@ -36,6 +37,7 @@ def test_both_models_are_trained_and_compared_on_every_task(evaluated):
     downstream = result["downstream"]
     settings = downstream["finetune"]
     assert settings["steps"] == 30 and settings["devices"] == 8
+    assert settings["pooling"] == "per_code"  # the heads read the probe's pooling
     assert settings["train_step_traces"] == 1  # every task, model and k-shot draw
     assert any(r["auroc"] is not None for r in downstream["tasks"].values())
     for task, r in downstream["tasks"].items():
@@ -93,6 +95,7 @@ def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):
     with open(os.path.join(workdir, "eval", "report.md")) as f:
         report = f.read()
     assert "## Fine-tuning on `held_out`" in report
+    assert "each code's events, with each code's presence (`per_code`, as the probe)" in report
     for task in result["downstream"]["tasks"]:
         for model in ("probe", "pretrained", "scratch"):
             assert f"| {task} | {model} |" in report

@@ -7,14 +7,17 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.config import finetune_defaults
+from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import TaskData
 from cvmae_jax.evaluation.finetune import (EarlyStopping, Finetuner, finetune_config,
                                            finetune_task, paired_delta)
 from cvmae_jax.model import ModelConfig
+from cvmae_jax.pooling import per_code_pool, pooled_width
 
 MAX_LEN, VOCAB = 12, 6
 MODEL = ModelConfig(vocab_size=VOCAB, d_model=16, num_heads=2, num_layers=1, mlp_ratio=2,
@@ -68,6 +71,28 @@ def test_loss_falls_and_one_compile_serves_every_model(windows):
         assert fit.tuning_auroc > 0.7 and fit.nonfinite_steps == 0
         assert [step for step, _ in fit.tuning_curve] == [6, 12, 18, 24]
     assert subset.steps_run == 24
+
+
+def test_a_per_code_head_reads_each_codes_states(windows):
+    """With ``per_code`` pooling the head's input is pooling.per_code_pool of the encoder's
+    states (D + V * (D + 1) numbers), and the logits are that vector times the head's weights."""
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL, _settings(), MAX_LEN, 0,
+                          pooling="per_code")
+    fit = finetuner.fit(_encoder(1), windows["train"], windows["tuning"], 0.1)
+    losses = [loss for _, loss in fit.train_loss]
+    assert losses[-1] < 0.9 * losses[0] and fit.tuning_auroc > 0.7, (losses, fit.tuning_auroc)
+    kernel = np.asarray(fit.params["head"]["out"]["kernel"])
+    assert kernel.shape == (pooled_width("per_code", MODEL.d_model, VOCAB), 1)
+    assert np.abs(kernel[MODEL.d_model:]).sum() > 0  # the per-code columns were trained
+    batch = padded_rows(windows["tuning"][:16], MAX_LEN, 16)
+    encoder = nnx.merge(finetuner.encoder_graphdef, fit.params["encoder"])
+    valid = jax.numpy.asarray(batch["valid"])
+    hidden = encoder.encode(batch["times"], batch["codes"], batch["values"],
+                            jax.numpy.zeros_like(valid), valid)
+    by_hand = (np.asarray(per_code_pool(hidden, batch["codes"], valid, VOCAB)) @ kernel[:, 0]
+               + np.asarray(fit.params["head"]["out"]["bias"])[0])
+    np.testing.assert_allclose(finetuner.logits(fit.params, windows["tuning"][:16]), by_hand,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_jit_and_pmap_train_alike(windows):

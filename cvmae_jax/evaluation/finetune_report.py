@@ -4,6 +4,7 @@ results) and its k-shot lines on the label-efficiency plot."""
 from __future__ import annotations
 
 from cvmae_jax.evaluation.finetune import MODELS
+from cvmae_jax.pooling import DESCRIPTIONS
 
 
 def _cell(value, ci=None) -> str:
@@ -26,8 +27,9 @@ def finetune_lines(downstream: dict) -> list[str]:
         return []
     s = settings
     lines = ["", f"## Fine-tuning on `{s['split']}`", "",
-             f"The encoder plus a {s['head']} head on the mean-pooled hidden states of the "
-             "probe's label windows, trained with binary cross-entropy on train, every weight "
+             f"The encoder plus a {s['head']} head on "
+             f"{DESCRIPTIONS[s.get('pooling', 'mean')]} (`{s.get('pooling', 'mean')}`, as the "
+             "probe) in the probe's label windows, trained with binary cross-entropy on train, every weight "
              f"updated: `pretrained` starts from this run's encoder (its learning rate "
              f"{s['encoder_lr_scale']:g}x the head's), `scratch` from a random one (the same "
              "rate as the head). Both: the same head initialization, batches and budget (at most "
