@@ -19,9 +19,9 @@ prediction time: with all numeric codes at 256 that is about the last day, witho
 admission-time STATIC values for 95% of stays. `--config.eval.label_max_len=1024` (eval.py)
 reads the whole stay instead: on set-a's `random` run it lifts the aggregates' logistic
 regression from 0.766 to 0.809 and leaves the network's AUROC within 0.01, at about 10x the
-evaluation time (docs/results_physionet2012.md, "Label windows of the whole stay"). Unpacked, the prepared train windows
-fill 27% (labs, 3,190 windows) and 77% (all, 7,089 windows) of their slots; packed, 97.8%
-(real_token_fraction in metrics.jsonl).
+evaluation time (docs/results_physionet2012.md, "Label windows of the whole stay").
+Unpacked, the prepared train windows fill 27% (labs, 3,190 windows) and 77% (all, 7,089
+windows) of their slots; packed, 97.8% (real_token_fraction in metrics.jsonl).
 
 Schedule: a CPU-sized run. One epoch of packed batches of 32 x 256 is ~27 steps (labs) or ~172
 steps (all numeric); warmup 50 is 5% of the run. Measured on set-a (train, tuning) on a 2-core

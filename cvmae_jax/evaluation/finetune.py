@@ -309,8 +309,9 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
                    tasks: dict[str, TaskData], probe_results: dict, settings, max_len: int,
                    seed: int, sample_seed: int, pooling: str = "mean"
                    ) -> tuple[dict, dict[str, TaskFinetune]]:
-    """Fine-tunes on every task (``finetune_task``; the head reads ``pooling``) and, with ``settings.kshot_draws``, on the
-    label-efficiency curve's k-shot draws (``label_efficiency.kshot_curve``: the probe's rows).
+    """Fine-tunes on every task (``finetune_task``; the heads read ``pooling``) and, with
+    ``settings.kshot_draws``, on the label-efficiency curve's k-shot draws
+    (``label_efficiency.kshot_curve``: the probe's rows).
     Adds each task's result to ``probe_results[task]["finetune"]``; returns the shared settings
     (with the number of traces of the train step) and each task's ``TaskFinetune``."""
     parallel.check_batch_size(settings.batch_size, launcher.num_devices,
@@ -332,8 +333,9 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
                 time.perf_counter() - start)
         probe_results[task]["finetune"] = tuned.result
         out[task] = tuned
-    record = dict(dict(settings), pooling=pooling, seed=int(seed), split=TEST, num_bootstrap=NUM_BOOTSTRAP,
-                  launcher=type(launcher).__name__, devices=launcher.num_devices,
+    record = dict(dict(settings), pooling=pooling, seed=int(seed), split=TEST,
+                  num_bootstrap=NUM_BOOTSTRAP, launcher=type(launcher).__name__,
+                  devices=launcher.num_devices,
                   models=[m for m in MODELS if settings.scratch or m != "scratch"],
                   kshot_seed=int(sample_seed),
                   train_step_traces=len(finetuner.traces))

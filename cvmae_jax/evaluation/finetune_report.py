@@ -26,14 +26,15 @@ def finetune_lines(downstream: dict) -> list[str]:
     if not settings:
         return []
     s = settings
+    pooling = s.get("pooling", "mean")  # not recorded: a head on the average
     lines = ["", f"## Fine-tuning on `{s['split']}`", "",
-             f"The encoder plus a {s['head']} head on "
-             f"{DESCRIPTIONS[s.get('pooling', 'mean')]} (`{s.get('pooling', 'mean')}`, as the "
-             "probe) in the probe's label windows, trained with binary cross-entropy on train, every weight "
-             f"updated: `pretrained` starts from this run's encoder (its learning rate "
-             f"{s['encoder_lr_scale']:g}x the head's), `scratch` from a random one (the same "
-             "rate as the head). Both: the same head initialization, batches and budget (at most "
-             f"{s['steps']} steps of {s['batch_size']} rows, peak rate {s['learning_rate']:g}); "
+             f"The encoder plus a {s['head']} head on {DESCRIPTIONS[pooling]} (`{pooling}`, as "
+             "the probe) in the probe's label windows, trained with binary cross-entropy on "
+             "train, every weight updated: `pretrained` starts from this run's encoder (its "
+             f"learning rate {s['encoder_lr_scale']:g}x the head's), `scratch` from a random "
+             "one (the same rate as the head). Both: the same head initialization, batches and "
+             f"budget (at most {s['steps']} steps of {s['batch_size']} rows, peak rate "
+             f"{s['learning_rate']:g}); "
              f"tuning AUROC every {s['eval_every']} steps, the best kept, stop after "
              f"{s['patience']} checks without a better one. 95% CIs from {s['num_bootstrap']} "
              "bootstrap resamples of held_out's subjects; the differences are paired (the same "
