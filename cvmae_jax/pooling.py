@@ -1,4 +1,5 @@
-"""One vector per label window from the encoder's hidden states, for eval.py's probes.
+"""One vector per label window from the encoder's hidden states, for eval.py's probes and
+fine-tuned heads.
 
 ``mean``: the hidden states averaged over the window's real events, [B, D]. ``per_code``: that
 mean, then for each code of the vocabulary the mean of the states of its events (zeros where the
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 
 from cvmae_jax.config_checks import POOLINGS
 from cvmae_jax.model import mean_pool
-DESCRIPTIONS = dict(  # what the probe is fit on, for reports
+
+DESCRIPTIONS = dict(  # what the probe and the fine-tuned heads read, for reports
     mean="the encoder states averaged over the window's events",
     per_code="the encoder states averaged over the window's events and over each code's events, "
              "with each code's presence")

@@ -26,7 +26,7 @@ def finetune_lines(downstream: dict) -> list[str]:
     if not settings:
         return []
     s = settings
-    pooling = s.get("pooling", "mean")  # not recorded: a head on the average
+    pooling = s["pooling"]
     lines = ["", f"## Fine-tuning on `{s['split']}`", "",
              f"The encoder plus a {s['head']} head on {DESCRIPTIONS[pooling]} (`{pooling}`, as "
              "the probe) in the probe's label windows, trained with binary cross-entropy on "
