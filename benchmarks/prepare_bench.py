@@ -2,6 +2,7 @@
 single-process, multi-process and Apache Beam DirectRunner paths.
 
     python benchmarks/prepare_bench.py --events=10000000 --workers=2 --work_dir=/tmp/prepare_bench
+    python benchmarks/prepare_bench.py --events=10000000 --paths=single,multi --repeats=3
 
 Generates synthetic MEDS with about `events` and 2 x `events` rows (525 events per subject),
 runs `python -m cvmae_jax.prepare` on each in a subprocess per path (`--paths`: single =
@@ -11,7 +12,9 @@ and path: events/s, the speedup over single, the main process's peak RSS and the
 worker's (the workers are that process's children), and the CPU seconds of the main process and
 of the workers together (on a loaded machine the times say little; the CPU seconds show what
 the workers add and what stays in the main process). Peak RSS should stay flat as the data
-doubles (streaming preparation).
+doubles (streaming preparation). One run's time moves by 10-20% from run to run on a small VM,
+so ``--repeats=N`` runs the paths in turn N times per size and adds a line of medians, with
+the speedup of the medians and each repeat's own.
 
 Both steps run in subprocesses and this process imports nothing heavy: Linux carries a
 process's peak RSS across fork and exec into the child's ru_maxrss, so generating the data in
@@ -25,6 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -94,11 +98,29 @@ def run_one(events: int, path: str, workers: int, work_dir: Path) -> dict:
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     return dict(events=total, path=path, processes=1 if path == "single" else workers,
-                seconds=round(seconds, 1), events_per_s=round(total / seconds),
+                seconds=round(seconds, 2), events_per_s=round(total / seconds),
                 main_peak_rss_mib=round(rss["self"] / 1024),
                 worker_peak_rss_mib=round(rss["children"] / 1024),
                 main_cpu_s=round(rss["main_cpu_s"], 1),
                 workers_cpu_s=round(rss["workers_cpu_s"], 1))
+
+
+def _summary(events: int, rows: dict[str, list[dict]]) -> dict:
+    """Per path over the repeats: median seconds and events/s, the speedup of the medians and
+    the range of each repeat's speedup over that repeat's single run."""
+    medians = {path: round(statistics.median(r["seconds"] for r in runs), 2)
+               for path, runs in rows.items()}
+    out: dict = dict(events=events, summary="median", repeats=len(rows[next(iter(rows))]),
+                     seconds=medians)
+    out["events_per_s"] = {path: round(events / s) for path, s in medians.items()}
+    if "single" in rows:
+        for path in rows:
+            if path != "single":
+                ratios = [s["seconds"] / r["seconds"] for s, r in zip(rows["single"], rows[path])]
+                out[f"{path}_speedup"] = dict(
+                    of_medians=round(medians["single"] / medians[path], 2),
+                    per_repeat=[round(x, 2) for x in ratios])
+    return out
 
 
 def main() -> None:
@@ -106,25 +128,35 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000, help="the smaller size N")
     parser.add_argument("--workers", type=int, default=2, help="processes of multi and beam")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"some of {PATHS}")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every path per size, the paths alternating; > 1 adds a "
+                             "summary line of medians")
     parser.add_argument("--work_dir", default="/tmp/prepare_bench")
     args = parser.parse_args()
     paths = args.paths.split(",")
-    if args.events < EVENTS_PER_SUBJECT or args.workers < 1 or not set(paths) <= set(PATHS):
-        parser.error(f"--events >= {EVENTS_PER_SUBJECT}, --workers >= 1, --paths of {PATHS}")
+    if (args.events < EVENTS_PER_SUBJECT or args.workers < 1 or args.repeats < 1
+            or not set(paths) <= set(PATHS)):
+        parser.error(f"--events >= {EVENTS_PER_SUBJECT}, --workers >= 1, --repeats >= 1, "
+                     f"--paths of {PATHS}")
     if "beam" in paths and importlib.util.find_spec("apache_beam") is None:
         print("beam: skipped (apache-beam is not installed in this Python: the [beam] extra)")
         paths.remove("beam")
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     for events in (args.events, 2 * args.events):
-        single = None
-        for path in paths:
-            row = run_one(events, path, args.workers, work_dir)
-            single = row["events_per_s"] if path == "single" else single
-            if single:
-                row["speedup_vs_single"] = round(row["events_per_s"] / single, 2)
-            print(json.dumps(row), flush=True)
-
+        rows: dict[str, list[dict]] = {path: [] for path in paths}
+        for repeat in range(args.repeats):
+            single = None
+            for path in paths:
+                row = run_one(events, path, args.workers, work_dir)
+                single = row["events_per_s"] if path == "single" else single
+                if single:
+                    row["speedup_vs_single"] = round(row["events_per_s"] / single, 2)
+                row["repeat"] = repeat
+                rows[path].append(row)
+                print(json.dumps(row), flush=True)
+        if args.repeats > 1:
+            print(json.dumps(_summary(rows[paths[0]][0]["events"], rows)), flush=True)
 
 if __name__ == "__main__":
     main()
