@@ -34,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.drop_values = ()
     config.data.window = "chunks"  # 'chunks': consecutive windows; 'last': most recent max_len
     config.data.min_window_len = 2  # shorter windows are dropped
-    # processes preparing the MEDS shards (one per core; the files are the same for any number)
+    # processes preparing the MEDS shards, this one included (one per core; the files are the
+    # same for any number)
     config.data.prepare_workers = 1
     config.data.packing = False  # training rows hold several windows (segment-masked attention)
     config.data.workers = 0  # processes reading/packing batches ahead (0: a thread; docs/data.md)

@@ -2,12 +2,17 @@
 
 Preparation works shard by shard (a MEDS subject's rows are all in one shard), so each pass is a
 map over shards followed by a merge in shard order (see stream.py and window_records.py). A
-`ShardPool` runs the map in this process (workers=1) or in `workers` processes started fresh
+`ShardPool` runs the map in `workers` processes: this one and workers - 1 started fresh
 (``spawn``: safe after JAX or pyarrow started threads; pyarrow and numpy hold the GIL in places,
-so threads would not scale), and hands the results back in shard order, so the merged result
-does not depend on the number of workers. The workers write the records themselves: a shard's
-records are numbered from the count of its split's earlier shards, which `RecordOffsets` hands
-each worker once those shards are counted.
+so threads would not scale). This process computes shards too, whenever the oldest shard
+handed out is not ready, so it works from the first moment while the others start, and
+between its merges. The results come back in shard order, so the merged result does not
+depend on the number of workers, nor on which process computed what. The workers write the
+records themselves: a shard's
+records are numbered from the count of its split's earlier shards, which `RecordOffsets` gives
+a worker when those shards are counted; a shard finished before an earlier one (the workers
+run side by side) goes back with its records, which the process taking the results in order
+writes, so no worker waits for another.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from multiprocessing.managers import SyncManager
 from typing import Any
 
 AHEAD_PER_WORKER = 2  # shards handed out per worker before their results are taken
+_END = object()  # no item left
 
 
 def _share_cores(threads: int) -> None:
@@ -32,10 +38,11 @@ def _share_cores(threads: int) -> None:
 
 
 class ShardPool:
-    """``map(fn, items)`` -> fn(item) for each item, in order, computed by `workers` processes.
+    """``map(fn, items)`` -> fn(item) for each item, in order, computed by `workers` processes
+    (this one and workers - 1 others).
 
-    At most AHEAD_PER_WORKER * workers results wait in this process, so its memory is bounded
-    by a few shards' results whatever the number of shards. `fn` and the items must be
+    At most 2 * AHEAD_PER_WORKER * workers results wait in this process, so its memory is
+    bounded by a few shards' results whatever the number of shards. `fn` and the items must be
     picklable when workers > 1 (top-level functions, `functools.partial` of them). A worker's
     exception is raised here. Use as a context manager (which stops the workers).
     """
@@ -48,7 +55,7 @@ class ShardPool:
         self._context = multiprocessing.get_context("spawn")
         if self.workers > 1:
             self._pool = self._context.Pool(
-                self.workers, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
+                self.workers - 1, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
             # started now, beside the workers and in the background, not when the windows
             # pass needs it (its process takes ~0.2 s to answer)
             self._manager, self._manager_error = SyncManager(ctx=self._context), None
@@ -81,28 +88,49 @@ class ShardPool:
     def offsets(self) -> RecordOffsets:
         """Record numbering shared by this pool's workers (for functions passed to `map`)."""
         if self._manager is None:
-            return RecordOffsets({}, threading.Condition())
+            return RecordOffsets({})
         self._manager_started.join()
         if self._manager_error is not None:
             raise RuntimeError("the preparation workers' record-numbering manager did not "
                                f"start: {self._manager_error}") from self._manager_error
-        return RecordOffsets(self._manager.dict(), self._manager.Condition())
+        return RecordOffsets(self._manager.dict())
 
     def map(self, fn: Callable[[Any], Any], items: Iterable) -> Iterator:
-        """Items are handed to the workers in order, so a worker waiting on `RecordOffsets` for
-        an earlier item waits on one that is being computed. A worker's error stops the
-        workers before it is raised here (none is left writing)."""
+        """Items are handed out in order: to the other processes, each kept AHEAD_PER_WORKER
+        items ahead of what it finished, and to this process while the oldest item out is not
+        ready; at most 2 * AHEAD_PER_WORKER * workers results wait to be taken. A worker's error
+        stops the workers before it is raised here (none is left writing)."""
         if self._pool is None:
             yield from map(fn, items)
             return
-        pending: collections.deque = collections.deque()
+        items, exhausted = iter(items), False
+        queued: collections.deque = collections.deque()  # in item order: a worker's
+        # AsyncResult, or (result,) computed here
+        most = 2 * AHEAD_PER_WORKER * self.workers
         try:
-            for item in items:
-                pending.append(self._pool.apply_async(fn, (item,)))
-                if len(pending) >= AHEAD_PER_WORKER * self.workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+            while True:
+                busy = sum(not isinstance(q, tuple) and not q.ready() for q in queued)
+                while (not exhausted and len(queued) < most
+                       and busy < AHEAD_PER_WORKER * (self.workers - 1)):
+                    item = next(items, _END)
+                    if item is _END:
+                        exhausted = True
+                    else:
+                        queued.append(self._pool.apply_async(fn, (item,)))
+                        busy += 1
+                if not queued:
+                    return
+                oldest = queued[0]
+                if not (isinstance(oldest, tuple) or oldest.ready() or exhausted
+                        or len(queued) >= most):
+                    item = next(items, _END)  # this process takes the next item meanwhile
+                    if item is _END:
+                        exhausted = True
+                    else:
+                        queued.append((fn(item),))
+                    continue
+                queued.popleft()
+                yield oldest[0] if isinstance(oldest, tuple) else oldest.get()
         except (Exception, KeyboardInterrupt):  # not GeneratorExit: a consumer may stop early
             self.close()
             raise
@@ -112,21 +140,18 @@ class RecordOffsets:
     """Where each shard's records start in the split-wide numbering (example_id 0, 1, ...).
 
     ``first_id(split, index, count)``: shard `index` of `split` has `count` records; returns
-    how many records the split's shards 0..index-1 have, once all of them have called it
-    (waiting until then). Shared by processes through a multiprocessing manager (picklable), or
-    a plain dict in one process, where the shards come in order and nothing waits.
+    how many records the split's shards 0..index-1 have if all of them have called it, else
+    None (nothing waits: the caller hands the records to the process that takes the results in
+    shard order, which knows every earlier count by then). Shared by processes through a
+    multiprocessing manager's dict (picklable), or a plain dict in one process, where the shards
+    come in order and the answer is always known.
     """
 
-    def __init__(self, counts: MutableMapping, condition):
-        self._counts, self._condition = counts, condition
+    def __init__(self, counts: MutableMapping):
+        self._counts = counts
 
-    def first_id(self, split: str, index: int, count: int) -> int:
-        with self._condition:
-            self._counts[split, index] = count
-            self._condition.notify_all()
-            while True:
-                counts = self._counts.copy()  # one call to a manager's dict, not one per key
-                earlier = [counts.get((split, i)) for i in range(index)]
-                if None not in earlier:
-                    return sum(earlier)
-                self._condition.wait()
+    def first_id(self, split: str, index: int, count: int) -> int | None:
+        self._counts[split, index] = count
+        counts = self._counts.copy()  # one call to a manager's dict, not one per key
+        earlier = [counts.get((split, i)) for i in range(index)]
+        return None if None in earlier else sum(earlier)

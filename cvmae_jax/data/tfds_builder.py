@@ -4,8 +4,9 @@ The MEDS root is the builder's manual_dir. The config name carries a short hash 
 setting that changes the data and of the MEDS files' identity, so other settings build another
 dataset. The builder writes from a `Plan` (codes, train stats, counts; see plan.py) set as
 `builder.plan` before `download_and_prepare`; it turns each split shard by shard into records
-(by `builder.pool`, a ShardPool: in this process or several, each writing its shards' records;
-or a BeamPool, whose results this process writes), one array_record file per MEDS shard, in
+(by `builder.pool`, a ShardPool: in this process or several, each writing its shards' records
+once the split's earlier shards are counted; or a BeamPool; records a worker returned unwritten
+this process writes), one array_record file per MEDS shard, in
 example_id order (array_record_writer.py: no shuffle buffer), and writes `data_stats.json`,
 `prepare_report.json` and `prepare_report.md` next to the tfds files. Everything goes to tfds's
 temporary folder, renamed to the version folder only once complete.
@@ -175,8 +176,9 @@ class MedsLabSequences(FileReaderBuilder):
     def _write_split(self, plan: Plan, split: str, tasks: list[ShardTask],
                      shards: Iterator[ShardWindows], log) -> tfds.core.SplitInfo:
         """Finishes one split (`tasks`: its shards), taking their ShardWindows from `shards`
-        and writing the records a Beam worker returned; adds its counts to plan.report and
-        ``log``s them."""
+        and writing the records a worker returned unwritten (a Beam worker's; a local worker's
+        shard finished before an earlier one); adds its counts to plan.report and ``log``s
+        them."""
         cfg: MedsLabConfig = self.builder_config
         lab, windows, mirrored, lengths = {}, {}, collections.Counter(), []
         first = 0  # the example_id of the shard's first record

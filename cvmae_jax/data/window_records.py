@@ -67,11 +67,13 @@ def shard_windows(shard: tuple[str, Path], lookup: stream.SplitLookup, stats: Da
 def write_shard_windows(task: ShardTask, offsets: RecordOffsets | None, **settings
                         ) -> ShardWindows:
     """The windows of one shard (`shard_windows` with `settings`), written to ``task.part``
-    numbered from `offsets` (their records then left out of the result); without offsets (a
-    Beam worker, which shares nothing with the others) returned for the caller to write."""
+    numbered from `offsets` when the split's earlier shards are counted (their records then
+    left out of the result); otherwise, and without offsets (a Beam worker, which shares
+    nothing with the others), returned for the caller to write in shard order."""
     windows = shard_windows((task.split, task.path), **settings)
-    if offsets is not None:
-        first = offsets.first_id(task.split, task.index, len(windows.lengths))
+    first = None if offsets is None else offsets.first_id(task.split, task.index,
+                                                          len(windows.lengths))
+    if first is not None:
         write_numbered(windows, first, task.part)
     return windows
 

@@ -40,6 +40,37 @@ def test_prepare_writes_the_same_bytes_for_any_number_of_workers(tiny_meds, tmp_
     assert written[3] == written[1]
 
 
+class _LastFirstPool(ShardPool):
+    """This process, computing each map's items last to first (so every shard finishes before
+    its split's earlier ones, as a fast worker's can), handing the results back in order."""
+
+    unwritten = 0  # results that came back with their records
+
+    def map(self, fn, items):
+        results = [fn(item) for item in reversed(list(items))]
+        self.unwritten += sum(bool(getattr(r, "records", None)) for r in results)
+        yield from reversed(results)
+
+
+def test_shards_finished_before_earlier_ones_are_written_in_order_by_the_caller(
+        tiny_meds, tmp_path):
+    in_order = prepare_dataset(tiny_meds.config(), None, tmp_path / "a", log=lambda line: None)
+    with _LastFirstPool() as pool:
+        last_first = prepare_dataset(tiny_meds.config(), None, tmp_path / "b",
+                                     log=lambda line: None, pool=pool)
+    assert pool.unwritten >= 1  # train's second shard, finished before its first
+    assert _files(Path(last_first.path)) == _files(Path(in_order.path))
+
+
+def test_record_offsets_answer_once_every_earlier_shard_is_counted():
+    offsets = ShardPool(1).offsets()
+    assert offsets.first_id("train", 2, 5) is None  # shards 0 and 1 not counted yet
+    assert offsets.first_id("train", 0, 3) == 0
+    assert offsets.first_id("tuning", 1, 4) is None  # each split counts its own shards
+    assert offsets.first_id("train", 1, 7) == 3
+    assert offsets.first_id("train", 3, 1) == 3 + 7 + 5
+
+
 def test_prepare_is_reproducible_byte_for_byte(tiny_meds, tmp_path):
     """Protobuf orders a map's entries differently in each process unless asked not to; the
     records are serialized in key order, so a second run writes the same bytes."""
