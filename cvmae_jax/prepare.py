@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cvmae_jax.cli import filter_library_lines, run, user_errors
+from cvmae_jax.data.shard_pool import ShardPool
 
 FLAGS = flags.FLAGS
 
@@ -20,12 +21,6 @@ FLAGS = flags.FLAGS
 def _prepare(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cvmae_jax.config_checks import check_data_config, padding_warnings
-    from cvmae_jax.data.prepare import prepare_dataset
-    from cvmae_jax.data.report import selection_summary
-
-    logging.set_verbosity(logging.WARNING)
-    filter_library_lines()
     data = FLAGS.config.data
     with user_errors():
         if not data.meds_dir:
@@ -34,8 +29,18 @@ def _prepare(argv) -> None:
         if not data.data_dir:
             raise ValueError("config.data.data_dir is required: pass "
                              "--config.data.data_dir=/path/to/prepared (the same as for training)")
-        check_data_config(data)
-        prepared = prepare_dataset(data, None, data.data_dir, pool=_beam_pool(data.data_dir))
+        # started before the imports below, so the other processes start beside them
+        pool = _beam_pool(data.data_dir) or ShardPool(data.prepare_workers)
+    with pool:
+        from cvmae_jax.config_checks import check_data_config, padding_warnings
+        from cvmae_jax.data.prepare import prepare_dataset
+        from cvmae_jax.data.report import selection_summary
+
+        logging.set_verbosity(logging.WARNING)
+        filter_library_lines()
+        with user_errors():
+            check_data_config(data)
+            prepared = prepare_dataset(data, None, data.data_dir, pool=pool)
     report = prepared.report
     print(f"\nPrepared dataset: {prepared.path}")
     sel = {k: v for k, v in report["selection"].items()

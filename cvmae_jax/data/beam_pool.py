@@ -56,6 +56,9 @@ class BeamPool:
         self.results_dir = (self.options.view_as(GoogleCloudOptions).temp_location
                             or default_results_dir)
 
+    def __str__(self) -> str:
+        return "on Apache Beam"
+
     def __enter__(self) -> BeamPool:
         return self
 

@@ -74,7 +74,8 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
     The MEDS root is streamed (see stream.py) and fully checked before anything is written; the
     records are streamed to array_record shards (see tfds_builder.py) in tfds's temporary folder,
     the MEDS shards read by `data_config.prepare_workers` processes, or by `pool` when given (a
-    `beam_pool.BeamPool`: a Beam pipeline; the files written are the same bytes in every case),
+    `ShardPool` already started, or a `beam_pool.BeamPool`: a Beam pipeline; the files written
+    are the same bytes in every case; closed on return),
     renamed to the version folder when complete, and the folders this call created are removed
     on failure, so bad input or an interrupted build leaves nothing behind."""
     start = time.perf_counter()
@@ -87,11 +88,11 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         workers = int(meds.config_get(data_config, "prepare_workers"))
         if workers < 1:
             raise ValueError(f"config.data.prepare_workers must be >= 1, got {workers}")
-        log(f"[prepare] building {builder.data_path} "
-            f"({'on Apache Beam' if pool else f'{workers} process(es)'})")
+        shards = pool or ShardPool(workers)
+        log(f"[prepare] building {builder.data_path} ({shards})")
         created = _missing_parents(builder.data_path, Path(data_dir))
         try:
-            with (pool or ShardPool(workers)) as shards:
+            with shards:
                 builder.plan = plan_dataset(config.meds_dir, config.settings(), log, pool=shards)
                 builder.log, builder.pool = log, shards
                 builder.download_and_prepare(

@@ -62,6 +62,9 @@ class ShardPool:
             self._manager_started = threading.Thread(target=self._start_manager, daemon=True)
             self._manager_started.start()
 
+    def __str__(self) -> str:
+        return f"{self.workers} process(es)"
+
     def _start_manager(self) -> None:
         try:
             self._manager.start()
