@@ -75,7 +75,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
     records are streamed to array_record shards (see tfds_builder.py) in tfds's temporary folder,
     the MEDS shards read by `data_config.prepare_workers` processes, or by `pool` when given (a
     `ShardPool` already started, or a `beam_pool.BeamPool`: a Beam pipeline; the files written
-    are the same bytes in every case; closed on return),
+    are the same bytes in every case; closed when the build ends),
     renamed to the version folder when complete, and the folders this call created are removed
     on failure, so bad input or an interrupted build leaves nothing behind."""
     start = time.perf_counter()

@@ -8,11 +8,10 @@ so threads would not scale). This process computes shards too, whenever the olde
 handed out is not ready, so it works from the first moment while the others start, and
 between its merges. The results come back in shard order, so the merged result does not
 depend on the number of workers, nor on which process computed what. The workers write the
-records themselves: a shard's
-records are numbered from the count of its split's earlier shards, which `RecordOffsets` gives
-a worker when those shards are counted; a shard finished before an earlier one (the workers
-run side by side) goes back with its records, which the process taking the results in order
-writes, so no worker waits for another.
+records themselves: a shard's records are numbered from the count of its split's earlier
+shards, which `RecordOffsets` gives a worker when those shards are counted; a shard finished
+before an earlier one (the workers run side by side) goes back with its records, which the
+process taking the results in order writes, so no worker waits for another.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from multiprocessing.managers import SyncManager
 from typing import Any
 
-AHEAD_PER_WORKER = 2  # shards handed out per worker before their results are taken
+AHEAD_PER_WORKER = 2  # shards each other process is handed beyond those it finished
 _END = object()  # no item left
 
 

@@ -6,8 +6,8 @@ dataset. The builder writes from a `Plan` (codes, train stats, counts; see plan.
 `builder.plan` before `download_and_prepare`; it turns each split shard by shard into records
 (by `builder.pool`, a ShardPool: in this process or several, each writing its shards' records
 once the split's earlier shards are counted; or a BeamPool; records a worker returned unwritten
-this process writes), one array_record file per MEDS shard, in
-example_id order (array_record_writer.py: no shuffle buffer), and writes `data_stats.json`,
+this process writes), one array_record file per MEDS shard, in example_id order
+(array_record_writer.py: no shuffle buffer), and writes `data_stats.json`,
 `prepare_report.json` and `prepare_report.md` next to the tfds files. Everything goes to tfds's
 temporary folder, renamed to the version folder only once complete.
 """
