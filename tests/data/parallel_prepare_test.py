@@ -62,6 +62,20 @@ def test_shards_finished_before_earlier_ones_are_written_in_order_by_the_caller(
     assert _files(Path(last_first.path)) == _files(Path(in_order.path))
 
 
+def _process_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def test_the_main_process_computes_shards_beside_the_workers():
+    """The worker is still starting when the first items are handed out, so this process takes
+    the next ones; the results come back in item order whoever computed them."""
+    with ShardPool(2) as pool:
+        results = list(pool.map(_process_and_square, range(12)))
+    assert [square for _, square in results] == [x * x for x in range(12)]
+    processes = {pid for pid, _ in results}
+    assert os.getpid() in processes and len(processes) == 2
+
+
 def test_record_offsets_answer_once_every_earlier_shard_is_counted():
     offsets = ShardPool(1).offsets()
     assert offsets.first_id("train", 2, 5) is None  # shards 0 and 1 not counted yet
