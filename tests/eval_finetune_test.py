@@ -1,5 +1,6 @@
 """eval.py's fine-tuning end to end on a tiny run: both models on every task with paired CIs,
-the k-shot points, MEDS-DEV predictions that join back to the label files, the report."""
+the k-shot points, MEDS-DEV predictions that join back to the label files, the report, and the
+per-code vectors exported as embeddings."""
 
 import json
 import os
@@ -11,7 +12,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
+from cvmae_jax.pooling import pooled_width
 from cvmae_jax.train import train_and_evaluate
+from cvmae_jax.trained import load_trained
 
 from train_test import tiny_config
 
@@ -102,3 +105,14 @@ def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         saved = json.load(f)
     assert saved["downstream"]["finetune"]["train_step_traces"] == 1
+
+
+def test_exported_embeddings_are_the_per_code_vectors_the_probe_reads(evaluated):
+    workdir, result = evaluated
+    run = load_trained(workdir)
+    width = pooled_width("per_code", run.config.model.d_model, run.stats.vocab_size)
+    assert width > run.config.model.d_model
+    for task in result["downstream"]["tasks"]:
+        exported = pq.read_table(os.path.join(workdir, "eval", "embeddings", f"{task}.parquet"))
+        assert exported.num_rows > 0
+        assert {len(e) for e in exported["embedding"].to_pylist()} == {width}

@@ -1,9 +1,10 @@
 """Data exports of ``eval.py`` (they hold subject ids; logs never do).
 
 - ``eval/embeddings/<task>.parquet``: subject_id int64, prediction_time timestamp[us] (in the
-  label files' time zone, if they have one), split string, embedding list<float32> [d_model]:
-  every label row of every split (train, tuning, held_out; each in label-file order) but those
-  whose window is empty (``downstream.read_task``: nothing to embed).
+  label files' time zone, if they have one), split string, embedding list<float32> [W] (the
+  vector the probe reads, ``pooling.pooled_width`` of config.eval.pooling): every label row of
+  every split (train, tuning, held_out; each in label-file order) but those whose window is
+  empty (``downstream.read_task``: nothing to embed).
 - ``eval/predictions/<task>/<split>.parquet`` (MEDS-DEV prediction format): the label rows of
   the split (but those with an empty window) in label-file order with their columns as read
   (subject_id int64, prediction_time timestamp[us] with the label file's time zone, if any: the
