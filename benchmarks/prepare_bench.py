@@ -105,12 +105,14 @@ def run_one(events: int, path: str, workers: int, work_dir: Path) -> dict:
                 workers_cpu_s=round(rss["workers_cpu_s"], 1))
 
 
-def _summary(events: int, rows: dict[str, list[dict]]) -> dict:
-    """Per path over the repeats: median seconds and events/s, the speedup of the medians and
-    the range of each repeat's speedup over that repeat's single run."""
+def _summary(rows: dict[str, list[dict]]) -> dict:
+    """Per path over the repeats (`rows`: each path's runs of one size): median seconds and
+    events/s, the speedup of the medians and each repeat's speedup over that repeat's single
+    run."""
+    events = next(iter(rows.values()))[0]["events"]
     medians = {path: round(statistics.median(r["seconds"] for r in runs), 2)
                for path, runs in rows.items()}
-    out: dict = dict(events=events, summary="median", repeats=len(rows[next(iter(rows))]),
+    out: dict = dict(events=events, summary="median", repeats=len(next(iter(rows.values()))),
                      seconds=medians)
     out["events_per_s"] = {path: round(events / s) for path, s in medians.items()}
     if "single" in rows:
@@ -156,7 +158,8 @@ def main() -> None:
                 rows[path].append(row)
                 print(json.dumps(row), flush=True)
         if args.repeats > 1:
-            print(json.dumps(_summary(rows[paths[0]][0]["events"], rows)), flush=True)
+            print(json.dumps(_summary(rows)), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -85,10 +85,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         log(f"[prepare] reusing {builder.data_path}")
     else:
         check_writable(data_dir, "the prepared dataset is written there (config.data.data_dir)")
-        workers = int(meds.config_get(data_config, "prepare_workers"))
-        if workers < 1:
-            raise ValueError(f"config.data.prepare_workers must be >= 1, got {workers}")
-        shards = pool or ShardPool(workers)
+        shards = pool or ShardPool(meds.config_get(data_config, "prepare_workers"))
         log(f"[prepare] building {builder.data_path} ({shards})")
         created = _missing_parents(builder.data_path, Path(data_dir))
         try:
