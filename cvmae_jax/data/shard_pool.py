@@ -9,7 +9,8 @@ handed out is not ready, so it works from the first moment while the others star
 between its merges. The results come back in shard order, so the merged result does not
 depend on the number of workers, nor on which process computed what. The workers write the
 records themselves: a shard's records are numbered from the count of its split's earlier
-shards, which `RecordOffsets` gives a worker when those shards are counted; a shard finished
+shards, which `RecordOffsets` gives a worker when those shards are counted (each count is an
+empty file's name in a folder of the pool's: no process to start and ask); a shard finished
 before an earlier one (the workers run side by side) goes back with its records, which the
 process taking the results in order writes, so no worker waits for another.
 """
@@ -19,9 +20,9 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from multiprocessing.managers import SyncManager
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 AHEAD_PER_WORKER = 2  # shards each other process is handed beyond those it finished
@@ -50,25 +51,14 @@ class ShardPool:
         if int(workers) < 1:
             raise ValueError(f"config.data.prepare_workers must be >= 1, got {workers}")
         self.workers = int(workers)
-        self._pool = self._manager = None
+        self._pool = self._counts_dir = None
         self._context = multiprocessing.get_context("spawn")
         if self.workers > 1:
             self._pool = self._context.Pool(
                 self.workers - 1, _share_cores, (max(1, (os.cpu_count() or 1) // self.workers),))
-            # started now, beside the workers and in the background, not when the windows
-            # pass needs it (its process takes ~0.2 s to answer)
-            self._manager, self._manager_error = SyncManager(ctx=self._context), None
-            self._manager_started = threading.Thread(target=self._start_manager, daemon=True)
-            self._manager_started.start()
 
     def __str__(self) -> str:
         return f"{self.workers} process(es)"
-
-    def _start_manager(self) -> None:
-        try:
-            self._manager.start()
-        except Exception as error:  # noqa: BLE001 - raised by offsets(), in the caller's thread
-            self._manager_error = error
 
     def __enter__(self) -> ShardPool:
         return self
@@ -81,21 +71,18 @@ class ShardPool:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
-        if self._manager is not None:
-            self._manager_started.join()
-            if self._manager_error is None:
-                self._manager.shutdown()
-            self._manager = None
+        if self._counts_dir is not None:
+            shutil.rmtree(self._counts_dir, ignore_errors=True)
+            self._counts_dir = None
 
     def offsets(self) -> RecordOffsets:
-        """Record numbering shared by this pool's workers (for functions passed to `map`)."""
-        if self._manager is None:
-            return RecordOffsets({})
-        self._manager_started.join()
-        if self._manager_error is not None:
-            raise RuntimeError("the preparation workers' record-numbering manager did not "
-                               f"start: {self._manager_error}") from self._manager_error
-        return RecordOffsets(self._manager.dict())
+        """Record numbering shared by this pool's workers (for functions passed to `map`), new
+        for each call; its files are removed when the pool closes."""
+        if self._pool is None:
+            return RecordOffsets()
+        if self._counts_dir is None:
+            self._counts_dir = tempfile.mkdtemp(prefix="cvmae_record_counts_")
+        return RecordOffsets(tempfile.mkdtemp(dir=self._counts_dir))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable) -> Iterator:
         """Items are handed out in order: to the other processes, each kept AHEAD_PER_WORKER
@@ -144,16 +131,23 @@ class RecordOffsets:
     ``first_id(split, index, count)``: shard `index` of `split` has `count` records; returns
     how many records the split's shards 0..index-1 have if all of them have called it, else
     None (nothing waits: the caller hands the records to the process that takes the results in
-    shard order, which knows every earlier count by then). Shared by processes through a
-    multiprocessing manager's dict (picklable), or a plain dict in one process, where the shards
-    come in order and the answer is always known.
+    shard order, which knows every earlier count by then). Shared by processes through
+    `folder` (picklable: a path), where each call leaves an empty file named
+    ``<split>-<index>-<count>`` (a name is created whole, so no reader sees half a count);
+    without a folder, a dict in one process, where the shards come in order and the answer is
+    always known.
     """
 
-    def __init__(self, counts: MutableMapping):
-        self._counts = counts
+    def __init__(self, folder: str | None = None):
+        self._folder = folder
+        self._counts: dict[tuple[str, int], int] = {}
 
     def first_id(self, split: str, index: int, count: int) -> int | None:
         self._counts[split, index] = count
-        counts = self._counts.copy()  # one call to a manager's dict, not one per key
-        earlier = [counts.get((split, i)) for i in range(index)]
+        if self._folder is not None:
+            open(os.path.join(self._folder, f"{split}-{index}-{count}"), "w").close()
+            for name in os.listdir(self._folder):
+                name_split, shard, shard_count = name.rsplit("-", 2)
+                self._counts[name_split, int(shard)] = int(shard_count)
+        earlier = [self._counts.get((split, i)) for i in range(index)]
         return None if None in earlier else sum(earlier)

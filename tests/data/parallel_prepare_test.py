@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -214,15 +215,20 @@ def test_prepare_command_with_workers_and_beam_options(tiny_meds, tmp_path):
         assert not (tmp_path / "beam").exists()
 
 
-def test_a_manager_that_does_not_start_is_named_and_the_pool_still_closes(monkeypatch):
-    from multiprocessing.managers import SyncManager
+def test_each_record_numbering_starts_empty_and_its_files_go_when_the_pool_closes():
+    with ShardPool(2) as pool:
+        assert pool.offsets().first_id("train", 0, 3) == 0
+        assert pool.offsets().first_id("train", 1, 4) is None  # a new table: no shard 0
+        folder = Path(pool._counts_dir)
+        assert len(list(folder.iterdir())) == 2
+    assert not folder.exists()
 
-    def fail(self, *args, **kwargs):
-        raise OSError("no room for the manager's socket")
 
-    monkeypatch.setattr(SyncManager, "start", fail)
-    pool = ShardPool(2)
-    with pytest.raises(RuntimeError, match="record-numbering manager did not start: no room"):
-        pool.offsets()
-    pool.close()
-    assert pool._pool is None and pool._manager is None
+def test_record_counts_of_other_processes_are_read():
+    with ShardPool(2) as pool:
+        offsets = pool.offsets()
+        elsewhere = pickle.loads(pickle.dumps(offsets))  # as a worker receives it
+        assert elsewhere.first_id("train", 1, 4) is None
+        assert offsets.first_id("train", 2, 5) is None
+        assert offsets.first_id("train", 0, 3) == 0
+        assert elsewhere.first_id("train", 3, 1) == 3 + 4 + 5
