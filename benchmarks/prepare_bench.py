@@ -2,7 +2,7 @@
 single-process, multi-process and Apache Beam DirectRunner paths.
 
     python benchmarks/prepare_bench.py --events=10000000 --workers=2 --work_dir=/tmp/prepare_bench
-    python benchmarks/prepare_bench.py --events=10000000 --paths=single,multi --repeats=3
+    python benchmarks/prepare_bench.py --events=20000000 --paths=single,multi --repeats=3
 
 Generates synthetic MEDS with about `events` and 2 x `events` rows (525 events per subject),
 runs `python -m cvmae_jax.prepare` on each in a subprocess per path (`--paths`: single =
