@@ -99,8 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
     # eval.py: events in each label window (the last N selected events at or before
     # prediction_time) for the probe, aggregates and fine-tuning; 0: data.max_len
     config.eval.label_max_len = 0
-    # eval.py's frozen probe: window vectors "mean" (one average of the encoder's states) or
-    # "per_code" (that and each code's own average; width grows with the vocabulary)
+    # eval.py's frozen probe: window vectors "mean" (one average of the encoder's states),
+    # "per_code" (that and each code's own average; width grows with the vocabulary) or
+    # "per_code_last" (each code's latest state in place of its average)
     config.eval.pooling = "mean"
     # eval.py: the same probe on the network before pretraining (its initial parameters)
     config.eval.untrained_probe = True

@@ -5,8 +5,10 @@ fine-tuned heads.
 mean, then for each code of the vocabulary the mean of the states of its events (zeros where the
 window has none) and an indicator of its presence, [B, D + V * D + V]: the encoder's view of each
 lab kept apart, as the aggregates baseline keeps each lab's statistics apart, where one average
-over every event mixes them. The width grows with the vocabulary (42 codes x 128 = 5,546 on
-set-a), so ``mean`` suits vocabularies of hundreds of codes.
+over every event mixes them. ``per_code_last``: the same with each code's latest event's state
+in place of the average of its events (the window's events are in time order), as the
+aggregates keep each lab's last value. The width grows with the vocabulary (42 codes x 128 =
+5,546 on set-a), so ``mean`` suits vocabularies of hundreds of codes.
 """
 
 from __future__ import annotations
@@ -20,20 +22,30 @@ from cvmae_jax.model import mean_pool
 DESCRIPTIONS = dict(  # what the probe and the fine-tuned heads read, for reports
     mean="the encoder states averaged over the window's events",
     per_code="the encoder states averaged over the window's events and over each code's events, "
-             "with each code's presence")
+             "with each code's presence",
+    per_code_last="the encoder states averaged over the window's events, each code's latest "
+                  "event's state and each code's presence")
 
 
-def per_code_pool(hidden: jax.Array, codes: jax.Array, valid: jax.Array,
-                  vocab_size: int) -> jax.Array:
+def per_code_pool(hidden: jax.Array, codes: jax.Array, valid: jax.Array, vocab_size: int,
+                  latest: bool = False) -> jax.Array:
     """float32 [B, D + V * D + V] of hidden [B, L, D], int codes [B, L], bool valid [B, L]: the
-    mean over real events, the per-code means (code-major) and the per-code presence."""
+    mean over real events, per code (code-major) the mean of its events' states, or with
+    `latest` the state of its last event, and the per-code presence."""
     hidden = hidden.astype(jnp.float32)
-    member = ((codes[..., None] == jnp.arange(vocab_size)) & valid[..., None]).astype(jnp.float32)
-    counts = member.sum(1)  # [B, V]
-    by_code = jnp.einsum("blv,bld->bvd", member, hidden) / jnp.maximum(counts, 1.0)[..., None]
+    member = (codes[..., None] == jnp.arange(vocab_size)) & valid[..., None]  # [B, L, V]
+    present = member.any(1)  # [B, V]
+    if latest:
+        last = jnp.max(jnp.where(member, jnp.arange(codes.shape[1])[:, None], -1), axis=1)
+        by_code = jnp.take_along_axis(hidden, jnp.maximum(last, 0)[..., None], axis=1)
+        by_code = jnp.where(present[..., None], by_code, 0.0)  # [B, V, D]
+    else:
+        weights = member.astype(jnp.float32)
+        by_code = jnp.einsum("blv,bld->bvd", weights, hidden) / jnp.maximum(
+            weights.sum(1), 1.0)[..., None]
     batch = hidden.shape[0]
     return jnp.concatenate([mean_pool(hidden, valid), by_code.reshape(batch, -1),
-                            (counts > 0).astype(jnp.float32)], axis=-1)
+                            present.astype(jnp.float32)], axis=-1)
 
 
 def pool(pooling: str, hidden: jax.Array, codes: jax.Array, valid: jax.Array,
@@ -41,8 +53,8 @@ def pool(pooling: str, hidden: jax.Array, codes: jax.Array, valid: jax.Array,
     """The window vectors of ``pooling`` (one of POOLINGS), float32 [B, pooled_width(...)]."""
     if pooling == "mean":
         return mean_pool(hidden, valid)
-    if pooling == "per_code":
-        return per_code_pool(hidden, codes, valid, vocab_size)
+    if pooling in ("per_code", "per_code_last"):
+        return per_code_pool(hidden, codes, valid, vocab_size, latest=pooling == "per_code_last")
     raise ValueError(f"config.eval.pooling={pooling!r}: expected one of {', '.join(POOLINGS)}")
 
 

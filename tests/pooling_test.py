@@ -33,6 +33,23 @@ def test_per_code_pool_averages_each_code_apart_and_ignores_padding():
     np.testing.assert_allclose(np.asarray(pool("mean", hidden, codes, valid, VOCAB)), mean)
 
 
+def test_per_code_last_pool_keeps_each_codes_latest_state():
+    hidden = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    codes = np.array([[2, 0, 2, 5, 2], [4, 4, 0, 0, 0]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)  # code 2 last on padding
+    out = np.asarray(pool("per_code_last", hidden, codes, valid, VOCAB))
+    assert out.shape == (2, pooled_width("per_code_last", 3, VOCAB))
+    averaged = np.asarray(per_code_pool(hidden, codes, valid, VOCAB))
+    np.testing.assert_array_equal(out[:, :3], averaged[:, :3])  # the window's mean
+    np.testing.assert_array_equal(out[:, -VOCAB:], averaged[:, -VOCAB:])  # presence
+    by_code = out[:, 3:3 + VOCAB * 3].reshape(2, VOCAB, 3)
+    np.testing.assert_array_equal(by_code[0, 2], hidden[0, 2])  # the later of positions 0, 2
+    np.testing.assert_array_equal(by_code[0, 0], hidden[0, 1])
+    np.testing.assert_array_equal(by_code[0, 1], 0.0)  # absent
+    np.testing.assert_array_equal(by_code[1, 4], hidden[1, 1])
+    np.testing.assert_array_equal(by_code[1, 0], 0.0)  # only on padding: absent
+
+
 def test_unknown_pooling_names_the_field():
     with pytest.raises(ValueError, match="config.eval.pooling='max'"):
         pool("max", np.zeros((1, 2, 3)), np.zeros((1, 2), np.int32), np.ones((1, 2), bool), 4)
