@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.mlp_ratio = 4
     config.model.time_frequencies = 16
     config.model.dtype = "float32"  # compute dtype; parameters stay float32
+    config.model.previous_value_inputs = False  # each token also reads its code's last value
     config.model.attention = "einsum"  # einsum | dot_product_attention (XLA) | cudnn (GPU, bf16)
 
     config.loss = ml_collections.ConfigDict()

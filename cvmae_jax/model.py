@@ -4,7 +4,9 @@ Each token is a lab event: code embedding + continuous time encoding + value emb
 positions the value embedding is replaced by one learned mask vector, so the model still sees which
 lab was measured and when, but not its result. A pre-LayerNorm transformer encoder with a
 padding-aware attention mask produces one hidden state per token and a linear head regresses the
-normalized value.
+normalized value. With ``previous_value_inputs`` each token also reads the latest visible value of
+its code earlier in its example and the hours since it (the carry-forward estimate, GRU-D's
+"last observation" input), so a hidden value starts from what carry-forward would predict.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from cvmae_jax.attention import AttentionMask, check_attention, self_attention
+from cvmae_jax.carry_forward import latest_visible_predecessor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +35,13 @@ class ModelConfig:
     max_time_period_hours: float = 24.0 * 365.0
     dtype: str = "float32"
     attention: str = "einsum"  # see cvmae_jax/attention.py
+    previous_value_inputs: bool = False  # see previous_value_features
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "ModelConfig":
         fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-        return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields if k in model_config})
+        return cls(vocab_size=vocab_size,
+                   **{k: model_config[k] for k in fields if k in model_config})
 
 
 def time_features(hours: jax.Array, num_frequencies: int, max_period: float) -> jax.Array:
@@ -49,6 +54,24 @@ def time_features(hours: jax.Array, num_frequencies: int, max_period: float) -> 
     angles = hours[..., None] * (2.0 * np.pi / periods)
     return jnp.concatenate(
         [jnp.sin(angles), jnp.cos(angles), jnp.log1p(jnp.maximum(hours, 0.0))[..., None]], axis=-1)
+
+
+def previous_value_features(times: jax.Array, codes: jax.Array, values: jax.Array,
+                            visible: jax.Array, segment_ids: jax.Array | None,
+                            vocab_size: int) -> jax.Array:
+    """Each token's latest visible predecessor of the same code in its example.
+
+    times/values float [B, L], codes int [B, L], visible bool [B, L] (valid and not hidden),
+    segment_ids int [B, L] or None (one example per row). Returns float32 [B, L, 3]: the
+    predecessor's value, 1 where there is one, and log1p of the hours since it (both 0 where
+    there is none).
+    """
+    keys = codes if segment_ids is None else codes + segment_ids * vocab_size
+    source, found = latest_visible_predecessor(keys, visible)
+    previous = jnp.take_along_axis(values, source, 1)
+    hours = jnp.maximum(times - jnp.take_along_axis(times, source, 1), 0.0)
+    return jnp.where(found[..., None], jnp.stack(
+        [previous, jnp.ones_like(previous), jnp.log1p(hours)], axis=-1), 0.0).astype(jnp.float32)
 
 
 class EncoderBlock(nnx.Module):
@@ -92,6 +115,8 @@ class ValueOnlyMAE(nnx.Module):
         self.code_embed = nnx.Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
         self.time_proj = nnx.Linear(2 * cfg.time_frequencies + 1, d, dtype=dtype, rngs=rngs)
         self.value_proj = nnx.Linear(1, d, dtype=dtype, rngs=rngs)
+        self.previous_proj = (nnx.Linear(3, d, dtype=dtype, rngs=rngs)
+                              if cfg.previous_value_inputs else None)
         self.mask_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)))
         self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
@@ -121,6 +146,9 @@ class ValueOnlyMAE(nnx.Module):
         x = (self.embed_codes(codes)
              + self.time_proj(time_features(times, cfg.time_frequencies, cfg.max_time_period_hours))
              + value_emb)
+        if cfg.previous_value_inputs:
+            x = x + self.previous_proj(previous_value_features(
+                times, codes, values, valid & ~value_mask, segment_ids, cfg.vocab_size))
         keep = AttentionMask(valid, segment_ids)
         for block in self.blocks:
             x = block(x, keep)

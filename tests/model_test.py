@@ -9,7 +9,9 @@ from flax import nnx
 
 from cvmae_jax.attention import (AttentionMask, check_attention, runnable_here,
                                   self_attention)
-from cvmae_jax.model import ModelConfig, ValueOnlyMAE, reconstruction_loss
+from cvmae_jax.config import default_config
+from cvmae_jax.model import (ModelConfig, ValueOnlyMAE, previous_value_features,
+                             reconstruction_loss)
 
 B, L, V = 3, 16, 10
 
@@ -83,7 +85,11 @@ def test_bad_head_count_is_refused():
         ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=3), rngs=nnx.Rngs(0))
 
 
-def test_packed_examples_do_not_see_each_other(model):
+@pytest.mark.parametrize("previous_value_inputs", [False, True])
+def test_packed_examples_do_not_see_each_other(previous_value_inputs):
+    model = ValueOnlyMAE(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=2,
+                                     previous_value_inputs=previous_value_inputs),
+                         rngs=nnx.Rngs(0))
     times, codes, values, value_mask, valid = _inputs()
     alone = np.asarray(model(times, codes, values, value_mask, valid))
     n1, n2 = 10, 4  # rows 1 and 2 hold 10 and 4 real tokens
@@ -305,3 +311,52 @@ def test_einsum_attention_gradients_stay_finite_with_an_all_padding_row(dtype, p
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     assert np.isfinite(np.asarray(out)).all()
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
+
+
+def _loop_previous_value_features(times, codes, values, visible, segment_ids):
+    """previous_value_features as a plain loop: the last visible value of the token's code in
+    its example, 1, and log1p(hours since it)."""
+    features = np.zeros(codes.shape + (3,), np.float32)
+    for b in range(codes.shape[0]):
+        last = {}
+        for i in range(codes.shape[1]):
+            key = (segment_ids[b, i], codes[b, i])
+            if key in last:
+                value, time = last[key]
+                features[b, i] = value, 1.0, np.log1p(times[b, i] - time)
+            if visible[b, i]:
+                last[key] = values[b, i], times[b, i]
+    return features
+
+
+def test_previous_value_features_match_a_loop_within_packed_examples():
+    times, codes, values, value_mask, valid = _inputs(3)
+    segment_ids = np.where(valid, 1 + (np.arange(L)[None] >= 7), 0).astype(np.int32)
+    got = previous_value_features(times, codes, values, valid & ~value_mask, segment_ids, V)
+    want = _loop_previous_value_features(times, codes, values, valid & ~value_mask, segment_ids)
+    assert 0 < want[..., 1].sum() < valid.sum()  # tokens with and without a predecessor
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_previous_value_inputs_follow_the_config():
+    config = default_config()
+    assert not ModelConfig.from_config(config.model, V).previous_value_inputs
+    config.model.previous_value_inputs = True
+    assert ModelConfig.from_config(config.model, V).previous_value_inputs
+
+
+def test_previous_value_inputs_add_parameters_and_keep_hidden_values_hidden():
+    config = dict(vocab_size=V, d_model=32, num_heads=4, num_layers=1)
+    plain = ValueOnlyMAE(ModelConfig(**config), rngs=nnx.Rngs(0))
+    with_previous = ValueOnlyMAE(ModelConfig(**config, previous_value_inputs=True),
+                                 rngs=nnx.Rngs(0))
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count(with_previous) == count(plain) + 3 * 32 + 32
+    times, codes, values, value_mask, valid = _inputs()
+    changed = np.where(value_mask, values + 100.0, values)
+    np.testing.assert_allclose(with_previous(times, codes, changed, value_mask, valid),
+                               with_previous(times, codes, values, value_mask, valid), atol=1e-5)
+    # the input is wired: the new projection's weights get a gradient
+    grads = nnx.grad(lambda m: jnp.sum(m(times, codes, values, value_mask, valid) ** 2))(
+        with_previous)
+    assert np.abs(np.asarray(grads.previous_proj.kernel[...])).sum() > 0
