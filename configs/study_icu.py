@@ -7,10 +7,9 @@ x 3 seeds on configs/icu.py, labs only or every numeric code.
         --config.data.meds_dir=/data/physionet2012_seta_meds
 
 The training of each run is configs/icu.py's (1,000 packed steps of 32 x 256), validated every
-100 steps (the eval points of the convergence ratio), on the paper's model: without
-configs/icu.py's previous-value inputs (`--config.model.previous_value_inputs=True` adds them).
-Each run's eval.py adds the aggregates baseline and the fine-tuned classifier (the from-scratch
-one on the random runs); single-code masking is off, as in configs/study.py.
+100 steps (the eval points of the convergence ratio). Each run's eval.py adds the aggregates
+baseline and the fine-tuned classifier (the from-scratch one on the random runs); single-code
+masking is off, as in configs/study.py.
 Results and timings on set-a: docs/results_physionet2012.md.
 """
 
@@ -19,7 +18,6 @@ from cvmae_jax.config import sibling_config, study_fields
 
 def get_config():
     config = sibling_config(__file__, "icu")
-    config.model.previous_value_inputs = False
     config.train.eval_every = 100
     config.train.checkpoint_every = 500
     config.eval.single_code = False
