@@ -63,8 +63,7 @@ def previous_value_features(times: jax.Array, codes: jax.Array, values: jax.Arra
 
     times/values float [B, L], codes int [B, L], visible bool [B, L] (valid and not hidden),
     segment_ids int [B, L] or None (one example per row). Returns float32 [B, L, 3]: the
-    predecessor's value, 1 where there is one, and log1p of the hours since it (both 0 where
-    there is none).
+    predecessor's value, 1, and log1p of the hours since it; all three 0 where there is none.
     """
     keys = codes if segment_ids is None else codes + segment_ids * vocab_size
     source, found = latest_visible_predecessor(keys, visible)

@@ -28,12 +28,13 @@ def _batch(rng, batch_size, first_id=0):
                 example_id=np.arange(first_id, first_id + batch_size, dtype=np.int32))
 
 
-def _setup(mesh, lr=3e-3):
+def _setup(mesh, lr=3e-3, previous_value_inputs=False):
     train_config = ml_collections.ConfigDict(default_config().train)
     train_config.learning_rate, train_config.warmup_steps, train_config.num_steps = lr, 5, 200
     optimizer = make_optimizer(train_config)
-    graphdef, state = init_state(ModelConfig(vocab_size=V, d_model=32, num_heads=4,
-                                             num_layers=1), optimizer, seed=0)
+    graphdef, state = init_state(ModelConfig(vocab_size=V, d_model=32, num_heads=4, num_layers=1,
+                                             previous_value_inputs=previous_value_inputs),
+                                 optimizer, seed=0)
     probs = jnp.full((V,), 0.3)
     body = make_train_step(graphdef, optimizer, probs, jax.random.key(0), unmasked_weight=0.1)
     replicated = parallel.replicated_sharding(mesh)
@@ -57,13 +58,14 @@ def test_step_compiles_once_and_the_loss_decreases():
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
 
 
-def test_one_and_eight_devices_give_the_same_step():
+@pytest.mark.parametrize("previous_value_inputs", [False, True])
+def test_one_and_eight_devices_give_the_same_step(previous_value_inputs):
     rng = np.random.default_rng(3)
     batch = _batch(rng, 16)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)
-        state, step = _setup(mesh)
+        state, step = _setup(mesh, previous_value_inputs=previous_value_inputs)
         state, metrics = step(state, parallel.global_batch(batch, mesh))
         results.append((jax.device_get(metrics), jax.device_get(state.params)))
     (m1, p1), (m8, p8) = results
