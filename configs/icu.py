@@ -54,19 +54,19 @@ average), so they stay off here (docs/results_physionet2012.md, "Previous-value 
 
 Probe (eval.py): `eval.pooling = "per_code_last"`: the probe reads, beside the average of the
 encoder states, each code's latest state and its presence (5,546 numbers for 42 codes). Chosen
-on tuning AUROC of the `cv` runs of seeds 0, 1, 2 (labs only and all numeric): 0.819-0.857
-against 0.818-0.849 for each code's average (`per_code`), never lower; both well above the
-average alone (0.77-0.81 over six study runs; docs/results_physionet2012.md, "Each code's
-latest state").
+on tuning AUROC of the `cv` runs of seeds 0, 1, 2 trained at 1e-3 (labs only and all
+numeric): 0.819-0.857 against 0.818-0.849 for each code's average (`per_code`), never lower;
+both well above the average alone (0.77-0.81 over six study runs;
+docs/results_physionet2012.md, "Each code's latest state").
 
 Fine-tuning (eval.py): the heads read the states pooled per code, as the probe does; at most
 600 steps of 32 label rows (about 6 epochs of set-a's 3,188 train stays), early stopping on
 tuning AUROC (three checks, 60 steps, without a better tuning AUROC, counted after the 60-step
-warmup). Chosen on tuning AUROC of the all-numeric `random` runs (seeds 0, 1, 2): with a head
-on the average of the states, 150 steps averaged 0.680, 300 steps 0.719, 600 steps 0.763; a
-head on the per-code vector at 600 steps 0.845 (docs/results_physionet2012.md, "Fine-tuning
-settings tried"). In the study early stopping
-ended 10 of 12 labs-only and 11 of 12 all-numeric pretrained fits sooner.
+warmup). Chosen on tuning AUROC of the all-numeric `random` runs (seeds 0, 1, 2, trained at
+1e-3): with a head on the average of the states, 150 steps averaged 0.680, 300 steps 0.719, 600
+steps 0.763; a head on the per-code vector at 600 steps 0.845 (docs/results_physionet2012.md,
+"Fine-tuning settings tried"). In the study early stopping ended 10 of 12 labs-only and 11 of
+12 all-numeric pretrained fits sooner.
 """
 
 from cvmae_jax.config import default_config
