@@ -100,6 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
     # eval.py: events in each label window (the last N selected events at or before
     # prediction_time) for the probe, aggregates and fine-tuning; 0: data.max_len
     config.eval.label_max_len = 0
+    # which events a label window longer than label_max_len keeps: "last_events" or
+    # "each_code_latest" (every code's latest event, then the last others: rare codes and
+    # admission descriptors stay in long histories)
+    config.eval.label_window = "last_events"
     # eval.py's frozen probe: window vectors "mean" (one average of the encoder's states),
     # "per_code" (that and each code's own average; width grows with the vocabulary) or
     # "per_code_last" (each code's latest state in place of its average)

@@ -10,6 +10,7 @@ from cvmae_jax.mask_probabilities import STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "per_code", "per_code_last")  # eval.pooling (pooling.py)
+LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (labels.window_rows)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
 EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")
@@ -141,3 +142,6 @@ def check_eval_config(eval_config) -> None:
     _require_int("eval.label_max_len", eval_config.label_max_len, 0, " (0: data.max_len)")
     _require(eval_config.pooling in POOLINGS, "eval.pooling", eval_config.pooling,
              f"expected one of {', '.join(POOLINGS)}")
+    _require(eval_config.label_window in LABEL_WINDOWS, "eval.label_window",
+             eval_config.label_window,
+             f"expected one of {', '.join(LABEL_WINDOWS)}")

@@ -41,6 +41,7 @@ def test_shipped_configs_pass(name, shipped_config):
     ("train.log_every", 0, "expected an integer >= 1"),
     ("train.transfer_guard", "disalow", "expected one of ('allow', 'log', 'disallow'"),
     ("eval.mask_rate", 0.0, "expected a rate in (0, 1]"),
+    ("eval.label_window", "latest", "expected one of last_events, each_code_latest"),
 ])
 def test_bad_values_name_their_field(field, value, message):
     config = default_config()

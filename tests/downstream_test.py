@@ -393,24 +393,28 @@ def test_report_says_when_an_auroc_rests_on_few_positives():
 
 
 def test_label_windows_longer_than_the_training_windows(tiny_run, tmp_path):
-    """eval.label_max_len=64 on a run trained on windows of 32: the probe, the aggregates and
-    the report read each label row's last 64 events."""
+    """eval.label_max_len=64 and label_window=each_code_latest on a run trained on windows of
+    32: the probe, the aggregates and the report read each label row's window of 64 events."""
     workdir, config = tiny_run
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
     config = run_config(copy)
     with config.unlocked():
         config.eval.label_max_len = 64
+        config.eval.label_window = "each_code_latest"
         config.eval.single_code = False
         config.eval.finetune.enabled = False
     result = evaluate_run(copy, config=config)
-    windows = read_label_tasks(_meds_dir(tiny_run), load_trained(copy).stats, 64)[1]
+    windows = read_label_tasks(_meds_dir(tiny_run), load_trained(copy).stats, 64,
+                               each_code_latest=True)[1]
     windows = windows[TASKS[0]].windows
     assert max(len(w["codes"]) for ws in windows.values() for w in ws) > 32
     downstream = result["downstream"]
     assert downstream["label_max_len"] == 64
     features = downstream["tasks"][TASKS[0]]["aggregates"]["features"]
+    assert features["window"].startswith("the probe's: every selected code's latest event")
     assert features["windows_at_max_len"] == {
         split: sum(len(w["codes"]) >= 64 for w in ws) for split, ws in windows.items()}
     with open(os.path.join(copy, "eval", "report.md")) as f:
-        assert "each label row's last 64 selected events" in f.read()
+        assert ("each label row's window: every selected code's latest event and then the "
+                "last others, 64 events at most") in f.read()

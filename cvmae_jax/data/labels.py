@@ -114,10 +114,11 @@ def prediction_time_zone(files: list[Path]) -> str | None:
 
 
 def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStats,
-                  max_len: int) -> Iterator[dict]:
-    """For each label row, the last max_len events of `stats.codes` with time <= its
-    prediction_time (inclusive), streamed shard by shard (time zones: see the module
-    docstring; `check_time_zones`).
+                  max_len: int, each_code_latest: bool = False) -> Iterator[dict]:
+    """For each label row, at most max_len events of `stats.codes` with time <= its
+    prediction_time (inclusive): the last ones, or with `each_code_latest` every code's latest
+    one and then the last others (`window_rows`); streamed shard by shard (time zones: see the
+    module docstring; `check_time_zones`).
 
     Yields dicts as `sequences.build_examples` (example_id = the label's row index, subject_id,
     start_time_us / end_time_us of the window's first/last event, times float32 [n] hours since
@@ -153,13 +154,37 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
                 lo, hi = np.searchsorted(subjects, l_subject[i], side="left"), \
                     np.searchsorted(subjects, l_subject[i], side="right")
                 end = lo + np.searchsorted(times[lo:hi], l_time[i], side="right")
-                start = max(lo, end - max_len)
+                rows = lo + window_rows(codes[lo:end], max_len, each_code_latest)
                 done[i] = True
-                yield _window(i, l_subject[i], l_time[i], l_value[i], times[start:end],
-                              codes[start:end], values[start:end])
+                yield _window(i, l_subject[i], l_time[i], l_value[i], times[rows],
+                              codes[rows], values[rows])
         empty = np.zeros(0, np.int64)
         for i in todo[~done[todo]]:  # subjects without any selected lab event
             yield _window(i, l_subject[i], l_time[i], l_value[i], empty, empty, empty)
+
+
+def window_rows(codes: np.ndarray, max_len: int, each_code_latest: bool) -> np.ndarray:
+    """Ascending indices int64 [<= max_len] into one subject's events up to a prediction time
+    (``codes`` int [n], time order) that form its label window: all n when they fit, else the
+    last max_len, or with ``each_code_latest`` the latest event of every code (the most recent
+    max_len of those when there are more codes) and then the most recent other events, so a
+    long history keeps its rare codes and admission descriptors."""
+    n = len(codes)
+    if n <= max_len or not each_code_latest:
+        return np.arange(max(0, n - max_len), n)
+    latest = np.zeros(n, bool)
+    latest[n - 1 - np.unique(codes[::-1], return_index=True)[1]] = True
+    kept = np.flatnonzero(latest)[-max_len:]
+    others = np.flatnonzero(~latest)
+    return np.sort(np.concatenate([kept, others[len(others) - (max_len - len(kept)):]]))
+
+
+def window_words(max_len: int, each_code_latest: bool = False) -> str:
+    """How reports name a label window of `window_rows`."""
+    if each_code_latest:
+        return (f"every selected code's latest event and then the last others, {max_len} "
+                "events at most, at or before its prediction time")
+    return f"the last {max_len} selected events at or before its prediction time"
 
 
 def _window(i, subject, t_pred, label, times, codes, values) -> dict:

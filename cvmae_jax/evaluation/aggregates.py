@@ -1,9 +1,9 @@
 """The yardstick of the frozen-embedding probe: as-of aggregate features of each label window
 and the models a clinician-statistician would fit on them instead of pretraining.
 
-Features per selected code, from exactly the events the probe encodes (the label row's window:
-the last max_len selected events at or before prediction_time; the same usable label rows and
-splits): last, mean, min, max, count, hours from the last one to prediction_time, and a missing
+Features per selected code, from exactly the events the probe encodes (the label row's window,
+``labels.window_rows``: the last max_len selected events at or before prediction_time, or every
+code's latest and then the last others; the same usable label rows and splits): last, mean, min, max, count, hours from the last one to prediction_time, and a missing
 indicator (no event of the code in the window: values then the code's train mean, 0, count and
 hours 0). Values are in normalized units (clipped at the train quantiles, then z-scored), a
 per-code affine map of the clipped raw values that changes neither the standardized logistic
@@ -24,6 +24,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
+from cvmae_jax.data.labels import window_words
 from cvmae_jax.data.sequences import US_PER_HOUR
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
@@ -81,7 +82,7 @@ def fit_gradient_boosting(train_x, train_y, tuning_x, tuning_y, seed: int = 0
 
 
 def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max_len: int,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, each_code_latest: bool = False) -> dict:
     """One task's yardstick: {"features": what the models see, "logistic_regression" and
     "gradient_boosting": held_out metrics as the probe's plus ``probe_minus_model`` (AUROC
     difference with its paired CI)}. Without a held_out probe AUROC (``probe_result``'s
@@ -90,7 +91,7 @@ def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max
     out = dict(features=dict(
         per_code=list(FEATURES), codes=int(vocab_size), columns=int(vocab_size * len(FEATURES)),
         units="normalized (clipped at train quantiles, z-scored)",
-        window=f"the probe's: the last {max_len} selected events at or before prediction_time",
+        window=f"the probe's: {window_words(max_len, each_code_latest)}",
         windows_at_max_len={s: sum(len(w["codes"]) >= max_len for w in ws)
                             for s, ws in windows.items()}), reason=None)
     if probe_result.get("auroc") is None:

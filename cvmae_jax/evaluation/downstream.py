@@ -30,7 +30,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.labels import label_files, label_windows, prediction_time_zone
+from cvmae_jax.data.labels import (label_files, label_windows, prediction_time_zone,
+                                   window_words)
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                percentile_ci, resampled_aurocs)
@@ -228,9 +229,10 @@ def find_tasks(labels_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
     return tasks, unread
 
 
-def read_label_tasks(meds_dir: str, stats, max_len: int,
-                     labels_dir: str | None = None) -> tuple[str, dict[str, LabelTask]]:
-    """(labels dir, {task: LabelTask}) of every task folder under labels_dir (`read_task`).
+def read_label_tasks(meds_dir: str, stats, max_len: int, labels_dir: str | None = None,
+                     each_code_latest: bool = False) -> tuple[str, dict[str, LabelTask]]:
+    """(labels dir, {task: LabelTask}) of every task folder under labels_dir (`read_task`;
+    ``max_len`` and ``each_code_latest`` choose each window's events: `labels.window_rows`).
 
     labels_dir None means ``<meds_dir>/labels``, which may be absent (no downstream tasks). A
     labels_dir given explicitly must exist and hold at least one task folder. Folders and files
@@ -246,18 +248,19 @@ def read_label_tasks(meds_dir: str, stats, max_len: int,
                    else "no such folder")
         raise FileNotFoundError(f"config.eval.labels_dir={labels_dir}: {problem} (expected "
                                 "<labels_dir>/<task>/*.parquet)")
-    return labels_dir, {task: read_task(meds_dir, task_dir, stats, max_len)
+    return labels_dir, {task: read_task(meds_dir, task_dir, stats, max_len, each_code_latest)
                         for task, task_dir in tasks.items()}
 
 
-def task_windows(meds_dir, task_dir, stats, max_len: int) -> dict[str, list[dict]]:
+def task_windows(meds_dir, task_dir, stats, max_len: int,
+                 each_code_latest: bool = False) -> dict[str, list[dict]]:
     """Label windows of every file in task_dir, grouped by the subject's split, each split in
     label-file order (files sorted by path, then row order); each window's `label_file` is the
     index of its file in `label_files(task_dir)` and its `example_id` the row in that file."""
     subject_splits = meds.read_subject_splits(meds_dir)
     by_split = {s: [] for s in meds.SPLITS}
     for f, path in enumerate(label_files(task_dir)):
-        for w in label_windows(meds_dir, path, stats, max_len):
+        for w in label_windows(meds_dir, path, stats, max_len, each_code_latest):
             w["label_file"] = np.int64(f)
             by_split[subject_splits[int(w["subject_id"])]].append(w)
     for ws in by_split.values():
@@ -274,13 +277,14 @@ class LabelTask(NamedTuple):
     rows: dict[str, dict[str, int]]
 
 
-def read_task(meds_dir, task_dir, stats, max_len: int) -> LabelTask:
+def read_task(meds_dir, task_dir, stats, max_len: int,
+              each_code_latest: bool = False) -> LabelTask:
     """The task's label windows (``task_windows``) less those that are empty: no selected lab
     event at or before the row's prediction_time, so nothing to embed; a metric on them would
     only measure the probe's constant. Empty windows are counted and logged as a warning; a
     split whose label rows all have one raises MEDSFormatError, as do label files of the task
     with different time zones."""
-    windows = task_windows(meds_dir, task_dir, stats, max_len)
+    windows = task_windows(meds_dir, task_dir, stats, max_len, each_code_latest)
     prediction_time_zone(label_files(task_dir))
     rows = {s: dict(rows=len(ws), empty_windows=sum(len(w["codes"]) == 0 for w in ws))
             for s, ws in windows.items()}
@@ -316,15 +320,17 @@ class TaskData:
 
 
 def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelTask],
-                max_len: int, batch_size: int, seed: int = 0,
-                embed_fn=None) -> tuple[dict, dict[str, TaskData]]:
-    """Probe results {"labels_dir", "seed", "split", "label_max_len", "tasks": {task:
+                max_len: int, batch_size: int, seed: int = 0, embed_fn=None,
+                each_code_latest: bool = False) -> tuple[dict, dict[str, TaskData]]:
+    """Probe results {"labels_dir", "seed", "split", "label_max_len", "label_window" (words of
+    the windows' events, `labels.window_words`), "tasks": {task:
     probe_task dict + n per split, label_rows and empty_windows per split}, "unread": lines of
     `find_tasks`} (without tasks: "tasks" empty and a "note") and, per task, its TaskData (for
     label efficiency, exports and perturbations, which reuse the embeddings and the probe).
     `embed_fn`: a `make_embed_fn` (its pooling; default mean)."""
     embed_fn = embed_fn or make_embed_fn(graphdef)
     out = dict(labels_dir=labels_dir, seed=int(seed), split=TEST, label_max_len=int(max_len),
+               label_window=window_words(max_len, each_code_latest),
                probe=f"standardized logistic regression on {DESCRIPTIONS[embed_fn.pooling]}",
                tasks={}, unread=find_tasks(labels_dir)[1])
     data: dict[str, TaskData] = {}
@@ -382,8 +388,8 @@ def report_lines(downstream: dict) -> list[str]:
     if not downstream["tasks"]:
         return lines + [downstream.get("note", "no label tasks"), ""] + (
             unread + [""] if unread else [])
-    window = (f" of each label row's last {downstream['label_max_len']} selected events at or "
-              "before its prediction time" if "label_max_len" in downstream else "")
+    window = (f" of each label row's window: {downstream['label_window']}"
+              if "label_window" in downstream else "")
     lines += [f"Linear probe ({downstream['probe']}{window}), C chosen on tuning by AUROC "
               f"(C=1 when tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
               f"held_out's subjects (a subject's label rows stay together), seed "

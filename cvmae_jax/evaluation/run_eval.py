@@ -111,8 +111,9 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
     check_eval_dataset(workdir, dataset)
     label_len = label_max_len(config)
+    each_code_latest = config.eval.label_window == "each_code_latest"
     labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, label_len,
-                                               config.eval.labels_dir)
+                                               config.eval.labels_dir, each_code_latest)
     probs = mask_probabilities(config, dataset)
     launcher = parallel.JitLauncher(jax.devices())
     model_config = ModelConfig.from_config(config.model, dataset.stats.vocab_size)
@@ -154,12 +155,13 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     with _phase(f"downstream probes ({len(label_tasks)} task(s))"):
         result["downstream"], tasks = probe_tasks(
             graphdef, params, labels_dir, label_tasks, label_len,
-            config.eval.batch_size, seed=config.seed, embed_fn=embed_fn)
+            config.eval.batch_size, seed=config.seed, embed_fn=embed_fn,
+            each_code_latest=each_code_latest)
     with _phase("aggregates baseline (logistic regression, gradient boosting)"):
         for task, data in tasks.items():
             probe = result["downstream"]["tasks"][task]
             probe["aggregates"] = aggregates_baseline(data, probe, stats.vocab_size,
-                                                      label_len, config.seed)
+                                                      label_len, config.seed, each_code_latest)
     if config.eval.untrained_probe and tasks:
         with _phase("probe on the untrained network (config.eval.untrained_probe=False skips "
                     "it)"):

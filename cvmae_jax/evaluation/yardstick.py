@@ -45,7 +45,8 @@ def yardstick_lines(result: dict) -> list[str]:
         if at_max:
             notes.append(f"- {task}: {at_max} label windows are full; their older events are "
                          "seen by neither the probe nor the aggregates (config.eval.label_max_len "
-                         "reads longer windows)")
+                         "reads longer windows; config.eval.label_window=each_code_latest keeps "
+                         "every code's latest event)")
     if table:
         lines += ["| task | n test | probe AUROC | " + " | ".join(
             f"{MODEL_NAMES[m]} AUROC | probe - {MODEL_NAMES[m]} [paired 95% CI]" for m in MODELS)

@@ -47,6 +47,38 @@ def test_windows_end_at_prediction_time(synthetic):
         assert w["codes"].dtype == np.int32 and w["values"].dtype == np.float32
 
 
+def test_window_rows_keep_every_codes_latest_event():
+    codes = np.array([7, 1, 1, 2, 1, 1, 1, 2, 1, 1])  # code 7 once, at the start
+    np.testing.assert_array_equal(labels.window_rows(codes, 4, False), [6, 7, 8, 9])
+    np.testing.assert_array_equal(labels.window_rows(codes, 4, True), [0, 7, 8, 9])
+    np.testing.assert_array_equal(labels.window_rows(codes, 3, True), [0, 7, 9])
+    np.testing.assert_array_equal(labels.window_rows(codes, 2, True), [7, 9])  # latest codes
+    np.testing.assert_array_equal(labels.window_rows(codes, 20, True), np.arange(10))
+    assert labels.window_rows(codes[:0], 4, True).size == 0
+
+
+def test_each_code_latest_windows_hold_every_code_seen_before_prediction_time(synthetic):
+    root, stats = synthetic  # 20 codes, windows of 24 events
+    task = root / "labels/in_hospital_mortality_24h"
+    (path,) = [p for p in labels.label_files(task) if p.stem == "tuning"]
+    events = meds.read_numeric_events(root, "tuning", codes=stats.codes)
+    ev_subject = events["subject_id"].to_numpy()
+    ev_time = events["time"].cast(pa.int64()).to_numpy()
+    ev_code = np.array([stats.codes.index(c) for c in events["code"].to_pylist()])
+    last = {int(w["example_id"]): w for w in labels.label_windows(root, path, stats, 24)}
+    more_codes = 0
+    for w in labels.label_windows(root, path, stats, 24, each_code_latest=True):
+        eligible = (ev_subject == w["subject_id"]) & (ev_time <= w["prediction_time_us"])
+        assert len(w["codes"]) == min(24, eligible.sum())
+        assert set(w["codes"].tolist()) == set(ev_code[eligible].tolist())
+        if len(w["codes"]):
+            assert w["times"][0] == 0 and np.all(np.diff(w["times"]) >= 0)
+        same_end = last[int(w["example_id"])]
+        assert w["end_time_us"] == same_end["end_time_us"] <= w["prediction_time_us"]
+        more_codes += len(set(w["codes"].tolist())) > len(set(same_end["codes"].tolist()))
+    assert more_codes > 0  # the last 24 events of some windows miss a code
+
+
 @pytest.mark.parametrize("change, problem", [
     (lambda t: t.drop_columns(["boolean_value"]), "column 'boolean_value' is missing"),
     (lambda t: t.append_column("extra", pa.array([1] * t.num_rows)), "unexpected columns"),
