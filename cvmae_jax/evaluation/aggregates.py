@@ -3,11 +3,12 @@ and the models a clinician-statistician would fit on them instead of pretraining
 
 Features per selected code, from exactly the events the probe encodes (the label row's window,
 ``labels.window_rows``: the last max_len selected events at or before prediction_time, or every
-code's latest and then the last others; the same usable label rows and splits): last, mean, min, max, count, hours from the last one to prediction_time, and a missing
-indicator (no event of the code in the window: values then the code's train mean, 0, count and
-hours 0). Values are in normalized units (clipped at the train quantiles, then z-scored), a
-per-code affine map of the clipped raw values that changes neither the standardized logistic
-regression nor the splits of the trees.
+code's latest and then the last others; the same usable label rows and splits): last, mean,
+min, max, count, hours from the last one to prediction_time, and a missing indicator (no event
+of the code in the window: values then the code's train mean, 0, count and hours 0). Values
+are in normalized units (clipped at the train quantiles, then z-scored), a per-code affine map
+of the clipped raw values that changes neither the standardized logistic regression nor the
+splits of the trees.
 
 Two models, fit on train with their settings chosen on tuning by AUROC and reported on held_out
 like the probe: the probe's own standardized logistic regression (``fit_task_probe``: C by
