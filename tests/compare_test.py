@@ -400,6 +400,18 @@ def test_unpairable_runs_are_refused(tmp_path, strategies_seeds, message):
         group_runs(runs)
 
 
+def test_runs_whose_probes_read_different_vectors_are_refused(tmp_path):
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4)  # no eval_settings: the defaults
+    same = make_run(tmp_path, "cv", 0, [1.0] * 4,
+                    eval_settings=dict(pooling="mean", label_window="last_events"))
+    group_runs([load_run(ref), load_run(same)])
+    other = make_run(tmp_path, "variance", 0, [1.0] * 4,
+                     eval_settings=dict(label_window="each_code_latest"))
+    with pytest.raises(ValueError, match="different config.eval.label_window, so their probes "
+                                         "read different vectors: .*'each_code_latest'"):
+        group_runs([load_run(ref), load_run(same), load_run(other)])
+
+
 def run_eval_cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO,

@@ -9,11 +9,14 @@ import os
 
 import numpy as np
 
+from cvmae_jax.config import default_config
 from cvmae_jax.mask_probabilities import STRATEGIES
 from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
                                read_eval_metrics)
 
 REFERENCE = "random"
+# eval settings that change what the downstream models read (eval/metrics.json eval_settings)
+DOWNSTREAM_SETTINGS = ("pooling", "label_max_len", "label_window")
 
 
 @dataclasses.dataclass
@@ -64,6 +67,12 @@ def _validation_curve(path: str) -> tuple[list[tuple[int, float]], str | None]:
     return sorted(by_step.items()), split
 
 
+def _eval_setting(run: Run, key: str):
+    """config.eval.<key> the run was evaluated with (the default where its metrics.json's
+    eval_settings lack the field)."""
+    return run.metrics.get("eval_settings", {}).get(key, default_config().eval[key])
+
+
 def group_runs(runs: list[Run]) -> dict[str, dict[int, Run]]:
     """strategy -> seed -> run, reference first; refuses what cannot be paired."""
     groups: dict[str, dict[int, Run]] = {}
@@ -82,6 +91,12 @@ def group_runs(runs: list[Run]) -> dict[str, dict[int, Run]]:
         if len(values) > 1:
             raise ValueError(f"runs evaluated with different {key}: " + "; ".join(
                 f"{path}: {value}" for value, path in values.items()))
+    for key in DOWNSTREAM_SETTINGS:
+        values = {_eval_setting(r, key): r.path for r in runs}
+        if len(values) > 1:
+            raise ValueError(f"runs evaluated with different config.eval.{key}, so their "
+                             "probes read different vectors: " + "; ".join(
+                                 f"{path}: {value!r}" for value, path in values.items()))
     for strategy, by_seed in groups.items():
         for seed, run in by_seed.items():
             if seed not in groups[REFERENCE]:
