@@ -67,10 +67,24 @@ def _validation_curve(path: str) -> tuple[list[tuple[int, float]], str | None]:
     return sorted(by_step.items()), split
 
 
-def _eval_setting(run: Run, key: str):
-    """config.eval.<key> the run was evaluated with (the default where its metrics.json's
-    eval_settings lack the field)."""
-    return run.metrics.get("eval_settings", {}).get(key, default_config().eval[key])
+def _refuse_differing(runs: list[Run], name: str, value_of, why: str = "") -> None:
+    """Raises ValueError naming each run's ``value_of(run)`` (a string) when they differ."""
+    values = {value_of(r): r.path for r in runs}
+    if len(values) > 1:
+        raise ValueError(f"runs evaluated with different {name}{why}: " + "; ".join(
+            f"{path}: {value}" for value, path in values.items()))
+
+
+def _refuse_different_evaluations(runs: list[Run]) -> None:
+    """Runs must share the split, the evaluation mask and the eval settings of the vectors
+    their probes read (a field missing from a metrics.json's eval_settings: its default)."""
+    for key in ("split", "eval_mask"):
+        _refuse_differing(runs, key, lambda r: json.dumps(r.metrics.get(key), sort_keys=True))
+    defaults = default_config().eval
+    for key in DOWNSTREAM_SETTINGS:
+        _refuse_differing(runs, f"config.eval.{key}", lambda r: repr(
+            r.metrics.get("eval_settings", {}).get(key, defaults[key])),
+            ", so their probes read different vectors")
 
 
 def group_runs(runs: list[Run]) -> dict[str, dict[int, Run]]:
@@ -86,17 +100,7 @@ def group_runs(runs: list[Run]) -> dict[str, dict[int, Run]]:
         raise ValueError(f"no {REFERENCE!r} run among --compare (strategies: "
                          f"{', '.join(sorted(groups))}); the comparison needs the random "
                          f"reference")
-    for key in ("split", "eval_mask"):
-        values = {json.dumps(r.metrics.get(key), sort_keys=True): r.path for r in runs}
-        if len(values) > 1:
-            raise ValueError(f"runs evaluated with different {key}: " + "; ".join(
-                f"{path}: {value}" for value, path in values.items()))
-    for key in DOWNSTREAM_SETTINGS:
-        values = {_eval_setting(r, key): r.path for r in runs}
-        if len(values) > 1:
-            raise ValueError(f"runs evaluated with different config.eval.{key}, so their "
-                             "probes read different vectors: " + "; ".join(
-                                 f"{path}: {value!r}" for value, path in values.items()))
+    _refuse_different_evaluations(runs)
     for strategy, by_seed in groups.items():
         for seed, run in by_seed.items():
             if seed not in groups[REFERENCE]:
