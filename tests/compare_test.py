@@ -365,6 +365,11 @@ def test_each_strategy_is_set_beside_carry_forward_aggregates_and_scratch(tmp_pa
         in report
     assert "- from scratch (no pretraining): 0.620 (0.600 to 0.640)" in report
     assert "| `cv` | " in report and "+0.070 (+0.060 to +0.080)" in report
+    assert "fine-tuned AUROC death: Δ vs random [95% CI]" in report
+    assert f"(Δ {delta['delta']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}]; " \
+        "n = " in report
+    seed0 = delta["per_seed"]["0"]
+    assert f"| {seed0['delta']:+.3f} [{seed0['ci'][0]:+.3f}, {seed0['ci'][1]:+.3f}] |" in report
 
 
 def test_compare_runs_writes_summary_report_and_plots_without_subject_ids(tmp_path):

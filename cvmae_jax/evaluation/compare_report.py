@@ -25,9 +25,11 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
              f"on `{summary['split']}` under one uniform evaluation mask (rate "
              f"{_num(mask.get('rate'), '.0%')}, seed {mask.get('seed')}), so every run hides "
              f"the same values.", ""]
+    finetuned_tasks = _finetuned_tasks(strategies)
     header = (["strategy", "seeds", f"masked MSE ({summary['split']})",
                "win rate vs random (n labs)", "Wilcoxon p", "Cohen's d"]
               + [f"AUROC {t}: Δ vs random [95% CI]" for t in tasks]
+              + [f"fine-tuned AUROC {t}: Δ vs random [95% CI]" for t in finetuned_tasks]
               + [f"convergence ratio ({summary['validation_split'] or 'no validation'})"]
               + [f"perturbation ratio ({k})" for k in kinds])
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -36,11 +38,16 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
         if strategy == REFERENCE:
             cells += ["reference", "", ""]
             cells += [_num(e["auroc"][t]["mean"]) for t in tasks]
+            cells += [_num(_finetuned_auroc(summary, strategy, t)["mean"])
+                      for t in finetuned_tasks]
             cells += ["1 (reference)"]
         else:
             vs = e["vs_random"]
             cells += _lab_cells(vs["reconstruction"]["uniform"])
             cells += [_auroc_cell(e["auroc"][t], vs["auroc_delta"][t]) for t in tasks]
+            cells += [_auroc_cell(_finetuned_auroc(summary, strategy, t),
+                                  vs["finetuned_auroc_delta"].get(t, _NO_DELTA))
+                      for t in finetuned_tasks]
             cells += [_convergence_cell(vs["convergence"])]
         cells += [_num(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
@@ -54,15 +61,29 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
     lines += [_noise_floor_line(summary.get("seed_noise_floor"))]
     lines += _simple_methods_lines(summary.get("simple_methods"), tasks)
     lines += (_single_code_lines(strategies) + _label_efficiency_lines(strategies, tasks)
-              + _per_seed_lines(strategies, tasks) + _per_lab_lines(strategies))
-    notes = [f"- {s} {t}: {d['note']}" for s, e in strategies.items()
-             for t, d in e.get("vs_random", {}).get("auroc_delta", {}).items() if d["note"]]
+              + _per_seed_lines(strategies, tasks, finetuned_tasks)
+              + _per_lab_lines(strategies))
+    notes = [f"- {s} {t}{suffix}: {d['note']}" for s, e in strategies.items()
+             for key, suffix in (("auroc_delta", ""), ("finetuned_auroc_delta", " fine-tuned"))
+             for t, d in e.get("vs_random", {}).get(key, {}).items() if d["note"]]
     notes += [f"- {s}: {lab['note']}" for s, e in strategies.items() if s != REFERENCE
               for lab in [e["vs_random"]["reconstruction"]["uniform"]] if "note" in lab]
     if notes:
         lines += ["", "## Notes", "", *notes]
     lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in figures)]
     return lines
+
+
+def _finetuned_tasks(strategies: dict) -> list[str]:
+    """Tasks with a fine-tuned AUROC delta vs random for some strategy."""
+    return list(dict.fromkeys(t for e in strategies.values()
+                              for t in e.get("vs_random", {}).get("finetuned_auroc_delta", {})))
+
+
+def _finetuned_auroc(summary: dict, strategy: str, task: str) -> dict:
+    """The strategy's fine-tuned held_out AUROC over seeds ({"mean", "per_seed"})."""
+    downstream = (summary.get("simple_methods") or {}).get("downstream", {}).get(task, {})
+    return downstream.get("strategies", {}).get(strategy, {}).get("finetuned", _NONE)
 
 
 def _seeds_cell(values: dict, fmt: str = ".3f") -> str:
@@ -125,6 +146,7 @@ def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
 
 
 _NONE = dict(mean=None, per_seed={})
+_NO_DELTA = dict(delta=None, per_seed={})
 
 
 def _noise_floor_line(floor: dict | None) -> str:
@@ -196,12 +218,14 @@ def _label_efficiency_lines(strategies: dict, tasks: list[str]) -> list[str]:
                     for s, t, curve in rows]
 
 
-def _per_seed_lines(strategies: dict, tasks: list[str]) -> list[str]:
+def _per_seed_lines(strategies: dict, tasks: list[str], finetuned_tasks: list[str]
+                    ) -> list[str]:
+    columns = ([f"Δ AUROC {t} [95% CI]" for t in tasks]
+               + [f"Δ fine-tuned AUROC {t} [95% CI]" for t in finetuned_tasks])
     lines = ["", "## Per seed (strategy seed s vs random seed s)", "",
              "| strategy | seed | win rate (n labs) | Wilcoxon p | Cohen's d | "
-             + " | ".join(f"Δ AUROC {t} [95% CI]" for t in tasks)
-             + (" | " if tasks else "") + "convergence: step / random's step |",
-             "|---|---:|---:|---:|---:|" + "---|" * len(tasks) + "---|"]
+             + "".join(f"{c} | " for c in columns) + "convergence: step / random's step |",
+             "|---|---:|---:|---:|---:|" + "---|" * len(columns) + "---|"]
     for s, e in strategies.items():
         if s == REFERENCE:
             continue
@@ -209,8 +233,10 @@ def _per_seed_lines(strategies: dict, tasks: list[str]) -> list[str]:
         for seed in map(str, e["seeds"]):
             lab = vs["reconstruction"]["uniform"]
             cells = _lab_cells(dict(pooled=lab["per_seed"][seed]) if "pooled" in lab else lab)
-            for t in tasks:
-                d = vs["auroc_delta"][t]["per_seed"][seed]
+            deltas = ([vs["auroc_delta"][t] for t in tasks]
+                      + [vs["finetuned_auroc_delta"].get(t, _NO_DELTA) for t in finetuned_tasks])
+            for delta in deltas:
+                d = delta["per_seed"].get(seed, _NO_DELTA)
                 cells.append("n/a" if d["delta"] is None else f"{d['delta']:+.3f}{_ci(d['ci'])}")
             c = vs["convergence"]["details"][seed]
             cells.append(f"{c['step']} / {c['reference_step']}" if c["ratio"] is not None
