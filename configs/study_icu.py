@@ -7,11 +7,10 @@ x 3 seeds on configs/icu.py, labs only or every numeric code.
         --config.data.meds_dir=/data/physionet2012_seta_meds
 
 The training of each run is configs/icu.py's (1,000 packed steps of 32 x 256 at learning rate
-3e-3), validated every 100 steps (the eval points of the convergence ratio); the study tables of
-docs/results_physionet2012.md ran at 1e-3 (`--config.train.learning_rate=1e-3`). Each run's
-eval.py adds the aggregates baseline and the fine-tuned classifier (the from-scratch one on the
-random runs); single-code masking is off, as in configs/study.py.
-Results and timings on set-a: docs/results_physionet2012.md.
+3e-3), validated every 100 steps (the eval points of the convergence ratio). Each run's eval.py
+adds the aggregates baseline and the fine-tuned classifier (the from-scratch one on the random
+runs); single-code masking is off, as in configs/study.py. Results and timings on set-a (about
+4 hours for both selections on 2 CPU cores): docs/results_physionet2012.md.
 """
 
 from cvmae_jax.config import sibling_config, study_fields
