@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.data.workers = 0  # processes reading/packing batches ahead (0: a thread; docs/data.md)
 
     config.masking = ml_collections.ConfigDict()
-    config.masking.strategy = "cv"  # random | variance | cv | cv_rank
+    config.masking.strategy = "cv"  # random | variance | cv | cv_rank | cv_within
     config.masking.threshold_percentile = 75.0
     config.masking.p_high = 0.8
     config.masking.p_low = 0.2

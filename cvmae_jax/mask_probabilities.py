@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STRATEGIES = ("random", "variance", "cv", "cv_rank")
+STRATEGIES = ("random", "variance", "cv", "cv_rank", "cv_within")
 
 
 def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> float:
@@ -20,8 +20,8 @@ def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> floa
     score = np.asarray(score, dtype=np.float64)
     if np.isnan(score).any():
         raise ValueError(f"{int(np.isnan(score).sum())} of {score.size} codes have a NaN masking "
-                         "score (CV or variance): their train statistics are not finite; "
-                         "prepare the dataset again")
+                         "score (CV, within-subject CV or variance): their train statistics are "
+                         "not finite; prepare the dataset again")
     score = np.where(np.isposinf(score), np.finfo(np.float64).max, score)
     return float(np.percentile(score, threshold_percentile))
 
@@ -65,20 +65,24 @@ def rank_probs(score: np.ndarray, token_counts: np.ndarray, target_rate: float, 
 
 
 def strategy_probs(strategy: str, *, cv: np.ndarray, variance: np.ndarray,
-                   token_counts: np.ndarray, threshold_percentile: float, p_high: float,
-                   p_low: float) -> np.ndarray:
+                   within_subject_cv: np.ndarray, token_counts: np.ndarray,
+                   threshold_percentile: float, p_high: float, p_low: float) -> np.ndarray:
     """Per-code mask probabilities [V] for a strategy, from train-split statistics.
 
     ``random`` and ``cv_rank`` match the expected mask rate of ``cv`` on the training tokens,
-    so they differ from ``cv`` only in which values they hide. ``variance`` applies the same
-    two-tier rule to the variance, so its rate is whatever share of tokens its top-tier codes
-    hold (not matched: the paper's baseline).
+    so they differ from ``cv`` only in which values they hide. ``variance`` and ``cv_within``
+    apply the same two-tier rule to the variance and to each code's median within-subject CV
+    (stats.py), so their rate is whatever share of tokens their top-tier codes hold (not
+    matched: the paper's variance baseline, and CV-Masking with volatility measured within
+    each subject's values, without the spread between subjects).
     """
     cv_probs = two_tier_probs(cv, threshold_percentile, p_high, p_low)
     if strategy == "cv":
         return cv_probs
     if strategy == "variance":
         return two_tier_probs(variance, threshold_percentile, p_high, p_low)
+    if strategy == "cv_within":
+        return two_tier_probs(within_subject_cv, threshold_percentile, p_high, p_low)
     cv_rate = expected_mask_rate(cv_probs, token_counts)
     if strategy == "random":
         return np.full_like(cv_probs, cv_rate)

@@ -164,7 +164,7 @@ def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:
     """Per-code mask probabilities [V] of ``config.masking.strategy`` from train statistics."""
     stats, masking = dataset.stats, config.masking
     return strategy_probs(masking.strategy, cv=stats.cv, variance=stats.variance,
-                          token_counts=stats.count,
+                          within_subject_cv=stats.within_subject_cv, token_counts=stats.count,
                           threshold_percentile=masking.threshold_percentile,
                           p_high=masking.p_high, p_low=masking.p_low)
 

@@ -10,11 +10,12 @@ from cvmae_jax import mask_probabilities, masking
 CV = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 1.2])
 VARIANCE = np.array([5.0, 0.1, 3.0, 0.2, 9.0, 0.3, 0.4, 0.5])
 COUNTS = np.array([100, 300, 50, 10, 200, 40, 80, 20])
+WITHIN_CV = np.array([0.3, 0.01, 0.02, 0.25, 0.03, 0.04, 0.05, 0.06])  # ranks unlike CV
 
 
 def probs(strategy, **kw):
-    args = dict(cv=CV, variance=VARIANCE, token_counts=COUNTS, threshold_percentile=75.0,
-                p_high=0.8, p_low=0.2)
+    args = dict(cv=CV, variance=VARIANCE, within_subject_cv=WITHIN_CV, token_counts=COUNTS,
+                threshold_percentile=75.0, p_high=0.8, p_low=0.2)
     args.update(kw)
     return mask_probabilities.strategy_probs(strategy, **args)
 
@@ -30,6 +31,12 @@ def test_cv_gives_p_high_exactly_above_the_percentile():
 def test_variance_ranks_by_raw_variance_not_cv():
     p = probs("variance")
     np.testing.assert_array_equal(np.flatnonzero(p == 0.8), [0, 4])
+
+
+def test_cv_within_ranks_by_within_subject_cv():
+    p = probs("cv_within")
+    np.testing.assert_array_equal(np.flatnonzero(p == 0.8), [0, 3])
+    np.testing.assert_array_equal(np.flatnonzero(p == 0.2), [1, 2, 4, 5, 6, 7])
 
 
 def test_random_and_cv_rank_match_the_cv_expected_rate():

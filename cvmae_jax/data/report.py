@@ -29,11 +29,12 @@ FAR_IQR, SQUEEZED_IQR = 10.0, 0.1
 
 def code_rows(stats: DataStats, descriptions) -> list[dict]:
     """Per selected code: code, name (``code_names.lab_name`` of its description [V]), unit
-    (last `//` part), count, subjects, mean, std, cv."""
+    (last `//` part), count, subjects, mean, std, cv, within_subject_cv."""
     names = code_names.lab_names(stats.codes, descriptions)
     return [dict(code=c, name=names[i], unit=meds.code_unit(c), count=int(stats.count[i]),
                  subjects=int(stats.num_subjects[i]), mean=json_float(stats.mean[i]),
-                 std=json_float(stats.std[i]), cv=json_float(stats.cv[i]))
+                 std=json_float(stats.std[i]), cv=json_float(stats.cv[i]),
+                 within_subject_cv=json_float(stats.within_subject_cv[i]))
             for i, c in enumerate(stats.codes)]
 
 
@@ -203,11 +204,13 @@ def markdown(report: dict) -> str:
         o = report["splits"][s]["out_of_vocab"]
         lines.append(f"- {s}: {o['codes']} lab-like codes not selected ({o['events']:,} "
                      f"events), {o['unseen_in_train_codes']} never seen in train")
-    lines += ["", "| lab | code | unit | count | subjects | mean | std | CV |", "|---" * 8 + "|"]
+    lines += ["", "| lab | code | unit | count | subjects | mean | std | CV | within-subject CV |",
+              "|---" * 9 + "|"]
     for r in report["codes"]:
         lines.append(f"| {code_names.markdown_cell(r['name'])} | `{r['code']}` | {r['unit']} | "
                      f"{r['count']:,} | {r['subjects']:,} | "
-                     + " | ".join(_fmt(r[k]) for k in ("mean", "std", "cv")) + " |")
+                     + " | ".join(_fmt(r[k]) for k in ("mean", "std", "cv", "within_subject_cv"))
+                     + " |")
     if report.get("mirrored_codes"):
         lines += ["", f"Codes with >= {MIRRORED_SHARE:.0%} of their train values equal to "
                   "another code's value at the same (subject, time):", "",

@@ -20,8 +20,9 @@ from cvmae_jax.jsonio import json_float, write_json_atomic
 
 STD_EPS = 1e-6  # floor of the std used to normalize (constant codes)
 RESERVOIR_SIZE = 100_000  # values per code sampled for the clipping quantiles
-_FLOAT_FIELDS = ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high",
-                 "norm_mean", "norm_std")
+_FLOAT_FIELDS = ("count", "mean", "std", "cv", "within_subject_cv", "variance", "clip_low",
+                 "clip_high", "norm_mean", "norm_std")
+_OPTIONAL_FIELDS = ("within_subject_cv",)  # NaN when read from statistics written without it
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,7 +31,10 @@ class DataStats:
 
     count, mean, std (population, ddof=0), variance = std**2 and cv = std / |mean| are of the
     raw, unclipped train values (float64). cv is inf when mean == 0 and std > 0, and 0 when the
-    code is constant. clip_low/clip_high are the train quantiles used to clip before z-scoring,
+    code is constant. within_subject_cv: the median, over the train subjects with at least two
+    values of the code, of the CV of that subject's raw values (each subject's volatility,
+    without the spread between subjects that cv also holds); 0 when no subject has two values.
+    clip_low/clip_high are the train quantiles used to clip before z-scoring,
     and norm_mean/norm_std the moments of the CLIPPED train values that the z-score uses (so a
     few extreme outliers cannot squash every other value towards 0).
     num_subjects (int64) counts the train subjects with at least one value of the code.
@@ -42,6 +46,7 @@ class DataStats:
     mean: np.ndarray
     std: np.ndarray
     cv: np.ndarray
+    within_subject_cv: np.ndarray
     variance: np.ndarray
     clip_low: np.ndarray
     clip_high: np.ndarray
@@ -92,7 +97,8 @@ class DataStats:
     @classmethod
     def from_dict(cls, d: dict) -> DataStats:
         rows = d["codes"]
-        arrays = {f: np.array([float(r[f]) for r in rows], np.float64) for f in _FLOAT_FIELDS}
+        arrays = {f: np.array([float(r[f] if f not in _OPTIONAL_FIELDS else r.get(f, "nan"))
+                               for r in rows], np.float64) for f in _FLOAT_FIELDS}
         return cls(codes=tuple(r["code"] for r in rows),
                    num_subjects=np.array([int(r.get("num_subjects", 0)) for r in rows], np.int64),
                    drop_values=tuple(float(v) for v in d.get("drop_values", ())), **arrays)
@@ -118,8 +124,9 @@ class CodeMoments:
 
     The moments are kept in units of a per-code power of two near the largest |value| seen
     (`power_of_two_scale`; rescaling is exact), so no sum or square overflows whatever the
-    finite values: `means()` and `stds()` are finite. Subjects are counted per shard
-    (`end_shard`), so a subject must not span shards.
+    finite values: `means()` and `stds()` are finite. Subjects are counted, and each subject's
+    own CV per code taken (`within_subject_cvs`), per shard (`end_shard`), so a subject must not
+    span shards.
     """
 
     def __init__(self):
@@ -127,7 +134,9 @@ class CodeMoments:
         self.n, self.mean, self.m2 = np.zeros(0), np.zeros(0), np.zeros(0)  # scaled units
         self.scale = np.full(0, 0.5)  # power_of_two_scale(0)
         self.subjects = np.zeros(0, np.int64)
-        self._pairs: list[pa.Table] = []
+        # each (code, subject) pair with >= 2 values: its code index and its CV (ended shards)
+        self.subject_cv_codes, self.subject_cvs = np.zeros(0, np.int64), np.zeros(0)
+        self._subject_parts: list[pa.Table] = []  # per-batch (code, subject) moments
 
     def _grow(self, grow: int) -> None:
         """Room for `grow` more codes (zero moments)."""
@@ -147,6 +156,7 @@ class CodeMoments:
         idx = lookup[enc.indices.to_numpy(zero_copy_only=False)] if len(values) else \
             np.zeros(0, np.int64)
         self._grow(len(self.index) - len(self.n))
+        self._subject_parts.append(subject_moments(idx, subject_ids, values))
         v = len(self.n)
         largest = np.zeros(v)
         np.maximum.at(largest, idx, np.abs(values))
@@ -158,8 +168,6 @@ class CodeMoments:
         mean_b = np.bincount(idx, values, v) / np.maximum(n_b, 1)
         m2_b = np.bincount(idx, (values - mean_b[idx]) ** 2, v)
         self.n, self.mean, self.m2 = _chan(self.n, self.mean, self.m2, n_b, mean_b, m2_b)
-        self._pairs.append(pa.table({"c": idx, "s": subject_ids}).group_by(["c", "s"])
-                           .aggregate([]))
 
     def merge(self, other: CodeMoments) -> None:
         """Adds the moments and subject counts of `other` (its shards ended, their subjects
@@ -174,6 +182,8 @@ class CodeMoments:
                             other.n, other.mean * theirs, other.m2 * theirs ** 2)
         self.n[rows], self.mean[rows], self.m2[rows], self.scale[rows] = n, mean, m2, scale
         self.subjects[rows] += other.subjects
+        self.subject_cv_codes = np.r_[self.subject_cv_codes, rows[other.subject_cv_codes]]
+        self.subject_cvs = np.r_[self.subject_cvs, other.subject_cvs]
 
     def means(self) -> np.ndarray:
         """Per-code mean of the values added, float64 [codes seen]."""
@@ -184,11 +194,27 @@ class CodeMoments:
         return np.sqrt(self.m2 / np.maximum(self.n, 1)) * self.scale
 
     def end_shard(self) -> None:
-        """Adds the distinct (code, subject) pairs seen since the last call to `subjects`."""
-        if self._pairs:
-            pairs = pa.concat_tables(self._pairs).group_by(["c", "s"]).aggregate([])
-            self.subjects += np.bincount(pairs["c"].to_numpy(), minlength=len(self.n))
-        self._pairs = []
+        """Adds the distinct (code, subject) pairs seen since the last call to `subjects`, and
+        the CV of each pair with at least two values to `subject_cvs`."""
+        if self._subject_parts:
+            codes, n, mean, var = merge_subject_moments(pa.concat_tables(self._subject_parts))
+            self.subjects += np.bincount(codes, minlength=len(self.n))
+            several = n >= 2
+            self.subject_cv_codes = np.r_[self.subject_cv_codes, codes[several]]
+            self.subject_cvs = np.r_[self.subject_cvs, coefficient_of_variation(
+                np.sqrt(var[several]), mean[several])]
+        self._subject_parts = []
+
+    def within_subject_cvs(self) -> np.ndarray:
+        """Per code, the median of its subjects' CVs (`subject_cvs`; 0 for a code no subject has
+        two values of), float64 [codes seen]."""
+        out = np.zeros(len(self.n))
+        order = np.argsort(self.subject_cv_codes, kind="stable")
+        codes, cvs = self.subject_cv_codes[order], self.subject_cvs[order]
+        bounds = np.searchsorted(codes, np.arange(len(self.n) + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            out[i] = np.median(cvs[bounds[i]:bounds[i + 1]])
+        return out
 
     def counts(self) -> dict[str, int]:
         return {c: int(self.n[i]) for c, i in self.index.items()}
@@ -196,6 +222,42 @@ class CodeMoments:
     def subject_counts(self) -> dict[str, int]:
         """{code: distinct subjects} over the shards ended so far."""
         return {c: int(self.subjects[i]) for c, i in self.index.items()}
+
+
+def subject_moments(idx: np.ndarray, subject_ids: np.ndarray, values: np.ndarray) -> pa.Table:
+    """Count, mean and population variance of the raw values of each (code index, subject) pair
+    in one batch: columns c, s, n, mean, var (one row per pair)."""
+    table = pa.table({"c": idx, "s": subject_ids, "v": values})
+    moments = table.group_by(["c", "s"]).aggregate(
+        [("v", "count"), ("v", "mean"), ("v", "variance", pc.VarianceOptions(ddof=0))])
+    return pa.table({"c": moments["c"], "s": moments["s"], "n": moments["v_count"],
+                     "mean": moments["v_mean"], "var": moments["v_variance"]})
+
+
+def merge_subject_moments(parts: pa.Table) -> tuple[np.ndarray, ...]:
+    """The per-batch moments of `subject_moments` merged per (code, subject) pair: code index
+    int64 [P], count, mean and population variance float64 [P], one entry per distinct pair.
+    In raw units: values beyond about 1e154 give an inf or NaN variance, which `finish_stats`
+    refuses with the code's other statistics."""
+    c, s = parts["c"].to_numpy(), parts["s"].to_numpy()
+    if not len(c):
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+    n, mean, var = (parts[k].to_numpy().astype(np.float64) for k in ("n", "mean", "var"))
+    order = np.lexsort((s, c))
+    c, s, n, mean, var = c[order], s[order], n[order], mean[order], var[order]
+    start = np.flatnonzero(np.r_[True, (c[1:] != c[:-1]) | (s[1:] != s[:-1])])
+    group = np.repeat(np.arange(len(start)), np.diff(np.r_[start, len(c)]))
+    total = np.add.reduceat(n, start)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pooled_mean = np.add.reduceat(n * mean, start) / total
+        m2 = np.add.reduceat(n * var + n * (mean - pooled_mean[group]) ** 2, start)
+    return c[start].astype(np.int64), total, pooled_mean, m2 / total
+
+
+def coefficient_of_variation(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """std / |mean| [...]: 0 where std is 0 (a constant), inf where only the mean is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(std == 0, 0.0, std / np.abs(mean))
 
 
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -303,8 +365,8 @@ def finish_stats(codes, moments: CodeMoments, reservoirs: Reservoirs,
             out["norm_mean"][i], out["norm_std"][i] = scaled_mean_std(
                 np.clip(sample, out["clip_low"][i], out["clip_high"][i]))
         out["variance"] = out["std"] ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out["cv"] = np.where(out["std"] == 0, 0.0, out["std"] / np.abs(out["mean"]))
+    out["cv"] = coefficient_of_variation(out["std"], out["mean"])
+    out["within_subject_cv"] = moments.within_subject_cvs()[rows]
     _check_finite(codes, out)
     return DataStats(codes=codes, num_subjects=moments.subjects[rows],
                      drop_values=tuple(drop_values), **out)
@@ -314,14 +376,16 @@ def _check_finite(codes: tuple[str, ...], out: dict[str, np.ndarray]) -> None:
     """Raises MEDSFormatError naming the codes whose statistics or normalized values would not
     be finite (float64 moments, float32 normalized values): values so large (|value| beyond
     ~1e154, where the variance passes float64's 1.8e308) that they are placeholders, not
-    results. cv may be inf: the CV of a code whose mean is exactly 0."""
+    results. The CVs may be inf: the CV of values whose mean is exactly 0."""
     with np.errstate(over="ignore", invalid="ignore"):
         span = out["clip_high"] - out["clip_low"]
         reach = np.maximum(np.abs(out["clip_high"] - out["norm_mean"]),
                            np.abs(out["clip_low"] - out["norm_mean"]))
         z_max = reach / np.maximum(out["norm_std"], STD_EPS)
-    fields = [out[f] for f in _FLOAT_FIELDS if f != "cv"]
-    ok = np.isfinite(span) & (z_max < np.finfo(np.float32).max) & ~np.isnan(out["cv"])
+    cvs = ("cv", "within_subject_cv")
+    fields = [out[f] for f in _FLOAT_FIELDS if f not in cvs]
+    ok = np.isfinite(span) & (z_max < np.finfo(np.float32).max)
+    ok &= np.logical_and.reduce([~np.isnan(out[f]) for f in cvs])
     ok &= np.logical_and.reduce([np.isfinite(f) for f in fields])
     bad = [c for c, good in zip(codes, ok) if not good]
     if bad:

@@ -129,8 +129,9 @@ class MedsLabSequences(FileReaderBuilder):
     """Windows of (time, code, value) lab triplets per subject, one record per window, each split
     in example_id order over one file per MEDS shard that has windows."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial format."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial format.",
+                     "1.1.0": "data_stats.json holds each code's within-subject CV."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the MEDS root as download_config.manual_dir."
 
     def _log_download_bytes(self) -> None:

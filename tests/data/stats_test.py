@@ -127,3 +127,64 @@ def test_values_whose_variance_passes_float64_refuse_the_code_by_name():
                                                    r"\(LAB//huge;"):
         compute_stats(events, ["LAB//huge"], (0.001, 0.999))
 
+
+
+def _within_subject_cv(subjects, values):
+    """Median over subjects with >= 2 values of std / |mean| (numpy, one subject at a time)."""
+    cvs = [v.std() / abs(v.mean()) for s in np.unique(subjects)
+           if len(v := values[subjects == s]) >= 2]
+    return np.median(cvs) if cvs else 0.0
+
+
+def test_within_subject_cv_is_the_median_of_each_subjects_cv(tiny_meds):
+    train = meds.read_numeric_events(tiny_meds.root, "train").to_pandas()
+    stats = _stats(tiny_meds)
+    for i, code in enumerate(stats.codes):
+        rows = train[train["code"] == code]
+        np.testing.assert_allclose(stats.within_subject_cv[i], _within_subject_cv(
+            rows["subject_id"].to_numpy(), rows["numeric_value"].to_numpy()), rtol=1e-12)
+    assert stats.within_subject_cv[2] == 0.0  # LAB//D is constant
+
+
+def test_within_subject_cv_leaves_out_the_spread_between_subjects():
+    # two subjects steady at 10 and 1000: the population CV is large, each subject's is small
+    values = np.array([9.0, 11.0, 990.0, 1010.0])
+    events = pa.table({"subject_id": [1, 1, 2, 2], "code": ["x"] * 4, "numeric_value": values})
+    stats = compute_stats(events, ["x"], (0.0, 1.0))
+    assert stats.cv[0] > 0.9
+    np.testing.assert_allclose(stats.within_subject_cv[0], np.median([1 / 10, 10 / 1000]))
+
+
+def test_within_subject_cv_is_0_when_no_subject_has_two_values():
+    events = pa.table({"subject_id": [1, 2, 3], "code": ["x"] * 3,
+                       "numeric_value": [60.0, 70.0, 80.0]})
+    stats = compute_stats(events, ["x"], (0.0, 1.0))
+    assert stats.within_subject_cv[0] == 0.0 and stats.cv[0] > 0
+
+
+def test_within_subject_cv_joins_a_subjects_values_across_batches_and_merges_shards():
+    rng = np.random.default_rng(0)
+    subjects = rng.integers(0, 30, 400)
+    values = rng.normal(50, 5, 400) * (1 + subjects)  # each subject on its own scale
+    codes = np.where(rng.random(400) < 0.5, "x", "y")
+    expected = [_within_subject_cv(subjects[codes == c], values[codes == c]) for c in "xy"]
+    shards = [subjects < 12, subjects >= 12]  # a subject lies in one shard
+    merged = CodeMoments()
+    for shard in shards:
+        moments = CodeMoments()
+        for batch in np.array_split(np.flatnonzero(shard), 5):  # subjects span batches
+            moments.add(pa.array(codes[batch]), values[batch], subjects[batch])
+        moments.end_shard()
+        merged.merge(moments)
+    got = merged.within_subject_cvs()[[merged.index["x"], merged.index["y"]]]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_array_equal(merged.subjects[[merged.index["x"], merged.index["y"]]],
+                                  [len(np.unique(subjects[codes == c])) for c in "xy"])
+
+
+def test_statistics_written_without_within_subject_cv_read_it_as_nan(tmp_path, tiny_meds):
+    record = _stats(tiny_meds).to_dict()
+    for row in record["codes"]:
+        del row["within_subject_cv"]
+    loaded = DataStats.from_dict(record)
+    assert np.isnan(loaded.within_subject_cv).all() and loaded.vocab_size == 3
