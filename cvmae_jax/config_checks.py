@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from cvmae_jax.data.sequences import WINDOWS
-from cvmae_jax.mask_probabilities import STRATEGIES
+from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "per_code", "per_code_last")  # eval.pooling (pooling.py)
@@ -107,7 +107,7 @@ def config_warnings(config) -> list[str]:
     if masking.strategy != "random" and masking.p_high == masking.p_low:
         out.append(f"config.masking.p_high = config.masking.p_low = {masking.p_high!r}: both "
                    f"tiers mask alike, so strategy {masking.strategy!r} is uniform masking")
-    elif masking.strategy in ("cv", "variance") and masking.threshold_percentile >= 100.0:
+    elif masking.strategy in TWO_TIER_STRATEGIES and masking.threshold_percentile >= 100.0:
         out.append(f"config.masking.threshold_percentile={masking.threshold_percentile!r}: no "
                    f"code lies above it, so every code gets config.masking.p_low="
                    f"{masking.p_low!r} (uniform masking)")

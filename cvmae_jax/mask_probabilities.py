@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 STRATEGIES = ("random", "variance", "cv", "cv_rank", "cv_within")
+TWO_TIER_STRATEGIES = ("variance", "cv", "cv_within")  # p_high above the percentile, else p_low
 
 
 def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> float:

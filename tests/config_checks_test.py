@@ -68,6 +68,8 @@ def test_bad_values_name_their_field(field, value, message):
     ({"masking.threshold_percentile": 100.0},
      "config.masking.threshold_percentile=100.0: no code lies above it, so every code gets "
      "config.masking.p_low=0.2 (uniform masking)"),
+    ({"masking.strategy": "cv_within", "masking.threshold_percentile": 100.0},
+     "config.masking.threshold_percentile=100.0: no code lies above it"),
 ])
 def test_settings_that_run_but_mislead_are_warned_about(fields, message, caplog):
     config = default_config()
