@@ -125,6 +125,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     finetune.encoder_lr_scale = 0.1  # pretrained encoder's rate / the head's (scratch: 1)
     finetune.weight_decay = 0.01
     finetune.head = "linear"  # linear | mlp (one hidden layer of d_model)
+    # the pretrained model's head at the start: "zero" (predicts the train prevalence) or
+    # "probe" (the frozen probe's weights: linear probing, then fine-tuning; linear head only)
+    finetune.head_init = "zero"
     finetune.eval_every = 20  # steps between tuning-AUROC checks
     finetune.patience = 3  # checks without a better tuning AUROC before stopping
     # also the same network trained from scratch on the label (it does not depend on the

@@ -1,6 +1,7 @@
-"""eval.py's fine-tuning end to end on a tiny run: both models on every task with paired CIs,
-the k-shot points, MEDS-DEV predictions that join back to the label files, the report, and the
-per-code vectors exported as embeddings."""
+"""eval.py's fine-tuning end to end on a tiny run, the pretrained model's head starting from
+the probe: both models on every task with paired CIs, the k-shot points, MEDS-DEV predictions
+that join back to the label files, the report, and the per-code vectors exported as
+embeddings."""
 
 import json
 import os
@@ -31,6 +32,7 @@ def evaluated(tmp_path_factory):
     config = run_config_with(workdir, {"eval.single_code": False, "eval.finetune.steps": 30,
                                        "eval.finetune.eval_every": 10,
                                        "eval.finetune.kshot_draws": 1,
+                                       "eval.finetune.head_init": "probe",
                                        "eval.pooling": "per_code"})
     return workdir, evaluate_run(workdir, config=config)
 
@@ -48,7 +50,9 @@ def test_both_models_are_trained_and_compared_on_every_task(evaluated):
         assert f["n_train"] == r["n_train"] and f["n"] == r["n"]
         for model in ("pretrained", "scratch"):
             m = f[model]
-            assert 1 <= m["best_step"] <= m["steps_run"] <= 30 and m["nonfinite_steps"] == 0
+            first_check = 0 if model == "pretrained" else 1  # the probe's head, checked at 0
+            assert first_check <= m["best_step"] <= m["steps_run"] <= 30
+            assert m["nonfinite_steps"] == 0
             assert m["encoder_lr_scale"] == (0.1 if model == "pretrained" else 1.0)
             if r["auroc"] is not None:  # held_out with both classes
                 assert 0 <= m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1] <= 1
@@ -99,12 +103,16 @@ def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):
         report = f.read()
     assert "## Fine-tuning on `held_out`" in report
     assert "each code's events, with each code's presence (`per_code`, as the probe)" in report
+    assert "`pretrained`'s head starts at the probe's weights" in report
     for task in result["downstream"]["tasks"]:
         for model in ("probe", "pretrained", "scratch"):
             assert f"| {task} | {model} |" in report
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
         saved = json.load(f)
     assert saved["downstream"]["finetune"]["train_step_traces"] == 1
+    for task in result["downstream"]["tasks"].values():
+        assert task["finetune"]["pretrained"]["head_init"] == "probe"
+        assert task["finetune"]["pretrained"]["tuning_curve"][0][0] == 0  # the probe's check
 
 
 def test_exported_embeddings_are_the_per_code_vectors_the_probe_reads(evaluated):

@@ -13,9 +13,10 @@ from sklearn.metrics import roc_auc_score
 from cvmae_jax import parallel
 from cvmae_jax.config import finetune_defaults
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.downstream import TaskData
+from cvmae_jax.evaluation.downstream import (TaskData, embed_label_windows, fit_probe,
+                                             make_embed_fn)
 from cvmae_jax.evaluation.finetune import (EarlyStopping, Finetuner, finetune_config,
-                                           finetune_task, paired_delta)
+                                           finetune_task, paired_delta, probe_head_weights)
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.pooling import per_code_pool, pooled_width
 
@@ -178,6 +179,12 @@ def test_finetune_config_names_a_bad_field():
     config.eval.finetune = dict(finetune_defaults(), patience=0)
     with pytest.raises(ValueError, match=r"config.eval.finetune.patience=0"):
         finetune_config(config)
+    config.eval.finetune = dict(finetune_defaults(), head_init="random")
+    with pytest.raises(ValueError, match=r"head_init='random': expected one of"):
+        finetune_config(config)
+    config.eval.finetune = dict(finetune_defaults(), head_init="probe", head="mlp")
+    with pytest.raises(ValueError, match=r"head_init='probe': the probe's weights fit only"):
+        finetune_config(config)
 
 
 @pytest.mark.parametrize("scratch", [True, False])
@@ -199,3 +206,45 @@ def test_the_scratch_model_is_trained_only_when_asked(windows, scratch, caplog):
     delta = tuned.result["pretrained_vs_scratch"]
     assert (delta["delta"] is not None) == scratch
     assert scratch or "config.eval.finetune.scratch=False" in delta["reason"]
+
+
+def _probe_task(windows, finetuner, encoder) -> TaskData:
+    """The windows with their frozen per-code vectors and a probe fit on train (C=0.1)."""
+    rng = np.random.default_rng(3)
+    split_windows = dict(windows, held_out=_windows(rng, 48, 2000))
+    embed = make_embed_fn(finetuner.encoder_graphdef, finetuner.pooling, VOCAB)
+    x = {s: embed_label_windows(finetuner.encoder_graphdef, encoder, ws, MAX_LEN, 16, embed)
+         for s, ws in split_windows.items()}
+    y = {s: np.array([w["label"] for w in ws], bool) for s, ws in split_windows.items()}
+    return TaskData(None, split_windows, x, y, fit_probe(x["train"], y["train"], 0.1))
+
+
+def test_a_head_from_the_probe_starts_as_the_probe_and_keeps_it_unless_tuning_improves(
+        windows):
+    """``head_init = "probe"``: the head's logits before any step are the probe's decision
+    function (the scaler folded into the weights); the fit checks them at step 0 and returns
+    them when no later check beats them on tuning."""
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=12, learning_rate=1e-5, head_init="probe"), MAX_LEN,
+                          0, pooling="per_code_last")
+    encoder = _encoder(1)
+    data = _probe_task(windows, finetuner, encoder)
+    kernel, bias = probe_head_weights(data.probe)
+    assert kernel.shape == (pooled_width("per_code_last", MODEL.d_model, VOCAB), 1)
+    assert np.abs(kernel).sum() > 0 and bias.shape == (1,)
+    fit = finetuner.fit(encoder, windows["train"], windows["tuning"], 0.1,
+                        head_weights=(kernel, bias))
+    probe_auroc = roc_auc_score(data.y["tuning"], data.probe.decision(data.x["tuning"]))
+    assert fit.tuning_curve[0] == [0, pytest.approx(probe_auroc, abs=1e-6)]
+    assert fit.tuning_auroc >= fit.tuning_curve[0][1]
+    if fit.best_step == 0:
+        np.testing.assert_allclose(fit.params["head"]["out"]["kernel"], kernel)
+    start = finetuner.initial_params(encoder, 0.5, (kernel, bias))
+    np.testing.assert_allclose(finetuner.logits(start, windows["tuning"]),
+                               data.probe.decision(data.x["tuning"]), rtol=1e-4, atol=1e-4)
+    tuned = finetune_task(finetuner, encoder, data, None, seed=0)
+    assert tuned.result["pretrained"]["head_init"] == "probe"
+    assert tuned.result["scratch"]["head_init"] == "zero"
+    assert tuned.result["pretrained"]["tuning_curve"][0][0] == 0
+    assert tuned.result["scratch"]["tuning_curve"][0][0] == 6
+

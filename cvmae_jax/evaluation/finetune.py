@@ -29,7 +29,8 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, held_out_metrics
+from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData, fit_probe,
+                                             held_out_metrics)
 from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomic
 from cvmae_jax.evaluation.label_efficiency import kshot_curve
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
@@ -42,6 +43,7 @@ from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import TrainState
 
 MODELS = ("pretrained", "scratch")
+HEAD_INITS = ("zero", "probe")
 
 
 def finetune_config(config) -> ml_collections.ConfigDict:
@@ -56,6 +58,10 @@ def finetune_config(config) -> ml_collections.ConfigDict:
         _require(settings[name] > 0, name, settings[name], "expected > 0")
     _require(settings.weight_decay >= 0, "weight_decay", settings.weight_decay, "expected >= 0")
     _require(settings.head in HEADS, "head", settings.head, f"expected one of {HEADS}")
+    _require(settings.head_init in HEAD_INITS, "head_init", settings.head_init,
+             f"expected one of {HEAD_INITS}")
+    _require(settings.head_init != "probe" or settings.head == "linear", "head_init",
+             settings.head_init, "the probe's weights fit only head='linear'")
     return settings
 
 
@@ -119,7 +125,7 @@ class Finetuner:
         self.launcher, self.settings, self.max_len, self.seed = launcher, settings, max_len, seed
         self.model_config, self.pooling = model_config, pooling
         self.encoder_graphdef = init_encoder(model_config, seed)[0]
-        self.head_graphdef = self._head(0.5)[0]
+        self.head_graphdef = init_head(model_config, pooling, settings.head, 0.5, seed)[0]
         self.optimizer = make_finetune_optimizer(settings.learning_rate, settings.weight_decay,
                                                  settings.steps)
         self.traces: list = []
@@ -135,14 +141,16 @@ class Finetuner:
         return jax.device_get(init_encoder(self.model_config, self.seed)[1])
 
     def fit(self, encoder_params, train: list[dict], tuning: list[dict],
-            encoder_lr_scale: float, name: str = "") -> Fit:
-        """Trains the encoder ``encoder_params`` plus a fresh head on the ``train`` windows
+            encoder_lr_scale: float, name: str = "", head_weights=None) -> Fit:
+        """Trains the encoder ``encoder_params`` plus a head on the ``train`` windows
         (``label_windows`` dicts), early-stopped on the tuning AUROC of ``tuning``; with a
-        ``name``, logs each check (loss, tuning AUROC, steps/s, ETA)."""
+        ``name``, logs each check (loss, tuning AUROC, steps/s, ETA). The head starts at zero
+        weight, or at ``head_weights`` (kernel [W, 1], bias [1]: ``probe_head_weights``), and
+        then is checked once before the first step, so the fit keeps the probe's classifier
+        when no step does better on tuning."""
         s, start = self.settings, time.perf_counter()
         train_y = _labels(train)
-        _, head = self._head(float(train_y.mean()))
-        params = dict(encoder=jax.device_get(encoder_params), head=jax.device_get(head))
+        params = self.initial_params(encoder_params, float(train_y.mean()), head_weights)
         state = self.launcher.put_state(TrainState(
             step=np.zeros((), np.int32), params=params,
             opt_state=init_opt_state(self.optimizer, params, encoder_lr_scale)))
@@ -153,7 +161,29 @@ class Finetuner:
         leaves = self._step.flatten(state)
         tuning_y = _labels(tuning)
         stopper = EarlyStopping(s.patience, finetune_warmup_steps(s.steps))
-        curve, losses, window, nonfinite, step = [], [], [], 0, 0
+        curve, losses, window, nonfinite = [], [], [], 0
+
+        def check(step: int) -> bool:
+            """Scores the current parameters on tuning, keeps them if best; True: stop."""
+            params = self._step.unflatten(leaves).params
+            score = (None if np.unique(tuning_y).size < 2 else
+                     float(roc_auc_score(tuning_y, self._logits_of(params, tuning))))
+            curve.append([step, score])
+            stop = stopper.update(step, score, lambda: jax.device_get(
+                self.launcher.checkpoint_view(self._step.unflatten(leaves)).params))
+            if name:
+                pace = step / (time.perf_counter() - start)
+                logging.info("finetune %s: step %d/%d | loss %s tuning AUROC %s (best %s at "
+                             "%d) | %.2f steps/s ETA %s", name, step, s.steps,
+                             f"{losses[-1][1]:.4f}" if losses else "n/a", _auroc_text(score),
+                             _auroc_text(stopper.best_score), stopper.best_step, pace,
+                             "0m00s" if stop else
+                             clock((s.steps - step) / pace) if step else "n/a")
+            return stop
+
+        step = 0
+        if head_weights is not None:
+            check(0)
         for step in range(1, s.steps + 1):
             leaves, metrics = self._step(leaves, self._step.put(next(batches)))
             window.append(metrics)
@@ -163,27 +193,21 @@ class Finetuner:
             window = []
             losses.append([step, float(np.mean([m["loss"] for m in fetched]))])
             nonfinite += sum(int(m["finite"] == 0) for m in fetched)
-            params = self._step.unflatten(leaves).params
-            score = (None if np.unique(tuning_y).size < 2 else
-                     float(roc_auc_score(tuning_y, self._logits_of(params, tuning))))
-            curve.append([step, score])
-            stop = stopper.update(step, score, lambda: jax.device_get(
-                self.launcher.checkpoint_view(self._step.unflatten(leaves)).params))
-            if name:
-                pace = step / (time.perf_counter() - start)
-                logging.info("finetune %s: step %d/%d | loss %.4f tuning AUROC %s (best %s at "
-                             "%d) | %.2f steps/s ETA %s", name, step, s.steps, losses[-1][1],
-                             _auroc_text(score), _auroc_text(stopper.best_score),
-                             stopper.best_step, pace,
-                             "0m00s" if stop else clock((s.steps - step) / pace))
-            if stop:
+            if check(step):
                 break
         return Fit(stopper.best_params, stopper.best_step, step, stopper.best_score, curve,
                    losses, nonfinite, time.perf_counter() - start)
 
-    def _head(self, prevalence: float):
-        return init_head(self.model_config, self.pooling, self.settings.head, prevalence,
-                         self.seed)
+    def initial_params(self, encoder_params, prevalence: float, head_weights=None) -> dict:
+        """Host parameters {"encoder", "head"} a fit starts from: ``encoder_params`` and a head
+        at zero weight predicting ``prevalence``, or with ``head_weights`` (kernel [W, 1],
+        bias [1])."""
+        head = jax.device_get(init_head(self.model_config, self.pooling, self.settings.head,
+                                        prevalence, self.seed)[1])
+        if head_weights is not None:
+            head["out"]["kernel"].set_value(head_weights[0])
+            head["out"]["bias"].set_value(head_weights[1])
+        return dict(encoder=jax.device_get(encoder_params), head=head)
 
     def logits(self, params: dict, windows: list[dict]) -> np.ndarray:
         """Logits float64 [N] on ``windows`` of host parameters {"encoder", "head"} (as
@@ -220,6 +244,15 @@ class Finetuner:
             order = rng.permutation(len(windows))
             for lo in range(0, len(order), b):
                 yield self._batch([windows[i] for i in order[lo:lo + b]])
+
+
+def probe_head_weights(probe: Probe) -> tuple[np.ndarray, np.ndarray]:
+    """The linear head (kernel float32 [W, 1], bias float32 [1]) whose logit on a window vector
+    x [W] is the probe's decision function: its logistic regression on the standardized
+    vector, with the scaler folded into the weights."""
+    coef = probe.model.coef_[0] / probe.scaler.scale_
+    bias = probe.model.intercept_[0] - float(coef @ probe.scaler.mean_)
+    return coef[:, None].astype(np.float32), np.array([bias], np.float32)
 
 
 def _auroc_text(score: float | None) -> str:
@@ -283,18 +316,23 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
         return TaskFinetune(result, {})
     test_y = _labels(windows[TEST])
     subjects = [int(w["subject_id"]) for w in windows[TEST]]
-    encoders = dict(pretrained=(pretrained_encoder, finetuner.settings.encoder_lr_scale))
-    if finetuner.settings.scratch:
-        encoders["scratch"] = (finetuner.scratch_encoder(), 1.0)
+    settings = finetuner.settings
+    from_probe = settings.head_init == "probe" and data.probe is not None
+    encoders = dict(pretrained=(pretrained_encoder, settings.encoder_lr_scale,
+                                probe_head_weights(data.probe) if from_probe else None))
+    if settings.scratch:
+        encoders["scratch"] = (finetuner.scratch_encoder(), 1.0, None)
     logits, probabilities = {}, {}
-    for model, (encoder, scale) in encoders.items():
+    for model, (encoder, scale, head_weights) in encoders.items():
         fit = finetuner.fit(encoder, windows[TRAIN], windows[TUNING], scale,
-                            f"{task} {model}".strip())
+                            f"{task} {model}".strip(), head_weights)
         split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
         logits[model] = split_logits[TEST]
         probabilities[model] = {s: sigmoid(v) for s, v in split_logits.items()}
         result[model] = dict(scored(test_y, logits[model], subjects, seed),
-                             encoder_lr_scale=scale, **fit.summary())
+                             encoder_lr_scale=scale,
+                             head_init="zero" if head_weights is None else "probe",
+                             **fit.summary())
     result["pretrained_vs_scratch"] = (
         paired_delta(test_y, logits["pretrained"], logits["scratch"], subjects, seed)
         if "scratch" in logits else
@@ -348,9 +386,15 @@ def _kshot(finetuner: Finetuner, pretrained, data: TaskData, sample_seed: int,
     train, test = data.windows[TRAIN], data.windows[TEST]
     test_y = _labels(test)
 
+    settings = finetuner.settings
+
     def auroc_of_draw(idx):
+        head_weights = None
+        if settings.head_init == "probe":  # the probe's k-shot fit on the same rows
+            head_weights = probe_head_weights(fit_probe(data.x[TRAIN][idx], data.y[TRAIN][idx],
+                                                        data.probe.C, sample_seed))
         fit = finetuner.fit(pretrained, [train[i] for i in idx], data.windows[TUNING],
-                            finetuner.settings.encoder_lr_scale)
+                            settings.encoder_lr_scale, head_weights=head_weights)
         return roc_auc_score(test_y, finetuner.logits(fit.params, test))
 
     return kshot_curve(auroc_of_draw, _labels(train), sample_seed, full_auroc,

@@ -27,12 +27,15 @@ def finetune_lines(downstream: dict) -> list[str]:
         return []
     s = settings
     pooling = s["pooling"]
+    init = ("`pretrained`'s head starts at the probe's weights and is checked before the first "
+            "step (linear probing, then fine-tuning), `scratch`'s at zero weight. Both: the same "
+            if s.get("head_init") == "probe" else "Both: the same head initialization, ")
     lines = ["", f"## Fine-tuning on `{s['split']}`", "",
              f"The encoder plus a {s['head']} head on {DESCRIPTIONS[pooling]} (`{pooling}`, as "
              "the probe) in the probe's label windows, trained with binary cross-entropy on "
              "train, every weight updated: `pretrained` starts from this run's encoder (its "
              f"learning rate {s['encoder_lr_scale']:g}x the head's), `scratch` from a random "
-             "one (the same rate as the head). Both: the same head initialization, batches and "
+             f"one (the same rate as the head). {init}batches and "
              f"budget (at most {s['steps']} steps of {s['batch_size']} rows, peak rate "
              f"{s['learning_rate']:g}); "
              f"tuning AUROC every {s['eval_every']} steps, the best kept, stop after "
