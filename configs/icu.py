@@ -64,7 +64,9 @@ numeric): 0.819-0.857 against 0.818-0.849 for each code's average (`per_code`), 
 both well above the average alone (0.77-0.81 over six study runs;
 docs/results_physionet2012.md, "Each code's latest state").
 
-Fine-tuning (eval.py): the heads read the states pooled per code, as the probe does; at most
+Fine-tuning (eval.py): the heads read the states pooled per code, as the probe does, and the
+pretrained network's head starts at the frozen probe's weights (`head_init = "probe"`: linear
+probing, then fine-tuning), that classifier checked on tuning before the first step; at most
 600 steps of 32 label rows (about 6 epochs of set-a's 3,188 train stays), early stopping on
 tuning AUROC (three checks, 60 steps, without a better tuning AUROC, counted after the 60-step
 warmup). Chosen on tuning AUROC of the all-numeric `random` runs (seeds 0, 1, 2, trained at
@@ -94,4 +96,5 @@ def get_config():
     config.eval.pooling = "per_code_last"
     config.eval.label_window = "each_code_latest"
     config.eval.finetune.steps = 600
+    config.eval.finetune.head_init = "probe"
     return config
