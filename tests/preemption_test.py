@@ -1,5 +1,6 @@
 """Real processes: kill -9 then resume, SIGTERM (preemption), a half-written checkpoint."""
 
+import json
 import os
 import shutil
 import signal
@@ -38,12 +39,19 @@ def finish(process):
     return output
 
 
+def complete_records(path):
+    """The records of a metrics.jsonl a running job writes: its complete lines only (the job
+    may be part-way through writing the last one)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
 def wait_for_step(workdir, step, process):
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if os.path.exists(path) and any(
-                m["step"] >= step for m in read_metrics(workdir) if "split" not in m):
+                m["step"] >= step for m in complete_records(path) if "split" not in m):
             return
         time.sleep(0.02)
     raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
