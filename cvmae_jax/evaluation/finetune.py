@@ -7,12 +7,13 @@ Each model is trained with binary cross-entropy on shuffled batches of train win
 weight updated (the pretrained encoder at ``encoder_lr_scale`` times the head's rate, the
 scratch encoder at the head's rate); every ``eval_every`` steps its tuning AUROC is measured,
 the best parameters are kept, and training stops after ``patience`` checks without a better
-one (checks during the learning rate's warmup do not count). Both models share the head's
-initialization and the order of batches. One compiled step
-(``cvmae_jax.finetune_steps``, under the run's launcher: jit over the data mesh, or pmap)
-serves every task, model and k-shot draw. Held_out AUROC/AUPRC get subject-bootstrap CIs, and
-the differences pretrained - scratch and pretrained - probe paired-bootstrap CIs (the same
-resamples of subjects for both models). Logs hold counts and aggregates only.
+one (checks during the learning rate's warmup do not count). Both models share the order of
+batches and, unless the pretrained model's head starts at the frozen probe's weights
+(``head_init="probe"``, checked before the first step), the head's initialization. One
+compiled step (``cvmae_jax.finetune_steps``, under the run's launcher: jit over the data mesh,
+or pmap) serves every task, model and k-shot draw. Held_out AUROC/AUPRC get subject-bootstrap
+CIs, and the differences pretrained - scratch and pretrained - probe paired-bootstrap CIs (the
+same resamples of subjects for both models). Logs hold counts and aggregates only.
 """
 
 from __future__ import annotations
@@ -305,8 +306,9 @@ class TaskFinetune:
 def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
                   probe_score: np.ndarray | None, seed: int, task: str = "") -> TaskFinetune:
     """Trains the pretrained and the scratch classifier on one task (``TaskData``: the probe's
-    windows) and scores both on held_out; ``probe_score`` is the probe's held_out decision
-    (None without a probe); ``task`` names it in the progress lines."""
+    windows) and scores both on held_out; with ``head_init="probe"`` the pretrained head starts
+    at ``data.probe``'s weights. ``probe_score`` is the probe's held_out decision (None without
+    a probe); ``task`` names it in the progress lines."""
     windows = data.windows
     train_y = _labels(windows[TRAIN])
     result = dict(n_train=int(len(train_y)), n_tuning=len(windows[TUNING]),
@@ -385,7 +387,6 @@ def _kshot(finetuner: Finetuner, pretrained, data: TaskData, sample_seed: int,
     """The fine-tuned (pretrained) classifier's k-shot curve: ``kshot_draws`` draws per k."""
     train, test = data.windows[TRAIN], data.windows[TEST]
     test_y = _labels(test)
-
     settings = finetuner.settings
 
     def auroc_of_draw(idx):
