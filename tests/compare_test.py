@@ -28,12 +28,12 @@ SUBJECT_BASE = 987_654_000  # subject ids that must never reach a report
 
 def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_scores=None,
              label_efficiency=None, locf_mses=(1.0,) * len(CODES), task_extra=None,
-             finetuned_scores=None, **extra):
+             finetuned_scores=None, finetune_settings=None, **extra):
     """A training workdir with config.json, metrics.jsonl and eval/metrics.json (+ predictions
     of each task in ``task_scores``: {task: (labels, scores)}; ``label_efficiency``: {k: mean
     AUROC} for every task; ``locf_mses``: carry-forward's per-lab MSE; ``task_extra``: fields
     added to every task's result; ``finetuned_scores``: the fine-tuned model's predictions,
-    as ``task_scores``)."""
+    as ``task_scores``; ``finetune_settings``: eval.py's record of them, downstream.finetune)."""
     path = root / f"{strategy}_s{seed}"
     (path / "eval").mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"seed": seed,
@@ -65,7 +65,9 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
     metrics = dict(overall=overall,
                    per_code=per_code, step=curve[-1][0], split="held_out", strategy=strategy,
                    eval_mask=dict(rate=0.3, seed=1234),
-                   downstream=dict(seed=seed, split="held_out", tasks=tasks),
+                   downstream=dict(seed=seed, split="held_out", tasks=tasks,
+                                   **({} if finetune_settings is None
+                                      else dict(finetune=finetune_settings))),
                    **{"cv_threshold": 0.25, **extra})
     (path / "eval" / "metrics.json").write_text(json.dumps(metrics))
     return str(path)
@@ -415,6 +417,22 @@ def test_runs_whose_probes_read_different_vectors_are_refused(tmp_path):
     with pytest.raises(ValueError, match="different config.eval.label_window, so their probes "
                                          "read different vectors: .*'each_code_latest'"):
         group_runs([load_run(ref), load_run(same), load_run(other)])
+
+
+def test_runs_whose_models_were_fine_tuned_differently_are_refused(tmp_path):
+    """Among runs with fine-tuned models the settings must agree (a record without head_init:
+    its default, zero); runs without fine-tuning do not count."""
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4, finetune_settings=dict(steps=600))
+    same = make_run(tmp_path, "cv", 0, [1.0] * 4,
+                    finetune_settings=dict(steps=600, head_init="zero"))
+    untuned = make_run(tmp_path, "cv_rank", 0, [1.0] * 4)
+    group_runs([load_run(p) for p in (ref, same, untuned)])
+    other = make_run(tmp_path, "variance", 0, [1.0] * 4,
+                     finetune_settings=dict(steps=600, head_init="probe"))
+    with pytest.raises(ValueError, match="different config.eval.finetune.head_init, so their "
+                                         "fine-tuned models were trained differently: "
+                                         ".*'probe'"):
+        group_runs([load_run(p) for p in (ref, same, other)])
 
 
 def run_eval_cli(*args):

@@ -17,6 +17,9 @@ from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
 REFERENCE = "random"
 # eval settings that change what the downstream models read (eval/metrics.json eval_settings)
 DOWNSTREAM_SETTINGS = ("pooling", "label_max_len", "label_window")
+# fine-tuning settings that change the fine-tuned model (eval/metrics.json downstream.finetune)
+FINETUNE_SETTINGS = ("steps", "batch_size", "learning_rate", "encoder_lr_scale", "weight_decay",
+                     "head", "head_init", "eval_every", "patience")
 
 
 @dataclasses.dataclass
@@ -76,8 +79,9 @@ def _refuse_differing(runs: list[Run], name: str, value_of, why: str = "") -> No
 
 
 def _refuse_different_evaluations(runs: list[Run]) -> None:
-    """Runs must share the split, the evaluation mask and the eval settings of the vectors
-    their probes read (a field missing from a metrics.json's eval_settings: its default)."""
+    """Runs must share the split, the evaluation mask, the eval settings of the vectors their
+    probes read and, among runs with fine-tuned models, the fine-tuning settings (a field
+    missing from a metrics.json: its default)."""
     for key in ("split", "eval_mask"):
         _refuse_differing(runs, key, lambda r: json.dumps(r.metrics.get(key), sort_keys=True))
     defaults = default_config().eval
@@ -85,6 +89,11 @@ def _refuse_different_evaluations(runs: list[Run]) -> None:
         _refuse_differing(runs, f"config.eval.{key}", lambda r: repr(
             r.metrics.get("eval_settings", {}).get(key, defaults[key])),
             ", so their probes read different vectors")
+    tuned = [r for r in runs if r.metrics.get("downstream", {}).get("finetune")]
+    for key in FINETUNE_SETTINGS:
+        _refuse_differing(tuned, f"config.eval.finetune.{key}", lambda r: repr(
+            r.metrics["downstream"]["finetune"].get(key, defaults.finetune[key])),
+            ", so their fine-tuned models were trained differently")
 
 
 def group_runs(runs: list[Run]) -> dict[str, dict[int, Run]]:
