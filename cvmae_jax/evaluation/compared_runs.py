@@ -17,9 +17,9 @@ from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
 REFERENCE = "random"
 # eval settings that change what the downstream models read (eval/metrics.json eval_settings)
 DOWNSTREAM_SETTINGS = ("pooling", "label_max_len", "label_window")
-# fine-tuning settings that change the fine-tuned model (eval/metrics.json downstream.finetune)
-FINETUNE_SETTINGS = ("steps", "batch_size", "learning_rate", "encoder_lr_scale", "weight_decay",
-                     "head", "head_init", "eval_every", "patience")
+# config.eval.finetune fields that leave each fine-tuned model unchanged (every other one must
+# agree among compared runs: eval/metrics.json downstream.finetune)
+FINETUNE_FREE = ("enabled", "scratch", "kshot_draws")
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def _refuse_different_evaluations(runs: list[Run]) -> None:
             r.metrics.get("eval_settings", {}).get(key, defaults[key])),
             ", so their probes read different vectors")
     tuned = [r for r in runs if r.metrics.get("downstream", {}).get("finetune")]
-    for key in FINETUNE_SETTINGS:
+    for key in (k for k in defaults.finetune if k not in FINETUNE_FREE):
         _refuse_differing(tuned, f"config.eval.finetune.{key}", lambda r: repr(
             r.metrics["downstream"]["finetune"].get(key, defaults.finetune[key])),
             ", so their fine-tuned models were trained differently")

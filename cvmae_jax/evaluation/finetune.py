@@ -30,10 +30,10 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData, fit_probe,
+from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
 from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomic
-from cvmae_jax.evaluation.label_efficiency import kshot_curve
+from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                paired_auroc_difference)
 from cvmae_jax.finetune_steps import (HEADS, finetune_warmup_steps, init_encoder, init_head,
@@ -392,8 +392,8 @@ def _kshot(finetuner: Finetuner, pretrained, data: TaskData, sample_seed: int,
     def auroc_of_draw(idx):
         head_weights = None
         if settings.head_init == "probe":  # the probe's k-shot fit on the same rows
-            head_weights = probe_head_weights(fit_probe(data.x[TRAIN][idx], data.y[TRAIN][idx],
-                                                        data.probe.C, sample_seed))
+            head_weights = probe_head_weights(kshot_probe(data.x[TRAIN], data.y[TRAIN], idx,
+                                                          data.probe, sample_seed))
         fit = finetuner.fit(pretrained, [train[i] for i in idx], data.windows[TUNING],
                             settings.encoder_lr_scale, head_weights=head_weights)
         return roc_auc_score(test_y, finetuner.logits(fit.params, test))

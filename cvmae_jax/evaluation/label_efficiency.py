@@ -34,6 +34,11 @@ def kshot_indices(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray
     return np.sort(chosen).astype(np.int64)
 
 
+def kshot_probe(train_x, train_y, idx: np.ndarray, probe: Probe, seed: int) -> Probe:
+    """The curve's probe on train rows ``idx``: C fixed to the full-data ``probe``'s."""
+    return fit_probe(train_x[idx], train_y[idx], probe.C, seed)
+
+
 def settings(seed: int) -> dict:
     """What every curve shares, for metrics.json and the report."""
     return dict(seed=int(seed), ks=list(K_SHOTS), draws=NUM_DRAWS, c_policy=C_POLICY,
@@ -56,7 +61,7 @@ def label_efficiency(train_x, train_y, test_x, test_y, probe: Probe | None, seed
                              reason=reason, **common)
                 for k in (*[k for k in ks if k < len(train_y)], "all")}
     def auroc_of_draw(idx):
-        fitted = fit_probe(train_x[idx], train_y[idx], probe.C, seed)
+        fitted = kshot_probe(train_x, train_y, idx, probe, seed)
         return float(roc_auc_score(test_y, fitted.decision(test_x)))
 
     return kshot_curve(auroc_of_draw, train_y, seed, full_auroc, ks, draws, common)
