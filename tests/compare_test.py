@@ -514,3 +514,31 @@ def test_study_tables_are_dataframes(tmp_path):
     labs = results.study_lab_table(str(tmp_path / "out"))
     assert list(labs["name"]) == [NAMES[c] for c in CODES]
     np.testing.assert_allclose(labs["diff"], [0.2, 0.1, 0.3, -0.2])
+
+
+def test_lab_plot_hatches_each_two_tier_strategys_own_high_tier(tmp_path):
+    """cv_within's high tier is not the right of the train-CV line: its own labs are marked."""
+    from unittest import mock
+
+    from cvmae_jax.evaluation import compare_plots
+
+    paths = [make_run(tmp_path, "random", 0, [1.0] * 4)]
+    for strategy, probs in (("cv_within", [0.8, 0.2, 0.2, 0.8]),
+                            ("cv_rank", [0.1, 0.3, 0.5, 0.7])):
+        paths.append(make_run(tmp_path, strategy, 0, [0.8, 0.9, 0.7, 1.2]))
+        metrics_path = os.path.join(paths[-1], "eval", "metrics.json")
+        metrics = json.load(open(metrics_path))
+        for row, p in zip(metrics["per_code"], probs):
+            row["train_mask_prob"] = p
+        json.dump(metrics, open(metrics_path, "w"))
+    groups = group_runs([load_run(p) for p in paths])
+    with mock.patch.object(compare_plots, "save_figure") as save:
+        compare_plots.plot_all(groups, summarize_runs(groups), str(tmp_path))
+    (fig,) = [c.args[0] for c in save.call_args_list if c.args[1].endswith("by_cv.png")]
+    hatches = {ax.get_title().split()[0]: [bar.get_hatch() or "" for bar in ax.patches]
+               for ax in fig.axes}
+    assert hatches == {"cv_within": ["///", "", "", "///"], "cv_rank": ["", "", "", ""]}
+    legends = {ax.get_title().split()[0]: [t.get_text() for t in ax.get_legend().get_texts()]
+               for ax in fig.axes}
+    assert "masked at 0.8 in training (cv_within's high tier)" in legends["cv_within"]
+    assert len(legends["cv_rank"]) == 1  # the train-CV line only

@@ -124,13 +124,15 @@ def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
                                                  for c in codes])
     common = set.intersection(*(set(a) & set(b) for a, b in tables.values()))
     ref_rows = next(iter(tables.values()))[1]
+    run_rows = next(iter(tables.values()))[0]
     labs = []
     for code in sorted(common, key=lambda c: (ref_rows[c].get("cv", np.nan), c)):
         run_mse = float(np.mean([a[code]["mse"] for a, _ in tables.values()]))
         ref_mse = float(np.mean([b[code]["mse"] for _, b in tables.values()]))
         labs.append(dict(code=code, name=ref_rows[code]["name"], cv=ref_rows[code].get("cv"),
                          num_masked=ref_rows[code]["num_masked"], random_mse=ref_mse,
-                         strategy_mse=run_mse, diff=ref_mse - run_mse))
+                         strategy_mse=run_mse, diff=ref_mse - run_mse,
+                         train_mask_prob=run_rows[code].get("train_mask_prob")))
     pooled = paired_stats.lab_comparison([lab["diff"] for lab in labs])
     return dict(pooled=pooled, per_seed=per_seed, per_lab=labs)
 
