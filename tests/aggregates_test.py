@@ -1,15 +1,19 @@
 """As-of aggregate features of label windows (nothing after prediction_time, missing codes) and
 the aggregates baseline models beside the probe."""
 
+import dataclasses
 import datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.data import labels, meds
 from cvmae_jax.data.stats import compute_stats
-from cvmae_jax.evaluation.aggregates import FEATURES, aggregate_features, aggregates_baseline
+from cvmae_jax.evaluation.aggregates import (FEATURES, aggregate_features, aggregates_baseline,
+                                             fit_gradient_boosting)
 from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, fit_task_probe
 
 A, B = "LAB//A", "LAB//B"
@@ -85,5 +89,42 @@ def test_aggregates_beat_a_probe_on_noise_with_a_paired_difference():
         np.testing.assert_allclose(diff["delta"], probe_result["auroc"] - r["auroc"])
         assert diff["ci"][1] < 0 and r["n_subjects"] == 60  # two rows per subject
     assert out["gradient_boosting"]["selection"] == "tuning AUROC"
+    together = out["probe_plus_aggregates"]
+    chosen = max(("logistic_regression", "gradient_boosting"),
+                 key=lambda m: out[m]["tuning_auroc"])
+    assert together["aggregates_model"] == chosen
+    np.testing.assert_allclose(together["minus_model"]["delta"],
+                               together["auroc"] - out[chosen]["auroc"])
+    assert together["minus_probe"]["ci"][0] > 0  # the aggregates carry the signal
     no_auroc = aggregates_baseline(data, dict(auroc=None, reason="one class"), 1, 3)
     assert no_auroc["reason"] == "as for the probe: one class" and "gradient_boosting" not in no_auroc
+
+
+def test_probe_plus_aggregates_is_the_mean_probability_and_gains_what_each_misses():
+    """Labels from two independent signals: one in the lab values, one only in the vectors."""
+    rng = np.random.default_rng(1)
+    data, _ = _task(rng, n=400)
+    for split in (TRAIN, TUNING, TEST):
+        hidden = rng.normal(size=400)
+        values = np.array([w["values"].mean() for w in data.windows[split]])
+        data.y[split][:] = values + hidden + 0.3 * rng.normal(size=400) > 1.0
+        data.x[split][:, 0] = hidden
+    probe_result, probe = fit_task_probe(data.x[TRAIN], data.y[TRAIN], data.x[TUNING],
+                                         data.y[TUNING], data.x[TEST], data.y[TEST])
+    data = dataclasses.replace(data, probe=probe)
+    out = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    together = out["probe_plus_aggregates"]
+    model = together["aggregates_model"]
+    x = {s: aggregate_features(data.windows[s], 1) for s in (TRAIN, TUNING, TEST)}
+    if model == "logistic_regression":  # the same deterministic fits as aggregates_baseline's
+        model_fit = fit_task_probe(x[TRAIN], data.y[TRAIN], x[TUNING], data.y[TUNING], x[TEST],
+                                   data.y[TEST])[1].decision
+    else:
+        model_fit = fit_gradient_boosting(x[TRAIN], data.y[TRAIN], x[TUNING],
+                                          data.y[TUNING])[0].decision_function
+    expected = (probe.decision(data.x[TEST]) / probe.decision(data.x[TUNING]).std()
+                + model_fit(x[TEST]) / model_fit(x[TUNING]).std())
+    assert together["auroc"] == pytest.approx(roc_auc_score(data.y[TEST], expected))
+    assert together["minus_model"]["ci"][0] > 0 and together["minus_probe"]["ci"][0] > 0
+    assert together["tuning_auroc"] > max(out[m]["tuning_auroc"]
+                                          for m in ("logistic_regression", "gradient_boosting"))

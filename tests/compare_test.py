@@ -329,7 +329,10 @@ def test_each_strategy_is_set_beside_carry_forward_aggregates_and_scratch(tmp_pa
         return dict(aggregates=dict(
             reason=None, logistic_regression=dict(auroc=0.70, probe_minus_model=dict(
                 delta=probe_minus_lr)),
-            gradient_boosting=dict(auroc=0.75, probe_minus_model=dict(delta=-0.1))),
+            gradient_boosting=dict(auroc=0.75, probe_minus_model=dict(delta=-0.1)),
+            probe_plus_aggregates=dict(aggregates_model="gradient_boosting",
+                                       auroc=0.70 + probe_minus_lr,
+                                       minus_model=dict(delta=probe_minus_lr - 0.05))),
             finetune=dict(pretrained=dict(auroc=finetuned, n=300), scratch=dict(auroc=scratch),
                           pretrained_vs_scratch=dict(delta=finetuned - scratch)))
 
@@ -356,6 +359,8 @@ def test_each_strategy_is_set_beside_carry_forward_aggregates_and_scratch(tmp_pa
     assert death["scratch"]["mean"] == pytest.approx(0.62)
     cv = death["strategies"]["cv"]
     assert cv["probe_minus"]["logistic_regression"]["mean"] == pytest.approx(0.07)
+    assert cv["together"]["mean"] == pytest.approx(0.77)
+    assert cv["together_minus_model"]["per_seed"] == pytest.approx({"0": 0.01, "1": 0.03})
     assert cv["finetuned"]["mean"] == pytest.approx(0.91)
     assert cv["finetuned_minus_scratch"]["mean"] == pytest.approx(0.29)
     delta = summary["strategies"]["cv"]["vs_random"]["finetuned_auroc_delta"]["death"]
@@ -367,6 +372,8 @@ def test_each_strategy_is_set_beside_carry_forward_aggregates_and_scratch(tmp_pa
         in report
     assert "- from scratch (no pretraining): 0.620 (0.600 to 0.640)" in report
     assert "| `cv` | " in report and "+0.070 (+0.060 to +0.080)" in report
+    assert ("| 0.770 (0.760 to 0.780) | +0.020 (+0.010 to +0.030) | 0.910 (0.900 to 0.920) |"
+            in report)  # probe + aggregates, minus the aggregates model, fine-tuned
     assert "fine-tuned AUROC death: Δ vs random [95% CI]" in report
     assert f"(Δ {delta['delta']:+.3f} [{delta['ci'][0]:+.3f}, {delta['ci'][1]:+.3f}]; " \
         "n = " in report

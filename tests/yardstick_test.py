@@ -20,7 +20,11 @@ def test_yardstick_shows_reconstruction_and_task_rows():
             mortality=dict(n=50, auroc=0.7, auroc_ci=[0.6, 0.8], aggregates=dict(
                 reason=None, features=dict(windows_at_max_len=dict(train=3, held_out=1)),
                 logistic_regression=_model(0.8, -0.1, [-0.18, -0.02]),
-                gradient_boosting=_model(0.72, -0.02, [-0.1, 0.06]))),
+                gradient_boosting=_model(0.72, -0.02, [-0.1, 0.06]),
+                probe_plus_aggregates=dict(
+                    aggregates_model="logistic_regression", auroc=0.83, auroc_ci=[0.75, 0.9],
+                    minus_model=dict(delta=0.03, ci=[0.01, 0.05]),
+                    minus_probe=dict(delta=0.13, ci=[0.05, 0.2])))),
             readmission=dict(n=40, auroc=None, aggregates=dict(reason="as for the probe: x")))))
     text = "\n".join(yardstick_lines(result))
     assert "| per-code mean | 0.8000 | 0.750 |" in text
@@ -31,3 +35,6 @@ def test_yardstick_shows_reconstruction_and_task_rows():
             "-0.020 [-0.100, +0.060] no clear difference |") in text
     assert "- mortality: 4 label windows are full; their older events" in text
     assert "- readmission: no comparison (as for the probe: x)" in text
+    assert ("| mortality | 0.830 [0.750, 0.900] | aggregates LR | +0.030 [+0.010, +0.050] "
+            "together better | +0.130 [+0.050, +0.200] together better |") in text
+    assert text.count("| readmission |") == 0  # no comparison: no rows

@@ -16,6 +16,12 @@ tuning AUROC) and scikit-learn's HistGradientBoostingClassifier (``GBM_GRID``; n
 stopping, so the fit is deterministic). Each gets the paired subject-bootstrap CI of the
 difference probe - model in held_out AUROC. The fits run on one thread: OpenMP and BLAS thread
 pools that wait for busy cores make them many times slower on a shared CPU.
+
+The probe and the aggregates together (``probe_plus_aggregates``): the probe's log-odds plus
+those of the aggregates model with the higher tuning AUROC, each scaled to unit spread on
+tuning, no setting of its own. Its paired difference to that model answers the question the
+probe alone cannot: does the encoder's vector add anything to the hand-made features, whichever
+of the two is ahead?
 """
 
 from __future__ import annotations
@@ -86,8 +92,9 @@ def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max
                         seed: int = 0, each_code_latest: bool = False) -> dict:
     """One task's yardstick: {"features": what the models see, "logistic_regression" and
     "gradient_boosting": held_out metrics as the probe's plus ``probe_minus_model`` (AUROC
-    difference with its paired CI)}. Without a held_out probe AUROC (``probe_result``'s
-    reason: one class or no rows) the models are not fit and ``reason`` says why."""
+    difference with its paired CI), "probe_plus_aggregates": ``_probe_plus_model``}. Without
+    a held_out probe AUROC (``probe_result``'s reason: one class or no rows) the models are
+    not fit and ``reason`` says why."""
     windows = data.windows
     out = dict(features=dict(
         per_code=list(FEATURES), codes=int(vocab_size), columns=int(vocab_size * len(FEATURES)),
@@ -104,12 +111,13 @@ def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max
 
 
 def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
-    """``aggregates_baseline``'s two model entries."""
+    """``aggregates_baseline``'s model entries."""
     windows, out = data.windows, {}
     x = {s: aggregate_features(ws, vocab_size) for s, ws in windows.items()}
     y = {s: data.y[s].astype(int) for s in windows}
     subjects = [int(w["subject_id"]) for w in windows[TEST]]
-    probe_score = data.probe.decision(data.x[TEST])
+    probe_scores = {s: data.probe.decision(data.x[s]) for s in (TUNING, TEST)}
+    probe_score = probe_scores[TEST]
     bootstrap = SubjectBootstrap(subjects, seed)
     lr_result, lr = fit_task_probe(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST],
                                    seed, subjects)
@@ -121,4 +129,35 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
         result["probe_minus_model"] = paired_auroc_difference(y[TEST], probe_score, score,
                                                               bootstrap)
         out[name] = result
+    decisions = dict(logistic_regression=lr.decision, gradient_boosting=gbm.decision_function)
+    chosen = max(MODELS, key=lambda m: out[m]["tuning_auroc"] or -1.0)  # ties: the first
+    out["probe_plus_aggregates"] = _probe_plus_model(
+        probe_scores, {s: decisions[chosen](x[s]) for s in (TUNING, TEST)}, y, chosen,
+        out[chosen]["tuning_auroc"] is not None, subjects, seed, bootstrap)
     return out
+
+
+def _probe_plus_model(probe: dict, model: dict, y: dict, model_name: str, tuning_has_both: bool,
+                      subjects: list[int], seed: int, bootstrap: SubjectBootstrap) -> dict:
+    """The probe and the aggregates model chosen on tuning together, from their log-odds [N]
+    per split (tuning, held_out; both fit on train only): the sum of the two, each divided by
+    its standard deviation on tuning (no label used), so neither dominates by its scale (a
+    strongly regularized probe's log-odds spread little). Held_out metrics as the probe's, its
+    tuning AUROC, and paired differences to the probe and to the model: above 0 against the
+    model, the encoder's vector adds to what the aggregates give that model."""
+    together = {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
+                for s in (TUNING, TEST)}
+    result = dict(aggregates_model=model_name, tuning_auroc=(
+        float(roc_auc_score(y[TUNING], together[TUNING])) if tuning_has_both else None),
+        n=len(y[TEST]), **held_out_metrics(y[TEST], together[TEST], seed, subjects))
+    result["minus_probe"] = paired_auroc_difference(y[TEST], together[TEST], probe[TEST],
+                                                    bootstrap)
+    result["minus_model"] = paired_auroc_difference(y[TEST], together[TEST], model[TEST],
+                                                    bootstrap)
+    return result
+
+
+def _spread(scores: np.ndarray) -> float:
+    """Standard deviation of ``scores`` [N]; 1 when there is none (no rows, all equal)."""
+    spread = float(np.std(scores)) if len(scores) else 0.0
+    return spread if spread > 0 else 1.0

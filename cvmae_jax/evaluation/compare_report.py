@@ -124,8 +124,9 @@ def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
                   f"{_seeds_cell(d.get('untrained', _NONE))}",
                   f"- from scratch (no pretraining): {_seeds_cell(d['scratch'])}", "",
                   "| strategy | frozen probe | probe - untrained | probe - aggregates LR | "
-                  "probe - aggregates GBM | fine-tuned | fine-tuned - scratch |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "probe - aggregates GBM | probe + aggregates | (probe + aggregates) - "
+                  "aggregates | fine-tuned | fine-tuned - scratch |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for strategy, r in d["strategies"].items():
             minus = r["probe_minus"]
             lines.append(
@@ -133,11 +134,15 @@ def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
                 f"{_seeds_cell(r.get('probe_minus_untrained', _NONE), '+.3f')} | "
                 f"{_seeds_cell(minus.get('logistic_regression', _NONE), '+.3f')} | "
                 f"{_seeds_cell(minus.get('gradient_boosting', _NONE), '+.3f')} | "
+                f"{_seeds_cell(r.get('together', _NONE))} | "
+                f"{_seeds_cell(r.get('together_minus_model', _NONE), '+.3f')} | "
                 f"{_seeds_cell(r['finetuned'])} | "
                 f"{_seeds_cell(r['finetuned_minus_scratch'], '+.3f')} |")
     lines += ["", "Differences are taken per seed on the same rows, then averaged: probe - "
               "untrained and probe - aggregates within each run (its eval/report.md has the "
-              "paired bootstrap CIs); "
+              "paired bootstrap CIs); probe + aggregates: the probe's and the aggregates "
+              "model's log-odds together (that model: the one with the higher tuning AUROC), "
+              "minus that model alone; "
               "fine-tuned - scratch against the scratch model of the `random` run with the "
               "same seed (the scratch model does not depend on the strategy, so the study "
               "trains it there only). n/a: not evaluated (fine-tuning off: "

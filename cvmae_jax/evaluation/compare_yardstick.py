@@ -16,7 +16,8 @@ def simple_methods(groups: dict[str, dict[int, Run]], tasks: list[str]) -> dict:
     """{"reconstruction": {strategy: ratios and carry-forward win share}, "downstream": {task:
     aggregates, untrained-network probe and scratch AUROCs (the reference's seeds: none depends
     on the strategy) and
-    per strategy the probe and fine-tuned AUROCs with their paired differences}}."""
+    per strategy the probe, probe + aggregates and fine-tuned AUROCs with their paired
+    differences}}."""
     reconstruction = {s: _reconstruction(by_seed) for s, by_seed in groups.items()}
     downstream = {}
     for task in tasks:
@@ -45,8 +46,9 @@ def _reconstruction(by_seed: dict[int, Run]) -> dict:
 
 
 def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -> dict:
-    """The strategy's probe and fine-tuned AUROCs; fine-tuned minus the scratch model of the
-    reference run with the same seed (the study trains the scratch model there only)."""
+    """The strategy's probe, probe + aggregates and fine-tuned AUROCs; probe + aggregates minus
+    its aggregates model; fine-tuned minus the scratch model of the reference run with the same
+    seed (the study trains the scratch model there only)."""
     aggregates = {s: _probe_block(r, task, "aggregates") for s, r in by_seed.items()}
     finetuned = {s: task_result(r, task, "finetuned").get("auroc") for s, r in by_seed.items()}
     scratch = {s: _scratch_auroc(reference[s], task) if s in reference else None
@@ -60,6 +62,11 @@ def _downstream(by_seed: dict[int, Run], reference: dict[int, Run], task: str) -
         probe_minus_untrained=over_seeds({
             s: _probe_block(r, task, "untrained").get("probe_minus_untrained", {}).get("delta")
             for s, r in by_seed.items()}),
+        together=over_seeds({s: a.get("probe_plus_aggregates", {}).get("auroc")
+                             for s, a in aggregates.items()}),
+        together_minus_model=over_seeds({
+            s: a.get("probe_plus_aggregates", {}).get("minus_model", {}).get("delta")
+            for s, a in aggregates.items()}),
         finetuned=over_seeds(finetuned),
         finetuned_minus_scratch=over_seeds({
             s: None if None in (finetuned[s], scratch[s]) else finetuned[s] - scratch[s]
