@@ -100,7 +100,7 @@ def test_aggregates_beat_a_probe_on_noise_with_a_paired_difference():
     assert no_auroc["reason"] == "as for the probe: one class" and "gradient_boosting" not in no_auroc
 
 
-def test_probe_plus_aggregates_is_the_mean_probability_and_gains_what_each_misses():
+def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses():
     """Labels from two independent signals: one in the lab values, one only in the vectors."""
     rng = np.random.default_rng(1)
     data, _ = _task(rng, n=400)
@@ -128,3 +128,13 @@ def test_probe_plus_aggregates_is_the_mean_probability_and_gains_what_each_misse
     assert together["minus_model"]["ci"][0] > 0 and together["minus_probe"]["ci"][0] > 0
     assert together["tuning_auroc"] > max(out[m]["tuning_auroc"]
                                           for m in ("logistic_regression", "gradient_boosting"))
+
+
+def test_probe_plus_aggregates_without_a_tuning_choice_takes_logistic_regression():
+    data, probe_result = _task(np.random.default_rng(2))
+    data.y[TUNING][:] = False  # one class: no model can be chosen on tuning
+    together = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)[
+        "probe_plus_aggregates"]
+    assert together["aggregates_model"] == "logistic_regression"
+    assert together["tuning_auroc"] is None and together["model_selection"].startswith("default")
+    assert together["minus_probe"]["ci"][0] > 0  # held_out still scored

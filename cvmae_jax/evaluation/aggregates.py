@@ -18,8 +18,8 @@ difference probe - model in held_out AUROC. The fits run on one thread: OpenMP a
 pools that wait for busy cores make them many times slower on a shared CPU.
 
 The probe and the aggregates together (``probe_plus_aggregates``): the probe's log-odds plus
-those of the aggregates model with the higher tuning AUROC, each scaled to unit spread on
-tuning, no setting of its own. Its paired difference to that model answers the question the
+those of the aggregates model with the higher tuning AUROC (logistic regression when tuning has
+one class or no rows), each scaled to unit spread on tuning, no setting of its own. Its paired difference to that model answers the question the
 probe alone cannot: does the encoder's vector add anything to the hand-made features, whichever
 of the two is ahead?
 """
@@ -65,7 +65,7 @@ def aggregate_features(windows: list[dict], vocab_size: int) -> np.ndarray:
             lowest[seen], highest[seen], count[seen],
             hours_to_prediction - np.asarray(w["times"], np.float64)[last[seen]],
             np.zeros(seen.sum())], axis=1)
-    return out.reshape(len(windows), -1)
+    return out.reshape(len(windows), vocab_size * len(FEATURES))
 
 
 def _fit_gbm(x, y, settings: dict, seed: int) -> HistGradientBoostingClassifier:
@@ -130,10 +130,12 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
                                                               bootstrap)
         out[name] = result
     decisions = dict(logistic_regression=lr.decision, gradient_boosting=gbm.decision_function)
-    chosen = max(MODELS, key=lambda m: out[m]["tuning_auroc"] or -1.0)  # ties: the first
+    tuning_has_both = np.unique(y[TUNING]).size == 2
+    chosen = (max(MODELS, key=lambda m: out[m]["tuning_auroc"]) if tuning_has_both  # ties: 1st
+              else MODELS[0])
     out["probe_plus_aggregates"] = _probe_plus_model(
         probe_scores, {s: decisions[chosen](x[s]) for s in (TUNING, TEST)}, y, chosen,
-        out[chosen]["tuning_auroc"] is not None, subjects, seed, bootstrap)
+        tuning_has_both, subjects, seed, bootstrap)
     return out
 
 
@@ -141,15 +143,17 @@ def _probe_plus_model(probe: dict, model: dict, y: dict, model_name: str, tuning
                       subjects: list[int], seed: int, bootstrap: SubjectBootstrap) -> dict:
     """The probe and the aggregates model chosen on tuning together, from their log-odds [N]
     per split (tuning, held_out; both fit on train only): the sum of the two, each divided by
-    its standard deviation on tuning (no label used), so neither dominates by its scale (a
-    strongly regularized probe's log-odds spread little). Held_out metrics as the probe's, its
-    tuning AUROC, and paired differences to the probe and to the model: above 0 against the
+    its standard deviation on tuning (no label used; unscaled where that is 0 or there are no
+    tuning rows), so neither dominates by its scale (a strongly regularized probe's log-odds
+    spread little). Held_out metrics as the probe's, its tuning AUROC (None unless tuning has
+    both classes), and paired differences to the probe and to the model: above 0 against the
     model, the encoder's vector adds to what the aggregates give that model."""
     together = {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
                 for s in (TUNING, TEST)}
-    result = dict(aggregates_model=model_name, tuning_auroc=(
-        float(roc_auc_score(y[TUNING], together[TUNING])) if tuning_has_both else None),
-        n=len(y[TEST]), **held_out_metrics(y[TEST], together[TEST], seed, subjects))
+    result = dict(aggregates_model=model_name, model_selection=(
+        "tuning AUROC" if tuning_has_both else "default (tuning split has one class or no rows)"),
+        tuning_auroc=float(roc_auc_score(y[TUNING], together[TUNING])) if tuning_has_both
+        else None, n=len(y[TEST]), **held_out_metrics(y[TEST], together[TEST], seed, subjects))
     result["minus_probe"] = paired_auroc_difference(y[TEST], together[TEST], probe[TEST],
                                                     bootstrap)
     result["minus_model"] = paired_auroc_difference(y[TEST], together[TEST], model[TEST],

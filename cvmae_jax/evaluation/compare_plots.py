@@ -10,6 +10,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from cvmae_jax.data.code_names import short_name  # noqa: E402
 from cvmae_jax.evaluation.compared_runs import REFERENCE, Run  # noqa: E402
@@ -66,12 +67,12 @@ def _plot_lab_differences(groups, summary):
         diff = [lab["diff"] for lab in labs]
         bars = ax.bar(range(len(labs)), diff,
                       color=["tab:green" if d > 0 else "tab:red" for d in diff])
-        _hatch_high_tier(bars, strategy, labs)
         ax.axhline(0, color="black", lw=0.8)
         low = sum(lab["cv"] is not None and lab["cv"] <= threshold for lab in labs)
-        ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
-                   label=f"train CV {threshold:.3g}: right of it cv's high tier")
-        ax.legend(fontsize=7, loc="upper left")
+        line = ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
+                          label=f"train CV {threshold:.3g}: right of it cv's high tier")
+        ax.legend(handles=[line, *_hatch_high_tier(bars, strategy, labs)], fontsize=7,
+                  loc="upper left")
         ax.set_xticks(range(len(labs)), labels[strategy], rotation=90, fontsize=6)
         ax.set_ylabel(f"MSE(random) - MSE({strategy})", fontsize=8)
         ax.set_title(f"{strategy} vs random per lab (held_out), labs sorted by train CV; "
@@ -79,20 +80,21 @@ def _plot_lab_differences(groups, summary):
     return fig
 
 
-def _hatch_high_tier(bars, strategy: str, labs: list[dict]) -> None:
+def _hatch_high_tier(bars, strategy: str, labs: list[dict]) -> list[Patch]:
     """Hatches the bars of the labs a two-tier strategy (``variance``, ``cv``, ``cv_within``)
     masked at its higher probability in training: its own tier, which for ``variance`` and
-    ``cv_within`` is not the right of the train-CV line."""
+    ``cv_within`` does not lie to the right of the train-CV line. Returns the legend entry for
+    the hatching (none for other strategies)."""
     probs = [lab.get("train_mask_prob") for lab in labs]
     if strategy not in TWO_TIER_STRATEGIES or None in probs or len(set(probs)) < 2:
-        return
+        return []
     high = max(probs)
     for bar, p in zip(bars, probs):
         if p == high:
             bar.set_hatch("///")
             bar.set_edgecolor("black")
-    bars[probs.index(high)].set_label(f"masked at {high:.2g} in training ({strategy}'s high "
-                                      "tier)")
+    return [Patch(facecolor="none", edgecolor="black", hatch="///",
+                  label=f"masked at {high:.2g} in training ({strategy}'s high tier)")]
 
 
 def _plot_aurocs(groups, summary):

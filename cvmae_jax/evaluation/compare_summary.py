@@ -123,8 +123,7 @@ def _lab_stats(pairs: dict[int, tuple[Run, Run]], kind: str) -> dict:
         per_seed[str(s)] = paired_stats.lab_comparison([ref_t[c]["mse"] - run_t[c]["mse"]
                                                  for c in codes])
     common = set.intersection(*(set(a) & set(b) for a, b in tables.values()))
-    ref_rows = next(iter(tables.values()))[1]
-    run_rows = next(iter(tables.values()))[0]
+    run_rows, ref_rows = next(iter(tables.values()))
     labs = []
     for code in sorted(common, key=lambda c: (ref_rows[c].get("cv", np.nan), c)):
         run_mse = float(np.mean([a[code]["mse"] for a, _ in tables.values()]))

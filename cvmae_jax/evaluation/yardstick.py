@@ -77,7 +77,8 @@ def _together_lines(tasks: dict) -> list[str]:
             "[paired 95% CI] | together - probe [paired 95% CI] |", "|---|---|---|---|---|",
             *rows, "",
             "Probe + aggregates: the probe's log-odds plus those of the aggregates model with the "
-            "higher tuning AUROC, each scaled to unit spread on tuning, both fit on train. "
+            "higher tuning AUROC (logistic regression when tuning has one class), each scaled "
+            "to unit spread on tuning, both fit on train. "
             "Above 0 against that model: the encoder's vector adds to what the hand-made "
             "features give it.", ""]
 
