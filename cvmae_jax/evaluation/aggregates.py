@@ -117,7 +117,6 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
     y = {s: data.y[s].astype(int) for s in windows}
     subjects = [int(w["subject_id"]) for w in windows[TEST]]
     probe_scores = {s: data.probe.decision(data.x[s]) for s in (TUNING, TEST)}
-    probe_score = probe_scores[TEST]
     bootstrap = SubjectBootstrap(subjects, seed)
     lr_result, lr = fit_task_probe(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST],
                                    seed, subjects)
@@ -126,7 +125,7 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
     gbm_result.update(n=len(y[TEST]), **held_out_metrics(y[TEST], gbm_score, seed, subjects))
     for name, result, score in (("logistic_regression", lr_result, lr.decision(x[TEST])),
                                 ("gradient_boosting", gbm_result, gbm_score)):
-        result["probe_minus_model"] = paired_auroc_difference(y[TEST], probe_score, score,
+        result["probe_minus_model"] = paired_auroc_difference(y[TEST], probe_scores[TEST], score,
                                                               bootstrap)
         out[name] = result
     decisions = dict(logistic_regression=lr.decision, gradient_boosting=gbm.decision_function)
