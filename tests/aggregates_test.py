@@ -80,7 +80,7 @@ def _task(rng, n=120):
 
 def test_aggregates_beat_a_probe_on_noise_with_a_paired_difference():
     data, probe_result = _task(np.random.default_rng(0))
-    out = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    out, probabilities = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
     assert out["features"]["windows_at_max_len"] == {TRAIN: 120, TUNING: 120, TEST: 120}
     for name in ("logistic_regression", "gradient_boosting"):
         r = out[name]
@@ -96,8 +96,19 @@ def test_aggregates_beat_a_probe_on_noise_with_a_paired_difference():
     np.testing.assert_allclose(together["minus_model"]["delta"],
                                together["auroc"] - out[chosen]["auroc"])
     assert together["minus_probe"]["ci"][0] > 0  # the aggregates carry the signal
-    no_auroc = aggregates_baseline(data, dict(auroc=None, reason="one class"), 1, 3)
+    x = {s: aggregate_features(data.windows[s], 1) for s in (TUNING, TEST)}
+    lr = fit_task_probe(aggregate_features(data.windows[TRAIN], 1), data.y[TRAIN], x[TUNING],
+                        data.y[TUNING], x[TEST], data.y[TEST])[1]
+    gbm = fit_gradient_boosting(aggregate_features(data.windows[TRAIN], 1), data.y[TRAIN],
+                                x[TUNING], data.y[TUNING])[0]
+    for split in (TUNING, TEST):  # the fits' own probabilities, for the prediction exports
+        np.testing.assert_allclose(probabilities["aggregates_logistic_regression"][split],
+                                   lr.probability(x[split]))
+        np.testing.assert_allclose(probabilities["aggregates_gradient_boosting"][split],
+                                   gbm.predict_proba(x[split])[:, 1])
+    no_auroc, none = aggregates_baseline(data, dict(auroc=None, reason="one class"), 1, 3)
     assert no_auroc["reason"] == "as for the probe: one class" and "gradient_boosting" not in no_auroc
+    assert none == {}
 
 
 def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses():
@@ -112,7 +123,7 @@ def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses()
     probe_result, probe = fit_task_probe(data.x[TRAIN], data.y[TRAIN], data.x[TUNING],
                                          data.y[TUNING], data.x[TEST], data.y[TEST])
     data = dataclasses.replace(data, probe=probe)
-    out = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    out, probabilities = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
     together = out["probe_plus_aggregates"]
     model = together["aggregates_model"]
     x = {s: aggregate_features(data.windows[s], 1) for s in (TRAIN, TUNING, TEST)}
@@ -125,6 +136,9 @@ def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses()
     expected = (probe.decision(data.x[TEST]) / probe.decision(data.x[TUNING]).std()
                 + model_fit(x[TEST]) / model_fit(x[TUNING]).std())
     assert together["auroc"] == pytest.approx(roc_auc_score(data.y[TEST], expected))
+    calibrated = probabilities["probe_plus_aggregates"]  # in the sum's order, fit to tuning
+    assert roc_auc_score(data.y[TEST], calibrated[TEST]) == pytest.approx(together["auroc"])
+    assert calibrated[TUNING].mean() == pytest.approx(data.y[TUNING].mean(), abs=1e-3)
     assert together["minus_model"]["ci"][0] > 0 and together["minus_probe"]["ci"][0] > 0
     assert together["tuning_auroc"] > max(out[m]["tuning_auroc"]
                                           for m in ("logistic_regression", "gradient_boosting"))
@@ -133,8 +147,10 @@ def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses()
 def test_probe_plus_aggregates_without_a_tuning_choice_takes_logistic_regression():
     data, probe_result = _task(np.random.default_rng(2))
     data.y[TUNING][:] = False  # one class: no model can be chosen on tuning
-    together = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)[
-        "probe_plus_aggregates"]
+    out, probabilities = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    together = out["probe_plus_aggregates"]
     assert together["aggregates_model"] == "logistic_regression"
     assert together["tuning_auroc"] is None and together["model_selection"].startswith("default")
     assert together["minus_probe"]["ci"][0] > 0  # held_out still scored
+    assert "probe_plus_aggregates" not in probabilities  # nothing to calibrate it on
+    assert set(probabilities) == {"aggregates_logistic_regression", "aggregates_gradient_boosting"}

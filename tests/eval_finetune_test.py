@@ -1,7 +1,7 @@
-"""eval.py's fine-tuning end to end on a tiny run, the pretrained model's head starting from
-the probe: both models on every task with paired CIs, the k-shot points, MEDS-DEV predictions
-that join back to the label files, the report, and the per-code vectors exported as
-embeddings."""
+"""eval.py's fine-tuning end to end on a tiny run, the pretrained model's head starting from the
+probe: both models on every task with paired CIs, the k-shot points, MEDS-DEV predictions
+(theirs and the aggregates models') that join back to the label files, the report, and the
+per-code vectors exported as embeddings."""
 
 import json
 import os
@@ -67,18 +67,24 @@ def test_both_models_are_trained_and_compared_on_every_task(evaluated):
 
 
 def test_predictions_join_back_to_the_label_files(evaluated):
+    """The fine-tuned networks' and the aggregates models' MEDS-DEV files."""
     workdir, result = evaluated
     labels = result["downstream"]["labels_dir"]
-    exports = result["downstream"]["finetune"]["exports"]
     for task, r in result["downstream"]["tasks"].items():
+        exports = result["downstream"]["finetune"]["exports"][task] | r["aggregates"]["exports"]
+        expected = {"pretrained", "scratch", "aggregates_logistic_regression",
+                    "aggregates_gradient_boosting"}
+        tuning = pq.read_table(os.path.join(labels, task, "tuning.parquet"))["boolean_value"]
+        calibrated = len(set(tuning.to_pylist())) == 2  # Platt scaling needs both on tuning
+        assert set(exports) == expected | ({"probe_plus_aggregates"} if calibrated else set())
         for split in SPLITS:
             rows = pq.read_table(os.path.join(labels, task, f"{split}.parquet"))
             probe = pq.read_table(os.path.join(workdir, "eval", "predictions", task,
                                                f"{split}.parquet"))
-            for model in ("pretrained", "scratch"):
+            for model in exports:
                 pred = pq.read_table(os.path.join(workdir, "eval", f"predictions_{model}",
                                                   task, f"{split}.parquet"))
-                assert exports[task][model][split] == pred.num_rows == probe.num_rows
+                assert exports[model][split] == pred.num_rows == probe.num_rows
                 assert pred.select(rows.column_names).equals(rows)  # the label rows as read
                 keys = set(zip(rows["subject_id"].to_pylist(),
                                rows["prediction_time"].to_pylist()))
@@ -89,12 +95,18 @@ def test_predictions_join_back_to_the_label_files(evaluated):
                 assert ((p > 0) & (p < 1)).all() and np.ptp(p) > 0
                 np.testing.assert_array_equal(
                     pred["predicted_boolean_value"].to_numpy(zero_copy_only=False), p >= 0.5)
-        if r["auroc"] is not None:  # the held_out file scores as metrics.json says
-            pred = pq.read_table(os.path.join(workdir, "eval", "predictions_pretrained", task,
-                                              "held_out.parquet"))
-            assert roc_auc_score(pred["boolean_value"].to_numpy(zero_copy_only=False),
-                                 pred["predicted_boolean_probability"].to_numpy()) == \
-                pytest.approx(r["finetune"]["pretrained"]["auroc"], abs=1e-9)
+        if r["auroc"] is not None:  # the held_out files score as metrics.json says
+            reported = dict(pretrained=r["finetune"]["pretrained"]["auroc"],
+                            aggregates_gradient_boosting=r["aggregates"]["gradient_boosting"][
+                                "auroc"],
+                            probe_plus_aggregates=r["aggregates"]["probe_plus_aggregates"][
+                                "auroc"])
+            for model in set(reported) & set(exports):
+                pred = pq.read_table(os.path.join(workdir, "eval", f"predictions_{model}", task,
+                                                  "held_out.parquet"))
+                assert roc_auc_score(pred["boolean_value"].to_numpy(zero_copy_only=False),
+                                     pred["predicted_boolean_probability"].to_numpy()) == \
+                    pytest.approx(reported[model], abs=1e-9)
 
 
 def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):

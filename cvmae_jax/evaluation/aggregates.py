@@ -21,13 +21,18 @@ The probe and the aggregates together (``probe_plus_aggregates``): the probe's l
 those of the aggregates model with the higher tuning AUROC (logistic regression when tuning has
 one class or no rows), each scaled to unit spread on tuning, no setting of its own. Its paired difference to that model answers the question the
 probe alone cannot: does the encoder's vector add anything to the hand-made features, whichever
-of the two is ahead?
+of the two is ahead? Its probability (for the prediction exports) is the sum passed through a
+logistic regression of the tuning labels on it (Platt scaling: two numbers fit on tuning), so
+that a threshold of 0.5 means what it says; with one class on tuning nothing can be fit and it
+has no predictions.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
@@ -35,12 +40,14 @@ from cvmae_jax.data.labels import window_words
 from cvmae_jax.data.sequences import US_PER_HOUR
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
+from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
 from cvmae_jax.evaluation.paired_stats import SubjectBootstrap, paired_auroc_difference
 
 FEATURES = ("last", "mean", "min", "max", "count", "hours_since_last", "missing")
 GBM_GRID = tuple(dict(max_leaf_nodes=leaves, max_iter=iters, learning_rate=0.05,
                       l2_regularization=1.0) for leaves in (7, 15) for iters in (100, 300))
 MODELS = ("logistic_regression", "gradient_boosting")
+TOGETHER = "probe_plus_aggregates"
 
 
 def aggregate_features(windows: list[dict], vocab_size: int) -> np.ndarray:
@@ -89,12 +96,15 @@ def fit_gradient_boosting(train_x, train_y, tuning_x, tuning_y, seed: int = 0
 
 
 def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max_len: int,
-                        seed: int = 0, each_code_latest: bool = False) -> dict:
+                        seed: int = 0, each_code_latest: bool = False
+                        ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     """One task's yardstick: {"features": what the models see, "logistic_regression" and
     "gradient_boosting": held_out metrics as the probe's plus ``probe_minus_model`` (AUROC
-    difference with its paired CI), "probe_plus_aggregates": ``_probe_plus_model``}. Without
-    a held_out probe AUROC (``probe_result``'s reason: one class or no rows) the models are
-    not fit and ``reason`` says why."""
+    difference with its paired CI), "probe_plus_aggregates": ``_probe_plus_model``}, and the
+    probabilities for the prediction exports {"aggregates_<model>" | "probe_plus_aggregates":
+    {split: float64 [N]}} on tuning and held_out. Without a held_out probe AUROC
+    (``probe_result``'s reason: one class or no rows) the models are not fit, ``reason`` says
+    why and there are no probabilities."""
     windows = data.windows
     out = dict(features=dict(
         per_code=list(FEATURES), codes=int(vocab_size), columns=int(vocab_size * len(FEATURES)),
@@ -104,14 +114,16 @@ def aggregates_baseline(data: TaskData, probe_result: dict, vocab_size: int, max
                             for s, ws in windows.items()}), reason=None)
     if probe_result.get("auroc") is None:
         out["reason"] = f"as for the probe: {probe_result.get('reason')}"
-        return out
+        return out, {}
     with threadpool_limits(limits=1):
-        out.update(_fit_models(data, vocab_size, seed))
-    return out
+        models, probabilities = _fit_models(data, vocab_size, seed)
+    out.update(models)
+    return out, probabilities
 
 
-def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
-    """``aggregates_baseline``'s model entries."""
+def _fit_models(data: TaskData, vocab_size: int, seed: int
+                ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """``aggregates_baseline``'s model entries and probabilities."""
     windows, out = data.windows, {}
     x = {s: aggregate_features(ws, vocab_size) for s, ws in windows.items()}
     y = {s: data.y[s].astype(int) for s in windows}
@@ -121,34 +133,58 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int) -> dict:
     lr_result, lr = fit_task_probe(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST],
                                    seed, subjects)
     gbm, gbm_result = fit_gradient_boosting(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], seed)
-    gbm_score = gbm.decision_function(x[TEST])
+    decisions = dict(logistic_regression=lr.decision, gradient_boosting=_decision(gbm))
+    gbm_score = decisions["gradient_boosting"](x[TEST])
     gbm_result.update(n=len(y[TEST]), **held_out_metrics(y[TEST], gbm_score, seed, subjects))
-    for name, result, score in (("logistic_regression", lr_result, lr.decision(x[TEST])),
-                                ("gradient_boosting", gbm_result, gbm_score)):
-        result["probe_minus_model"] = paired_auroc_difference(y[TEST], probe_scores[TEST], score,
-                                                              bootstrap)
+    for name, result in (("logistic_regression", lr_result), ("gradient_boosting", gbm_result)):
+        result["probe_minus_model"] = paired_auroc_difference(
+            y[TEST], probe_scores[TEST], decisions[name](x[TEST]), bootstrap)
         out[name] = result
-    decisions = dict(logistic_regression=lr.decision, gradient_boosting=gbm.decision_function)
     tuning_has_both = np.unique(y[TUNING]).size == 2
     chosen = (max(MODELS, key=lambda m: out[m]["tuning_auroc"]) if tuning_has_both  # ties: 1st
               else MODELS[0])
-    out["probe_plus_aggregates"] = _probe_plus_model(
-        probe_scores, {s: decisions[chosen](x[s]) for s in (TUNING, TEST)}, y, chosen,
-        tuning_has_both, subjects, seed, bootstrap)
-    return out
+    model_scores = {s: decisions[chosen](x[s]) for s in (TUNING, TEST)}
+    together = _together_scores(probe_scores, model_scores)
+    out[TOGETHER] = _probe_plus_model(probe_scores, model_scores, together, y, chosen,
+                                      tuning_has_both, subjects, seed, bootstrap)
+    probabilities = {f"aggregates_{m}": {s: expit(decisions[m](x[s]))
+                                         for s in PREDICTION_SPLITS} for m in MODELS}
+    if tuning_has_both:
+        probabilities[TOGETHER] = _platt(together, y[TUNING])
+    return out, probabilities
 
 
-def _probe_plus_model(probe: dict, model: dict, y: dict, model_name: str, tuning_has_both: bool,
-                      subjects: list[int], seed: int, bootstrap: SubjectBootstrap) -> dict:
-    """The probe and the aggregates model chosen on tuning together, from their log-odds [N]
-    per split (tuning, held_out; both fit on train only): the sum of the two, each divided by
-    its standard deviation on tuning (no label used; unscaled where that is 0 or there are no
-    tuning rows), so neither dominates by its scale (a strongly regularized probe's log-odds
-    spread little). Held_out metrics as the probe's, its tuning AUROC (None unless tuning has
-    both classes), and paired differences to the probe and to the model: above 0 against the
-    model, the encoder's vector adds to what the aggregates give that model."""
-    together = {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
-                for s in (TUNING, TEST)}
+def _decision(gbm: HistGradientBoostingClassifier):
+    """The model's decision function (log-odds) [N] of features [N, F], also of no rows."""
+    return lambda x: gbm.decision_function(x) if len(x) else np.zeros(0)
+
+
+def _together_scores(probe: dict, model: dict) -> dict:
+    """The probe's and the model's log-odds [N] per split (tuning, held_out) summed, each
+    divided by its standard deviation on tuning (no label used; unscaled where that is 0 or
+    there are no tuning rows), so neither dominates by its scale (a strongly regularized
+    probe's log-odds spread little)."""
+    return {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
+            for s in (TUNING, TEST)}
+
+
+def _platt(scores: dict, tuning_y: np.ndarray) -> dict:
+    """P(label = True) [N] per split from ``scores`` [N] per split, by a logistic regression of
+    the tuning labels (both classes present) on the tuning scores."""
+    fit = LogisticRegression(C=1e6).fit(scores[TUNING].reshape(-1, 1), tuning_y)
+    return {s: fit.predict_proba(v.reshape(-1, 1))[:, 1].astype(np.float64)
+            for s, v in scores.items()}
+
+
+def _probe_plus_model(probe: dict, model: dict, together: dict, y: dict, model_name: str,
+                      tuning_has_both: bool, subjects: list[int], seed: int,
+                      bootstrap: SubjectBootstrap) -> dict:
+    """The probe and the aggregates model chosen on tuning together (``together``: the
+    ``_together_scores`` of their log-odds ``probe`` and ``model`` [N] per split, both fit on
+    train only): held_out metrics as the probe's, its tuning AUROC
+    (None unless tuning has both classes), and paired differences to the probe and to the
+    model: above 0 against the model, the encoder's vector adds to what the aggregates give
+    that model."""
     result = dict(aggregates_model=model_name, model_selection=(
         "tuning AUROC" if tuning_has_both else "default (tuning split has one class or no rows)"),
         tuning_auroc=float(roc_auc_score(y[TUNING], together[TUNING])) if tuning_has_both

@@ -11,6 +11,9 @@
   file's own values, so that predictions join back to it; boolean_value, optional
   integer/float/categorical_value), plus predicted_boolean_probability float64 (the probe fit on
   train, C chosen on tuning) and predicted_boolean_value (probability >= 0.5).
+- ``eval/predictions_<model>/<task>/<split>.parquet``: the same rows and columns from another
+  model: ``aggregates_logistic_regression``, ``aggregates_gradient_boosting``,
+  ``probe_plus_aggregates`` (``aggregates``), ``pretrained``, ``scratch`` (``finetune``).
 
 Files are written to a temporary name in the same folder and renamed.
 """
@@ -111,4 +114,19 @@ def write_task_exports(eval_dir: str, name: str, task: TaskData) -> dict:
             write_parquet_atomic(predictions,
                                  os.path.join(eval_dir, "predictions", name, f"{split}.parquet"))
             written["predictions"][split] = predictions.num_rows
+    return written
+
+
+def write_model_predictions(eval_dir: str, name: str, task: TaskData,
+                            probabilities: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Writes ``predictions_<model>/<task>/<split>.parquet`` (MEDS-DEV format, as the probe's
+    ``predictions/``) for each model of ``probabilities`` {model: {split: float64 [N]}};
+    returns {model: {split: rows}}."""
+    written = {}
+    for model, by_split in probabilities.items():
+        for split, prob in by_split.items():
+            table = with_probabilities(task, split, prob)
+            write_parquet_atomic(table, os.path.join(eval_dir, f"predictions_{model}", name,
+                                                     f"{split}.parquet"))
+            written.setdefault(model, {})[split] = table.num_rows
     return written

@@ -19,20 +19,19 @@ same resamples of subjects for both models). Logs hold counts and aggregates onl
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
-from cvmae_jax.evaluation.exports import with_probabilities, write_parquet_atomic
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
                                                paired_auroc_difference)
@@ -264,10 +263,6 @@ def _labels(windows: list[dict]) -> np.ndarray:
     return np.array([bool(w["label"]) for w in windows], bool)
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
-
-
 def scored(y: np.ndarray, score: np.ndarray, subjects, seed: int) -> dict:
     """AUROC and AUPRC of ``score`` on labels ``y`` with subject-bootstrap 95% CIs (``subjects``:
     each row's subject id), or None with a reason when ``y`` has a single class."""
@@ -330,7 +325,8 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
                             f"{task} {model}".strip(), head_weights)
         split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
         logits[model] = split_logits[TEST]
-        probabilities[model] = {s: sigmoid(v) for s, v in split_logits.items()}
+        probabilities[model] = {s: expit(np.asarray(v, np.float64))
+                                for s, v in split_logits.items()}
         result[model] = dict(scored(test_y, logits[model], subjects, seed),
                              encoder_lr_scale=scale,
                              head_init="zero" if head_weights is None else "probe",
@@ -401,19 +397,6 @@ def _kshot(finetuner: Finetuner, pretrained, data: TaskData, sample_seed: int,
     return kshot_curve(auroc_of_draw, _labels(train), sample_seed, full_auroc,
                        draws=finetuner.settings.kshot_draws,
                        common=dict(split=TEST, n_test=len(test)))
-
-
-def write_predictions(eval_dir: str, name: str, data: TaskData, tuned: TaskFinetune) -> dict:
-    """Writes ``predictions_<model>/<task>/<split>.parquet`` (MEDS-DEV format, as the probe's
-    ``predictions/``) for each model; returns {model: {split: rows}}."""
-    written = {}
-    for model, by_split in tuned.probabilities.items():
-        for split, prob in by_split.items():
-            table = with_probabilities(data, split, prob)
-            write_parquet_atomic(table, os.path.join(eval_dir, f"predictions_{model}", name,
-                                                     f"{split}.parquet"))
-            written.setdefault(model, {})[split] = table.num_rows
-    return written
 
 
 def log_task(task: str, r: dict) -> None:

@@ -32,8 +32,8 @@ from cvmae_jax.evaluation import perturbation, report
 from cvmae_jax.evaluation.aggregates import aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
                                               read_label_tasks)
-from cvmae_jax.evaluation.exports import write_task_exports
-from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks, write_predictions
+from cvmae_jax.evaluation.exports import write_model_predictions, write_task_exports
+from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.meds_evaluation import score_exports
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
@@ -91,7 +91,9 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
 def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     """Restores the newest checkpoint of ``workdir`` and writes under ``eval_dir(workdir,
     split)``: metrics.json, report.md, reconstruction_by_lab.png, label_efficiency.png,
-    embeddings/<task>.parquet and predictions/<task>/{tuning,held_out}.parquet. ``config``:
+    embeddings/<task>.parquet, predictions/<task>/{tuning,held_out}.parquet (the probe) and
+    predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
+    with the aggregates, the fine-tuned networks). ``config``:
     the run's config (default: its config.json). Returns the metrics."""
     config = copy.deepcopy(config) if config is not None else run_config(workdir)
     settings = eval_settings(config)  # before the split below: as the run's config has them
@@ -157,11 +159,12 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             graphdef, params, labels_dir, label_tasks, label_len,
             config.eval.batch_size, seed=config.seed, embed_fn=embed_fn,
             each_code_latest=each_code_latest)
+    aggregate_probabilities = {}
     with _phase("aggregates baseline (logistic regression, gradient boosting)"):
         for task, data in tasks.items():
             probe = result["downstream"]["tasks"][task]
-            probe["aggregates"] = aggregates_baseline(data, probe, stats.vocab_size,
-                                                      label_len, config.seed, each_code_latest)
+            probe["aggregates"], aggregate_probabilities[task] = aggregates_baseline(
+                data, probe, stats.vocab_size, label_len, config.seed, each_code_latest)
     if config.eval.untrained_probe and tasks:
         with _phase("probe on the untrained network (config.eval.untrained_probe=False skips "
                     "it)"):
@@ -202,9 +205,12 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         out = eval_dir(workdir, split)
         result["exports"] = {task: write_task_exports(out, task, data)
                              for task, data in tasks.items()}
+        for task, probabilities in aggregate_probabilities.items():
+            result["downstream"]["tasks"][task]["aggregates"]["exports"] = (
+                write_model_predictions(out, task, tasks[task], probabilities))
         if finetuned:
             result["downstream"]["finetune"]["exports"] = {
-                task: write_predictions(out, task, tasks[task], tuned)
+                task: write_model_predictions(out, task, tasks[task], tuned.probabilities)
                 for task, tuned in finetuned.items()}
         for task, written in result["exports"].items():
             logging.info("eval %s: embeddings of %d label rows, predictions %s", task,
