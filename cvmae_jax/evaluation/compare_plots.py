@@ -72,7 +72,7 @@ def _plot_lab_differences(groups, summary):
         line = ax.axvline(low - 0.5, color="gray", ls="--", lw=0.8,
                           label=f"train CV {threshold:.3g}: right of it cv's high tier")
         ax.legend(handles=[line, *_hatch_high_tier(bars, strategy, labs)], fontsize=7,
-                  loc="upper left")
+                  loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)  # off the bars
         ax.set_xticks(range(len(labs)), labels[strategy], rotation=90, fontsize=6)
         ax.set_ylabel(f"MSE(random) - MSE({strategy})", fontsize=8)
         ax.set_title(f"{strategy} vs random per lab (held_out), labs sorted by train CV; "
