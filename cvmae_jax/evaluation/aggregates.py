@@ -41,7 +41,8 @@ from cvmae_jax.data.sequences import US_PER_HOUR
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
 from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
-from cvmae_jax.evaluation.paired_stats import SubjectBootstrap, paired_auroc_difference
+from cvmae_jax.evaluation.paired_stats import (SubjectBootstrap, one_class,
+                                               paired_auroc_difference)
 
 FEATURES = ("last", "mean", "min", "max", "count", "hours_since_last", "missing")
 GBM_GRID = tuple(dict(max_leaf_nodes=leaves, max_iter=iters, learning_rate=0.05,
@@ -84,7 +85,7 @@ def fit_gradient_boosting(train_x, train_y, tuning_x, tuning_y, seed: int = 0
                           ) -> tuple[HistGradientBoostingClassifier, dict]:
     """The GBM_GRID model with the best tuning AUROC (ties: the earlier, smaller one; the
     first when tuning has one class) fit on train, and {settings, selection, tuning_auroc}."""
-    if np.unique(tuning_y).size < 2:
+    if one_class(tuning_y):
         return _fit_gbm(train_x, train_y, GBM_GRID[0], seed), dict(
             settings=GBM_GRID[0], selection="default (tuning split has one class or no rows)",
             tuning_auroc=None)
@@ -140,7 +141,7 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int
         result["probe_minus_model"] = paired_auroc_difference(
             y[TEST], probe_scores[TEST], decisions[name](x[TEST]), bootstrap)
         out[name] = result
-    tuning_has_both = np.unique(y[TUNING]).size == 2
+    tuning_has_both = not one_class(y[TUNING])
     chosen = (max(MODELS, key=lambda m: out[m]["tuning_auroc"]) if tuning_has_both  # ties: 1st
               else MODELS[0])
     model_scores = {s: decisions[chosen](x[s]) for s in (TUNING, TEST)}

@@ -33,7 +33,7 @@ from cvmae_jax.data import meds
 from cvmae_jax.data.labels import (label_files, label_windows, prediction_time_zone,
                                    window_words)
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
+from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                percentile_ci, resampled_aurocs)
 from cvmae_jax.pooling import DESCRIPTIONS, pool, pooled_width
 
@@ -93,10 +93,6 @@ def _d_model(params) -> int:
         return 0
 
 
-def _one_class(y: np.ndarray) -> bool:
-    return len(y) == 0 or np.unique(y).size < 2
-
-
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """A fitted standardized logistic regression (StandardScaler fit on train, then the model)."""
@@ -128,7 +124,7 @@ def select_c(train_x, train_y, tuning_x, tuning_y, seed: int = 0) -> tuple[float
                                                                             float | None]:
     """(C, how it was chosen, its tuning AUROC): the C_GRID value with the best tuning AUROC
     (ties: closest to 1), or DEFAULT_C when tuning has a single class."""
-    if _one_class(tuning_y):
+    if one_class(tuning_y):
         return DEFAULT_C, ("default (tuning split has one class)" if len(tuning_y) else
                            "default (tuning split has no label rows)"), None
     scores = {c: roc_auc_score(tuning_y, fit_probe(train_x, train_y, c, seed).decision(tuning_x))
@@ -151,7 +147,7 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: i
                   C=None, c_selection=None, tuning_auroc=None,
                   auroc=None, auroc_ci=None, auprc=None, auprc_ci=None,
                   bootstrap_used=0, n_subjects=None, reason=None)
-    if _one_class(train_y):
+    if one_class(train_y):
         result["reason"] = f"train split has {len(train_y)} rows with a single class"
         return result, None
     best_c, result["c_selection"], result["tuning_auroc"] = select_c(train_X, train_y, tuning_X,
@@ -161,7 +157,7 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: i
     if len(test_y) == 0:
         result["reason"] = f"{TEST} split has no label rows"
         return result, probe
-    if _one_class(test_y):
+    if one_class(test_y):
         result["reason"] = (f"{TEST} split has a single class ({result['positives']} positives "
                             f"of {len(test_y)}): AUROC/AUPRC undefined")
         return result, probe

@@ -33,7 +33,7 @@ from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
-from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap,
+from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                paired_auroc_difference)
 from cvmae_jax.finetune_steps import (HEADS, finetune_warmup_steps, init_encoder, init_head,
                                       init_opt_state, make_finetune_optimizer,
@@ -166,7 +166,7 @@ class Finetuner:
         def check(step: int) -> bool:
             """Scores the current parameters on tuning, keeps them if best; True: stop."""
             params = self._step.unflatten(leaves).params
-            score = (None if np.unique(tuning_y).size < 2 else
+            score = (None if one_class(tuning_y) else
                      float(roc_auc_score(tuning_y, self._logits_of(params, tuning))))
             curve.append([step, score])
             stop = stopper.update(step, score, lambda: jax.device_get(
@@ -269,7 +269,7 @@ def scored(y: np.ndarray, score: np.ndarray, subjects, seed: int) -> dict:
     y = np.asarray(y, bool)
     out = dict(n=int(len(y)), positives=int(y.sum()), auroc=None, auroc_ci=None, auprc=None,
                auprc_ci=None, bootstrap_used=0, reason=None)
-    if np.unique(y).size < 2:
+    if one_class(y):
         out["reason"] = f"{TEST} split has a single class ({out['positives']} of {len(y)})"
         return out
     metrics = held_out_metrics(y, score, seed, subjects)
@@ -283,7 +283,7 @@ def paired_delta(y: np.ndarray, score: np.ndarray, reference: np.ndarray, subjec
     """AUROC(score) - AUROC(reference) on the same rows with a paired subject-bootstrap 95% CI
     (both scored on the same resamples); None when ``y`` has a single class."""
     y = np.asarray(y, bool)
-    if np.unique(y).size < 2:
+    if one_class(y):
         return dict(delta=None, ci=None, reason=f"{TEST} split has a single class")
     difference = paired_auroc_difference(y, score, reference, SubjectBootstrap(subjects, seed))
     return dict(delta=difference["delta"], ci=difference["ci"], reason=None)
@@ -308,7 +308,7 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
     train_y = _labels(windows[TRAIN])
     result = dict(n_train=int(len(train_y)), n_tuning=len(windows[TUNING]),
                   n=len(windows[TEST]), reason=None)
-    if np.unique(train_y).size < 2:
+    if one_class(train_y):
         result["reason"] = f"train split has {len(train_y)} rows with a single class"
         return TaskFinetune(result, {})
     test_y = _labels(windows[TEST])

@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation.downstream import TEST, Probe, fit_probe
+from cvmae_jax.evaluation.paired_stats import one_class
 
 K_SHOTS = (16, 64, 256)
 NUM_DRAWS = 5
@@ -82,7 +83,7 @@ def kshot_curve(auroc_of_draw, train_y, seed: int, full_auroc: float, ks=K_SHOTS
         for r in range(draws):
             draw_seed = [int(seed), int(k), r]
             idx = kshot_indices(train_y, k, np.random.default_rng(draw_seed))
-            if np.unique(train_y[idx]).size < 2:
+            if one_class(train_y[idx]):
                 continue  # only when train itself has a single class
             aurocs.append(float(auroc_of_draw(idx)))
             seeds.append(draw_seed)

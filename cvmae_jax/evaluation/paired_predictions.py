@@ -82,7 +82,7 @@ class TaskPredictions:
         """Mean AUROC delta over the seed pairs with a paired-bootstrap 95% CI, and per seed;
         from eval/metrics.json without a CI when a run lacks predictions."""
         names = [r.name for pair in pairs.values() for r in pair]
-        if any(n not in self.scores for n in names) or np.unique(self.labels).size < 2:
+        if any(n not in self.scores for n in names) or paired_stats.one_class(self.labels):
             return self._delta_without_ci(pairs)
         per_seed, resampled = {}, []
         for s, (run, ref) in pairs.items():

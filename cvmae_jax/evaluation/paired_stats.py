@@ -11,6 +11,11 @@ NUM_BOOTSTRAP = 1000
 _CHUNK = 100  # resamples per vectorized block (bounds memory for large label sets)
 
 
+def one_class(y) -> bool:
+    """True when labels ``y`` [N] hold fewer than two classes (no rows included): no AUROC."""
+    return np.unique(np.asarray(y)).size < 2
+
+
 def lab_comparison(diffs) -> dict:
     """Win rate, paired Wilcoxon signed-rank test and Cohen's d of per-lab differences.
 

@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation.downstream import TEST, TaskData, embed_label_windows
+from cvmae_jax.evaluation.paired_stats import one_class
 from cvmae_jax.reconstruction import accumulate_sums
 
 KINDS = ("shuffle_within_code", "code_mean")
@@ -103,7 +104,7 @@ def downstream_sensitivity(graphdef, params, task: TaskData, kind: str, seed: in
                             max_len, batch_size, embed_fn)
     change = probe.probability(x) - probe.probability(task.x[TEST])
     out["mean_abs_prob_change"] = float(np.mean(np.abs(change)))
-    if np.unique(y).size < 2:
+    if one_class(y):
         out["reason"] = f"{TEST} split has a single class: AUROC undefined"
         return out
     out["auroc_clean"] = float(roc_auc_score(y, probe.decision(task.x[TEST])))
