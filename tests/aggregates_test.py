@@ -15,6 +15,7 @@ from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.evaluation.aggregates import (FEATURES, aggregate_features, aggregates_baseline,
                                              fit_gradient_boosting)
 from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, fit_task_probe
+from cvmae_jax.evaluation.paired_stats import one_class
 
 A, B = "LAB//A", "LAB//B"
 T0 = datetime.datetime(2100, 1, 1)
@@ -137,6 +138,7 @@ def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses()
                 + model_fit(x[TEST]) / model_fit(x[TUNING]).std())
     assert together["auroc"] == pytest.approx(roc_auc_score(data.y[TEST], expected))
     calibrated = probabilities["probe_plus_aggregates"]  # in the sum's order, fit to tuning
+    assert together["calibration"]["slope"] > 0 and together["calibration"]["reason"] is None
     assert roc_auc_score(data.y[TEST], calibrated[TEST]) == pytest.approx(together["auroc"])
     assert calibrated[TUNING].mean() == pytest.approx(data.y[TUNING].mean(), abs=1e-3)
     assert together["minus_model"]["ci"][0] > 0 and together["minus_probe"]["ci"][0] > 0
@@ -154,3 +156,32 @@ def test_probe_plus_aggregates_without_a_tuning_choice_takes_logistic_regression
     assert together["minus_probe"]["ci"][0] > 0  # held_out still scored
     assert "probe_plus_aggregates" not in probabilities  # nothing to calibrate it on
     assert set(probabilities) == {"aggregates_logistic_regression", "aggregates_gradient_boosting"}
+    assert together["calibration"]["reason"].startswith("tuning split has one class")
+
+
+def test_probe_plus_aggregates_has_no_predictions_when_tuning_labels_fall_with_it():
+    data, probe_result = _task(np.random.default_rng(4))
+    data.y[TUNING][:] = ~data.y[TUNING]  # tuning labels against the signal every split carries
+    out, probabilities = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    calibration = out["probe_plus_aggregates"]["calibration"]
+    assert calibration["slope"] < 0 and calibration["reason"].startswith("the tuning labels do")
+    assert "probe_plus_aggregates" not in probabilities  # it would reverse the held_out order
+    assert out["probe_plus_aggregates"]["auroc"] > 0.8  # the sum itself is still scored
+
+
+def test_aggregates_with_an_empty_tuning_split():
+    data, probe_result = _task(np.random.default_rng(5))
+    data.windows[TUNING], data.x[TUNING], data.y[TUNING] = [], np.zeros((0, 4)), np.zeros(0, bool)
+    out, probabilities = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    assert out["gradient_boosting"]["selection"].startswith("default")
+    assert out["probe_plus_aggregates"]["tuning_auroc"] is None
+    assert out["probe_plus_aggregates"]["auroc"] > 0.8
+    assert {m: {s: len(p) for s, p in by_split.items()} for m, by_split in probabilities.items()} \
+        == dict.fromkeys(("aggregates_logistic_regression", "aggregates_gradient_boosting"),
+                         {TUNING: 0, TEST: 120})
+
+
+@pytest.mark.parametrize("labels, expected", [([], True), ([1, 1], True), ([0, 1, 1], False),
+                                              (np.array([True, False]), False)])
+def test_one_class(labels, expected):
+    assert one_class(labels) is expected

@@ -1,5 +1,7 @@
-"""Label embeddings never see an event after prediction_time (at the embedding level)."""
+"""Label embeddings never see an event after prediction_time (at the embedding level); the
+exported files keep the label files' times, and prediction folders of an earlier evaluation go."""
 
+import os
 import shutil
 
 import numpy as np
@@ -14,6 +16,7 @@ from cvmae_jax.data.labels import label_windows
 from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 from cvmae_jax.evaluation.downstream import embed_label_windows, make_embed_fn
+from cvmae_jax.evaluation.exports import remove_stale_predictions
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 
 from train_test import tiny_config
@@ -113,3 +116,20 @@ def test_exports_keep_the_label_files_prediction_times_and_zone(tmp_path):
     assert predictions["prediction_time"].type == zone
     assert predictions.select(table.column_names).equals(table)
     assert embeddings_table(task)["prediction_time"].combine_chunks().equals(times)
+
+
+def test_prediction_folders_this_evaluation_did_not_write_are_removed(tmp_path):
+    folders = ["predictions/death", "predictions_pretrained/death", "predictions_scratch/death",
+               "predictions_scratch/readmission", "predictions_probe_plus_aggregates/death",
+               "embeddings"]
+    for folder in folders:
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / "held_out.parquet").write_bytes(b"")
+    exports = dict(death=dict(models=dict(pretrained={}, scratch={})))  # readmission: gone
+    removed = remove_stale_predictions(str(tmp_path), exports)
+    assert removed == ["predictions_probe_plus_aggregates/death", "predictions_scratch/readmission"]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
+    assert left == [f"{f}/held_out.parquet" for f in ["embeddings", "predictions/death",
+                                                      "predictions_pretrained/death",
+                                                      "predictions_scratch/death"]]
+    assert not (tmp_path / "predictions_probe_plus_aggregates").exists()  # emptied: removed

@@ -19,12 +19,13 @@ pools that wait for busy cores make them many times slower on a shared CPU.
 
 The probe and the aggregates together (``probe_plus_aggregates``): the probe's log-odds plus
 those of the aggregates model with the higher tuning AUROC (logistic regression when tuning has
-one class or no rows), each scaled to unit spread on tuning, no setting of its own. Its paired difference to that model answers the question the
-probe alone cannot: does the encoder's vector add anything to the hand-made features, whichever
-of the two is ahead? Its probability (for the prediction exports) is the sum passed through a
-logistic regression of the tuning labels on it (Platt scaling: two numbers fit on tuning), so
-that a threshold of 0.5 means what it says; with one class on tuning nothing can be fit and it
-has no predictions.
+one class or no rows), each scaled to unit spread on tuning, no setting of its own. Its paired
+difference to that model answers the question the probe alone cannot: does the encoder's vector
+add anything to the hand-made features, whichever of the two is ahead? Its probability (for the
+prediction exports) is the sum passed through an unpenalized logistic regression of the tuning
+labels on it (Platt scaling: a slope and an intercept fit on tuning), so that a threshold of 0.5
+means what it says. It has no predictions when that cannot keep the sum's order: one class on
+tuning, or a slope that is not positive.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from cvmae_jax.data.labels import window_words
 from cvmae_jax.data.sequences import US_PER_HOUR
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
-from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
 from cvmae_jax.evaluation.paired_stats import (SubjectBootstrap, one_class,
                                                paired_auroc_difference)
 
@@ -49,6 +49,7 @@ GBM_GRID = tuple(dict(max_leaf_nodes=leaves, max_iter=iters, learning_rate=0.05,
                       l2_regularization=1.0) for leaves in (7, 15) for iters in (100, 300))
 MODELS = ("logistic_regression", "gradient_boosting")
 TOGETHER = "probe_plus_aggregates"
+SCORED = (TUNING, TEST)  # the splits the models' scores are needed for
 
 
 def aggregate_features(windows: list[dict], vocab_size: int) -> np.ndarray:
@@ -129,35 +130,38 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int
     x = {s: aggregate_features(ws, vocab_size) for s, ws in windows.items()}
     y = {s: data.y[s].astype(int) for s in windows}
     subjects = [int(w["subject_id"]) for w in windows[TEST]]
-    probe_scores = {s: data.probe.decision(data.x[s]) for s in (TUNING, TEST)}
     bootstrap = SubjectBootstrap(subjects, seed)
     lr_result, lr = fit_task_probe(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], x[TEST], y[TEST],
                                    seed, subjects)
     gbm, gbm_result = fit_gradient_boosting(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], seed)
-    decisions = dict(logistic_regression=lr.decision, gradient_boosting=_decision(gbm))
-    gbm_score = decisions["gradient_boosting"](x[TEST])
-    gbm_result.update(n=len(y[TEST]), **held_out_metrics(y[TEST], gbm_score, seed, subjects))
+    # log-odds [N] per model and split
+    scores = dict(probe={s: data.probe.decision(data.x[s]) for s in SCORED},
+                  logistic_regression={s: lr.decision(x[s]) for s in SCORED},
+                  gradient_boosting={s: _gbm_log_odds(gbm, x[s]) for s in SCORED})
+    gbm_result.update(n=len(y[TEST]), **held_out_metrics(
+        y[TEST], scores["gradient_boosting"][TEST], seed, subjects))
     for name, result in (("logistic_regression", lr_result), ("gradient_boosting", gbm_result)):
         result["probe_minus_model"] = paired_auroc_difference(
-            y[TEST], probe_scores[TEST], decisions[name](x[TEST]), bootstrap)
+            y[TEST], scores["probe"][TEST], scores[name][TEST], bootstrap)
         out[name] = result
     tuning_has_both = not one_class(y[TUNING])
     chosen = (max(MODELS, key=lambda m: out[m]["tuning_auroc"]) if tuning_has_both  # ties: 1st
               else MODELS[0])
-    model_scores = {s: decisions[chosen](x[s]) for s in (TUNING, TEST)}
-    together = _together_scores(probe_scores, model_scores)
-    out[TOGETHER] = _probe_plus_model(probe_scores, model_scores, together, y, chosen,
+    together = _together_scores(scores["probe"], scores[chosen])
+    out[TOGETHER] = _probe_plus_model(scores["probe"], scores[chosen], together, y, chosen,
                                       tuning_has_both, subjects, seed, bootstrap)
-    probabilities = {f"aggregates_{m}": {s: expit(decisions[m](x[s]))
-                                         for s in PREDICTION_SPLITS} for m in MODELS}
-    if tuning_has_both:
-        probabilities[TOGETHER] = _platt(together, y[TUNING])
+    probabilities = {f"aggregates_{m}": {s: expit(v) for s, v in scores[m].items()}
+                     for m in MODELS}
+    out[TOGETHER]["calibration"] = calibration = _platt(together[TUNING], y[TUNING])
+    if calibration["reason"] is None:
+        probabilities[TOGETHER] = {s: expit(calibration["slope"] * v + calibration["intercept"])
+                                   for s, v in together.items()}
     return out, probabilities
 
 
-def _decision(gbm: HistGradientBoostingClassifier):
+def _gbm_log_odds(gbm: HistGradientBoostingClassifier, x: np.ndarray) -> np.ndarray:
     """The model's decision function (log-odds) [N] of features [N, F], also of no rows."""
-    return lambda x: gbm.decision_function(x) if len(x) else np.zeros(0)
+    return gbm.decision_function(x) if len(x) else np.zeros(0)
 
 
 def _together_scores(probe: dict, model: dict) -> dict:
@@ -166,15 +170,20 @@ def _together_scores(probe: dict, model: dict) -> dict:
     there are no tuning rows), so neither dominates by its scale (a strongly regularized
     probe's log-odds spread little)."""
     return {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
-            for s in (TUNING, TEST)}
+            for s in SCORED}
 
 
-def _platt(scores: dict, tuning_y: np.ndarray) -> dict:
-    """P(label = True) [N] per split from ``scores`` [N] per split, by a logistic regression of
-    the tuning labels (both classes present) on the tuning scores."""
-    fit = LogisticRegression(C=1e6).fit(scores[TUNING].reshape(-1, 1), tuning_y)
-    return {s: fit.predict_proba(v.reshape(-1, 1))[:, 1].astype(np.float64)
-            for s, v in scores.items()}
+def _platt(tuning_scores: np.ndarray, tuning_y: np.ndarray) -> dict:
+    """{slope, intercept, reason}: an unpenalized logistic regression of the tuning labels [N]
+    on the tuning scores [N], P = sigmoid(slope * score + intercept); ``reason`` None, or why
+    it cannot map scores to probabilities in their order (one class, a slope <= 0)."""
+    if one_class(tuning_y):
+        return dict(slope=None, intercept=None,
+                    reason="tuning split has one class or no rows: no predictions")
+    fit = LogisticRegression(C=np.inf).fit(tuning_scores.reshape(-1, 1), tuning_y)
+    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    return dict(slope=slope, intercept=intercept, reason=None if slope > 0 else
+                "the tuning labels do not rise with the sum: no predictions")
 
 
 def _probe_plus_model(probe: dict, model: dict, together: dict, y: dict, model_name: str,

@@ -15,12 +15,16 @@
   model: ``aggregates_logistic_regression``, ``aggregates_gradient_boosting``,
   ``probe_plus_aggregates`` (``aggregates``), ``pretrained``, ``scratch`` (``finetune``).
 
-Files are written to a temporary name in the same folder and renamed.
+Files are written to a temporary name in the same folder and renamed. A
+``predictions_<model>/<task>/`` folder that an evaluation did not write (a model it did not fit,
+a task it did not find) is removed after the new files are in place, so the folders hold what
+metrics.json reports.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -130,3 +134,22 @@ def write_model_predictions(eval_dir: str, name: str, task: TaskData,
                                                      f"{split}.parquet"))
             written.setdefault(model, {})[split] = table.num_rows
     return written
+
+
+def remove_stale_predictions(eval_dir: str, exports: dict) -> list[str]:
+    """Removes the ``predictions_<model>/<task>/`` folders of ``eval_dir`` that ``exports``
+    ({task: {"models": {model: {split: rows}}}}, this evaluation's) does not hold, and model
+    folders left empty; returns the removed folders relative to ``eval_dir``."""
+    removed = []
+    for folder in sorted(os.listdir(eval_dir)):
+        model, path = folder.removeprefix("predictions_"), os.path.join(eval_dir, folder)
+        if model == folder or not os.path.isdir(path):
+            continue
+        for task in sorted(os.listdir(path)):
+            if (os.path.isdir(os.path.join(path, task))
+                    and model not in exports.get(task, {}).get("models", {})):
+                shutil.rmtree(os.path.join(path, task))
+                removed.append(os.path.join(folder, task))
+        if not os.listdir(path):
+            os.rmdir(path)
+    return removed

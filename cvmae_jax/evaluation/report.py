@@ -168,12 +168,15 @@ def _export_lines(exports: dict) -> list[str]:
     if not exports:
         return []
     lines = ["", "## Exports", "",
-             "`embeddings/<task>.parquet` (every label row of every split) and "
-             "`predictions/<task>/<split>.parquet` (MEDS-DEV format, label-file row order).", "",
-             "| task | embedding rows | prediction rows |", "|---|---:|---|"]
+             "`embeddings/<task>.parquet` (every label row of every split), the probe's "
+             "`predictions/<task>/<split>.parquet` and the other models' "
+             "`predictions_<model>/<task>/<split>.parquet` (MEDS-DEV format, label-file row "
+             "order).", "",
+             "| task | embedding rows | prediction rows | other models |", "|---|---:|---|---|"]
     for task, e in exports.items():
         preds = ", ".join(f"{s} {n}" for s, n in e["predictions"].items()) or "none (no probe)"
-        lines.append(f"| {task} | {e['embeddings']} | {preds} |")
+        models = ", ".join(f"`{m}`" for m in e.get("models", {})) or "none"
+        lines.append(f"| {task} | {e['embeddings']} | {preds} | {models} |")
     return lines + [""]
 
 

@@ -32,7 +32,8 @@ from cvmae_jax.evaluation import perturbation, report
 from cvmae_jax.evaluation.aggregates import aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
                                               read_label_tasks)
-from cvmae_jax.evaluation.exports import write_model_predictions, write_task_exports
+from cvmae_jax.evaluation.exports import (remove_stale_predictions, write_model_predictions,
+                                          write_task_exports)
 from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.meds_evaluation import score_exports
@@ -205,16 +206,18 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         out = eval_dir(workdir, split)
         result["exports"] = {task: write_task_exports(out, task, data)
                              for task, data in tasks.items()}
-        for task, probabilities in aggregate_probabilities.items():
-            result["downstream"]["tasks"][task]["aggregates"]["exports"] = (
-                write_model_predictions(out, task, tasks[task], probabilities))
-        if finetuned:
-            result["downstream"]["finetune"]["exports"] = {
-                task: write_model_predictions(out, task, tasks[task], tuned.probabilities)
-                for task, tuned in finetuned.items()}
         for task, written in result["exports"].items():
-            logging.info("eval %s: embeddings of %d label rows, predictions %s", task,
-                         written["embeddings"], written["predictions"])
+            tuned = finetuned.get(task)
+            written["models"] = write_model_predictions(
+                out, task, tasks[task],
+                aggregate_probabilities.get(task, {}) | (tuned.probabilities if tuned else {}))
+            logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
+                         "model(s)", task, written["embeddings"], written["predictions"],
+                         len(written["models"]))
+        removed = remove_stale_predictions(out, result["exports"])
+        if removed:
+            logging.info("eval: removed %d predictions_<model>/<task> folder(s) this evaluation "
+                         "did not write", len(removed))
         result["meds_evaluation"] = score_exports(out, result["exports"])
         write_json_atomic(eval_metrics_path(workdir, split), result)
         report.write_report(os.path.join(out, "report.md"), result)
