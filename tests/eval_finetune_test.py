@@ -96,6 +96,10 @@ def test_predictions_join_back_to_the_label_files(evaluated):
                 assert ((p > 0) & (p < 1)).all() and np.ptp(p) > 0
                 np.testing.assert_array_equal(
                     pred["predicted_boolean_value"].to_numpy(zero_copy_only=False), p >= 0.5)
+                calibration = _calibration(r, model)
+                if split == "tuning" and calibration and calibration["reason"] is None:
+                    y = pred["boolean_value"].to_numpy(zero_copy_only=False)
+                    assert p.mean() == pytest.approx(y.mean(), abs=1e-3)  # Platt on tuning
         if r["auroc"] is not None:  # the held_out files score as metrics.json says
             aggregates = r["aggregates"]
             reported = dict(
@@ -110,6 +114,15 @@ def test_predictions_join_back_to_the_label_files(evaluated):
                 assert roc_auc_score(pred["boolean_value"].to_numpy(zero_copy_only=False),
                                      pred["predicted_boolean_probability"].to_numpy()) == \
                     pytest.approx(reported[model], abs=1e-9)
+
+
+def _calibration(task_result: dict, model: str) -> dict | None:
+    """The Platt scaling behind a model's exported probabilities (None: its own)."""
+    if model in ("pretrained", "scratch"):
+        return task_result["finetune"][model]["calibration"]
+    if model == "probe_plus_aggregates":
+        return task_result["aggregates"][model]["calibration"]
+    return None
 
 
 def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):

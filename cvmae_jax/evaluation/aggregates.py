@@ -22,10 +22,9 @@ those of the aggregates model with the higher tuning AUROC (logistic regression 
 one class or no rows), each scaled to unit spread on tuning, no setting of its own. Its paired
 difference to that model answers the question the probe alone cannot: does the encoder's vector
 add anything to the hand-made features, whichever of the two is ahead? Its probability (for the
-prediction exports) is the sum passed through an unpenalized logistic regression of the tuning
-labels on it (Platt scaling: a slope and an intercept fit on tuning), so that a threshold of 0.5
-means what it says. It has no predictions when that cannot keep the sum's order: one class on
-tuning, or a slope that is not positive.
+prediction exports) is the sum's Platt scaling on tuning (``calibration``), so that a threshold
+of 0.5 means what it says; it has no predictions where that cannot be used (one class on tuning,
+a slope that is not positive).
 """
 
 from __future__ import annotations
@@ -33,12 +32,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from cvmae_jax.data.labels import window_words
 from cvmae_jax.data.sequences import US_PER_HOUR
+from cvmae_jax.evaluation.calibration import calibrated, platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
 from cvmae_jax.evaluation.paired_stats import (SubjectBootstrap, one_class,
@@ -152,10 +151,9 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int
                                       tuning_has_both, subjects, seed, bootstrap)
     probabilities = {f"aggregates_{m}": {s: expit(v) for s, v in scores[m].items()}
                      for m in MODELS}
-    out[TOGETHER]["calibration"] = calibration = _platt(together[TUNING], y[TUNING])
+    out[TOGETHER]["calibration"] = calibration = platt(together[TUNING], y[TUNING])
     if calibration["reason"] is None:
-        probabilities[TOGETHER] = {s: expit(calibration["slope"] * v + calibration["intercept"])
-                                   for s, v in together.items()}
+        probabilities[TOGETHER] = {s: calibrated(calibration, v) for s, v in together.items()}
     return out, probabilities
 
 
@@ -171,19 +169,6 @@ def _together_scores(probe: dict, model: dict) -> dict:
     probe's log-odds spread little)."""
     return {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
             for s in SCORED}
-
-
-def _platt(tuning_scores: np.ndarray, tuning_y: np.ndarray) -> dict:
-    """{slope, intercept, reason}: an unpenalized logistic regression of the tuning labels [N]
-    on the tuning scores [N], P = sigmoid(slope * score + intercept); ``reason`` None, or why
-    it cannot map scores to probabilities in their order (one class, a slope <= 0)."""
-    if one_class(tuning_y):
-        return dict(slope=None, intercept=None,
-                    reason="tuning split has one class or no rows: no predictions")
-    fit = LogisticRegression(C=np.inf).fit(tuning_scores.reshape(-1, 1), tuning_y)
-    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
-    return dict(slope=slope, intercept=intercept, reason=None if slope > 0 else
-                "the tuning labels do not rise with the sum: no predictions")
 
 
 def _probe_plus_model(probe: dict, model: dict, together: dict, y: dict, model_name: str,

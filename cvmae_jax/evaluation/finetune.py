@@ -13,7 +13,10 @@ batches and, unless the pretrained model's head starts at the frozen probe's wei
 compiled step (``cvmae_jax.finetune_steps``, under the run's launcher: jit over the data mesh,
 or pmap) serves every task, model and k-shot draw. Held_out AUROC/AUPRC get subject-bootstrap
 CIs, and the differences pretrained - scratch and pretrained - probe paired-bootstrap CIs (the
-same resamples of subjects for both models). Logs hold counts and aggregates only.
+same resamples of subjects for both models). The exported probabilities are the logits' Platt
+scaling on tuning (``calibration``; the network's own sigmoid where that cannot be used): a
+network stopped early at its best tuning AUROC ranks well but need not be calibrated. Logs hold
+counts and aggregates only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.evaluation.calibration import calibrated, platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
@@ -325,12 +329,14 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
                             f"{task} {model}".strip(), head_weights)
         split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
         logits[model] = split_logits[TEST]
-        probabilities[model] = {s: expit(np.asarray(v, np.float64))
+        calibration = platt(split_logits[TUNING], _labels(windows[TUNING]))
+        probabilities[model] = {s: (expit(np.asarray(v, np.float64)) if calibration["reason"]
+                                    else calibrated(calibration, v))
                                 for s, v in split_logits.items()}
         result[model] = dict(scored(test_y, logits[model], subjects, seed),
                              encoder_lr_scale=scale,
                              head_init="zero" if head_weights is None else "probe",
-                             **fit.summary())
+                             calibration=calibration, **fit.summary())
     result["pretrained_vs_scratch"] = (
         paired_delta(test_y, logits["pretrained"], logits["scratch"], subjects, seed)
         if "scratch" in logits else
