@@ -143,6 +143,26 @@ def test_report_and_metrics_show_fine_tuning_beside_the_probe(evaluated):
         assert task["finetune"]["pretrained"]["tuning_curve"][0][0] == 0  # the probe's check
 
 
+def test_every_exported_file_is_scored_by_meds_evaluation(evaluated):
+    pytest.importorskip("meds_evaluation")
+    workdir, result = evaluated
+    report = open(os.path.join(workdir, "eval", "report.md")).read()
+    assert "## The exported predictions scored by meds-evaluation (held_out)" in report
+    scored = result["meds_evaluation_models"]
+    for task, r in result["downstream"]["tasks"].items():
+        models = result["exports"][task]["models"]
+        assert {m for m in scored if task in scored[m]} == set(models)
+        for model in models:
+            assert set(scored[model][task]) == {"tuning", "held_out"}
+            held_out = scored[model][task]["held_out"].get("samples_equally_weighted")
+            if held_out is None:  # one class
+                continue
+            auroc = held_out["roc_auc_score"]
+            assert f"| {task} | {model} | {auroc:.3f} |" in report
+            if model in ("pretrained", "scratch"):  # float32 in meds-evaluation
+                assert auroc == pytest.approx(r["finetune"][model]["auroc"], abs=1e-3)
+
+
 def test_exported_embeddings_are_the_per_code_vectors_the_probe_reads(evaluated):
     workdir, result = evaluated
     run = load_trained(workdir)

@@ -1,7 +1,8 @@
 """eval.py's predictions scored by ``meds-evaluation``, the MEDS ecosystem's scorer (the
 ``[scoring]`` extra), as a check that the exported files mean what the report says.
 
-For every exported ``predictions/<task>/<split>.parquet``, meds-evaluation's
+For every exported ``predictions/<task>/<split>.parquet`` (the probe's) and
+``predictions_<model>/<task>/<split>.parquet`` (the other models'), meds-evaluation's
 ``evaluate_binary_classification`` (the function behind ``meds-evaluation-cli
 predictions_path=... output_file=...``, with its defaults) gives AUROC, average precision,
 Brier score, calibration error, accuracy and F1, over rows ("samples_equally_weighted") and
@@ -44,21 +45,37 @@ def score_file(path: str, evaluate=None) -> dict:
             for block, metrics in result.items()}
 
 
-def score_exports(eval_dir: str, exports: dict) -> dict:
-    """{task: {split: score_file(...)}} of every predictions file in ``exports``
-    (``write_task_exports``' {task: {"predictions": {split: rows}}}); {} without
-    meds-evaluation."""
+def score_exports(eval_dir: str, exports: dict) -> tuple[dict, dict]:
+    """``score_file`` of every predictions file in ``exports`` (``run_eval``'s {task:
+    {"predictions": {split: rows}, "models": {model: {split: rows}}}}): the probe's
+    {task: {split: score}} and the other models' {model: {task: {split: score}}}; both {}
+    without meds-evaluation."""
     evaluate = _evaluator()
     if evaluate is None:
         logging.info("eval: meds-evaluation is not installed; predictions not scored by it "
                      "(pip install 'cvmae-jax[scoring]')")
-        return {}
-    scores = {}
+        return {}, {}
+    probe, models = {}, {}
     for task, written in exports.items():
-        for split in written["predictions"]:
-            path = os.path.join(eval_dir, "predictions", task, f"{split}.parquet")
-            scores.setdefault(task, {})[split] = score = score_file(path, evaluate)
-            auroc = score.get("samples_equally_weighted", {}).get("roc_auc_score")
-            logging.info("eval %s %s: %s AUROC %s", task, split, SCORER,
-                         "undefined (one class)" if auroc is None else auroc)
-    return scores
+        if written["predictions"]:
+            probe[task] = _score_folder(evaluate, eval_dir, "predictions", task,
+                                        written["predictions"])
+            _log(task, "probe", probe[task])
+        for model, splits in written.get("models", {}).items():
+            models.setdefault(model, {})[task] = scores = _score_folder(
+                evaluate, eval_dir, f"predictions_{model}", task, splits)
+            _log(task, model, scores)
+    return probe, models
+
+
+def _score_folder(evaluate, eval_dir: str, folder: str, task: str, splits) -> dict:
+    """{split: score_file(...)} of ``<eval_dir>/<folder>/<task>/<split>.parquet``."""
+    return {split: score_file(os.path.join(eval_dir, folder, task, f"{split}.parquet"), evaluate)
+            for split in splits}
+
+
+def _log(task: str, model: str, scores: dict) -> None:
+    for split, score in scores.items():
+        auroc = score.get("samples_equally_weighted", {}).get("roc_auc_score")
+        logging.info("eval %s %s %s: %s AUROC %s", task, split, model, SCORER,
+                     "undefined (one class)" if auroc is None else f"{auroc:.4f}")

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
-from cvmae_jax.evaluation.downstream import report_lines  # noqa: E402
+from cvmae_jax.evaluation.downstream import TEST, report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
 from cvmae_jax.evaluation.finetune_report import finetune_lines, kshot_points  # noqa: E402
 from cvmae_jax.evaluation.yardstick import yardstick_lines  # noqa: E402
@@ -51,6 +51,8 @@ def write_report(path: str, result: dict) -> None:
         lines += _perturbation_lines(result["perturbation"])
     if "exports" in result:
         lines += _export_lines(result["exports"])
+    lines += _scored_lines(result.get("meds_evaluation") or {},
+                           result.get("meds_evaluation_models") or {})
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -135,10 +137,11 @@ def _label_efficiency_lines(downstream: dict) -> list[str]:
     return lines + ([""] + skipped if skipped else []) + [""]
 
 
-def _perturbation_lines(p: dict) -> list[str]:
-    def fmt(x, spec=".4f"):
-        return "n/a" if x is None else format(x, spec)
+def _fmt(x, spec=".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
 
+
+def _perturbation_lines(p: dict) -> list[str]:
     lines = ["", "## Perturbation sensitivity", "",
              f"Visible values corrupted, seed {p['seed']}: `shuffle_within_code` gives each "
              "event the value of another event of the same code drawn from the whole evaluated "
@@ -152,15 +155,15 @@ def _perturbation_lines(p: dict) -> list[str]:
              "|---|---:|---:|---:|---:|"]
     for kind in p["kinds"]:
         r = p[kind]["reconstruction"]
-        lines.append(f"| {kind} | {r['num_masked']} | {fmt(r['masked_mse_clean'])} | "
-                     f"{fmt(r['masked_mse_corrupted'])} | {fmt(r['ratio'], '.3f')} |")
+        lines.append(f"| {kind} | {r['num_masked']} | {_fmt(r['masked_mse_clean'])} | "
+                     f"{_fmt(r['masked_mse_corrupted'])} | {_fmt(r['ratio'], '.3f')} |")
     rows = [(kind, task, d) for kind in p["kinds"] for task, d in p[kind]["downstream"].items()]
     if rows:
         lines += ["", "| corruption | task | n | AUROC clean | AUROC corrupted | ratio | "
                   "mean abs prob change |", "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {kind} | {task} | {d['n']} | {fmt(d['auroc_clean'], '.3f')} | "
-                  f"{fmt(d['auroc_corrupted'], '.3f')} | {fmt(d['auroc_ratio'], '.3f')} | "
-                  f"{fmt(d['mean_abs_prob_change'])} |" for kind, task, d in rows]
+        lines += [f"| {kind} | {task} | {d['n']} | {_fmt(d['auroc_clean'], '.3f')} | "
+                  f"{_fmt(d['auroc_corrupted'], '.3f')} | {_fmt(d['auroc_ratio'], '.3f')} | "
+                  f"{_fmt(d['mean_abs_prob_change'])} |" for kind, task, d in rows]
     return lines + [""]
 
 
@@ -177,6 +180,29 @@ def _export_lines(exports: dict) -> list[str]:
         preds = ", ".join(f"{s} {n}" for s, n in e["predictions"].items()) or "none (no probe)"
         models = ", ".join(f"`{m}`" for m in e.get("models", {})) or "none"
         lines.append(f"| {task} | {e['embeddings']} | {preds} | {models} |")
+    return lines + [""]
+
+
+def _scored_lines(probe: dict, models: dict) -> list[str]:
+    """The held_out prediction files as meds-evaluation scores them (over rows), per task and
+    model: ranking and calibration side by side."""
+    rows = [(task, "probe", by_split) for task, by_split in probe.items()]
+    rows += [(task, model, by_split) for model, tasks in models.items()
+             for task, by_split in tasks.items()]
+    rows = [(task, model, by_split[TEST]) for task, model, by_split in rows if TEST in by_split]
+    if not rows:
+        return []
+    lines = ["", f"## The exported predictions scored by meds-evaluation ({TEST})", "",
+             "Over rows (`samples_equally_weighted`); the probabilities of `probe_plus_aggregates`"
+             ", `pretrained` and `scratch` are Platt-scaled on tuning.", "",
+             "| task | model | AUROC | average precision | Brier score | calibration error |",
+             "|---|---|---:|---:|---:|---:|"]
+    for task, model, score in sorted(rows, key=lambda r: r[0]):
+        metrics = score.get("samples_equally_weighted")
+        cells = ([_fmt(metrics.get(k), ".3f") for k in (
+            "roc_auc_score", "average_precision_score", "brier_score", "calibration_error")]
+            if metrics else ["undefined (one class)", "", "", ""])
+        lines.append(f"| {task} | {model} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

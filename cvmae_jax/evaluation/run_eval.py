@@ -218,7 +218,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
         if removed:
             logging.info("eval: removed %d predictions_<model>/<task> folder(s) this evaluation "
                          "did not write", len(removed))
-        result["meds_evaluation"] = score_exports(out, result["exports"])
+        result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
+            out, result["exports"])
         write_json_atomic(eval_metrics_path(workdir, split), result)
         report.write_report(os.path.join(out, "report.md"), result)
         report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
