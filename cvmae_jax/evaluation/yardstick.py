@@ -80,7 +80,8 @@ def _together_lines(tasks: dict) -> list[str]:
             "higher tuning AUROC (logistic regression when tuning has one class), each scaled "
             "to unit spread on tuning, both fit on train. "
             "Above 0 against that model: the encoder's vector adds to what the hand-made "
-            "features give it.", ""]
+            "features give it. Below 0: the equal weights cost more than the vector adds, as "
+            "where the probe is far behind the model alone.", ""]
 
 
 def _untrained_lines(tasks: dict) -> list[str]:
