@@ -176,10 +176,9 @@ def _probe_plus_model(probe: dict, model: dict, together: dict, y: dict, model_n
                       bootstrap: SubjectBootstrap) -> dict:
     """The probe and the aggregates model chosen on tuning together (``together``: the
     ``_together_scores`` of their log-odds ``probe`` and ``model`` [N] per split, both fit on
-    train only): held_out metrics as the probe's, its tuning AUROC
-    (None unless tuning has both classes), and paired differences to the probe and to the
-    model: above 0 against the model, the encoder's vector adds to what the aggregates give
-    that model."""
+    train only): held_out metrics as the probe's, its tuning AUROC (None unless tuning has both
+    classes), and paired differences to the probe and to the model: above 0 against the model,
+    the encoder's vector adds to what the aggregates give that model."""
     result = dict(aggregates_model=model_name, model_selection=(
         "tuning AUROC" if tuning_has_both else "default (tuning split has one class or no rows)"),
         tuning_auroc=float(roc_auc_score(y[TUNING], together[TUNING])) if tuning_has_both
