@@ -1,7 +1,6 @@
 """Label embeddings never see an event after prediction_time (at the embedding level); the
-exported files keep the label files' times, and prediction folders of an earlier evaluation go."""
+exported files keep the label files' times, and exports of an earlier evaluation go."""
 
-import os
 import shutil
 
 import numpy as np
@@ -16,7 +15,7 @@ from cvmae_jax.data.labels import label_windows
 from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 from cvmae_jax.evaluation.downstream import embed_label_windows, make_embed_fn
-from cvmae_jax.evaluation.exports import remove_stale_predictions
+from cvmae_jax.evaluation.exports import remove_stale_exports
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 
 from train_test import tiny_config
@@ -118,18 +117,27 @@ def test_exports_keep_the_label_files_prediction_times_and_zone(tmp_path):
     assert embeddings_table(task)["prediction_time"].combine_chunks().equals(times)
 
 
-def test_prediction_folders_this_evaluation_did_not_write_are_removed(tmp_path):
-    folders = ["predictions/death", "predictions_pretrained/death", "predictions_scratch/death",
-               "predictions_scratch/readmission", "predictions_probe_plus_aggregates/death",
-               "embeddings"]
-    for folder in folders:
-        os.makedirs(tmp_path / folder)
-        (tmp_path / folder / "held_out.parquet").write_bytes(b"")
-    exports = dict(death=dict(models=dict(pretrained={}, scratch={})))  # readmission: gone
-    removed = remove_stale_predictions(str(tmp_path), exports)
-    assert removed == ["predictions_probe_plus_aggregates/death", "predictions_scratch/readmission"]
-    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
-    assert left == [f"{f}/held_out.parquet" for f in ["embeddings", "predictions/death",
-                                                      "predictions_pretrained/death",
-                                                      "predictions_scratch/death"]]
+def test_exports_this_evaluation_did_not_write_are_removed(tmp_path):
+    files = ["predictions/death/held_out.parquet", "predictions/readmission/held_out.parquet",
+             "predictions_pretrained/death/held_out.parquet",
+             "predictions_scratch/death/held_out.parquet",
+             "predictions_scratch/readmission/held_out.parquet",
+             "predictions_probe_plus_aggregates/death/held_out.parquet",
+             "embeddings/death.parquet", "embeddings/readmission.parquet", "report.md"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    exports = dict(death=dict(embeddings=1, predictions=dict(held_out=1),  # readmission: gone
+                              models=dict(pretrained={}, scratch={})))
+    removed = remove_stale_exports(str(tmp_path), exports)
+    assert removed == ["embeddings/readmission.parquet", "predictions/readmission",
+                       "predictions_probe_plus_aggregates/death", "predictions_scratch/readmission"]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*"))
+    assert left == ["embeddings/death.parquet", "predictions/death/held_out.parquet",
+                    "predictions_pretrained/death/held_out.parquet",
+                    "predictions_scratch/death/held_out.parquet", "report.md"]
     assert not (tmp_path / "predictions_probe_plus_aggregates").exists()  # emptied: removed
+    assert remove_stale_exports(str(tmp_path), {}) == [  # no task at all: every export goes
+        "embeddings/death.parquet", "predictions/death", "predictions_pretrained/death",
+        "predictions_scratch/death"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]

@@ -15,10 +15,9 @@
   model: ``aggregates_logistic_regression``, ``aggregates_gradient_boosting``,
   ``probe_plus_aggregates`` (``aggregates``), ``pretrained``, ``scratch`` (``finetune``).
 
-Files are written to a temporary name in the same folder and renamed. A
-``predictions_<model>/<task>/`` folder that an evaluation did not write (a model it did not fit,
-a task it did not find) is removed after the new files are in place, so the folders hold what
-metrics.json reports.
+Files are written to a temporary name in the same folder and renamed. Exports of an earlier
+evaluation that this one did not write (a model it did not fit, a task it did not find) are
+removed after the new files are in place, so the folders hold what metrics.json reports.
 """
 
 from __future__ import annotations
@@ -136,20 +135,41 @@ def write_model_predictions(eval_dir: str, name: str, task: TaskData,
     return written
 
 
-def remove_stale_predictions(eval_dir: str, exports: dict) -> list[str]:
-    """Removes the ``predictions_<model>/<task>/`` folders of ``eval_dir`` that ``exports``
-    ({task: {"models": {model: {split: rows}}}}, this evaluation's) does not hold, and model
-    folders left empty; returns the removed folders relative to ``eval_dir``."""
-    removed = []
-    for folder in sorted(os.listdir(eval_dir)):
-        model, path = folder.removeprefix("predictions_"), os.path.join(eval_dir, folder)
-        if model == folder or not os.path.isdir(path):
-            continue
-        for task in sorted(os.listdir(path)):
-            if (os.path.isdir(os.path.join(path, task))
-                    and model not in exports.get(task, {}).get("models", {})):
-                shutil.rmtree(os.path.join(path, task))
-                removed.append(os.path.join(folder, task))
-        if not os.listdir(path):
-            os.rmdir(path)
-    return removed
+def remove_stale_exports(eval_dir: str, exports: dict) -> list[str]:
+    """Removes what ``eval_dir`` holds of an earlier evaluation but ``exports`` (this one's
+    {task: {"embeddings": rows, "predictions": {split: rows}, "models": {model: {split:
+    rows}}}}) does not: ``embeddings/<task>.parquet``, ``predictions/<task>/`` and
+    ``predictions_<model>/<task>/``, and the folders that leaves empty; returns the removed
+    paths relative to ``eval_dir``."""
+    stale = [os.path.join("embeddings", f) for f in _listing(eval_dir, "embeddings")
+             if f.endswith(".parquet") and f.removesuffix(".parquet") not in exports]
+    for folder in _listing(eval_dir, ""):
+        if folder == "predictions" or folder.startswith("predictions_"):
+            stale += [os.path.join(folder, task) for task in _listing(eval_dir, folder)
+                      if os.path.isdir(os.path.join(eval_dir, folder, task))
+                      and not _written(exports.get(task), folder)]
+    for path in stale:
+        if os.path.isdir(os.path.join(eval_dir, path)):
+            shutil.rmtree(os.path.join(eval_dir, path))
+        else:
+            os.remove(os.path.join(eval_dir, path))
+    for folder in sorted({os.path.dirname(path) for path in stale}):
+        if not os.listdir(os.path.join(eval_dir, folder)):
+            os.rmdir(os.path.join(eval_dir, folder))
+    return stale
+
+
+def _written(task_exports: dict | None, folder: str) -> bool:
+    """Whether this evaluation wrote ``folder`` (predictions or predictions_<model>) of a task
+    with ``task_exports`` (None: a task it did not evaluate)."""
+    if not task_exports:
+        return False
+    if folder == "predictions":
+        return bool(task_exports["predictions"])
+    return folder.removeprefix("predictions_") in task_exports.get("models", {})
+
+
+def _listing(eval_dir: str, folder: str) -> list[str]:
+    """Sorted names in ``eval_dir/folder`` ([] when it is not a folder)."""
+    path = os.path.join(eval_dir, folder)
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []

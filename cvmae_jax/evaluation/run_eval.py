@@ -32,7 +32,7 @@ from cvmae_jax.evaluation import perturbation, report
 from cvmae_jax.evaluation.aggregates import aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
                                               read_label_tasks)
-from cvmae_jax.evaluation.exports import (remove_stale_predictions, write_model_predictions,
+from cvmae_jax.evaluation.exports import (remove_stale_exports, write_model_predictions,
                                           write_task_exports)
 from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
@@ -214,10 +214,10 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
                          "model(s)", task, written["embeddings"], written["predictions"],
                          len(written["models"]))
-        removed = remove_stale_predictions(out, result["exports"])
+        removed = remove_stale_exports(out, result["exports"])
         if removed:
-            logging.info("eval: removed %d predictions_<model>/<task> folder(s) this evaluation "
-                         "did not write", len(removed))
+            logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
+                         "predictions of a task or model not evaluated now)", len(removed))
         result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
             out, result["exports"])
         write_json_atomic(eval_metrics_path(workdir, split), result)
