@@ -117,27 +117,36 @@ def test_exports_keep_the_label_files_prediction_times_and_zone(tmp_path):
     assert embeddings_table(task)["prediction_time"].combine_chunks().equals(times)
 
 
+MODELS = ("pretrained", "scratch", "probe_plus_aggregates")
+
+
 def test_exports_this_evaluation_did_not_write_are_removed(tmp_path):
     files = ["predictions/death/held_out.parquet", "predictions/readmission/held_out.parquet",
+             "predictions/icu/held_out.parquet",
              "predictions_pretrained/death/held_out.parquet",
              "predictions_scratch/death/held_out.parquet",
              "predictions_scratch/readmission/held_out.parquet",
              "predictions_probe_plus_aggregates/death/held_out.parquet",
-             "embeddings/death.parquet", "embeddings/readmission.parquet", "report.md"]
+             "predictions_backup/readmission/held_out.parquet",  # the user's: left alone
+             "embeddings/death.parquet", "embeddings/icu.parquet",
+             "embeddings/readmission.parquet", "report.md", "elsewhere/keep.parquet"]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / "predictions_scratch" / "old").symlink_to(tmp_path / "elsewhere")  # a link
     exports = dict(death=dict(embeddings=1, predictions=dict(held_out=1),  # readmission: gone
-                              models=dict(pretrained={}, scratch={})))
-    removed = remove_stale_exports(str(tmp_path), exports)
-    assert removed == ["embeddings/readmission.parquet", "predictions/readmission",
-                       "predictions_probe_plus_aggregates/death", "predictions_scratch/readmission"]
+                              models=dict(pretrained={}, scratch={})),
+                   ICU=dict(embeddings=1, predictions={}, models={}))  # no probe; other case
+    removed = remove_stale_exports(str(tmp_path), exports, MODELS)
+    assert removed == ["embeddings/readmission.parquet", "predictions/icu",
+                       "predictions/readmission", "predictions_scratch/readmission",
+                       "predictions_probe_plus_aggregates/death"]
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*"))
-    assert left == ["embeddings/death.parquet", "predictions/death/held_out.parquet",
+    assert left == ["elsewhere/keep.parquet", "embeddings/death.parquet",
+                    "embeddings/icu.parquet", "predictions/death/held_out.parquet",
+                    "predictions_backup/readmission/held_out.parquet",
                     "predictions_pretrained/death/held_out.parquet",
                     "predictions_scratch/death/held_out.parquet", "report.md"]
     assert not (tmp_path / "predictions_probe_plus_aggregates").exists()  # emptied: removed
-    assert remove_stale_exports(str(tmp_path), {}) == [  # no task at all: every export goes
-        "embeddings/death.parquet", "predictions/death", "predictions_pretrained/death",
-        "predictions_scratch/death"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    assert (tmp_path / "predictions_scratch" / "old").is_symlink()  # links are left alone
+    assert remove_stale_exports(str(tmp_path / "missing"), exports, MODELS) == []

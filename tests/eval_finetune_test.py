@@ -70,6 +70,7 @@ def test_predictions_join_back_to_the_label_files(evaluated):
     """The fine-tuned networks' and the aggregates models' MEDS-DEV files."""
     workdir, result = evaluated
     labels = result["downstream"]["labels_dir"]
+    calibrated = 0
     for task, r in result["downstream"]["tasks"].items():
         exports = result["exports"][task]["models"]
         expected = {"pretrained", "scratch"}
@@ -100,6 +101,7 @@ def test_predictions_join_back_to_the_label_files(evaluated):
                 if split == "tuning" and calibration and calibration["reason"] is None:
                     y = pred["boolean_value"].to_numpy(zero_copy_only=False)
                     assert p.mean() == pytest.approx(y.mean(), abs=1e-3)  # Platt on tuning
+                    calibrated += 1
         if r["auroc"] is not None:  # the held_out files score as metrics.json says
             aggregates = r["aggregates"]
             reported = dict(
@@ -114,6 +116,7 @@ def test_predictions_join_back_to_the_label_files(evaluated):
                 assert roc_auc_score(pred["boolean_value"].to_numpy(zero_copy_only=False),
                                      pred["predicted_boolean_probability"].to_numpy()) == \
                     pytest.approx(reported[model], abs=1e-9)
+    assert calibrated > 0  # some tuning file was Platt-scaled and checked
 
 
 def _calibration(task_result: dict, model: str) -> dict | None:

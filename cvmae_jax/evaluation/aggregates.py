@@ -23,8 +23,8 @@ one class or no rows), each scaled to unit spread on tuning, no setting of its o
 difference to that model answers the question the probe alone cannot: does the encoder's vector
 add anything to the hand-made features, whichever of the two is ahead? Its probability (for the
 prediction exports) is the sum's Platt scaling on tuning (``calibration``), so that a threshold
-of 0.5 means what it says; it has no predictions where that cannot be used (one class on tuning,
-a slope that is not positive).
+of 0.5 means what it says; it has no predictions where that cannot be used
+(``calibration.platt``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from cvmae_jax.data.labels import window_words
 from cvmae_jax.data.sequences import US_PER_HOUR
-from cvmae_jax.evaluation.calibration import calibrated, platt
+from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
 from cvmae_jax.evaluation.paired_stats import (SubjectBootstrap, one_class,
@@ -48,6 +48,7 @@ GBM_GRID = tuple(dict(max_leaf_nodes=leaves, max_iter=iters, learning_rate=0.05,
                       l2_regularization=1.0) for leaves in (7, 15) for iters in (100, 300))
 MODELS = ("logistic_regression", "gradient_boosting")
 TOGETHER = "probe_plus_aggregates"
+PREDICTION_MODELS = (*(f"aggregates_{m}" for m in MODELS), TOGETHER)  # exported by eval.py
 SCORED = (TUNING, TEST)  # the splits the models' scores are needed for
 
 
@@ -151,9 +152,9 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int
                                       tuning_has_both, subjects, seed, bootstrap)
     probabilities = {f"aggregates_{m}": {s: expit(v) for s, v in scores[m].items()}
                      for m in MODELS}
-    out[TOGETHER]["calibration"] = calibration = platt(together[TUNING], y[TUNING])
-    if calibration["reason"] is None:
-        probabilities[TOGETHER] = {s: calibrated(calibration, v) for s, v in together.items()}
+    out[TOGETHER]["calibration"], calibrated = platt(together[TUNING], y[TUNING], together)
+    if calibrated is not None:
+        probabilities[TOGETHER] = calibrated
     return out, probabilities
 
 

@@ -28,6 +28,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from absl import logging
 
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import (LABEL_CHECKS, OPTIONAL, empty_label_table, label_files,
@@ -135,28 +136,39 @@ def write_model_predictions(eval_dir: str, name: str, task: TaskData,
     return written
 
 
-def remove_stale_exports(eval_dir: str, exports: dict) -> list[str]:
+def remove_stale_exports(eval_dir: str, exports: dict, models: tuple[str, ...]) -> list[str]:
     """Removes what ``eval_dir`` holds of an earlier evaluation but ``exports`` (this one's
     {task: {"embeddings": rows, "predictions": {split: rows}, "models": {model: {split:
     rows}}}}) does not: ``embeddings/<task>.parquet``, ``predictions/<task>/`` and
-    ``predictions_<model>/<task>/``, and the folders that leaves empty; returns the removed
-    paths relative to ``eval_dir``."""
+    ``predictions_<model>/<task>/`` for the ``models`` eval.py writes (other folders and links
+    are left alone), and the folders that leaves empty. Task names match case-insensitively,
+    as on a case-insensitive disk. A file that cannot be removed is logged and left. Returns
+    the removed paths relative to ``eval_dir``."""
+    tasks = {task.casefold(): written for task, written in exports.items()}
     stale = [os.path.join("embeddings", f) for f in _listing(eval_dir, "embeddings")
-             if f.endswith(".parquet") and f.removesuffix(".parquet") not in exports]
-    for folder in _listing(eval_dir, ""):
-        if folder == "predictions" or folder.startswith("predictions_"):
-            stale += [os.path.join(folder, task) for task in _listing(eval_dir, folder)
-                      if os.path.isdir(os.path.join(eval_dir, folder, task))
-                      and not _written(exports.get(task), folder)]
+             if f.endswith(".parquet") and f.removesuffix(".parquet").casefold() not in tasks]
+    for folder in ("predictions", *(f"predictions_{m}" for m in models)):
+        stale += [os.path.join(folder, task) for task in _listing(eval_dir, folder)
+                  if os.path.isdir(os.path.join(eval_dir, folder, task))
+                  and not _written(tasks.get(task.casefold()), folder)]
+    removed = []
     for path in stale:
-        if os.path.isdir(os.path.join(eval_dir, path)):
-            shutil.rmtree(os.path.join(eval_dir, path))
-        else:
-            os.remove(os.path.join(eval_dir, path))
-    for folder in sorted({os.path.dirname(path) for path in stale}):
-        if not os.listdir(os.path.join(eval_dir, folder)):
-            os.rmdir(os.path.join(eval_dir, folder))
-    return stale
+        full = os.path.join(eval_dir, path)
+        try:
+            if os.path.islink(full):
+                continue
+            if os.path.isdir(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+        except OSError as error:
+            logging.warning("eval: could not remove %s of an earlier evaluation: %s", path,
+                            error.strerror)
+            continue
+        removed.append(path)
+        if not os.listdir(os.path.dirname(full)):
+            os.rmdir(os.path.dirname(full))
+    return removed
 
 
 def _written(task_exports: dict | None, folder: str) -> bool:

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.calibration import calibrated, platt
+from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
@@ -329,10 +329,10 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
                             f"{task} {model}".strip(), head_weights)
         split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
         logits[model] = split_logits[TEST]
-        calibration = platt(split_logits[TUNING], _labels(windows[TUNING]))
-        probabilities[model] = {s: (expit(np.asarray(v, np.float64)) if calibration["reason"]
-                                    else calibrated(calibration, v))
-                                for s, v in split_logits.items()}
+        calibration, calibrated = platt(split_logits[TUNING], _labels(windows[TUNING]),
+                                        split_logits)
+        probabilities[model] = calibrated or {s: expit(np.asarray(v, np.float64))
+                                              for s, v in split_logits.items()}
         result[model] = dict(scored(test_y, logits[model], subjects, seed),
                              encoder_lr_scale=scale,
                              head_init="zero" if head_weights is None else "probe",

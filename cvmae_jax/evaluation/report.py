@@ -194,7 +194,9 @@ def _scored_lines(probe: dict, models: dict) -> list[str]:
         return []
     lines = ["", f"## The exported predictions scored by meds-evaluation ({TEST})", "",
              "Over rows (`samples_equally_weighted`); the probabilities of `probe_plus_aggregates`"
-             ", `pretrained` and `scratch` are Platt-scaled on tuning.", "",
+             ", `pretrained` and `scratch` are Platt-scaled on tuning where their `calibration` "
+             "in metrics.json has no `reason` (`pretrained` and `scratch` keep their own "
+             "otherwise).", "",
              "| task | model | AUROC | average precision | Brier score | calibration error |",
              "|---|---|---:|---:|---:|---:|"]
     for task, model, score in sorted(rows, key=lambda r: r[0]):

@@ -29,11 +29,12 @@ from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.report import selection_summary
 from cvmae_jax.evaluation import perturbation, report
-from cvmae_jax.evaluation.aggregates import aggregates_baseline
+from cvmae_jax.evaluation.aggregates import PREDICTION_MODELS, aggregates_baseline
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, make_embed_fn, probe_tasks,
                                               read_label_tasks)
 from cvmae_jax.evaluation.exports import (remove_stale_exports, write_model_predictions,
                                           write_task_exports)
+from cvmae_jax.evaluation.finetune import MODELS as FINETUNE_MODELS
 from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.meds_evaluation import score_exports
@@ -214,7 +215,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
                          "model(s)", task, written["embeddings"], written["predictions"],
                          len(written["models"]))
-        removed = remove_stale_exports(out, result["exports"])
+        removed = remove_stale_exports(out, result["exports"],
+                                       (*PREDICTION_MODELS, *FINETUNE_MODELS))
         if removed:
             logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
                          "predictions of a task or model not evaluated now)", len(removed))
