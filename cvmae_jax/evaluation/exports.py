@@ -22,6 +22,7 @@ removed after the new files are in place, so the folders hold what metrics.json 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -166,8 +167,9 @@ def remove_stale_exports(eval_dir: str, exports: dict, models: tuple[str, ...]) 
                             error.strerror)
             continue
         removed.append(path)
-        if not os.listdir(os.path.dirname(full)):
-            os.rmdir(os.path.dirname(full))
+        with contextlib.suppress(OSError):  # an empty folder left behind is harmless
+            if not os.listdir(os.path.dirname(full)):
+                os.rmdir(os.path.dirname(full))
     return removed
 
 
