@@ -18,7 +18,7 @@ def test_platt_scaling_matches_the_tuning_rate_and_keeps_the_order():
     rng = np.random.default_rng(0)
     y, tuning = _overlapping(rng)
     held_out = _overlapping(rng)[1]
-    calibration, probabilities = platt(tuning, y, dict(tuning=tuning, held_out=held_out))
+    calibration, probabilities = platt(dict(tuning=tuning, held_out=held_out), y)
     assert calibration["reason"] is None and calibration["slope"] > 0
     assert probabilities["tuning"].mean() == pytest.approx(y.mean(), abs=1e-4)
     assert abs(expit(tuning).mean() - y.mean()) > 0.05  # the scores themselves are not
@@ -45,5 +45,5 @@ def test_platt_scaling_is_not_used_where_it_would_change_a_ranking(case, reason)
     else:  # a steep tuning fit and held_out scores far beyond its range: sigmoid rounds to 1
         y, tuning = _overlapping(rng, shift=3.0)
         other = np.array([50.0, 60.0, 70.0])
-    calibration, probabilities = platt(tuning, y, dict(tuning=tuning, held_out=other))
+    calibration, probabilities = platt(dict(tuning=tuning, held_out=other), y)
     assert probabilities is None and calibration["reason"].startswith(reason)

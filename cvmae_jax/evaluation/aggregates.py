@@ -152,7 +152,7 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int
                                       tuning_has_both, subjects, seed, bootstrap)
     probabilities = {f"aggregates_{m}": {s: expit(v) for s, v in scores[m].items()}
                      for m in MODELS}
-    out[TOGETHER]["calibration"], calibrated = platt(together[TUNING], y[TUNING], together)
+    out[TOGETHER]["calibration"], calibrated = platt(together, y[TUNING])
     if calibrated is not None:
         probabilities[TOGETHER] = calibrated
     return out, probabilities

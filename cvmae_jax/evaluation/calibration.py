@@ -11,16 +11,17 @@ import numpy as np
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
+from cvmae_jax.evaluation.downstream import TUNING
 from cvmae_jax.evaluation.paired_stats import one_class
 
 
-def platt(tuning_scores: np.ndarray, tuning_y: np.ndarray, scores: dict[str, np.ndarray]
+def platt(scores: dict[str, np.ndarray], tuning_y: np.ndarray
           ) -> tuple[dict, dict[str, np.ndarray] | None]:
     """({slope, intercept, reason}, P(label = True) float64 [N] per split of ``scores``, or
-    None where ``reason`` says why the scaling is not used), fit on the tuning scores [N] and
-    labels [N]."""
+    None where ``reason`` says why the scaling is not used), fit on ``scores[TUNING]`` [N] and
+    the tuning labels [N]."""
     out = dict(slope=None, intercept=None, reason=None)
-    tuning_scores, tuning_y = np.asarray(tuning_scores, np.float64), np.asarray(tuning_y)
+    tuning_scores, tuning_y = np.asarray(scores[TUNING], np.float64), np.asarray(tuning_y)
     if one_class(tuning_y):
         out["reason"] = "tuning split has one class or no rows"
     elif not np.isfinite(tuning_scores).all():

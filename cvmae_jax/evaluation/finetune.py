@@ -329,8 +329,7 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
                             f"{task} {model}".strip(), head_weights)
         split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
         logits[model] = split_logits[TEST]
-        calibration, calibrated = platt(split_logits[TUNING], _labels(windows[TUNING]),
-                                        split_logits)
+        calibration, calibrated = platt(split_logits, _labels(windows[TUNING]))
         probabilities[model] = calibrated or {s: expit(np.asarray(v, np.float64))
                                               for s, v in split_logits.items()}
         result[model] = dict(scored(test_y, logits[model], subjects, seed),
