@@ -227,7 +227,7 @@ def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:
                          "evaluate on the data it was trained on (check config.data.meds_dir)")
     if trained_stats.get("dataset") != dataset.settings_id:
         logging.warning("eval: the data was prepared again as %s (trained on %s: the MEDS "
-                        "files differ in size or modification time); the same %d lab codes, "
+                        "files differ in size or content); the same %d lab codes, "
                         "normalized and reported with the new train split's statistics "
                         "(mask probabilities included)", dataset.settings_id,
                         trained_stats.get("dataset"), len(current))

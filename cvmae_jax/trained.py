@@ -6,7 +6,7 @@ it was trained with (the model's code ids index ``stats.codes``) and its config.
     run = load_trained("runs/demo")               # the newest complete checkpoint
     batch = padded_rows(records, run.max_len)     # records of the prepared dataset
     states = run.encode(batch)                    # float32 [B, L, D]
-    vectors = run.embed(batch)                    # float32 [B, D], mean over real events
+    vectors = run.embed(batch)                    # float32 [B, W], as eval.py's probe reads
     run.labs                                      # pandas DataFrame, one row per code id
     vectors = run.embed(run.batch(events))        # your own events: a pandas DataFrame
 
@@ -36,9 +36,10 @@ from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.data.sequences import build_examples
 from cvmae_jax.data.stats import DataStats
 from cvmae_jax.evaluation.results import code_table
-from cvmae_jax.model import ModelConfig, ValueOnlyMAE, mean_pool
+from cvmae_jax.model import ModelConfig, ValueOnlyMAE
+from cvmae_jax.pooling import pool
 from cvmae_jax.steps import init_state, make_optimizer
-from cvmae_jax.workdir import checkpoint_dir, read_config, read_data_stats
+from cvmae_jax.workdir import checkpoint_dir, read_data_stats, run_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class TrainedRun:
     graphdef: nnx.GraphDef
     params: nnx.State
     stats: DataStats
-    config: ml_collections.ConfigDict  # the run's config.json
+    config: ml_collections.ConfigDict  # config.json, missing eval.* fields at their defaults
     step: int  # the checkpoint's step
     labs: pd.DataFrame  # index code id: code, name, train statistics, mask_prob (code_table)
 
@@ -64,10 +65,13 @@ class TrainedRun:
         """Hidden states float32 [B, L, D]; ``value_mask`` bool [B, L] hides those values."""
         return _encode(self.graphdef, self.params, *_inputs(batch, value_mask))
 
-    def embed(self, batch: dict) -> jax.Array:
-        """One vector per row, float32 [B, D]: the hidden states averaged over the real events
-        with no value hidden, as ``eval.py``'s probes and ``eval/embeddings`` use them."""
-        return _embed(self.graphdef, self.params, *_inputs(batch, None))
+    def embed(self, batch: dict, pooling: str | None = None) -> jax.Array:
+        """One vector per row, float32 [B, W], no value hidden: the hidden states pooled by
+        ``pooling`` (pooling.py; by default the run's ``config.eval.pooling``, the vectors
+        ``eval.py``'s probe reads and ``eval/embeddings`` holds unless eval.py overrides it).
+        W is D for ``mean``, D + V * (D + 1) for the per-code poolings."""
+        return _embed(self.graphdef, pooling or self.config.eval.pooling, self.stats.vocab_size,
+                      self.params, *_inputs(batch, None))
 
     def batch(self, events: pd.DataFrame) -> dict:
         """A batch of your own lab events in raw units (``events_batch``)."""
@@ -83,7 +87,7 @@ class TrainedRun:
 def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     """The run in ``workdir`` (written by train.py) at checkpoint ``step`` (default: the newest
     complete one), its parameters on this process's first device."""
-    config = read_config(workdir)
+    config = run_config(workdir)
     data_stats = read_data_stats(workdir)
     stats = DataStats.from_dict(data_stats)
     directory = checkpoint_dir(workdir)
@@ -156,9 +160,11 @@ def _encode(graphdef, params, times, codes, values, value_mask, valid) -> jax.Ar
     return model.encode(times, codes, values, value_mask, valid).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, params, times, codes, values, value_mask, valid) -> jax.Array:
-    return mean_pool(_encode(graphdef, params, times, codes, values, value_mask, valid), valid)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _embed(graphdef, pooling, vocab_size, params, times, codes, values, value_mask,
+           valid) -> jax.Array:
+    hidden = _encode(graphdef, params, times, codes, values, value_mask, valid)
+    return pool(pooling, hidden, codes, valid, vocab_size)
 
 
 @functools.partial(jax.jit, static_argnums=0)

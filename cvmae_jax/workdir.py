@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from cvmae_jax.config import default_config
 from cvmae_jax.jsonio import read_json
 
 CONFIG_FILE = "config.json"
@@ -32,6 +33,17 @@ def eval_metrics_path(workdir: str, split: str = "held_out") -> str:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config the run was trained with (its ``config.json``)."""
     return ml_collections.ConfigDict(_read(workdir, CONFIG_FILE))
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's ``config.json`` with the ``eval.*`` fields it lacks at their defaults: eval
+    settings leave the trained model unchanged, so a run can be evaluated by a version of
+    eval.py with more of them."""
+    config = read_config(workdir)
+    settings = default_config().eval
+    settings.update(config.eval.to_dict())
+    config.eval = settings
+    return config
 
 
 def read_data_stats(workdir: str) -> dict:

@@ -3,6 +3,7 @@ with eval.py's single-code, label-efficiency, perturbation and export outputs.
 (That label windows never reach past their prediction time is tested in data/labels_test.py,
 and at the embedding level in eval_exports_test.py.)"""
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,8 @@ from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (embed_label_windows, probe_task, read_label_tasks,
                                           task_windows)
 from cvmae_jax.evaluation.results import per_lab_table
-from cvmae_jax.evaluation.run_eval import evaluate_run, run_config
+from cvmae_jax.evaluation.run_eval import evaluate_run
+from cvmae_jax.workdir import run_config
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
@@ -342,7 +344,7 @@ def test_eval_dataset_check_names_missing_codes_and_warns_on_new_files(tiny_run,
         check_eval_dataset(workdir, prepared(codes, saved["dataset"]))
         assert not warning.called
         check_eval_dataset(workdir, prepared(codes, "chunks32_other"))
-        assert "MEDS files differ in size or modification time" in warning.call_args.args[0]
+        assert "MEDS files differ in size or content" in warning.call_args.args[0]
 
 
 def test_load_trained_reproduces_the_exported_embeddings(evaluated):
@@ -366,6 +368,13 @@ def test_load_trained_reproduces_the_exported_embeddings(evaluated):
     held_out = exported.filter(pc.equal(exported["split"], "held_out"))
     expected = np.stack(held_out["embedding"].to_pylist()[:len(windows)])
     np.testing.assert_allclose(np.asarray(run.embed(batch)), expected, atol=1e-5)
+    d, v = run.config.model.d_model, run.stats.vocab_size
+    per_code = dataclasses.replace(run, config=run.config.copy_and_resolve_references())
+    per_code.config.eval.pooling = "per_code_last"  # a run whose eval.py reads per-code vectors
+    vectors = np.asarray(per_code.embed(batch))
+    assert vectors.shape == (len(windows), d + v * (d + 1))
+    np.testing.assert_allclose(vectors[:, :d], expected, atol=1e-5)  # the mean comes first
+    np.testing.assert_array_equal(vectors, np.asarray(run.embed(batch, "per_code_last")))
     states = run.encode(batch)
     assert states.shape == (len(windows), 32, run.config.model.d_model)
     hide = batch["valid"] & (np.arange(32) % 3 == 0)

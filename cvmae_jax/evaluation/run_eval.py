@@ -22,7 +22,7 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
-from cvmae_jax.config import default_config, eval_settings
+from cvmae_jax.config import eval_settings
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
@@ -49,18 +49,7 @@ from cvmae_jax.model import ModelConfig
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
-from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, read_config
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's ``config.json`` with the ``eval.*`` fields it lacks at their defaults: eval
-    settings leave the trained model unchanged, so a run can be evaluated by a version of
-    eval.py with more of them."""
-    config = read_config(workdir)
-    settings = default_config().eval
-    settings.update(config.eval.to_dict())
-    config.eval = settings
-    return config
+from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, run_config
 
 
 def label_max_len(config) -> int:
