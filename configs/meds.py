@@ -4,8 +4,9 @@
         --config.data.meds_dir=/data/MIMIC-IV_MEDS
 
 MIMIC-IV writes lab codes as LAB//<itemid>//<unit> or LAB//RESULT//<itemid>//<unit>; the default
-pattern '^LAB//' selects both. Narrow it (e.g. '^LAB//5\\d{4}//' for hospital labevents only) or
-pass an explicit --config.data.lab_codes list.
+pattern '^LAB//' selects both, and ICU-charted items (6-digit item ids) too. Narrow it (e.g.
+'^LAB//(RESULT//)?\\d{5}//' for the hospital lab table only) or pass an explicit
+--config.data.lab_codes list.
 """
 
 from cvmae_jax.config import default_config

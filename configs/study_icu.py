@@ -1,5 +1,5 @@
-"""The paper's comparison on ICU stays (PhysioNet/CinC 2012 set-a in MEDS form): every strategy
-x 3 seeds on configs/icu.py, labs only or every numeric code.
+"""The paper's comparison on ICU stays (PhysioNet/CinC 2012 set-a in MEDS form): random,
+variance, cv and cv_rank x 3 seeds on configs/icu.py, labs only or every numeric code.
 
     python -m cvmae_jax.study --config=configs/study_icu.py --workdir=runs/study_icu_labs \
         --config.data.meds_dir=/data/physionet2012_seta_meds --config.data.lab_code_pattern='^LAB//'

@@ -222,7 +222,7 @@ def eval_main() -> None:
     flags.DEFINE_string("split", "held_out", "Split of the reconstruction metrics (the probes "
                         "always test on held_out); writes eval/ for held_out, eval_<split>/ "
                         "otherwise.")
-    flags.DEFINE_list("compare", None, "Comma-separated evaluated run workdirs (one with "
-                      "masking strategy 'random'): compare them into --workdir instead of "
+    flags.DEFINE_list("compare", None, "Comma-separated evaluated run workdirs (a 'random' "
+                      "masking run for each seed): compare them into --workdir instead of "
                       "evaluating --workdir.")
     run(_eval)

@@ -160,7 +160,8 @@ def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
 
 
 def study_fields(seeds: tuple[int, ...]) -> ml_collections.ConfigDict:
-    """``config.study`` of ``python -m cvmae_jax.study``: every strategy, the given seeds."""
+    """``config.study`` of ``python -m cvmae_jax.study``: the strategies random, variance, cv
+    and cv_rank (cv_within can be added), the given seeds."""
     study = ml_collections.ConfigDict()
     study.strategies = ("random", "variance", "cv", "cv_rank")  # must include random
     study.seeds = seeds  # config.seed of each run; strategy seed s pairs with random s

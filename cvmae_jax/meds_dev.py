@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from cvmae_jax.cli import log_progress, run, user_errors
 from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
+from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, checkpoint_dir, eval_dir, read_config
 
 FLAGS = flags.FLAGS
@@ -110,6 +111,7 @@ def _main(argv) -> None:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as train.py and eval.py: the stages train or evaluate in-process
     config_flags.DEFINE_config_file("config", None, "pretrain: the entry's config file "
                                     "(meds_dev/cvmae/config.py[:demo]).", lock_config=False)
     flags.DEFINE_string("dataset_dir", None, "The MEDS dataset (MEDS-DEV's {dataset_dir}).")

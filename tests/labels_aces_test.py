@@ -152,5 +152,5 @@ def test_labels_cli_without_aces_says_how_to_install_it(synthetic, tmp_path):
         capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: the labels command needs ACES: pip install 'cvmae-jax[tasks]'"), result.stderr
+        "error: the labels command needs ACES: pip install -e '.[tasks]'"), result.stderr
     assert not (tmp_path / "out").exists()

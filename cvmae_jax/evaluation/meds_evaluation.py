@@ -53,7 +53,7 @@ def score_exports(eval_dir: str, exports: dict) -> tuple[dict, dict]:
     evaluate = _evaluator()
     if evaluate is None:
         logging.info("eval: meds-evaluation is not installed; predictions not scored by it "
-                     "(pip install 'cvmae-jax[scoring]')")
+                     "(pip install -e '.[scoring]' in the checkout)")
         return {}, {}
     probe, models = {}, {}
     for task, written in exports.items():

@@ -24,8 +24,8 @@ def import_aces():
         from aces import config, predicates, query
         from omegaconf import DictConfig
     except ImportError as error:
-        raise ImportError("the labels command needs ACES: pip install 'cvmae-jax[tasks]' "
-                          f"(es-aces; {error})") from None
+        raise ImportError("the labels command needs ACES: pip install -e '.[tasks]' in the "
+                          f"checkout (es-aces; {error})") from None
     return config, predicates, query, DictConfig
 
 
