@@ -106,7 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.label_window = "last_events"
     # eval.py's frozen probe: window vectors "mean" (one average of the encoder's states),
     # "per_code" (that and each code's own average; width grows with the vocabulary) or
-    # "per_code_last" (each code's latest state in place of its average)
+    # "per_code_last" (each code's latest state in place of its average) or
+    # "per_code_last_max" (that and each code's elementwise maximum state)
     config.eval.pooling = "mean"
     # eval.py: the same probe on the network before pretraining (its initial parameters)
     config.eval.untrained_probe = True

@@ -219,18 +219,19 @@ def _probe_task(windows, finetuner, encoder) -> TaskData:
     return TaskData(None, split_windows, x, y, fit_probe(x["train"], y["train"], 0.1))
 
 
+@pytest.mark.parametrize("pooling", ["per_code_last", "per_code_last_max"])
 def test_a_head_from_the_probe_starts_as_the_probe_and_keeps_it_unless_tuning_improves(
-        windows):
+        windows, pooling):
     """``head_init = "probe"``: the head's logits before any step are the probe's decision
     function (the scaler folded into the weights); the fit checks them at step 0 and returns
     them when no later check beats them on tuning."""
     finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
                           _settings(steps=12, learning_rate=1e-5, head_init="probe"), MAX_LEN,
-                          0, pooling="per_code_last")
+                          0, pooling=pooling)
     encoder = _encoder(1)
     data = _probe_task(windows, finetuner, encoder)
     kernel, bias = probe_head_weights(data.probe)
-    assert kernel.shape == (pooled_width("per_code_last", MODEL.d_model, VOCAB), 1)
+    assert kernel.shape == (pooled_width(pooling, MODEL.d_model, VOCAB), 1)
     assert np.abs(kernel).sum() > 0 and bias.shape == (1,)
     fit = finetuner.fit(encoder, windows["train"], windows["tuning"], 0.1,
                         head_weights=(kernel, bias))

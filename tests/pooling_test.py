@@ -1,5 +1,6 @@
 """Window vectors for the frozen probe (pooling.py) and the probe on the untrained network."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,6 +49,38 @@ def test_per_code_last_pool_keeps_each_codes_latest_state():
     np.testing.assert_array_equal(by_code[0, 1], 0.0)  # absent
     np.testing.assert_array_equal(by_code[1, 4], hidden[1, 1])
     np.testing.assert_array_equal(by_code[1, 0], 0.0)  # only on padding: absent
+
+
+def test_per_code_last_max_pool_adds_each_codes_elementwise_maximum():
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    hidden[0, 4] = 100.0  # a padding event's state never wins
+    codes = np.array([[2, 0, 2, 5, 2], [4, 4, 0, 0, 0]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
+    out = np.asarray(pool("per_code_last_max", hidden, codes, valid, VOCAB))
+    assert out.shape == (2, pooled_width("per_code_last_max", 3, VOCAB)) == (2, 3 + VOCAB * 7)
+    last = np.asarray(pool("per_code_last", hidden, codes, valid, VOCAB))
+    np.testing.assert_array_equal(out[:, :3 + VOCAB * 3], last[:, :3 + VOCAB * 3])
+    np.testing.assert_array_equal(out[:, -VOCAB:], last[:, -VOCAB:])  # presence last
+    maximum = out[:, 3 + VOCAB * 3:-VOCAB].reshape(2, VOCAB, 3)
+    np.testing.assert_array_equal(maximum[0, 2], hidden[0, [0, 2]].max(0))  # per dimension
+    np.testing.assert_array_equal(maximum[0, 5], hidden[0, 3])
+    np.testing.assert_array_equal(maximum[1, 4], hidden[1, :2].max(0))
+    np.testing.assert_array_equal(maximum[0, [1, 3, 4]], 0.0)  # absent codes
+    np.testing.assert_array_equal(maximum[1, 0], 0.0)  # only on padding: absent
+
+
+def test_per_code_last_max_pool_passes_gradients_to_the_maximal_states():
+    hidden = np.array([[[1.0, 5.0], [3.0, 2.0], [9.0, 9.0]]], np.float32)
+    codes, valid = np.array([[1, 1, 0]], np.int32), np.array([[1, 1, 0]], bool)
+    d = 2
+
+    def code_1_maximum(h):
+        out = pool("per_code_last_max", h, codes, valid, 3)
+        return out[0, d + 3 * d + d:d + 3 * d + 2 * d].sum()  # code 1's maximum
+
+    grad = np.asarray(jax.grad(code_1_maximum)(hidden))
+    np.testing.assert_array_equal(grad[0], [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
 
 
 def test_unknown_pooling_names_the_field():
