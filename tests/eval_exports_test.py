@@ -15,6 +15,7 @@ from cvmae_jax.data.labels import label_windows
 from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 from cvmae_jax.evaluation.downstream import embed_label_windows, make_embed_fn
+from cvmae_jax.evaluation import exports
 from cvmae_jax.evaluation.exports import remove_stale_exports
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 
@@ -150,3 +151,15 @@ def test_exports_this_evaluation_did_not_write_are_removed(tmp_path):
     assert not (tmp_path / "predictions_probe_plus_aggregates").exists()  # emptied: removed
     assert (tmp_path / "predictions_scratch" / "old").is_symlink()  # links are left alone
     assert remove_stale_exports(str(tmp_path / "missing"), exports, MODELS) == []
+
+
+def test_wide_embeddings_are_split_into_chunks_of_whole_rows(tmp_path, monkeypatch):
+    """A list array addresses 2**31 values; wider tables go in chunks that read back whole."""
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    monkeypatch.setattr(exports, "LIST_VALUES_PER_CHUNK", 7)  # two rows per chunk
+    column = exports.list_column(x)
+    assert [len(chunk) for chunk in column.chunks] == [2, 2, 2, 1]
+    pq.write_table(pa.table({"embedding": column}), tmp_path / "e.parquet")
+    back = pq.read_table(tmp_path / "e.parquet")["embedding"].to_pylist()
+    np.testing.assert_array_equal(np.array(back, np.float32), x)
+    assert len(exports.list_column(np.zeros((0, 0), np.float32))) == 0

@@ -52,14 +52,28 @@ def embeddings_table(task: TaskData) -> pa.Table:
     windows = [w for s in splits for w in task.windows[s]]
     x = np.concatenate([task.x[s] for s in splits]).astype(np.float32)
     width = x.shape[1] if x.ndim == 2 else 0
-    offsets = pa.array(np.arange(len(windows) + 1) * width, pa.int32())
     return pa.table({
         "subject_id": pa.array([int(w["subject_id"]) for w in windows], pa.int64()),
         "prediction_time": pa.array([int(w["prediction_time_us"]) for w in windows], pa.timestamp(
             "us", tz=prediction_time_zone(label_files(task.task_dir)))),
         "split": pa.array([s for s in splits for _ in task.windows[s]], pa.string()),
-        "embedding": pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float32())),
+        "embedding": list_column(x.reshape(len(windows), width)),
     })
+
+
+LIST_VALUES_PER_CHUNK = 2**31 - 1  # a list array's int32 offsets address at most this many
+
+
+def list_column(x: np.ndarray) -> pa.ChunkedArray:
+    """The rows of ``x`` float32 [N, W] as a list<float32> column, in chunks of whole rows
+    whose values fit a list array's int32 offsets (wide per-code vectors of many label rows
+    exceed 2**31 values)."""
+    n, width = x.shape
+    rows = max(1, LIST_VALUES_PER_CHUNK // max(width, 1))
+    chunks = [pa.ListArray.from_arrays(
+        pa.array(np.arange(len(part) + 1, dtype=np.int64) * width, pa.int32()),
+        pa.array(part.reshape(-1), pa.float32())) for part in np.split(x, range(rows, n, rows))]
+    return pa.chunked_array(chunks, pa.list_(pa.float32()))
 
 
 def label_rows(task: TaskData, split: str) -> pa.Table:
