@@ -30,6 +30,8 @@ DESCRIPTIONS = dict(  # what the probe and the fine-tuned heads read, for report
     per_code_last_max="the encoder states averaged over the window's events, each code's "
                       "latest event's state, each code's elementwise maximum state and each "
                       "code's presence")
+PER_CODE = dict(  # per-code pooling: (each code's latest state in place of its average, maximum)
+    per_code=(False, False), per_code_last=(True, False), per_code_last_max=(True, True))
 
 
 def per_code_pool(hidden: jax.Array, codes: jax.Array, valid: jax.Array, vocab_size: int,
@@ -62,7 +64,8 @@ def per_code_pool(hidden: jax.Array, codes: jax.Array, valid: jax.Array, vocab_s
 def code_maximum(hidden: jax.Array, codes: jax.Array, valid: jax.Array,
                  vocab_size: int) -> jax.Array:
     """float32 [B, V, D]: per code the elementwise maximum of its real events' states (-inf
-    where it has none), one segment maximum per row, so memory stays [B, L, D]."""
+    where it has none: ``per_code_pool`` puts zeros there), one segment maximum per row, so
+    memory stays [B, L, D]."""
     segments = jnp.where(valid, codes, vocab_size)  # padding to a segment that is dropped
     by_row = jax.vmap(lambda h, s: jax.ops.segment_max(h, s, num_segments=vocab_size + 1))
     return by_row(hidden, segments)[:, :vocab_size]
@@ -73,15 +76,20 @@ def pool(pooling: str, hidden: jax.Array, codes: jax.Array, valid: jax.Array,
     """The window vectors of ``pooling`` (one of POOLINGS), float32 [B, pooled_width(...)]."""
     if pooling == "mean":
         return mean_pool(hidden, valid)
-    if pooling in ("per_code", "per_code_last", "per_code_last_max"):
-        return per_code_pool(hidden, codes, valid, vocab_size, latest=pooling != "per_code",
-                             maximum=pooling == "per_code_last_max")
-    raise ValueError(f"config.eval.pooling={pooling!r}: expected one of {', '.join(POOLINGS)}")
+    latest, maximum = _per_code(pooling)
+    return per_code_pool(hidden, codes, valid, vocab_size, latest, maximum)
 
 
 def pooled_width(pooling: str, d_model: int, vocab_size: int) -> int:
     """The length of one window vector of ``pooling``."""
     if pooling == "mean":
         return d_model
-    per_code_states = 2 if pooling == "per_code_last_max" else 1
-    return d_model + vocab_size * (per_code_states * d_model + 1)
+    _, maximum = _per_code(pooling)
+    return d_model + vocab_size * ((2 if maximum else 1) * d_model + 1)
+
+
+def _per_code(pooling: str) -> tuple[bool, bool]:
+    if pooling not in PER_CODE:
+        raise ValueError(f"config.eval.pooling={pooling!r}: expected one of "
+                         f"{', '.join(POOLINGS)}")
+    return PER_CODE[pooling]

@@ -69,7 +69,7 @@ class TrainedRun:
         """One vector per row, float32 [B, W], no value hidden: the hidden states pooled by
         ``pooling`` (pooling.py; by default the run's ``config.eval.pooling``, the vectors
         ``eval.py``'s probe reads and ``eval/embeddings`` holds unless eval.py overrides it).
-        W is D for ``mean``, D + V * (D + 1) for the per-code poolings."""
+        W is ``pooling.pooled_width`` (D for ``mean``)."""
         return _embed(self.graphdef, pooling or self.config.eval.pooling, self.stats.vocab_size,
                       self.params, *_inputs(batch, None))
 

@@ -26,10 +26,10 @@ from cvmae_jax.evaluation.downstream import (embed_label_windows, probe_task, re
                                           task_windows)
 from cvmae_jax.evaluation.results import per_lab_table
 from cvmae_jax.evaluation.run_eval import evaluate_run
-from cvmae_jax.workdir import run_config
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
+from cvmae_jax.workdir import run_config
 
 from train_test import tiny_config
 

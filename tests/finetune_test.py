@@ -235,6 +235,7 @@ def test_a_head_from_the_probe_starts_as_the_probe_and_keeps_it_unless_tuning_im
     assert np.abs(kernel).sum() > 0 and bias.shape == (1,)
     fit = finetuner.fit(encoder, windows["train"], windows["tuning"], 0.1,
                         head_weights=(kernel, bias))
+    assert fit.nonfinite_steps == 0
     probe_auroc = roc_auc_score(data.y["tuning"], data.probe.decision(data.x["tuning"]))
     assert fit.tuning_curve[0] == [0, pytest.approx(probe_auroc, abs=1e-6)]
     assert fit.tuning_auroc >= fit.tuning_curve[0][1]

@@ -8,7 +8,8 @@ from cvmae_jax.evaluation.downstream import (TaskData, embed_label_windows, fit_
                                              make_embed_fn)
 from cvmae_jax.evaluation.untrained_probe import untrained_probe
 from cvmae_jax.model import ModelConfig
-from cvmae_jax.pooling import per_code_pool, pool, pooled_width
+from cvmae_jax.config_checks import POOLINGS
+from cvmae_jax.pooling import DESCRIPTIONS, per_code_pool, pool, pooled_width
 from cvmae_jax.steps import init_state, make_optimizer
 
 from train_test import tiny_config
@@ -71,16 +72,27 @@ def test_per_code_last_max_pool_adds_each_codes_elementwise_maximum():
 
 
 def test_per_code_last_max_pool_passes_gradients_to_the_maximal_states():
-    hidden = np.array([[[1.0, 5.0], [3.0, 2.0], [9.0, 9.0]]], np.float32)
-    codes, valid = np.array([[1, 1, 0]], np.int32), np.array([[1, 1, 0]], bool)
-    d = 2
+    hidden = np.array([[[1.0, 5.0], [3.0, 5.0], [9.0, 9.0]],  # code 1: a tie in dimension 1
+                       [[7.0, 7.0], [7.0, 7.0], [7.0, 7.0]]], np.float32)  # all padding
+    codes = np.array([[1, 1, 0], [0, 1, 2]], np.int32)
+    valid = np.array([[1, 1, 0], [0, 0, 0]], bool)
+    d, v = 2, 3
 
     def code_1_maximum(h):
-        out = pool("per_code_last_max", h, codes, valid, 3)
-        return out[0, d + 3 * d + d:d + 3 * d + 2 * d].sum()  # code 1's maximum
+        out = pool("per_code_last_max", h, codes, valid, v)
+        return out[0, d + v * d + d:d + v * d + 2 * d].sum()  # row 0, code 1's maximum
 
     grad = np.asarray(jax.grad(code_1_maximum)(hidden))
-    np.testing.assert_array_equal(grad[0], [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(grad[0], [[0.0, 0.5], [1.0, 0.5], [0.0, 0.0]])  # tie split
+    everything = jax.grad(lambda h: pool("per_code_last_max", h, codes, valid, v).sum())(hidden)
+    assert np.isfinite(np.asarray(everything)).all()  # absent codes, an empty row
+    np.testing.assert_array_equal(np.asarray(everything)[1], 0.0)  # padding never contributes
+
+
+def test_every_pooling_has_a_description_and_unknown_widths_are_refused():
+    assert set(DESCRIPTIONS) == set(POOLINGS)
+    with pytest.raises(ValueError, match="config.eval.pooling='max'"):
+        pooled_width("max", 3, VOCAB)
 
 
 def test_unknown_pooling_names_the_field():
@@ -100,19 +112,20 @@ def _window(codes):
                 values=np.linspace(-1, 1, n).astype(np.float32))
 
 
-def test_per_code_window_vectors_of_the_encoder():
+@pytest.mark.parametrize("pooling", ["per_code", "per_code_last_max"])
+def test_per_code_window_vectors_of_the_encoder(pooling):
     (graphdef, state), d = _network()
-    embed_fn = make_embed_fn(graphdef, "per_code", VOCAB)
+    embed_fn = make_embed_fn(graphdef, pooling, VOCAB)
     windows = [_window([]), _window([1, 3, 1, 2]), _window([1, 3, 1, 2])]
     x = embed_label_windows(graphdef, state.params, windows, 8, 2, embed_fn)
-    assert x.shape == (3, d + VOCAB * (d + 1))
+    assert x.shape == (3, pooled_width(pooling, d, VOCAB))
     np.testing.assert_array_equal(x[0], 0.0)  # an empty window
     np.testing.assert_allclose(x[1], x[2], rtol=1e-5, atol=1e-6)  # batch position/pad free
     np.testing.assert_array_equal(x[1, -VOCAB:], [0, 1, 1, 1, 0, 0])
     mean = embed_label_windows(graphdef, state.params, windows, 8, 2)  # the mean part
     np.testing.assert_allclose(x[:, :d], mean, rtol=1e-5, atol=1e-6)
     assert embed_label_windows(graphdef, state.params, [], 8, 2, embed_fn).shape == (
-        0, d + VOCAB * (d + 1))
+        0, pooled_width(pooling, d, VOCAB))
     assert len(embed_fn.traces) == 1
 
 
