@@ -47,8 +47,8 @@ step-800 error by step 400 (all numeric) or 600 (labs) and level off. Chosen on 
 seeds 0, 1 and 2 (only these two rates were tried): the validation masked MSE falls by 19-27%
 in every run, and the probe's tuning AUROC stays within the seeds' spread (labs 0.815-0.829
 against 0.819-0.835, all numeric 0.850-0.857 against 0.847-0.857; docs/results_physionet2012.md,
-"Learning rate 3e-3"). Training takes 6-7 minutes on a quiet 2-core CPU (2.8-3.3 steps/s),
-10-12 beside another job.
+"Learning rate 3e-3"). Training took 6-7 minutes on a quiet 2-core CPU on 2026-12-06 (2.8-3.3
+steps/s), 10-12 beside another job, and 3.6-4.4 minutes on 2026-12-07 (4-5.5 steps/s).
 
 Model: the paper's, without `model.previous_value_inputs` (each event also reading its code's
 latest visible value in the window). On set-a's `cv` runs at learning rate 1e-3 (seeds 0, 1,
@@ -68,7 +68,8 @@ docs/results_physionet2012.md, "Each code's latest state"). Labs only:
 numbers for 24 labs). Chosen on tuning AUROC of the `cv` runs of seeds 0, 1, 2 at this
 config's settings: 0.831 / 0.829 / 0.835 against 0.825 / 0.815 / 0.829 with `per_code_last`;
 with all numeric codes it is lower (0.866 / 0.864 against 0.869 / 0.867, seeds 0 and 1), so
-the default stays (docs/results_physionet2012.md, "Each code's maximum state (labs only)").
+the default is `per_code_last` (docs/results_physionet2012.md, "Each code's maximum state (labs
+only)").
 
 Fine-tuning (eval.py): the heads read the states pooled per code, as the probe does, and the
 pretrained network's head starts at the frozen probe's weights (`head_init = "probe"`: linear
@@ -79,10 +80,10 @@ warmup). Chosen on tuning AUROC of the all-numeric `random` runs (seeds 0, 1, 2,
 1e-3): with a head on the average of the states, 150 steps averaged 0.680, 300 steps 0.719, 600
 steps 0.763; a head on the per-code vector at 600 steps 0.845 (docs/results_physionet2012.md,
 "Fine-tuning settings tried"). The head from the probe: chosen on tuning AUROC of the study's
-24 runs, higher than from zero weight in 22 (by 0.011 on average); on held_out it ends level
-with the probe (8 fits keep it unchanged, every best check by step 120), where the head from
-zero weight ended 0.017 below it (docs/results_physionet2012.md, "Fine-tuning from the probe's
-weights").
+24 runs (labs read with `per_code_last`), higher than from zero weight in 22 (by 0.011 on average);
+on held_out it ends level with the probe (8 fits keep it unchanged, every best check by step 120),
+where the head from zero weight ended 0.017 below it (docs/results_physionet2012.md, "Fine-tuning
+from the probe's weights").
 """
 
 from cvmae_jax.config import default_config

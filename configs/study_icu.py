@@ -11,8 +11,8 @@ The training of each run is configs/icu.py's (1,000 packed steps of 32 x 256 at 
 3e-3), validated every 100 steps (the eval points of the convergence ratio). Each run's eval.py
 adds the aggregates baseline and the fine-tuned classifier (the from-scratch one on the random
 runs); single-code masking is off, as in configs/study.py. Labs only, the probe and the heads
-also read each lab's maximum state (configs/icu.py's docstring says why). Results and timings on set-a (about
-4 hours for both selections on 2 CPU cores): docs/results_physionet2012.md.
+also read each lab's maximum state (configs/icu.py's docstring says why). Results and timings
+on set-a (about 4 hours for both selections on 2 CPU cores): docs/results_physionet2012.md.
 """
 
 from cvmae_jax.config import sibling_config, study_fields
