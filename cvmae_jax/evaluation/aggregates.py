@@ -40,6 +40,7 @@ from cvmae_jax.data.sequences import US_PER_HOUR
 from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, TaskData, fit_task_probe,
                                              held_out_metrics)
+from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
 from cvmae_jax.evaluation.paired_stats import (SubjectBootstrap, one_class,
                                                paired_auroc_difference)
 
@@ -49,7 +50,6 @@ GBM_GRID = tuple(dict(max_leaf_nodes=leaves, max_iter=iters, learning_rate=0.05,
 MODELS = ("logistic_regression", "gradient_boosting")
 TOGETHER = "probe_plus_aggregates"
 PREDICTION_MODELS = (*(f"aggregates_{m}" for m in MODELS), TOGETHER)  # exported by eval.py
-SCORED = (TUNING, TEST)  # the splits the models' scores are needed for
 
 
 def aggregate_features(windows: list[dict], vocab_size: int) -> np.ndarray:
@@ -135,9 +135,9 @@ def _fit_models(data: TaskData, vocab_size: int, seed: int
                                    seed, subjects)
     gbm, gbm_result = fit_gradient_boosting(x[TRAIN], y[TRAIN], x[TUNING], y[TUNING], seed)
     # log-odds [N] per model and split
-    scores = dict(probe={s: data.probe.decision(data.x[s]) for s in SCORED},
-                  logistic_regression={s: lr.decision(x[s]) for s in SCORED},
-                  gradient_boosting={s: _gbm_log_odds(gbm, x[s]) for s in SCORED})
+    scores = dict(probe={s: data.probe.decision(data.x[s]) for s in PREDICTION_SPLITS},
+                  logistic_regression={s: lr.decision(x[s]) for s in PREDICTION_SPLITS},
+                  gradient_boosting={s: _gbm_log_odds(gbm, x[s]) for s in PREDICTION_SPLITS})
     gbm_result.update(n=len(y[TEST]), **held_out_metrics(
         y[TEST], scores["gradient_boosting"][TEST], seed, subjects))
     for name, result in (("logistic_regression", lr_result), ("gradient_boosting", gbm_result)):
@@ -169,7 +169,7 @@ def _together_scores(probe: dict, model: dict) -> dict:
     there are no tuning rows), so neither dominates by its scale (a strongly regularized
     probe's log-odds spread little)."""
     return {s: probe[s] / _spread(probe[TUNING]) + model[s] / _spread(model[TUNING])
-            for s in SCORED}
+            for s in PREDICTION_SPLITS}
 
 
 def _probe_plus_model(probe: dict, model: dict, together: dict, y: dict, model_name: str,

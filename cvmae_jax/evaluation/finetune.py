@@ -36,6 +36,7 @@ from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
+from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                paired_auroc_difference)
@@ -327,7 +328,7 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
     for model, (encoder, scale, head_weights) in encoders.items():
         fit = finetuner.fit(encoder, windows[TRAIN], windows[TUNING], scale,
                             f"{task} {model}".strip(), head_weights)
-        split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in (TUNING, TEST)}
+        split_logits = {s: finetuner.logits(fit.params, windows[s]) for s in PREDICTION_SPLITS}
         logits[model] = split_logits[TEST]
         calibration, calibrated = platt(split_logits, _labels(windows[TUNING]))
         probabilities[model] = calibrated or {s: expit(np.asarray(v, np.float64))

@@ -171,8 +171,8 @@ def _export_lines(exports: dict) -> list[str]:
     if not exports:
         return []
     lines = ["", "## Exports", "",
-             "`embeddings/<task>.parquet` (every label row of every split), the probe's "
-             "`predictions/<task>/<split>.parquet` and the other models' "
+             "`embeddings/<task>.parquet` (every label row with a non-empty window), the "
+             "probe's `predictions/<task>/<split>.parquet` and the other models' "
              "`predictions_<model>/<task>/<split>.parquet` (MEDS-DEV format, label-file row "
              "order).", "",
              "| task | embedding rows | prediction rows | other models |", "|---|---:|---|---|"]
