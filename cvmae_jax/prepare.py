@@ -34,18 +34,17 @@ def _prepare(argv) -> None:
     with pool:
         from cvmae_jax.config_checks import check_data_config, padding_warnings
         from cvmae_jax.data.prepare import prepare_dataset
-        from cvmae_jax.data.report import selection_summary
+        from cvmae_jax.data.report import selection_counts, selection_summary
 
-        logging.set_verbosity(logging.WARNING)
-        filter_library_lines()
+        if logging.get_verbosity() < logging.DEBUG:  # -v=1: every line and tracebacks
+            logging.set_verbosity(logging.WARNING)
+            filter_library_lines()
         with user_errors():
             check_data_config(data)
             prepared = prepare_dataset(data, None, data.data_dir, pool=pool)
     report = prepared.report
     print(f"\nPrepared dataset: {prepared.path}")
-    sel = {k: v for k, v in report["selection"].items()
-           if not k.endswith("_codes") and k != "by_prefix"}
-    print(f"  codes: {selection_summary(report)} ({sel})")
+    print(f"  codes: {selection_summary(report)} ({selection_counts(report)})")
     for split in prepared.num_examples:
         s = report["splits"][split]
         listed = "" if s["subjects_with_rows"] == s["subjects"] else \

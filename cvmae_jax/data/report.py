@@ -146,17 +146,27 @@ def mirrored_warning(rows: list[dict], vocab_size: int) -> list[str]:
             "off the other, so their reconstruction is easy and a masking strategy's effect on "
             "them says little. On MIMIC-IV `^LAB//` takes ICU chart items, some of which copy "
             "hospital lab results or each other; --config.data.lab_code_pattern="
-            "'^LAB//(RESULT//)?5\\d{4}//' keeps the hospital lab table only."]
+            "'^LAB//(RESULT//)?\\d{5}//' keeps the hospital lab table only."]
 
 
 def selection_summary(report: dict) -> str:
     """Which codes a prepared dataset models, from its report: "pattern '^LAB//', 24 codes
     (LAB 24)" or "explicit list, 3 codes (LAB 2, VITAL 1)"."""
     sel = report["selection"]
-    how = (f"pattern {report['settings']['lab_code_pattern']!r}"
+    how = (f"pattern '{report['settings']['lab_code_pattern']}'"
            if sel.get("selection") == "pattern" else "explicit list (config.data.lab_codes)")
     prefixes = ", ".join(f"{p} {n}" for p, n in sel.get("by_prefix", {}).items())
     return f"{how}, {sel.get('selected')} codes" + (f" ({prefixes})" if prefixes else "")
+
+
+def selection_counts(report: dict) -> str:
+    """How the selection came about, from its report: "483 left out for values from fewer than
+    10 train subjects; of the others 390 match, 0 below min_code_count"."""
+    sel = report["selection"]
+    return (f"{sel.get('below_min_subjects', 0)} left out for values from fewer than "
+            f"{report['settings'].get('min_subjects', 1)} train subjects; of the others "
+            f"{sel.get('matching', '-')} match, {sel.get('below_min_count', 0)} below "
+            "min_code_count")
 
 
 def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], selected,
@@ -172,14 +182,10 @@ def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], sele
 
 def markdown(report: dict) -> str:
     """The readable summary written as prepare_report.md."""
-    sel, lines = report["selection"], ["# Preparation report", ""]
+    lines = ["# Preparation report", ""]
     lines += [f"- MEDS shards: {report['shards']}; rows of subjects without a split (left out): "
               f"{report['rows_without_split']:,}",
-              f"- Code selection: {selection_summary(report)} ("
-              f"{sel.get('below_min_subjects', 0)} left out for values from fewer than "
-              f"{report['settings'].get('min_subjects', 1)} train subjects; of the others "
-              f"{sel.get('matching', '-')} match, {sel.get('below_min_count', 0)} below "
-              "min_code_count)",
+              f"- Code selection: {selection_summary(report)} ({selection_counts(report)})",
               f"- Clipping quantiles from a sample of <= {report['reservoir_size']:,} train values "
               "per code (exact for codes with fewer values), each bound moved inward until "
               f"{report['settings'].get('min_subjects', 1)} subjects (at most half the code's) "

@@ -67,11 +67,14 @@ def test_selection_of_all_numeric_codes_or_labs_only(tiny_meds):
     assert meds.event_counts(train)["null_time"] == 2 * train_subjects
     settings = dict(lab_code_pattern=ALL_NUMERIC)
     assert selection_summary(dict(selection=report, settings=settings)) == (
-        f"pattern {ALL_NUMERIC!r}, 5 codes (LAB 3, STATIC 1, VITAL 1)")
+        f"pattern '{ALL_NUMERIC}', 5 codes (LAB 3, STATIC 1, VITAL 1)")
     labs = {}
     assert meds.select_lab_codes(train, tiny.config(), labs) == [tiny.A, tiny.B, tiny.D]
     assert selection_summary(dict(selection=labs, settings=dict(lab_code_pattern="^LAB//"))) \
         == "pattern '^LAB//', 3 codes (LAB 3)"
+    hospital = dict(lab_code_pattern=r"^LAB//(RESULT//)?\d{5}//")  # shown as typed, one \
+    assert selection_summary(dict(selection=labs, settings=hospital)).startswith(
+        "pattern '^LAB//(RESULT//)?\\d{5}//', 3 codes")
 
 
 def test_training_start_warns_of_padding_and_prepare_report_names_selection(

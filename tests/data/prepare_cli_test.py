@@ -1,6 +1,7 @@
 """`python -m cvmae_jax.prepare`: summary on success, one `error:` line and nothing written."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,9 @@ def test_prepare_prints_summary_and_refuses_bad_input(tiny_meds, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "train: 5 subjects" in ok.stdout and "prepare_report.md" in ok.stdout
     assert "read it: tfds.data_source('meds_lab_sequences/" in ok.stdout
+    assert re.search(r"codes: pattern .\^LAB//., \d+ codes \(LAB \d+\) \(0 left out for "
+                     r"values from fewer than 1 train subjects; of the others \d+ match, \d+ "
+                     r"below min_code_count\)\n", ok.stdout)
     assert "Using custom data configuration" not in ok.stderr and "Downloading" not in ok.stdout
     shard = tiny_meds.root / "data/held_out/0.parquet"
     pq.write_table(pq.read_table(shard).drop_columns(["time"]), shard)
@@ -31,6 +35,9 @@ def test_prepare_prints_summary_and_refuses_bad_input(tiny_meds, tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "0.parquet: column 'time' is missing" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    verbose = _prepare(*flags[:1], f"--config.data.data_dir={tmp_path / 'bad'}", "-v=1")
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
     assert not (tmp_path / "bad").exists()
 
 

@@ -1,5 +1,7 @@
 """prepare_dataset on MEDS variants seen in the wild: same result, or a reported warning."""
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -178,6 +180,10 @@ def test_codes_copying_another_codes_values_are_warned_about(tiny_meds, tmp_path
     (warning,) = [w for w in prepared.report["warnings"] if "same time" in w]
     assert warning.startswith(f"2 of {prepared.stats.vocab_size} selected codes have >= 90% of "
                               "their train values equal to another selected code's value")
+    suggested = re.search(r"lab_code_pattern='([^']+)'", warning).group(1)
+    mimic = {"LAB//50983//mEq/L": 50, "LAB//RESULT//50912//mg/dL": 40, "LAB//220045//bpm": 60}
+    assert meds.select_lab_codes(mimic, dict(lab_code_pattern=suggested, min_code_count=1,
+                                             top_k=0)) == list(mimic)[:2]
     assert f"| {copy} | `{copy}` | {tiny_meds.A} (`{tiny_meds.A}`) |" in open(
         f"{prepared.path}/prepare_report.md").read()
 
