@@ -81,12 +81,12 @@ class _ThisPackageInfoOnly(std_logging.Filter):
         return not str(record.msg).startswith("Using custom data configuration")
 
 
-def log_progress() -> None:
-    """INFO lines of this package (progress, metrics); ``-v=1`` shows every library's lines and
-    the traceback behind an ``error:`` line."""
-    if logging.get_verbosity() < logging.INFO:
-        logging.set_verbosity(logging.INFO)
+def log_progress(level: int = logging.INFO) -> None:
+    """Console lines at ``level`` and above, INFO ones of this package only (progress,
+    metrics); ``-v=1`` shows every library's lines and the traceback behind an ``error:``
+    line."""
     if logging.get_verbosity() < logging.DEBUG:
+        logging.set_verbosity(level)
         filter_library_lines()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cvmae_jax.cli import filter_library_lines, run, user_errors
+from cvmae_jax.cli import log_progress, run, user_errors
 from cvmae_jax.data.shard_pool import ShardPool
 
 FLAGS = flags.FLAGS
@@ -36,9 +36,7 @@ def _prepare(argv) -> None:
         from cvmae_jax.data.prepare import prepare_dataset
         from cvmae_jax.data.report import selection_counts, selection_summary
 
-        if logging.get_verbosity() < logging.DEBUG:  # -v=1: every line and tracebacks
-            logging.set_verbosity(logging.WARNING)
-            filter_library_lines()
+        log_progress(logging.WARNING)  # the summary below is printed
         with user_errors():
             check_data_config(data)
             prepared = prepare_dataset(data, None, data.data_dir, pool=pool)
