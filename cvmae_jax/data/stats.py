@@ -7,8 +7,6 @@ travel with the prepared dataset (`data_stats.json`) and every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -106,10 +104,6 @@ class DataStats:
     def save_json(self, path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Writes `to_dict(extra)` atomically."""
         write_json_atomic(path, self.to_dict(extra))
-
-    @classmethod
-    def load_json(cls, path) -> DataStats:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _json_value(x):

@@ -91,7 +91,7 @@ def test_json_round_trip_with_extra_and_inf(tmp_path, tiny_meds):
     assert d["codes"][0]["cv"] == "inf" and d["codes"][0]["mask_prob"] == 0.8
     assert set(d["codes"][1]) >= {"code", "count", "mean", "std", "cv", "variance", "clip_low",
                                   "clip_high", "num_subjects"}
-    loaded = DataStats.load_json(path)
+    loaded = DataStats.from_dict(d)
     assert loaded.codes == stats.codes
     for field in ("count", "mean", "std", "cv", "variance", "clip_low", "clip_high",
                   "num_subjects"):
