@@ -3,7 +3,8 @@ for a split other than held_out).
 
 Reconstruction under the fixed uniform mask (overall, by CV tier, per lab, beside the per-code
 mean and carry-forward) and, optionally, with one code hidden at a time; downstream probes on
-the MEDS label tasks beside the aggregates baseline, with label-efficiency curves; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
+the MEDS label tasks beside the aggregates baseline, with label-efficiency curves, and the
+fine-tuned networks; perturbation sensitivity; embeddings and MEDS-DEV predictions exports.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ from cvmae_jax.evaluation.exports import (remove_stale_exports, write_model_pred
 from cvmae_jax.evaluation.finetune import MODELS as FINETUNE_MODELS
 from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
-from cvmae_jax.evaluation.meds_evaluation import score_exports
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
+from cvmae_jax.evaluation.meds_evaluation import score_exports
 from cvmae_jax.evaluation.untrained_probe import untrained_probe
-from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
-                                      summarize, suppress_small_codes)
 from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.mask_probabilities import percentile_threshold
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
+from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
+                                      summarize, suppress_small_codes)
 from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
@@ -193,33 +194,42 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
             tasks)
     result["downstream"]["embed_traces"] = len(embed_fn.traces)
     if jax.process_index() == 0:
-        out = eval_dir(workdir, split)
-        result["exports"] = {task: write_task_exports(out, task, data)
-                             for task, data in tasks.items()}
-        for task, written in result["exports"].items():
-            tuned = finetuned.get(task)
-            written["models"] = write_model_predictions(
-                out, task, tasks[task],
-                aggregate_probabilities.get(task, {}) | (tuned.probabilities if tuned else {}))
-            logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
-                         "model(s)", task, written["embeddings"], written["predictions"],
-                         len(written["models"]))
-        removed = remove_stale_exports(out, result["exports"],
-                                       (*PREDICTION_MODELS, *FINETUNE_MODELS))
-        if removed:
-            logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
-                         "predictions of a task or model not evaluated now)", len(removed))
-        result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
-            out, result["exports"])
-        write_json_atomic(eval_metrics_path(workdir, split), result)
-        report.write_report(os.path.join(out, "report.md"), result)
-        report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
-        report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"),
-                                     result["downstream"])
-        logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split, step,
-                     result["overall"]["masked_mse"], result["overall"]["baseline_masked_mse"],
-                     out)
+        _write_results(workdir, split, result, tasks,
+                       {task: aggregate_probabilities.get(task, {})
+                        | (finetuned[task].probabilities if task in finetuned else {})
+                        for task in tasks})
     return result
+
+
+def _write_results(workdir: str, split: str, result: dict, tasks: dict,
+                   model_probabilities: dict) -> None:
+    """Writes (process 0) the exports of each task (embeddings, the probe's predictions, and
+    ``model_probabilities[task]``: the other models' predictions), removes those of an earlier
+    evaluation that are not written now, scores the exports, and writes metrics.json, report.md
+    and the figures under ``eval_dir(workdir, split)``; adds the exports and scores to
+    ``result``."""
+    out = eval_dir(workdir, split)
+    result["exports"] = {task: write_task_exports(out, task, data)
+                         for task, data in tasks.items()}
+    for task, written in result["exports"].items():
+        written["models"] = write_model_predictions(out, task, tasks[task],
+                                                    model_probabilities[task])
+        logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
+                     "model(s)", task, written["embeddings"], written["predictions"],
+                     len(written["models"]))
+    removed = remove_stale_exports(out, result["exports"], (*PREDICTION_MODELS, *FINETUNE_MODELS))
+    if removed:
+        logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
+                     "predictions of a task or model not evaluated now)", len(removed))
+    result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
+        out, result["exports"])
+    write_json_atomic(eval_metrics_path(workdir, split), result)
+    report.write_report(os.path.join(out, "report.md"), result)
+    report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
+    report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"), result["downstream"])
+    logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split,
+                 result["step"], result["overall"]["masked_mse"],
+                 result["overall"]["baseline_masked_mse"], out)
 
 
 @contextlib.contextmanager
