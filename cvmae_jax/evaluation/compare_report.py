@@ -15,9 +15,10 @@ def _ci(ci) -> str:
 
 
 def report_lines(summary: dict, figures: list[str]) -> list[str]:
+    """report.md's lines: the table of every strategy against ``random``, the conventions, the
+    seed noise floor and simple methods, the detail sections, notes and ``figures``."""
     strategies = summary["strategies"]
     tasks = list(summary["tasks"])
-    kinds = sorted({k for e in strategies.values() for k in e["perturbation"]})
     seeds = sorted({s for e in strategies.values() for s in e["seeds"]})
     mask = summary.get("eval_mask") or {}
     lines = [f"# Masking strategies vs `{REFERENCE}`", "",
@@ -26,31 +27,7 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
              f"{_num(mask.get('rate'), '.0%')}, seed {mask.get('seed')}), so every run hides "
              f"the same values.", ""]
     finetuned_tasks = _finetuned_tasks(strategies)
-    header = (["strategy", "seeds", f"masked MSE ({summary['split']})",
-               "win rate vs random (n labs)", "Wilcoxon p", "Cohen's d"]
-              + [f"AUROC {t}: Δ vs random [95% CI]" for t in tasks]
-              + [f"fine-tuned AUROC {t}: Δ vs random [95% CI]" for t in finetuned_tasks]
-              + [f"convergence ratio ({summary['validation_split'] or 'no validation'})"]
-              + [f"perturbation ratio ({k})" for k in kinds])
-    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for strategy, e in strategies.items():
-        cells = [f"`{strategy}`", ",".join(map(str, e["seeds"])), _num(e["masked_mse"]["mean"])]
-        if strategy == REFERENCE:
-            cells += ["reference", "", ""]
-            cells += [_num(e["auroc"][t]["mean"]) for t in tasks]
-            cells += [_num(_finetuned_auroc(summary, strategy, t)["mean"])
-                      for t in finetuned_tasks]
-            cells += ["1 (reference)"]
-        else:
-            vs = e["vs_random"]
-            cells += _lab_cells(vs["reconstruction"]["uniform"])
-            cells += [_auroc_cell(e["auroc"][t], vs["auroc_delta"][t]) for t in tasks]
-            cells += [_auroc_cell(_finetuned_auroc(summary, strategy, t),
-                                  vs["finetuned_auroc_delta"].get(t, _NO_DELTA))
-                      for t in finetuned_tasks]
-            cells += [_convergence_cell(vs["convergence"])]
-        cells += [_num(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += _strategy_table(summary, tasks, finetuned_tasks)
     lines += ["", "Conventions:", *(f"- {k}: {v}." for k, v in summary["conventions"].items())]
     lines += ["- AUROC rows (held_out): " + "; ".join(
         f"{t}: n = {i['n']} shared rows of {i['subjects']} subjects, {i['positives']} positive"
@@ -71,6 +48,39 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
     if notes:
         lines += ["", "## Notes", "", *notes]
     lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in figures)]
+    return lines
+
+
+def _strategy_table(summary: dict, tasks: list[str], finetuned_tasks: list[str]) -> list[str]:
+    """One row per strategy: masked MSE, the per-lab statistics, AUROC deltas (frozen and
+    fine-tuned), convergence and perturbation ratios; ``random`` is the reference row."""
+    strategies = summary["strategies"]
+    kinds = sorted({k for e in strategies.values() for k in e["perturbation"]})
+    header = (["strategy", "seeds", f"masked MSE ({summary['split']})",
+               "win rate vs random (n labs)", "Wilcoxon p", "Cohen's d"]
+              + [f"AUROC {t}: Δ vs random [95% CI]" for t in tasks]
+              + [f"fine-tuned AUROC {t}: Δ vs random [95% CI]" for t in finetuned_tasks]
+              + [f"convergence ratio ({summary['validation_split'] or 'no validation'})"]
+              + [f"perturbation ratio ({k})" for k in kinds])
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for strategy, e in strategies.items():
+        cells = [f"`{strategy}`", ",".join(map(str, e["seeds"])), _num(e["masked_mse"]["mean"])]
+        if strategy == REFERENCE:
+            cells += ["reference", "", ""]
+            cells += [_num(e["auroc"][t]["mean"]) for t in tasks]
+            cells += [_num(_finetuned_auroc(summary, strategy, t)["mean"])
+                      for t in finetuned_tasks]
+            cells += ["1 (reference)"]
+        else:
+            vs = e["vs_random"]
+            cells += _lab_cells(vs["reconstruction"]["uniform"])
+            cells += [_auroc_cell(e["auroc"][t], vs["auroc_delta"][t]) for t in tasks]
+            cells += [_auroc_cell(_finetuned_auroc(summary, strategy, t),
+                                  vs["finetuned_auroc_delta"].get(t, _NO_DELTA))
+                      for t in finetuned_tasks]
+            cells += [_convergence_cell(vs["convergence"])]
+        cells += [_num(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
