@@ -442,6 +442,29 @@ def test_runs_whose_models_were_fine_tuned_differently_are_refused(tmp_path):
         group_runs([load_run(p) for p in (ref, same, other)])
 
 
+def test_runs_evaluated_on_different_data_or_label_rows_are_refused(tmp_path):
+    """The prepared dataset: metrics.json's record, else the training one (data_stats.json);
+    label rows: every run's held_out predictions must hold the same rows."""
+    rng = np.random.default_rng(0)
+    labels, scores = binormal(60, 1.0, rng)
+    ref = make_run(tmp_path, "random", 0, [1.0] * 4, task_scores={"death": (labels, scores)},
+                   dataset="chunks256_aaa")
+    same = make_run(tmp_path, "cv", 0, [1.0] * 4, task_scores={"death": (labels, scores)})
+    (tmp_path / "cv_s0" / "data_stats.json").write_text(json.dumps({"dataset": "chunks256_aaa"}))
+    summarize_paths([ref, same])
+    other = make_run(tmp_path, "variance", 0, [1.0] * 4, dataset="chunks256_bbb")
+    with pytest.raises(ValueError, match="different data .*cannot be paired: .*chunks256_aaa; "
+                                         ".*variance_s0: prepared dataset chunks256_bbb"):
+        group_runs([load_run(p) for p in (ref, same, other)])
+    fewer = make_run(tmp_path, "cv_rank", 0, [1.0] * 4,
+                     task_scores={"death": (labels[:50], scores[:50])}, dataset="chunks256_aaa")
+    with pytest.raises(ValueError, match="task death: the runs' held_out label rows differ "
+                                         r"\(50 shared; random_s0 has 10 others, cv_s0 has 10 "
+                                         r"others\); evaluate them with the same "
+                                         "config.eval.labels_dir"):
+        summarize_paths([ref, same, fewer])
+
+
 def run_eval_cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO,

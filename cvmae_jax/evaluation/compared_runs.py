@@ -11,8 +11,8 @@ import numpy as np
 
 from cvmae_jax.config import default_config
 from cvmae_jax.mask_probabilities import STRATEGIES
-from cvmae_jax.workdir import (METRICS_FILE, eval_metrics_path, read_config,
-                               read_eval_metrics)
+from cvmae_jax.workdir import (DATA_STATS_FILE, METRICS_FILE, eval_metrics_path, read_config,
+                               read_data_stats, read_eval_metrics)
 
 REFERENCE = "random"
 # eval settings that change what the downstream models read (eval/metrics.json eval_settings)
@@ -30,6 +30,7 @@ class Run:
     metrics: dict  # eval/metrics.json
     validation: list[tuple[int, float]]  # (step, masked_mse) of metrics.jsonl, one per step
     validation_split: str | None  # the split of those lines (config.eval.split)
+    dataset: str | None  # the prepared dataset evaluated (PreparedDataset.settings_id)
 
     @property
     def name(self) -> str:
@@ -49,7 +50,16 @@ def load_run(path: str) -> Run:
                                 f"--workdir={path}` first")
     metrics = read_eval_metrics(path)
     seed = int(read_config(path)["seed"])
-    return Run(path, metrics["strategy"], seed, metrics, *_validation_curve(path))
+    return Run(path, metrics["strategy"], seed, metrics, *_validation_curve(path),
+               _evaluated_dataset(path, metrics))
+
+
+def _evaluated_dataset(path: str, metrics: dict) -> str | None:
+    """The prepared dataset eval.py read: metrics.json's ``dataset``, else (an evaluation that
+    does not record it) the one the run was trained on (data_stats.json); None without both."""
+    if metrics.get("dataset") or not os.path.exists(os.path.join(path, DATA_STATS_FILE)):
+        return metrics.get("dataset")
+    return read_data_stats(path).get("dataset")
 
 
 def _validation_curve(path: str) -> tuple[list[tuple[int, float]], str | None]:
@@ -79,9 +89,13 @@ def _refuse_differing(runs: list[Run], name: str, value_of, why: str = "") -> No
 
 
 def _refuse_different_evaluations(runs: list[Run]) -> None:
-    """Runs must share the split, the evaluation mask, the eval settings of the vectors their
-    probes read and, among runs with fine-tuned models, the fine-tuning settings (a field
-    missing from a metrics.json: its default)."""
+    """Runs must share the prepared dataset (the MEDS files, their split and the data
+    settings), the split, the evaluation mask, the eval settings of the vectors their probes
+    read and, among runs with fine-tuned models, the fine-tuning settings (a field missing from
+    a metrics.json: its default)."""
+    _refuse_differing(runs, "data", lambda r: f"prepared dataset {r.dataset}",
+                      " (other MEDS files, subject splits or config.data settings), so their "
+                      "lab errors and label rows cannot be paired")
     for key in ("split", "eval_mask"):
         _refuse_differing(runs, key, lambda r: json.dumps(r.metrics.get(key), sort_keys=True))
     defaults = default_config().eval

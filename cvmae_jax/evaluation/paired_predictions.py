@@ -36,9 +36,9 @@ class TaskPredictions:
     share, with each run's AUROC on every bootstrap resample of those rows."""
 
     def __init__(self, task: str, model: str, labels, subjects, scores: dict[str, np.ndarray],
-                 missing: list[str], dropped: dict[str, int]):
+                 missing: list[str]):
         self.task, self.model, self.labels, self.scores = task, model, labels, scores
-        self.missing, self.dropped = missing, dropped
+        self.missing = missing
         self.bootstrap = paired_stats.SubjectBootstrap(subjects, BOOTSTRAP_SEED)
         self._resampled: dict[str, np.ndarray] = {}
 
@@ -63,14 +63,18 @@ class TaskPredictions:
                                  f"shared rows; were the runs evaluated on the same data?")
             scores[name] = rows[:, 1]
         dropped = {name: len(t) - len(keys) for name, t in tables.items()}
+        if any(dropped.values()):
+            raise ValueError(f"task {task}: the runs' held_out label rows differ ({len(keys)} "
+                             "shared; " + ", ".join(f"{name} has {n} others"
+                                                   for name, n in dropped.items() if n)
+                             + "); evaluate them with the same config.eval.labels_dir")
         return cls(task, model, labels if labels is not None else np.zeros(0, bool),
-                   [subject for subject, _, _ in keys], scores, missing, dropped)
+                   [subject for subject, _, _ in keys], scores, missing)
 
     def info(self) -> dict:
         return dict(n=int(len(self.labels)), positives=int(self.labels.sum()),
                     subjects=self.bootstrap.n_subjects,
-                    runs_with_predictions=sorted(self.scores), runs_without=self.missing,
-                    rows_not_shared=self.dropped)
+                    runs_with_predictions=sorted(self.scores), runs_without=self.missing)
 
     def _auroc(self, name: str) -> tuple[float, np.ndarray]:
         if name not in self._resampled:

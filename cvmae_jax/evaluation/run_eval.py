@@ -125,7 +125,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
                                                   config.eval.mask_rate, config.eval.mask_seed))
     with _phase(f"reconstruction on {split} ({dataset.num_examples[split]:,} windows)"):
         result = evaluate_split(eval_step, params, dataset, config, launcher, probs)
-    result.update(step=step, split=split, eval_settings=settings,
+    result.update(step=step, split=split, eval_settings=settings, dataset=dataset.settings_id,
                   strategy=config.masking.strategy,
                   eval_mask=dict(rate=config.eval.mask_rate, seed=config.eval.mask_seed),
                   code_selection=selection_summary(dataset.report))
