@@ -90,7 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.parallel.local_device_ids = ml_collections.FieldReference(None, field_type=tuple)
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.labels_dir = ml_collections.FieldReference(None, field_type=str)  # None: MEDS/labels
+    # None: <MEDS root>/labels
+    config.eval.labels_dir = ml_collections.FieldReference(None, field_type=str)
     config.eval.split = "tuning"  # split used for validation during training
     config.eval.batch_size = 64
     config.eval.mask_rate = 0.3  # uniform evaluation mask, identical for every strategy
@@ -142,6 +143,11 @@ def eval_settings(config: ml_collections.ConfigDict) -> dict:
     """``config.eval`` as plain JSON values: what eval.py records in metrics.json, so a study
     knows which settings a run's metrics were computed with."""
     return json.loads(json.dumps(config.eval.to_dict()))
+
+
+def label_max_len(config: ml_collections.ConfigDict) -> int:
+    """Events per label window: config.eval.label_max_len, or data.max_len when it is 0."""
+    return int(config.eval.label_max_len) or int(config.data.max_len)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "per_code", "per_code_last", "per_code_last_max")  # eval.pooling (pooling.py)
-LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (labels.window_rows)
+LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (sequences.window_rows)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
 EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")

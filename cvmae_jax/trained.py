@@ -31,6 +31,7 @@ from flax import nnx
 
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer
+from cvmae_jax.config import label_max_len
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.data.sequences import build_examples
@@ -74,8 +75,11 @@ class TrainedRun:
                       self.params, *_inputs(batch, None))
 
     def batch(self, events: pd.DataFrame) -> dict:
-        """A batch of your own lab events in raw units (``events_batch``)."""
-        return events_batch(events, self.stats, self.max_len)
+        """A batch of your own lab events in raw units, one row per subject: the window
+        eval.py gives a label row at the subject's last event (``events_batch`` with the run's
+        ``eval.label_max_len`` and ``eval.label_window``)."""
+        return events_batch(events, self.stats, label_max_len(self.config),
+                            self.config.eval.label_window == "each_code_latest")
 
     def predict(self, batch: dict, value_mask) -> jax.Array:
         """Reconstructed values float32 [B, L] in normalized units with the values at
@@ -116,13 +120,16 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     return TrainedRun(graphdefs[0], state.params, stats, config, step, code_table(data_stats))
 
 
-def events_batch(events: pd.DataFrame, stats: DataStats, max_len: int) -> dict:
+def events_batch(events: pd.DataFrame, stats: DataStats, max_len: int,
+                 each_code_latest: bool = False) -> dict:
     """A padded batch (``padded_rows``) of lab events in raw units. ``events``: one row per event
     with the MEDS columns subject_id (int), time (datetime64), code and numeric_value. Rows are
     kept as prepare keeps them: with a time, a finite value not in ``stats.drop_values`` and a
-    code of ``stats.codes``. Each subject keeps its latest ``max_len`` events (the window eval.py
-    gives a label row), times in hours since the window's first event, values clipped and
-    z-scored. One row per subject with an event left, by subject_id (``subject_id`` int64 [B])."""
+    code of ``stats.codes``. Each subject keeps the label window of its events
+    (``sequences.window_rows``: its latest ``max_len``, or with ``each_code_latest`` every
+    code's latest event and then the last others), times in hours since the window's first
+    event, values clipped and z-scored. One row per subject with an event left, by subject_id
+    (``subject_id`` int64 [B]); rows are ``max_len`` long."""
     missing = [c for c in meds.EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events: no column {', '.join(missing)} (expected the MEDS columns "
@@ -136,7 +143,8 @@ def events_batch(events: pd.DataFrame, stats: DataStats, max_len: int) -> dict:
         raise ValueError(f"events: expected integer subject_id, datetime time, text code and "
                          f"numeric numeric_value ({e})") from None
     table, _ = meds.numeric_rows(table, stats.drop_values)
-    windows = list(build_examples(table, stats, max_len, window="last", min_window_len=1))
+    windows = list(build_examples(table, stats, max_len, window="last", min_window_len=1,
+                                  each_code_latest=each_code_latest))
     batch = padded_rows(windows, max_len)
     batch["subject_id"] = np.array([w["subject_id"] for w in windows], np.int64)
     return batch

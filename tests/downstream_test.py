@@ -385,6 +385,35 @@ def test_load_trained_reproduces_the_exported_embeddings(evaluated):
         load_trained(workdir, step=7)
 
 
+def test_trained_batch_of_raw_events_is_evals_label_window(evaluated):
+    """``run.batch`` of a subject's raw MEDS events up to a prediction time gives the label
+    window eval.py reads, under the run's eval.label_max_len and eval.label_window."""
+    workdir, result = evaluated
+    run = load_trained(workdir)
+    config = run.config.copy_and_resolve_references()
+    config.eval.label_max_len, config.eval.label_window = 24, "each_code_latest"
+    run = dataclasses.replace(run, config=config)
+    meds_dir = _meds_dir((workdir, run.config))
+    windows = task_windows(meds_dir, os.path.join(result["downstream"]["labels_dir"], TASKS[0]),
+                           run.stats, 24, each_code_latest=True)["held_out"]
+    last_events = task_windows(meds_dir, os.path.join(result["downstream"]["labels_dir"],
+                                                      TASKS[0]), run.stats, 24)["held_out"]
+    differs = [i for i, (w, v) in enumerate(zip(windows, last_events))
+               if not np.array_equal(w["codes"], v["codes"])]
+    assert differs, "no label window where every code's latest event changes the window"
+    window = windows[differs[0]]
+    events = pa.concat_tables([pq.read_table(f) for f in meds.data_files(meds_dir)])
+    events = events.filter(pc.and_(
+        pc.equal(events["subject_id"], window["subject_id"]),
+        pc.less_equal(pc.cast(events["time"], pa.int64()), window["prediction_time_us"])))
+    batch = run.batch(events.to_pandas())
+    n = len(window["codes"])
+    assert batch["valid"].shape == (1, 24) and batch["valid"][0].sum() == n
+    np.testing.assert_array_equal(batch["codes"][0, :n], window["codes"])
+    np.testing.assert_allclose(batch["values"][0, :n], window["values"], rtol=1e-6)
+    np.testing.assert_allclose(batch["times"][0, :n], window["times"], atol=1e-6)
+
+
 def test_report_says_when_an_auroc_rests_on_few_positives():
     from cvmae_jax.evaluation.downstream import report_lines
 

@@ -36,6 +36,21 @@ def test_events_become_the_latest_window_of_each_subject(stats):
     assert batch["values"][0, 0] == stats.normalize([1], [30.0])[0]
 
 
+def test_each_code_latest_keeps_every_codes_latest_event_then_the_last_others(stats):
+    """The label window of eval.label_window="each_code_latest": A's only event (the oldest)
+    stays in a 3-event window; times count from that window's first event."""
+    events = pd.DataFrame({"subject_id": [7] * 5,
+                           "time": [T0 + pd.Timedelta(minutes=30 * i) for i in range(5)],
+                           "code": [A, B, B, B, B],
+                           "numeric_value": [1.0, 10.0, 20.0, 30.0, 40.0]})
+    last = events_batch(events, stats, max_len=3)
+    np.testing.assert_array_equal(last["codes"][0], [1, 1, 1])
+    latest = events_batch(events, stats, max_len=3, each_code_latest=True)
+    np.testing.assert_array_equal(latest["codes"][0], [0, 1, 1])
+    np.testing.assert_allclose(latest["times"][0], [0.0, 1.5, 2.0])
+    np.testing.assert_allclose(latest["values"][0], stats.normalize([0, 1, 1], [1.0, 30.0, 40.0]))
+
+
 def test_events_without_a_meds_column_are_refused_in_one_line(stats):
     events = pd.DataFrame({"subject_id": [1], "time": [T0], "code": [A]})
     with pytest.raises(ValueError, match="events: no column numeric_value"):

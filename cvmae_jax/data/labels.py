@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from absl import logging
 
 from cvmae_jax.data import meds, stream
-from cvmae_jax.data.sequences import US_PER_HOUR
+from cvmae_jax.data.sequences import US_PER_HOUR, window_rows
 from cvmae_jax.data.stats import DataStats
 
 LABEL_CHECKS = {"subject_id": pa.types.is_integer, "prediction_time": pa.types.is_timestamp,
@@ -161,22 +161,6 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
         empty = np.zeros(0, np.int64)
         for i in todo[~done[todo]]:  # subjects without any selected lab event
             yield _window(i, l_subject[i], l_time[i], l_value[i], empty, empty, empty)
-
-
-def window_rows(codes: np.ndarray, max_len: int, each_code_latest: bool) -> np.ndarray:
-    """Ascending indices int64 [<= max_len] into one subject's events up to a prediction time
-    (``codes`` int [n], time order) that form its label window: all n when they fit, else the
-    last max_len, or with ``each_code_latest`` the latest event of every code (the most recent
-    max_len of those when there are more codes) and then the most recent other events, so a
-    long history keeps its rare codes and admission descriptors."""
-    n = len(codes)
-    if n <= max_len or not each_code_latest:
-        return np.arange(max(0, n - max_len), n)
-    latest = np.zeros(n, bool)
-    latest[n - 1 - np.unique(codes[::-1], return_index=True)[1]] = True
-    kept = np.flatnonzero(latest)[-max_len:]
-    others = np.flatnonzero(~latest)
-    return np.sort(np.concatenate([kept, others[len(others) - (max_len - len(kept)):]]))
 
 
 def window_words(max_len: int, each_code_latest: bool = False) -> str:

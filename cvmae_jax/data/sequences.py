@@ -16,18 +16,20 @@ US_PER_HOUR = 3_600_000_000
 
 def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str = "chunks",
                    min_window_len: int = 2, report: dict | None = None,
-                   first_example_id: int = 0) -> Iterator[dict]:
+                   first_example_id: int = 0, each_code_latest: bool = False) -> Iterator[dict]:
     """Yields one example per window, ordered by (subject_id, window start).
 
     events: a table with subject_id, time, code, numeric_value (any order; sorted stably here).
     window: 'chunks' cuts a subject's in-vocabulary events into consecutive, non-overlapping
-      windows of max_len (the last one may be shorter); 'last' keeps only the latest max_len.
+      windows of max_len (the last one may be shorter); 'last' keeps only the latest max_len,
+      or with `each_code_latest` the label window of `window_rows`.
     Windows with fewer than min_window_len events are dropped.
 
     Each example: example_id int64 (first_example_id + 0, 1, ... in yield order), subject_id
     int64, start_time_us / end_time_us int64 (first/last event, µs since epoch), times float32
     [n] (hours since the first event), codes int32 [n] (index into stats.codes), values float32
-    [n] (normalized), with n <= max_len. `report`, when given, receives counts (filled once the iterator is done).
+    [n] (normalized), with n <= max_len. `report`, when given, receives counts (filled once
+    the iterator is done).
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -51,22 +53,39 @@ def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str
     for s_lo, s_hi in zip(starts, np.r_[starts[1:], len(subjects)].astype(np.int64)):
         counts["subjects"] += 1
         if window == "chunks":
-            cuts = [(lo, min(lo + max_len, s_hi)) for lo in range(s_lo, s_hi, max_len)]
+            pieces = [slice(lo, min(lo + max_len, s_hi)) for lo in range(s_lo, s_hi, max_len)]
         else:
-            cuts = [(max(s_lo, s_hi - max_len), s_hi)]
-            counts["events_not_in_window"] += cuts[0][0] - s_lo
-        for lo, hi in cuts:
-            if hi - lo < min_window_len:
+            pieces = [s_lo + window_rows(codes[s_lo:s_hi], max_len, each_code_latest)]
+            counts["events_not_in_window"] += s_hi - s_lo - len(pieces[0])
+        for rows in pieces:
+            window_times = times[rows]
+            if len(window_times) < min_window_len:
                 counts["short_windows_dropped"] += 1
-                counts["events_not_in_window"] += hi - lo
+                counts["events_not_in_window"] += len(window_times)
                 continue
-            t0 = times[lo]
-            yield dict(example_id=np.int64(example_id), subject_id=np.int64(subjects[lo]),
-                       start_time_us=np.int64(t0), end_time_us=np.int64(times[hi - 1]),
-                       times=((times[lo:hi] - t0) / US_PER_HOUR).astype(np.float32),
-                       codes=codes[lo:hi], values=values[lo:hi])
+            t0 = window_times[0]
+            yield dict(example_id=np.int64(example_id), subject_id=np.int64(subjects[s_lo]),
+                       start_time_us=np.int64(t0), end_time_us=np.int64(window_times[-1]),
+                       times=((window_times - t0) / US_PER_HOUR).astype(np.float32),
+                       codes=codes[rows], values=values[rows])
             example_id += 1
-            counts["tokens"] += hi - lo
+            counts["tokens"] += len(window_times)
     counts["examples"] = example_id - first_example_id
     if report is not None:
         report.update({k: int(v) for k, v in counts.items()})
+
+
+def window_rows(codes: np.ndarray, max_len: int, each_code_latest: bool) -> np.ndarray:
+    """Ascending indices int64 [<= max_len] into one subject's events up to a prediction time
+    (``codes`` int [n], time order) that form its label window: all n when they fit, else the
+    last max_len, or with ``each_code_latest`` the latest event of every code (the most recent
+    max_len of those when there are more codes) and then the most recent other events, so a
+    long history keeps its rare codes and admission descriptors."""
+    n = len(codes)
+    if n <= max_len or not each_code_latest:
+        return np.arange(max(0, n - max_len), n)
+    latest = np.zeros(n, bool)
+    latest[n - 1 - np.unique(codes[::-1], return_index=True)[1]] = True
+    kept = np.flatnonzero(latest)[-max_len:]
+    others = np.flatnonzero(~latest)
+    return np.sort(np.concatenate([kept, others[len(others) - (max_len - len(kept)):]]))

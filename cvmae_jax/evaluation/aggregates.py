@@ -2,7 +2,7 @@
 and the models a clinician-statistician would fit on them instead of pretraining.
 
 Features per selected code, from exactly the events the probe encodes (the label row's window,
-``labels.window_rows``: the last max_len selected events at or before prediction_time, or every
+``sequences.window_rows``: the last max_len selected events at or before prediction_time, or every
 code's latest and then the last others; the same usable label rows and splits): last, mean,
 min, max, count, hours from the last one to prediction_time, and a missing indicator (no event
 of the code in the window: values then the code's train mean, 0, count and hours 0). Values

@@ -228,7 +228,7 @@ def find_tasks(labels_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
 def read_label_tasks(meds_dir: str, stats, max_len: int, labels_dir: str | None = None,
                      each_code_latest: bool = False) -> tuple[str, dict[str, LabelTask]]:
     """(labels dir, {task: LabelTask}) of every task folder under labels_dir (`read_task`;
-    ``max_len`` and ``each_code_latest`` choose each window's events: `labels.window_rows`).
+    ``max_len`` and ``each_code_latest`` choose each window's events: `sequences.window_rows`).
 
     labels_dir None means ``<meds_dir>/labels``, which may be absent (no downstream tasks). A
     labels_dir given explicitly must exist and hold at least one task folder. Folders and files
@@ -387,8 +387,8 @@ def report_lines(downstream: dict) -> list[str]:
     window = (f" of each label row's window: {downstream['label_window']}"
               if "label_window" in downstream else "")
     lines += [f"Linear probe ({downstream['probe']}{window}), C chosen on tuning by AUROC "
-              f"(C=1 when tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap resamples of "
-              f"held_out's subjects (a subject's label rows stay together), seed "
+              f"(C=1 when tuning has one class); 95% CIs from {NUM_BOOTSTRAP} bootstrap "
+              f"resamples of held_out's subjects (a subject's label rows stay together), seed "
               f"{downstream['seed']}.", "",
               "| task | n test (subjects) | prevalence | AUROC [95% CI] | AUPRC [95% CI] |",
               "|---|---:|---:|---|---|"]

@@ -23,7 +23,7 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
-from cvmae_jax.config import eval_settings
+from cvmae_jax.config import eval_settings, label_max_len
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
@@ -51,11 +51,6 @@ from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilitie
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, run_config
-
-
-def label_max_len(config) -> int:
-    """Events per label window: config.eval.label_max_len, or data.max_len when it is 0."""
-    return int(config.eval.label_max_len) or int(config.data.max_len)
 
 
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.data import labels, meds
+from cvmae_jax.data.sequences import window_rows
 from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 
@@ -49,12 +50,12 @@ def test_windows_end_at_prediction_time(synthetic):
 
 def test_window_rows_keep_every_codes_latest_event():
     codes = np.array([7, 1, 1, 2, 1, 1, 1, 2, 1, 1])  # code 7 once, at the start
-    np.testing.assert_array_equal(labels.window_rows(codes, 4, False), [6, 7, 8, 9])
-    np.testing.assert_array_equal(labels.window_rows(codes, 4, True), [0, 7, 8, 9])
-    np.testing.assert_array_equal(labels.window_rows(codes, 3, True), [0, 7, 9])
-    np.testing.assert_array_equal(labels.window_rows(codes, 2, True), [7, 9])  # latest codes
-    np.testing.assert_array_equal(labels.window_rows(codes, 20, True), np.arange(10))
-    assert labels.window_rows(codes[:0], 4, True).size == 0
+    np.testing.assert_array_equal(window_rows(codes, 4, False), [6, 7, 8, 9])
+    np.testing.assert_array_equal(window_rows(codes, 4, True), [0, 7, 8, 9])
+    np.testing.assert_array_equal(window_rows(codes, 3, True), [0, 7, 9])
+    np.testing.assert_array_equal(window_rows(codes, 2, True), [7, 9])  # latest codes
+    np.testing.assert_array_equal(window_rows(codes, 20, True), np.arange(10))
+    assert window_rows(codes[:0], 4, True).size == 0
 
 
 def test_each_code_latest_windows_hold_every_code_seen_before_prediction_time(synthetic):
