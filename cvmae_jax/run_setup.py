@@ -192,8 +192,12 @@ def check_resume_settings(saved_run_info: dict, config, step: int) -> None:
                          f"pipeline's position is stored per process, so launch "
                          f"{saved_processes} process(es) as the run that wrote it did (any "
                          "number of devices per process)")
+    changes = changed_settings(saved_run_info["config"], config)
     if not config.train.allow_config_change:
-        _refuse_changes(step, changed_settings(saved_run_info["config"], config))
+        _refuse_changes(step, changes)
+    elif changes:
+        logging.warning("resuming the checkpoint at step %d with other settings "
+                        "(train.allow_config_change): %s", step, "; ".join(changes))
 
 
 def check_resume_dataset(saved_run_info: dict, config, dataset: PreparedDataset,
@@ -201,8 +205,13 @@ def check_resume_dataset(saved_run_info: dict, config, dataset: PreparedDataset,
     """Refuses to resume on another prepared dataset (the MEDS files changed) unless
     ``train.allow_config_change``."""
     saved = saved_run_info["data_stats"].get("dataset")
-    if saved != dataset.settings_id and not config.train.allow_config_change:
-        _refuse_changes(step, [f"prepared dataset: {saved} -> {dataset.settings_id}"])
+    if saved == dataset.settings_id:
+        return
+    change = f"prepared dataset: {saved} -> {dataset.settings_id}"
+    if not config.train.allow_config_change:
+        _refuse_changes(step, [change])
+    logging.warning("resuming the checkpoint at step %d on other data "
+                    "(train.allow_config_change): %s", step, change)
 
 
 def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:

@@ -96,7 +96,8 @@ def set_up(config, workdir: str) -> Run:
     data = None
     try:
         probs = run_setup.mask_probabilities(config, dataset)
-        run_info = _write_run_info(config, workdir, dataset, probs)
+        run_info = dict(config=config.to_dict(), processes=jax.process_count(),
+                        data_stats=run_setup.stats_record(config, dataset, probs))
         optimizer = make_optimizer(config.train)
         graphdef, state = _initial_state(config, dataset, optimizer)
         state = launcher.put_state(state)
@@ -108,6 +109,7 @@ def set_up(config, workdir: str) -> Run:
             logging.info("Resumed from the checkpoint at step %d%s", start_step,
                          "; training is already complete"
                          if start_step >= config.train.num_steps else "")
+        _write_run_info(workdir, run_info)  # after the restore: a refused one leaves them
     except BaseException:
         if data is not None:
             data.close()
@@ -144,14 +146,11 @@ def _open_workdir(config, workdir: str):
     return checkpointer, start_step, preempted_early, dataset
 
 
-def _write_run_info(config, workdir: str, dataset: PreparedDataset, probs: np.ndarray) -> dict:
-    """config.json and data_stats.json (process 0); returns both for the checkpoints."""
-    run_info = dict(config=config.to_dict(), processes=jax.process_count(),
-                    data_stats=run_setup.stats_record(config, dataset, probs))
+def _write_run_info(workdir: str, run_info: dict) -> None:
+    """config.json and data_stats.json of ``run_info`` (process 0)."""
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, CONFIG_FILE), run_info["config"])
         write_json_atomic(os.path.join(workdir, DATA_STATS_FILE), run_info["data_stats"])
-    return run_info
 
 
 def _initial_state(config, dataset: PreparedDataset, optimizer) -> tuple[nnx.GraphDef,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cvmae_jax.train as train_module
-from cvmae_jax import parallel
+from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import default_config
 from cvmae_jax.train import train_and_evaluate
@@ -107,11 +107,18 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_pa
                                          r"config's model \(Orbax: .*\); config.train.allow"):
         run(data_dir, tmp_path / "run", model__d_model=64, train__num_steps=30,
             train__allow_config_change=True)
+    assert (tmp_path / "run" / "config.json").read_text() == saved_config  # kept again
     with pytest.raises(ValueError, match=r"masking.strategy: 'cv' -> 'random'"):
         run(data_dir, tmp_path / "run", masking__strategy="random")
     # Bookkeeping fields and the device count may change.
     summary, _ = run(data_dir, tmp_path / "run", train__log_every=5, parallel__num_devices=2)
     assert summary["step"] == 20
+    # An allowed change is resumed and said.
+    with mock.patch.object(run_setup.logging, "warning") as warning:
+        summary, _ = run(data_dir, tmp_path / "run", train__num_steps=25,
+                         train__allow_config_change=True)
+    assert summary["step"] == 25
+    assert "train.num_steps: 20 -> 25" in warning.call_args_list[0].args[-1]
 
 
 @pytest.mark.parametrize("poisoned_step, log_every, message, last_checkpoint", [
