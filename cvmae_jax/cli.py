@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cvmae_jax import config as config_module
-from cvmae_jax.config_checks import eval_overridable
+from cvmae_jax.config_checks import eval_overridable, field_names
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import check_writable
 from cvmae_jax.host_memory import reuse_freed_memory
@@ -159,7 +159,7 @@ def config_field_errors(argv: list[str]):
 def unknown_config_fields(argv: list[str]) -> list[str]:
     """One message per ``--config.<field>=...`` of ``argv`` that names no field of the config
     file given with ``--config`` (default: cvmae_jax/config.py), with the closest field names."""
-    fields = _field_names(_config_file_named_in(argv))
+    fields = field_names(_config_file_named_in(argv))
     out = []
     for arg in argv[1:]:
         name = arg.split("=", 1)[0]
@@ -170,8 +170,9 @@ def unknown_config_fields(argv: list[str]) -> list[str]:
             continue
         close = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.75)
         section = field.rsplit(".", 1)[0] if "." in field else ""
-        siblings = sorted(f.rsplit(".", 1)[1] for f in fields
-                          if "." in f and f.rsplit(".", 1)[0] == section)
+        inside = [f[len(section) + 1:] for f in fields if section and
+                  f.startswith(section + ".")]
+        siblings = sorted({f.split(".", 1)[0] + (".*" if "." in f else "") for f in inside})
         out.append(f"--config.{field}: no such config field" + (
             "; did you mean " + " or ".join(f"--config.{c}" for c in close) + "?" if close
             else "") + (f" (config.{section} has: {', '.join(siblings)})" if siblings and
@@ -193,17 +194,6 @@ def _config_file_named_in(argv: list[str]) -> ml_collections.ConfigDict:
         except Exception:  # noqa: BLE001 - the message then lists the default config's fields
             pass
     return config_module.default_config()
-
-
-def _field_names(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
-    """Dotted names of every leaf field ("train.num_steps", ...)."""
-    names = set()
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            names |= _field_names(value, f"{prefix}{key}.")
-        else:
-            names.add(f"{prefix}{key}")
-    return names
 
 
 def train_main() -> None:

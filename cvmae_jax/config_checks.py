@@ -3,8 +3,12 @@ preparation) with one line naming the field before anything is read or written."
 
 from __future__ import annotations
 
+import difflib
 import re
 
+import ml_collections
+
+from cvmae_jax.config import default_config
 from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 
@@ -12,6 +16,8 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "per_code", "per_code_last", "per_code_last_max")  # eval.pooling (pooling.py)
 LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (sequences.window_rows)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+# Sections a config file may add to default_config()'s fields (configs/study*.py: the study's)
+EXTRA_SECTIONS = ("study",)
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
 EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")
 
@@ -20,6 +26,33 @@ def eval_overridable() -> str:
     """EVAL_OVERRIDABLE for messages: "eval.*, data.meds_dir, ..."."""
     return ", ".join(f"{prefix}*" if prefix.endswith(".") else prefix
                      for prefix in EVAL_OVERRIDABLE)
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+    """Dotted names of every leaf field ("train.num_steps", ...)."""
+    names = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            names |= field_names(value, f"{prefix}{key}.")
+        else:
+            names.add(f"{prefix}{key}")
+    return names
+
+
+def check_known_fields(config) -> None:
+    """Refuses a field that cvmae_jax/config.py's ``default_config`` does not have (a misspelt
+    name set in a config file would otherwise be carried along and never read)."""
+    known = field_names(default_config())
+    unknown = sorted(name for name in field_names(config) if name not in known
+                     and name.split(".", 1)[0] not in EXTRA_SECTIONS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.75)
+        raise ValueError(f"config.{unknown[0]}: no such config field (set by the config file; "
+                         "the fields are cvmae_jax/config.py's)"
+                         + (f"; did you mean config.{close[0]}?" if close else "")
+                         + (f" ({len(unknown) - 1} more unknown: "
+                            f"{', '.join('config.' + n for n in unknown[1:4])})"
+                            if len(unknown) > 1 else ""))
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -54,6 +87,7 @@ def check_data_config(data) -> None:
 def check_config(config) -> None:
     """The whole run config (``config.data`` included); device-dependent checks (batch sizes,
     attention backend) are in ``run_setup.validate_config``."""
+    check_known_fields(config)
     check_data_config(config.data)
     masking = config.masking
     _require(masking.strategy in STRATEGIES, "masking.strategy", masking.strategy,

@@ -126,6 +126,7 @@ def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, m
      "did you mean --config.study.seeds?"),  # a field only that config file has
     ("train.py", ["--config=configs/demo.py", "--config.model.xyz=1"],
      "error: --config.model.xyz: no such config field (config.model has: attention, d_model,"),
+    ("eval.py", ["--config.eval.xyz=1"], "batch_size, finetune.*, label_max_len,"),
 ])
 def test_an_unknown_config_field_is_one_line_naming_it(tmp_path, script, args, message):
     result = run(script, f"--workdir={tmp_path / 'run'}", *args)

@@ -55,6 +55,19 @@ def test_bad_values_name_their_field(field, value, message):
         assert text.startswith(f"config.{field}={value!r}: ")
 
 
+def test_a_field_the_defaults_lack_is_refused_with_the_closest_name(shipped_config):
+    """A config file that misspells a field (``c.train.num_step = 5``) would otherwise train
+    with the default; the study's own section is allowed."""
+    config = shipped_config("study")
+    config.train.num_step = 5
+    config.model.dmodel = 64
+    with pytest.raises(ValueError, match=r"^config.model.dmodel: no such config field \(set by "
+                                         r"the config file; the fields are cvmae_jax/config.py's"
+                                         r"\); did you mean config.model.d_model\? \(1 more "
+                                         r"unknown: config.train.num_step\)$"):
+        check_config(config)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"train.warmup_steps": 1000, "train.num_steps": 200},
      "config.train.warmup_steps=1000 >= config.train.num_steps=200: the learning rate rises for "
