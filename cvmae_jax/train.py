@@ -38,6 +38,7 @@ from cvmae_jax.reconstruction import evaluate_split
 from cvmae_jax.steps import (TrainState, WindowTotals, init_state, make_eval_step,
                              make_optimizer, make_train_step, make_window_step)
 from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, checkpoint_dir
+from cvmae_jax.workdir_lock import WorkdirLock
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -76,10 +77,12 @@ class Run:
     optimizer: optax.GradientTransformation
     state: TrainState  # on the launcher's devices
     data: Iterator[dict]  # this process's training batches, from the checkpoint's position
+    lock: WorkdirLock  # released when the run ends
 
     def close(self) -> None:
         self.data.close()  # stops the input pipeline's threads
         self.checkpointer.close()  # waits for the last async save
+        self.lock.release()
 
 
 def set_up(config, workdir: str) -> Run:
@@ -92,7 +95,7 @@ def set_up(config, workdir: str) -> Run:
     run_setup.validate_config(config, launcher.num_devices)
     logging.info("Training on %d %s device(s), parallel mode %s", launcher.num_devices,
                  jax.default_backend(), config.parallel.mode)
-    checkpointer, start_step, preempted_early, dataset = _open_workdir(config, workdir)
+    lock, checkpointer, start_step, preempted_early, dataset = _open_workdir(config, workdir)
     data = None
     try:
         probs = run_setup.mask_probabilities(config, dataset)
@@ -114,16 +117,18 @@ def set_up(config, workdir: str) -> Run:
         if data is not None:
             data.close()
         checkpointer.close()
+        lock.release()
         raise
     return Run(config, workdir, launcher, checkpointer, start_step, preempted_early, dataset,
-               probs, run_info, graphdef, optimizer, state, data)
+               probs, run_info, graphdef, optimizer, state, data, lock)
 
 
 def _open_workdir(config, workdir: str):
-    """(checkpointer, start step, preempted while resuming, prepared dataset). A refused resume
-    or bad data leaves the workdir as it was."""
+    """(the workdir's lock, checkpointer, start step, preempted while resuming, prepared
+    dataset). A refused resume or bad data leaves the workdir as it was."""
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)  # refused: a running train.py made the folder, it stays
     checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints)
     start_step = checkpointer.latest_step() or 0
     # Every process reports its step to JAX's preemption sync now: a notice that arrives while
@@ -140,10 +145,11 @@ def _open_workdir(config, workdir: str):
             run_setup.check_resume_dataset(saved_run, config, dataset, start_step)
     except BaseException:
         checkpointer.close()
+        lock.release()
         if created_workdir:
             run_setup.remove_empty_folders(workdir)
         raise
-    return checkpointer, start_step, preempted_early, dataset
+    return lock, checkpointer, start_step, preempted_early, dataset
 
 
 def _write_run_info(workdir: str, run_info: dict) -> None:

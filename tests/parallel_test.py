@@ -15,6 +15,7 @@ from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import default_config
 from cvmae_jax.train import train_and_evaluate
+from cvmae_jax.workdir_lock import WorkdirLock
 
 from train_test import read_metrics, tiny_config
 
@@ -119,6 +120,17 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_pa
                          train__allow_config_change=True)
     assert summary["step"] == 25
     assert "train.num_steps: 20 -> 25" in warning.call_args_list[0].args[-1]
+    # A second training in the same workdir (a resubmitted job) stops before writing anything.
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    held = WorkdirLock(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"run: another train.py \(or study\) is training in "
+                                         r"this workdir now; wait for it to end"):
+        run(data_dir, tmp_path / "run", train__num_steps=30, train__allow_config_change=True)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == files
+    held.release()
+    again = WorkdirLock(str(tmp_path / "run"))  # the runs above released theirs
+    assert again.fd is not None
+    again.release()
 
 
 @pytest.mark.parametrize("poisoned_step, log_every, message, last_checkpoint", [
