@@ -136,12 +136,14 @@ class WindowTotals:
 
 def make_window_step(train_step: Callable) -> Callable:
     """``train_step`` (``make_train_step``'s) carrying the logging window's metric totals:
-    ((state, totals), batch) -> ((new state, totals with this step's metrics), None)."""
+    ((state, totals), batch) -> ((new state, totals with this step's metrics), new step
+    number): the step number is an output of its own, not donated to the next step, which the
+    host can wait for to bound how far it runs ahead of the devices."""
 
     def window_step(carry: tuple[TrainState, WindowTotals], batch: dict):
         state, totals = carry
         new_state, metrics = train_step(state, batch)
-        return (new_state, totals.add(state.step + 1, metrics)), None
+        return (new_state, totals.add(state.step + 1, metrics)), new_state.step
 
     return window_step
 

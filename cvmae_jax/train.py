@@ -11,6 +11,7 @@ non-finite loss or gradient without saving anything after it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import signal
@@ -39,6 +40,11 @@ from cvmae_jax.steps import (TrainState, WindowTotals, init_state, make_eval_ste
                              make_optimizer, make_train_step, make_window_step)
 from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, checkpoint_dir
 from cvmae_jax.workdir_lock import WorkdirLock
+
+
+# Steps the host may dispatch before the devices finish the oldest: enough to keep them busy
+# while it prepares the next batch, few enough that a preemption's save comes soon.
+MAX_STEPS_AHEAD = 2
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -229,12 +235,16 @@ class TrainLoop:
         train, guard = self.config.train, self.config.train.transfer_guard
         preemption = _Preemption(self.run.checkpointer, self.run.preempted_early)
         batch, preempted = first_batch, False
+        in_flight = collections.deque()  # step numbers of the steps dispatched, not waited for
         try:
             for step in range(self.run.start_step + 1, train.num_steps + 1):
                 if batch is None:
                     batch = self.window.timed_wait(self.run.data)
                 with jax.transfer_guard(guard):
-                    self.carry, _ = self.step(self.carry, self.step.put(batch))
+                    self.carry, step_number = self.step(self.carry, self.step.put(batch))
+                    in_flight.append(step_number)
+                    if len(in_flight) > MAX_STEPS_AHEAD:
+                        in_flight.popleft().block_until_ready()
                     if step % train.log_every == 0 or step == train.num_steps:
                         self._log_window(step)
                 batch = None
@@ -345,7 +355,9 @@ class _WindowClock:
 
 class _Preemption:
     """SIGTERM sets a flag the loop checks after each step (single process). With several
-    processes, Orbax's preemption sync point makes every process stop at the same step."""
+    processes, Orbax's preemption sync point makes every process stop at the same step. The
+    host runs at most ``MAX_STEPS_AHEAD`` steps ahead of the devices, so the save follows the
+    signal after at most that many steps."""
 
     def __init__(self, checkpointer: Checkpointer, preempted_early: bool = False):
         self.checkpointer = checkpointer

@@ -98,6 +98,30 @@ def test_a_checkpoint_from_eight_devices_restores_on_two_and_back(data_dir, tmp_
         np.testing.assert_allclose(resumed[step]["loss"], reference[step]["loss"], rtol=1e-5)
 
 
+def test_the_host_runs_at_most_max_steps_ahead_of_the_devices(data_dir, tmp_path, monkeypatch):
+    """Before dispatching past MAX_STEPS_AHEAD unfinished steps the loop waits for the oldest,
+    so a SIGTERM's save does not wait for a logging window of queued steps."""
+    dispatched, waited = [], []
+    real_call = parallel.CompiledTrainStep.__call__
+
+    class StepNumber:
+        def __init__(self, array):
+            self.array, self.dispatch = array, len(dispatched)
+
+        def block_until_ready(self):
+            waited.append((len(dispatched), self.dispatch, int(self.array.block_until_ready())))
+
+    def call(self, leaves, batch):
+        new_leaves, number = real_call(self, leaves, batch)
+        dispatched.append(1)
+        return new_leaves, StepNumber(number)
+
+    monkeypatch.setattr(parallel.CompiledTrainStep, "__call__", call)
+    run(data_dir, tmp_path / "run", train__log_every=20)
+    ahead = train_module.MAX_STEPS_AHEAD
+    assert waited == [(s, s - ahead, s - ahead) for s in range(ahead + 1, 21)]
+
+
 def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_path):
     run(data_dir, tmp_path / "run")
     saved_config = (tmp_path / "run" / "config.json").read_text()
