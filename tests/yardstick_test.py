@@ -33,7 +33,13 @@ def test_yardstick_shows_reconstruction_and_task_rows():
     assert ("| mortality | 50 | 0.700 [0.600, 0.800] | 0.800 [0.750, 0.850] | "
             "-0.100 [-0.180, -0.020] aggregates better | 0.720 [0.670, 0.770] | "
             "-0.020 [-0.100, +0.060] no clear difference |") in text
-    assert "- mortality: 4 label windows are full; their older events" in text
+    assert ("- mortality: 4 label windows are full; their older events are seen by neither the "
+            "probe nor the aggregates (config.eval.label_max_len reads longer windows; "
+            "config.eval.label_window=each_code_latest keeps every code's latest event)") in text
+    result["eval_settings"] = dict(label_window="each_code_latest")
+    assert ("- mortality: 4 label windows are full; their older events other than each code's "
+            "latest are seen by neither the probe nor the aggregates (config.eval.label_max_len "
+            "reads longer windows)") in "\n".join(yardstick_lines(result))
     assert "- readmission: no comparison (as for the probe: x)" in text
     assert ("| mortality | 0.830 [0.750, 0.900] | aggregates LR | +0.030 [+0.010, +0.050] "
             "together better | +0.130 [+0.050, +0.200] together better |") in text

@@ -31,6 +31,7 @@ def yardstick_lines(result: dict) -> list[str]:
     if not tasks:
         return lines
     table, notes = [], []
+    each_code_latest = result.get("eval_settings", {}).get("label_window") == "each_code_latest"
     for task, r in tasks.items():
         aggregates = r["aggregates"]
         if aggregates["reason"]:
@@ -43,10 +44,12 @@ def yardstick_lines(result: dict) -> list[str]:
         table.append(f"| {task} | {r['n']} | " + " | ".join(cells) + " |")
         at_max = sum(aggregates["features"]["windows_at_max_len"].values())
         if at_max:
-            notes.append(f"- {task}: {at_max} label windows are full; their older events are "
-                         "seen by neither the probe nor the aggregates (config.eval.label_max_len "
-                         "reads longer windows; config.eval.label_window=each_code_latest keeps "
-                         "every code's latest event)")
+            notes.append(f"- {task}: {at_max} label windows are full; their older events "
+                         + ("other than each code's latest " if each_code_latest else "")
+                         + "are seen by neither the probe nor the aggregates "
+                         "(config.eval.label_max_len reads longer windows"
+                         + ("" if each_code_latest else "; config.eval.label_window="
+                            "each_code_latest keeps every code's latest event") + ")")
     if table:
         lines += ["| task | n test | probe AUROC | " + " | ".join(
             f"{MODEL_NAMES[m]} AUROC | probe - {MODEL_NAMES[m]} [paired 95% CI]" for m in MODELS)
