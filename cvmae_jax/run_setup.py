@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -212,6 +214,23 @@ def check_resume_dataset(saved_run_info: dict, config, dataset: PreparedDataset,
         _refuse_changes(step, [change])
     logging.warning("resuming the checkpoint at step %d on other data "
                     "(train.allow_config_change): %s", step, change)
+
+
+def prepare_eval_dataset(config, workdir: str, meds_dir: str) -> PreparedDataset:
+    """The dataset eval.py reads, checked against the run's (``check_eval_dataset``); a dataset
+    this call prepared is removed again when the check refuses it, so a wrong
+    ``--config.data.meds_dir`` leaves the run as it was."""
+    root = data_dir(config, workdir)
+    before = {str(p) for p in Path(root).glob("*/*")}
+    dataset = prepare_dataset(config.data, meds_dir, root, log=logging.info)
+    try:
+        check_eval_dataset(workdir, dataset)
+    except ValueError:
+        prepared = Path(dataset.path).parent  # <builder>/<settings id>/<version>
+        if str(prepared) not in before:
+            shutil.rmtree(prepared, ignore_errors=True)
+        raise
+    return dataset
 
 
 def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:

@@ -4,6 +4,7 @@ with eval.py's single-code, label-efficiency, perturbation and export outputs.
 and at the embedding level in eval_exports_test.py.)"""
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -320,11 +321,15 @@ def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):
         config.data.meds_dir = other
     out = os.path.join(workdir, "eval")
     before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    prepared = sorted(glob.glob(os.path.join(run_setup.data_dir(config, workdir), "*", "*")))
     with pytest.raises(ValueError, match=r"data_stats.json: the run was trained on \d+ lab codes;"
                                          r" the data prepared for evaluation .* in another order"):
         evaluate_run(workdir, config=config)
     assert config.eval.split == "tuning"  # the caller's config is not changed
     assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before
+    # the dataset prepared from the other root is removed again; the run's own stays
+    assert sorted(glob.glob(os.path.join(run_setup.data_dir(config, workdir), "*", "*"))) == (
+        prepared)
 
 
 def test_eval_dataset_check_names_missing_codes_and_warns_on_new_files(tiny_run, tmp_path):

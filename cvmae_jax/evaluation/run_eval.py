@@ -27,7 +27,6 @@ from cvmae_jax.config import eval_settings, label_max_len
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
-from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.report import selection_summary
 from cvmae_jax.evaluation import perturbation, report
 from cvmae_jax.evaluation.aggregates import PREDICTION_MODELS, aggregates_baseline
@@ -47,7 +46,7 @@ from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
-from cvmae_jax.run_setup import (check_eval_dataset, data_dir, mask_probabilities,
+from cvmae_jax.run_setup import (mask_probabilities, prepare_eval_dataset,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, run_config
@@ -94,11 +93,9 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     finetune = finetune_config(config)
     check_writable(eval_dir(workdir, split), "eval.py writes its results there")
     meds_dir = resolve_meds_dir(config, workdir)
-    dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir),
-                              log=logging.info)
+    dataset = prepare_eval_dataset(config, workdir, meds_dir)
     if split not in dataset.num_examples:
         raise ValueError(f"--split={split!r}: unknown split; have {sorted(dataset.num_examples)}")
-    check_eval_dataset(workdir, dataset)
     label_len = label_max_len(config)
     each_code_latest = config.eval.label_window == "each_code_latest"
     labels_dir, label_tasks = read_label_tasks(meds_dir, dataset.stats, label_len,
