@@ -277,9 +277,10 @@ def read_task(meds_dir, task_dir, stats, max_len: int,
               each_code_latest: bool = False) -> LabelTask:
     """The task's label windows (``task_windows``) less those that are empty: no selected lab
     event at or before the row's prediction_time, so nothing to embed; a metric on them would
-    only measure the probe's constant. Empty windows are counted and logged as a warning; a
-    split whose label rows all have one raises MEDSFormatError, as do label files of the task
-    with different time zones."""
+    only measure the probe's constant. Empty windows, and rows repeating another's subject and
+    prediction time, are counted and logged as a warning; a split whose label rows all have an
+    empty window raises MEDSFormatError, as do label files of the task with different time
+    zones."""
     windows = task_windows(meds_dir, task_dir, stats, max_len, each_code_latest)
     prediction_time_zone(label_files(task_dir))
     rows = {s: dict(rows=len(ws), empty_windows=sum(len(w["codes"]) == 0 for w in ws))
@@ -292,6 +293,14 @@ def read_task(meds_dir, task_dir, stats, max_len: int,
                 "before the subjects' first lab event): no metric can rest on them")
     if any(r["empty_windows"] for r in rows.values()):
         logging.warning("labels %s: %s", task_dir, empty_windows_words(rows))
+    keys = [(int(w["subject_id"]), int(w["prediction_time_us"]))
+            for ws in windows.values() for w in ws]
+    if len(keys) > len(set(keys)):
+        logging.warning("labels %s: %d label rows repeat another row's subject_id and "
+                        "prediction_time (the task's %d files, subfolders included, are all "
+                        "read); each is scored, so a repeated row counts twice: look for a "
+                        "copied file", task_dir, len(keys) - len(set(keys)),
+                        len(label_files(task_dir)))
     return LabelTask(Path(task_dir), {s: [w for w in ws if len(w["codes"])]
                                       for s, ws in windows.items()}, rows)
 
@@ -346,14 +355,14 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
         result["empty_windows"] = {s: r["empty_windows"] for s, r in rows.items()}
         out["tasks"][task] = result
         data[task] = TaskData(task_dir, windows, x, y, probe)
-        logging.info("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
-                     "C=%s (%s), AUROC %s, AUPRC %s%s%s", task, TEST, result["n_train"],
-                     result["n_tuning"], result["n"], TEST, _fmt(result["prevalence"]),
-                     result["C"], result["c_selection"], _fmt(result["auroc"]),
-                     _fmt(result["auprc"]),
-                     f" ({result['reason']})" if result["reason"] else "",
-                     f"; {sum(result['empty_windows'].values())} label rows with an empty window "
-                     "left out" if any(result["empty_windows"].values()) else "")
+        log = logging.warning if result["reason"] else logging.info  # no held_out metric
+        log("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
+            "C=%s (%s), AUROC %s, AUPRC %s%s%s", task, TEST, result["n_train"],
+            result["n_tuning"], result["n"], TEST, _fmt(result["prevalence"]),
+            result["C"], result["c_selection"], _fmt(result["auroc"]), _fmt(result["auprc"]),
+            f" ({result['reason']})" if result["reason"] else "",
+            f"; {sum(result['empty_windows'].values())} label rows with an empty window "
+            "left out" if any(result["empty_windows"].values()) else "")
     out["embed_traces"] = len(embed_fn.traces)
     return out, data
 

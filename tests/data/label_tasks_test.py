@@ -89,6 +89,25 @@ def test_empty_windows_are_counted_and_left_out_of_the_metric(setup, caplog):
            "out of the probe, its metrics and the exports" in text
 
 
+def test_a_copied_label_file_is_warned_about_in_counts(setup, caplog):
+    """A stray copy in a subfolder is read too (ACES writes <task>/<split>/*.parquet), so the
+    repeated rows are counted in a warning that holds no subject id."""
+    tiny_meds, stats = setup
+    _write_task(tiny_meds, "mixed", _some_before_first_event)
+    with caplog.at_level(logging.WARNING):
+        downstream.read_label_tasks(str(tiny_meds.root), stats, 8)
+    assert "repeat another row" not in caplog.text
+    (tiny_meds.root / "labels/mixed/old").mkdir()
+    shutil.copy(tiny_meds.root / "labels/mixed/labels.parquet",
+                tiny_meds.root / "labels/mixed/old/labels.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, tasks = downstream.read_label_tasks(str(tiny_meds.root), stats, 8)
+    assert tasks["mixed"].rows["train"]["rows"] == 20
+    assert ("labels/mixed: 15 label rows repeat another row's subject_id and prediction_time "
+            "(the task's 2 files, subfolders included, are all read)") in caplog.text
+
+
 def test_folders_and_files_that_hold_no_task_are_named(setup, caplog):
     tiny_meds, stats = setup
     _write_task(tiny_meds, "mixed", _some_before_first_event)
