@@ -41,8 +41,13 @@ class MetricsWriter:
         if len(kept) < len(lines):
             with atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 f.writelines(kept)
-            logging.info("metrics.jsonl: dropped %d line(s) logged after step %d, where this "
-                         "run starts", len(lines) - len(kept), step)
+            if step:
+                logging.info("metrics.jsonl: dropped %d line(s) logged after step %d, where "
+                             "this run starts", len(lines) - len(kept), step)
+            else:  # nothing to resume: an earlier run here saved no checkpoint
+                logging.warning("metrics.jsonl: dropped %d line(s) of an earlier run in this "
+                                "workdir that saved no checkpoint; this run starts from step 0 "
+                                "and replaces its config.json", len(lines) - len(kept))
 
     def write(self, record: dict) -> None:
         """One record: ``step``, ``split`` for validation (none for a training window), and
@@ -144,8 +149,9 @@ class Progress:
 
 
 def clock(seconds: float) -> str:
-    """Seconds as "12m05s" ("?" when unknown)."""
+    """Seconds as "12m05s", from an hour on "4h26m40s" ("?" when unknown)."""
     if not math.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

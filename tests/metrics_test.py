@@ -2,12 +2,13 @@
 is paced from the first line (start-up left out), and a resumed run logs each step once."""
 
 import json
+import logging
 import os
 import stat
 import time
 
 from cvmae_jax.jsonio import UMASK, read_json, write_json_atomic
-from cvmae_jax.metrics import MetricsWriter, Progress
+from cvmae_jax.metrics import MetricsWriter, Progress, clock
 
 
 def tensorboard_scalars(logdir):
@@ -38,7 +39,7 @@ def test_eta_leaves_start_up_out():
     assert later.endswith("ETA 0m40s")  # 800 steps at the run's 20 steps/s, not the window's
 
 
-def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path):
+def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     writer = MetricsWriter(path, start_step=0)
     for step in (5, 10, 15):
@@ -51,8 +52,16 @@ def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path):
     assert [(r["step"], r.get("split")) for r in lines] == [(5, None), (10, None),
                                                            (10, "tuning"), (15, None)]
     assert lines[-1]["loss"] == 0.0
-    MetricsWriter(path, start_step=0)  # killed before its first checkpoint: starts afresh
+    with caplog.at_level(logging.WARNING):
+        MetricsWriter(path, start_step=0)  # killed before its first checkpoint: starts afresh
     assert path.read_text() == ""
+    assert ("metrics.jsonl: dropped 4 line(s) of an earlier run in this workdir that saved no "
+            "checkpoint") in caplog.text
+
+
+def test_clock_shows_hours_from_an_hour_on():
+    assert (clock(59.9), clock(3599), clock(16000), clock(float("nan"))) == (
+        "0m59s", "59m59s", "4h26m40s", "?")
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):
