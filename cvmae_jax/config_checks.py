@@ -15,6 +15,7 @@ from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "per_code", "per_code_last", "per_code_last_max")  # eval.pooling (pooling.py)
 LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (sequences.window_rows)
+PARALLEL_MODES = ("jit", "pmap")  # config.parallel.mode (parallel.make_launcher)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 # Sections a config file may add to default_config()'s fields (configs/study*.py: the study's)
 EXTRA_SECTIONS = ("study",)
@@ -84,10 +85,26 @@ def check_data_config(data) -> None:
              "data.clip_quantiles", quantiles, "expected (low, high) with 0 <= low < high <= 1")
 
 
+def check_parallel_config(parallel) -> None:
+    """``config.parallel``: checked before the devices start (it sets them up)."""
+    _require(parallel.mode in PARALLEL_MODES, "parallel.mode", parallel.mode,
+             f"expected one of {PARALLEL_MODES}")
+    _require_int("parallel.num_devices", parallel.num_devices, 0, " (0: all devices)")
+    _require_int("parallel.cpu_devices", parallel.cpu_devices, 0, " (0: JAX's default, 1)")
+    if parallel.num_processes is not None:
+        _require_int("parallel.num_processes", parallel.num_processes, 1)
+    _require(parallel.mode != "pmap" or (parallel.num_processes or 1) == 1,
+             "parallel.mode", parallel.mode,
+             f"pmap runs on one process, and config.parallel.num_processes="
+             f"{parallel.num_processes}; use mode 'jit' on several processes")
+
+
 def check_config(config) -> None:
-    """The whole run config (``config.data`` included); device-dependent checks (batch sizes,
-    attention backend) are in ``run_setup.validate_config``."""
+    """The whole run config (``config.data`` and ``config.parallel`` included);
+    device-dependent checks (batch sizes, attention backend) are in
+    ``run_setup.validate_config``."""
     check_known_fields(config)
+    check_parallel_config(config.parallel)
     check_data_config(config.data)
     masking = config.masking
     _require(masking.strategy in STRATEGIES, "masking.strategy", masking.strategy,

@@ -23,9 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cvmae_jax import host_memory, transfer
+from cvmae_jax.config_checks import PARALLEL_MODES as MODES
 
 DATA_AXIS = "data"
-MODES = ("jit", "pmap")
 
 
 def set_cpu_devices(count: int | None) -> None:
@@ -62,10 +62,16 @@ def initialize_distributed(parallel_config) -> None:
             parallel_config.distributed or any(field is not None for field in manual)):
         return
     local_ids = parallel_config.local_device_ids
-    jax.distributed.initialize(coordinator_address=parallel_config.coordinator_address,
-                               num_processes=parallel_config.num_processes,
-                               process_id=parallel_config.process_id,
-                               local_device_ids=list(local_ids) if local_ids else None)
+    try:
+        jax.distributed.initialize(coordinator_address=parallel_config.coordinator_address,
+                                   num_processes=parallel_config.num_processes,
+                                   process_id=parallel_config.process_id,
+                                   local_device_ids=list(local_ids) if local_ids else None)
+    except ValueError as error:  # e.g. nothing to auto-detect on a plain host
+        raise ValueError(f"config.parallel.distributed: jax.distributed.initialize failed "
+                         f"({error}); outside a cluster JAX detects (TPU VM pod, SLURM, Open "
+                         "MPI) set config.parallel.coordinator_address, num_processes and "
+                         "process_id (docs/launching.md)") from error
 
 
 def make_mesh(devices=None) -> Mesh:

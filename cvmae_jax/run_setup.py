@@ -18,7 +18,7 @@ from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
-from cvmae_jax.config_checks import check_config, config_warnings, padding_warnings
+from cvmae_jax.config_checks import config_warnings, padding_warnings
 from cvmae_jax.mask_probabilities import (expected_mask_rate, percentile_threshold,
                                           strategy_probs)
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
@@ -34,8 +34,8 @@ RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel
 
 def validate_config(config, num_devices: int) -> None:
     """Refuses settings that would fail later, before anything is read or written, and logs
-    a warning for each setting that runs but is likely not what was meant."""
-    check_config(config)
+    a warning for each setting that runs but is likely not what was meant (``check_config``
+    runs before the devices start: ``train.set_up``)."""
     if not (config.data.meds_dir or config.data.allow_synthetic):
         raise ValueError("config.data.meds_dir is required with this config "
                          "(pass --config.data.meds_dir=/path/to/MEDS; configs/demo.py runs on "

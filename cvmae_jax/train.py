@@ -28,6 +28,7 @@ from flax import nnx
 
 from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
+from cvmae_jax.config_checks import check_config
 from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
 from cvmae_jax.data.prepare import PreparedDataset
@@ -94,6 +95,7 @@ class Run:
 def set_up(config, workdir: str) -> Run:
     """Devices, the workdir (refusing a resume whose settings or data changed), the data, and
     the model state: fresh, or restored from the workdir's newest checkpoint."""
+    check_config(config)  # before the devices start: config.parallel sets them up
     parallel.set_cpu_devices(config.parallel.get("cpu_devices"))
     parallel.initialize_distributed(config.parallel)
     run_setup.enable_compilation_cache(config.train.get("compilation_cache_dir"))

@@ -101,6 +101,9 @@ def test_verbose_flag_shows_the_traceback(tmp_path):
     ("demo", "--config.data.lab_code_pattern=^LAB//(", "not a valid regular expression"),
     ("demo", "--config.model.num_heads=3", "must be divisible by config.model.num_heads=3"),
     ("demo", "--config.data.clip_quantiles=(0.999,0.001)", "0 <= low < high <= 1"),
+    ("demo", "--config.parallel.cpu_devices=-2", "config.parallel.cpu_devices=-2: expected"),
+    ("demo", "--config.parallel.distributed=True", "config.parallel.distributed: "
+                                                   "jax.distributed.initialize failed ("),
 ])
 def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, message):
     workdir = tmp_path / "run"

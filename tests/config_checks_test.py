@@ -42,6 +42,9 @@ def test_shipped_configs_pass(name, shipped_config):
     ("train.transfer_guard", "disalow", "expected one of ('allow', 'log', 'disallow'"),
     ("eval.mask_rate", 0.0, "expected a rate in (0, 1]"),
     ("eval.label_window", "latest", "expected one of last_events, each_code_latest"),
+    ("parallel.mode", "pjit", "expected one of ('jit', 'pmap')"),
+    ("parallel.cpu_devices", -2, "expected an integer >= 0 (0: JAX's default, 1)"),
+    ("parallel.num_devices", -1, "expected an integer >= 0 (0: all devices)"),
 ])
 def test_bad_values_name_their_field(field, value, message):
     config = default_config()
@@ -68,6 +71,14 @@ def test_a_field_the_defaults_lack_is_refused_with_the_closest_name(shipped_conf
         check_config(config)
 
 
+def test_pmap_on_several_processes_is_refused_before_the_devices_start():
+    config = default_config()
+    config.parallel.mode, config.parallel.num_processes = "pmap", 2
+    with pytest.raises(ValueError, match=r"^config.parallel.mode='pmap': pmap runs on one "
+                                         r"process, and config.parallel.num_processes=2"):
+        check_config(config)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"train.warmup_steps": 1000, "train.num_steps": 200},
      "config.train.warmup_steps=1000 >= config.train.num_steps=200: the learning rate rises for "
@@ -91,5 +102,5 @@ def test_settings_that_run_but_mislead_are_warned_about(fields, message, caplog)
         config[section][name] = value
     assert [w for w in config_warnings(config) if w.startswith(message)], config_warnings(config)
     with caplog.at_level(logging.WARNING):
-        validate_config(config, num_devices=1)  # what train.py calls first
+        validate_config(config, num_devices=1)  # what train.py logs once the devices are up
     assert [r for r in caplog.records if r.getMessage().startswith(message)]
