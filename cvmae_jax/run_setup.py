@@ -4,6 +4,8 @@ probabilities, and the metadata that checkpoints carry (to refuse an incompatibl
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -23,6 +25,8 @@ from cvmae_jax.mask_probabilities import (expected_mask_rate, percentile_thresho
                                           strategy_probs)
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
+# config.parallel fields each process of a multi-process run sets to its own value
+PER_PROCESS_FIELDS = ("process_id", "local_device_ids")
 SHARED_WORKDIR_WAIT_S = 30.0  # check_processes_share: longest wait for process 0's file
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
@@ -113,12 +117,13 @@ def _attempt(work):
         return None, error
 
 
-def check_processes_share(workdir: str, start_step: int,
+def check_processes_share(workdir: str, start_step: int, config,
                           wait_s: float = SHARED_WORKDIR_WAIT_S) -> None:
-    """With several processes: every process sees the same ``workdir`` (a file process 0
-    writes there) and resumes from the same checkpoint step; else every process raises with
-    the processes that differ (instead of hanging at the first checkpoint). Waits up to
-    ``wait_s`` for the file, for network file systems that cache directory listings."""
+    """With several processes: every process runs the same settings (``settings_digests``),
+    sees the same ``workdir`` (a file process 0 writes there) and resumes from the same
+    checkpoint step; else every process raises with the processes that differ (instead of
+    hanging at the first checkpoint or failing in a collective). Waits up to ``wait_s`` for the
+    file, for network file systems that cache directory listings."""
     if jax.process_count() == 1:
         return
     token, error = 0, None
@@ -135,19 +140,41 @@ def check_processes_share(workdir: str, start_step: int,
     while not (sees := os.path.exists(marker)) and time.monotonic() < deadline:
         os.listdir(workdir)  # a directory read refreshes cached listings on NFS
         time.sleep(0.5)
-    seen = multihost_utils.process_allgather(np.array([sees, start_step], np.int64))
+    sections, digests = settings_digests(config)
+    seen = multihost_utils.process_allgather(np.array([sees, start_step, *digests], np.int64))
     if jax.process_index() == 0:
         with contextlib.suppress(OSError):
             os.remove(marker)
-    blind = [i for i, (ok, _) in enumerate(seen) if not ok]
+    differ = [name for name, column in zip(sections, seen[:, 2:].T) if len(set(column)) > 1]
+    if differ:
+        others = [i for i, row in enumerate(seen) if list(row[2:]) != list(seen[0, 2:])]
+        raise ValueError(f"process(es) {others} run other settings than process 0 in "
+                         f"config.{', config.'.join(differ)}; launch every process with the "
+                         "same config file and --config flags")
+    blind = [i for i, (ok, *_) in enumerate(seen) if not ok]
     if blind:
         raise ValueError(f"{workdir}: process(es) {blind} do not see the files process 0 writes "
                          "there; every process needs the same workdir on a shared file system "
                          "(NFS, Filestore, a GCS-FUSE mount), not a local disk")
-    if len({int(step) for _, step in seen}) > 1:
+    if len({int(step) for _, step, *_ in seen}) > 1:
         raise ValueError(f"{workdir}: the processes see different latest checkpoints "
-                         f"({sorted({int(step) for _, step in seen})}); is a save still being "
+                         f"({sorted({int(step) for _, step, *_ in seen})}); is a save still being "
                          "copied? Rerun when every process sees the same checkpoints")
+
+
+def settings_digests(config) -> tuple[list[str], list[int]]:
+    """The config's top-level sections and one 31-bit digest of each (its JSON), less the
+    fields that differ between the processes of one run by design (``PER_PROCESS_FIELDS``)."""
+    settings = config.to_dict()
+    parallel_settings = dict(settings.get("parallel", {}))
+    for name in PER_PROCESS_FIELDS:
+        parallel_settings.pop(name, None)
+    settings["parallel"] = parallel_settings
+    sections = sorted(settings)
+    digests = [int.from_bytes(hashlib.sha256(json.dumps(
+        settings[name], sort_keys=True, default=str).encode()).digest()[:4], "big") >> 1
+        for name in sections]
+    return sections, digests
 
 
 def _marker(workdir: str, token: int) -> str:

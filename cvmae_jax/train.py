@@ -144,7 +144,7 @@ def _open_workdir(config, workdir: str):
     preempted_early = checkpointer.manager.reached_preemption(start_step)
     try:
         # before Orbax's restore, whose barrier a process seeing no checkpoint would not join
-        run_setup.check_processes_share(workdir, start_step)
+        run_setup.check_processes_share(workdir, start_step, config)
         saved_run = checkpointer.restore_run_info(start_step) if start_step else None
         if saved_run:
             run_setup.check_resume_settings(saved_run, config, start_step)

@@ -88,6 +88,21 @@ def test_a_data_error_on_process_0_ends_every_process_with_an_error(tmp_path):
     assert not workdir.exists()  # the run's folders are removed, as with one process
 
 
+def test_processes_launched_with_other_settings_are_refused_in_one_line(tmp_path):
+    """A seed or strategy that differs between processes used to fail in a collective with a
+    traceback and leave a half-written workdir."""
+    workdir = tmp_path / "run"
+    cmd = command(workdir, tmp_path / "data")
+    results, _ = outcomes(start_two([cmd, cmd + ["--config.seed=1",
+                                                 "--config.masking.strategy=random"]]))
+    for code, output in results:
+        assert code == 1 and ("error: process(es) [1] run other settings than process 0 in "
+                              "config.masking, config.seed; launch every process with the same "
+                              "config file and --config flags") in output, output[-2000:]
+        assert "Traceback" not in output
+    assert not workdir.exists()
+
+
 def test_sigterm_while_a_resumed_run_compiles_stops_both_processes_at_the_next_step(tmp_path):
     """JAX's preemption sync point is the largest step the processes reported + 1. A resumed
     run used to report its first step only after compiling, so a notice during the restore or
