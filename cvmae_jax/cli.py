@@ -107,9 +107,9 @@ def eval_overrides() -> dict:
 
 @contextlib.contextmanager
 def user_errors():
-    """Bad settings or data end the program with one clear line and exit status 1. An error
-    raised inside a library rather than by this package may be a bug: its line names the
-    exception and the module, and -v=1 shows the traceback."""
+    """Bad settings or data end the program with one clear line and exit status 1, Ctrl-C
+    with one line and 130. An error raised inside a library rather than by this package may be
+    a bug: its line names the exception and the module, and -v=1 shows the traceback."""
     try:
         yield
     # OSError: unwritable paths too; FloatingPointError: a training step that is not finite
@@ -119,6 +119,11 @@ def user_errors():
         sys.exit(f"error: {error}" + ("" if origin == __package__ else
                                       f" ({type(error).__name__} raised in {origin}; -v=1 "
                                       "shows the traceback)"))
+    except KeyboardInterrupt:
+        logging.debug("traceback of the interruption", exc_info=True)
+        print("interrupted (Ctrl-C); rerun the same command (train.py resumes from its last "
+              "checkpoint)", file=sys.stderr)
+        sys.exit(130)
 
 
 def _raised_in(error: BaseException) -> str:

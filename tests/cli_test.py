@@ -221,3 +221,14 @@ def test_an_error_raised_inside_a_library_names_it():
         json.loads("{not json")
     assert str(theirs.value).endswith("(JSONDecodeError raised in json; -v=1 shows the "
                                       "traceback)")
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
+    from cvmae_jax import cli
+
+    with pytest.raises(SystemExit) as interrupted, cli.user_errors():
+        raise KeyboardInterrupt
+    assert interrupted.value.code == 130
+    assert capsys.readouterr().err == (
+        "interrupted (Ctrl-C); rerun the same command (train.py resumes from its last "
+        "checkpoint)\n")
