@@ -45,6 +45,9 @@ def _train(argv) -> None:
     log_progress()
     with user_errors():
         check_writable(FLAGS.workdir, "train.py writes the run there (--workdir)")
+        if FLAGS.config.data.data_dir:
+            check_writable(FLAGS.config.data.data_dir,
+                           "train.py prepares the dataset there (config.data.data_dir)")
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -143,8 +146,28 @@ def run(main) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    check_config_file(argv)
     with config_field_errors(argv):
         return app.parse_flags_with_usage(argv)
+
+
+def check_config_file(argv: list[str]) -> None:
+    """A ``--config=FILE`` that is missing, does not run, or has no ``get_config()`` ends with
+    one line naming it (ml_collections raises with a traceback)."""
+    path = _config_path_in(argv)
+    if path is None:
+        return
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+        sys.exit(f"error: --config={path}: no such file (the configs are in configs/)")
+    try:
+        config_module.load_config_file(file)
+    except SyntaxError as error:
+        sys.exit(f"error: --config={path}: line {error.lineno}: {error.msg}")
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    except Exception as error:  # noqa: BLE001 - any error of the user's file, in one line
+        sys.exit(f"error: --config={path}: {type(error).__name__}: {error}")
 
 
 @contextlib.contextmanager
@@ -185,14 +208,20 @@ def unknown_config_fields(argv: list[str]) -> list[str]:
     return out
 
 
-def _config_file_named_in(argv: list[str]) -> ml_collections.ConfigDict:
-    """The config of the ``--config=FILE`` (or ``--config FILE``) argument, else the defaults."""
+def _config_path_in(argv: list[str]) -> str | None:
+    """The ``--config=FILE`` (or ``--config FILE``) argument, None without one."""
     path = None
     for i, arg in enumerate(argv[1:], 1):
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
+    return path
+
+
+def _config_file_named_in(argv: list[str]) -> ml_collections.ConfigDict:
+    """The config of the ``--config=FILE`` (or ``--config FILE``) argument, else the defaults."""
+    path = _config_path_in(argv)
     if path and os.path.isfile(path.split(":", 1)[0]):
         try:
             return config_module.load_config_file(path.split(":", 1)[0])

@@ -156,6 +156,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         "_config_" + os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"{path}: no get_config() function (a config file defines "
+                         "get_config() returning an ml_collections.ConfigDict)")
     return module.get_config()
 
 

@@ -144,6 +144,11 @@ def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
     assert (f"error: {tmp_path}/a_file/run: cannot write there ({tmp_path}/a_file is not a "
             "folder: it is a file); train.py writes the run there (--workdir)\n"
             == result.stderr), result.stderr[-2000:]
+    result = run("train.py", "--config=configs/demo.py", f"--workdir={tmp_path}/run",
+                 f"--config.data.data_dir={tmp_path}/a_file/data")
+    assert result.returncode == 1 and result.stderr.endswith(
+        "train.py prepares the dataset there (config.data.data_dir)\n"), result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
     result = subprocess.run([sys.executable, "-m", "cvmae_jax.study", "--config=configs/study.py",
                              f"--workdir={tmp_path}/a_file"], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -232,3 +237,20 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
     assert capsys.readouterr().err == (
         "interrupted (Ctrl-C); rerun the same command (train.py resumes from its last "
         "checkpoint)\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "error: --config={path}: no such file (the configs are in configs/)"),
+    ("def get_config(:\n", "error: --config={path}: line 1: "),
+    ("X = 1\n", "error: {path}: no get_config() function"),
+    ("def get_config():\n    return 1 / 0\n", "error: --config={path}: ZeroDivisionError: "),
+])
+def test_a_config_file_that_is_missing_or_broken_is_one_line(tmp_path, text, message):
+    path = tmp_path / "mine.py"
+    if text is not None:
+        path.write_text(text)
+    result = run("train.py", f"--config={path}", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message.format(path=path) in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
