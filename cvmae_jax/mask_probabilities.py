@@ -11,6 +11,8 @@ import numpy as np
 
 STRATEGIES = ("random", "variance", "cv", "cv_rank", "cv_within")
 TWO_TIER_STRATEGIES = ("variance", "cv", "cv_within")  # p_high above the percentile, else p_low
+# the train statistic (DataStats field) each two-tier strategy splits at its percentile
+TIER_STATISTICS = dict(variance="variance", cv="cv", cv_within="within_subject_cv")
 
 
 def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> float:

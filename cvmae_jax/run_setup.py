@@ -21,8 +21,8 @@ from cvmae_jax.attention import check_attention
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import config_warnings, padding_warnings
-from cvmae_jax.mask_probabilities import (expected_mask_rate, percentile_threshold,
-                                          strategy_probs)
+from cvmae_jax.mask_probabilities import (TIER_STATISTICS, expected_mask_rate,
+                                          percentile_threshold, strategy_probs)
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
 # config.parallel fields each process of a multi-process run sets to its own value
@@ -202,10 +202,15 @@ def stats_record(config, dataset: PreparedDataset, probs: np.ndarray) -> dict:
     """The content of ``data_stats.json``: per-code statistics with mask probabilities."""
     record = dataset.stats.to_dict(extra={"mask_prob": probs,
                                           "description": dataset.descriptions})
-    record["masking"] = dict(config.masking.to_dict(),
-                             cv_threshold=percentile_threshold(
-                                 dataset.stats.cv, config.masking.threshold_percentile),
-                             expected_mask_rate=expected_mask_rate(probs, dataset.stats.count))
+    masking = config.masking
+    statistic = TIER_STATISTICS.get(masking.strategy)  # None: no tiers (random, cv_rank)
+    record["masking"] = dict(
+        masking.to_dict(),
+        cv_threshold=percentile_threshold(dataset.stats.cv, masking.threshold_percentile),
+        tier_statistic=statistic,
+        tier_threshold=None if statistic is None else percentile_threshold(
+            getattr(dataset.stats, statistic), masking.threshold_percentile),
+        expected_mask_rate=expected_mask_rate(probs, dataset.stats.count))
     record["dataset"] = dataset.settings_id
     return record
 

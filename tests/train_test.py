@@ -125,7 +125,16 @@ def test_every_strategy_trains_at_its_expected_mask_rate(strategy, data_dir, tmp
     config.masking.strategy = strategy
     train_and_evaluate(config, str(tmp_path))
     with open(tmp_path / "data_stats.json") as f:
-        expected = json.load(f)["masking"]["expected_mask_rate"]
+        saved = json.load(f)
+    expected = saved["masking"]["expected_mask_rate"]
+    statistic = saved["masking"]["tier_statistic"]  # the tiers' split, as mask_prob shows it
+    assert (statistic is None) == (strategy in ("random", "cv_rank"))
+    if statistic:
+        above = np.array([c[statistic] > saved["masking"]["tier_threshold"]
+                          for c in saved["codes"]])
+        assert above.any() and not above.all()
+        np.testing.assert_array_equal([c["mask_prob"] for c in saved["codes"]],
+                                      np.where(above, 0.8, 0.2))
     train = [m for m in read_metrics(tmp_path) if "split" not in m][-1]
     # 20 steps x 16 examples x ~25 tokens: the rate is within a few binomial sigmas.
     tokens = 20 * 16 * 20
