@@ -92,6 +92,11 @@ def test_probe_single_class_held_out_and_tuning():
     assert r["auroc"] is None and r["auroc_ci"] is None and r["auprc"] is None
     assert "single class" in r["reason"] and r["n"] == 50 and r["prevalence"] == 0.0
     assert r["C"] == 1.0 and r["c_selection"].startswith("default")
+    from cvmae_jax.evaluation.downstream import report_lines
+
+    text = "\n".join(report_lines(dict(tasks=dict(death=r), probe="a probe", seed=0)))
+    assert ("- death: C=1, the default (tuning split has one class): nothing on this task is "
+            "chosen on tuning (C, the aggregates' settings, fine-tuning's stopping step)") in text
 
 
 @pytest.fixture(scope="module")

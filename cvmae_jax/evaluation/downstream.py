@@ -417,6 +417,10 @@ def report_lines(downstream: dict) -> list[str]:
                      f"{cell(r.get('auprc'), r.get('auprc_ci'))} |")
         if r.get("reason"):
             notes.append(f"- {task}: {r['reason']}")
+        if str(r.get("c_selection", "")).startswith("default"):
+            notes.append(f"- {task}: C={r['C']:g}, the {r['c_selection']}: nothing on this task "
+                         "is chosen on tuning (C, the aggregates' settings, fine-tuning's "
+                         "stopping step)")
         if any(r.get("empty_windows", {}).values()):
             rows = {s: dict(rows=n, empty_windows=r["empty_windows"][s])
                     for s, n in r["label_rows"].items()}
