@@ -157,15 +157,12 @@ def check_config_file(argv: list[str]) -> None:
     path = _config_path_in(argv)
     if path is None:
         return
-    file = path.split(":", 1)[0]
-    if not os.path.isfile(file):
+    if not os.path.isfile(path.split(":", 1)[0]):
         sys.exit(f"error: --config={path}: no such file (the configs are in configs/)")
     try:
-        config_module.load_config_file(file)
+        config_module.load_config_file(path)
     except SyntaxError as error:
         sys.exit(f"error: --config={path}: line {error.lineno}: {error.msg}")
-    except ValueError as error:
-        sys.exit(f"error: {error}")
     except Exception as error:  # noqa: BLE001 - any error of the user's file, in one line
         sys.exit(f"error: --config={path}: {type(error).__name__}: {error}")
 
@@ -224,7 +221,7 @@ def _config_file_named_in(argv: list[str]) -> ml_collections.ConfigDict:
     path = _config_path_in(argv)
     if path and os.path.isfile(path.split(":", 1)[0]):
         try:
-            return config_module.load_config_file(path.split(":", 1)[0])
+            return config_module.load_config_file(path)
         except Exception:  # noqa: BLE001 - the message then lists the default config's fields
             pass
     return config_module.default_config()

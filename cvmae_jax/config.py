@@ -151,15 +151,17 @@ def label_max_len(config: ml_collections.ConfigDict) -> int:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of the config file at ``path`` (configs/demo.py, ...)."""
+    """``get_config()`` of the config file at ``path`` (configs/demo.py, ...); as with
+    ``--config=FILE:ARG``, ``path`` may end in ``:ARG``, passed to ``get_config(ARG)``."""
+    file, has_arg, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location(
-        "_config_" + os.path.splitext(os.path.basename(path))[0], path)
+        "_config_" + os.path.splitext(os.path.basename(file))[0], file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):
-        raise ValueError(f"{path}: no get_config() function (a config file defines "
+        raise ValueError(f"{file}: no get_config() function (a config file defines "
                          "get_config() returning an ml_collections.ConfigDict)")
-    return module.get_config()
+    return module.get_config(arg) if has_arg else module.get_config()
 
 
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:

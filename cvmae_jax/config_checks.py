@@ -8,7 +8,7 @@ import re
 
 import ml_collections
 
-from cvmae_jax.config import default_config
+from cvmae_jax.config import default_config, study_fields
 from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 
@@ -17,8 +17,6 @@ POOLINGS = ("mean", "per_code", "per_code_last", "per_code_last_max")  # eval.po
 LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (sequences.window_rows)
 PARALLEL_MODES = ("jit", "pmap")  # config.parallel.mode (parallel.make_launcher)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
-# Sections a config file may add to default_config()'s fields (configs/study*.py: the study's)
-EXTRA_SECTIONS = ("study",)
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
 EVAL_OVERRIDABLE = ("eval.", "data.meds_dir", "data.data_dir", "model.attention")
 
@@ -41,11 +39,12 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]
 
 
 def check_known_fields(config) -> None:
-    """Refuses a field that cvmae_jax/config.py's ``default_config`` does not have (a misspelt
-    name set in a config file would otherwise be carried along and never read)."""
-    known = field_names(default_config())
-    unknown = sorted(name for name in field_names(config) if name not in known
-                     and name.split(".", 1)[0] not in EXTRA_SECTIONS)
+    """Refuses a field that cvmae_jax/config.py's ``default_config`` (or, in a study config,
+    ``study_fields``) does not have: a misspelt name set in a config file would otherwise be
+    carried along and never read."""
+    known = field_names(default_config()) | field_names(
+        ml_collections.ConfigDict(dict(study=study_fields(()))))
+    unknown = sorted(name for name in field_names(config) if name not in known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.75)
         raise ValueError(f"config.{unknown[0]}: no such config field (set by the config file; "

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 STRATEGIES = ("random", "variance", "cv", "cv_rank", "cv_within")
-TWO_TIER_STRATEGIES = ("variance", "cv", "cv_within")  # p_high above the percentile, else p_low
-# the train statistic (DataStats field) each two-tier strategy splits at its percentile
+# the two-tier strategies (p_high above the percentile, else p_low) and the train statistic
+# (DataStats field) each splits
 TIER_STATISTICS = dict(variance="variance", cv="cv", cv_within="within_subject_cv")
+TWO_TIER_STRATEGIES = tuple(TIER_STATISTICS)
 
 
 def percentile_threshold(score: np.ndarray, threshold_percentile: float) -> float:
@@ -79,16 +80,14 @@ def strategy_probs(strategy: str, *, cv: np.ndarray, variance: np.ndarray,
     matched: the paper's variance baseline, and CV-Masking with volatility measured within
     each subject's values, without the spread between subjects).
     """
-    cv_probs = two_tier_probs(cv, threshold_percentile, p_high, p_low)
-    if strategy == "cv":
-        return cv_probs
-    if strategy == "variance":
-        return two_tier_probs(variance, threshold_percentile, p_high, p_low)
-    if strategy == "cv_within":
-        return two_tier_probs(within_subject_cv, threshold_percentile, p_high, p_low)
-    cv_rate = expected_mask_rate(cv_probs, token_counts)
+    statistics = dict(cv=cv, variance=variance, within_subject_cv=within_subject_cv)
+    if strategy in TIER_STATISTICS:
+        return two_tier_probs(statistics[TIER_STATISTICS[strategy]], threshold_percentile,
+                              p_high, p_low)
+    cv_rate = expected_mask_rate(two_tier_probs(cv, threshold_percentile, p_high, p_low),
+                                 token_counts)
     if strategy == "random":
-        return np.full_like(cv_probs, cv_rate)
+        return np.full(len(cv), cv_rate)
     if strategy == "cv_rank":
         return rank_probs(cv, token_counts, cv_rate, p_high, p_low)
     raise ValueError(f"config.masking.strategy={strategy!r}: expected one of {STRATEGIES}")

@@ -25,8 +25,10 @@ from cvmae_jax.mask_probabilities import (TIER_STATISTICS, expected_mask_rate,
                                           percentile_threshold, strategy_probs)
 from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
 
-# config.parallel fields each process of a multi-process run sets to its own value
-PER_PROCESS_FIELDS = ("process_id", "local_device_ids")
+# Fields the processes of one run may set each to its own value: their ids and devices, and
+# paths and host resources (each host's mount of the same files, its own compile cache)
+PER_PROCESS_FIELDS = ("parallel.process_id", "parallel.local_device_ids", "data.meds_dir",
+                      "data.data_dir", "data.workers", "train.compilation_cache_dir")
 SHARED_WORKDIR_WAIT_S = 30.0  # check_processes_share: longest wait for process 0's file
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
@@ -164,12 +166,11 @@ def check_processes_share(workdir: str, start_step: int, config,
 
 def settings_digests(config) -> tuple[list[str], list[int]]:
     """The config's top-level sections and one 31-bit digest of each (its JSON), less the
-    fields that differ between the processes of one run by design (``PER_PROCESS_FIELDS``)."""
+    fields that may differ between the processes of one run (``PER_PROCESS_FIELDS``)."""
     settings = config.to_dict()
-    parallel_settings = dict(settings.get("parallel", {}))
     for name in PER_PROCESS_FIELDS:
-        parallel_settings.pop(name, None)
-    settings["parallel"] = parallel_settings
+        section, field = name.split(".")
+        settings.get(section, {}).pop(field, None)
     sections = sorted(settings)
     digests = [int.from_bytes(hashlib.sha256(json.dumps(
         settings[name], sort_keys=True, default=str).encode()).digest()[:4], "big") >> 1

@@ -18,6 +18,7 @@ from absl import app, logging
 from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import eval_settings
+from cvmae_jax.config_checks import check_known_fields
 from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.jsonio import check_writable
 from cvmae_jax.mask_probabilities import STRATEGIES
@@ -31,6 +32,7 @@ FLAGS = cli.FLAGS
 def run_configs(config, workdir: str) -> list[tuple[str, ml_collections.ConfigDict]]:
     """(run dir, training config) per (seed, strategy), seed-major so that every finished
     seed is a complete comparison. The training configs carry no ``study`` field."""
+    check_known_fields(config)  # the study's own fields too: its run configs lack them
     study = config.study
     strategies, seeds = list(study.strategies), [int(s) for s in study.seeds]
     unknown = [s for s in strategies if s not in STRATEGIES]

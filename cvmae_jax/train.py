@@ -137,12 +137,13 @@ def _open_workdir(config, workdir: str):
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir)  # refused: a running train.py made the folder, it stays
-    checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints)
-    start_step = checkpointer.latest_step() or 0
-    # Every process reports its step to JAX's preemption sync now: a notice that arrives while
-    # resuming then stops the run at start_step + 1 (else at step 1, never reached after it).
-    preempted_early = checkpointer.manager.reached_preemption(start_step)
+    checkpointer = None
     try:
+        checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints)
+        start_step = checkpointer.latest_step() or 0
+        # Every process reports its step to JAX's preemption sync now: a notice that arrives
+        # while resuming then stops the run at start_step + 1 (else at step 1, never reached).
+        preempted_early = checkpointer.manager.reached_preemption(start_step)
         # before Orbax's restore, whose barrier a process seeing no checkpoint would not join
         run_setup.check_processes_share(workdir, start_step, config)
         saved_run = checkpointer.restore_run_info(start_step) if start_step else None
@@ -152,8 +153,9 @@ def _open_workdir(config, workdir: str):
         if saved_run:
             run_setup.check_resume_dataset(saved_run, config, dataset, start_step)
     except BaseException:
-        checkpointer.close()
-        lock.release()
+        if checkpointer is not None:
+            checkpointer.close()
+        lock.release(remove_file=created_workdir)
         if created_workdir:
             run_setup.remove_empty_folders(workdir)
         raise

@@ -242,7 +242,7 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
 @pytest.mark.parametrize("text, message", [
     (None, "error: --config={path}: no such file (the configs are in configs/)"),
     ("def get_config(:\n", "error: --config={path}: line 1: "),
-    ("X = 1\n", "error: {path}: no get_config() function"),
+    ("X = 1\n", "error: --config={path}: ValueError: {path}: no get_config() function"),
     ("def get_config():\n    return 1 / 0\n", "error: --config={path}: ZeroDivisionError: "),
 ])
 def test_a_config_file_that_is_missing_or_broken_is_one_line(tmp_path, text, message):
@@ -253,4 +253,20 @@ def test_a_config_file_that_is_missing_or_broken_is_one_line(tmp_path, text, mes
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert message.format(path=path) in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_takes_an_argument_after_a_colon(tmp_path):
+    """``--config=FILE:ARG`` calls ``get_config(ARG)``, as ml_collections does."""
+    path = tmp_path / "sized.py"
+    path.write_text("from cvmae_jax.config import sibling_config\n\n\n"
+                    "def get_config(size):\n"
+                    f"    config = sibling_config({str(REPO + '/configs/demo.py')!r}, 'demo')\n"
+                    "    config.model.d_model = int(size)\n"
+                    "    config.train.num_stepz = 1\n"
+                    "    return config\n")
+    result = run("train.py", f"--config={path}:48", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.endswith("error: config.train.num_stepz: no such config field (set by "
+                                  "the config file; the fields are cvmae_jax/config.py's); did "
+                                  "you mean config.train.num_steps?\n"), result.stderr[-2000:]
 

@@ -60,8 +60,14 @@ def test_bad_values_name_their_field(field, value, message):
 
 def test_a_field_the_defaults_lack_is_refused_with_the_closest_name(shipped_config):
     """A config file that misspells a field (``c.train.num_step = 5``) would otherwise train
-    with the default; the study's own section is allowed."""
+    with the default; the study's own section is checked too."""
     config = shipped_config("study")
+    check_config(config)
+    config.study.seed = 5
+    with pytest.raises(ValueError, match=r"^config.study.seed: no such config field .*did you "
+                                         r"mean config.study.seeds\?$"):
+        check_config(config)
+    del config.study["seed"]
     config.train.num_step = 5
     config.model.dmodel = 64
     with pytest.raises(ValueError, match=r"^config.model.dmodel: no such config field \(set by "

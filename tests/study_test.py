@@ -48,6 +48,7 @@ def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_pa
     ("strategies", ("cv", "variance"), "including 'random'"),
     ("strategies", ("random", "spans"), "expected distinct strategies"),
     ("seeds", (), "expected distinct seeds"),
+    ("seed", 3, "config.study.seed: no such config field"),  # a misspelt study field
 ])
 def test_bad_study_settings_are_refused(tmp_path, shipped_config, field, value, message):
     config = shipped_config("study")
