@@ -31,8 +31,8 @@ PER_PROCESS_FIELDS = ("parallel.process_id", "parallel.local_device_ids", "data.
                       "data.data_dir", "data.workers", "train.compilation_cache_dir")
 SHARED_WORKDIR_WAIT_S = 30.0  # check_processes_share: longest wait for process 0's file
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.", "train.log_every",
-                     "train.compilation_cache_dir",
+RESUMABLE_CHANGES = ("data.meds_dir", "data.data_dir", "data.workers", "parallel.",
+                     "train.log_every", "train.compilation_cache_dir",
                      "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.transfer_guard", "train.allow_config_change", "eval.",
                      "model.attention")  # the same function computed another way

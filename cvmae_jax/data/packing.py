@@ -8,9 +8,10 @@ is a pure function of its index: worker processes can pack chunks in parallel an
 batches do not depend on the number of processes or workers. Each process keeps its block of
 rows of every global batch, and reads only the examples of those rows: the packing is planned
 from the windows' lengths (stored by prepare), and where a chunk's rows fall in the global
-batches follows from the rows of the chunks before it (planned from lengths too). Packed batches are dicts of numpy arrays [b, L]:
-``times``, ``codes``, ``values``, ``valid``, per-token ``example_id``, ``segment_ids`` (1, 2, ...
-per example in a row, 0 on padding) and ``positions`` (index of the token in its example).
+batches follows from the rows of the chunks before it (planned from lengths too). Packed
+batches are dicts of numpy arrays [b, L]: ``times``, ``codes``, ``values``, ``valid``,
+per-token ``example_id``, ``segment_ids`` (1, 2, ... per example in a row, 0 on padding) and
+``positions`` (index of the token in its example).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ class PreparedDataset:
     """A prepared dataset: `tfds.data_source(builder_name, data_dir=data_dir)` reads it.
 
     path: the builder's version folder (array_record files, data_stats.json,
-    prepare_report.json, prepare_report.md, window_lengths-<split>.npy). report: the counts written while preparing (no subject ids).
+    prepare_report.json, prepare_report.md, window_lengths-<split>.npy). report: the counts
+    written while preparing (no subject ids).
     """
     path: str
     data_dir: str

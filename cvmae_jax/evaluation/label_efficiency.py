@@ -2,8 +2,9 @@
 
 For k in K_SHOTS, R seeded draws of k train rows (stratified: each class gets its share of k
 rounded, at least one row when it has any), a probe fit on each draw with C fixed to the value
-the full-data probe chose on tuning, AUROC on held_out. "all" is the full-data probe itself. ``kshot_curve`` draws the same rows for any other model
-(eval.py's fine-tuned classifier, ``cvmae_jax.evaluation.finetune``).
+the full-data probe chose on tuning, AUROC on held_out. "all" is the full-data probe itself.
+``kshot_curve`` draws the same rows for any other model (eval.py's fine-tuned classifier,
+``cvmae_jax.evaluation.finetune``).
 """
 
 from __future__ import annotations
