@@ -26,6 +26,14 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)  # absolute: the parts run from the repository root
 cd "$(dirname "$0")/.."
 
+# Stop at once, in one line, where there is nothing to measure.
+if ! "$PY" -c "import jax; jax.devices('cuda')" >"$OUT_DIR/machine_check.log" 2>&1; then
+  echo "gpu_check.sh: no CUDA GPU that JAX can use here (jax.devices('cuda') failed; see" \
+       "$OUT_DIR/machine_check.log). It needs an NVIDIA GPU and the CUDA build of JAX:" \
+       "pip install -U 'jax[cuda13]' (docs/launching.md)" >&2
+  exit 2
+fi
+
 failed=()
 run_part() {  # run_part NAME COMMAND...: logs to OUT_DIR/NAME.log, prints its time
   local name=$1 start=$SECONDS

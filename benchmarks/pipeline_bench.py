@@ -68,7 +68,10 @@ def main() -> None:
         del layouts["packed"]
     rates, shares = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        config, dataset = prepared(args.data_dir or tmp, args.subjects, args.meds_dir)
+        try:
+            config, dataset = prepared(args.data_dir or tmp, args.subjects, args.meds_dir)
+        except (ValueError, OSError) as error:  # MEDSFormatError is a ValueError
+            common.usage_error(f"--meds_dir / --data_dir: {error}")
         batch_size, max_len = config.train.batch_size, config.data.max_len
         for workers in worker_counts:
             for name, make in layouts.items():
