@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cvmae_jax import parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
@@ -136,6 +137,8 @@ def _open_workdir(config, workdir: str):
     dataset). A refused resume or bad data leaves the workdir as it was."""
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_count() > 1:  # the run made the folder if any of its processes did
+        created_workdir = bool(multihost_utils.process_allgather(np.int32(created_workdir)).any())
     lock = WorkdirLock(workdir)  # refused: a running train.py made the folder, it stays
     checkpointer = None
     try:
