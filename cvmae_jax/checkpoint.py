@@ -6,10 +6,9 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from cvmae_jax import parallel
 from cvmae_jax.damaged_checkpoints import check_intact, set_aside_damaged
 
 
@@ -25,7 +24,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int):
-        _on_process_0(lambda: set_aside_damaged(str(directory)))
+        parallel.on_process_0(lambda: set_aside_damaged(str(directory)),
+                              "process 0 could not check the checkpoints; its error is in its "
+                              "log")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -79,25 +80,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _on_process_0(work) -> None:
-    """Runs ``work`` on process 0 while the others wait; when it raises, every process raises
-    (the others would otherwise wait in their next collective). ``work`` must not call Orbax's
-    CheckpointManager, whose barriers the waiting processes would never join."""
-    if jax.process_count() == 1:
-        work()
-        return
-    error = None
-    if jax.process_index() == 0:
-        try:
-            work()
-        except Exception as raised:  # noqa: BLE001 - re-raised below, after the collective
-            error = raised
-    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
-        if error is not None:
-            raise error
-        raise ValueError("process 0 could not check the checkpoints; its error is in its log")
 
 
 def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:

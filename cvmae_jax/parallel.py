@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cvmae_jax import host_memory, transfer
@@ -72,6 +73,27 @@ def initialize_distributed(parallel_config) -> None:
                          f"({error}); outside a cluster JAX detects (TPU VM pod, SLURM, Open "
                          "MPI) set config.parallel.coordinator_address, num_processes and "
                          "process_id (docs/launching.md)") from error
+
+
+def on_process_0(work: Callable, failure: str):
+    """``work()`` on process 0 while the others wait; its result there (None on the others).
+    When it raises, every process raises: process 0 its error, the others
+    ``ValueError(failure)`` (they would otherwise wait in their next collective until JAX's
+    shutdown timeout). ``work`` must run no collective (nor Orbax's CheckpointManager, whose
+    barriers the waiting processes would never join)."""
+    if jax.process_count() == 1:
+        return work()
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = work()
+        except Exception as raised:  # noqa: BLE001 - re-raised below, after the collective
+            error = raised
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+        if error is not None:
+            raise error
+        raise ValueError(failure)
+    return result
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -95,11 +95,8 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
     if jax.process_index() != 0:
         logging.info("process %d: waiting for process 0 to prepare the dataset",
                      jax.process_index())
-    built, error = _attempt(prepare) if jax.process_index() == 0 else (None, None)
-    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
-        if error is not None:
-            raise error
-        raise ValueError("process 0 could not prepare the dataset; its error is in its log")
+    built = parallel.on_process_0(prepare, "process 0 could not prepare the dataset; its error "
+                                           "is in its log")
     dataset, error = (built, None) if jax.process_index() == 0 else _attempt(prepare)
     failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
     if error is not None:

@@ -10,10 +10,9 @@ import errno
 import fcntl
 import os
 
-import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+
+from cvmae_jax import parallel
 
 LOCK_FILE = ".train.lock"
 
@@ -25,18 +24,9 @@ class WorkdirLock:
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
-        self.fd, error = None, None
-        if jax.process_index() == 0:
-            try:
-                self.fd = _lock(self.path, workdir)
-            except ValueError as refused:
-                error = refused
-        if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(
-                np.int32(error is not None)) and error is None:
-            raise ValueError(f"{workdir}: process 0 could not lock the workdir; its error is in "
-                             "its log")
-        if error is not None:
-            raise error
+        self.fd = parallel.on_process_0(
+            lambda: _lock(self.path, workdir),
+            f"{workdir}: process 0 could not lock the workdir; its error is in its log")
 
     def release(self, remove_file: bool = False) -> None:
         """Releases the lock; ``remove_file``: also deletes the lock file (a workdir the run
