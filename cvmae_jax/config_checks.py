@@ -9,12 +9,15 @@ import re
 import ml_collections
 
 from cvmae_jax.config import default_config, study_fields
+from cvmae_jax.data.meds import SPLITS
 from cvmae_jax.data.sequences import WINDOWS
 from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "per_code", "per_code_last", "per_code_last_max")  # eval.pooling (pooling.py)
 LABEL_WINDOWS = ("last_events", "each_code_latest")  # eval.label_window (sequences.window_rows)
+FINETUNE_HEADS = ("linear", "mlp")  # eval.finetune.head (finetune_steps.ClassifierHead)
+FINETUNE_HEAD_INITS = ("zero", "probe")  # eval.finetune.head_init (evaluation/finetune.py)
 PARALLEL_MODES = ("jit", "pmap")  # config.parallel.mode (parallel.make_launcher)
 TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
 # Fields eval.py may override on a run's config.json: none changes the trained model or data.
@@ -72,7 +75,7 @@ def check_data_config(data) -> None:
     except (re.error, TypeError) as error:
         raise ValueError(f"config.data.lab_code_pattern={data.lab_code_pattern!r}: not a "
                          f"valid regular expression ({error})") from None
-    for name, low in (("top_k", 0), ("min_code_count", 0), ("max_len", 1),
+    for name, low in (("top_k", 0), ("min_code_count", 0), ("min_subjects", 1), ("max_len", 1),
                       ("min_window_len", 1), ("workers", 0), ("prepare_workers", 1)):
         _require_int(f"data.{name}", data[name], low,
                      " (0: every matching code)" if name == "top_k" else "")
@@ -185,7 +188,10 @@ def padding_warnings(data, num_tokens: int, num_windows: int) -> list[str]:
 
 
 def check_eval_config(eval_config) -> None:
-    """``config.eval``'s evaluation mask rate, batch size, label window and pooling."""
+    """``config.eval``: the validation split, evaluation mask rate, batch size, label window,
+    pooling and fine-tuning settings."""
+    _require(eval_config.split in SPLITS, "eval.split", eval_config.split,
+             f"expected one of {', '.join(SPLITS)}")
     _require(0.0 < eval_config.mask_rate <= 1.0, "eval.mask_rate", eval_config.mask_rate,
              "expected a rate in (0, 1]")
     _require_int("eval.batch_size", eval_config.batch_size, 1)
@@ -195,3 +201,23 @@ def check_eval_config(eval_config) -> None:
     _require(eval_config.label_window in LABEL_WINDOWS, "eval.label_window",
              eval_config.label_window,
              f"expected one of {', '.join(LABEL_WINDOWS)}")
+    check_finetune_config(eval_config.finetune)
+
+
+def check_finetune_config(finetune) -> None:
+    """``config.eval.finetune``: checked with the rest of the config, so a typo stops
+    ``train.py`` before training rather than ``eval.py`` after it."""
+    for name in ("steps", "batch_size", "eval_every", "patience"):
+        _require_int(f"eval.finetune.{name}", finetune[name], 1)
+    _require_int("eval.finetune.kshot_draws", finetune.kshot_draws, 0)
+    for name in ("learning_rate", "encoder_lr_scale"):
+        _require(finetune[name] > 0, f"eval.finetune.{name}", finetune[name], "expected > 0")
+    _require(finetune.weight_decay >= 0, "eval.finetune.weight_decay", finetune.weight_decay,
+             "expected >= 0")
+    _require(finetune.head in FINETUNE_HEADS, "eval.finetune.head", finetune.head,
+             f"expected one of {', '.join(FINETUNE_HEADS)}")
+    _require(finetune.head_init in FINETUNE_HEAD_INITS, "eval.finetune.head_init",
+             finetune.head_init, f"expected one of {', '.join(FINETUNE_HEAD_INITS)}")
+    _require(finetune.head_init != "probe" or finetune.head == "linear",
+             "eval.finetune.head_init", finetune.head_init,
+             "the probe's weights fit only head='linear'")

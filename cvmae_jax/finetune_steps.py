@@ -22,11 +22,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cvmae_jax.config_checks import FINETUNE_HEADS
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 from cvmae_jax.pooling import pool, pooled_width
 from cvmae_jax.steps import TrainState
-
-HEADS = ("linear", "mlp")
 
 
 class ClassifierHead(nnx.Module):
@@ -37,8 +36,9 @@ class ClassifierHead(nnx.Module):
 
     def __init__(self, pooling: str, d_model: int, vocab_size: int, kind: str,
                  log_odds: float, *, rngs: nnx.Rngs):
-        if kind not in HEADS:
-            raise ValueError(f"config.eval.finetune.head={kind!r}: expected one of {HEADS}")
+        if kind not in FINETUNE_HEADS:
+            raise ValueError(f"config.eval.finetune.head={kind!r}: expected one of "
+                             f"{', '.join(FINETUNE_HEADS)}")
         self.pooling, self.vocab_size = pooling, vocab_size
         width = pooled_width(pooling, d_model, vocab_size)
         self.hidden = nnx.Linear(width, d_model, rngs=rngs) if kind == "mlp" else None

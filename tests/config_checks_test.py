@@ -25,6 +25,7 @@ def test_shipped_configs_pass(name, shipped_config):
     ("data.clip_quantiles", (0.999, 0.001), "0 <= low < high <= 1"),
     ("data.clip_quantiles", (0.0, 1.5), "0 <= low < high <= 1"),
     ("data.workers", -2, "expected an integer >= 0"),
+    ("data.min_subjects", 0, "expected an integer >= 1"),
     ("masking.strategy", "spans", "expected one of"),
     ("masking.p_high", 1.5, "a masking probability must lie in [0, 1]"),
     ("masking.p_low", -0.1, "a masking probability must lie in [0, 1]"),
@@ -42,14 +43,21 @@ def test_shipped_configs_pass(name, shipped_config):
     ("train.transfer_guard", "disalow", "expected one of ('allow', 'log', 'disallow'"),
     ("eval.mask_rate", 0.0, "expected a rate in (0, 1]"),
     ("eval.label_window", "latest", "expected one of last_events, each_code_latest"),
+    ("eval.split", "validation", "expected one of train, tuning, held_out"),
+    ("eval.finetune.head", "mlpp", "expected one of linear, mlp"),
+    ("eval.finetune.steps", 0, "expected an integer >= 1"),
+    ("eval.finetune.head_init", "probe_weights", "expected one of zero, probe"),
     ("parallel.mode", "pjit", "expected one of ('jit', 'pmap')"),
     ("parallel.cpu_devices", -2, "expected an integer >= 0 (0: JAX's default, 1)"),
     ("parallel.num_devices", -1, "expected an integer >= 0 (0: all devices)"),
 ])
 def test_bad_values_name_their_field(field, value, message):
     config = default_config()
-    section, name = field.split(".")
-    config[section][name] = value
+    *sections, name = field.split(".")
+    section = config
+    for part in sections:
+        section = section[part]
+    section[name] = value
     with pytest.raises(ValueError) as error:
         check_config(config)
     text = str(error.value)
@@ -110,3 +118,12 @@ def test_settings_that_run_but_mislead_are_warned_about(fields, message, caplog)
     with caplog.at_level(logging.WARNING):
         validate_config(config, num_devices=1)  # what train.py logs once the devices are up
     assert [r for r in caplog.records if r.getMessage().startswith(message)]
+
+
+def test_a_finetune_batch_the_devices_cannot_split_is_refused_before_training():
+    config = default_config()
+    config.train.batch_size = config.eval.batch_size = 8
+    config.eval.finetune.batch_size = 6
+    with pytest.raises(ValueError, match=r"config.eval.finetune.batch_size=6 must be divisible "
+                                         r"by the number of devices \(4\)"):
+        validate_config(config, num_devices=4)

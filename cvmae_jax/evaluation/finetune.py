@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
 from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.config_checks import check_finetune_config
 from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
@@ -40,7 +41,7 @@ from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                paired_auroc_difference)
-from cvmae_jax.finetune_steps import (HEADS, finetune_warmup_steps, init_encoder, init_head,
+from cvmae_jax.finetune_steps import (finetune_warmup_steps, init_encoder, init_head,
                                       init_opt_state, make_finetune_optimizer,
                                       make_finetune_step, make_logit_step)
 from cvmae_jax.metrics import clock
@@ -48,31 +49,14 @@ from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import TrainState
 
 MODELS = ("pretrained", "scratch")
-HEAD_INITS = ("zero", "probe")
 
 
 def finetune_config(config) -> ml_collections.ConfigDict:
-    """``config.eval.finetune``, checked (one line naming the field when a value is unusable)."""
+    """A checked copy of ``config.eval.finetune`` (one line naming the field when a value is
+    unusable: ``config_checks.check_finetune_config``)."""
     settings = ml_collections.ConfigDict(dict(config.eval.finetune))
-    for name in ("steps", "batch_size", "eval_every", "patience"):
-        _require(isinstance(settings[name], int) and settings[name] >= 1, name, settings[name],
-                 "expected an integer >= 1")
-    _require(isinstance(settings.kshot_draws, int) and settings.kshot_draws >= 0,
-             "kshot_draws", settings.kshot_draws, "expected an integer >= 0")
-    for name in ("learning_rate", "encoder_lr_scale"):
-        _require(settings[name] > 0, name, settings[name], "expected > 0")
-    _require(settings.weight_decay >= 0, "weight_decay", settings.weight_decay, "expected >= 0")
-    _require(settings.head in HEADS, "head", settings.head, f"expected one of {HEADS}")
-    _require(settings.head_init in HEAD_INITS, "head_init", settings.head_init,
-             f"expected one of {HEAD_INITS}")
-    _require(settings.head_init != "probe" or settings.head == "linear", "head_init",
-             settings.head_init, "the probe's weights fit only head='linear'")
+    check_finetune_config(settings)
     return settings
-
-
-def _require(ok: bool, field: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config.eval.finetune.{field}={value!r}: {expected}")
 
 
 @dataclasses.dataclass

@@ -57,7 +57,6 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     Only ``EVAL_OVERRIDABLE`` fields, which leave the trained model and its data unchanged,
     may be overridden; ``eval.split`` is ``--split``."""
     config = run_config(workdir)
-    config.eval.finetune = finetune_config(config)
     fixed = sorted(name for name in overrides
                    if not name.startswith(EVAL_OVERRIDABLE) or name == "eval.split")
     if fixed:
