@@ -36,11 +36,10 @@ from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.data.sequences import build_examples
 from cvmae_jax.data.stats import DataStats
-from cvmae_jax.evaluation.results import code_table
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 from cvmae_jax.pooling import pool
 from cvmae_jax.steps import init_state, make_optimizer
-from cvmae_jax.workdir import checkpoint_dir, read_data_stats, run_config
+from cvmae_jax.workdir import checkpoint_dir, code_table, read_data_stats, run_config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 
 import ml_collections
+import pandas as pd
 
 from cvmae_jax.config import default_config
+from cvmae_jax.data.code_names import lab_names
 from cvmae_jax.jsonio import read_json
 
 CONFIG_FILE = "config.json"
 DATA_STATS_FILE = "data_stats.json"
 METRICS_FILE = "metrics.jsonl"
+_FIRST_CODE_COLUMNS = ["code", "name", "count", "num_subjects", "mean", "std", "cv",
+                       "mask_prob"]
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -50,6 +54,23 @@ def read_data_stats(workdir: str) -> dict:
     """``data_stats.json``: the lab codes (the model's code ids index them), their statistics,
     the masking settings and the prepared dataset's id."""
     return _read(workdir, DATA_STATS_FILE)
+
+
+def code_table(data_stats: dict) -> pd.DataFrame:
+    """The lab codes of a run's ``data_stats.json`` (dict), index ``code_id`` (the model's
+    code id): code, name (``code_names.lab_name``), count, num_subjects, mean, std, cv (raw
+    train values), mask_prob (the run's masking), clip bounds and normalization moments."""
+    rows = data_stats["codes"]  # a row without "description" is named by its code
+    table = pd.DataFrame(rows).drop(columns="description", errors="ignore")
+    table = table.rename_axis("code_id")
+    table["name"] = lab_names([r["code"] for r in rows], [r.get("description") for r in rows])
+    return columns_first(table, _FIRST_CODE_COLUMNS)
+
+
+def columns_first(table: pd.DataFrame, first: list[str]) -> pd.DataFrame:
+    """``table`` with those of ``first`` it has as its first columns, in that order."""
+    first = [c for c in first if c in table.columns]
+    return table[first + [c for c in table.columns if c not in first]]
 
 
 def read_eval_metrics(workdir: str) -> dict:

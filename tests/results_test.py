@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from cvmae_jax.evaluation import results
+from cvmae_jax.workdir import code_table
 
 
 def _write_metrics(workdir, **extra):
@@ -42,9 +43,9 @@ def test_code_table_names_the_codes_of_data_stats():
                              num_subjects=2, mean=1.0, std=0.5, cv=0.5, mask_prob=0.4),
                         dict(code="LAB//X//UNK", description=None, count=3, num_subjects=1,
                              mean=2.0, std=0.0, cv=0.0, mask_prob=0.1)])
-    table = results.code_table(stats)
+    table = code_table(stats)
     assert list(table["name"]) == ["Creatinine [mg/dL]", "LAB//X//UNK"]
     assert list(table.columns[:3]) == ["code", "name", "count"]
     assert "description" not in table and table.loc[1, "mask_prob"] == 0.1
     del stats["codes"][0]["description"]
-    assert results.code_table(stats).loc[0, "name"] == "LAB//50912//mg/dL"
+    assert code_table(stats).loc[0, "name"] == "LAB//50912//mg/dL"

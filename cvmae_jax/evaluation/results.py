@@ -16,30 +16,14 @@ import os
 import numpy as np
 import pandas as pd
 
-from cvmae_jax.data.code_names import lab_names
 from cvmae_jax.evaluation.compare_summary import LAB_KINDS, SUMMARY_FILE
 from cvmae_jax.evaluation.compared_runs import REFERENCE
 from cvmae_jax.jsonio import read_json
 from cvmae_jax.reconstruction import vs_baseline
-from cvmae_jax.workdir import eval_metrics_path
+from cvmae_jax.workdir import columns_first, eval_metrics_path
 
 _FIRST_LAB_COLUMNS = ["code", "name", "cv", "train_mask_prob", "num_masked", "mse",
                       "baseline_mse", "mse_vs_baseline", "raw_rmse"]
-_FIRST_CODE_COLUMNS = ["code", "name", "count", "num_subjects", "mean", "std", "cv",
-                       "mask_prob"]
-
-
-def code_table(data_stats: dict) -> pd.DataFrame:
-    """The lab codes of a run's ``data_stats.json`` (dict), index ``code_id`` (the model's
-    code id): code, name (``code_names.lab_name``), count, num_subjects, mean, std, cv (raw
-    train values), mask_prob (the run's masking), clip bounds and normalization moments."""
-    rows = data_stats["codes"]  # a row without "description" is named by its code
-    table = pd.DataFrame(rows).drop(columns="description", errors="ignore")
-    table = table.rename_axis("code_id")
-    table["name"] = lab_names([r["code"] for r in rows], [r.get("description") for r in rows])
-    return _columns_first(table, _FIRST_CODE_COLUMNS)
-
-
 def per_lab_table(workdir: str, split: str = "held_out", kind: str = "uniform"
                   ) -> pd.DataFrame:
     """eval.py's per-lab reconstruction of the run in ``workdir`` on ``split``, one row per
@@ -57,7 +41,7 @@ def per_lab_table(workdir: str, split: str = "held_out", kind: str = "uniform"
         raise ValueError(f"{path}: no {kind} results (config.eval.single_code=False)")
     table = pd.DataFrame(block["per_code"]).rename_axis("code_id")
     table["mse_vs_baseline"] = [_ratio(row) for row in block["per_code"]]
-    return _columns_first(table, _FIRST_LAB_COLUMNS)
+    return columns_first(table, _FIRST_LAB_COLUMNS)
 
 
 def study_table(study: str | dict) -> pd.DataFrame:
@@ -120,8 +104,3 @@ def _summary(study: str | dict) -> dict:
         return study
     return read_json(os.path.join(study, SUMMARY_FILE),
                      f"run the study or `python eval.py --compare=... --workdir={study}` first")
-
-
-def _columns_first(table: pd.DataFrame, first: list[str]) -> pd.DataFrame:
-    first = [c for c in first if c in table.columns]
-    return table[first + [c for c in table.columns if c not in first]]
