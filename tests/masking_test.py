@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvmae_jax import mask_probabilities, masking
+from cvmae_jax import mask_probabilities, masking, parallel
 
 CV = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 1.2])
 VARIANCE = np.array([5.0, 0.1, 3.0, 0.2, 9.0, 0.3, 0.4, 0.5])
@@ -94,6 +94,23 @@ def test_masks_do_not_depend_on_batch_layout():
         np.testing.assert_array_equal(part, whole[rows])
     other_step = np.asarray(sample(root, 12, example_id, codes, valid, p))
     assert (other_step != whole).any()
+
+
+def test_masks_are_the_same_on_one_device_over_the_mesh_and_under_pmap():
+    codes, valid, example_id = _batch()
+    p = jnp.asarray(probs("cv"), jnp.float32)
+    root = jax.random.key(5)
+    one = np.asarray(jax.jit(masking.sample_value_mask, device=jax.devices()[0])(
+        root, 4, example_id, codes, valid, p))
+    sharding = parallel.batch_sharding(parallel.make_mesh(jax.devices()))
+    sharded = [jax.device_put(x, sharding) for x in (example_id, codes, valid)]
+    over_mesh = jax.jit(masking.sample_value_mask)(root, 4, *sharded, p)
+    assert len(over_mesh.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(over_mesh), one)
+    per_device = [x.reshape(8, -1, *x.shape[1:]) for x in (example_id, codes, valid)]
+    pmapped = jax.pmap(masking.sample_value_mask, in_axes=(None, None, 0, 0, 0, None))(
+        root, 4, *per_device, p)
+    np.testing.assert_array_equal(np.asarray(pmapped).reshape(one.shape), one)
 
 
 def test_infinite_cv_counts_as_most_volatile():
