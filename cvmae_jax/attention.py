@@ -56,7 +56,7 @@ def runnable_here(implementation: str, backend: str) -> str:
 class AttentionMask(NamedTuple):
     """Which keys each query may attend to: the real tokens ``valid`` bool [B, L] and, for
     packed rows, ``segment_ids`` int [B, L] (1, 2, ... per example in a row, at most L, as
-    ``data.packing.pack_rows`` numbers them; ids at padding are ignored).
+    ``data.packing.fill_rows`` numbers them; ids at padding are ignored).
 
     Queries at padding positions get outputs that nothing reads; keys at padding are never
     attended from a real token."""

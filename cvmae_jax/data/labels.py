@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from absl import logging
 
 from cvmae_jax.data import meds, stream
-from cvmae_jax.data.sequences import US_PER_HOUR, window_rows
+from cvmae_jax.data.sequences import window_example, window_rows
 from cvmae_jax.data.stats import DataStats
 
 LABEL_CHECKS = {"subject_id": pa.types.is_integer, "prediction_time": pa.types.is_timestamp,
@@ -154,10 +154,10 @@ def label_windows(meds_dir: str | Path, labels_path: str | Path, stats: DataStat
                 lo, hi = np.searchsorted(subjects, l_subject[i], side="left"), \
                     np.searchsorted(subjects, l_subject[i], side="right")
                 end = lo + np.searchsorted(times[lo:hi], l_time[i], side="right")
-                rows = lo + window_rows(codes[lo:end], max_len, each_code_latest)
+                window = lo + window_rows(codes[lo:end], max_len, each_code_latest)
                 done[i] = True
-                yield _window(i, l_subject[i], l_time[i], l_value[i], times[rows],
-                              codes[rows], values[rows])
+                yield _window(i, l_subject[i], l_time[i], l_value[i], times[window],
+                              codes[window], values[window])
         empty = np.zeros(0, np.int64)
         for i in todo[~done[todo]]:  # subjects without any selected lab event
             yield _window(i, l_subject[i], l_time[i], l_value[i], empty, empty, empty)
@@ -172,10 +172,5 @@ def window_words(max_len: int, each_code_latest: bool = False) -> str:
 
 
 def _window(i, subject, t_pred, label, times, codes, values) -> dict:
-    t0 = times[0] if len(times) else t_pred
-    return dict(example_id=np.int64(i), subject_id=np.int64(subject),
-                start_time_us=np.int64(t0),
-                end_time_us=np.int64(times[-1] if len(times) else t_pred),
-                times=((times - t0) / US_PER_HOUR).astype(np.float32),
-                codes=codes.astype(np.int32), values=values.astype(np.float32),
+    return dict(window_example(i, subject, times, codes, values, empty_at_us=t_pred),
                 prediction_time_us=np.int64(t_pred), label=np.bool_(label))

@@ -63,16 +63,27 @@ def build_examples(events: pa.Table, stats: DataStats, max_len: int, window: str
                 counts["short_windows_dropped"] += 1
                 counts["events_not_in_window"] += len(window_times)
                 continue
-            t0 = window_times[0]
-            yield dict(example_id=np.int64(example_id), subject_id=np.int64(subjects[s_lo]),
-                       start_time_us=np.int64(t0), end_time_us=np.int64(window_times[-1]),
-                       times=((window_times - t0) / US_PER_HOUR).astype(np.float32),
-                       codes=codes[rows], values=values[rows])
+            yield window_example(example_id, subjects[s_lo], window_times, codes[rows],
+                                 values[rows])
             example_id += 1
             counts["tokens"] += len(window_times)
     counts["examples"] = example_id - first_example_id
     if report is not None:
         report.update({k: int(v) for k, v in counts.items()})
+
+
+def window_example(example_id: int, subject_id: int, times_us: np.ndarray, codes: np.ndarray,
+                   values: np.ndarray, empty_at_us: int | None = None) -> dict:
+    """One window as the pipeline reads it from events ``times_us`` int64 [n] (microseconds,
+    time order), ``codes`` [n] and normalized ``values`` [n]: example_id, subject_id,
+    start_time_us / end_time_us (its first / last event; ``empty_at_us`` when n = 0), times
+    float32 [n] (hours since its first event), codes int32 [n], values float32 [n]."""
+    start = times_us[0] if len(times_us) else empty_at_us
+    end = times_us[-1] if len(times_us) else empty_at_us
+    return dict(example_id=np.int64(example_id), subject_id=np.int64(subject_id),
+                start_time_us=np.int64(start), end_time_us=np.int64(end),
+                times=((times_us - start) / US_PER_HOUR).astype(np.float32),
+                codes=np.asarray(codes, np.int32), values=np.asarray(values, np.float32))
 
 
 def window_rows(codes: np.ndarray, max_len: int, each_code_latest: bool) -> np.ndarray:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from cvmae_jax.data.code_names import markdown_cell
 from cvmae_jax.evaluation.compared_runs import REFERENCE
-
-
-def _num(x, fmt=".3f") -> str:
-    return "n/a" if x is None else format(x, fmt)
+from cvmae_jax.evaluation.formatting import number
 
 
 def _ci(ci) -> str:
@@ -24,7 +21,7 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
     lines = [f"# Masking strategies vs `{REFERENCE}`", "",
              f"{len(summary['runs'])} runs, seeds {', '.join(map(str, seeds))}. Reconstruction "
              f"on `{summary['split']}` under one uniform evaluation mask (rate "
-             f"{_num(mask.get('rate'), '.0%')}, seed {mask.get('seed')}), so every run hides "
+             f"{number(mask.get('rate'), '.0%')}, seed {mask.get('seed')}), so every run hides "
              f"the same values.", ""]
     finetuned_tasks = _finetuned_tasks(strategies)
     lines += _strategy_table(summary, tasks, finetuned_tasks)
@@ -64,11 +61,11 @@ def _strategy_table(summary: dict, tasks: list[str], finetuned_tasks: list[str])
               + [f"perturbation ratio ({k})" for k in kinds])
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for strategy, e in strategies.items():
-        cells = [f"`{strategy}`", ",".join(map(str, e["seeds"])), _num(e["masked_mse"]["mean"])]
+        cells = [f"`{strategy}`", ",".join(map(str, e["seeds"])), number(e["masked_mse"]["mean"])]
         if strategy == REFERENCE:
             cells += ["reference", "", ""]
-            cells += [_num(e["auroc"][t]["mean"]) for t in tasks]
-            cells += [_num(_finetuned_auroc(summary, strategy, t)["mean"])
+            cells += [number(e["auroc"][t]["mean"]) for t in tasks]
+            cells += [number(_finetuned_auroc(summary, strategy, t)["mean"])
                       for t in finetuned_tasks]
             cells += ["1 (reference)"]
         else:
@@ -79,7 +76,7 @@ def _strategy_table(summary: dict, tasks: list[str], finetuned_tasks: list[str])
                                   vs["finetuned_auroc_delta"].get(t, _NO_DELTA))
                       for t in finetuned_tasks]
             cells += [_convergence_cell(vs["convergence"])]
-        cells += [_num(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
+        cells += [number(e["perturbation"].get(k, {}).get("mean")) for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -173,7 +170,7 @@ def _noise_floor_line(floor: dict | None) -> str:
     if floor.get("note"):
         return f"- Seed noise floor (`{REFERENCE}` seed {b} vs seed {a}): n/a, {floor['note']}."
     win, p, d = _lab_cells(dict(pooled=floor))
-    steps = (_num(floor["convergence_ratio"], ".2f") if floor.get("convergence_ratio")
+    steps = (number(floor["convergence_ratio"], ".2f") if floor.get("convergence_ratio")
              is not None else f"n/a ({floor.get('convergence_reason')})")
     return (f"- **Seed noise floor**: `{REFERENCE}` seed {b} vs `{REFERENCE}` seed {a} (the same "
             f"strategy, another training seed): win rate {win}, Wilcoxon p {p}, Cohen's d {d}, "
@@ -194,14 +191,14 @@ def _lab_cells(lab: dict) -> list[str]:
     if "note" in lab:
         return ["n/a", "n/a", "n/a"]
     p = lab["pooled"]
-    return [f"{_num(p['win_rate'], '.2f')} ({p['n_labs']})", _num(p["wilcoxon_p"], ".3g"),
-            _num(p["cohens_d"], "+.2f")]
+    return [f"{number(p['win_rate'], '.2f')} ({p['n_labs']})", number(p["wilcoxon_p"], ".3g"),
+            number(p["cohens_d"], "+.2f")]
 
 
 def _auroc_cell(auroc: dict, delta: dict) -> str:
     if delta["delta"] is None:
-        return f"{_num(auroc['mean'])} (Δ n/a)"
-    return (f"{_num(auroc['mean'])} (Δ {delta['delta']:+.3f}{_ci(delta['ci'])}"
+        return f"{number(auroc['mean'])} (Δ n/a)"
+    return (f"{number(auroc['mean'])} (Δ {delta['delta']:+.3f}{_ci(delta['ci'])}"
             f"{'' if delta['ci'] else ', no CI'}; n = {delta['n']})")
 
 
@@ -228,7 +225,7 @@ def _label_efficiency_lines(strategies: dict, tasks: list[str]) -> list[str]:
              "Mean over the label draws of each run, then over seeds.", "",
              "| task | strategy | " + " | ".join(f"k = {k}" for k in sizes) + " |",
              "|---|---|" + "---:|" * len(sizes)]
-    return lines + [f"| {t} | `{s}` | " + " | ".join(_num(curve.get(k, {}).get("mean"))
+    return lines + [f"| {t} | `{s}` | " + " | ".join(number(curve.get(k, {}).get("mean"))
                                                     for k in sizes) + " |"
                     for s, t, curve in rows]
 
@@ -275,8 +272,8 @@ def _per_lab_lines(strategies: dict) -> list[str]:
              "|---|---|---:|" + "---:|" * len(diffs)]
     for lab in sorted(labs.values(), key=lambda lab: (lab["cv"] is None, lab["cv"] or 0,
                                                        lab["code"])):
-        cells = [_num(by_code[lab["code"]]["diff"], "+.4f") if lab["code"] in by_code else "n/a"
+        cells = [number(by_code[lab["code"]]["diff"], "+.4f") if lab["code"] in by_code else "n/a"
                  for by_code in diffs.values()]
-        lines.append(f"| {markdown_cell(lab['name'])} | `{lab['code']}` | {_num(lab['cv'])} | "
+        lines.append(f"| {markdown_cell(lab['name'])} | `{lab['code']}` | {number(lab['cv'])} | "
                      + " | ".join(cells) + " |")
     return lines

@@ -33,6 +33,7 @@ from cvmae_jax.data import meds
 from cvmae_jax.data.labels import (label_files, label_windows, prediction_time_zone,
                                    window_words)
 from cvmae_jax.data.pipeline import padded_rows
+from cvmae_jax.evaluation.formatting import number
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                percentile_ci, resampled_aurocs)
 from cvmae_jax.pooling import DESCRIPTIONS, pool, pooled_width
@@ -358,17 +359,13 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
         log = logging.warning if result["reason"] else logging.info  # no held_out metric
         log("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
             "C=%s (%s), AUROC %s, AUPRC %s%s%s", task, TEST, result["n_train"],
-            result["n_tuning"], result["n"], TEST, _fmt(result["prevalence"]),
-            result["C"], result["c_selection"], _fmt(result["auroc"]), _fmt(result["auprc"]),
+            result["n_tuning"], result["n"], TEST, number(result["prevalence"]),
+            result["C"], result["c_selection"], number(result["auroc"]), number(result["auprc"]),
             f" ({result['reason']})" if result["reason"] else "",
             f"; {sum(result['empty_windows'].values())} label rows with an empty window "
             "left out" if any(result["empty_windows"].values()) else "")
     out["embed_traces"] = len(embed_fn.traces)
     return out, data
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 FEW_LABELS = 10  # fewer positives or negatives than this on held_out: the report says so
@@ -412,7 +409,7 @@ def report_lines(downstream: dict) -> list[str]:
         prev = r.get("prevalence")
         subjects = f" ({r['n_subjects']})" if r.get("n_subjects") is not None else ""
         notes += _few_labels_note(task, r)
-        lines.append(f"| {task} | {r.get('n', 0)}{subjects} | {_fmt(prev)} | "
+        lines.append(f"| {task} | {r.get('n', 0)}{subjects} | {number(prev)} | "
                      f"{cell(r.get('auroc'), r.get('auroc_ci'))} | "
                      f"{cell(r.get('auprc'), r.get('auprc_ci'))} |")
         if r.get("reason"):

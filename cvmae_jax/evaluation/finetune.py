@@ -32,12 +32,13 @@ from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import parallel
-from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.config_checks import check_finetune_config
+from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
                                              held_out_metrics)
 from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
+from cvmae_jax.evaluation.formatting import number
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                paired_auroc_difference)
@@ -164,8 +165,8 @@ class Finetuner:
                 pace = step / (time.perf_counter() - start)
                 logging.info("finetune %s: step %d/%d | loss %s tuning AUROC %s (best %s at "
                              "%d) | %.2f steps/s ETA %s", name, step, s.steps,
-                             f"{losses[-1][1]:.4f}" if losses else "n/a", _auroc_text(score),
-                             _auroc_text(stopper.best_score), stopper.best_step, pace,
+                             f"{losses[-1][1]:.4f}" if losses else "n/a", number(score),
+                             number(stopper.best_score), stopper.best_step, pace,
                              "0m00s" if stop else
                              clock((s.steps - step) / pace) if step else "n/a")
             return stop
@@ -242,10 +243,6 @@ def probe_head_weights(probe: Probe) -> tuple[np.ndarray, np.ndarray]:
     coef = probe.model.coef_[0] / probe.scaler.scale_
     bias = probe.model.intercept_[0] - float(coef @ probe.scaler.mean_)
     return coef[:, None].astype(np.float32), np.array([bias], np.float32)
-
-
-def _auroc_text(score: float | None) -> str:
-    return "n/a" if score is None else f"{score:.3f}"
 
 
 def _labels(windows: list[dict]) -> np.ndarray:
@@ -355,7 +352,7 @@ def finetune_tasks(launcher, model_config: ModelConfig, pretrained_params,
             curve = _kshot(finetuner, pretrained, data, sample_seed, full_auroc)
             tuned.result["label_efficiency"] = curve
             logging.info("finetune %s: k-shot %s in %.0f s", task, ", ".join(
-                f"k={k} AUROC {_fmt(e['auroc_mean'])}" for k, e in curve.items() if k != "all"),
+                f"k={k} AUROC {number(e['auroc_mean'])}" for k, e in curve.items() if k != "all"),
                 time.perf_counter() - start)
         probe_results[task]["finetune"] = tuned.result
         out[task] = tuned
@@ -394,12 +391,8 @@ def log_task(task: str, r: dict) -> None:
     if r.get("reason"):
         logging.info("finetune %s: skipped (%s)", task, r["reason"])
         return
-    parts = [f"{m} AUROC {_fmt(r[m]['auroc'])} (best step {r[m]['best_step']} of "
+    parts = [f"{m} AUROC {number(r[m]['auroc'])} (best step {r[m]['best_step']} of "
              f"{r[m]['steps_run']}, {r[m]['seconds']:.0f} s)" for m in MODELS if m in r]
     delta = r["pretrained_vs_scratch"]["delta"]
     logging.info("finetune %s: %s; pretrained - scratch %s", task, ", ".join(parts),
-                 _fmt(delta))
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+                 number(delta))

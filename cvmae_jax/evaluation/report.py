@@ -12,6 +12,7 @@ from cvmae_jax.data.code_names import markdown_cell, short_name  # noqa: E402
 from cvmae_jax.evaluation.downstream import TEST, report_lines  # noqa: E402
 from cvmae_jax.evaluation.figures import rotated_labels_height, save_figure  # noqa: E402
 from cvmae_jax.evaluation.finetune_report import finetune_lines, kshot_points  # noqa: E402
+from cvmae_jax.evaluation.formatting import number  # noqa: E402
 from cvmae_jax.evaluation.yardstick import yardstick_lines  # noqa: E402
 from cvmae_jax.jsonio import write_text_atomic  # noqa: E402
 from cvmae_jax.reconstruction import vs_baseline  # noqa: E402
@@ -137,10 +138,6 @@ def _label_efficiency_lines(downstream: dict) -> list[str]:
     return lines + ([""] + skipped if skipped else []) + [""]
 
 
-def _fmt(x, spec=".4f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def _perturbation_lines(p: dict) -> list[str]:
     lines = ["", "## Perturbation sensitivity", "",
              f"Visible values corrupted, seed {p['seed']}: `shuffle_within_code` gives each "
@@ -155,15 +152,15 @@ def _perturbation_lines(p: dict) -> list[str]:
              "|---|---:|---:|---:|---:|"]
     for kind in p["kinds"]:
         r = p[kind]["reconstruction"]
-        lines.append(f"| {kind} | {r['num_masked']} | {_fmt(r['masked_mse_clean'])} | "
-                     f"{_fmt(r['masked_mse_corrupted'])} | {_fmt(r['ratio'], '.3f')} |")
+        lines.append(f"| {kind} | {r['num_masked']} | {number(r['masked_mse_clean'], '.4f')} | "
+                     f"{number(r['masked_mse_corrupted'], '.4f')} | {number(r['ratio'])} |")
     rows = [(kind, task, d) for kind in p["kinds"] for task, d in p[kind]["downstream"].items()]
     if rows:
         lines += ["", "| corruption | task | n | AUROC clean | AUROC corrupted | ratio | "
                   "mean abs prob change |", "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {kind} | {task} | {d['n']} | {_fmt(d['auroc_clean'], '.3f')} | "
-                  f"{_fmt(d['auroc_corrupted'], '.3f')} | {_fmt(d['auroc_ratio'], '.3f')} | "
-                  f"{_fmt(d['mean_abs_prob_change'])} |" for kind, task, d in rows]
+        lines += [f"| {kind} | {task} | {d['n']} | {number(d['auroc_clean'])} | "
+                  f"{number(d['auroc_corrupted'])} | {number(d['auroc_ratio'])} | "
+                  f"{number(d['mean_abs_prob_change'], '.4f')} |" for kind, task, d in rows]
     return lines + [""]
 
 
@@ -201,7 +198,7 @@ def _scored_lines(probe: dict, models: dict) -> list[str]:
              "|---|---|---:|---:|---:|---:|"]
     for task, model, score in sorted(rows, key=lambda r: r[0]):
         metrics = score.get("samples_equally_weighted")
-        cells = ([_fmt(metrics.get(k), ".3f") for k in (
+        cells = ([number(metrics.get(k)) for k in (
             "roc_auc_score", "average_precision_score", "brier_score", "calibration_error")]
             if metrics else ["undefined (one class)", "", "", ""])
         lines.append(f"| {task} | {model} | " + " | ".join(cells) + " |")
