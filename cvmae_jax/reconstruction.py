@@ -32,7 +32,8 @@ def accumulate_sums(eval_step: Callable, params, batches: Iterable[dict],
     """Sums the per-code outputs of ``eval_step`` over all batches (float64 on the host).
 
     ``to_device`` places a host batch; ``fetch`` brings outputs back. Returns dict of [V]
-    arrays: count, sse, sae, baseline_sse.
+    arrays: the step's sums (``steps.make_eval_step``): count, sse, sae, baseline_sse and, in
+    uniform mode, locf_sse and locf_fallbacks of carry-forward.
     """
     totals: dict[str, np.ndarray] = {}
     pending = None

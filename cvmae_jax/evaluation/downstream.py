@@ -1,7 +1,8 @@
 """Downstream prediction: linear probes on frozen VO-MAE embeddings of MEDS label windows.
 
 For every task folder under the labels dir (`labels/<task>/*.parquet`), each label row's input
-window (the subject's last max_len lab events with time <= prediction_time) is encoded by the
+window (the subject's selected events with time <= prediction_time, at most max_len of them
+as config.eval.label_window picks: `sequences.window_rows`) is encoded by the
 frozen model with no value hidden, pooled into one vector (config.eval.pooling: pooling.py),
 and a standardized logistic regression is fit on train, its C chosen on tuning by AUROC
 (C_GRID, half-decades: per-code vectors of thousands of columns on a few thousand rows need
