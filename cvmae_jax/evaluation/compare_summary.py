@@ -55,34 +55,49 @@ def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
     predictions = {task: TaskPredictions.load(runs, task) for task in tasks}
     finetuned = {task: TaskPredictions.load(runs, task, "finetuned") for task in tasks
                  if any(task_result(r, task, "finetuned") for r in runs)}
-    first = runs[0].metrics
-    out = dict(reference=REFERENCE, split=first.get("split"), eval_mask=first.get("eval_mask"),
-               validation_split=", ".join(sorted({r.validation_split for r in runs
-                                                  if r.validation_split})) or None,
-               bootstrap=dict(num=paired_stats.NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
-               conventions=CONVENTIONS,
-               runs=[dict(name=r.name, path=r.path, strategy=r.strategy, seed=r.seed,
-                          step=r.metrics.get("step")) for r in runs],
-               strategies={})
+    out = dict(_header(runs), strategies={})
     for strategy, by_seed in groups.items():
-        entry = dict(seeds=list(by_seed),
-                     masked_mse=over_seeds({s: r.metrics["overall"]["masked_mse"]
-                                             for s, r in by_seed.items()}),
-                     auroc={t: _auroc_over_seeds(by_seed, t) for t in tasks},
-                     label_efficiency={t: _label_efficiency(by_seed, t) for t in tasks},
-                     perturbation=_perturbation(by_seed))
+        entry = _strategy_entry(by_seed, tasks)
         if strategy != REFERENCE:
             pairs = {s: (r, reference[s]) for s, r in by_seed.items()}
-            entry["vs_random"] = dict(
-                reconstruction={kind: _lab_stats(pairs, kind) for kind in LAB_KINDS},
-                auroc_delta={t: predictions[t].delta(pairs) for t in tasks},
-                finetuned_auroc_delta={t: finetuned[t].delta(pairs) for t in finetuned},
-                convergence=_convergence(pairs))
+            entry["vs_random"] = _vs_random(pairs, predictions, finetuned)
         out["strategies"][strategy] = entry
     out["tasks"] = {t: predictions[t].info() for t in tasks}
     out["seed_noise_floor"] = seed_noise_floor(reference)
     out["simple_methods"] = simple_methods(groups, tasks)
     return out
+
+
+def _header(runs: list[Run]) -> dict:
+    """summary.json's description of what was compared: the reference, the evaluated split and
+    mask, the validation split, the bootstrap, the conventions and the runs."""
+    first = runs[0].metrics
+    return dict(reference=REFERENCE, split=first.get("split"), eval_mask=first.get("eval_mask"),
+                validation_split=", ".join(sorted({r.validation_split for r in runs
+                                                   if r.validation_split})) or None,
+                bootstrap=dict(num=paired_stats.NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
+                conventions=CONVENTIONS,
+                runs=[dict(name=r.name, path=r.path, strategy=r.strategy, seed=r.seed,
+                           step=r.metrics.get("step")) for r in runs])
+
+
+def _strategy_entry(by_seed: dict[int, Run], tasks: list[str]) -> dict:
+    """One strategy's own results over its seeds."""
+    return dict(seeds=list(by_seed),
+                masked_mse=over_seeds({s: r.metrics["overall"]["masked_mse"]
+                                       for s, r in by_seed.items()}),
+                auroc={t: _auroc_over_seeds(by_seed, t) for t in tasks},
+                label_efficiency={t: _label_efficiency(by_seed, t) for t in tasks},
+                perturbation=_perturbation(by_seed))
+
+
+def _vs_random(pairs: dict[int, tuple[Run, Run]], predictions: dict[str, TaskPredictions],
+               finetuned: dict[str, TaskPredictions]) -> dict:
+    """One strategy against the reference, run by run of the same seed (``pairs``)."""
+    return dict(reconstruction={kind: _lab_stats(pairs, kind) for kind in LAB_KINDS},
+                auroc_delta={t: predictions[t].delta(pairs) for t in predictions},
+                finetuned_auroc_delta={t: finetuned[t].delta(pairs) for t in finetuned},
+                convergence=_convergence(pairs))
 
 
 def seed_noise_floor(reference: dict[int, Run]) -> dict | None:
