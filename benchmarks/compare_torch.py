@@ -39,55 +39,20 @@ TIMING_NOTES = dict(waited="each step waited for",
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_config_args(parser, steps=5, warmup=3,
-                           steps_help="timed steps per runner and round")
-    parser.add_argument("--rounds", type=common.count_arg(1), default=5,
-                        help="alternating rounds")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
-                        help="compute dtype of both (parameters stay float32)")
-    parser.add_argument("--timing", default=None, choices=TIMINGS,
-                        help="waited: each step waited for; pipelined: each round's steps "
-                             "back to back (default: pipelined on an accelerator, else waited)")
-    parser.add_argument("--packing", action="store_true",
-                        help="also time every runner on packed rows and print JAX packed's time "
-                             "per real token against the fastest torch runner")
-    add_attention_arg(parser)
-    args = parser.parse_args()
+    args = _parse_args()
     # Both frameworks share one GPU: JAX (whose backend starts at its first use, below) allocates
     # as it goes instead of reserving 75% of the memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cfg = common.config_from_args(args)
     timing = args.timing or ("waited" if jax.default_backend() == "cpu" else "pipelined")
-
     ceiling = common.matmul_ceiling_gflops(args.dtype)
     torch_ceiling = torch_matmul_gflops(args.dtype)
-    layouts = (False, True) if args.packing else (False,)
-    runners = [JaxStep(cfg, args.dtype, packed=packed, attention=args.attention)
-               for packed in layouts]
-    for compiled in (False,) if args.no_compile else (False, True):
-        runners += [TorchStep(cfg, compiled=compiled, dtype=args.dtype, packed=packed)
-                    for packed in layouts]
-    compile_s, times, failed = {}, {}, {}
-    for runner in list(runners):
-        common.progress(f"{runner.name}: compiling / first step")
-        try:
-            compile_s[runner.name] = runner.compile()
-        except Exception:  # torch.compile needs a working C++ toolchain
-            failed[runner.name] = traceback.format_exc().strip().splitlines()[-1]
-            runners.remove(runner)
-            continue
-        common.time_calls(runner.step, cfg.warmup, start=1)
-        times[runner.name] = []
+    runners, compile_s, failed = _compiled_runners(cfg, args)
+    if not runners:
+        raise SystemExit("error: no runner compiled: " + "; ".join(
+            f"{name}: {error}" for name, error in failed.items()))
     flops = runners[0].flops  # counted from the architecture, the same for every runner
-    next_index = 1 + cfg.warmup
-    for r in range(args.rounds):
-        common.progress(f"round {r + 1}/{args.rounds}")
-        for runner in runners:
-            times[runner.name] += time_round(runner, timing, cfg.steps, next_index)
-        next_index += cfg.steps
-
+    times = _time_rounds(runners, timing, cfg, args.rounds)
     results = [report(r.name, compile_s[r.name], times[r.name], r.tokens_per_batch, flops,
                       torch_ceiling if r.name.startswith("torch") else ceiling)
                for r in runners]  # each runner against its own framework's ceiling
@@ -106,29 +71,11 @@ def main() -> None:
           f"own framework's; torch eager's 'compile s' is its first step)")
     for name, error in failed.items():
         print(f"{name} FAILED: {error}")
-    by_name = {r["name"]: r for r in results}
-    jax_median = by_name[JaxStep.name]["median_s"] if JaxStep.name in by_name else float("nan")
-    print(f"{'runner':20s} {'compile s':>9s} {'median ms':>9s} {'min ms':>7s} {'max ms':>7s} "
-          f"{'tokens/s':>9s} {'GFLOP/s':>7s} {'ceiling':>7s} {'vs jax':>6s}")
-    for res in results:
-        print(f"{res['name']:20s} {res['compile_s']:9.2f} {res['median_s'] * 1e3:9.1f} "
-              f"{res['min_s'] * 1e3:7.1f} {res['max_s'] * 1e3:7.1f} {res['tokens_per_s']:9,.0f} "
-              f"{res['achieved_gflops']:7.1f} {res['ceiling_fraction']:7.1%} "
-              f"{res['median_s'] / jax_median:6.2f}")
-    torch_results = [r for r in results if r["name"].startswith("torch")]
-    torch_padded = [r for r in torch_results if not r["name"].endswith("packed")]
-    torch_best = min(torch_padded, key=lambda r: r["median_s"], default=None)
-    ratio = jax_median / torch_best["median_s"] if torch_best else float("nan")
-    packed = by_name.get(JaxStep.packed_name)
-    per_token = None
-    if packed is not None and torch_results:  # the same data in the least time, any layout
-        fastest = max(torch_results, key=lambda r: r["tokens_per_s"])
-        per_token = dict(ratio=fastest["tokens_per_s"] / packed["tokens_per_s"],
-                         against=fastest["name"])
-        print(f"time per real token, jax packed/{fastest['name']} = {per_token['ratio']:.3f} "
-              f"(real tokens per step: {packed['real_tokens_per_step']:.0f} jax packed, "
-              f"{fastest['real_tokens_per_step']:.0f} {fastest['name']}, of "
-              f"{cfg.batch * cfg.seq})")
+    jax_median = next((r["median_s"] for r in results if r["name"] == JaxStep.name),
+                      float("nan"))
+    _print_table(results, jax_median)
+    ratio, torch_best = _jax_vs_torch_best(results, jax_median)
+    per_token = _packed_per_token(results, cfg)
     common.write_json(args.json, dict(
         machine=machine, config=dict(vars(args), timing=timing),
         bench_config=dataclasses.asdict(cfg), jax_devices=jax.device_count(),
@@ -138,6 +85,94 @@ def main() -> None:
         time_per_real_token_jax_packed_vs_fastest_torch=per_token,
         results=results, times_s=times, failed=failed))
     print(f"ratio jax/torch_best = {ratio:.3f}" + ("" if torch_best else " (no torch runner)"))
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_config_args(parser, steps=5, warmup=3,
+                           steps_help="timed steps per runner and round")
+    parser.add_argument("--rounds", type=common.count_arg(1), default=5,
+                        help="alternating rounds")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES,
+                        help="compute dtype of both (parameters stay float32)")
+    parser.add_argument("--timing", default=None, choices=TIMINGS,
+                        help="waited: each step waited for; pipelined: each round's steps "
+                             "back to back (default: pipelined on an accelerator, else waited)")
+    parser.add_argument("--packing", action="store_true",
+                        help="also time every runner on packed rows and print JAX packed's time "
+                             "per real token against the fastest torch runner")
+    add_attention_arg(parser)
+    return parser.parse_args()
+
+
+def _compiled_runners(cfg, args) -> tuple[list, dict[str, float], dict[str, str]]:
+    """The JAX runner, torch eager and torch.compile (each also on packed rows with
+    ``--packing``), compiled and warmed up: those that compiled, their compile seconds, and the
+    last line of each failure by name."""
+    layouts = (False, True) if args.packing else (False,)
+    runners = [JaxStep(cfg, args.dtype, packed=packed, attention=args.attention)
+               for packed in layouts]
+    for compiled in (False,) if args.no_compile else (False, True):
+        runners += [TorchStep(cfg, compiled=compiled, dtype=args.dtype, packed=packed)
+                    for packed in layouts]
+    compile_s, failed = {}, {}
+    for runner in list(runners):
+        common.progress(f"{runner.name}: compiling / first step")
+        try:
+            compile_s[runner.name] = runner.compile()
+        except Exception:  # torch.compile needs a working C++ toolchain
+            failed[runner.name] = traceback.format_exc().strip().splitlines()[-1]
+            runners.remove(runner)
+            continue
+        common.time_calls(runner.step, cfg.warmup, start=1)
+    return runners, compile_s, failed
+
+
+def _time_rounds(runners: list, timing: str, cfg, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step by runner name over ``rounds`` alternating rounds (``time_round``)."""
+    times = {runner.name: [] for runner in runners}
+    next_index = 1 + cfg.warmup
+    for r in range(rounds):
+        common.progress(f"round {r + 1}/{rounds}")
+        for runner in runners:
+            times[runner.name] += time_round(runner, timing, cfg.steps, next_index)
+        next_index += cfg.steps
+    return times
+
+
+def _print_table(results: list[dict], jax_median: float) -> None:
+    print(f"{'runner':20s} {'compile s':>9s} {'median ms':>9s} {'min ms':>7s} {'max ms':>7s} "
+          f"{'tokens/s':>9s} {'GFLOP/s':>7s} {'ceiling':>7s} {'vs jax':>6s}")
+    for res in results:
+        print(f"{res['name']:20s} {res['compile_s']:9.2f} {res['median_s'] * 1e3:9.1f} "
+              f"{res['min_s'] * 1e3:7.1f} {res['max_s'] * 1e3:7.1f} {res['tokens_per_s']:9,.0f} "
+              f"{res['achieved_gflops']:7.1f} {res['ceiling_fraction']:7.1%} "
+              f"{res['median_s'] / jax_median:6.2f}")
+
+
+def _jax_vs_torch_best(results: list[dict], jax_median: float) -> tuple[float, dict | None]:
+    """``jax_median`` over the fastest padded torch runner's median step time, and that runner
+    (NaN and None without one)."""
+    torch_padded = [r for r in results
+                    if r["name"].startswith("torch") and not r["name"].endswith("packed")]
+    torch_best = min(torch_padded, key=lambda r: r["median_s"], default=None)
+    return (jax_median / torch_best["median_s"] if torch_best else float("nan")), torch_best
+
+
+def _packed_per_token(results: list[dict], cfg) -> dict | None:
+    """With ``--packing``: the fastest torch runner's real tokens/s over JAX packed's (printed),
+    as {ratio, against}; None without both."""
+    packed = next((r for r in results if r["name"] == JaxStep.packed_name), None)
+    torch_results = [r for r in results if r["name"].startswith("torch")]
+    if packed is None or not torch_results:
+        return None
+    fastest = max(torch_results, key=lambda r: r["tokens_per_s"])  # any layout
+    print(f"time per real token, jax packed/{fastest['name']} = "
+          f"{fastest['tokens_per_s'] / packed['tokens_per_s']:.3f} "
+          f"(real tokens per step: {packed['real_tokens_per_step']:.0f} jax packed, "
+          f"{fastest['real_tokens_per_step']:.0f} {fastest['name']}, of {cfg.batch * cfg.seq})")
+    return dict(ratio=fastest["tokens_per_s"] / packed["tokens_per_s"], against=fastest["name"])
 
 
 def time_round(runner, timing: str, steps: int, start: int) -> list[float]:
