@@ -75,11 +75,29 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
     def restore_run_info(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
+        return _restore_run(self.manager, step)
+
+    @staticmethod
+    def read_run_info(directory: str | os.PathLike, step: int) -> dict:
+        """The ``run`` item of checkpoint ``step`` (the config and data statistics it was saved
+        with), read without writing anything. FileNotFoundError when there is no complete
+        checkpoint at ``step``; a damaged one is refused as by ``restore_state``."""
+        manager = _read_only_manager(directory)
+        try:
+            if step not in manager.all_steps():
+                raise FileNotFoundError(f"{directory}: no checkpoint at step {step}")
+            check_intact(str(directory), step)
+            return _restore_run(manager, step)
+        finally:
+            manager.close()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _restore_run(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
 
 
 def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:

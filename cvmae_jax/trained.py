@@ -39,7 +39,7 @@ from cvmae_jax.data.stats import DataStats
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 from cvmae_jax.pooling import pool
 from cvmae_jax.steps import init_state, make_optimizer
-from cvmae_jax.workdir import checkpoint_dir, code_table, read_data_stats, run_config
+from cvmae_jax.workdir import checkpoint_dir, code_table, with_eval_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +89,22 @@ class TrainedRun:
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     """The run in ``workdir`` (written by train.py) at checkpoint ``step`` (default: the newest
-    complete one), its parameters on this process's first device."""
-    config = run_config(workdir)
-    data_stats = read_data_stats(workdir)
-    stats = DataStats.from_dict(data_stats)
+    complete one), its parameters on this process's first device, with the config and data
+    statistics saved in that checkpoint (a run resumed with other allowed settings may have
+    changed them)."""
     directory = checkpoint_dir(workdir)
     latest = Checkpointer.latest_complete_step(directory)
     if latest is None:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+        raise FileNotFoundError(f"{directory}: no complete checkpoint (is {workdir} a training "
+                                "workdir?)")
     step = latest if step is None else int(step)
+    try:
+        run_info = Checkpointer.read_run_info(directory, step)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (the newest "
+                                f"complete one is {latest})") from None
+    config, data_stats = with_eval_defaults(run_info["config"]), run_info["data_stats"]
+    stats = DataStats.from_dict(data_stats)
     model_config = ModelConfig.from_config(config.model, stats.vocab_size)
     model_config = dataclasses.replace(  # cuDNN-trained runs load on a CPU too
         model_config, attention=runnable_here(model_config.attention, jax.default_backend()))
@@ -111,11 +118,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             jax.eval_shape(fresh_state))
-    try:
-        state = Checkpointer.restore_state(directory, step, abstract)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (the newest "
-                                f"complete one is {latest})") from None
+    state = Checkpointer.restore_state(directory, step, abstract)
     return TrainedRun(graphdefs[0], state.params, stats, config, step, code_table(data_stats))
 
 

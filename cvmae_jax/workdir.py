@@ -43,7 +43,13 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's ``config.json`` with the ``eval.*`` fields it lacks at their defaults: eval
     settings leave the trained model unchanged, so a run can be evaluated by a version of
     eval.py with more of them."""
-    config = read_config(workdir)
+    return with_eval_defaults(read_config(workdir))
+
+
+def with_eval_defaults(config) -> ml_collections.ConfigDict:
+    """A run's config (a dict or ConfigDict) as a ConfigDict with the ``eval.*`` fields it
+    lacks at their defaults (``run_config``)."""
+    config = ml_collections.ConfigDict(config)
     settings = default_config().eval
     settings.update(config.eval.to_dict())
     config.eval = settings

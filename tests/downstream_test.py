@@ -395,6 +395,27 @@ def test_load_trained_reproduces_the_exported_embeddings(evaluated):
         load_trained(workdir, step=7)
 
 
+def test_load_trained_reads_the_config_and_statistics_saved_in_the_checkpoint(tiny_run,
+                                                                             tmp_path):
+    """The workdir's config.json and data_stats.json follow the latest start; the checkpoint
+    keeps those it was trained with, and load_trained reads them."""
+    workdir, _ = tiny_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+    trained = load_trained(copy)
+    for name, change in (("config.json", lambda c: c["eval"].update(label_max_len=7)),
+                         ("data_stats.json", lambda d: d["codes"][0].update(mean=1e6))):
+        with open(os.path.join(copy, name)) as f:
+            content = json.load(f)
+        change(content)
+        with open(os.path.join(copy, name), "w") as f:
+            json.dump(content, f)
+    again = load_trained(copy)
+    assert again.config.eval.label_max_len == trained.config.eval.label_max_len != 7
+    np.testing.assert_array_equal(again.stats.norm_mean, trained.stats.norm_mean)
+    assert again.labs.loc[0, "mean"] == trained.labs.loc[0, "mean"] != 1e6
+
+
 def test_trained_batch_of_raw_events_is_evals_label_window(evaluated):
     """``run.batch`` of a subject's raw MEDS events up to a prediction time gives the label
     window eval.py reads, under the run's eval.label_max_len and eval.label_window."""
