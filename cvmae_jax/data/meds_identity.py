@@ -1,46 +1,83 @@
 """What identifies a MEDS root's content in a prepared dataset's name: each file's path, size
-and a digest of its content, not its times. A copy of the root (to a VM's local disk, to every
-host of a job) names the same prepared dataset; a rewritten file names a new one.
+and the sha256 of its bytes, not its times. A copy of the root (to a VM's local disk, to every
+host of a job) names the same prepared dataset; a file rewritten in place, even to the same
+size, names a new one.
 
-A large Parquet file is identified by its footer, which holds every row group's row count,
-byte sizes and column statistics, so the digest reads kilobytes, not the file; other files are
-read whole."""
+Reading every byte costs about a second per 2 GB from the page cache (sha256 with the CPU's
+SHA extensions), more from a network disk, so each file's digest is remembered in a cache on
+this machine (``digest_cache_path``), keyed by the file's path, size, inode and modification
+and status-change times: an unchanged file is read once, a rewritten or copied one again (a
+write changes the status-change time even when the modification time is set back)."""
 
 from __future__ import annotations
 
 import hashlib
-import struct
+import os
 from pathlib import Path
 
-from cvmae_jax.data import meds
+from absl import logging
 
-_PARQUET_MAGIC = b"PAR1"
-_READ_WHOLE_BYTES = 16 << 20  # files up to this size are hashed in full
+from cvmae_jax.data import meds
+from cvmae_jax.jsonio import read_json, write_json_atomic
+
+CACHE_FILE = "meds_digests.json"
 
 
 def meds_identity(meds_dir: str | Path) -> list:
-    """[relative path, size, content digest] of the data shards and metadata files of a MEDS
-    root, in a fixed order."""
+    """[relative path, size, sha256 hex digest] of the data shards and metadata files of a
+    MEDS root, in a fixed order."""
     root = Path(meds_dir)
-    files = meds.data_files(root) + sorted((root / "metadata").glob("*"))
-    return [[str(f.relative_to(root)), f.stat().st_size, content_digest(f)]
-            for f in files if f.is_file()]
+    files = [f for f in meds.data_files(root) + sorted((root / "metadata").glob("*"))
+             if f.is_file()]
+    cache = _read_cache()
+    known = dict(cache)
+    out = []
+    for f in files:
+        stat = f.stat()
+        key = str(f.resolve())
+        signature = [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
+        entry = cache.get(key)
+        if entry is None or entry[:-1] != signature:
+            cache[key] = entry = [*signature, content_digest(f)]
+        out.append([str(f.relative_to(root)), stat.st_size, entry[-1]])
+    if cache != known:
+        _write_cache(cache)
+    return out
 
 
 def content_digest(path: Path) -> str:
-    """sha256 hex digest of the file at ``path``; of its Parquet footer (length and "PAR1"
-    included) when it is a Parquet file larger than 16 MiB."""
-    size = path.stat().st_size
+    """sha256 hex digest of the bytes of the file at ``path``."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        if size > _READ_WHOLE_BYTES:
-            f.seek(size - 8)
-            tail = f.read(8)
-            footer_len = struct.unpack("<I", tail[:4])[0]
-            if tail[4:] == _PARQUET_MAGIC and footer_len + 8 <= size:
-                f.seek(size - 8 - footer_len)
-                return hashlib.sha256(f.read(footer_len) + tail).hexdigest()
-            f.seek(0)
-        digest = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def digest_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/cvmae_jax/meds_digests.json`` (default ``~/.cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cvmae_jax" / CACHE_FILE
+
+
+def _read_cache() -> dict[str, list]:
+    """The cache's entries {resolved path: [size, inode, mtime_ns, ctime_ns, digest]}; empty
+    when it is missing or unreadable (every digest is then computed again)."""
+    try:
+        entries = read_json(digest_cache_path())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 5}
+
+
+def _write_cache(cache: dict[str, list]) -> None:
+    """Writes the entries of files that still exist; a cache that cannot be written (a
+    read-only home) only costs the next run the reading again."""
+    try:
+        write_json_atomic(digest_cache_path(),
+                          {k: v for k, v in cache.items() if os.path.exists(k)})
+    except OSError as error:
+        logging.info("MEDS digest cache not written (%s): the next run reads the files again",
+                     error)

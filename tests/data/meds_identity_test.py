@@ -1,5 +1,5 @@
 """The MEDS content in a prepared dataset's name: copies name the same dataset, rewritten files
-a new one, large Parquet files by their footer."""
+a new one; each file's digest is computed once while it stays unchanged."""
 
 import os
 import shutil
@@ -31,38 +31,35 @@ def test_same_size_same_times_other_bytes_names_a_new_dataset(tiny_meds):
     assert MedsLabConfig.create(tiny_meds.config()).name != before
 
 
-def test_large_parquet_files_are_identified_by_their_footer(tiny_meds, tmp_path, monkeypatch):
-    monkeypatch.setattr(identity_lib, "_READ_WHOLE_BYTES", 0)  # every file counts as large
-    shard = tiny_meds.root / "data" / "train" / "0.parquet"
-    table = pq.read_table(shard)
-    footer = pq.ParquetFile(shard).metadata.serialized_size
-    copy = tmp_path / "copy.parquet"
-    shutil.copyfile(shard, copy)
-    assert identity_lib.content_digest(copy) == identity_lib.content_digest(shard)
-    values = table.column("numeric_value").to_pylist()
-    first = next(i for i, v in enumerate(values) if v is not None)
-    values[first] += 1000.0  # a new maximum: the footer's statistics change
-    edited = tmp_path / "edited.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("numeric_value"),
-                                    "numeric_value", [values]).cast(table.schema), edited)
-    assert identity_lib.content_digest(edited) != identity_lib.content_digest(shard)
-    read = []
-    real_open = open
-
-    def counting_open(*args, **kwargs):
-        handle = real_open(*args, **kwargs)
-        real_read = handle.read
-        handle.read = lambda n=-1: read.append(len(data := real_read(n))) or data
-        return handle
-
-    monkeypatch.setattr("builtins.open", counting_open)
-    identity_lib.content_digest(shard)
-    assert sum(read) == footer + 8 < shard.stat().st_size  # the footer, not the file
+def test_an_unchanged_file_is_read_once_and_a_rewritten_one_again(tiny_meds, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    digests = []
+    real_digest = identity_lib.content_digest
+    monkeypatch.setattr(identity_lib, "content_digest",
+                        lambda path: digests.append(path) or real_digest(path))
+    first = identity_lib.meds_identity(tiny_meds.root)
+    assert len(digests) == len(first) > 1
+    assert (tmp_path / "cache" / "cvmae_jax" / identity_lib.CACHE_FILE).is_file()
+    digests.clear()
+    assert identity_lib.meds_identity(tiny_meds.root) == first and digests == []
+    shard = tiny_meds.root / "data" / "tuning" / "0.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    changed = identity_lib.meds_identity(tiny_meds.root)
+    assert digests == [shard]
+    assert [row for row in changed if row[0] != "data/tuning/0.parquet"] == \
+        [row for row in first if row[0] != "data/tuning/0.parquet"] and changed != first
 
 
-def test_a_large_file_that_is_not_parquet_is_read_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(identity_lib, "_READ_WHOLE_BYTES", 0)
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_bytes(b'{"x": 1}' + b" " * 100 + b"PAR1")
-    b.write_bytes(b'{"x": 2}' + b" " * 100 + b"PAR1")
-    assert identity_lib.content_digest(a) != identity_lib.content_digest(b)
+def test_an_unreadable_or_unwritable_cache_only_costs_reading_again(tiny_meds, tmp_path,
+                                                                  monkeypatch):
+    cache_home = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    expected = identity_lib.meds_identity(tiny_meds.root)
+    identity_lib.digest_cache_path().write_text("{not json")
+    assert identity_lib.meds_identity(tiny_meds.root) == expected
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file" / "cache"))
+    (tmp_path / "a_file").write_text("")  # the cache's folder cannot be made
+    assert identity_lib.meds_identity(tiny_meds.root) == expected
