@@ -4,7 +4,6 @@ a new one; each file's digest is computed once while it stays unchanged."""
 import os
 import shutil
 
-import pyarrow.parquet as pq
 
 from cvmae_jax.data import meds_identity as identity_lib
 from cvmae_jax.data.tfds_builder import MedsLabConfig
