@@ -58,13 +58,17 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
         splits[s]["out_of_vocab"] = report_lib.out_of_vocab(
             scan.code_counts[s], train_counts, codes, settings["lab_code_pattern"])
     squeezed = report_lib.squeezed_codes(stats, reservoirs, settings["min_subjects"])
-    warnings = report_lib.warnings_for(stats) + report_lib.squeezed_warning(
-        squeezed, stats.vocab_size)
+    clipped, by_quantiles = report_lib.clipped_shares(stats, reservoirs,
+                                                      settings["clip_quantiles"])
+    warnings = (report_lib.warnings_for(stats)
+                + report_lib.squeezed_warning(squeezed, stats.vocab_size)
+                + report_lib.clipped_warning(stats, clipped, by_quantiles,
+                                             settings["min_subjects"]))
     for w in warnings:
         log(f"[prepare] WARNING: {w}")
     report = dict(settings=settings, selection=selection, splits=splits,
                   rows_without_split=scan.rows_without_split, shards=scan.num_shards,
-                  reservoir_size=reservoir_size, codes=report_lib.code_rows(stats, descriptions),
+                  reservoir_size=reservoir_size, codes=report_lib.code_rows(stats, descriptions, clipped),
                   squeezed_codes=squeezed,
                   warnings=scan.warnings + warnings, files=scan.files,
                   repeated_links=scan.repeated_links)

@@ -25,17 +25,58 @@ MIRRORED_SHARE = 0.9
 # code is "squeezed" when its clipping keeps far values and its IQR spans less than
 # SQUEEZED_IQR normalized units (a normal distribution's spans 1.35).
 FAR_IQR, SQUEEZED_IQR = 10.0, 0.1
+# A selected code whose clipping bounds, moved inward by the min_subjects rule, leave more than
+# this share of its train values beyond them is warned about.
+CLIPPED_SHARE = 0.05
 
 
-def code_rows(stats: DataStats, descriptions) -> list[dict]:
+def code_rows(stats: DataStats, descriptions, clipped: np.ndarray) -> list[dict]:
     """Per selected code: code, name (``code_names.lab_name`` of its description [V]), unit
-    (last `//` part), count, subjects, mean, std, cv, within_subject_cv."""
+    (last `//` part), count, subjects, mean, std, cv, within_subject_cv, clipped_share
+    (``clipped`` [V]: ``clipped_shares``)."""
     names = code_names.lab_names(stats.codes, descriptions)
     return [dict(code=c, name=names[i], unit=meds.code_unit(c), count=int(stats.count[i]),
                  subjects=int(stats.num_subjects[i]), mean=json_float(stats.mean[i]),
                  std=json_float(stats.std[i]), cv=json_float(stats.cv[i]),
-                 within_subject_cv=json_float(stats.within_subject_cv[i]))
+                 within_subject_cv=json_float(stats.within_subject_cv[i]),
+                 clipped_share=float(clipped[i]))
             for i, c in enumerate(stats.codes)]
+
+
+def clipped_shares(stats: DataStats, reservoirs: Reservoirs, clip_quantiles
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [V] each: every code's share of train values beyond its clipping bounds, and
+    beyond its ``clip_quantiles`` alone (the bounds before the min_subjects rule moved them),
+    from the reservoir samples (exact for codes with fewer values than a sample holds)."""
+    clipped, by_quantiles = np.zeros(stats.vocab_size), np.zeros(stats.vocab_size)
+    for i, x in enumerate(reservoirs.samples):
+        low, high = np.quantile(x, clip_quantiles)
+        clipped[i] = np.mean((x < stats.clip_low[i]) | (x > stats.clip_high[i]))
+        by_quantiles[i] = np.mean((x < low) | (x > high))
+    return clipped, by_quantiles
+
+
+def clipped_warning(stats: DataStats, clipped: np.ndarray, by_quantiles: np.ndarray,
+                    min_subjects: int) -> list[str]:
+    """A warning naming the codes whose bounds the min_subjects rule moved so far that they
+    clip more than CLIPPED_SHARE of the train values (none when there are none)."""
+    heavy = np.flatnonzero((clipped > CLIPPED_SHARE) & (clipped > by_quantiles))
+    if not len(heavy):
+        return []
+    heavy = heavy[np.argsort(-clipped[heavy], kind="stable")]
+    shown = "; ".join(f"{stats.codes[i]} {clipped[i]:.1%} (the quantiles alone: "
+                      f"{by_quantiles[i]:.1%}) to [{stats.clip_low[i]:.4g}, "
+                      f"{stats.clip_high[i]:.4g}], {int(stats.num_subjects[i]):,} subjects"
+                      for i in heavy[:4])
+    return [f"{len(heavy)} of {stats.vocab_size} selected codes have more than "
+            f"{CLIPPED_SHARE:.0%} of their train values clipped ({shown}"
+            f"{'; ...' if len(heavy) > 4 else ''}; every code's share in prepare_report.md): "
+            "each clipping bound moves inward from its quantile until config.data.min_subjects="
+            f"{min_subjects} subjects have a value at or beyond it (half the code's subjects "
+            "when it has fewer than twice that), so on few subjects the model sees a narrow "
+            "range of such a lab. Lower min_subjects where your data's disclosure rules allow "
+            "(docs/data_problems.md, Aggregates that could reveal one patient), or leave the "
+            "codes out with config.data.lab_codes."]
 
 
 def warnings_for(stats: DataStats) -> list[str]:
@@ -210,13 +251,13 @@ def markdown(report: dict) -> str:
         o = report["splits"][s]["out_of_vocab"]
         lines.append(f"- {s}: {o['codes']} lab-like codes not selected ({o['events']:,} "
                      f"events), {o['unseen_in_train_codes']} never seen in train")
-    lines += ["", "| lab | code | unit | count | subjects | mean | std | CV | within-subject CV |",
-              "|---" * 9 + "|"]
+    lines += ["", "| lab | code | unit | count | subjects | mean | std | CV | within-subject CV "
+              "| clipped |", "|---" * 10 + "|"]
     for r in report["codes"]:
         lines.append(f"| {code_names.markdown_cell(r['name'])} | `{r['code']}` | {r['unit']} | "
                      f"{r['count']:,} | {r['subjects']:,} | "
                      + " | ".join(_fmt(r[k]) for k in ("mean", "std", "cv", "within_subject_cv"))
-                     + " |")
+                     + f" | {r['clipped_share']:.1%} |")
     if report.get("mirrored_codes"):
         lines += ["", f"Codes with >= {MIRRORED_SHARE:.0%} of their train values equal to "
                   "another code's value at the same (subject, time):", "",

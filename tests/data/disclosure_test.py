@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cvmae_jax.data import meds
 from cvmae_jax.data.disclosure import subject_safe_bounds, suppress_rows
 from cvmae_jax.data.prepare import prepare_dataset
-from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.data.report import clipped_shares, clipped_warning
+from cvmae_jax.data.stats import Reservoirs, compute_stats
 from cvmae_jax.evaluation.report import evaluated_rows, suppressed_lines
 from cvmae_jax.reconstruction import subjects_per_code
 
@@ -39,6 +41,37 @@ def test_codes_with_few_train_subjects_are_not_selected(tiny_meds, tmp_path):
     stats_file = json.loads((tmp_path.glob("**/data_stats.json").__next__()).read_text())
     assert tiny_meds.C not in {row["code"] for row in stats_file["codes"]}
     assert (prepared.stats.num_subjects >= 3).all()
+
+
+def test_the_report_gives_each_codes_share_of_clipped_train_values(tiny_meds, tmp_path):
+    prepared = prepare_dataset(tiny_meds.config(min_subjects=3), None, tmp_path)
+    train = meds.read_numeric_events(tiny_meds.root, "train").to_pandas()
+    rows = prepared.report["codes"]
+    for row, low, high in zip(rows, prepared.stats.clip_low, prepared.stats.clip_high):
+        values = train.loc[train["code"] == row["code"], "numeric_value"].to_numpy()
+        assert row["clipped_share"] == pytest.approx(np.mean((values < low) | (values > high)))
+    assert max(r["clipped_share"] for r in rows) > 0
+    table = next(tmp_path.glob("**/prepare_report.md")).read_text()
+    assert "| clipped |" in table and f"| {rows[0]['clipped_share']:.1%} |" in table
+
+
+@pytest.mark.parametrize("k, warned", [(5, True), (1, False)])
+def test_bounds_the_subject_rule_moves_to_clip_heavily_are_warned_about(k, warned):
+    values = np.r_[np.arange(1.0, 21.0), 1000.0]  # one subject each
+    events = pa.table({"subject_id": np.arange(21), "code": ["x"] * 21, "numeric_value": values})
+    stats = compute_stats(events, ["x"], (0.001, 0.999), min_subjects=k)
+    reservoirs = Reservoirs(1, 21)
+    reservoirs.add(np.zeros(21, np.int64), values, np.arange(21))
+    clipped, by_quantiles = clipped_shares(stats, reservoirs, (0.001, 0.999))
+    assert by_quantiles[0] == pytest.approx(2 / 21)  # 1 and 1000, beyond the quantiles
+    assert clipped[0] == pytest.approx(8 / 21 if k == 5 else 2 / 21)  # bounds 5 and 17 at k=5
+    warnings = clipped_warning(stats, clipped, by_quantiles, k)
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings[0].startswith("1 of 1 selected codes have more than 5% of their train "
+                                      "values clipped (x 38.1% (the quantiles alone: 9.5%) to "
+                                      "[5, 17], 21 subjects;")
+        assert "config.data.min_subjects=5 subjects" in warnings[0]
 
 
 def test_subjects_per_code_counts_each_subject_once(tiny_meds, tmp_path):
