@@ -236,7 +236,8 @@ def markdown(report: dict) -> str:
     keys = ("subjects", "subjects_with_rows", "events", "numeric_events", "lab_events",
             "null_time", "null_value", "nonfinite_value", "dropped_value", "duplicate_rows",
             "after_death_rows",
-            "unsorted_subjects", "examples", "tokens", "short_windows_dropped")
+            "unsorted_subjects", "examples", "tokens", "short_windows_dropped",
+            "events_not_in_window")
     lines += ["| | " + " | ".join(meds.SPLITS) + " |", "|---" * (len(meds.SPLITS) + 1) + "|"]
     flat = {s: _flatten(report["splits"][s]) for s in meds.SPLITS}
     for k in keys:
@@ -246,7 +247,10 @@ def markdown(report: dict) -> str:
               "(null_value), with NaN/inf (nonfinite_value) or with a value listed in "
               "config.data.drop_values (dropped_value). Kept and counted: exact duplicate "
               "lab rows, lab rows after the subject's MEDS_DEATH, and subjects whose rows were "
-              "not time-sorted in the file (sorted here).", ""]
+              "not time-sorted in the file (sorted here). Selected events in no window "
+              "(events_not_in_window): those before a subject's last max_len with "
+              "config.data.window='last', and those of windows shorter than "
+              "config.data.min_window_len (short_windows_dropped counts the windows).", ""]
     for s in meds.SPLITS[1:]:
         o = report["splits"][s]["out_of_vocab"]
         lines.append(f"- {s}: {o['codes']} lab-like codes not selected ({o['events']:,} "

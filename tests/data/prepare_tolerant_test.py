@@ -96,6 +96,15 @@ def test_report_counts_and_markdown(reference):
     assert "subject_id" not in text.replace("subjects", "")  # counts only
 
 
+def test_events_in_no_window_are_counted_in_the_readable_report(tiny_meds, tmp_path):
+    prepared = prepare_dataset(tiny_meds.config(window="last", max_len=3), None, tmp_path)
+    counts = [prepared.report["splits"][s]["windows"]["events_not_in_window"]
+              for s in meds.SPLITS]
+    assert counts[0] > 0
+    text = open(f"{prepared.path}/prepare_report.md").read()
+    assert "| events_not_in_window | " + " | ".join(f"{n:,}" for n in counts) + " |" in text
+
+
 def test_normalized_data_is_detected(tiny_meds, tmp_path, capsys):
     train = meds.read_numeric_events(tiny_meds.root, "train")
     codes = [tiny_meds.A, tiny_meds.B, tiny_meds.D]
