@@ -201,13 +201,19 @@ def selection_summary(report: dict) -> str:
 
 
 def selection_counts(report: dict) -> str:
-    """How the selection came about, from its report: "483 left out for values from fewer than
-    10 train subjects; of the others 390 match, 0 below min_code_count"."""
-    sel = report["selection"]
-    return (f"{sel.get('below_min_subjects', 0)} left out for values from fewer than "
-            f"{report['settings'].get('min_subjects', 1)} train subjects; of the others "
-            f"{sel.get('matching', '-')} match, {sel.get('below_min_count', 0)} below "
-            "min_code_count")
+    """How the selection came about, from its report: "873 codes match: 483 with values from
+    fewer than 10 train subjects, 7 with fewer than 20 train values (min_code_count), 383
+    eligible", or for an explicit list "each listed code has values from >= 10 train
+    subjects"."""
+    sel, settings = report["selection"], report["settings"]
+    k = settings.get("min_subjects", 1)
+    if sel.get("selection") != "pattern":
+        return f"each listed code has values from >= {k} train subjects"
+    few, enough = sel.get("below_min_subjects", 0), sel.get("matching", 0)
+    rare = sel.get("below_min_count", 0)
+    return (f"{few + enough} codes match: {few} with values from fewer than {k} train "
+            f"subjects, {rare} with fewer than {settings.get('min_code_count')} train values "
+            f"(min_code_count), {enough - rare} eligible")
 
 
 def out_of_vocab(code_counts: dict[str, int], train_counts: dict[str, int], selected,

@@ -25,9 +25,12 @@ def test_prepare_prints_summary_and_refuses_bad_input(tiny_meds, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "train: 5 subjects" in ok.stdout and "prepare_report.md" in ok.stdout
     assert "read it: tfds.data_source('meds_lab_sequences/" in ok.stdout
-    assert re.search(r"codes: pattern .\^LAB//., \d+ codes \(LAB \d+\) \(0 left out for "
-                     r"values from fewer than 1 train subjects; of the others \d+ match, \d+ "
-                     r"below min_code_count\)\n", ok.stdout)
+    counts = re.search(r"codes: pattern .\^LAB//., (\d+) codes \(LAB \d+\) \((\d+) codes "
+                       r"match: 0 with values from fewer than 1 train subjects, (\d+) with "
+                       r"fewer than 3 train values \(min_code_count\), (\d+) eligible\)\n",
+                       ok.stdout)
+    selected, matching, rare, eligible = map(int, counts.groups())
+    assert selected == eligible == matching - rare and rare > 0
     assert "Using custom data configuration" not in ok.stderr and "Downloading" not in ok.stdout
     shard = tiny_meds.root / "data/held_out/0.parquet"
     pq.write_table(pq.read_table(shard).drop_columns(["time"]), shard)
