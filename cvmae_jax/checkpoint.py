@@ -7,9 +7,10 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from cvmae_jax import parallel
-from cvmae_jax.damaged_checkpoints import check_intact, set_aside_damaged
+from cvmae_jax.damaged_checkpoints import check_intact, set_aside_damaged, step_dir
 
 
 class Checkpointer:
@@ -24,6 +25,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int):
+        self.directory = str(directory)
         parallel.on_process_0(lambda: set_aside_damaged(str(directory)),
                               "process 0 could not check the checkpoints; its error is in its "
                               "log")
@@ -58,6 +60,14 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state))).state
         finally:
             manager.close()
+
+    @staticmethod
+    def saved_shapes(directory: str | os.PathLike, step: int) -> dict[str, tuple[int, ...]]:
+        """``array_shapes`` of the ``state`` item of checkpoint ``step``, from its metadata
+        (no array is read)."""
+        handler = ocp.StandardCheckpointHandler()
+        return array_shapes(handler.metadata(epath.Path(step_dir(str(directory), step))
+                                             / "state"))
 
     def save(self, step: int, state, data_iterator, run_info: dict) -> None:
         """Starts an async save; the next save or ``close`` waits for it."""
@@ -105,6 +115,19 @@ def _read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
     would add two WARNING lines per use)."""
     return ocp.CheckpointManager(os.path.abspath(directory),
                                  options=ocp.CheckpointManagerOptions(create=False))
+
+
+def array_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of every array of a state pytree (arrays, ShapeDtypeStructs or Orbax's
+    metadata), paths written alike for each ("params/blocks/0/attn_norm/bias/value")."""
+    def name(key) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_like(tree):

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
+from cvmae_jax.checkpoint import Checkpointer, array_shapes
 from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import config_warnings, padding_warnings
@@ -301,18 +302,31 @@ def _refuse_changes(step: int, changes: list[str]) -> None:
 
 
 def restore_for_resume(checkpointer, step: int, abstract_state, data_iterator, config):
-    """The state of checkpoint ``step`` (and the input pipeline moved to its position). With
-    ``train.allow_config_change``, a checkpoint whose parameters have other shapes is refused
-    in one line instead of Orbax's tree dump."""
-    try:
-        return checkpointer.restore(step, abstract_state, data_iterator)
-    except ValueError as error:
-        if not config.train.allow_config_change:
-            raise
-        first_line = str(error).strip().splitlines()[0][:160]
-        raise ValueError(f"the checkpoint at step {step} does not fit this config's model "
-                         f"(Orbax: {first_line}); config.train.allow_config_change resumes only "
-                         "changes that keep every parameter's shape: use a new workdir") from error
+    """The state of checkpoint ``step`` (and the input pipeline moved to its position). With ``train.allow_config_change``, a checkpoint whose arrays have other shapes
+    than ``abstract_state``'s is refused first, in one line naming one of them, from the
+    checkpoint's metadata (a failed restore would print Orbax's tree and stray tracebacks)."""
+    if config.train.allow_config_change:
+        check_shapes_fit(Checkpointer.saved_shapes(checkpointer.directory, step),
+                         array_shapes(abstract_state), step)
+    return checkpointer.restore(step, abstract_state, data_iterator)
+
+
+def check_shapes_fit(saved: dict[str, tuple], wanted: dict[str, tuple], step: int) -> None:
+    """Raises ValueError naming the first array (``array_shapes`` paths, parameters first)
+    whose shape differs, or that only one of the checkpoint and this model has."""
+    differing = sorted((not path.startswith("params"), path)
+                       for path in set(saved) | set(wanted)
+                       if saved.get(path) != wanted.get(path))
+    if not differing:
+        return
+    path = differing[0][1]
+    where = ("is not in this model" if path not in wanted else "is not in the checkpoint"
+             if path not in saved else
+             f"has shape {list(saved[path])} there and {list(wanted[path])} here")
+    raise ValueError(f"the checkpoint at step {step} does not fit this config's model: {path} "
+                     f"{where} ({len(differing)} arrays differ); "
+                     "config.train.allow_config_change resumes only changes that keep every "
+                     "parameter's shape: use a new workdir")
 
 
 def changed_settings(saved_config: dict, config) -> list[str]:

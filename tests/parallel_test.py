@@ -146,8 +146,14 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_pa
         run(data_dir, tmp_path / "run", model__d_model=64, train__num_steps=30)
     assert (tmp_path / "run" / "config.json").read_text() == saved_config  # not overwritten
     with pytest.raises(ValueError, match=r"^the checkpoint at step 20 does not fit this "
-                                         r"config's model \(Orbax: .*\); config.train.allow"):
+                                         r"config's model: params/\S+ has shape \[(32|\d+, 32)"
+                                         r"\] there and \[(64|\d+, 64)\] here \(\d+ arrays "
+                                         r"differ\); config.train.allow_config_change resumes"):
         run(data_dir, tmp_path / "run", model__d_model=64, train__num_steps=30,
+            train__allow_config_change=True)
+    with pytest.raises(ValueError, match=r"does not fit this config's model: params/blocks/1/"
+                                         r"\S+ is not in the checkpoint"):
+        run(data_dir, tmp_path / "run", model__num_layers=2, train__num_steps=30,
             train__allow_config_change=True)
     assert (tmp_path / "run" / "config.json").read_text() == saved_config  # kept again
     with pytest.raises(ValueError, match=r"masking.strategy: 'cv' -> 'random'"):
