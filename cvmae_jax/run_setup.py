@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from cvmae_jax import parallel
 from cvmae_jax.attention import check_attention
 from cvmae_jax.checkpoint import Checkpointer, array_shapes
-from cvmae_jax.data.prepare import PreparedDataset, prepare_dataset
+from cvmae_jax.data.prepare import PreparedDataset, dataset_id, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import config_warnings, padding_warnings
 from cvmae_jax.mask_probabilities import (TIER_STATISTICS, expected_mask_rate,
@@ -235,14 +235,15 @@ def check_resume_settings(saved_run_info: dict, config, step: int) -> None:
                         "(train.allow_config_change): %s", step, "; ".join(changes))
 
 
-def check_resume_dataset(saved_run_info: dict, config, dataset: PreparedDataset,
-                         step: int) -> None:
+def check_resume_dataset(saved_run_info: dict, config, workdir: str, step: int) -> None:
     """Refuses to resume on another prepared dataset (the MEDS files changed) unless
-    ``train.allow_config_change``."""
+    ``train.allow_config_change``; before the dataset is prepared (its name follows from the
+    settings and the MEDS files: ``dataset_id``)."""
     saved = saved_run_info["data_stats"].get("dataset")
-    if saved == dataset.settings_id:
+    current = dataset_id(config.data, resolve_meds_dir(config, workdir))
+    if saved == current:
         return
-    change = f"prepared dataset: {saved} -> {dataset.settings_id}"
+    change = f"prepared dataset: {saved} -> {current}"
     if not config.train.allow_config_change:
         _refuse_changes(step, [change])
     logging.warning("resuming the checkpoint at step %d on other data "

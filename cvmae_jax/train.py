@@ -152,9 +152,8 @@ def _open_workdir(config, workdir: str):
         saved_run = checkpointer.restore_run_info(start_step) if start_step else None
         if saved_run:
             run_setup.check_resume_settings(saved_run, config, start_step)
+            run_setup.check_resume_dataset(saved_run, config, workdir, start_step)
         dataset = run_setup.prepare_run_data(config, workdir)
-        if saved_run:
-            run_setup.check_resume_dataset(saved_run, config, dataset, start_step)
     except BaseException:
         if checkpointer is not None:
             checkpointer.close()

@@ -6,12 +6,16 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 import cvmae_jax.train as train_module
 from cvmae_jax import cli, parallel
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import default_config
+from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.mask_probabilities import STRATEGIES
 from cvmae_jax.train import train_and_evaluate
@@ -157,6 +161,29 @@ def test_kill_and_resume_repeats_the_same_losses(data_dir, tmp_path):
     again = {m["step"]: m["loss"] for m in logged}
     assert all(again[s] == expected[s] for s in again), (again, expected)
     assert_tensorboard_shows_the_metrics(resumed)  # TensorBoard too hides the first 11-20
+
+
+def test_a_resume_on_changed_meds_files_is_refused_before_preparing_them(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_steps=20, eval_every=10, checkpoint_every=10)
+    meds = tmp_path / "meds"
+    shutil.copytree(synthetic_meds_root(data_dir, config.data.synthetic_subjects, config.seed),
+                    meds)
+    config.data.meds_dir, config.data.data_dir = str(meds), str(tmp_path / "prepared")
+    run = str(tmp_path / "run")
+    train_and_evaluate(config, run)
+    shutil.rmtree(os.path.join(run, "checkpoints", "20"))  # killed before its last save
+    prepared = sorted(p.name for p in (tmp_path / "prepared").glob("*/*"))
+    shard = sorted((meds / "data").glob("*/*.parquet"))[0]
+    table = pq.read_table(shard)
+    values = pc.multiply(table["numeric_value"], pa.scalar(1.5, table["numeric_value"].type))
+    pq.write_table(table.set_column(table.schema.get_field_index("numeric_value"),
+                                    "numeric_value", values), shard)
+    with pytest.raises(ValueError, match=r"the checkpoint at step 10 was written with other "
+                                         r"settings \(prepared dataset: \S+ -> \S+\)"):
+        train_and_evaluate(config, run)
+    assert sorted(p.name for p in (tmp_path / "prepared").glob("*/*")) == prepared
+    config.train.allow_config_change = True
+    assert train_and_evaluate(config, run)["step"] == 20
 
 
 class PoisonedData:

@@ -67,6 +67,12 @@ class PreparedDataset:
         return LabRecords(self.path, split)
 
 
+def dataset_id(data_config: Any, meds_dir: str | Path | None) -> str:
+    """The ``settings_id`` that ``prepare_dataset`` gives these settings and MEDS files,
+    without preparing anything."""
+    return MedsLabConfig.create(data_config, meds_dir).name
+
+
 def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str | Path,
                     log: Callable[[str], None] = print, pool=None) -> PreparedDataset:
     """Builds the dataset under `data_dir` unless one with the same settings and MEDS files
