@@ -150,7 +150,8 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: i
                   auroc=None, auroc_ci=None, auprc=None, auprc_ci=None,
                   bootstrap_used=0, n_subjects=None, reason=None)
     if one_class(train_y):
-        result["reason"] = f"train split has {len(train_y)} rows with a single class"
+        result["reason"] = (f"train split has a single class ({int(train_y.sum())} positives "
+                            f"of {len(train_y)} rows)")
         return result, None
     best_c, result["c_selection"], result["tuning_auroc"] = select_c(train_X, train_y, tuning_X,
                                                                      tuning_y, seed)
@@ -281,8 +282,8 @@ def read_task(meds_dir, task_dir, stats, max_len: int,
     event at or before the row's prediction_time, so nothing to embed; a metric on them would
     only measure the probe's constant. Empty windows, and rows repeating another's subject and
     prediction time, are counted and logged as a warning; a split whose label rows all have an
-    empty window raises MEDSFormatError, as do label files of the task with different time
-    zones."""
+    empty window raises MEDSFormatError, as do a train split without both classes (no probe
+    can be fit) and label files of the task with different time zones."""
     windows = task_windows(meds_dir, task_dir, stats, max_len, each_code_latest)
     prediction_time_zone(label_files(task_dir))
     rows = {s: dict(rows=len(ws), empty_windows=sum(len(w["codes"]) == 0 for w in ws))
@@ -293,6 +294,12 @@ def read_task(meds_dir, task_dir, stats, max_len: int,
                 f"{task_dir}: all {r['rows']} {split} label rows have an empty window (no "
                 "selected lab event at or before their prediction_time, e.g. prediction times "
                 "before the subjects' first lab event): no metric can rest on them")
+    train = [bool(w["label"]) for w in windows[TRAIN] if len(w["codes"])]
+    if one_class(train):
+        raise meds.MEDSFormatError(
+            f"{task_dir}: the train split has {len(train)} label rows with a window, "
+            f"{sum(train)} of them positive (boolean_value true): a probe needs both classes "
+            "on train; check the task's label files and metadata/subject_splits.parquet")
     if any(r["empty_windows"] for r in rows.values()):
         logging.warning("labels %s: %s", task_dir, empty_windows_words(rows))
     keys = [(int(w["subject_id"]), int(w["prediction_time_us"]))

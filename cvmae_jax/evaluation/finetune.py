@@ -295,7 +295,8 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
     result = dict(n_train=int(len(train_y)), n_tuning=len(windows[TUNING]),
                   n=len(windows[TEST]), reason=None)
     if one_class(train_y):
-        result["reason"] = f"train split has {len(train_y)} rows with a single class"
+        result["reason"] = (f"train split has a single class ({int(train_y.sum())} positives "
+                            f"of {len(train_y)} rows)")
         return TaskFinetune(result, {})
     test_y = _labels(windows[TEST])
     subjects = [int(w["subject_id"]) for w in windows[TEST]]

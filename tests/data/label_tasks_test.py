@@ -58,6 +58,22 @@ def test_a_split_whose_windows_are_all_empty_is_refused(setup):
         downstream.read_label_tasks(str(tiny_meds.root), stats, 8)
 
 
+@pytest.mark.parametrize("train_rows, positives", [(lambda s, times: [(times[4], False)], 0),
+                                                    (lambda s, times: [], None)])
+def test_a_train_split_without_both_classes_is_refused(setup, train_rows, positives):
+    tiny_meds, stats = setup
+    train = {int(s) for s, split in meds.read_subject_splits(tiny_meds.root).items()
+             if split == "train"}
+    _write_task(tiny_meds, "flat", lambda s, times: train_rows(s, times) if s in train
+                else [(times[4], s % 2 == 0), (times[-1], s % 2 == 1)])
+    rows = len(train) if positives == 0 else 0
+    with pytest.raises(meds.MEDSFormatError, match=rf"labels/flat: the train split has {rows} "
+                                                   rf"label rows with a window, 0 of them "
+                                                   r"positive \(boolean_value true\): a probe "
+                                                   r"needs both classes on train"):
+        downstream.read_label_tasks(str(tiny_meds.root), stats, 8)
+
+
 def _constant_embed(params, batch):
     return np.asarray(batch["valid"].sum(1, keepdims=True), np.float32)
 
