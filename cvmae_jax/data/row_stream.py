@@ -98,7 +98,7 @@ class _BatchAssembler:
         parts, wanted = [], self.stream.global_rows
         while wanted:
             if self.current is None:
-                self.current = next(self.chunks)
+                self.current = self._receive(next(self.chunks))
             rows = len(next(iter(self.current.values())))
             take = min(wanted, rows - self.row)
             parts.append({k: v[self.row:self.row + take] for k, v in self.current.items()})
@@ -112,6 +112,12 @@ class _BatchAssembler:
         else:
             batch = {k: np.concatenate([p[k] for p in parts])[keep] for k in parts[0]}
         return batch, (self.chunk, self.row)
+
+    def _receive(self, chunk: Chunk) -> Chunk:
+        """A chunk from the workers copied out of grain's shared memory, which is then freed
+        at once: views of it held until the process exits (the current chunk, the batches
+        cut from it) are never unlinked, and Python's resource tracker warns of each."""
+        return {k: np.array(v) for k, v in chunk.items()} if self.stream.workers else chunk
 
     def stop(self) -> None:
         self.chunks.close()
