@@ -16,6 +16,7 @@ from cvmae_jax import config as config_module
 from cvmae_jax.config_checks import eval_overridable, field_names
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import check_writable
+from cvmae_jax.preemption import Preempted
 from cvmae_jax.host_memory import reuse_freed_memory
 
 FLAGS = flags.FLAGS
@@ -111,7 +112,7 @@ def eval_overrides() -> dict:
 @contextlib.contextmanager
 def user_errors():
     """Bad settings or data end the program with one clear line and exit status 1, Ctrl-C
-    with one line and 130. An error raised inside a library rather than by this package may be
+    with one line and 130, SIGTERM before training with one line and 0. An error raised inside a library rather than by this package may be
     a bug: its line names the exception and the module, and -v=1 shows the traceback."""
     try:
         yield
@@ -122,6 +123,9 @@ def user_errors():
         sys.exit(f"error: {error}" + ("" if origin == __package__ else
                                       f" ({type(error).__name__} raised in {origin}; -v=1 "
                                       "shows the traceback)"))
+    except Preempted as stop:  # before training started: nothing to save, as after a save
+        print(stop, file=sys.stderr)
+        sys.exit(0)
     except KeyboardInterrupt:
         logging.debug("traceback of the interruption", exc_info=True)
         print("interrupted (Ctrl-C); rerun the same command (train.py resumes from its last "

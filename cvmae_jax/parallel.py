@@ -48,6 +48,14 @@ def set_cpu_devices(count: int | None) -> None:
                          f"device(s) (run it in a fresh process)") from error
 
 
+def wants_distributed(parallel_config) -> bool:
+    """Whether ``initialize_distributed`` starts several processes: ``distributed`` or any of
+    coordinator_address/num_processes/process_id set (known before JAX starts)."""
+    manual = (parallel_config.coordinator_address, parallel_config.num_processes,
+              parallel_config.process_id)
+    return bool(parallel_config.distributed) or any(field is not None for field in manual)
+
+
 def initialize_distributed(parallel_config) -> None:
     """``jax.distributed.initialize`` when ``config.parallel.distributed`` is set or any of
     coordinator_address/num_processes/process_id is (a manual launch, e.g. several processes
@@ -57,10 +65,7 @@ def initialize_distributed(parallel_config) -> None:
     JAX choose: every local device, except under SLURM or Open MPI, where each process gets the
     one GPU of its local rank (so launch one task per GPU, or list the GPUs of a task).
     """
-    manual = (parallel_config.coordinator_address, parallel_config.num_processes,
-              parallel_config.process_id)
-    if jax.distributed.is_initialized() or not (
-            parallel_config.distributed or any(field is not None for field in manual)):
+    if jax.distributed.is_initialized() or not wants_distributed(parallel_config):
         return
     local_ids = parallel_config.local_device_ids
     try:

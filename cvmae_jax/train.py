@@ -14,8 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import signal
-import threading
 import time
 from typing import Any, Iterator
 
@@ -37,6 +35,7 @@ from cvmae_jax.jsonio import write_json_atomic
 from cvmae_jax.masking import mask_root
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
+from cvmae_jax.preemption import SaveOnSigterm, sigterm_stops_setup
 from cvmae_jax.reconstruction import evaluate_split
 from cvmae_jax.steps import (TrainState, WindowTotals, init_state, make_eval_step,
                              make_optimizer, make_train_step, make_window_step)
@@ -55,13 +54,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Returns a summary: final step, last training and validation metrics, the number of times the
     train step was traced (1 when nothing recompiled) and whether the run was preempted.
     """
-    run = set_up(config, workdir)
+    with sigterm_stops_setup(not parallel.wants_distributed(config.parallel)):
+        run = set_up(config, workdir)
     try:
         if run.start_step >= config.train.num_steps:
             return dict(step=run.start_step, train={}, eval={}, train_step_traces=0,
                         preempted=False)
-        first_batch = next(run.data)
-        step, traces = compile_step(run, first_batch)
+        with sigterm_stops_setup(jax.process_count() == 1):
+            first_batch = next(run.data)
+            step, traces = compile_step(run, first_batch)
         summary = TrainLoop(run, step).train(first_batch)
         return dict(summary, train_step_traces=len(traces))
     finally:
@@ -239,7 +240,8 @@ class TrainLoop:
         """Trains from the run's start step to ``train.num_steps`` (or a preemption); returns
         the final step, the last window's and validation's metrics and whether preempted."""
         train, guard = self.config.train, self.config.train.transfer_guard
-        preemption = _Preemption(self.run.checkpointer, self.run.preempted_early)
+        preemption = SaveOnSigterm(self.run.checkpointer, jax.process_count() == 1,
+                                   self.run.preempted_early)
         batch, preempted = first_batch, False
         in_flight = collections.deque()  # step numbers of the steps dispatched, not waited for
         try:
@@ -357,26 +359,3 @@ class _WindowClock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-
-class _Preemption:
-    """SIGTERM sets a flag the loop checks after each step (single process). With several
-    processes, Orbax's preemption sync point makes every process stop at the same step. The
-    host runs at most ``MAX_STEPS_AHEAD`` steps ahead of the devices, so the save follows the
-    signal after at most that many steps."""
-
-    def __init__(self, checkpointer: Checkpointer, preempted_early: bool = False):
-        self.checkpointer = checkpointer
-        self.flag = threading.Event()
-        if preempted_early:
-            self.flag.set()
-        self.previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
-
-    def reached(self, step: int) -> bool:
-        return self.flag.is_set() or self.checkpointer.manager.reached_preemption(step)
-
-    def restore_handler(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)

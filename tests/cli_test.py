@@ -239,6 +239,16 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
         "checkpoint)\n")
 
 
+def test_sigterm_before_training_is_one_line_and_exit_status_0(capsys):
+    from cvmae_jax import cli
+    from cvmae_jax.preemption import Preempted
+
+    with pytest.raises(SystemExit) as stopped, cli.user_errors():
+        raise Preempted("preempted (SIGTERM) before the first training step")
+    assert stopped.value.code == 0
+    assert capsys.readouterr().err == "preempted (SIGTERM) before the first training step\n"
+
+
 @pytest.mark.parametrize("text, message", [
     (None, "error: --config={path}: no such file (the configs are in configs/)"),
     ("def get_config(:\n", "error: --config={path}: line 1: "),

@@ -116,6 +116,29 @@ def test_worker_processes_leave_no_shared_memory_behind(reference, tmp_path):
     assert last_losses(tmp_path) == expected  # the workers make the same batches
 
 
+def test_sigterm_while_preparing_stops_at_once_and_removes_the_new_workdir(tmp_path,
+                                                                          monkeypatch):
+    """In-process: SIGTERM arrives while the dataset is prepared; set-up stops with Preempted
+    (train.py prints it and exits 0) and removes what it made, as after Ctrl-C."""
+    from cvmae_jax import run_setup
+    from cvmae_jax.preemption import Preempted
+    from cvmae_jax.train import train_and_evaluate
+    from train_test import tiny_config
+
+    def terminated(config, workdir):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+        raise AssertionError("SIGTERM did not stop the preparation")
+
+    monkeypatch.setattr(run_setup, "prepare_run_data", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    workdir = tmp_path / "run"
+    with pytest.raises(Preempted, match="before the first training step: nothing new to save"):
+        train_and_evaluate(tiny_config(tmp_path / "data"), str(workdir))
+    assert not workdir.exists()
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+
+
 def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):
     data_dir, expected = reference
     signal_at_step(tmp_path, data_dir, 60, signal.SIGKILL).wait()
