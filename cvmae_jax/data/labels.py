@@ -24,8 +24,11 @@ from cvmae_jax.data import meds, stream
 from cvmae_jax.data.sequences import window_example, window_rows
 from cvmae_jax.data.stats import DataStats
 
-LABEL_CHECKS = {"subject_id": pa.types.is_integer, "prediction_time": pa.types.is_timestamp,
-                "boolean_value": pa.types.is_boolean}
+# Each required column: its type check and what a message says is expected.
+LABEL_CHECKS = {"subject_id": (pa.types.is_integer, "an integer type"),
+                "prediction_time": (pa.types.is_timestamp, "a timestamp, e.g. timestamp[us]"),
+                "boolean_value": (pa.types.is_boolean, "bool (0/1 integers: cast them with "
+                                  "pyarrow.compute.cast(column, pyarrow.bool_()))")}
 OPTIONAL = ("integer_value", "float_value", "categorical_value")
 
 
@@ -59,10 +62,10 @@ def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
     if unexpected:
         raise meds.MEDSFormatError(f"{path}: unexpected columns {unexpected} (a label "
                                    f"file has {list(LABEL_CHECKS) + list(OPTIONAL)})")
-    for col, ok in LABEL_CHECKS.items():
+    for col, (ok, expected) in LABEL_CHECKS.items():
         if not ok(table.schema.field(col).type):
-            raise meds.MEDSFormatError(
-                f"{path}: column {col!r} has unsupported type {table.schema.field(col).type}")
+            raise meds.MEDSFormatError(f"{path}: column {col!r} has unsupported type "
+                                       f"{table.schema.field(col).type}; expected {expected}")
         if table.column(col).null_count:
             raise meds.MEDSFormatError(f"{path}: column {col} contains nulls")
     table = pa.table({"subject_id": meds.cast_column(path, "subject_id", table["subject_id"],

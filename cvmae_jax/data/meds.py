@@ -174,8 +174,11 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)
 
 
-_COLUMN_CHECKS = {"subject_id": pa.types.is_integer, "time": pa.types.is_timestamp,
-                  "code": _is_string, "numeric_value": _is_number}
+# Each event column: its type check and what a message says is expected.
+_COLUMN_CHECKS = {"subject_id": (pa.types.is_integer, "an integer type"),
+                  "time": (pa.types.is_timestamp, "a timestamp, e.g. timestamp[us]"),
+                  "code": (_is_string, "string, large_string or dictionary of strings"),
+                  "numeric_value": (_is_number, "a float or integer type")}
 
 
 def cast_column(path: Path, name: str, column, to_type: pa.DataType, safe: bool = True):
@@ -244,9 +247,10 @@ def shard_batches(path: Path, columns=EVENT_COLUMNS, batch_rows: int = 1 << 20
         name = source[col]
         if name not in schema.names:
             raise MEDSFormatError(f"{path}: column {col!r} is missing (has {schema.names})")
-        if not _COLUMN_CHECKS[col](schema.field(name).type):
-            raise MEDSFormatError(
-                f"{path}: column {col!r} has unsupported type {schema.field(name).type}")
+        ok, expected = _COLUMN_CHECKS[col]
+        if not ok(schema.field(name).type):
+            raise MEDSFormatError(f"{path}: column {col!r} has unsupported type "
+                                  f"{schema.field(name).type}; expected {expected}")
     batches = file.iter_batches(batch_size=batch_rows, columns=[source[c] for c in columns])
     while True:
         try:

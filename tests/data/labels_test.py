@@ -90,6 +90,11 @@ def test_each_code_latest_windows_hold_every_code_seen_before_prediction_time(sy
      "rows refer to subjects missing from the subject splits"),
     (lambda t: t.set_column(0, "subject_id", pa.array([2**63 + 7] * t.num_rows, pa.uint64())),
      r"column subject_id: a value of type uint64 does not fit int64 \(out of range"),
+    (lambda t: t.set_column(2, "boolean_value", pc.cast(t["boolean_value"], pa.int64())),
+     r"column 'boolean_value' has unsupported type int64; expected bool \(0/1 integers: cast "
+     r"them with pyarrow.compute.cast\(column, pyarrow.bool_\(\)\)\)"),
+    (lambda t: t.set_column(1, "prediction_time", pc.cast(t["prediction_time"], pa.string())),
+     r"column 'prediction_time' has unsupported type string; expected a timestamp"),
 ])
 def test_bad_label_files(synthetic, tmp_path, change, problem):
     root, stats = synthetic
