@@ -182,12 +182,10 @@ def _marker(workdir: str, token: int) -> str:
     return os.path.join(workdir, f".shared_by_processes_{token}")
 
 
-def remove_empty_folders(path: str) -> None:
-    """Removes ``path`` and the folders under it that hold no file, deepest first (what
-    another process removes or fills meanwhile is left alone)."""
-    for folder, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)  # fails unless empty
+def remove_new_workdir(path: str) -> None:
+    """Removes a workdir this command created, with what set-up wrote in it before failing
+    (the synthetic MEDS data, an empty checkpoint folder); every process may call it."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:

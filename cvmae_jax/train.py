@@ -160,7 +160,7 @@ def _open_workdir(config, workdir: str):
             checkpointer.close()
         lock.release(remove_file=created_workdir)
         if created_workdir:
-            run_setup.remove_empty_folders(workdir)
+            run_setup.remove_new_workdir(workdir)
         raise
     return lock, checkpointer, start_step, preempted_early, dataset
 

@@ -104,6 +104,8 @@ def test_verbose_flag_shows_the_traceback(tmp_path):
     ("demo", "--config.parallel.cpu_devices=-2", "config.parallel.cpu_devices=-2: expected"),
     ("demo", "--config.parallel.distributed=True", "config.parallel.distributed: "
                                                    "jax.distributed.initialize failed ("),
+    ("demo", "--config.data.lab_codes=LAB//X", "1 requested lab_codes have no numeric train "
+                                               "rows"),  # after the synthetic data is made
 ])
 def test_bad_settings_fail_before_writing_anything(tmp_path, config, override, message):
     workdir = tmp_path / "run"
