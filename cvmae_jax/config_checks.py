@@ -82,6 +82,10 @@ def check_data_config(data) -> None:
     _require(data.min_window_len <= data.max_len, "data.min_window_len", data.min_window_len,
              f"must be <= config.data.max_len={data.max_len}")
     _require(data.window in WINDOWS, "data.window", data.window, f"expected one of {WINDOWS}")
+    _require(not any(str(code)[:1] in "([" for code in data.lab_codes or ()), "data.lab_codes",
+             tuple(data.lab_codes or ()), "a code starts with a bracket: a tuple typed on the "
+             "command line needs quotes, --config.data.lab_codes='(\"LAB//50912//mg/dL\", "
+             "\"LAB//50971//mEq/L\")'")
     quantiles = tuple(data.clip_quantiles)
     _require(len(quantiles) == 2 and 0.0 <= quantiles[0] < quantiles[1] <= 1.0,
              "data.clip_quantiles", quantiles, "expected (low, high) with 0 <= low < high <= 1")

@@ -26,6 +26,8 @@ def test_shipped_configs_pass(name, shipped_config):
     ("data.clip_quantiles", (0.0, 1.5), "0 <= low < high <= 1"),
     ("data.workers", -2, "expected an integer >= 0"),
     ("data.min_subjects", 0, "expected an integer >= 1"),
+    ("data.lab_codes", ("(LAB//50912//mg/dL,)",), "a tuple typed on the command line needs "
+                                                  "quotes, --config.data.lab_codes='(\"LAB//"),
     ("masking.strategy", "spans", "expected one of"),
     ("masking.p_high", 1.5, "a masking probability must lie in [0, 1]"),
     ("masking.p_low", -0.1, "a masking probability must lie in [0, 1]"),
