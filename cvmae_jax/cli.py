@@ -162,7 +162,9 @@ def check_config_file(argv: list[str]) -> None:
     if path is None:
         return
     if not os.path.isfile(path.split(":", 1)[0]):
-        sys.exit(f"error: --config={path}: no such file (the configs are in configs/)")
+        sys.exit(f"error: --config={path}: no such file (relative to {os.getcwd()}; the "
+                 "configs are in the repository's configs/ folder, which the installed "
+                 "package does not hold: give their path)")
     try:
         config_module.load_config_file(path)
     except SyntaxError as error:

@@ -252,7 +252,7 @@ def test_sigterm_before_training_is_one_line_and_exit_status_0(capsys):
 
 
 @pytest.mark.parametrize("text, message", [
-    (None, "error: --config={path}: no such file (the configs are in configs/)"),
+    (None, "error: --config={path}: no such file (relative to "),
     ("def get_config(:\n", "error: --config={path}: line 1: "),
     ("X = 1\n", "error: --config={path}: ValueError: {path}: no get_config() function"),
     ("def get_config():\n    return 1 / 0\n", "error: --config={path}: ZeroDivisionError: "),
