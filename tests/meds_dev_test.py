@@ -3,15 +3,18 @@ synthetic data: labels command -> pretraining -> probe -> predictions in MEDS-DE
 meds-evaluation, whose AUROC must equal the one eval.py reports."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
 pytest.importorskip("aces")
@@ -68,6 +71,30 @@ def test_score_file_is_sklearns_auroc_and_undefined_for_one_class(tmp_path):
                    tmp_path / "one.parquet")
     assert score_file(str(tmp_path / "one.parquet")) == {
         "undefined": "the labels are all one class"}
+
+
+def test_the_scorers_warnings_are_one_log_line(tmp_path, caplog):
+    """scikit-learn's warnings inside meds-evaluation (an AUROC of a resample with one class,
+    on small label sets) become one log line per file instead of interleaving with progress."""
+    table = pa.table({"subject_id": pa.array([1, 2], pa.int64()),
+                      "prediction_time": pa.array([0, 10**9], pa.timestamp("us")),
+                      "boolean_value": [True, False], "predicted_boolean_value": [True, False],
+                      "predicted_boolean_probability": [0.9, 0.1]})
+    pq.write_table(table, tmp_path / "p.parquet")
+
+    def warning_evaluate(predictions):
+        for _ in range(3):
+            warnings.warn("Only one class is present in y_true.\nROC AUC score is not defined",
+                          UndefinedMetricWarning)
+        return {"samples_equally_weighted": {"roc_auc_score": 1.0}}
+
+    with warnings.catch_warnings(record=True) as escaped, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        scores = score_file(str(tmp_path / "p.parquet"), warning_evaluate)
+    assert escaped == [] and scores == {"samples_equally_weighted": {"roc_auc_score": 1.0}}
+    assert [r.getMessage() for r in caplog.records if "from its metrics" in r.getMessage()] == [
+        f"meds-evaluation on {tmp_path / 'p.parquet'}: 3 warning(s) from its metrics, e.g. "
+        "Only one class is present in y_true."]
 
 
 @pytest.mark.slow

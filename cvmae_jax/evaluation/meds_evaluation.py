@@ -14,6 +14,7 @@ as undefined, not scored. Without meds-evaluation installed nothing is scored.
 from __future__ import annotations
 
 import os
+import warnings
 
 from absl import logging
 
@@ -40,7 +41,12 @@ def score_file(path: str, evaluate=None) -> dict:
     predictions = pl.read_parquet(path)
     if predictions["boolean_value"].n_unique() < 2:
         return {"undefined": "the labels are all one class"}
-    result = evaluate(predictions)
+    with warnings.catch_warnings(record=True) as caught:  # one line instead of a few per file
+        warnings.simplefilter("always")
+        result = evaluate(predictions)
+    if caught:
+        logging.info("meds-evaluation on %s: %d warning(s) from its metrics, e.g. %s", path,
+                     len(caught), str(caught[0].message).splitlines()[0])
     return {block: {name: json_float(value) for name, value in metrics.items()}
             for block, metrics in result.items()}
 
