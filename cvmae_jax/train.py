@@ -260,6 +260,8 @@ class TrainLoop:
                 if step % train.eval_every == 0 or step == train.num_steps:
                     self._validate(step)
                 if preemption.reached(step):
+                    if step % train.log_every:  # the steps since the last line, logged too
+                        self._log_window(step)
                     self._save(step)
                     preempted = True
                     logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun "

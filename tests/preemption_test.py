@@ -139,6 +139,23 @@ def test_sigterm_while_preparing_stops_at_once_and_removes_the_new_workdir(tmp_p
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
+def test_a_preempted_window_is_logged_so_every_step_has_a_line(tmp_path, monkeypatch):
+    """Preempted at step 7 with log_every=5: steps 6-7 get their line before the save, and the
+    resumed run's line at step 10 covers 8-10."""
+    from cvmae_jax import preemption
+    from cvmae_jax.train import train_and_evaluate
+    from train_test import tiny_config
+
+    config = tiny_config(tmp_path / "data", num_steps=10, log_every=5, eval_every=10,
+                         checkpoint_every=10)
+    monkeypatch.setattr(preemption.SaveOnSigterm, "reached", lambda self, step: step == 7)
+    assert train_and_evaluate(config, str(tmp_path / "run"))["preempted"]
+    monkeypatch.undo()
+    assert train_and_evaluate(config, str(tmp_path / "run"))["step"] == 10
+    lines = [m for m in read_metrics(tmp_path / "run") if "split" not in m]
+    assert [(m["step"], m["window_steps"]) for m in lines] == [(5, 5), (7, 2), (10, 3)]
+
+
 def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):
     data_dir, expected = reference
     signal_at_step(tmp_path, data_dir, 60, signal.SIGKILL).wait()
