@@ -51,8 +51,9 @@ def validate_config(config, num_devices: int) -> None:
                     jax.default_backend())
     parallel.check_batch_size(config.train.batch_size, num_devices, "config.train.batch_size")
     parallel.check_batch_size(config.eval.batch_size, num_devices, "config.eval.batch_size")
-    parallel.check_batch_size(config.eval.finetune.batch_size, num_devices,
-                              "config.eval.finetune.batch_size")  # eval.py on the same devices
+    if config.eval.finetune.enabled:  # eval.py on the same devices
+        parallel.check_batch_size(config.eval.finetune.batch_size, num_devices,
+                                  "config.eval.finetune.batch_size")
     if jax.process_index() == 0:
         for warning in config_warnings(config):
             logging.warning("%s", warning)

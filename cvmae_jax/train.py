@@ -63,7 +63,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with sigterm_stops_setup(jax.process_count() == 1):
             first_batch = next(run.data)
             step, traces = compile_step(run, first_batch)
-        summary = TrainLoop(run, step).train(first_batch)
+            loop = TrainLoop(run, step)
+        summary = loop.train(first_batch)
         return dict(summary, train_step_traces=len(traces))
     finally:
         run.close()
@@ -260,8 +261,9 @@ class TrainLoop:
                 if step % train.eval_every == 0 or step == train.num_steps:
                     self._validate(step)
                 if preemption.reached(step):
-                    if step % train.log_every:  # the steps since the last line, logged too
-                        self._log_window(step)
+                    if step % train.log_every and step != train.num_steps:
+                        self.window.exclude(time.perf_counter() - pause_start)
+                        self._log_window(step)  # the steps since the last line
                     self._save(step)
                     preempted = True
                     logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun "

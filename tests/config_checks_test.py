@@ -129,3 +129,5 @@ def test_a_finetune_batch_the_devices_cannot_split_is_refused_before_training():
     with pytest.raises(ValueError, match=r"config.eval.finetune.batch_size=6 must be divisible "
                                          r"by the number of devices \(4\)"):
         validate_config(config, num_devices=4)
+    config.eval.finetune.enabled = False  # eval.py fine-tunes nothing: no batch to split
+    validate_config(config, num_devices=4)

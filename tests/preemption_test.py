@@ -154,6 +154,14 @@ def test_a_preempted_window_is_logged_so_every_step_has_a_line(tmp_path, monkeyp
     assert train_and_evaluate(config, str(tmp_path / "run"))["step"] == 10
     lines = [m for m in read_metrics(tmp_path / "run") if "split" not in m]
     assert [(m["step"], m["window_steps"]) for m in lines] == [(5, 5), (7, 2), (10, 3)]
+    # Preempted at the last step, whose window is logged already: saved, nothing logged twice.
+    config = tiny_config(tmp_path / "data", num_steps=10, log_every=3, eval_every=10,
+                         checkpoint_every=10)
+    monkeypatch.setattr(preemption.SaveOnSigterm, "reached", lambda self, step: step == 10)
+    assert train_and_evaluate(config, str(tmp_path / "last"))["preempted"]
+    lines = [m for m in read_metrics(tmp_path / "last") if "split" not in m]
+    assert [(m["step"], m["window_steps"]) for m in lines] == [(3, 3), (6, 3), (9, 3), (10, 1)]
+    assert (tmp_path / "last" / "checkpoints" / "10").is_dir()
 
 
 def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 from absl import logging
 
 from cvmae_jax.data import meds
 from cvmae_jax.jsonio import read_json, write_json_atomic
-
-CACHE_FILE = "meds_digests.json"
 
 
 def meds_identity(meds_dir: str | Path) -> list:
@@ -55,9 +54,11 @@ def content_digest(path: Path) -> str:
 
 
 def digest_cache_path() -> Path:
-    """``$XDG_CACHE_HOME/cvmae_jax/meds_digests.json`` (default ``~/.cache``)."""
+    """``$XDG_CACHE_HOME/cvmae_jax/meds_digests_<host>.json`` (default ``~/.cache``): one file
+    per machine, so hosts sharing a home folder, each with its own copy of the MEDS files at
+    the same path, keep their own entries."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cvmae_jax" / CACHE_FILE
+    return Path(base) / "cvmae_jax" / f"meds_digests_{socket.gethostname()}.json"
 
 
 def _read_cache() -> dict[str, list]:

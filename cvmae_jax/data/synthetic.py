@@ -452,9 +452,14 @@ def generate_synthetic_meds(out_dir: str | os.PathLike, *, num_subjects: int = 1
     tmp.mkdir()
     try:
         summary = _write_dataset(tmp, seed, int(num_subjects), split_fractions)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except OSError:  # another process (of a multi-process run) wrote the same files first
+            if not (out.is_dir() and any(out.iterdir())):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

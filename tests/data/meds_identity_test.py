@@ -39,7 +39,8 @@ def test_an_unchanged_file_is_read_once_and_a_rewritten_one_again(tiny_meds, tmp
                         lambda path: digests.append(path) or real_digest(path))
     first = identity_lib.meds_identity(tiny_meds.root)
     assert len(digests) == len(first) > 1
-    assert (tmp_path / "cache" / "cvmae_jax" / identity_lib.CACHE_FILE).is_file()
+    assert identity_lib.digest_cache_path().is_file()
+    assert identity_lib.digest_cache_path().parent == tmp_path / "cache" / "cvmae_jax"
     digests.clear()
     assert identity_lib.meds_identity(tiny_meds.root) == first and digests == []
     shard = tiny_meds.root / "data" / "tuning" / "0.parquet"

@@ -357,3 +357,26 @@ def test_runs_sharing_a_data_dir_get_the_synthetic_data_they_ask_for(tmp_path):
     subjects = [pq.read_table(Path(root) / "metadata" / "subject_splits.parquet").num_rows
                 for root in (small, larger)]
     assert subjects == [20, 30]
+
+
+def test_a_dataset_another_process_wrote_first_is_kept(tmp_path, monkeypatch):
+    """Two processes of one run generate the same synthetic data at once: the one that
+    finishes second drops its copy instead of failing on the other's folder."""
+    out = tmp_path / "meds"
+    write = synthetic._write_dataset
+
+    def racing(root, *args):
+        summary = write(root, *args)
+        write(out.parent / "first", *args)
+        (out.parent / "first").rename(out)  # the other process renames its copy first
+        return summary
+
+    monkeypatch.setattr(synthetic, "_write_dataset", racing)
+    generate_synthetic_meds(out, num_subjects=12, seed=0)
+    monkeypatch.undo()
+    generate_synthetic_meds(tmp_path / "alone", num_subjects=12, seed=0)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "alone")
+                           for p in (tmp_path / "alone").rglob("*") if p.is_file())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no tmp left
+
