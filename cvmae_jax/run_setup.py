@@ -185,8 +185,15 @@ def _marker(workdir: str, token: int) -> str:
 
 def remove_new_workdir(path: str) -> None:
     """Removes a workdir this command created, with what set-up wrote in it before failing
-    (the synthetic MEDS data, an empty checkpoint folder); every process may call it."""
-    shutil.rmtree(path, ignore_errors=True)
+    (the synthetic MEDS data, an empty checkpoint folder). With several processes each
+    removes only the folders that hold no file, deepest first: another process may still be
+    releasing its lock file or checkpointer there."""
+    if jax.process_count() == 1:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for folder, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # fails unless empty
 
 
 def mask_probabilities(config, dataset: PreparedDataset) -> np.ndarray:
