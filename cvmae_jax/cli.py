@@ -112,8 +112,9 @@ def eval_overrides() -> dict:
 @contextlib.contextmanager
 def user_errors():
     """Bad settings or data end the program with one clear line and exit status 1, Ctrl-C
-    with one line and 130, SIGTERM before training with one line and 0. An error raised inside a library rather than by this package may be
-    a bug: its line names the exception and the module, and -v=1 shows the traceback."""
+    with one line and 130, SIGTERM before training with one line and 0. An error raised
+    inside a library rather than by this package may be a bug: its line names the exception
+    and the module, and -v=1 shows the traceback."""
     try:
         yield
     # OSError: unwritable paths too; FloatingPointError: a training step that is not finite

@@ -309,8 +309,9 @@ def _refuse_changes(step: int, changes: list[str]) -> None:
 
 
 def restore_for_resume(checkpointer, step: int, abstract_state, data_iterator, config):
-    """The state of checkpoint ``step`` (and the input pipeline moved to its position). With ``train.allow_config_change``, a checkpoint whose arrays have other shapes
-    than ``abstract_state``'s is refused first, in one line naming one of them, from the
+    """The state of checkpoint ``step`` (and the input pipeline moved to its position). With
+    ``train.allow_config_change``, a checkpoint whose arrays have other shapes than
+    ``abstract_state``'s is refused first, in one line naming one of them, from the
     checkpoint's metadata (a failed restore would print Orbax's tree and stray tracebacks)."""
     if config.train.allow_config_change:
         check_shapes_fit(Checkpointer.saved_shapes(checkpointer.directory, step),

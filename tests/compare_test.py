@@ -202,6 +202,26 @@ def test_a_single_class_task_says_there_is_no_auroc(tmp_path):
                              "class: no AUROC (eval/metrics.json has none either)")
 
 
+def test_the_report_says_which_labs_and_rows_its_statistics_rest_on(tmp_path):
+    """Labs withheld from every run's per-lab rows, and a task with few positives, are named
+    in the study's report beside the statistics they limit."""
+    rng = np.random.default_rng(5)
+    labels = np.zeros(40, bool)
+    labels[:3] = True  # 3 positives: anecdotal
+    scores = rng.random(40) + labels
+    paths = [make_run(tmp_path, s, 0, [1.0, 0.9, 0.8, 0.7],
+                      task_scores={"death": (labels, scores)},
+                      suppressed=dict(rows=2, min_subjects=10)) for s in ("random", "cv")]
+    summary = summarize_paths(paths)
+    assert summary["labs"] == 4 and summary["suppressed"] == dict(rows=2, min_subjects=10)
+    text = "\n".join(report_lines(summary, []))
+    assert ("death: n = 40 shared rows of 40 subjects, 3 positive (fewer than 10 of a class: "
+            "a resample without both classes has no AUROC and is left out") in text
+    assert ("- labs in the per-lab statistics (win rate, Wilcoxon p, Cohen's d, the per-lab "
+            "table): 2 of the 4 labs are withheld") in text
+    assert "masked MSE pools every lab" in text
+
+
 def test_subject_bootstrap_auroc_equals_sklearn_on_the_resampled_rows():
     rng = np.random.default_rng(1)
     subjects = rng.integers(0, 30, 80)  # 80 label rows of 30 subjects

@@ -68,7 +68,8 @@ def plan_dataset(meds_dir: str | Path, settings: dict, log: Callable[[str], None
         log(f"[prepare] WARNING: {w}")
     report = dict(settings=settings, selection=selection, splits=splits,
                   rows_without_split=scan.rows_without_split, shards=scan.num_shards,
-                  reservoir_size=reservoir_size, codes=report_lib.code_rows(stats, descriptions, clipped),
+                  reservoir_size=reservoir_size,
+                  codes=report_lib.code_rows(stats, descriptions, clipped),
                   squeezed_codes=squeezed,
                   warnings=scan.warnings + warnings, files=scan.files,
                   repeated_links=scan.repeated_links)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cvmae_jax.data.code_names import markdown_cell
 from cvmae_jax.evaluation.compared_runs import REFERENCE
+from cvmae_jax.evaluation.downstream import FEW_LABELS
 from cvmae_jax.evaluation.formatting import number
 
 
@@ -27,11 +28,11 @@ def report_lines(summary: dict, figures: list[str]) -> list[str]:
     lines += _strategy_table(summary, tasks, finetuned_tasks)
     lines += ["", "Conventions:", *(f"- {k}: {v}." for k, v in summary["conventions"].items())]
     lines += ["- AUROC rows (held_out): " + "; ".join(
-        f"{t}: n = {i['n']} shared rows of {i['subjects']} subjects, {i['positives']} positive"
-        if i["n"] else
-        f"{t}: no predictions files" for t, i in summary["tasks"].items())] if tasks else []
-    lines += ["- masked MSE: mean over seeds of each run's held_out masked MSE (normalized "
-              "units); convergence: from the validation lines of each run's metrics.jsonl."]
+        _auroc_rows(t, i) for t, i in summary["tasks"].items())] if tasks else []
+    lines += ["- masked MSE: mean over seeds of each run's held_out masked MSE over every lab "
+              "(normalized units); convergence: from the validation lines of each run's "
+              "metrics.jsonl."]
+    lines += _withheld_labs_line(summary)
     lines += [_noise_floor_line(summary.get("seed_noise_floor"))]
     lines += _simple_methods_lines(summary.get("simple_methods"), tasks)
     lines += (_single_code_lines(strategies) + _label_efficiency_lines(strategies, tasks)
@@ -153,12 +154,36 @@ def _simple_methods_lines(block: dict | None, tasks: list[str]) -> list[str]:
               "fine-tuned - scratch against the scratch model of the `random` run with the "
               "same seed (the scratch model does not depend on the strategy, so the study "
               "trains it there only). n/a: not evaluated (fine-tuning off: "
-              "config.eval.finetune.enabled=False)."]
+              "config.eval.finetune.enabled=False; the scratch model off: "
+              "config.eval.finetune.scratch=False)."]
     return lines
 
 
 _NONE = dict(mean=None, per_seed={})
 _NO_DELTA = dict(delta=None, per_seed={})
+
+
+def _auroc_rows(task: str, info: dict) -> str:
+    if not info["n"]:
+        return f"{task}: no predictions files"
+    text = (f"{task}: n = {info['n']} shared rows of {info['subjects']} subjects, "
+            f"{info['positives']} positive")
+    if min(info["positives"], info["n"] - info["positives"]) < FEW_LABELS:
+        text += (f" (fewer than {FEW_LABELS} of a class: a resample without both classes has "
+                 "no AUROC and is left out, so its CIs are narrower than the uncertainty; "
+                 "read them as anecdotal)")
+    return text
+
+
+def _withheld_labs_line(summary: dict) -> list[str]:
+    suppressed = summary.get("suppressed") or {}
+    if not suppressed.get("rows"):
+        return []
+    return [f"- labs in the per-lab statistics (win rate, Wilcoxon p, Cohen's d, the per-lab "
+            f"table): {suppressed['rows']} of the {summary.get('labs')} labs are withheld, as "
+            "in every run's eval/report.md, for values from fewer than config.data.min_subjects"
+            f" = {suppressed['min_subjects']} subjects or fewer hidden values (and codes "
+            "constant on train are left out); masked MSE pools every lab."]
 
 
 def _noise_floor_line(floor: dict | None) -> str:

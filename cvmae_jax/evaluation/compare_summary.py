@@ -70,12 +70,15 @@ def summarize_runs(groups: dict[str, dict[int, Run]]) -> dict:
 
 def _header(runs: list[Run]) -> dict:
     """summary.json's description of what was compared: the reference, the evaluated split and
-    mask, the validation split, the bootstrap, the conventions and the runs."""
+    mask, the validation split, the bootstrap, the labs evaluated and those withheld from the
+    per-lab rows (the same in every run: one split, one evaluation mask), the conventions and
+    the runs."""
     first = runs[0].metrics
     return dict(reference=REFERENCE, split=first.get("split"), eval_mask=first.get("eval_mask"),
                 validation_split=", ".join(sorted({r.validation_split for r in runs
                                                    if r.validation_split})) or None,
                 bootstrap=dict(num=paired_stats.NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
+                labs=len(first.get("per_code", [])), suppressed=first.get("suppressed"),
                 conventions=CONVENTIONS,
                 runs=[dict(name=r.name, path=r.path, strategy=r.strategy, seed=r.seed,
                            step=r.metrics.get("step")) for r in runs])
