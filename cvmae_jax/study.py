@@ -91,6 +91,7 @@ def run_study(config, workdir: str) -> dict | None:
 
     runs = run_configs(config, workdir)
     start, done_here = time.perf_counter(), 0
+    trained_here, training_runs_s = 0, 0.0  # runs trained and evaluated now: the ETA's pace
     finished = [is_finished(d, c) for d, c in runs]
     todo = finished.count(False)
     for i, ((run_dir, run_config), done) in enumerate(zip(runs, finished), 1):
@@ -99,11 +100,13 @@ def run_study(config, workdir: str) -> dict | None:
             logging.info("%s: finished earlier (eval/metrics.json at step %d), skipped", label,
                          run_config.train.num_steps)
             continue
-        elapsed = time.perf_counter() - start
-        eta = elapsed / done_here * (todo - done_here) if done_here else float("nan")
+        run_start = time.perf_counter()
+        eta = (training_runs_s / trained_here * (todo - done_here) if trained_here
+               else float("nan"))
+        trained_earlier = is_trained(run_dir, run_config)
         logging.info("%s: %s ... (elapsed %s, ETA %s)", label,
-                     "evaluating (trained earlier)" if is_trained(run_dir, run_config)
-                     else "training", clock(elapsed), clock(eta))
+                     "evaluating (trained earlier)" if trained_earlier else "training",
+                     clock(run_start - start), clock(eta))
         if train_and_evaluate(run_config, run_dir)["preempted"]:
             logging.warning("%s: preempted; the study stops here (rerun the same command to "
                             "resume)", label)
@@ -112,6 +115,9 @@ def run_study(config, workdir: str) -> dict | None:
                      clock(time.perf_counter() - start))
         evaluate_run(run_dir, config=run_config)
         done_here += 1
+        if not trained_earlier:
+            trained_here += 1
+            training_runs_s += time.perf_counter() - run_start
     logging.info("study: %d runs (%d trained or evaluated now) in %s; comparing", len(runs),
                  done_here, clock(time.perf_counter() - start))
     return compare_runs([d for d, _ in runs], workdir)
