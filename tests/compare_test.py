@@ -272,7 +272,8 @@ def test_missing_predictions_fall_back_to_the_two_aurocs_without_ci(tmp_path):
 def test_convergence_ratio_is_steps_to_randoms_final_mse_over_randoms_own_steps():
     ref = [(100, 1.0), (200, 0.9), (300, 0.8), (400, 0.75), (500, 0.7)]
     assert convergence([(100, 0.95), (200, 0.8), (300, 0.7), (400, 0.6)], ref) == dict(
-        step=300, reference_step=500, target_masked_mse=0.7, ratio=0.6, reason=None)
+        step=300, reference_step=500, reference_final_step=500, target_masked_mse=0.7,
+        ratio=0.6, reason=None)
     never = convergence([(100, 0.95), (300, 0.705), (500, 0.71)], ref)
     assert never["ratio"] is None
     assert never["reason"] == "never reached 0.7 in 500 steps (best 0.705, at step 300)"
@@ -283,6 +284,23 @@ def test_convergence_ratio_is_steps_to_randoms_final_mse_over_randoms_own_steps(
     broken = convergence(plateau, [(100, 0.9), (200, float("nan"))])
     assert broken["ratio"] is None and broken["reason"] == (
         "the random run's final validation masked MSE is nan")
+
+
+def test_the_report_notes_a_random_run_whose_error_rose_after_its_final_level(tmp_path):
+    """random's validation error 0.95 at 50, 1.02 at 100: its final level was reached at step
+    50; cv ends lower (0.96) but reaches 1.02 at 100, so its ratio 2.0 reads slower."""
+    paths = [make_run(tmp_path, "random", 0, [1.0] * 4, curve=((50, 0.95), (100, 1.02))),
+             make_run(tmp_path, "cv", 0, [0.9] * 4, curve=((50, 1.04), (100, 0.96)))]
+    summary = summarize_paths(paths)
+    details = summary["strategies"]["cv"]["vs_random"]["convergence"]["details"]["0"]
+    assert (details["ratio"], details["reference_step"], details["reference_final_step"]) == (
+        2.0, 50, 100)
+    text = "\n".join(report_lines(summary, []))
+    assert ("Random's validation error rose after reaching its final level (seed 0: step 50 "
+            "of 100): there a convergence ratio counts the steps") in text
+    paths[0] = make_run(tmp_path / "falling", "random", 0, [1.0] * 4,
+                        curve=((50, 1.05), (100, 1.02)))
+    assert "rose after" not in "\n".join(report_lines(summarize_paths(paths), []))
 
 
 def test_convergence_reads_validation_lines_and_keeps_the_last_of_a_repeated_step(tmp_path):

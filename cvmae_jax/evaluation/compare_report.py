@@ -279,7 +279,27 @@ def _per_seed_lines(strategies: dict, tasks: list[str], finetuned_tasks: list[st
             cells.append(f"{c['step']} / {c['reference_step']}" if c["ratio"] is not None
                          else f"n/a ({c['reason']})")
             lines.append(f"| `{s}` | {seed} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + _rising_reference_lines(strategies)
+
+
+def _rising_reference_lines(strategies: dict) -> list[str]:
+    """A note for the seeds whose random run reached its final validation error before its
+    last check (its error rose after): their convergence ratios count steps to a level random
+    had passed."""
+    rose = {}
+    for s, e in strategies.items():
+        if s != REFERENCE:
+            for seed, c in e["vs_random"]["convergence"]["details"].items():
+                if c.get("reference_step") is not None and (
+                        c["reference_step"] < (c.get("reference_final_step") or 0)):
+                    rose[seed] = (c["reference_step"], c["reference_final_step"])
+    if not rose:
+        return []
+    seeds = "; ".join(f"seed {seed}: step {first} of {last}"
+                      for seed, (first, last) in sorted(rose.items()))
+    return ["", f"Random's validation error rose after reaching its final level ({seeds}): "
+            "there a convergence ratio counts the steps to a level random had passed earlier, "
+            "and a strategy ending lower can read slower; compare the final masked MSE too."]
 
 
 def _per_lab_lines(strategies: dict) -> list[str]:

@@ -199,13 +199,17 @@ def convergence(curve: list[tuple[int, float]], reference: list[tuple[int, float
     """Steps to reach the reference's final validation masked MSE (the target): the first eval
     step of ``curve`` at or below it, over the reference's own first eval step at or below it
     (eval points only, no interpolation). A run against itself gives 1; < 1 = sooner. Ratio
-    None with a reason when ``curve`` never reaches the target (or a curve is empty)."""
-    out = dict(step=None, reference_step=None, target_masked_mse=None, ratio=None, reason=None)
+    None with a reason when ``curve`` never reaches the target (or a curve is empty).
+    ``reference_final_step``: the reference's last eval step; a ``reference_step`` before it
+    means the reference's error rose after reaching its final level."""
+    out = dict(step=None, reference_step=None, reference_final_step=None,
+               target_masked_mse=None, ratio=None, reason=None)
     if not reference or not curve:
         out["reason"] = "no validation lines in metrics.jsonl" + (
             " of the random run" if not reference else "")
         return out
-    target = out["target_masked_mse"] = reference[-1][1]
+    out["reference_final_step"], target = reference[-1]
+    out["target_masked_mse"] = target
     out["reference_step"] = next((s for s, mse in reference if mse <= target), None)
     if out["reference_step"] is None:  # NaN
         out["reason"] = f"the random run's final validation masked MSE is {target}"
