@@ -26,7 +26,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int):
         self.directory = str(directory)
-        parallel.on_process_0(lambda: set_aside_damaged(str(directory)),
+        parallel.on_process_0(lambda: set_aside_damaged(self.directory),
                               "process 0 could not check the checkpoints; its error is in its "
                               "log")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

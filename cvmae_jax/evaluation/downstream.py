@@ -150,8 +150,7 @@ def fit_task_probe(train_X, train_y, tuning_X, tuning_y, test_X, test_y, seed: i
                   auroc=None, auroc_ci=None, auprc=None, auprc_ci=None,
                   bootstrap_used=0, n_subjects=None, reason=None)
     if one_class(train_y):
-        result["reason"] = (f"train split has a single class ({int(train_y.sum())} positives "
-                            f"of {len(train_y)} rows)")
+        result["reason"] = single_class_reason(train_y)
         return result, None
     best_c, result["c_selection"], result["tuning_auroc"] = select_c(train_X, train_y, tuning_X,
                                                                      tuning_y, seed)
@@ -274,6 +273,12 @@ class LabelTask(NamedTuple):
     task_dir: Path
     windows: dict[str, list[dict]]
     rows: dict[str, dict[str, int]]
+
+
+def single_class_reason(train_y: np.ndarray) -> str:
+    """Why nothing is fit on train labels ``train_y`` [N] of one class (or none)."""
+    return (f"train split has a single class ({int(np.sum(train_y))} positives of "
+            f"{len(train_y)} rows)")
 
 
 def read_task(meds_dir, task_dir, stats, max_len: int,

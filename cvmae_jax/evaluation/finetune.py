@@ -36,7 +36,7 @@ from cvmae_jax.config_checks import check_finetune_config
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.calibration import platt
 from cvmae_jax.evaluation.downstream import (TEST, TRAIN, TUNING, Probe, TaskData,
-                                             held_out_metrics)
+                                             held_out_metrics, single_class_reason)
 from cvmae_jax.evaluation.exports import PREDICTION_SPLITS
 from cvmae_jax.evaluation.formatting import number
 from cvmae_jax.evaluation.label_efficiency import kshot_curve, kshot_probe
@@ -295,8 +295,7 @@ def finetune_task(finetuner: Finetuner, pretrained_encoder, data: TaskData,
     result = dict(n_train=int(len(train_y)), n_tuning=len(windows[TUNING]),
                   n=len(windows[TEST]), reason=None)
     if one_class(train_y):
-        result["reason"] = (f"train split has a single class ({int(train_y.sum())} positives "
-                            f"of {len(train_y)} rows)")
+        result["reason"] = single_class_reason(train_y)
         return TaskFinetune(result, {})
     test_y = _labels(windows[TEST])
     subjects = [int(w["subject_id"]) for w in windows[TEST]]
