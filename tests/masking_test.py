@@ -39,14 +39,28 @@ def test_cv_within_ranks_by_within_subject_cv():
     np.testing.assert_array_equal(np.flatnonzero(p == 0.2), [1, 2, 4, 5, 6, 7])
 
 
+def test_a_score_at_the_threshold_stays_in_the_low_tier():
+    score = np.arange(1.0, 10.0)  # the 75th percentile, 7.0, is itself a code's score
+    p = mask_probabilities.two_tier_probs(score, 75.0, p_high=0.8, p_low=0.2)
+    np.testing.assert_array_equal(np.flatnonzero(p == 0.8), [7, 8])
+
+
+def test_expected_mask_rate_weights_each_code_by_its_tokens():
+    rate = mask_probabilities.expected_mask_rate(np.array([0.8, 0.2]), np.array([3, 1]))
+    assert rate == pytest.approx(0.65)
+
+
 def test_random_and_cv_rank_match_the_cv_expected_rate():
-    cv_rate = mask_probabilities.expected_mask_rate(probs("cv"), COUNTS)
+    # cv hides codes 6 and 7 (100 of 800 tokens) at 0.8, the rest at 0.2: (80 + 140) / 800
+    cv_rate = 0.275
     random_p = probs("random")
-    assert np.all(random_p == random_p[0])
-    assert mask_probabilities.expected_mask_rate(random_p, COUNTS) == pytest.approx(cv_rate)
-    rank_p = probs("cv_rank")
-    assert mask_probabilities.expected_mask_rate(rank_p, COUNTS) == pytest.approx(cv_rate, abs=1e-6)
-    assert np.all(np.diff(rank_p[np.argsort(CV)]) > 0)
+    np.testing.assert_allclose(random_p, cv_rate)
+    # codes in an order unlike their CV, so a rank and an argsort differ
+    order = np.array([3, 7, 0, 5, 1, 6, 2, 4])
+    cv, counts = CV[order], COUNTS[order]
+    rank_p = probs("cv_rank", cv=cv, token_counts=counts)
+    assert mask_probabilities.expected_mask_rate(rank_p, counts) == pytest.approx(cv_rate, abs=1e-6)
+    assert np.all(np.diff(rank_p[np.argsort(cv)]) > 0)
 
 
 def test_config_fields_change_the_probabilities():

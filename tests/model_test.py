@@ -48,6 +48,16 @@ def test_hidden_values_do_not_reach_any_output(model):
                            model(times, codes, values, value_mask, valid), atol=1e-3)
 
 
+def test_a_hidden_events_code_and_time_stay_visible(model):
+    times, codes, values, value_mask, valid = _inputs()
+    base = np.asarray(model(times, codes, values, value_mask, valid))[value_mask]
+    other_codes = np.where(value_mask, (codes + 1) % V, codes)
+    later = np.where(value_mask, times + 100.0, times)
+    for changed in (model(times, other_codes, values, value_mask, valid),
+                    model(later, codes, values, value_mask, valid)):
+        assert np.abs(np.asarray(changed)[value_mask] - base).min() > 1e-4
+
+
 def test_padding_does_not_change_outputs_at_real_tokens(model):
     times, codes, values, value_mask, valid = _inputs()
     noisy = np.random.default_rng(5)
@@ -68,15 +78,16 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_loss_counts_masked_and_visible_separately_and_ignores_padding():
-    predictions = jnp.array([[1.0, 0.0, 5.0, 7.0]])
+    predictions = jnp.array([[1.0, 0.0, 6.0, 7.0]])
     values = jnp.array([[0.0, 2.0, 5.0, 0.0]])
     value_mask = jnp.array([[True, True, False, True]])
     valid = jnp.array([[True, True, True, False]])
     loss, m = reconstruction_loss(predictions, values, value_mask, valid, unmasked_weight=0.5)
     assert float(m["masked_mse"]) == pytest.approx((1 + 4) / 2)
-    assert float(m["unmasked_mse"]) == pytest.approx(0.0)
+    assert float(m["unmasked_mse"]) == pytest.approx(1.0)
     assert float(m["mask_rate"]) == pytest.approx(2 / 3)
-    assert float(loss) == pytest.approx(2.5)
+    assert float(loss) == pytest.approx(2.5 + 0.5 * 1.0)
+    assert float(m["loss"]) == pytest.approx(float(loss))
     assert float(m["baseline_masked_sse"]) == pytest.approx(4.0)
 
 

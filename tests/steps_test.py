@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cvmae_jax import parallel
+from cvmae_jax.data import packing
 from cvmae_jax.config import default_config
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.steps import (WindowTotals, init_state, make_optimizer, make_train_step,
@@ -73,6 +74,26 @@ def test_one_and_eight_devices_give_the_same_step(previous_value_inputs):
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_give_the_step_of_one_example_per_row():
+    """Masks are keyed by each event's position in its example, so packing the examples
+    into shared rows hides the same values and gives the same loss."""
+    batch = _batch(np.random.default_rng(5), 8)
+    examples = [dict(times=batch["times"][i, :n], codes=batch["codes"][i, :n],
+                     values=batch["values"][i, :n], example_id=batch["example_id"][i])
+                for i, n in enumerate(batch["valid"].sum(axis=1))]
+    packed = packing.pack_rows(examples, 2 * L, shuffle_seed=1)
+    assert len(packed["codes"]) < 8  # some rows hold several examples
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    metrics = []
+    for rows in (batch, packed):
+        state, step = _setup(mesh)
+        metrics.append(jax.device_get(step(state, parallel.global_batch(rows, mesh))[1]))
+    padded, in_rows = metrics
+    assert float(padded["num_masked"]) == float(in_rows["num_masked"])
+    np.testing.assert_allclose(padded["masked_sse"], in_rows["masked_sse"], rtol=1e-5)
+    np.testing.assert_allclose(padded["loss"], in_rows["loss"], rtol=1e-5)
 
 
 def test_batch_not_divisible_by_devices_is_refused():

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.disclosure import subject_safe_bounds, suppress_rows
+from cvmae_jax.data.disclosure import selectable_counts, subject_safe_bounds, suppress_rows
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.report import clipped_shares, clipped_warning
 from cvmae_jax.data.stats import Reservoirs, compute_stats
@@ -43,9 +43,22 @@ def test_codes_with_few_train_subjects_are_not_selected(tiny_meds, tmp_path):
     assert (prepared.stats.num_subjects >= 3).all()
 
 
+def test_a_code_of_exactly_k_train_subjects_is_selectable():
+    counts, subjects = {"LAB//k": 20, "LAB//fewer": 20}, {"LAB//k": 3, "LAB//fewer": 2}
+    report = {}
+    kept = selectable_counts(counts, subjects, {"min_subjects": 3}, report)
+    assert kept == {"LAB//k": 20} and report["below_min_subjects"] == 1
+
+
 def test_the_report_gives_each_codes_share_of_clipped_train_values(tiny_meds, tmp_path):
     prepared = prepare_dataset(tiny_meds.config(min_subjects=3), None, tmp_path)
-    train = meds.read_numeric_events(tiny_meds.root, "train").to_pandas()
+    train = meds.read_numeric_events(tiny_meds.root, "train")
+    codes, quantiles = list(prepared.stats.codes), (0.001, 0.999)
+    expected = compute_stats(train, codes, quantiles, min_subjects=3)
+    np.testing.assert_array_equal(prepared.stats.clip_low, expected.clip_low)
+    np.testing.assert_array_equal(prepared.stats.clip_high, expected.clip_high)
+    assert not np.array_equal(expected.clip_high, compute_stats(train, codes, quantiles).clip_high)
+    train = train.to_pandas()
     rows = prepared.report["codes"]
     for row, low, high in zip(rows, prepared.stats.clip_low, prepared.stats.clip_high):
         values = train.loc[train["code"] == row["code"], "numeric_value"].to_numpy()

@@ -57,6 +57,13 @@ def test_cv_of_zero_mean_is_inf():
     assert stats.cv[0] == np.inf and stats.std[0] == 1.0
 
 
+def test_cv_of_a_negative_mean_is_std_over_its_magnitude():
+    events = pa.table({"subject_id": [1, 2, 3], "code": ["x"] * 3,
+                       "numeric_value": [-8.0, -10.0, -12.0]})
+    stats = compute_stats(events, ["x"], (0.0, 1.0))
+    np.testing.assert_allclose(stats.cv[0], np.std([8.0, 10.0, 12.0]) / 10.0, rtol=1e-12)
+
+
 def test_code_without_train_values_is_an_error(tiny_meds):
     train = meds.read_numeric_events(tiny_meds.root, "train")
     with pytest.raises(meds.MEDSFormatError, match="LAB//E//x"):
@@ -160,6 +167,13 @@ def test_within_subject_cv_is_0_when_no_subject_has_two_values():
                        "numeric_value": [60.0, 70.0, 80.0]})
     stats = compute_stats(events, ["x"], (0.0, 1.0))
     assert stats.within_subject_cv[0] == 0.0 and stats.cv[0] > 0
+
+
+def test_within_subject_cv_leaves_out_subjects_with_one_value():
+    events = pa.table({"subject_id": [1, 1, 2, 3], "code": ["x"] * 4,
+                       "numeric_value": [9.0, 11.0, 50.0, 70.0]})
+    stats = compute_stats(events, ["x"], (0.0, 1.0))
+    np.testing.assert_allclose(stats.within_subject_cv[0], 1.0 / 10.0, rtol=1e-12)
 
 
 def test_within_subject_cv_joins_a_subjects_values_across_batches_and_merges_shards():
