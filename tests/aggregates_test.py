@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.data import labels, meds
 from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.evaluation import aggregates
 from cvmae_jax.evaluation.aggregates import (FEATURES, aggregate_features, aggregates_baseline,
                                              fit_gradient_boosting)
 from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, fit_task_probe
@@ -61,6 +62,16 @@ def test_aggregates_see_nothing_after_prediction_time_and_flag_missing_codes(tmp
     assert b == dict.fromkeys(FEATURES, 0.0) | dict(missing=1.0)  # B's only value is at 6 h
     assert (features[1, :, FEATURES.index("missing")] == 1).all()  # an empty window
     assert features[1].sum() == 2
+
+
+def test_each_codes_last_value_and_time_are_its_own():
+    window = dict(codes=np.array([0, 1, 0, 1]), values=np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+                  times=np.array([0.0, 1.0, 2.0, 5.0], np.float32), start_time_us=0,
+                  prediction_time_us=6 * 3_600_000_000)
+    features = aggregate_features([window], 2).reshape(2, len(FEATURES))
+    a, b = (dict(zip(FEATURES, features[code])) for code in range(2))
+    assert (a["last"], a["hours_since_last"], a["mean"], a["count"]) == (3.0, 4.0, 2.0, 2)
+    assert (b["last"], b["hours_since_last"], b["mean"], b["count"]) == (4.0, 1.0, 3.0, 2)
 
 
 def _task(rng, n=120):
@@ -144,6 +155,20 @@ def test_probe_plus_aggregates_sums_scaled_log_odds_and_gains_what_each_misses()
     assert together["minus_model"]["ci"][0] > 0 and together["minus_probe"]["ci"][0] > 0
     assert together["tuning_auroc"] > max(out[m]["tuning_auroc"]
                                           for m in ("logistic_regression", "gradient_boosting"))
+
+
+def test_probe_plus_aggregates_takes_the_model_better_on_tuning_not_on_held_out(monkeypatch):
+    data, probe_result = _task(np.random.default_rng(0))
+
+    class Backwards:  # ranks every split backwards by the last value, which carries the label
+        def decision_function(self, x):
+            return -x[:, FEATURES.index("last")]
+
+    monkeypatch.setattr(aggregates, "fit_gradient_boosting", lambda *args, **kwargs: (
+        Backwards(), dict(settings={}, selection="tuning AUROC", tuning_auroc=1.0)))
+    out, _ = aggregates_baseline(data, probe_result, vocab_size=1, max_len=3)
+    assert out["gradient_boosting"]["auroc"] < 0.5 < out["logistic_regression"]["auroc"]
+    assert out["probe_plus_aggregates"]["aggregates_model"] == "gradient_boosting"
 
 
 def test_probe_plus_aggregates_without_a_tuning_choice_takes_logistic_regression():

@@ -18,6 +18,7 @@ from cvmae_jax.evaluation import compare, paired_stats
 from cvmae_jax.evaluation.compare_report import report_lines
 from cvmae_jax.evaluation.compare_summary import convergence, summarize_runs
 from cvmae_jax.evaluation.compared_runs import group_runs, load_run
+from cvmae_jax.evaluation.paired_predictions import BOOTSTRAP_SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODES = ("LAB//A", "LAB//B", "LAB//C", "LAB//D")
@@ -73,12 +74,15 @@ def make_run(root, strategy, seed, mses, curve=((100, 1.0), (200, 0.8)), task_sc
     return str(path)
 
 
-def write_predictions(run_path, task, labels, scores, order=None, folder="predictions"):
+def write_predictions(run_path, task, labels, scores, order=None, folder="predictions",
+                      rows_per_subject=1):
+    """Row i of labels/scores belongs to subject i // rows_per_subject; rows written in
+    ``order``."""
     order = np.arange(len(labels)) if order is None else order
     folder = os.path.join(run_path, "eval", folder, task)
     os.makedirs(folder, exist_ok=True)
     table = pa.table({
-        "subject_id": pa.array(SUBJECT_BASE + order, pa.int64()),
+        "subject_id": pa.array(SUBJECT_BASE + order // rows_per_subject, pa.int64()),
         "prediction_time": pa.array((1_600_000_000_000_000 + 3_600_000_000 * order),
                                     pa.timestamp("us")),
         "boolean_value": pa.array(np.asarray(labels, bool)[order]),
@@ -149,16 +153,17 @@ def test_seeds_pair_by_seed_and_pool_lab_mses_first(tmp_path):
 
 
 def test_seed_noise_floor_compares_the_reference_with_itself(tmp_path):
-    random_mses = {0: [1.0, 1.0, 1.0, 1.0], 1: [1.5, 0.5, 0.75, 1.25]}
+    random_mses = {0: [1.0, 1.0, 1.0, 1.0], 1: [0.5, 0.6, 0.7, 1.2]}
     runs = [make_run(tmp_path, strategy, seed, random_mses[seed] if strategy == "random"
                      else [0.8, 0.9, 0.7, 1.2]) for strategy in ("random", "cv") for seed in (0, 1)]
     summary = summarize_paths(runs)
     floor = summary["seed_noise_floor"]
-    diffs = [-0.5, 0.5, 0.25, -0.25]  # MSE(random s0) - MSE(random s1) per lab
-    assert floor["seeds"] == [0, 1] and floor["win_rate"] == 0.5
+    diffs = [0.5, 0.4, 0.3, -0.2]  # MSE(random s0) - MSE(random s1) per lab: seed 1 wins 3
+    assert floor["seeds"] == [0, 1] and floor["win_rate"] == 0.75
+    assert floor["mean_diff"] == pytest.approx(np.mean(diffs)) and floor["cohens_d"] > 0
     assert floor["wilcoxon_p"] == pytest.approx(wilcoxon(diffs).pvalue)
     line = [x for x in report_lines(summary, []) if "Seed noise floor" in x][0]
-    assert "`random` seed 1 vs `random` seed 0" in line and "win rate 0.50 (4)" in line
+    assert "`random` seed 1 vs `random` seed 0" in line and "win rate 0.75 (4)" in line
     one_seed = summarize_paths(runs[::2])
     assert one_seed["seed_noise_floor"] is None
     assert any("needs two `random` seeds" in x for x in report_lines(one_seed, []))
@@ -180,6 +185,23 @@ def test_paired_bootstrap_ci_contains_the_true_auroc_delta(tmp_path):
     assert lo < true_delta < hi and lo > 0
     assert hi - lo < 0.1 and delta["n"] == 2000
     assert delta["method"] == "paired bootstrap of subjects" and delta["subjects"] == 2000
+
+
+def test_the_auroc_delta_resamples_subjects_not_rows(tmp_path):
+    rng = np.random.default_rng(5)
+    labels, ref_scores = binormal(300, 0.5, rng)
+    _, cv_scores = binormal(300, 1.0, rng, labels)
+    runs = []
+    for strategy, scores in (("random", ref_scores), ("cv", cv_scores)):
+        runs.append(make_run(tmp_path, strategy, 0, [1.0] * 4,
+                             task_scores={"death": (labels, scores)}))
+        write_predictions(runs[-1], "death", labels, scores, rows_per_subject=3)
+    delta = summarize_paths(runs)["strategies"]["cv"]["vs_random"]["auroc_delta"]["death"]
+    assert delta["n"] == 300 and delta["subjects"] == 100
+    bootstrap = paired_stats.SubjectBootstrap(np.arange(300) // 3, BOOTSTRAP_SEED)
+    resampled = [paired_stats.resampled_aurocs(labels, s, bootstrap)
+                 for s in (cv_scores, ref_scores)]
+    np.testing.assert_allclose(delta["ci"], paired_stats.percentile_ci(resampled[0] - resampled[1]))
 
 
 def test_a_single_class_task_says_there_is_no_auroc(tmp_path):

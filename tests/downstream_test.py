@@ -18,13 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import run_setup
 from cvmae_jax.data import meds
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.data.pipeline import padded_rows
-from cvmae_jax.evaluation.downstream import (embed_label_windows, probe_task, read_label_tasks,
-                                          task_windows)
+from cvmae_jax.evaluation.downstream import (C_GRID, embed_label_windows, fit_probe,
+                                             fit_task_probe, probe_task, read_label_tasks,
+                                             task_windows)
 from cvmae_jax.evaluation.results import per_lab_table
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
@@ -53,6 +55,26 @@ def test_probe_separates_a_perfect_feature():
     assert r["auroc_ci"] == pytest.approx([1.0, 1.0])
     assert r["n"] == 150 and r["seed"] == 3 and r["split"] == "held_out"
     assert r["c_selection"] == "tuning AUROC" and r["reason"] is None
+
+
+def test_the_probe_takes_c_by_tuning_auroc_and_fits_on_train_alone():
+    rng = np.random.default_rng(0)
+    (train_x, train_y), (tuning_x, tuning_y), (test_x, test_y) = (
+        _weak_split(rng, n) for n in (120, 80, 100))
+    r, probe = fit_task_probe(train_x, train_y, tuning_x, tuning_y, test_x, test_y)
+    fits = {c: fit_probe(train_x, train_y, c) for c in C_GRID}
+    on_train = {c: roc_auc_score(train_y, f.decision(train_x)) for c, f in fits.items()}
+    on_tuning = {c: roc_auc_score(tuning_y, f.decision(tuning_x)) for c, f in fits.items()}
+    assert max(on_train, key=on_train.get) != r["C"]  # train alone would choose another C
+    assert on_tuning[r["C"]] == r["tuning_auroc"] == max(on_tuning.values())
+    np.testing.assert_allclose(probe.decision(test_x), fits[r["C"]].decision(test_x))
+    assert r["auroc"] == pytest.approx(roc_auc_score(test_y, fits[r["C"]].decision(test_x)))
+
+
+def _weak_split(rng, n):
+    """Labels and one weak signal among 20 noise features: a large C overfits train."""
+    y = rng.random(n) < 0.4
+    return np.c_[0.8 * y + rng.normal(size=n), rng.normal(size=(n, 20))], y
 
 
 def test_probe_on_noise_is_near_chance():

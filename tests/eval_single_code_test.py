@@ -84,9 +84,12 @@ def test_perfect_model_scores_zero_and_constant_model_the_baseline():
     expected = [sum(float(np.square(b["values"][b["valid"] & (b["codes"] == c)]).sum())
                     for b in batches) for c in range(V)]
     np.testing.assert_allclose(sums["baseline_sse"], expected, rtol=1e-5)
-    summary = summarize(sums, tuple(f"c{i}" for i in range(V)), np.ones(V))
-    for row in summary["per_code"]:
+    norm_std = np.arange(1.0, V + 1.0)  # raw units: each code's normalization scale
+    summary = summarize(sums, tuple(f"c{i}" for i in range(V)), norm_std)
+    for row, scale in zip(summary["per_code"], norm_std):
         assert row["mse"] == pytest.approx(row["baseline_mse"], rel=1e-6)
+        assert row["raw_rmse"] == pytest.approx(scale * np.sqrt(row["mse"]), rel=1e-12)
+        assert row["raw_mae"] == pytest.approx(scale * row["mae"], rel=1e-12)
     assert summary["overall"]["num_masked"] == counts.sum()
 
 
