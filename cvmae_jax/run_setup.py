@@ -256,21 +256,62 @@ def check_resume_dataset(saved_run_info: dict, config, workdir: str, step: int) 
                     "(train.allow_config_change): %s", step, change)
 
 
+def prepared_datasets(config, workdir: str) -> set[str]:
+    """The settings folders (``<data dir>/<builder>/<settings id>``) prepared so far."""
+    return {str(p) for p in Path(data_dir(config, workdir)).glob("*/*")}
+
+
+def _remove_if_new(dataset: PreparedDataset, before: set[str]) -> None:
+    """Removes ``dataset``'s settings folder unless it is one of ``before`` (process 0)."""
+    prepared = Path(dataset.path).parent  # <builder>/<settings id>/<version>
+    if str(prepared) not in before and jax.process_index() == 0:
+        shutil.rmtree(prepared, ignore_errors=True)
+
+
+def check_resume_codes(saved_run_info: dict, dataset: PreparedDataset, step: int,
+                       before: set[str]) -> None:
+    """Refuses to resume on data whose lab code list differs from the checkpoint's, even with
+    ``train.allow_config_change``: the trained code embeddings follow that list, so they would
+    stand for other labs. A dataset prepared for this resume (not one of ``before``) is
+    removed again."""
+    trained = [row["code"] for row in saved_run_info["data_stats"]["codes"]]
+    current = list(dataset.stats.codes)
+    problem = code_list_difference(trained, current)
+    if problem:
+        _remove_if_new(dataset, before)
+        raise ValueError(f"the checkpoint at step {step} was trained on {len(trained)} lab "
+                         f"codes; the data prepared now ({dataset.path}) has {len(current)}, "
+                         f"{problem}. The model's code embeddings follow the training list, so "
+                         "resume only on data with the same codes (or use a new workdir)")
+
+
 def prepare_eval_dataset(config, workdir: str, meds_dir: str) -> PreparedDataset:
     """The dataset eval.py reads, checked against the run's (``check_eval_dataset``); a dataset
     this call prepared is removed again when the check refuses it, so a wrong
     ``--config.data.meds_dir`` leaves the run as it was."""
-    root = data_dir(config, workdir)
-    before = {str(p) for p in Path(root).glob("*/*")}
-    dataset = prepare_dataset(config.data, meds_dir, root, log=logging.info)
+    before = prepared_datasets(config, workdir)
+    dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir), log=logging.info)
     try:
         check_eval_dataset(workdir, dataset)
     except ValueError:
-        prepared = Path(dataset.path).parent  # <builder>/<settings id>/<version>
-        if str(prepared) not in before:
-            shutil.rmtree(prepared, ignore_errors=True)
+        _remove_if_new(dataset, before)
         raise
     return dataset
+
+
+def code_list_difference(trained: list[str], current: list[str]) -> str | None:
+    """How the lab code list ``current`` differs from ``trained`` (codes missing or added, or
+    the same codes in another order), or None when the lists are equal."""
+    if trained == current:
+        return None
+    missing = [c for c in trained if c not in set(current)]
+    added = [c for c in current if c not in set(trained)]
+    if missing or added:
+        return (f"{len(missing)} of them missing (first: {missing[:3]}), {len(added)} others "
+                f"added (first: {added[:3]})")
+    moved = sum(a != b for a, b in zip(trained, current))
+    return (f"the same codes in another order ({moved} positions differ: the frequency ranking "
+            "changed)")
 
 
 def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:
@@ -281,14 +322,8 @@ def check_eval_dataset(workdir: str, dataset: PreparedDataset) -> None:
     trained_stats = read_data_stats(workdir)
     trained = [row["code"] for row in trained_stats["codes"]]
     current = list(dataset.stats.codes)
-    if trained != current:
-        missing = [c for c in trained if c not in set(current)]
-        added = [c for c in current if c not in set(trained)]
-        moved = sum(a != b for a, b in zip(trained, current)) if not (missing or added) else 0
-        problem = (f"{len(missing)} of them missing (first: {missing[:3]}), {len(added)} others "
-                   f"added (first: {added[:3]})" if missing or added else
-                   f"the same codes in another order ({moved} positions differ: the frequency "
-                   "ranking changed)")
+    problem = code_list_difference(trained, current)
+    if problem:
         raise ValueError(f"{path}: the run was trained on {len(trained)} lab codes; the data "
                          f"prepared for evaluation ({dataset.path}) has {len(current)}, "
                          f"{problem}. The model's code embeddings follow the training list, so "

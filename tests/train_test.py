@@ -186,6 +186,20 @@ def test_a_resume_on_changed_meds_files_is_refused_before_preparing_them(data_di
     assert train_and_evaluate(config, run)["step"] == 20
 
 
+def test_a_resume_on_other_lab_codes_is_refused_even_with_changes_allowed(tmp_path):
+    config = tiny_config(tmp_path / "prepared", num_steps=10, eval_every=10, checkpoint_every=5)
+    run = str(tmp_path / "run")
+    train_and_evaluate(config, run)
+    prepared = sorted((tmp_path / "prepared").glob("*/*"))
+    config.data.top_k, config.train.num_steps = 20, 20  # 20 of the 39 codes
+    config.train.allow_config_change = True
+    with pytest.raises(ValueError, match=r"the checkpoint at step 10 was trained on 39 lab codes; "
+                                         r"the data prepared now \(\S+\) has 20, 19 of them "
+                                         r"missing .* resume only on data with the same codes"):
+        train_and_evaluate(config, run)
+    assert sorted((tmp_path / "prepared").glob("*/*")) == prepared  # the new one removed
+
+
 class PoisonedData:
     """``train_dataset``'s batches, with NaN values in batch number ``poisoned_step``;
     checkpointable like grain's iterator."""
