@@ -13,10 +13,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cvmae_jax import config as config_module
-from cvmae_jax.config_checks import eval_overridable, field_names
+from cvmae_jax.config_checks import check_config, eval_overridable, field_names
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import check_writable
 from cvmae_jax.preemption import Preempted
+from cvmae_jax.workdir import checkpoint_dir
 from cvmae_jax.host_memory import reuse_freed_memory
 
 FLAGS = flags.FLAGS
@@ -44,11 +45,12 @@ def _train(argv) -> None:
     from cvmae_jax.train import train_and_evaluate
 
     log_progress()
-    with user_errors():
+    with user_errors(resumes="train.py resumes from its last checkpoint"):
+        check_config(FLAGS.config)
         check_writable(FLAGS.workdir, "train.py writes the run there (--workdir)")
-        if FLAGS.config.data.data_dir:
-            check_writable(FLAGS.config.data.data_dir,
-                           "train.py prepares the dataset there (config.data.data_dir)")
+        check_writable(checkpoint_dir(FLAGS.workdir), "train.py saves its checkpoints there")
+        check_writable(FLAGS.config.data.data_dir or os.path.join(FLAGS.workdir, "data"),
+                       "train.py prepares the dataset there (config.data.data_dir)")
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -57,6 +59,9 @@ def _eval(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     log_progress()
     with user_errors():
+        if not FLAGS.workdir.strip():
+            raise ValueError("--workdir is empty (an unset shell variable?): name the training "
+                             "run's folder, or with --compare the report's")
         if FLAGS.compare:
             from cvmae_jax.evaluation.compare import compare_runs
 
@@ -72,16 +77,17 @@ def _eval(argv) -> None:
                          config=run_config_with(FLAGS.workdir, eval_overrides()))
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 class _ThisPackageInfoOnly(std_logging.Filter):
     """Passes warnings and errors from everywhere, INFO lines only from cvmae_jax (Orbax and
     tfds log ~100 INFO lines per run), less tfds's warning that the dataset's config is not one
     of its registered ones (every prepared dataset's is: it names the settings' hash)."""
 
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
     def filter(self, record: std_logging.LogRecord) -> bool:
         if record.levelno < std_logging.WARNING:
-            return os.path.abspath(record.pathname or "").startswith(self.package)
+            return os.path.abspath(record.pathname or "").startswith(PACKAGE_DIR)
         return not str(record.msg).startswith("Using custom data configuration")
 
 
@@ -110,9 +116,10 @@ def eval_overrides() -> dict:
 
 
 @contextlib.contextmanager
-def user_errors():
+def user_errors(resumes: str = ""):
     """Bad settings or data end the program with one clear line and exit status 1, Ctrl-C
-    with one line and 130, SIGTERM before training with one line and 0. An error raised
+    with one line and 130 (``resumes``: what a rerun takes up, e.g. "train.py resumes from
+    its last checkpoint"), SIGTERM before training with one line and 0. An error raised
     inside a library rather than by this package may be a bug: its line names the exception
     and the module, and -v=1 shows the traceback."""
     try:
@@ -129,18 +136,22 @@ def user_errors():
         sys.exit(0)
     except KeyboardInterrupt:
         logging.debug("traceback of the interruption", exc_info=True)
-        print("interrupted (Ctrl-C); rerun the same command (train.py resumes from its last "
-              "checkpoint)", file=sys.stderr)
+        print("interrupted (Ctrl-C); rerun the same command" + (f" ({resumes})" if resumes
+                                                                else ""), file=sys.stderr)
         sys.exit(130)
 
 
 def _raised_in(error: BaseException) -> str:
-    """The top-level package of the innermost Python frame that raised ``error``."""
+    """The top-level package of the innermost Python frame that raised ``error`` (this
+    package's name for its own files, also those run as ``python -m cvmae_jax.<module>``)."""
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    name = tb.tb_frame.f_globals.get("__name__", "?") if tb is not None else "?"
-    return name.split(".")[0]
+    if tb is None:
+        return "?"
+    if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR):
+        return __package__
+    return tb.tb_frame.f_globals.get("__name__", "?").split(".")[0]
 
 
 def run(main) -> None:

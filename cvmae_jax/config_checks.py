@@ -41,6 +41,15 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]
     return names
 
 
+def check_sections(config) -> None:
+    """Refuses a config without every top-level field of ``default_config`` (seed, data,
+    model, train, ...): a config file's ``get_config`` builds on that function."""
+    missing = [name for name in default_config() if name not in config]
+    if missing:
+        raise ValueError(f"the config lacks {', '.join(missing)}: build get_config() "
+                         "on cvmae_jax.config.default_config() and change its fields")
+
+
 def check_known_fields(config) -> None:
     """Refuses a field that cvmae_jax/config.py's ``default_config`` (or, in a study config,
     ``study_fields``) does not have: a misspelt name set in a config file would otherwise be
@@ -66,6 +75,11 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
 def _require_int(field: str, value, low: int, note: str = "") -> None:
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, field,
              value, f"expected an integer >= {low}{note}")
+
+
+def is_seed(value) -> bool:
+    """An integer in [0, 2**32): what NumPy, scikit-learn and JAX all take as a seed."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32
 
 
 def check_data_config(data) -> None:
@@ -109,7 +123,9 @@ def check_config(config) -> None:
     """The whole run config (``config.data`` and ``config.parallel`` included);
     device-dependent checks (batch sizes, attention backend) are in
     ``run_setup.validate_config``."""
+    check_sections(config)
     check_known_fields(config)
+    _require(is_seed(config.seed), "seed", config.seed, "expected an integer in [0, 2**32)")
     check_parallel_config(config.parallel)
     check_data_config(config.data)
     masking = config.masking

@@ -107,7 +107,10 @@ def check_writable(folder: str | os.PathLike, purpose: str) -> None:
     exist, in its nearest existing parent): called before long work that ends by writing there,
     so a read-only or mistyped path fails in a second, not after the work. Tried by creating
     and removing an empty folder there: permission bits say nothing for root, read-only mounts
-    or root-squashed shares."""
+    or root-squashed shares. An empty path (an unset shell variable) is refused too."""
+    if not os.fspath(folder).strip():
+        raise ValueError(f"an empty path where a folder is needed (an unset shell variable?); "
+                         f"{purpose}")
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

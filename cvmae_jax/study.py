@@ -18,7 +18,7 @@ from absl import app, logging
 from cvmae_jax import cli
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import eval_settings
-from cvmae_jax.config_checks import check_known_fields
+from cvmae_jax.config_checks import check_known_fields, is_seed
 from cvmae_jax.host_memory import reuse_freed_memory
 from cvmae_jax.jsonio import check_writable
 from cvmae_jax.mask_probabilities import STRATEGIES
@@ -34,7 +34,10 @@ def run_configs(config, workdir: str) -> list[tuple[str, ml_collections.ConfigDi
     seed is a complete comparison. The training configs carry no ``study`` field."""
     check_known_fields(config)  # the study's own fields too: its run configs lack them
     study = config.study
-    strategies, seeds = list(study.strategies), [int(s) for s in study.seeds]
+    if isinstance(study.seeds, str) or not all(is_seed(s) for s in study.seeds):
+        raise ValueError(f"config.study.seeds={study.seeds!r}: expected integers in [0, 2**32), "
+                         "e.g. --config.study.seeds='(0, 1, 2)'")
+    strategies, seeds = list(study.strategies), list(study.seeds)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or "random" not in strategies or len(set(strategies)) != len(strategies):
         raise ValueError(f"config.study.strategies={tuple(strategies)}: expected distinct "
@@ -127,7 +130,7 @@ def _study(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.log_progress()
-    with cli.user_errors():
+    with cli.user_errors(resumes="the study resumes its runs from their last checkpoints"):
         check_writable(FLAGS.workdir, "the study writes its runs and report there (--workdir)")
         if run_study(FLAGS.config, FLAGS.workdir) is None:
             return

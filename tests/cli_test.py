@@ -151,12 +151,33 @@ def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
     assert result.returncode == 1 and result.stderr.endswith(
         "train.py prepares the dataset there (config.data.data_dir)\n"), result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
-    result = subprocess.run([sys.executable, "-m", "cvmae_jax.study", "--config=configs/study.py",
-                             f"--workdir={tmp_path}/a_file"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    for folder, purpose in (("checkpoints", "train.py saves its checkpoints there"),
+                            ("data", "train.py prepares the dataset there")):
+        workdir = tmp_path / f"run_with_{folder}_file"  # a file where train.py needs a folder
+        workdir.mkdir()
+        (workdir / folder).write_text("")
+        result = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}")
+        assert (result.returncode == 1 and f"error: {workdir}/{folder}: cannot write there "
+                f"({workdir}/{folder} is not a folder: it is a file); {purpose}"
+                in result.stderr), result.stderr[-2000:]
+        assert sorted(p.name for p in workdir.iterdir()) == [folder]
+    for script in ("train.py", "eval.py"):
+        result = run(script, "--workdir=", *(["--config=configs/demo.py"] * (script == "train.py")))
+        assert result.returncode == 1 and "an unset shell variable?" in result.stderr, (
+            result.stderr[-2000:])
+    study = [sys.executable, "-m", "cvmae_jax.study", "--config=configs/study.py"]
+    result = subprocess.run([*study, f"--workdir={tmp_path}/a_file"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert (f"error: {tmp_path}/a_file: cannot write there ({tmp_path}/a_file is not a "
             "folder: it is a file); the study writes its runs and report there (--workdir)\n"
             == result.stderr and result.returncode == 1), result.stderr[-2000:]
+    result = subprocess.run([*study, f"--workdir={tmp_path}/study", "--config.study.seeds=(0.5,)"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.stderr.endswith("error: config.study.seeds=(0.5,): expected integers in "
+                                  "[0, 2**32), e.g. --config.study.seeds='(0, 1, 2)'\n"), (
+        result.stderr[-2000:])  # this package's own refusal: no "raised in __main__"
     workdir = tmp_path / "run"  # eval's results folder cannot be created: refused up front
     shutil.copytree(trained[0], workdir)
     shutil.rmtree(workdir / "eval", ignore_errors=True)
@@ -233,12 +254,16 @@ def test_an_error_raised_inside_a_library_names_it():
 def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
     from cvmae_jax import cli
 
-    with pytest.raises(SystemExit) as interrupted, cli.user_errors():
+    with pytest.raises(SystemExit) as interrupted, cli.user_errors(
+            resumes="train.py resumes from its last checkpoint"):
         raise KeyboardInterrupt
     assert interrupted.value.code == 130
     assert capsys.readouterr().err == (
         "interrupted (Ctrl-C); rerun the same command (train.py resumes from its last "
         "checkpoint)\n")
+    with pytest.raises(SystemExit), cli.user_errors():  # eval.py: nothing to resume
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err == "interrupted (Ctrl-C); rerun the same command\n"
 
 
 def test_sigterm_before_training_is_one_line_and_exit_status_0(capsys):

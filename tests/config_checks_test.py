@@ -17,6 +17,7 @@ def test_shipped_configs_pass(name, shipped_config):
 
 
 @pytest.mark.parametrize("field, value, message", [
+    ("seed", -1, "expected an integer in [0, 2**32)"),
     ("data.lab_code_pattern", "^LAB//(", "not a valid regular expression (missing ), "),
     ("data.top_k", -1, "expected an integer >= 0 (0: every matching code)"),
     ("data.max_len", 0, "expected an integer >= 1"),
@@ -66,6 +67,14 @@ def test_bad_values_name_their_field(field, value, message):
     assert text.startswith("config.") and message in text
     if field != "model.num_heads":  # named with the field it must divide
         assert text.startswith(f"config.{field}={value!r}: ")
+
+
+def test_a_config_not_built_on_the_defaults_is_refused_naming_what_it_lacks():
+    config = default_config()
+    del config["masking"], config["seed"]
+    with pytest.raises(ValueError, match=r"^the config lacks masking, seed: build get_config\(\) "
+                                         r"on cvmae_jax.config.default_config\(\)"):
+        check_config(config)
 
 
 def test_a_field_the_defaults_lack_is_refused_with_the_closest_name(shipped_config):

@@ -48,6 +48,8 @@ def test_run_configs_share_one_dataset_seed_major_without_the_study_field(tmp_pa
     ("strategies", ("cv", "variance"), "including 'random'"),
     ("strategies", ("random", "spans"), "expected distinct strategies"),
     ("seeds", (), "expected distinct seeds"),
+    ("seeds", (0, 0.5), r"config.study.seeds=\(0, 0.5\): expected integers in \[0, 2\*\*32\)"),
+    ("seeds", (-1,), r"expected integers in \[0, 2\*\*32\)"),
     ("seed", 3, "config.study.seed: no such config field"),  # a misspelt study field
 ])
 def test_bad_study_settings_are_refused(tmp_path, shipped_config, field, value, message):
