@@ -3,8 +3,10 @@ TensorStore traceback), set aside on resume, named in one line on evaluation."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 
 import tensorstore as ts
 from absl import logging
@@ -12,6 +14,10 @@ from absl import logging
 # The JSON files of a step folder (Orbax's and grain's metadata, the run item); other files,
 # OCDBT's array databases included, are read through TensorStore or not at all.
 _JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+# The files every checkpoint of Checkpointer.save holds, besides each process's input-pipeline
+# position (data/process_<i>-of-<n>.json)
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+                   "run/metadata")
 
 
 class DamagedCheckpointError(ValueError):
@@ -19,10 +25,14 @@ class DamagedCheckpointError(ValueError):
 
 
 def damage(step_dir: str) -> str | None:
-    """What is damaged in the checkpoint folder ``step_dir`` ("run/metadata: Expecting ...", or
-    for an array database "state: OUT_OF_RANGE: ... of local file .../state/d/3f2a ..."), or
-    None when every JSON file parses and every value of every array database reads in full.
-    Reads the whole checkpoint once."""
+    """What is damaged in the checkpoint folder ``step_dir`` ("run/metadata: Expecting ...",
+    "state/_METADATA: missing", or for an array database "state: OUT_OF_RANGE: ... of local
+    file .../state/d/3f2a ..."), or None when every file a checkpoint needs is there, every
+    JSON file parses and every value of every array database reads in full. Reads the whole
+    checkpoint once."""
+    missing = _missing_file(step_dir)
+    if missing:
+        return f"{missing}: missing"
     for folder, subfolders, files in os.walk(step_dir):
         subfolders[:] = [name for name in subfolders  # OCDBT's files: read through its root
                          if name != "d" and not name.startswith("ocdbt.process_")]
@@ -42,18 +52,45 @@ def damage(step_dir: str) -> str | None:
     return None
 
 
+def _missing_file(step_dir: str) -> str | None:
+    """The first file that every checkpoint of ``Checkpointer.save`` holds (Orbax's metadata,
+    the state's array database, the run item, each process's input-pipeline position) and
+    ``step_dir`` lacks, relative to it; or None."""
+    for name in _REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(step_dir, name)):
+            return name
+    positions = glob.glob(os.path.join(step_dir, "data", "process_*-of-*.json"))
+    if not positions:
+        return "data/process_0-of-1.json"
+    processes = int(re.search(r"-of-(\d+)\.json$", positions[0]).group(1))
+    for index in range(processes):
+        name = f"data/process_{index}-of-{processes}.json"
+        if not os.path.isfile(os.path.join(step_dir, name)):
+            return name
+    return None
+
+
 def _unreadable_database(folder: str) -> str | None:
-    """TensorStore's first error line on reading every value of the OCDBT database in
-    ``folder`` (the arrays of one item), or None."""
+    """TensorStore's first error line on listing the OCDBT database in ``folder`` (the arrays
+    of one item) and reading every value of it, or None. The values are read through each
+    process's own database (``ocdbt.process_*``) where there are such: read through the root,
+    a value whose data file is gone comes back short, without an error."""
     try:
-        store = ts.KvStore.open({"driver": "ocdbt",
-                                 "base": "file://" + os.path.abspath(folder) + "/"}).result()
-        for key in store.list().result():
-            store.read(key).result()
+        root = _open_database(folder)
+        root.list().result()
+        for store in [_open_database(part) for part in
+                      sorted(glob.glob(os.path.join(folder, "ocdbt.process_*")))] or [root]:
+            for key in store.list().result():
+                store.read(key).result()
     except Exception as error:  # noqa: BLE001 - TensorStore raises ValueError and others
         lines = str(error).strip().splitlines() or [type(error).__name__]
         return lines[0][:200]
     return None
+
+
+def _open_database(folder: str) -> ts.KvStore:
+    return ts.KvStore.open({"driver": "ocdbt",
+                            "base": "file://" + os.path.abspath(folder) + "/"}).result()
 
 
 def step_dir(directory: str, step: int) -> str:

@@ -47,6 +47,23 @@ def test_an_intact_checkpoint_has_no_damage(finished):
     assert damage(os.path.join(workdir, "checkpoints", "20")) is None
 
 
+@pytest.mark.parametrize("removed, problem", [
+    ("state/ocdbt.process_0/d", "state: NOT_FOUND: Error reading"),  # read through the root,
+    # these values come back short without an error
+    ("state/_METADATA", "state/_METADATA: missing"),
+    ("state/manifest.ocdbt", "state/manifest.ocdbt: missing"),
+    ("run/metadata", "run/metadata: missing"),
+    ("data/process_0-of-1.json", "data/process_0-of-1.json: missing"),
+])
+def test_a_checkpoint_missing_a_file_is_damaged(finished, tmp_path, removed, problem):
+    _, workdir = finished
+    copy = tmp_path / "20"
+    shutil.copytree(os.path.join(workdir, "checkpoints", "20"), copy)
+    target = copy / removed
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert damage(str(copy)).startswith(problem)
+
+
 def test_resume_sets_a_damaged_checkpoint_aside_and_trains_on_from_the_intact_one(
         finished, tmp_path, caplog):
     config, workdir = finished
