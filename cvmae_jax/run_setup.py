@@ -24,7 +24,7 @@ from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import config_warnings, padding_warnings
 from cvmae_jax.mask_probabilities import (TIER_STATISTICS, expected_mask_rate,
                                           percentile_threshold, strategy_probs)
-from cvmae_jax.workdir import DATA_STATS_FILE, read_data_stats
+from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, checkpoint_dir, read_data_stats
 
 # Fields the processes of one run may set each to its own value: their ids and devices, and
 # paths and host resources (each host's mount of the same files, its own compile cache)
@@ -370,6 +370,20 @@ def check_shapes_fit(saved: dict[str, tuple], wanted: dict[str, tuple], step: in
                      f"{where} ({len(differing)} arrays differ); "
                      "config.train.allow_config_change resumes only changes that keep every "
                      "parameter's shape: use a new workdir")
+
+
+def check_config_matches_checkpoint(config, workdir: str, step: int) -> None:
+    """Refuses to evaluate with a ``config.json`` whose settings (RESUMABLE_CHANGES excepted:
+    paths, ``eval.*``, ...) differ from those checkpoint ``step`` was saved with, say one
+    copied from another run or edited: the model is built from it, the arrays come from the
+    checkpoint."""
+    saved = Checkpointer.read_run_info(checkpoint_dir(workdir), step)["config"]
+    changes = changed_settings(saved, config)
+    if changes:
+        more = f"; {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise ValueError(f"{os.path.join(workdir, CONFIG_FILE)}: other settings than the "
+                         f"checkpoint at step {step} was saved with (checkpoint -> config.json: "
+                         f"{'; '.join(changes[:3])}{more}); put back the run's own config.json")
 
 
 def changed_settings(saved_config: dict, config) -> list[str]:

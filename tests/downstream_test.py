@@ -339,6 +339,20 @@ def test_an_explicit_labels_dir_must_hold_tasks(tiny_run, tmp_path):
     assert read_label_tasks(str(tmp_path), stats, 32) == (str(tmp_path / "labels"), {})
 
 
+def test_eval_refuses_a_config_json_other_than_the_checkpoints(tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["model"]["d_model"] = 64  # say, copied from another run
+    (workdir / "config.json").write_text(json.dumps(saved))
+    before = sorted(p.name for p in workdir.iterdir())
+    with pytest.raises(ValueError, match=r"config.json: other settings than the checkpoint at "
+                                         r"step 30 was saved with \(checkpoint -> config.json: "
+                                         r"model.d_model: 32 -> 64\); put back"):
+        evaluate_run(str(workdir))
+    assert sorted(p.name for p in workdir.iterdir()) == before
+
+
 def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):
     """Another MEDS root ranks the labs differently: the code embeddings would be misread."""
     workdir, config = tiny_run

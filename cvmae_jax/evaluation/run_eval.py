@@ -46,8 +46,8 @@ from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
-from cvmae_jax.run_setup import (mask_probabilities, prepare_eval_dataset,
-                                 resolve_meds_dir)
+from cvmae_jax.run_setup import (check_config_matches_checkpoint, mask_probabilities,
+                                 prepare_eval_dataset, resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, run_config
 
@@ -89,6 +89,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
         raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to evaluate")
+    check_config_matches_checkpoint(config, workdir, step)
     finetune = finetune_config(config)
     check_writable(eval_dir(workdir, split), "eval.py writes its results there")
     meds_dir = resolve_meds_dir(config, workdir)
