@@ -15,6 +15,7 @@ from cvmae_jax.jsonio import read_json
 CONFIG_FILE = "config.json"
 DATA_STATS_FILE = "data_stats.json"
 METRICS_FILE = "metrics.jsonl"
+EVAL_METRICS_FILE = "metrics.json"  # in eval_dir
 _FIRST_CODE_COLUMNS = ["code", "name", "count", "num_subjects", "mean", "std", "cv",
                        "mask_prob"]
 
@@ -31,7 +32,7 @@ def eval_dir(workdir: str, split: str = "held_out") -> str:
 
 def eval_metrics_path(workdir: str, split: str = "held_out") -> str:
     """eval.py's ``metrics.json`` of ``split``."""
-    return os.path.join(eval_dir(workdir, split), "metrics.json")
+    return os.path.join(eval_dir(workdir, split), EVAL_METRICS_FILE)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -523,3 +523,37 @@ def test_label_windows_longer_than_the_training_windows(tiny_run, tmp_path):
     with open(os.path.join(copy, "eval", "report.md")) as f:
         assert ("each label row's window: every selected code's latest event and then the "
                 "last others, 64 events at most") in f.read()
+
+
+def test_a_failed_evaluation_leaves_the_earlier_results_as_they_were(evaluated, tmp_path):
+    workdir, _ = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    (copy / "eval" / "notes.txt").write_text("a user's file")  # not eval.py's: it stays
+    before = {p: p.read_bytes() for p in (copy / "eval").rglob("*") if p.is_file()}
+    config = run_config(str(copy))
+    with config.unlocked():
+        config.eval.single_code = False
+        config.eval.finetune.enabled = False
+    with mock.patch("cvmae_jax.evaluation.report.plot_label_efficiency",
+                    side_effect=OSError(28, "No space left on device")):
+        with pytest.raises(OSError, match="No space left on device"):
+            evaluate_run(str(copy), config=config)
+    assert {p: p.read_bytes() for p in (copy / "eval").rglob("*") if p.is_file()} == before
+    assert not list(copy.glob(".eval.incomplete-*"))
+    # a folder where a file goes: refused before anything moves
+    shutil.rmtree(copy / "eval" / "embeddings")
+    (copy / "eval" / "embeddings").write_text("")
+    before = {p: v for p, v in before.items() if p.parent.name != "embeddings"}
+    before[copy / "eval" / "embeddings"] = b""
+    with pytest.raises(ValueError, match=r"eval/embeddings: a file where eval.py writes a "
+                                         r"folder; move it away"):
+        evaluate_run(str(copy), config=config)
+    assert {p: p.read_bytes() for p in (copy / "eval").rglob("*") if p.is_file()} == before
+    (copy / "eval" / "embeddings").unlink()
+    result = evaluate_run(str(copy), config=config)
+    saved = json.loads((copy / "eval" / "metrics.json").read_text())
+    assert "finetune" not in saved["downstream"]  # this evaluation's, fine-tuning off
+    assert (copy / "eval" / "notes.txt").read_text() == "a user's file"
+    assert sorted(p.name for p in (copy / "eval" / "embeddings").iterdir()) == sorted(
+        f"{task}.parquet" for task in result["exports"])

@@ -39,6 +39,7 @@ from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.evaluation.meds_evaluation import score_exports
+from cvmae_jax.evaluation.staging import check_room, move_into, staged
 from cvmae_jax.evaluation.untrained_probe import untrained_probe
 from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.mask_probabilities import percentile_threshold
@@ -49,7 +50,7 @@ from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects
 from cvmae_jax.run_setup import (check_config_matches_checkpoint, mask_probabilities,
                                  prepare_eval_dataset, resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
-from cvmae_jax.workdir import checkpoint_dir, eval_dir, eval_metrics_path, run_config
+from cvmae_jax.workdir import EVAL_METRICS_FILE, checkpoint_dir, eval_dir, run_config
 
 
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
@@ -200,28 +201,33 @@ def _write_results(workdir: str, split: str, result: dict, tasks: dict,
     evaluation that are not written now, scores the exports, and writes metrics.json, report.md
     and the figures under ``eval_dir(workdir, split)``; adds the exports and scores to
     ``result``."""
-    out = eval_dir(workdir, split)
-    result["exports"] = {task: write_task_exports(out, task, data)
-                         for task, data in tasks.items()}
-    for task, written in result["exports"].items():
-        written["models"] = write_model_predictions(out, task, tasks[task],
-                                                    model_probabilities[task])
-        logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
-                     "model(s)", task, written["embeddings"], written["predictions"],
-                     len(written["models"]))
-    removed = remove_stale_exports(out, result["exports"], (*PREDICTION_MODELS, *FINETUNE_MODELS))
-    if removed:
-        logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
-                     "predictions of a task or model not evaluated now)", len(removed))
-    result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
-        out, result["exports"])
-    write_json_atomic(eval_metrics_path(workdir, split), result)
-    report.write_report(os.path.join(out, "report.md"), result)
-    report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
-    report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"), result["downstream"])
+    final = eval_dir(workdir, split)
+    with staged(final) as out:
+        result["exports"] = {task: write_task_exports(out, task, data)
+                             for task, data in tasks.items()}
+        for task, written in result["exports"].items():
+            written["models"] = write_model_predictions(out, task, tasks[task],
+                                                        model_probabilities[task])
+            logging.info("eval %s: embeddings of %d label rows, predictions %s, of %d other "
+                         "model(s)", task, written["embeddings"], written["predictions"],
+                         len(written["models"]))
+        result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
+            out, result["exports"])
+        write_json_atomic(os.path.join(out, EVAL_METRICS_FILE), result)
+        report.write_report(os.path.join(out, "report.md"), result)
+        report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
+        report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"),
+                                     result["downstream"])
+        check_room(out, final)
+        removed = remove_stale_exports(final, result["exports"],
+                                       (*PREDICTION_MODELS, *FINETUNE_MODELS))
+        if removed:
+            logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
+                         "predictions of a task or model not evaluated now)", len(removed))
+        move_into(out, final, last=(EVAL_METRICS_FILE,))
     logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split,
                  result["step"], result["overall"]["masked_mse"],
-                 result["overall"]["baseline_masked_mse"], out)
+                 result["overall"]["baseline_masked_mse"], final)
 
 
 @contextlib.contextmanager
