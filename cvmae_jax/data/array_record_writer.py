@@ -26,14 +26,18 @@ def part_path(template: tfds.core.ShardedFileTemplate, shard_index: int) -> str:
 
 
 def write_part(path: str, records: Iterable[bytes]) -> None:
-    """Writes `records` (serialized, in order) to a new array_record file. Raises RuntimeError
-    naming the file if writing fails."""
-    writer = ArrayRecordWriter(path, _OPTIONS)
+    """Writes `records` (serialized, in order) to a new array_record file. Raises OSError
+    naming the file if writing fails (array_record raises RuntimeError, say on a full disk)."""
     try:
-        for record in records:
-            writer.write(record)
-    finally:
-        writer.close()
+        writer = ArrayRecordWriter(path, _OPTIONS)
+        try:
+            for record in records:
+                writer.write(record)
+        finally:
+            writer.close()
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(f"{path}: could not write the prepared records ({reason})") from None
 
 
 def finish_split(template: tfds.core.ShardedFileTemplate,

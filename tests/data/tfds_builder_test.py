@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from cvmae_jax.data import meds
-from cvmae_jax.data import window_records
+from cvmae_jax.data import array_record_writer, meds, window_records
 from cvmae_jax.data.array_record_writer import finish_split, part_path, write_part
 from cvmae_jax.data.prepare import load_prepared, prepare_dataset
 from cvmae_jax.data.sequences import build_examples
@@ -166,6 +165,25 @@ def test_shards_without_records_get_no_file(tmp_path):
     assert info.shard_lengths == [2, 1]
     assert sorted(os.listdir(tmp_path)) == ["d-train.array_record-00000-of-00002",
                                             "d-train.array_record-00001-of-00002"]
+
+
+def test_a_failed_record_write_names_the_file(tmp_path, monkeypatch):
+    class FullDisk:  # array_record's writer on a full disk
+        def __init__(self, path, options):
+            pass
+
+        def write(self, record):
+            raise RuntimeError("write() failed: No space left on device\nmore detail")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(array_record_writer, "ArrayRecordWriter", FullDisk)
+    path = str(tmp_path / "d-train.array_record-00000.partial")
+    with pytest.raises(OSError) as error:
+        write_part(path, [b"x"])
+    assert str(error.value) == (f"{path}: could not write the prepared records (write() "
+                                "failed: No space left on device)")
 
 
 def test_interrupted_write_leaves_nothing(tiny_meds, tmp_path, monkeypatch):
