@@ -15,8 +15,11 @@ from cvmae_jax.config import finetune_defaults
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (TaskData, embed_label_windows, fit_probe,
                                              make_embed_fn)
+from cvmae_jax.evaluation import finetune
 from cvmae_jax.evaluation.finetune import (EarlyStopping, Finetuner, finetune_config,
                                            finetune_task, paired_delta, probe_head_weights)
+from cvmae_jax.evaluation.label_efficiency import K_SHOTS
+from cvmae_jax.finetune_steps import init_opt_state, make_finetune_optimizer
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.pooling import per_code_pool, pooled_width
 
@@ -158,6 +161,41 @@ def test_fit_returns_the_parameters_of_its_best_check(windows):
     assert again == pytest.approx(fit.tuning_auroc, abs=1e-6)
 
 
+def test_fit_counts_no_check_of_the_warmup_toward_patience(windows, monkeypatch):
+    """40 steps (a 4-step warmup), a check every step, patience 1, and every check after the
+    first worse than it: the first check after the warmup (step 5) ends the fit."""
+    scores = iter([0.9] + [0.5] * 40)
+    monkeypatch.setattr(finetune, "roc_auc_score", lambda y, s: next(scores))
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=40, eval_every=1, patience=1), MAX_LEN, 0)
+    fit = finetuner.fit(_encoder(1), windows["train"], windows["tuning"], 1.0)
+    assert (fit.best_step, fit.steps_run) == (1, 5)
+
+
+def test_fit_checks_its_last_step_between_two_checks(windows):
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=10, eval_every=4), MAX_LEN, 0)
+    fit = finetuner.fit(_encoder(1), windows["train"], windows["tuning"], 1.0)
+    assert [step for step, _ in fit.tuning_curve] == [4, 8, 10]
+    assert [step for step, _ in fit.train_loss] == [4, 8, 10]
+
+
+def test_the_encoder_scale_multiplies_only_the_encoders_updates():
+    optimizer = make_finetune_optimizer(1e-2, 0.01, num_steps=10)  # warmup: 1 step at rate 0
+    params = dict(encoder=dict(w=np.ones(3, np.float32)), head=dict(w=np.full(2, 0.5, np.float32)))
+    grads = dict(encoder=dict(w=np.array([0.1, -0.2, 0.3], np.float32)),
+                 head=dict(w=np.array([0.4, -0.1], np.float32)))
+    updates = {}
+    for scale in (0.1, 1.0):
+        state = init_opt_state(optimizer, params, scale)
+        for _ in range(2):
+            updates[scale], state = optimizer.update(grads, state, params)
+    assert np.abs(updates[1.0]["encoder"]["w"]).min() > 0
+    np.testing.assert_allclose(updates[0.1]["encoder"]["w"], 0.1 * updates[1.0]["encoder"]["w"],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(updates[0.1]["head"]["w"], updates[1.0]["head"]["w"])
+
+
 def test_paired_delta_of_a_model_with_itself_and_a_better_one():
     rng = np.random.default_rng(3)
     y = rng.random(200) < 0.3
@@ -208,6 +246,53 @@ def test_the_scratch_model_is_trained_only_when_asked(windows, scratch, caplog):
     assert scratch or "config.eval.finetune.scratch=False" in delta["reason"]
 
 
+def _record_fits(finetuner, monkeypatch) -> list[dict]:
+    """Each later ``finetuner.fit`` call's encoder, train windows and encoder scale."""
+    calls, fit = [], finetuner.fit
+
+    def recording(encoder, train, tuning, scale, name="", head_weights=None):
+        calls.append(dict(name=name, encoder=encoder, train=train, scale=scale))
+        return fit(encoder, train, tuning, scale, name, head_weights)
+
+    monkeypatch.setattr(finetuner, "fit", recording)
+    return calls
+
+
+def test_the_scratch_model_starts_from_an_untrained_encoder(windows, monkeypatch):
+    rng = np.random.default_rng(3)
+    data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
+                    x={}, y={}, probe=None)
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=6, eval_every=6, encoder_lr_scale=0.3), MAX_LEN, 0)
+    calls = _record_fits(finetuner, monkeypatch)
+    pretrained = _encoder(1)
+    finetune_task(finetuner, pretrained, data, None, seed=0, task="death")
+    started = {call["name"]: call for call in calls}
+    assert (started["death pretrained"]["scale"], started["death scratch"]["scale"]) == (0.3, 1.0)
+    for name, encoder in (("death pretrained", pretrained),
+                          ("death scratch", finetuner.scratch_encoder())):
+        for a, b in zip(jax.tree.leaves(started[name]["encoder"]), jax.tree.leaves(encoder),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(pretrained), jax.tree.leaves(finetuner.scratch_encoder())))
+
+
+def test_kshot_fits_train_on_their_drawn_windows_only(windows, monkeypatch):
+    rng = np.random.default_rng(3)
+    data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
+                    x={}, y={}, probe=None)
+    finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
+                          _settings(steps=6, eval_every=6, kshot_draws=2), MAX_LEN, 0)
+    calls = _record_fits(finetuner, monkeypatch)
+    curve = finetune._kshot(finetuner, _encoder(1), data, sample_seed=5, full_auroc=0.8)
+    ks = [k for k in K_SHOTS if k < len(windows["train"])]
+    assert [len(call["train"]) for call in calls] == [k for k in ks for _ in range(2)]
+    train_subjects = {int(w["subject_id"]) for w in windows["train"]}
+    assert all({int(w["subject_id"]) for w in call["train"]} <= train_subjects for call in calls)
+    assert [key for key in curve] == [*map(str, ks), "all"]
+
+
 def _probe_task(windows, finetuner, encoder) -> TaskData:
     """The windows with their frozen per-code vectors and a probe fit on train (C=0.1)."""
     rng = np.random.default_rng(3)
@@ -238,9 +323,8 @@ def test_a_head_from_the_probe_starts_as_the_probe_and_keeps_it_unless_tuning_im
     assert fit.nonfinite_steps == 0
     probe_auroc = roc_auc_score(data.y["tuning"], data.probe.decision(data.x["tuning"]))
     assert fit.tuning_curve[0] == [0, pytest.approx(probe_auroc, abs=1e-6)]
-    assert fit.tuning_auroc >= fit.tuning_curve[0][1]
-    if fit.best_step == 0:
-        np.testing.assert_allclose(fit.params["head"]["out"]["kernel"], kernel)
+    assert fit.best_step == 0  # at a rate of 1e-5 no step beats the probe on tuning
+    np.testing.assert_allclose(fit.params["head"]["out"]["kernel"], kernel)
     start = finetuner.initial_params(encoder, 0.5, (kernel, bias))
     np.testing.assert_allclose(finetuner.logits(start, windows["tuning"]),
                                data.probe.decision(data.x["tuning"]), rtol=1e-4, atol=1e-4)
