@@ -25,6 +25,14 @@ def test_platt_scaling_matches_the_tuning_rate_and_keeps_the_order():
     np.testing.assert_array_equal(rankdata(probabilities["held_out"]), rankdata(held_out))
 
 
+def test_classes_that_meet_at_one_tuning_score_are_not_separated():
+    scores = np.array([-2.0, -1.0, 0.0, 0.0, 1.0, 2.0])  # a negative and a positive at 0
+    calibration, probabilities = platt(dict(tuning=scores, held_out=scores),
+                                       np.array([0, 0, 0, 1, 1, 1], bool))
+    assert calibration["reason"] is None and calibration["slope"] > 0
+    assert probabilities is not None
+
+
 @pytest.mark.parametrize("case, reason", [
     ("one_class", "tuning split has one class"), ("nan", "tuning scores are not all finite"),
     ("separated", "the tuning scores separate the classes"),

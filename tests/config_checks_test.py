@@ -6,7 +6,7 @@ import pytest
 
 from cvmae_jax.config import default_config
 from cvmae_jax.config_checks import check_config, config_warnings
-from cvmae_jax.run_setup import validate_config
+from cvmae_jax.run_setup import changed_settings, validate_config
 
 
 
@@ -56,11 +56,7 @@ def test_shipped_configs_pass(name, shipped_config):
 ])
 def test_bad_values_name_their_field(field, value, message):
     config = default_config()
-    *sections, name = field.split(".")
-    section = config
-    for part in sections:
-        section = section[part]
-    section[name] = value
+    _set(config, field, value)
     with pytest.raises(ValueError) as error:
         check_config(config)
     text = str(error.value)
@@ -108,6 +104,8 @@ def test_pmap_on_several_processes_is_refused_before_the_devices_start():
     ({"train.warmup_steps": 1000, "train.num_steps": 200},
      "config.train.warmup_steps=1000 >= config.train.num_steps=200: the learning rate rises for "
      "the whole run and never reaches config.train.learning_rate="),
+    ({"train.warmup_steps": 200, "train.num_steps": 200},
+     "config.train.warmup_steps=200 >= config.train.num_steps=200"),
     ({"train.checkpoint_every": 500, "train.num_steps": 200},
      "config.train.checkpoint_every=500 > config.train.num_steps=200: only the last step is "
      "saved"),
@@ -129,6 +127,41 @@ def test_settings_that_run_but_mislead_are_warned_about(fields, message, caplog)
     with caplog.at_level(logging.WARNING):
         validate_config(config, num_devices=1)  # what train.py logs once the devices are up
     assert [r for r in caplog.records if r.getMessage().startswith(message)]
+
+
+@pytest.mark.parametrize("fields", [
+    {"data.max_len": 64, "data.min_window_len": 64}, {"eval.mask_rate": 1.0},
+    {"masking.p_high": 1.0, "masking.p_low": 0.0}, {"seed": 2 ** 32 - 1},
+])
+def test_values_at_their_limits_pass(fields):
+    config = default_config()
+    for field, value in fields.items():
+        _set(config, field, value)
+    check_config(config)
+
+
+@pytest.mark.parametrize("field, value, refused", [
+    ("seed", 1, True), ("loss.unmasked_weight", 0.5, True), ("data.top_k", 50, True),
+    ("data.packing", True, True), ("masking.p_high", 0.9, True), ("model.d_model", 64, True),
+    ("train.learning_rate", 3e-3, True), ("train.num_steps", 100, True),
+    ("train.log_every", 7, False), ("train.checkpoint_every", 70, False),
+    ("eval.batch_size", 8, False), ("parallel.mode", "pmap", False),
+    ("model.attention", "cudnn", False), ("data.meds_dir", "/elsewhere", False),
+    ("data.workers", 2, False),
+])
+def test_a_resume_refuses_exactly_the_settings_that_change_results(field, value, refused):
+    saved, config = default_config().to_dict(), default_config()
+    _set(config, field, value)
+    assert bool(changed_settings(saved, config)) == refused
+
+
+def _set(config, field: str, value) -> None:
+    """config.<field> = value for a dotted field name, checking that the value is new."""
+    *sections, name = field.split(".")
+    for part in sections:
+        config = config[part]
+    assert config[name] != value
+    config[name] = value
 
 
 def test_a_finetune_batch_the_devices_cannot_split_is_refused_before_training():

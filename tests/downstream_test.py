@@ -497,6 +497,17 @@ def test_report_says_when_an_auroc_rests_on_few_positives():
     assert few["bootstrap_used"] < 1000 and "- ok:" not in text
 
 
+@pytest.mark.parametrize("positives, noted", [(9, True), (10, False), (90, False), (91, True)])
+def test_the_few_labels_note_takes_fewer_than_10_of_either_class(positives, noted):
+    from cvmae_jax.evaluation.compare_report import _auroc_rows
+    from cvmae_jax.evaluation.downstream import _few_labels_note
+
+    result = dict(auroc=0.7, n=100, positives=positives, bootstrap_used=1000)
+    assert bool(_few_labels_note("death", result)) == noted
+    assert ("anecdotal" in _auroc_rows("death", dict(n=100, subjects=100,
+                                                      positives=positives))) == noted
+
+
 def test_label_windows_longer_than_the_training_windows(tiny_run, tmp_path):
     """eval.label_max_len=64 and label_window=each_code_latest on a run trained on windows of
     32: the probe, the aggregates and the report read each label row's window of 64 events."""

@@ -163,3 +163,17 @@ def test_wide_embeddings_are_split_into_chunks_of_whole_rows(tmp_path, monkeypat
     back = pq.read_table(tmp_path / "e.parquet")["embedding"].to_pylist()
     np.testing.assert_array_equal(np.array(back, np.float32), x)
     assert len(exports.list_column(np.zeros((0, 0), np.float32))) == 0
+
+
+def test_meds_dev_predict_copies_the_split_asked_for(tmp_path):
+    from cvmae_jax import meds_dev
+
+    folder = tmp_path / "probe" / "run" / "eval" / "predictions" / meds_dev.TASK
+    folder.mkdir(parents=True)
+    tables = {split: pa.table({"subject_id": pa.array([i], pa.int64())})
+              for i, split in enumerate(("tuning", "held_out"))}
+    for split, table in tables.items():
+        pq.write_table(table, folder / f"{split}.parquet")
+    for split, table in tables.items():
+        written = meds_dev.predict(str(tmp_path / "probe"), split, str(tmp_path / split))
+        assert pq.read_table(written).equals(table)

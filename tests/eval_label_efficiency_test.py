@@ -9,8 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax.evaluation import report
 from cvmae_jax.evaluation.downstream import fit_probe
-from cvmae_jax.evaluation.label_efficiency import (kshot_indices, label_efficiency,
-                                                  settings)
+from cvmae_jax.evaluation.label_efficiency import (kshot_curve, kshot_indices,
+                                                  label_efficiency, settings)
 
 
 @pytest.mark.parametrize("n_pos", [1, 2, 30, 299])
@@ -35,6 +35,12 @@ def test_kshot_with_one_class_or_bad_k():
     assert len(kshot_indices(y, 5, np.random.default_rng(0))) == 5
     with pytest.raises(ValueError):
         kshot_indices(y, 21, np.random.default_rng(0))
+
+
+def test_a_k_of_all_train_rows_is_the_all_entry_not_a_draw():
+    y = np.arange(64) % 4 == 0
+    curve = kshot_curve(lambda idx: 0.5, y, seed=0, full_auroc=0.7, ks=(16, 64), draws=2)
+    assert list(curve) == ["16", "all"] and curve["all"]["auroc_mean"] == 0.7
 
 
 def _data(rng, n, prevalence=0.2):

@@ -91,6 +91,9 @@ def test_run_writes_the_documented_outputs(cv_run):
     assert {m["window_steps"] for m in train} == {50}
     assert [m["step"] for m in evals] == [300, 600]
     assert summary["step"] == 600
+    # a checkpoint every 15 steps, the newest config.train.keep_checkpoints = 3 kept
+    assert sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if name.isdigit()) == [570, 585, 600]
     assert summary["train_step_traces"] == 1  # no retrace after the first step
     assert_tensorboard_shows_the_metrics(workdir)
     assert "tuning/masked_mse" in tensorboard_scalars(workdir)

@@ -90,6 +90,12 @@ def test_select_top_k_by_frequency_with_regex_and_min_count(tiny_meds):
     assert meds.select_lab_codes(train, other) == [tiny_meds.HR, tiny_meds.C]
 
 
+def test_a_code_with_exactly_min_code_count_rows_is_selected():
+    counts = {"LAB//x": 3, "LAB//y": 2, "LAB//z": 4}
+    config = dict(lab_code_pattern="^LAB//", min_code_count=3, top_k=0, lab_codes=())
+    assert meds.select_lab_codes(counts, config) == ["LAB//z", "LAB//x"]
+
+
 def test_select_ties_by_code_name(tiny_meds):
     train = meds.read_numeric_events(tiny_meds.root, "train")
     ties = train.filter(pc.equal(train["code"], tiny_meds.D))

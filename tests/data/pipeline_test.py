@@ -159,9 +159,13 @@ def test_shared_mimic_demo_batches(shared_meds_dir, tmp_path):
     assert total == prepared.num_tokens["held_out"]
 
 
-def test_sharded_eval_batches_are_blocks_of_the_global_batches(prepared):
-    full = list(eval_batches(prepared, "train", 4, MAX_LEN))
-    shards = [list(eval_batches(prepared, "train", 4, MAX_LEN, i, 2)) for i in range(2)]
+@pytest.mark.parametrize("split, batch_size", [("train", 4), ("held_out", 4), ("held_out", 8)])
+def test_sharded_eval_batches_are_blocks_of_the_global_batches(prepared, split, batch_size):
+    """Every process yields as many batches as there are global ones (a process with fewer
+    would leave the others waiting in the evaluation's collectives), also where a split has
+    fewer examples than a global batch's second block starts at."""
+    full = list(eval_batches(prepared, split, batch_size, MAX_LEN))
+    shards = [list(eval_batches(prepared, split, batch_size, MAX_LEN, i, 2)) for i in range(2)]
     assert len(shards[0]) == len(shards[1]) == len(full)
     for whole, a, b in zip(full, *shards):
         for key in BATCH_KEYS:
