@@ -49,11 +49,14 @@ class Checkpointer:
             manager.close()
 
     @staticmethod
-    def restore_state(directory: str | os.PathLike, step: int, abstract_state):
+    def restore_state(directory: str | os.PathLike, step: int, abstract_state,
+                      verified: bool = False):
         """The ``state`` item of checkpoint ``step``, read without writing anything, onto the
         shardings of ``abstract_state``. A damaged checkpoint is refused in one line naming
-        its step and the newest intact one."""
-        check_intact(str(directory), step)
+        its step and the newest intact one (``verified``: ``read_run_info`` of the same step
+        has just checked it, so the arrays are not read twice)."""
+        if not verified:
+            check_intact(str(directory), step)
         manager = _read_only_manager(directory)
         try:
             return manager.restore(step, args=ocp.args.Composite(

@@ -118,7 +118,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             jax.eval_shape(fresh_state))
-    state = Checkpointer.restore_state(directory, step, abstract)
+    state = Checkpointer.restore_state(directory, step, abstract, verified=True)
     return TrainedRun(graphdefs[0], state.params, stats, config, step, code_table(data_stats))
 
 

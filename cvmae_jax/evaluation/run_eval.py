@@ -112,7 +112,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     graphdef, state = init_state(model_config, make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
     initial_params = state.params  # where pretraining started: the untrained probe's network
-    state = Checkpointer.restore_state(checkpoints, step, abstract_like(state))
+    state = Checkpointer.restore_state(checkpoints, step, abstract_like(state),
+                                       verified=True)  # by check_config_matches_checkpoint
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
