@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -24,7 +25,8 @@ from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.config_checks import config_warnings, padding_warnings
 from cvmae_jax.mask_probabilities import (TIER_STATISTICS, expected_mask_rate,
                                           percentile_threshold, strategy_probs)
-from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, checkpoint_dir, read_data_stats
+from cvmae_jax.workdir import (CONFIG_FILE, DATA_STATS_FILE, checkpoint_dir, read_data_stats,
+                               with_eval_defaults)
 
 # Fields the processes of one run may set each to its own value: their ids and devices, and
 # paths and host resources (each host's mount of the same files, its own compile cache)
@@ -372,18 +374,30 @@ def check_shapes_fit(saved: dict[str, tuple], wanted: dict[str, tuple], step: in
                      "parameter's shape: use a new workdir")
 
 
-def check_config_matches_checkpoint(config, workdir: str, step: int) -> None:
-    """Refuses to evaluate with a ``config.json`` whose settings (RESUMABLE_CHANGES excepted:
-    paths, ``eval.*``, ...) differ from those checkpoint ``step`` was saved with, say one
-    copied from another run or edited: the model is built from it, the arrays come from the
-    checkpoint."""
-    saved = Checkpointer.read_run_info(checkpoint_dir(workdir), step)["config"]
+def evaluated_config(config, workdir: str, step: int) -> ml_collections.ConfigDict:
+    """The settings eval.py evaluates checkpoint ``step`` with: those it was saved with (read
+    with its run item, which checks the checkpoint for damage) and ``config``'s
+    RESUMABLE_CHANGES fields (``eval.*``, paths, ...). Where ``config`` (the run's
+    ``config.json``) differs in other fields, a warning names them: a resume with
+    ``train.allow_config_change`` stopped before its next save, or a ``config.json`` copied
+    from another run or edited. The model is built from these settings, the arrays come from
+    the checkpoint."""
+    saved = with_eval_defaults(
+        Checkpointer.read_run_info(checkpoint_dir(workdir), step)["config"]).to_dict()
     changes = changed_settings(saved, config)
     if changes:
         more = f"; {len(changes) - 3} more" if len(changes) > 3 else ""
-        raise ValueError(f"{os.path.join(workdir, CONFIG_FILE)}: other settings than the "
-                         f"checkpoint at step {step} was saved with (checkpoint -> config.json: "
-                         f"{'; '.join(changes[:3])}{more}); put back the run's own config.json")
+        logging.warning("eval: %s differs from the settings the checkpoint at step %d was "
+                        "saved with (checkpoint -> %s: %s%s); evaluating the checkpoint with "
+                        "its own", CONFIG_FILE, step, CONFIG_FILE, "; ".join(changes[:3]), more)
+    for name, _, value in _changed_fields(saved, config.to_dict()):
+        if name.startswith(RESUMABLE_CHANGES):
+            *parents, leaf = name.split(".")
+            section = saved
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[leaf] = value
+    return ml_collections.ConfigDict(saved)
 
 
 def changed_settings(saved_config: dict, config) -> list[str]:

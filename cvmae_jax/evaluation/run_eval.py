@@ -10,7 +10,6 @@ fine-tuned networks; perturbation sensitivity; embeddings and MEDS-DEV predictio
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import os
 import time
@@ -47,8 +46,8 @@ from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
-from cvmae_jax.run_setup import (check_config_matches_checkpoint, mask_probabilities,
-                                 prepare_eval_dataset, resolve_meds_dir)
+from cvmae_jax.run_setup import (evaluated_config, mask_probabilities, prepare_eval_dataset,
+                                 resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import EVAL_METRICS_FILE, checkpoint_dir, eval_dir, run_config
 
@@ -81,16 +80,16 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
     with the aggregates, the fine-tuned networks). ``config``:
     the run's config (default: its config.json). Returns the metrics."""
-    config = copy.deepcopy(config) if config is not None else run_config(workdir)
-    settings = eval_settings(config)  # before the split below: as the run's config has them
-    config.eval.split = split  # a copy: the caller's config keeps its validation split
-    parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
-                              "config.eval.batch_size")
     checkpoints = checkpoint_dir(workdir)
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
         raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to evaluate")
-    check_config_matches_checkpoint(config, workdir, step)
+    config = evaluated_config(config if config is not None else run_config(workdir), workdir,
+                              step)  # a new config: the caller's keeps its validation split
+    settings = eval_settings(config)  # before the split below: as the run's config has them
+    config.eval.split = split
+    parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
+                              "config.eval.batch_size")
     finetune = finetune_config(config)
     check_writable(eval_dir(workdir, split), "eval.py writes its results there")
     meds_dir = resolve_meds_dir(config, workdir)
@@ -113,7 +112,7 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     state = launcher.put_state(state)
     initial_params = state.params  # where pretraining started: the untrained probe's network
     state = Checkpointer.restore_state(checkpoints, step, abstract_like(state),
-                                       verified=True)  # by check_config_matches_checkpoint
+                                       verified=True)  # by evaluated_config
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
