@@ -71,20 +71,25 @@ def _missing_file(step_dir: str) -> str | None:
 
 
 def _unreadable_database(folder: str) -> str | None:
-    """TensorStore's first error line on listing the OCDBT database in ``folder`` (the arrays
-    of one item) and reading every value of it, or None. The values are read through each
-    process's own database (``ocdbt.process_*``) where there are such: read through the root,
-    a value whose data file is gone comes back short, without an error."""
+    """What is wrong with the OCDBT database in ``folder`` (the arrays of one item): an entry
+    the root lists that no process's own database (``ocdbt.process_*``) holds, or
+    TensorStore's first error line on reading every value through those databases; None when
+    all read in full. Read through the root instead, a value whose data file or process folder
+    is gone comes back short, without an error."""
     try:
-        root = _open_database(folder)
-        root.list().result()
-        for store in [_open_database(part) for part in
-                      sorted(glob.glob(os.path.join(folder, "ocdbt.process_*")))] or [root]:
+        listed = set(_open_database(folder).list().result())
+        held = set()
+        for part in sorted(glob.glob(os.path.join(folder, "ocdbt.process_*"))):
+            store = _open_database(part)
             for key in store.list().result():
                 store.read(key).result()
+                held.add(key)
     except Exception as error:  # noqa: BLE001 - TensorStore raises ValueError and others
         lines = str(error).strip().splitlines() or [type(error).__name__]
         return lines[0][:200]
+    if listed - held:
+        return (f"{len(listed - held)} of {len(listed)} array entries are in no process's "
+                "database (an ocdbt.process_* folder missing?)")
     return None
 
 
