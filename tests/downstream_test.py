@@ -560,20 +560,11 @@ def test_a_failed_evaluation_leaves_the_earlier_results_as_they_were(evaluated, 
         with pytest.raises(OSError, match="No space left on device"):
             evaluate_run(str(copy), config=config)
     assert {p: p.read_bytes() for p in (copy / "eval").rglob("*") if p.is_file()} == before
-    assert not list(copy.glob(".eval.incomplete-*"))
-    # a folder where a file goes: refused before anything moves
-    shutil.rmtree(copy / "eval" / "embeddings")
-    (copy / "eval" / "embeddings").write_text("")
-    before = {p: v for p, v in before.items() if p.parent.name != "embeddings"}
-    before[copy / "eval" / "embeddings"] = b""
-    with pytest.raises(ValueError, match=r"eval/embeddings: a file where eval.py writes a "
-                                         r"folder; move it away"):
-        evaluate_run(str(copy), config=config)
-    assert {p: p.read_bytes() for p in (copy / "eval").rglob("*") if p.is_file()} == before
-    (copy / "eval" / "embeddings").unlink()
     result = evaluate_run(str(copy), config=config)
+    assert sorted(p.name for p in (copy / "eval").iterdir() if p.name.startswith(".")) == []
     saved = json.loads((copy / "eval" / "metrics.json").read_text())
     assert "finetune" not in saved["downstream"]  # this evaluation's, fine-tuning off
+    assert not (copy / "eval" / "predictions_pretrained").exists()  # the earlier one's, gone
     assert (copy / "eval" / "notes.txt").read_text() == "a user's file"
     assert sorted(p.name for p in (copy / "eval" / "embeddings").iterdir()) == sorted(
         f"{task}.parquet" for task in result["exports"])

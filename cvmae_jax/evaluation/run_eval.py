@@ -197,10 +197,10 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
 def _write_results(workdir: str, split: str, result: dict, tasks: dict,
                    model_probabilities: dict) -> None:
     """Writes (process 0) the exports of each task (embeddings, the probe's predictions, and
-    ``model_probabilities[task]``: the other models' predictions), removes those of an earlier
-    evaluation that are not written now, scores the exports, and writes metrics.json, report.md
-    and the figures under ``eval_dir(workdir, split)``; adds the exports and scores to
-    ``result``."""
+    ``model_probabilities[task]``: the other models' predictions), scores them, and writes
+    metrics.json, report.md and the figures, all into a staging folder moved into
+    ``eval_dir(workdir, split)`` once complete (staging.py); then removes the exports of an
+    earlier evaluation that are not written now. Adds the exports and scores to ``result``."""
     final = eval_dir(workdir, split)
     with staged(final) as out:
         result["exports"] = {task: write_task_exports(out, task, data)
@@ -219,12 +219,11 @@ def _write_results(workdir: str, split: str, result: dict, tasks: dict,
         report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"),
                                      result["downstream"])
         check_room(out, final)
-        removed = remove_stale_exports(final, result["exports"],
-                                       (*PREDICTION_MODELS, *FINETUNE_MODELS))
-        if removed:
-            logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
-                         "predictions of a task or model not evaluated now)", len(removed))
         move_into(out, final, last=(EVAL_METRICS_FILE,))
+    removed = remove_stale_exports(final, result["exports"], (*PREDICTION_MODELS, *FINETUNE_MODELS))
+    if removed:
+        logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
+                     "predictions of a task or model not evaluated now)", len(removed))
     logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split,
                  result["step"], result["overall"]["masked_mse"],
                  result["overall"]["baseline_masked_mse"], final)

@@ -1,5 +1,5 @@
-"""eval.py's results are written into a new folder beside the results folder, then moved into
-it file by file: a failed or interrupted evaluation (a full disk, Ctrl-C) leaves the earlier
+"""eval.py's results are written into a new folder inside the results folder, then moved into
+place file by file: a failed or interrupted evaluation (a full disk, Ctrl-C) leaves the earlier
 results as they were, and files of the results folder that eval.py does not write stay."""
 
 from __future__ import annotations
@@ -11,16 +11,32 @@ import tempfile
 from collections.abc import Iterator
 
 
+class NoRoom(ValueError):
+    """A file or folder of the results folder is in the way of the finished results, which
+    stay in their staging folder (the message names both)."""
+
+
 @contextlib.contextmanager
 def staged(final: str) -> Iterator[str]:
-    """A new empty folder beside ``final`` (``.<name>.incomplete-*``) to write the results
-    into; removed on exit, with whatever ``move_into`` did not move."""
-    staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(final)),
-                               prefix=f".{os.path.basename(final)}.incomplete-")
+    """A new empty folder ``<final>/.incomplete-*`` (on ``final``'s own file system, through
+    a link too) to write the results into; removed on exit with whatever ``move_into`` did not
+    move, except after ``NoRoom``. A ``final`` this call created is removed again when the
+    results never reach it."""
+    final = os.path.realpath(final)
+    created = not os.path.isdir(final)
+    os.makedirs(final, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=final, prefix=".incomplete-")
     try:
         yield staging
-    finally:
+    except NoRoom:
+        raise
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(final)  # only while it is empty
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def staged_files(staging: str) -> list[str]:
@@ -30,26 +46,26 @@ def staged_files(staging: str) -> list[str]:
 
 
 def check_room(staging: str, final: str) -> None:
-    """ValueError naming the path when a file of ``staging`` would land where ``final`` has
-    a folder, or needs a folder where ``final`` has a file: checked before anything moves."""
-    final = os.path.abspath(final)
+    """``NoRoom`` naming the path when a file of ``staging`` would land where ``final`` has a
+    folder, or needs a folder where ``final`` has a file: checked before anything moves."""
+    final = os.path.realpath(final)
+    kept = f"the finished results wait in {staging}; move the path away and move them in"
     for relative in staged_files(staging):
         target = os.path.join(final, relative)
         if os.path.isdir(target):
-            raise ValueError(f"{target}: a folder where eval.py writes a file; move it away "
-                             "and evaluate again (the earlier results are unchanged)")
+            raise NoRoom(f"{target}: a folder where eval.py writes a file; {kept}")
         parent = os.path.dirname(target)
         while parent.startswith(final + os.sep):
             if os.path.lexists(parent) and not os.path.isdir(parent):
-                raise ValueError(f"{parent}: a file where eval.py writes a folder; move it "
-                                 "away and evaluate again (the earlier results are unchanged)")
+                raise NoRoom(f"{parent}: a file where eval.py writes a folder; {kept}")
             parent = os.path.dirname(parent)
 
 
 def move_into(staging: str, final: str, last: tuple[str, ...] = ()) -> None:
     """Moves every file of ``staging`` to the same path under ``final``, replacing a file of
-    that name, the paths in ``last`` (relative, e.g. "metrics.json") after all others."""
+    that name (copied where a linked folder lies on another file system), the paths in
+    ``last`` (relative, e.g. "metrics.json") after all others."""
     for relative in sorted(staged_files(staging), key=lambda path: path in last):
         target = os.path.join(final, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(os.path.join(staging, relative), target)
+        shutil.move(os.path.join(staging, relative), target)

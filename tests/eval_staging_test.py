@@ -1,0 +1,62 @@
+"""eval.py's results staged inside the results folder and moved in once complete: what is in
+the way is named before anything moves, and a failure leaves the folder as it was."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cvmae_jax.evaluation.staging import NoRoom, check_room, move_into, staged
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_staged_files_replace_their_namesakes_and_others_stay(tmp_path):
+    final = tmp_path / "eval"
+    _write(final / "metrics.json", "old")
+    _write(final / "notes.txt", "a user's")
+    with staged(str(final)) as out:
+        _write(Path(out) / "metrics.json", "new")
+        _write(Path(out) / "predictions" / "death" / "held_out.parquet", "rows")
+        check_room(out, str(final))
+        move_into(out, str(final), last=("metrics.json",))
+    assert _files(final) == {"metrics.json": "new", "notes.txt": "a user's",
+                             "predictions/death/held_out.parquet": "rows"}
+
+
+@pytest.mark.parametrize("in_the_way, message", [
+    ("report.md/", "report.md: a folder where eval.py writes a file"),
+    ("predictions", "predictions: a file where eval.py writes a folder"),
+])
+def test_what_is_in_the_way_is_named_and_the_results_wait(tmp_path, in_the_way, message):
+    final = tmp_path / "eval"
+    final.mkdir()
+    if in_the_way.endswith("/"):
+        (final / in_the_way).mkdir()
+    else:
+        (final / in_the_way).write_text("")
+    before = _files(final)
+    with pytest.raises(NoRoom, match=f"{message}; the finished results wait in ") as error:
+        with staged(str(final)) as out:
+            _write(Path(out) / "report.md", "new")
+            _write(Path(out) / "predictions" / "death" / "held_out.parquet", "rows")
+            check_room(out, str(final))
+    kept = str(error.value).split("wait in ")[1].split(";")[0]
+    assert os.path.basename(kept).startswith(".incomplete-") and os.path.isdir(kept)
+    assert {k: v for k, v in _files(final).items() if not k.startswith(".")} == before
+
+
+def test_a_failure_removes_the_staging_and_a_results_folder_it_made(tmp_path):
+    final = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        with staged(str(final)) as out:
+            _write(Path(out) / "metrics.json", "new")
+            raise KeyboardInterrupt
+    assert not final.exists()
