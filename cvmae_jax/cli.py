@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import logging as std_logging
 import os
+import re
 import sys
 
 import ml_collections
@@ -143,15 +144,31 @@ def user_errors(resumes: str = ""):
 
 def _raised_in(error: BaseException) -> str:
     """The top-level package of the innermost Python frame that raised ``error`` (this
-    package's name for its own files, also those run as ``python -m cvmae_jax.<module>``)."""
+    package's name for its own files, also those run as ``python -m cvmae_jax.<module>``); for
+    an error of a worker process that multiprocessing raised again here, the worker's frame."""
+    if type(error.__cause__).__name__ == "RemoteTraceback":
+        files = re.findall(r'File "([^"]+)"', str(error.__cause__))
+        if files:
+            return _package_of(files[-1], "?")
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     if tb is None:
         return "?"
-    if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR):
+    return _package_of(tb.tb_frame.f_code.co_filename,
+                       tb.tb_frame.f_globals.get("__name__", "?").split(".")[0])
+
+
+def _package_of(path: str, module: str) -> str:
+    """This package's name when ``path`` is one of its files; else the package folder under
+    site-packages, or ``module``."""
+    path = os.path.abspath(path)
+    if path.startswith(PACKAGE_DIR):
         return __package__
-    return tb.tb_frame.f_globals.get("__name__", "?").split(".")[0]
+    parts = path.split(os.sep)
+    if "site-packages" in parts[:-1]:
+        return parts[parts.index("site-packages") + 1].removesuffix(".py")
+    return module
 
 
 def run(main) -> None:

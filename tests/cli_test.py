@@ -1,6 +1,7 @@
 """The command lines as a user types them: train.py and eval.py with config overrides."""
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -249,6 +250,14 @@ def test_an_error_raised_inside_a_library_names_it():
         json.loads("{not json")
     assert str(theirs.value).endswith("(JSONDecodeError raised in json; -v=1 shows the "
                                       "traceback)")
+    from cvmae_jax.data.array_record_writer import write_part
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool, pytest.raises(
+            SystemExit) as in_a_worker, cli.user_errors():  # raised again in multiprocessing
+        pool.apply(write_part, ("/no/such/folder/part", [b"x"]))
+    assert str(in_a_worker.value).startswith("error: /no/such/folder/part: could not write the "
+                                             "prepared records (")
+    assert "raised in" not in str(in_a_worker.value)
 
 
 def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
