@@ -78,8 +78,13 @@ def _require_int(field: str, value, low: int, note: str = "") -> None:
 
 
 def is_seed(value) -> bool:
-    """An integer in [0, 2**32): what NumPy, scikit-learn and JAX all take as a seed."""
+    """An integer in [0, 2**32): what NumPy, scikit-learn and JAX all take as a seed (JAX
+    keeps only the low 32 bits of a larger one)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32
+
+
+def _require_seed(field: str, value) -> None:
+    _require(is_seed(value), field, value, "expected an integer in [0, 2**32)")
 
 
 def check_data_config(data) -> None:
@@ -96,6 +101,7 @@ def check_data_config(data) -> None:
     _require(data.min_window_len <= data.max_len, "data.min_window_len", data.min_window_len,
              f"must be <= config.data.max_len={data.max_len}")
     _require(data.window in WINDOWS, "data.window", data.window, f"expected one of {WINDOWS}")
+    _require_seed("data.synthetic_seed", data.synthetic_seed)
     _require(not any(str(code)[:1] in "([" for code in data.lab_codes or ()), "data.lab_codes",
              tuple(data.lab_codes or ()), "a code starts with a bracket: a tuple typed on the "
              "command line needs quotes, --config.data.lab_codes='(\"LAB//50912//mg/dL\", "
@@ -125,7 +131,7 @@ def check_config(config) -> None:
     ``run_setup.validate_config``."""
     check_sections(config)
     check_known_fields(config)
-    _require(is_seed(config.seed), "seed", config.seed, "expected an integer in [0, 2**32)")
+    _require_seed("seed", config.seed)
     check_parallel_config(config.parallel)
     check_data_config(config.data)
     masking = config.masking
@@ -215,6 +221,8 @@ def check_eval_config(eval_config) -> None:
     _require(0.0 < eval_config.mask_rate <= 1.0, "eval.mask_rate", eval_config.mask_rate,
              "expected a rate in (0, 1]")
     _require_int("eval.batch_size", eval_config.batch_size, 1)
+    for name in ("mask_seed", "sample_seed"):
+        _require_seed(f"eval.{name}", eval_config[name])
     _require_int("eval.label_max_len", eval_config.label_max_len, 0, " (0: data.max_len)")
     _require(eval_config.pooling in POOLINGS, "eval.pooling", eval_config.pooling,
              f"expected one of {', '.join(POOLINGS)}")

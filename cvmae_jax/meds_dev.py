@@ -98,8 +98,9 @@ def _main(argv) -> None:
     if len(argv) != 2 or argv[1] not in STAGES:
         raise app.UsageError(f"give one stage: {', '.join(STAGES)} (got {argv[1:]})")
     log_progress()
-    with user_errors():
-        stage, f = argv[1], FLAGS
+    stage, f = argv[1], FLAGS
+    with user_errors(resumes="pretrain resumes from its last checkpoint"
+                     if stage == "pretrain" else ""):
         if stage == "pretrain":
             if f.config is None:
                 raise ValueError("pretrain needs --config (meds_dev/cvmae/config.py)")

@@ -18,6 +18,9 @@ def test_shipped_configs_pass(name, shipped_config):
 
 @pytest.mark.parametrize("field, value, message", [
     ("seed", -1, "expected an integer in [0, 2**32)"),
+    ("data.synthetic_seed", 2 ** 32, "expected an integer in [0, 2**32)"),
+    ("eval.mask_seed", -1, "expected an integer in [0, 2**32)"),
+    ("eval.sample_seed", 2 ** 40, "expected an integer in [0, 2**32)"),
     ("data.lab_code_pattern", "^LAB//(", "not a valid regular expression (missing ), "),
     ("data.top_k", -1, "expected an integer >= 0 (0: every matching code)"),
     ("data.max_len", 0, "expected an integer >= 1"),
