@@ -306,11 +306,12 @@ def code_list_difference(trained: list[str], current: list[str]) -> str | None:
     the same codes in another order), or None when the lists are equal."""
     if trained == current:
         return None
-    missing = [c for c in trained if c not in set(current)]
-    added = [c for c in current if c not in set(trained)]
+    trained_codes, current_codes = set(trained), set(current)
+    missing = [c for c in trained if c not in current_codes]
+    added = [c for c in current if c not in trained_codes]
     if missing or added:
-        return (f"{len(missing)} of them missing (first: {missing[:3]}), {len(added)} others "
-                f"added (first: {added[:3]})")
+        return ", ".join([f"{len(missing)} of them missing (first: {missing[:3]})"] * bool(missing)
+                         + [f"{len(added)} others added (first: {added[:3]})"] * bool(added))
     moved = sum(a != b for a, b in zip(trained, current))
     return (f"the same codes in another order ({moved} positions differ: the frequency ranking "
             "changed)")

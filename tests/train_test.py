@@ -201,6 +201,11 @@ def test_a_resume_on_other_lab_codes_is_refused_even_with_changes_allowed(tmp_pa
                                          r"missing .* resume only on data with the same codes"):
         train_and_evaluate(config, run)
     assert sorted((tmp_path / "prepared").glob("*/*")) == prepared  # the new one removed
+    # other subjects: the same 39 codes in another frequency order, parameters of equal shapes
+    config.data.top_k, config.data.synthetic_subjects = 40, 45
+    with pytest.raises(ValueError, match=r"has 39, the same codes in another order \(\d+ "
+                                         r"positions differ: the frequency ranking changed\)"):
+        train_and_evaluate(config, run)
 
 
 class PoisonedData:
