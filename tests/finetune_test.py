@@ -227,9 +227,7 @@ def test_finetune_config_names_a_bad_field():
 
 @pytest.mark.parametrize("scratch", [True, False])
 def test_the_scratch_model_is_trained_only_when_asked(windows, scratch, caplog):
-    rng = np.random.default_rng(3)
-    data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
-                    x={}, y={}, probe=None)
+    data = _task_without_probe(windows)
     finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
                           _settings(steps=6, eval_every=6, scratch=scratch), MAX_LEN, 0)
     with caplog.at_level("INFO"):
@@ -246,6 +244,13 @@ def test_the_scratch_model_is_trained_only_when_asked(windows, scratch, caplog):
     assert scratch or "config.eval.finetune.scratch=False" in delta["reason"]
 
 
+def _task_without_probe(windows) -> TaskData:
+    """The windows with 48 held_out ones, and no frozen vectors or probe."""
+    held_out = _windows(np.random.default_rng(3), 48, 2000)
+    return TaskData(task_dir=None, windows=dict(windows, held_out=held_out), x={}, y={},
+                    probe=None)
+
+
 def _record_fits(finetuner, monkeypatch) -> list[dict]:
     """Each later ``finetuner.fit`` call's encoder, train windows and encoder scale."""
     calls, fit = [], finetuner.fit
@@ -259,9 +264,7 @@ def _record_fits(finetuner, monkeypatch) -> list[dict]:
 
 
 def test_the_scratch_model_starts_from_an_untrained_encoder(windows, monkeypatch):
-    rng = np.random.default_rng(3)
-    data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
-                    x={}, y={}, probe=None)
+    data = _task_without_probe(windows)
     finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
                           _settings(steps=6, eval_every=6, encoder_lr_scale=0.3), MAX_LEN, 0)
     calls = _record_fits(finetuner, monkeypatch)
@@ -279,9 +282,7 @@ def test_the_scratch_model_starts_from_an_untrained_encoder(windows, monkeypatch
 
 
 def test_kshot_fits_train_on_their_drawn_windows_only(windows, monkeypatch):
-    rng = np.random.default_rng(3)
-    data = TaskData(task_dir=None, windows=dict(windows, held_out=_windows(rng, 48, 2000)),
-                    x={}, y={}, probe=None)
+    data = _task_without_probe(windows)
     finetuner = Finetuner(parallel.JitLauncher(jax.devices()), MODEL,
                           _settings(steps=6, eval_every=6, kshot_draws=2), MAX_LEN, 0)
     calls = _record_fits(finetuner, monkeypatch)
