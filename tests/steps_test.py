@@ -127,10 +127,12 @@ def test_window_totals_pool_the_steps_and_keep_the_first_non_finite_one():
                                / sum(m["num_masked"] for m in per_step), rtol=1e-5)
     np.testing.assert_allclose(summary["mask_rate"], sum(m["num_masked"] for m in per_step)
                                / sum(m["num_tokens"] for m in per_step), rtol=1e-6)
-    for _ in range(2):
+    for poisoned in (True, False, True):  # steps numbered 4 (not applied), 4, 5
         batch = _batch(rng, 8, 99)
-        carry, _ = window_step(carry, dict(batch, values=np.full_like(batch["values"], np.nan)))
+        if poisoned:
+            batch = dict(batch, values=np.full_like(batch["values"], np.nan))
+        carry, _ = window_step(carry, batch)
     totals = jax.device_get(carry[1])
-    assert int(totals.steps) == 5 and int(totals.first_nonfinite) == 4
+    assert int(totals.steps) == 6 and int(totals.first_nonfinite) == 4
     assert np.isnan(totals.nonfinite_values).all()
-    assert int(carry[0].step) == 3  # the non-finite steps were not applied
+    assert int(carry[0].step) == 4  # the non-finite steps were not applied
