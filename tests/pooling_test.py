@@ -129,7 +129,9 @@ def test_per_code_window_vectors_of_the_encoder(pooling):
     assert len(embed_fn.traces) == 1
 
 
-def _task(graphdef, params, embed_fn, seed):
+def _task(graphdef, params, embed_fn, seed, shift=2.0, noise=0.0):
+    """Label windows whose values are shifted by ``shift`` for a positive label (plus normal
+    noise of sd ``noise``), their vectors and the probe fit on them."""
     rng = np.random.default_rng(seed)
     windows, y = {}, {}
     for split, n in (("train", 40), ("tuning", 30), ("held_out", 30)):
@@ -138,7 +140,8 @@ def _task(graphdef, params, embed_fn, seed):
         windows[split] = [dict(_window(rng.integers(0, VOCAB, 6)), subject_id=i)
                           for i in range(n)]
         for w, label in zip(windows[split], labels):  # the label shows in the values
-            w["values"] = w["values"] + 2.0 * label
+            w["values"] = (w["values"] + shift * label
+                           + noise * rng.normal(size=len(w["values"]))).astype(np.float32)
         y[split] = labels
     x = {s: embed_label_windows(graphdef, params, ws, 8, 8, embed_fn) for s, ws in windows.items()}
     result, probe = fit_task_probe(x["train"], y["train"], x["tuning"], y["tuning"],
@@ -150,12 +153,13 @@ def test_untrained_probe_is_the_same_probe_on_the_initial_network():
     (graphdef, state), _ = _network(seed=0)
     (_, other), _ = _network(seed=1)
     embed_fn = make_embed_fn(graphdef, "per_code", VOCAB)
-    data, result = _task(graphdef, state.params, embed_fn, 0)
+    data, result = _task(graphdef, state.params, embed_fn, 0, shift=0.5, noise=1.0)
     same = untrained_probe(graphdef, state.params, data, result, 8, 8, embed_fn)
     assert same["auroc"] == pytest.approx(result["auroc"])  # the same network: no difference
     assert same["probe_minus_untrained"]["delta"] == pytest.approx(0.0, abs=1e-12)
     assert same["probe_minus_untrained"]["ci"] == pytest.approx([0.0, 0.0], abs=1e-12)
     moved = untrained_probe(graphdef, other.params, data, result, 8, 8, embed_fn)
+    assert abs(moved["auroc"] - result["auroc"]) > 0.01  # so the delta's sign is tested
     assert moved["probe_minus_untrained"]["delta"] == pytest.approx(
         result["auroc"] - moved["auroc"])
     lo, hi = moved["probe_minus_untrained"]["ci"]

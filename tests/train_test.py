@@ -89,6 +89,10 @@ def test_run_writes_the_documented_outputs(cv_run):
     assert all(0 <= m["data_wait_fraction"] < 1 and 0 < m["real_token_fraction"] <= 1
                for m in train)
     assert {m["window_steps"] for m in train} == {50}
+    slots_per_step = 16 * 32  # tiny_config: batch 16 of max_len 32
+    for m in train:  # the real tokens over all the window's slots: both rates over one time
+        assert m["real_token_fraction"] == pytest.approx(
+            m["tokens_per_sec"] / m["steps_per_sec"] / slots_per_step, rel=1e-4)
     assert [m["step"] for m in evals] == [300, 600]
     assert summary["step"] == 600
     # a checkpoint every 15 steps, the newest config.train.keep_checkpoints = 3 kept
