@@ -86,9 +86,11 @@ def test_labels_command_writes_meds_label_files_split_by_subject(synthetic, tmp_
         assert {splits[s] for s in table["subject_id"].to_pylist()} <= {split}
         assert table.num_rows == counts[split]["rows"]
         assert (pc.sum(table["boolean_value"]).as_py() or 0) == counts[split]["positives"]
+        assert counts[split]["subjects"] == len(set(table["subject_id"].to_pylist()))
         read_labels(out / f"{split}.parquet", splits)  # what eval.py reads
         total += table.num_rows
     assert counts["train"]["positives"] > 0
+    assert counts["train"]["rows"] > counts["train"]["subjects"]  # several stays per subject
     assert total == extract_labels(TASKS_DIR / "in_icu_mortality_24h.yaml", synthetic).num_rows
 
 

@@ -176,3 +176,17 @@ def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):
     output = finish(start(tmp_path, data_dir))
     assert f"Resumed from the checkpoint at step {newest}" in output
     assert last_losses(tmp_path) == expected
+
+
+def test_a_notice_that_arrived_while_resuming_stops_the_run_at_its_first_step():
+    """With several processes JAX's preemption sync is asked from the resumed step on; a notice
+    it saw while resuming (``preempted_early``) must stop the run at the first check."""
+    from types import SimpleNamespace
+
+    from cvmae_jax.preemption import SaveOnSigterm
+
+    no_sync = SimpleNamespace(manager=SimpleNamespace(reached_preemption=lambda step: False))
+    early = SaveOnSigterm(no_sync, single_process=False, preempted_early=True)
+    late = SaveOnSigterm(no_sync, single_process=False)
+    assert early.reached(1) and not late.reached(1)
+    early.restore_handler(), late.restore_handler()
