@@ -1,6 +1,7 @@
 """prepare_dataset on MEDS variants seen in the wild: same result, or a reported warning."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -88,12 +89,31 @@ def test_report_counts_and_markdown(reference):
     assert train["lab"]["after_death_rows"] >= 1 and train["nonfinite_value"] == 2
     assert train["subjects"] == 5 and report["rows_without_split"] > 0
     assert report["splits"]["tuning"]["out_of_vocab"]["unseen_in_train_codes"] == 1  # LAB//E
+    for field in ("cv", "within_subject_cv"):
+        np.testing.assert_allclose([r[field] for r in report["codes"]],
+                                   getattr(reference.stats, field), rtol=1e-12)
     assert [r["unit"] for r in report["codes"]] == ["mg/dL", "mmol/L", ""]
     assert [w.split(":")[0] for w in report["warnings"]] == [  # the fixture's D is always 5.0
         "1 of 3 selected codes have one value on train (LAB//D// )"]
     text = open(f"{path}/prepare_report.md").read()
     assert "| unsorted_subjects | 2 |" in text and "| LAB//A//mg/dL | `LAB//A//mg/dL` | mg/dL |" in text
     assert "subject_id" not in text.replace("subjects", "")  # counts only
+    for split in ("tuning", "held_out"):
+        o = report["splits"][split]["out_of_vocab"]
+        assert (f"- {split}: {o['codes']} lab-like codes not selected ({o['events']:,} events), "
+                f"{o['unseen_in_train_codes']} never seen in train") in text
+
+
+def test_codes_not_selected_count_those_train_never_saw_apart():
+    counts = {"LAB//x": 5, "LAB//y": 3, "LAB//z": 2, "HR": 7}  # x selected; HR not lab-like
+    oov = report.out_of_vocab(counts, {"LAB//x": 10, "LAB//y": 1}, ["LAB//x"], r"^LAB//")
+    assert oov == dict(codes=2, events=5, unseen_in_train_codes=1, unseen_in_train_events=2)
+
+
+def test_a_code_mirrors_another_by_the_share_of_its_own_values():
+    stats = SimpleNamespace(codes=("LAB//a", "LAB//b"), count=np.array([10, 100]))
+    rows = report.mirrored_codes({("LAB//a", "LAB//b"): 9, ("LAB//b", "LAB//a"): 9}, stats)
+    assert rows == [dict(code="LAB//a", mirrors="LAB//b", values=9, share=0.9)]
 
 
 def test_events_in_no_window_are_counted_in_the_readable_report(tiny_meds, tmp_path):
