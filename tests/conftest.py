@@ -34,3 +34,16 @@ def _load_shipped_config(name: str):
 def shipped_config():
     """Loads a shipped config by name: ``shipped_config("demo")`` -> configs/demo.py's."""
     return _load_shipped_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache_of_the_tests(tmp_path_factory):
+    """The MEDS file digests (data/meds_identity.py) cached in a folder of the tests' own
+    (``XDG_CACHE_HOME``, inherited by the commands tests run), not in the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache_home"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -41,3 +41,26 @@ def test_plot_ticks_are_the_lab_names(tmp_path):
         report.plot_by_lab(str(tmp_path / "by_lab.png"), _result())
     ticks = [t.get_text() for t in save.call_args.args[0].axes[0].get_xticklabels()]
     assert ticks == ["Sodium [mEq/L]", "LAB//X//UNK", "Creatinine [Blood, Chemistr… [mg/dL]"]
+
+
+def test_report_rows_put_each_number_in_its_column():
+    tier = dict(num_codes=1, num_masked=10, masked_mse=0.5, baseline_masked_mse=1.0,
+                mse_vs_baseline=0.5)
+    assert "| high_cv | 1 | 10 | 0.5000 | 1.0000 | 0.500 |" in report._tier_table(
+        dict(high_cv=tier))
+    kind = dict(reconstruction=dict(num_masked=30, masked_mse_clean=0.5,
+                                    masked_mse_corrupted=0.9, ratio=1.8), downstream={})
+    perturbation = dict(seed=0, split="held_out", n=40, downstream_split="held_out",
+                        kinds=["code_mean"], code_mean=kind)
+    assert any(line.startswith("| code_mean | 30 | 0.5000 | 0.9000 |")
+               for line in report._perturbation_lines(perturbation))
+    scores = dict(samples_equally_weighted=dict(
+        roc_auc_score=0.8, average_precision_score=0.4, brier_score=0.1, calibration_error=0.05))
+    assert "| death | probe | 0.800 | 0.400 | 0.100 | 0.050 |" in report._scored_lines(
+        dict(death=dict(held_out=scores)), {})
+    entry = dict(auroc_mean=0.7, auroc_std=0.05, C=0.1, n_train=16, draws=5, n_test=150)
+    downstream = dict(seed=0, tasks=dict(death=dict(label_efficiency={"16": entry, "all": dict(
+        entry, n_train=200, draws=1, auroc_std=None)})), label_efficiency=dict(
+        split="held_out", c_policy="C of the full probe", draws=5, seed=0, ks=[16]))
+    assert "| death | 16 | 16 | 5 | 150 | 0.1 | 0.700 | 0.050 |" in (
+        report._label_efficiency_lines(downstream))
