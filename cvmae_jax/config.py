@@ -139,6 +139,15 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     return finetune
 
 
+def set_field(config, name: str, value) -> None:
+    """``config.<name> = value`` for a dotted field name ("eval.finetune.steps") of a config
+    (ConfigDict or dict) whose sections on the way exist."""
+    *sections, leaf = name.split(".")
+    for section in sections:
+        config = config[section]
+    config[leaf] = value
+
+
 def eval_settings(config: ml_collections.ConfigDict) -> dict:
     """``config.eval`` as plain JSON values: what eval.py records in metrics.json, so a study
     knows which settings a run's metrics were computed with."""

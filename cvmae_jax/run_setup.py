@@ -22,6 +22,7 @@ from cvmae_jax.attention import check_attention
 from cvmae_jax.checkpoint import Checkpointer, array_shapes
 from cvmae_jax.data.prepare import PreparedDataset, dataset_id, prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
+from cvmae_jax.config import set_field
 from cvmae_jax.config_checks import config_warnings, padding_warnings
 from cvmae_jax.mask_probabilities import (TIER_STATISTICS, expected_mask_rate,
                                           percentile_threshold, strategy_probs)
@@ -393,11 +394,7 @@ def evaluated_config(config, workdir: str, step: int) -> ml_collections.ConfigDi
                         "its own", CONFIG_FILE, step, CONFIG_FILE, "; ".join(changes[:3]), more)
     for name, _, value in _changed_fields(saved, config.to_dict()):
         if name.startswith(RESUMABLE_CHANGES):
-            *parents, leaf = name.split(".")
-            section = saved
-            for parent in parents:
-                section = section.setdefault(parent, {})
-            section[leaf] = value
+            set_field(saved, name, value)
     return ml_collections.ConfigDict(saved)
 
 

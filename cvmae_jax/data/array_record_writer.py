@@ -30,24 +30,14 @@ def write_part(path: str, records: Iterable[bytes]) -> None:
     naming the file if writing fails (array_record raises RuntimeError, say on a full disk)."""
     try:
         writer = ArrayRecordWriter(path, _OPTIONS)
-    except RuntimeError as error:
-        raise _write_error(path, error) from error
-    try:
-        for record in records:
-            try:
-                writer.write(record)
-            except RuntimeError as error:
-                raise _write_error(path, error) from error
-    finally:
         try:
+            for record in records:
+                writer.write(record)
+        finally:
             writer.close()
-        except RuntimeError as error:
-            raise _write_error(path, error) from error
-
-
-def _write_error(path: str, error: RuntimeError) -> OSError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return OSError(f"{path}: could not write the prepared records ({reason})")
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(f"{path}: could not write the prepared records ({reason})") from error
 
 
 def finish_split(template: tfds.core.ShardedFileTemplate,

@@ -22,7 +22,7 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
-from cvmae_jax.config import eval_settings, label_max_len
+from cvmae_jax.config import eval_settings, label_max_len, set_field
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
 from cvmae_jax.data.pipeline import eval_batches
@@ -63,12 +63,8 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
         raise ValueError(f"{', '.join('--config.' + n for n in fixed)}: eval.py evaluates the "
                          f"run as trained (its config.json); only {eval_overridable()} may be "
                          "overridden, and the split is --split")
-    for name, value in overrides.items():
-        *parents, leaf = name.split(".")
-        section = config
-        for parent in parents:  # eval, data or model: in every run's config.json
-            section = section[parent]
-        section[leaf] = value
+    for name, value in overrides.items():  # eval, data or model: in every run's config.json
+        set_field(config, name, value)
     check_eval_config(config.eval)
     return config
 
