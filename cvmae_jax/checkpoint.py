@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import grain
 import jax
@@ -11,6 +12,8 @@ from etils import epath
 
 from cvmae_jax import parallel
 from cvmae_jax.damaged_checkpoints import check_intact, set_aside_damaged, step_dir
+
+CHECKPOINT_OVERHEAD_BYTES = 1 << 20  # Orbax's metadata, the pipeline position, the run item
 
 
 class Checkpointer:
@@ -73,7 +76,14 @@ class Checkpointer:
                                              / "state"))
 
     def save(self, step: int, state, data_iterator, run_info: dict) -> None:
-        """Starts an async save; the next save or ``close`` waits for it."""
+        """Starts an async save once the previous one has finished and the folder has room
+        for this one (``check_room``, on process 0); the next save or ``close`` waits for
+        it."""
+        self.manager.wait_until_finished()
+        newest = self.manager.latest_step()
+        parallel.on_process_0(lambda: check_room(self.directory, state, newest),
+                              "process 0 found no room for the checkpoint; its error is in its "
+                              "log")
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -107,6 +117,21 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_room(directory: str, state, newest: int | None) -> None:
+    """Refuses a save that cannot fit (OSError naming the space free and needed) before
+    anything is written, so a full disk leaves the newest checkpoint (step ``newest``) as it
+    is. A checkpoint takes about the bytes of ``state``'s arrays (Orbax stores them
+    uncompressed) plus ``CHECKPOINT_OVERHEAD_BYTES`` of metadata."""
+    need = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + CHECKPOINT_OVERHEAD_BYTES
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        then = (f"rerun the same command to resume from step {newest}" if newest is not None
+                else "rerun the same command (no checkpoint is saved yet)")
+        raise OSError(f"{directory}: {free / 2**20:.1f} MiB free on its file system and a "
+                      f"checkpoint needs about {need / 2**20:.1f} MiB; free space there, then "
+                      f"{then}")
 
 
 def _restore_run(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -1,13 +1,17 @@
 """Damaged checkpoints (a truncated file): resume sets them aside and goes on from the newest
-intact one; evaluation names the step in one line."""
+intact one; evaluation names the step in one line. A save without room is refused before
+anything is written."""
 
 import logging
 import os
 import re
 import shutil
+import types
 
+import jax.numpy as jnp
 import pytest
 
+from cvmae_jax import checkpoint
 from cvmae_jax.damaged_checkpoints import DamagedCheckpointError, damage
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.train import train_and_evaluate
@@ -104,3 +108,32 @@ def test_resume_with_every_checkpoint_damaged_is_refused_moving_nothing(finished
         train_and_evaluate(config, copy)
     assert os.listdir(os.path.join(copy, "checkpoints")) == ["20"]
     assert not os.path.exists(os.path.join(copy, "damaged_checkpoints"))
+
+
+def free_space(monkeypatch, free: int) -> None:
+    """``shutil.disk_usage`` reports ``free`` bytes free on every file system."""
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: types.SimpleNamespace(total=10**12, used=10**12 - free,
+                                                           free=free))
+
+
+def test_room_for_a_checkpoint_is_its_array_bytes_and_the_metadata(tmp_path, monkeypatch):
+    state = {"params": jnp.zeros((250,), jnp.float32), "step": jnp.zeros((), jnp.int32)}
+    need = 250 * 4 + 4 + checkpoint.CHECKPOINT_OVERHEAD_BYTES
+    free_space(monkeypatch, need)
+    checkpoint.check_room(str(tmp_path), state, newest=None)
+    free_space(monkeypatch, need - 1)
+    with pytest.raises(OSError, match=r"1\.0 MiB free .* needs about 1\.0 MiB.*no checkpoint"):
+        checkpoint.check_room(str(tmp_path), state, newest=None)
+
+
+def test_a_save_without_room_is_refused_leaving_the_checkpoints_as_they_are(
+        finished, tmp_path, monkeypatch):
+    config, workdir = finished
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "checkpoints", "20"))  # the resume saves step 20 again
+    free_space(monkeypatch, 0)
+    with pytest.raises(OSError, match=r"checkpoints: 0\.0 MiB free .*resume from step 10$"):
+        train_and_evaluate(config, copy)
+    assert os.listdir(os.path.join(copy, "checkpoints")) == ["10"]
