@@ -259,29 +259,22 @@ def check_resume_dataset(saved_run_info: dict, config, workdir: str, step: int) 
                     "(train.allow_config_change): %s", step, change)
 
 
-def prepared_datasets(config, workdir: str) -> set[str]:
-    """The settings folders (``<data dir>/<builder>/<settings id>``) prepared so far."""
-    return {str(p) for p in Path(data_dir(config, workdir)).glob("*/*")}
+def _remove_if_built(dataset: PreparedDataset) -> None:
+    """Removes ``dataset``'s settings folder when this call built it (``dataset.built``;
+    process 0): one reused, or finished first by another job sharing the data dir, stays."""
+    if dataset.built and jax.process_index() == 0:
+        shutil.rmtree(Path(dataset.path).parent, ignore_errors=True)  # <settings id>/<version>
 
 
-def _remove_if_new(dataset: PreparedDataset, before: set[str]) -> None:
-    """Removes ``dataset``'s settings folder unless it is one of ``before`` (process 0)."""
-    prepared = Path(dataset.path).parent  # <builder>/<settings id>/<version>
-    if str(prepared) not in before and jax.process_index() == 0:
-        shutil.rmtree(prepared, ignore_errors=True)
-
-
-def check_resume_codes(saved_run_info: dict, dataset: PreparedDataset, step: int,
-                       before: set[str]) -> None:
+def check_resume_codes(saved_run_info: dict, dataset: PreparedDataset, step: int) -> None:
     """Refuses to resume on data whose lab code list differs from the checkpoint's, even with
     ``train.allow_config_change``: the trained code embeddings follow that list, so they would
-    stand for other labs. A dataset prepared for this resume (not one of ``before``) is
-    removed again."""
+    stand for other labs. A dataset built for this resume is removed again."""
     trained = [row["code"] for row in saved_run_info["data_stats"]["codes"]]
     current = list(dataset.stats.codes)
     problem = code_list_difference(trained, current)
     if problem:
-        _remove_if_new(dataset, before)
+        _remove_if_built(dataset)
         raise ValueError(f"the checkpoint at step {step} was trained on {len(trained)} lab "
                          f"codes; the data prepared now ({dataset.path}) has {len(current)}, "
                          f"{problem}. The model's code embeddings follow the training list, so "
@@ -290,14 +283,13 @@ def check_resume_codes(saved_run_info: dict, dataset: PreparedDataset, step: int
 
 def prepare_eval_dataset(config, workdir: str, meds_dir: str) -> PreparedDataset:
     """The dataset eval.py reads, checked against the run's (``check_eval_dataset``); a dataset
-    this call prepared is removed again when the check refuses it, so a wrong
+    this call built is removed again when the check refuses it, so a wrong
     ``--config.data.meds_dir`` leaves the run as it was."""
-    before = prepared_datasets(config, workdir)
     dataset = prepare_dataset(config.data, meds_dir, data_dir(config, workdir), log=logging.info)
     try:
         check_eval_dataset(workdir, dataset)
     except ValueError:
-        _remove_if_new(dataset, before)
+        _remove_if_built(dataset)
         raise
     return dataset
 

@@ -155,10 +155,9 @@ def _open_workdir(config, workdir: str):
         if saved_run:
             run_setup.check_resume_settings(saved_run, config, start_step)
             run_setup.check_resume_dataset(saved_run, config, workdir, start_step)
-        before = run_setup.prepared_datasets(config, workdir)
         dataset = run_setup.prepare_run_data(config, workdir)
         if saved_run:
-            run_setup.check_resume_codes(saved_run, dataset, start_step, before)
+            run_setup.check_resume_codes(saved_run, dataset, start_step)
     except BaseException:
         if checkpointer is not None:
             checkpointer.close()

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cvmae_jax.train as train_module
-from cvmae_jax import cli, parallel
+from cvmae_jax import cli, parallel, run_setup
 from cvmae_jax.checkpoint import Checkpointer
 from cvmae_jax.config import default_config
 from cvmae_jax.data.synthetic import synthetic_meds_root
@@ -205,6 +205,10 @@ def test_a_resume_on_other_lab_codes_is_refused_even_with_changes_allowed(tmp_pa
                                          r"missing .* resume only on data with the same codes"):
         train_and_evaluate(config, run)
     assert sorted((tmp_path / "prepared").glob("*/*")) == prepared  # the new one removed
+    kept = run_setup.prepare_run_data(config, run)  # built before, as by another run
+    with pytest.raises(ValueError, match="was trained on 39 lab codes"):
+        train_and_evaluate(config, run)
+    assert os.path.isdir(kept.path)  # a dataset the resume did not build stays
     # other subjects: the same 39 codes in another frequency order, parameters of equal shapes
     config.data.top_k, config.data.synthetic_subjects = 40, 45
     with pytest.raises(ValueError, match=r"has 39, the same codes in another order \(\d+ "

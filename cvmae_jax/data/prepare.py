@@ -40,6 +40,7 @@ class PreparedDataset:
     max_len: int
     report: dict
     descriptions: tuple[str | None, ...]  # of stats.codes (metadata/codes.parquet), None: none
+    built: bool = False  # True when `prepare_dataset` built it (not reused, nor another job's)
 
     @property
     def lab_names(self) -> tuple[str, ...]:
@@ -88,6 +89,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
     start = time.perf_counter()
     config = MedsLabConfig.create(data_config, meds_dir)
     builder = MedsLabSequences(config=config, data_dir=str(data_dir), file_format="array_record")
+    built = False
     if builder.data_path.exists():
         log(f"[prepare] reusing {builder.data_path}")
     else:
@@ -101,6 +103,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
                 builder.log, builder.pool = log, shards
                 builder.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(manual_dir=config.meds_dir))
+            built = True
         except BaseException as error:
             if builder.data_path.exists() and isinstance(error, OSError):
                 pass  # another process finished the same build first
@@ -108,7 +111,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
                 for folder in created:  # deepest first; only the ones this call created
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
-    prepared = load_prepared(builder.data_path)
+    prepared = dataclasses.replace(load_prepared(builder.data_path), built=built)
     log(f"[prepare] done in {time.perf_counter() - start:.1f}s: "
         f"{len(prepared.stats.codes)} codes, examples {prepared.num_examples}, "
         f"tokens {prepared.num_tokens}")

@@ -17,7 +17,7 @@ from cvmae_jax.data.array_record_writer import finish_split, part_path, write_pa
 from cvmae_jax.data.prepare import load_prepared, prepare_dataset
 from cvmae_jax.data.sequences import build_examples
 from cvmae_jax.data.stats import compute_stats
-from cvmae_jax.data.tfds_builder import MedsLabConfig
+from cvmae_jax.data.tfds_builder import MedsLabConfig, MedsLabSequences
 
 SPLITS = ("train", "tuning", "held_out")
 
@@ -77,12 +77,26 @@ def test_reuse_and_rebuild(tiny_meds, tmp_path, capsys):
     again = prepare_dataset(tiny_meds.config(), tiny_meds.root, data_dir)
     assert again.path == first.path and os.stat(again.path).st_mtime_ns == mtime
     assert "reusing" in capsys.readouterr().out
+    assert first.built and not again.built
     other = prepare_dataset(tiny_meds.config(max_len=4), None, data_dir)
-    assert other.path != first.path and other.max_len == 4
+    assert other.path != first.path and other.max_len == 4 and other.built
     assert max(len(other.data_source("train")[i]["codes"]) for i in range(5)) == 4
     path = tiny_meds.root / "data/tuning/0.parquet"  # new MEDS content -> new dataset
     pq.write_table(pq.read_table(path).slice(1), path)
     assert prepare_dataset(tiny_meds.config(), None, data_dir).path != first.path
+
+
+def test_a_build_another_job_finished_first_is_reused_not_counted_as_built(
+        tiny_meds, tmp_path, monkeypatch):
+    build = MedsLabSequences.download_and_prepare
+
+    def finished_by_another_job(self, **kwargs):
+        build(self, **kwargs)  # the other job's build lands first; this one's rename fails
+        raise OSError(f"{self.data_path}: the folder exists")
+
+    monkeypatch.setattr(MedsLabSequences, "download_and_prepare", finished_by_another_job)
+    dataset = prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds")
+    assert not dataset.built and dataset.num_examples["train"] > 0
 
 
 def test_preparing_leaves_no_temporary_folder_behind(tiny_meds, tmp_path, monkeypatch):
