@@ -18,7 +18,6 @@ from cvmae_jax.config_checks import check_config, eval_overridable, field_names
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import check_writable
 from cvmae_jax.preemption import Preempted
-from cvmae_jax.workdir import checkpoint_dir
 from cvmae_jax.host_memory import reuse_freed_memory
 
 FLAGS = flags.FLAGS
@@ -49,9 +48,6 @@ def _train(argv) -> None:
     with user_errors(resumes="train.py resumes from its last checkpoint"):
         check_config(FLAGS.config)
         check_writable(FLAGS.workdir, "train.py writes the run there (--workdir)")
-        check_writable(checkpoint_dir(FLAGS.workdir), "train.py saves its checkpoints there")
-        check_writable(FLAGS.config.data.data_dir or os.path.join(FLAGS.workdir, "data"),
-                       "train.py prepares the dataset there (config.data.data_dir)")
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

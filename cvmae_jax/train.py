@@ -31,7 +31,7 @@ from cvmae_jax.config_checks import check_config
 from cvmae_jax.data.packing import packed_train_dataset
 from cvmae_jax.data.pipeline import train_dataset
 from cvmae_jax.data.prepare import PreparedDataset
-from cvmae_jax.jsonio import write_json_atomic
+from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.masking import mask_root
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
@@ -136,7 +136,11 @@ def set_up(config, workdir: str) -> Run:
 
 def _open_workdir(config, workdir: str):
     """(the workdir's lock, checkpointer, start step, preempted while resuming, prepared
-    dataset). A refused resume or bad data leaves the workdir as it was."""
+    dataset). A refused resume or bad data leaves the workdir as it was; folders that cannot
+    be written are refused before anything is (Orbax would wait 300 s for the first save)."""
+    check_writable(checkpoint_dir(workdir), "checkpoints are saved there")
+    check_writable(run_setup.data_dir(config, workdir),
+                   "the dataset is prepared there (config.data.data_dir)")
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_count() > 1:  # the run made the folder if any of its processes did

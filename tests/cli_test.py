@@ -150,10 +150,10 @@ def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
     result = run("train.py", "--config=configs/demo.py", f"--workdir={tmp_path}/run",
                  f"--config.data.data_dir={tmp_path}/a_file/data")
     assert result.returncode == 1 and result.stderr.endswith(
-        "train.py prepares the dataset there (config.data.data_dir)\n"), result.stderr[-2000:]
+        "the dataset is prepared there (config.data.data_dir)\n"), result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
-    for folder, purpose in (("checkpoints", "train.py saves its checkpoints there"),
-                            ("data", "train.py prepares the dataset there")):
+    for folder, purpose in (("checkpoints", "checkpoints are saved there"),
+                            ("data", "the dataset is prepared there")):
         workdir = tmp_path / f"run_with_{folder}_file"  # a file where train.py needs a folder
         workdir.mkdir()
         (workdir / folder).write_text("")

@@ -216,6 +216,22 @@ def test_a_resume_on_other_lab_codes_is_refused_even_with_changes_allowed(tmp_pa
         train_and_evaluate(config, run)
 
 
+def test_train_and_evaluate_refuses_folders_it_cannot_write_before_writing(tmp_path):
+    """The Python API, the study and meds_dev's pretrain refuse as train.py does."""
+    (tmp_path / "a_file").write_text("")
+    config = tiny_config(tmp_path / "a_file" / "prepared", num_steps=5)
+    with pytest.raises(ValueError, match=r"a_file is not a folder: it is a file\); the dataset "
+                                         r"is prepared there \(config.data.data_dir\)"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    run = tmp_path / "run_with_a_checkpoints_file"
+    run.mkdir()
+    (run / "checkpoints").write_text("")
+    with pytest.raises(ValueError, match=r"it is a file\); checkpoints are saved there"):
+        train_and_evaluate(tiny_config(tmp_path / "prepared", num_steps=5), str(run))
+    assert [p.name for p in run.iterdir()] == ["checkpoints"]
+
+
 class PoisonedData:
     """``train_dataset``'s batches, with NaN values in batch number ``poisoned_step``;
     checkpointable like grain's iterator."""
