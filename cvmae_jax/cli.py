@@ -17,7 +17,7 @@ from cvmae_jax import config as config_module
 from cvmae_jax.config_checks import check_config, eval_overridable, field_names
 from cvmae_jax.data.meds import MEDSFormatError
 from cvmae_jax.jsonio import check_writable
-from cvmae_jax.preemption import Preempted
+from cvmae_jax.preemption import Preempted, Terminated
 from cvmae_jax.host_memory import reuse_freed_memory
 
 FLAGS = flags.FLAGS
@@ -116,7 +116,8 @@ def eval_overrides() -> dict:
 def user_errors(resumes: str = ""):
     """Bad settings or data end the program with one clear line and exit status 1, Ctrl-C
     with one line and 130 (``resumes``: what a rerun takes up, e.g. "train.py resumes from
-    its last checkpoint"), SIGTERM before training with one line and 0. An error raised
+    its last checkpoint"), SIGTERM before training with one line and 0, SIGTERM during an
+    evaluation or a preparation with one line and 143. An error raised
     inside a library rather than by this package may be a bug: its line names the exception
     and the module, and -v=1 shows the traceback."""
     try:
@@ -131,6 +132,9 @@ def user_errors(resumes: str = ""):
     except Preempted as stop:  # before training started: nothing to save, as after a save
         print(stop, file=sys.stderr)
         sys.exit(0)
+    except Terminated as stop:  # an evaluation or a preparation: nothing finished
+        print(stop, file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         logging.debug("traceback of the interruption", exc_info=True)
         print("interrupted (Ctrl-C); rerun the same command" + (f" ({resumes})" if resumes

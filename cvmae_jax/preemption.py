@@ -1,14 +1,18 @@
-"""SIGTERM (a scheduler's preemption) in train.py. During training the loop saves a checkpoint
-after the current step and exits 0 (``SaveOnSigterm``). Before the first step (preparing the
-data, restoring, compiling) there is nothing new to save: set-up stops at once
+"""SIGTERM (a scheduler's preemption) in train.py and eval.py. During training the loop saves a
+checkpoint after the current step and exits 0 (``SaveOnSigterm``). Before the first step
+(preparing the data, restoring, compiling) there is nothing new to save: set-up stops at once
 (``sigterm_stops_setup``), cleaning up what it started as after Ctrl-C, and train.py exits 0.
-With several processes JAX's preemption sync handles SIGTERM, and neither is installed."""
+With several processes JAX's preemption sync handles SIGTERM in training, and neither is
+installed. An evaluation or a preparation stops at once (``sigterm_terminates``), removing
+what it staged as after Ctrl-C, and the command exits 143, as a process ended by SIGTERM
+does."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # this module stays light: cli.py imports Preempted
@@ -26,17 +30,34 @@ def handles_sigterm(single_process: bool) -> bool:
     return single_process and threading.current_thread() is threading.main_thread()
 
 
-@contextlib.contextmanager
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during an evaluation or a preparation. A KeyboardInterrupt, so that what it
+    staged (results, a half-prepared dataset) is removed as after Ctrl-C."""
+
+
 def sigterm_stops_setup(single_process: bool):
     """Within the block, SIGTERM raises ``Preempted``."""
+    return _sigterm_raises(single_process, lambda: Preempted(
+        "preempted (SIGTERM) before the first training step: nothing new to save; rerun the "
+        "same command (train.py resumes from its last checkpoint)"))
+
+
+def sigterm_terminates(what: str):
+    """Within the block, SIGTERM raises ``Terminated("terminated (SIGTERM) <what>; rerun the
+    same command")``, in the main thread, on each process that receives it."""
+    return _sigterm_raises(True, lambda: Terminated(f"terminated (SIGTERM) {what}; rerun the "
+                                                    "same command"))
+
+
+@contextlib.contextmanager
+def _sigterm_raises(single_process: bool, error: Callable[[], KeyboardInterrupt]):
+    """Within the block, SIGTERM raises ``error()`` (where ``handles_sigterm``)."""
     if not handles_sigterm(single_process):
         yield
         return
 
     def stop(*_):
-        raise Preempted("preempted (SIGTERM) before the first training step: nothing new to "
-                        "save; rerun the same command (train.py resumes from its last "
-                        "checkpoint)")
+        raise error()
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:

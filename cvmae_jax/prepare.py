@@ -4,7 +4,8 @@ in `config.data.prepare_workers` processes, or as Apache Beam pipelines with
 ``--beam_options="--runner=..."`` (the ``[beam]`` extra; docs/data.md).
 
 Prints a summary and the path of the dataset that training reuses (same config, same data_dir).
-Bad input exits with status 1 and one line ``error: ...``; nothing is written then.
+Bad input exits with status 1 and one line ``error: ...``, SIGTERM with 143 and one line;
+nothing is written then.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ml_collections import config_flags
 
 from cvmae_jax.cli import log_progress, run, user_errors
 from cvmae_jax.data.shard_pool import ShardPool
+from cvmae_jax.preemption import sigterm_terminates
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +39,7 @@ def _prepare(argv) -> None:
         from cvmae_jax.data.report import selection_counts, selection_summary
 
         log_progress(logging.WARNING)  # the summary below is printed
-        with user_errors():
+        with user_errors(), sigterm_terminates("while preparing: nothing was written"):
             check_data_config(data)
             prepared = prepare_dataset(data, None, data.data_dir, pool=pool)
     report = prepared.report

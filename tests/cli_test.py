@@ -285,6 +285,16 @@ def test_sigterm_before_training_is_one_line_and_exit_status_0(capsys):
     assert capsys.readouterr().err == "preempted (SIGTERM) before the first training step\n"
 
 
+def test_sigterm_during_an_evaluation_is_one_line_and_exit_status_143(capsys):
+    from cvmae_jax import cli
+    from cvmae_jax.preemption import Terminated
+
+    with pytest.raises(SystemExit) as stopped, cli.user_errors():
+        raise Terminated("terminated (SIGTERM) during the evaluation")
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err == "terminated (SIGTERM) during the evaluation\n"
+
+
 @pytest.mark.parametrize("text, message", [
     (None, "error: --config={path}: no such file (relative to "),
     ("def get_config(:\n", "error: --config={path}: line 1: "),

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import time
 from types import SimpleNamespace
 from unittest import mock
 
@@ -360,6 +362,36 @@ def test_eval_builds_the_model_from_the_checkpoints_own_settings(tiny_run, tmp_p
         "its own")]
     assert result["step"] == 30 and np.isfinite(result["overall"]["masked_mse"])
     assert "finetune" not in result["downstream"]  # the caller's eval.* fields kept
+
+
+def test_sigterm_while_eval_writes_leaves_the_earlier_results(evaluated, tmp_path,
+                                                             monkeypatch):
+    """A SIGTERM (a preemption) during the evaluation raises Terminated (eval.py: one line,
+    exit 143): the staged results are removed and the earlier ones stay as they were."""
+    from cvmae_jax.evaluation import report
+    from cvmae_jax.preemption import Terminated
+
+    workdir = tmp_path / "run"
+    shutil.copytree(evaluated[0], workdir)
+    out = workdir / "eval"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    config = run_config(str(workdir))
+    with config.unlocked():
+        config.eval.single_code = False
+        config.eval.finetune.enabled = False
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+        raise AssertionError("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(report, "write_report", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match="the earlier results are as they were"):
+        evaluate_run(str(workdir), config=config)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(out.glob(".incomplete-*"))
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
 def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):

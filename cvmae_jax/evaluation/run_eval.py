@@ -44,6 +44,7 @@ from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.mask_probabilities import percentile_threshold
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
+from cvmae_jax.preemption import sigterm_terminates
 from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
                                       summarize, suppress_small_codes)
 from cvmae_jax.run_setup import (evaluated_config, mask_probabilities, prepare_eval_dataset,
@@ -75,7 +76,13 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     embeddings/<task>.parquet, predictions/<task>/{tuning,held_out}.parquet (the probe) and
     predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
     with the aggregates, the fine-tuned networks). ``config``:
-    the run's config (default: its config.json). Returns the metrics."""
+    the run's config (default: its config.json). Returns the metrics. SIGTERM stops it at
+    once, leaving the earlier results (``preemption.Terminated``)."""
+    with sigterm_terminates("during the evaluation: the earlier results are as they were"):
+        return _evaluate_run(workdir, config, split)
+
+
+def _evaluate_run(workdir: str, config, split: str) -> dict:
     checkpoints = checkpoint_dir(workdir)
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:

@@ -49,3 +49,25 @@ def test_prepare_requires_meds_dir(tmp_path):
     assert result.returncode == 1
     assert "error: config.data.meds_dir is required" in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_sigterm_while_preparing_is_one_line_exit_143_and_nothing_written(tiny_meds, tmp_path):
+    out = tmp_path / "prepared"
+    terminated_while_planning = (  # SIGTERM arrives once the build has started
+        "import os, signal, sys, time\n"
+        "from cvmae_jax.data import prepare\n"
+        "def plan(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "prepare.plan_dataset = plan\n"
+        "sys.argv[0] = 'cvmae-prepare'\n"
+        "from cvmae_jax.prepare import main\n"
+        "main()\n")
+    result = subprocess.run(
+        [sys.executable, "-c", terminated_while_planning, "--config=configs/meds.py",
+         f"--config.data.meds_dir={tiny_meds.root}", f"--config.data.data_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert result.stderr.endswith("terminated (SIGTERM) while preparing: nothing was written; "
+                                  "rerun the same command\n"), result.stderr[-2000:]
+    assert not out.exists()
