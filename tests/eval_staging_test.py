@@ -60,3 +60,14 @@ def test_a_failure_removes_the_staging_and_a_results_folder_it_made(tmp_path):
             _write(Path(out) / "metrics.json", "new")
             raise KeyboardInterrupt
     assert not final.exists()
+
+
+def test_a_write_error_names_the_results_folder_and_leaves_the_earlier_results(tmp_path):
+    final = tmp_path / "eval"
+    _write(final / "metrics.json", "old")
+    with pytest.raises(OSError, match=f"^{final}: could not write the evaluation's results "
+                                      r"there: \[Errno 28\] No space left on device$"):
+        with staged(str(final)) as out:
+            _write(Path(out) / "report.md", "new")
+            raise OSError(28, "No space left on device")
+    assert _files(final) == {"metrics.json": "old"} and os.listdir(final) == ["metrics.json"]

@@ -21,7 +21,7 @@ def staged(final: str) -> Iterator[str]:
     """A new empty folder ``<final>/.incomplete-*`` (on ``final``'s own file system, through
     a link too) to write the results into; removed on exit with whatever ``move_into`` did not
     move, except after ``NoRoom``. A ``final`` this call created is removed again when the
-    results never reach it."""
+    results never reach it. An OSError (a full disk) is raised again naming ``final``."""
     final = os.path.realpath(final)
     created = not os.path.isdir(final)
     os.makedirs(final, exist_ok=True)
@@ -30,13 +30,23 @@ def staged(final: str) -> Iterator[str]:
         yield staging
     except NoRoom:
         raise
+    except OSError as error:  # a full disk: the library's message rarely names a path
+        _remove(staging, final if created else None)
+        raise OSError(f"{final}: could not write the evaluation's results there: "
+                      f"{error}") from error
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(final)  # only while it is empty
+        _remove(staging, final if created else None)
         raise
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove(staging: str, created: str | None) -> None:
+    """Removes ``staging`` and the results folder ``created`` (None: it existed) while it is
+    empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(created)
 
 
 def staged_files(staging: str) -> list[str]:
