@@ -55,8 +55,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = _plain(record)
-        with open(self.path, "a") as f:
-            f.write(dumps_json(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(dumps_json(record) + "\n")
+        except OSError as error:  # a full disk: Python's message names no file
+            raise OSError(f"{self.path}: could not write the metrics of step "
+                          f"{record['step']}: {error}") from error
         if self.tensorboard is not None:
             self.tensorboard.write(record)
 

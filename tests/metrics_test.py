@@ -7,6 +7,8 @@ import os
 import stat
 import time
 
+import pytest
+
 from cvmae_jax.jsonio import UMASK, read_json, write_json_atomic
 from cvmae_jax.metrics import MetricsWriter, Progress, clock
 
@@ -37,6 +39,19 @@ def test_eta_leaves_start_up_out():
     progress.first_line = (100, start - 5.0)  # 100 more steps took 5 s: 20 steps/s
     later = progress.line(200, dict(steps_per_sec=1000.0))
     assert later.endswith("ETA 0m40s")  # 800 steps at the run's 20 steps/s, not the window's
+
+
+def test_a_metrics_write_that_fails_names_the_file_and_the_step(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(path, start_step=0)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(OSError, match=f"^{path}: could not write the metrics of step 5: "
+                                      r"\[Errno 28\] No space left on device$"):
+        writer.write(dict(step=5, loss=1.0))
 
 
 def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path, caplog):
