@@ -27,7 +27,8 @@ UMASK = _read_umask()  # read once: changing it later could race with other thre
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yields a temporary path next to ``path``; when the block ends without an error it is
-    renamed to ``path`` (readers never see a half-written file), otherwise removed."""
+    renamed to ``path`` (readers never see a half-written file), otherwise removed. An
+    OSError that names no file (a full disk) is raised again naming ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -37,9 +38,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
         yield tmp
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(f"{path}: could not write it: {error}") from error
         raise
 
 

@@ -71,3 +71,12 @@ def test_a_write_error_names_the_results_folder_and_leaves_the_earlier_results(t
             _write(Path(out) / "report.md", "new")
             raise OSError(28, "No space left on device")
     assert _files(final) == {"metrics.json": "old"} and os.listdir(final) == ["metrics.json"]
+
+
+def test_a_write_error_naming_a_staged_file_names_its_final_path(tmp_path):
+    final = tmp_path / "eval"
+    with pytest.raises(OSError, match=f"^{final}/predictions/death/held_out.parquet: could not "
+                                      "write it: full$"):
+        with staged(str(final)) as out:
+            raise OSError(f"{out}/predictions/death/held_out.parquet: could not write it: full")
+    assert not final.exists()

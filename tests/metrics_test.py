@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cvmae_jax.jsonio import UMASK, read_json, write_json_atomic
+from cvmae_jax.jsonio import UMASK, atomic_path, read_json, write_json_atomic
 from cvmae_jax.metrics import MetricsWriter, Progress, clock
 
 
@@ -87,6 +87,18 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode) == 0o666 & ~UMASK
     assert mode & stat.S_IRGRP  # not mkstemp's private 0600 (umask 022 here)
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_an_atomic_write_that_fails_names_the_file_and_leaves_nothing(tmp_path):
+    target = tmp_path / "summary.json"
+    with pytest.raises(OSError, match=f"^{target}: could not write it: \\[Errno 28\\] No space"):
+        with atomic_path(target):
+            raise OSError(28, "No space left on device")  # as f.write raises it: no file named
+    with pytest.raises(PermissionError) as named:  # an error that names its file is kept
+        with atomic_path(target):
+            raise PermissionError(13, "Permission denied", "/elsewhere/file")
+    assert named.value.filename == "/elsewhere/file"
+    assert list(tmp_path.iterdir()) == []
 
 
 def _refuse(token):

@@ -21,7 +21,8 @@ def staged(final: str) -> Iterator[str]:
     """A new empty folder ``<final>/.incomplete-*`` (on ``final``'s own file system, through
     a link too) to write the results into; removed on exit with whatever ``move_into`` did not
     move, except after ``NoRoom``. A ``final`` this call created is removed again when the
-    results never reach it. An OSError (a full disk) is raised again naming ``final``."""
+    results never reach it. An OSError (a full disk) is raised again naming its file's path
+    under ``final``, or ``final``."""
     final = os.path.realpath(final)
     created = not os.path.isdir(final)
     os.makedirs(final, exist_ok=True)
@@ -30,10 +31,12 @@ def staged(final: str) -> Iterator[str]:
         yield staging
     except NoRoom:
         raise
-    except OSError as error:  # a full disk: the library's message rarely names a path
+    except OSError as error:  # a full disk: named as the file's final path, or the folder
         _remove(staging, final if created else None)
-        raise OSError(f"{final}: could not write the evaluation's results there: "
-                      f"{error}") from error
+        message = str(error).replace(staging, final)
+        if final not in message:
+            message = f"{final}: could not write the evaluation's results there: {message}"
+        raise OSError(message) from error
     except BaseException:
         _remove(staging, final if created else None)
         raise
