@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 from cvmae_jax import checkpoint
-from cvmae_jax.damaged_checkpoints import DamagedCheckpointError, damage
+from cvmae_jax.damaged_checkpoints import (DamagedCheckpointError, check_intact, damage,
+                                          set_aside_damaged)
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
@@ -108,6 +109,62 @@ def test_resume_with_every_checkpoint_damaged_is_refused_moving_nothing(finished
         train_and_evaluate(config, copy)
     assert os.listdir(os.path.join(copy, "checkpoints")) == ["20"]
     assert not os.path.exists(os.path.join(copy, "damaged_checkpoints"))
+
+
+@pytest.mark.parametrize("name", ["run/metadata", "data/process_0-of-1.json"])
+def test_a_truncated_json_file_is_damaged(finished, tmp_path, name):
+    _, workdir = finished
+    copy = tmp_path / "20"
+    shutil.copytree(os.path.join(workdir, "checkpoints", "20"), copy)
+    path = copy / name
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert (damage(str(copy)) or "").startswith(f"{name}: ")
+
+
+def test_a_missing_input_position_of_another_process_is_damage(finished, tmp_path):
+    _, workdir = finished
+    copy = tmp_path / "20"
+    shutil.copytree(os.path.join(workdir, "checkpoints", "20"), copy)
+    os.rename(copy / "data" / "process_0-of-1.json", copy / "data" / "process_0-of-2.json")
+    assert damage(str(copy)) == "data/process_1-of-2.json: missing"
+
+
+def test_an_older_damaged_checkpoint_stays_and_names_no_newer_one(finished, tmp_path):
+    _, workdir = finished
+    copy = damaged_copy(workdir, tmp_path, step=10)
+    checkpoints = os.path.join(copy, "checkpoints")
+    set_aside_damaged(checkpoints)
+    assert sorted(os.listdir(checkpoints)) == ["10", "20"]
+    assert not os.path.exists(os.path.join(copy, "damaged_checkpoints"))
+    with pytest.raises(DamagedCheckpointError, match="step 10 is damaged .*no older checkpoint "
+                                                     "is intact"):
+        check_intact(checkpoints, 10)
+
+
+def test_the_newest_of_several_intact_older_checkpoints_is_named(finished, tmp_path):
+    _, workdir = finished
+    copy = damaged_copy(workdir, tmp_path)
+    checkpoints = os.path.join(copy, "checkpoints")
+    shutil.copytree(os.path.join(checkpoints, "10"), os.path.join(checkpoints, "5"))
+    with pytest.raises(DamagedCheckpointError, match="the newest intact checkpoint is step 10:"):
+        check_intact(checkpoints, 20)
+
+
+def test_a_step_set_aside_before_keeps_its_folder(finished, tmp_path):
+    _, workdir = finished
+    copy = damaged_copy(workdir, tmp_path)
+    aside = os.path.join(copy, "damaged_checkpoints")
+    for name in ("20", "20_2"):
+        os.makedirs(os.path.join(aside, name))
+        with open(os.path.join(aside, name, "earlier"), "w") as f:
+            f.write(name)
+    set_aside_damaged(os.path.join(copy, "checkpoints"))
+    assert sorted(os.listdir(aside)) == ["20", "20_2", "20_3"]
+    for name in ("20", "20_2"):
+        assert os.listdir(os.path.join(aside, name)) == ["earlier"]
+    assert os.path.isfile(os.path.join(aside, "20_3", "run", "metadata"))
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["10"]
 
 
 def free_space(monkeypatch, free: int) -> None:

@@ -213,8 +213,9 @@ def test_eval_overrides_apply_to_the_run_config_and_are_checked(tmp_path):
     saved = default_config().to_dict()
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = run_config_with(str(tmp_path), {"eval.labels_dir": "/labels",
-                                             "eval.mask_rate": 0.5})
+                                             "eval.mask_rate": 0.5, "eval.finetune.steps": 3})
     assert config.eval.labels_dir == "/labels" and config.eval.mask_rate == 0.5
+    assert config.eval.finetune.steps == 3
     assert config.model.d_model == saved["model"]["d_model"]
     with pytest.raises(ValueError, match=r"^config.eval.mask_rate=0.0: expected a rate"):
         run_config_with(str(tmp_path), {"eval.mask_rate": 0.0})
@@ -300,6 +301,8 @@ def test_sigterm_during_an_evaluation_is_one_line_and_exit_status_143(capsys):
     ("def get_config(:\n", "error: --config={path}: line 1: "),
     ("X = 1\n", "error: --config={path}: ValueError: {path}: no get_config() function"),
     ("def get_config():\n    return 1 / 0\n", "error: --config={path}: ZeroDivisionError: "),
+    ("import ml_collections\n\n\ndef get_config():\n"
+     "    return ml_collections.ConfigDict({'seed': 0})\n", "error: the config lacks data, "),
 ])
 def test_a_config_file_that_is_missing_or_broken_is_one_line(tmp_path, text, message):
     path = tmp_path / "mine.py"

@@ -18,6 +18,7 @@ def test_shipped_configs_pass(name, shipped_config):
 
 @pytest.mark.parametrize("field, value, message", [
     ("seed", -1, "expected an integer in [0, 2**32)"),
+    ("seed", True, "expected an integer in [0, 2**32)"),
     ("data.synthetic_seed", 2 ** 32, "expected an integer in [0, 2**32)"),
     ("eval.mask_seed", -1, "expected an integer in [0, 2**32)"),
     ("eval.sample_seed", 2 ** 40, "expected an integer in [0, 2**32)"),

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from cvmae_jax import run_setup
 from cvmae_jax.data import meds
+from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.synthetic import synthetic_meds_root
 from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.downstream import (C_GRID, embed_label_windows, fit_probe,
@@ -31,6 +32,7 @@ from cvmae_jax.evaluation.downstream import (C_GRID, embed_label_windows, fit_pr
                                              task_windows)
 from cvmae_jax.evaluation.results import per_lab_table
 from cvmae_jax.evaluation.run_eval import evaluate_run
+from cvmae_jax.evaluation.staging import NoRoom
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
@@ -130,6 +132,15 @@ def tiny_run(tmp_path_factory):
     config = tiny_config(data, num_steps=30, log_every=15, eval_every=30, checkpoint_every=30)
     train_and_evaluate(config, workdir)
     return workdir, config
+
+
+def quick_eval_config(workdir):
+    """The run's config with the single-code pass and fine-tuning off (eval.py in seconds)."""
+    config = run_config(str(workdir))
+    with config.unlocked():
+        config.eval.single_code = False
+        config.eval.finetune.enabled = False
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -350,10 +361,7 @@ def test_eval_builds_the_model_from_the_checkpoints_own_settings(tiny_run, tmp_p
     saved = json.loads((workdir / "config.json").read_text())
     saved["model"]["d_model"] = 64
     (workdir / "config.json").write_text(json.dumps(saved))
-    config = run_config(str(workdir))
-    with config.unlocked():
-        config.eval.single_code = False
-        config.eval.finetune.enabled = False
+    config = quick_eval_config(workdir)
     with caplog.at_level("WARNING"):
         result = evaluate_run(str(workdir), config=config)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(
@@ -375,10 +383,7 @@ def test_sigterm_while_eval_writes_leaves_the_earlier_results(evaluated, tmp_pat
     shutil.copytree(evaluated[0], workdir)
     out = workdir / "eval"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    config = run_config(str(workdir))
-    with config.unlocked():
-        config.eval.single_code = False
-        config.eval.finetune.enabled = False
+    config = quick_eval_config(workdir)
 
     def terminated(*args):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -392,6 +397,23 @@ def test_sigterm_while_eval_writes_leaves_the_earlier_results(evaluated, tmp_pat
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not list(out.glob(".incomplete-*"))
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
+
+
+def test_eval_results_move_in_metrics_last_and_only_where_there_is_room(tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    config = quick_eval_config(workdir)
+    (workdir / "eval" / "report.md").mkdir(parents=True)  # a folder where a file goes
+    with pytest.raises(NoRoom, match="report.md: a folder where eval.py writes a file"):
+        evaluate_run(str(workdir), config=config)
+    assert sorted(os.listdir(workdir / "eval" / "report.md")) == []
+    assert not (workdir / "eval" / "metrics.json").exists()
+    shutil.rmtree(workdir / "eval")
+    with mock.patch.object(shutil, "move", wraps=shutil.move) as move:
+        evaluate_run(str(workdir), config=config)
+    moved = [os.path.relpath(call.args[1], workdir / "eval") for call in move.call_args_list]
+    assert "report.md" in moved and moved[-1] == "metrics.json"
+    assert not [name for name in os.listdir(workdir / "eval") if name.startswith(".")]
 
 
 def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):
@@ -432,6 +454,24 @@ def test_eval_dataset_check_names_missing_codes_and_warns_on_new_files(tiny_run,
         assert not warning.called
         check_eval_dataset(workdir, prepared(codes, "chunks32_other"))
         assert "MEDS files differ in size or content" in warning.call_args.args[0]
+    with pytest.raises(ValueError, match=r"the same codes in another order \(2 positions differ"):
+        check_eval_dataset(workdir, prepared([codes[1], codes[0], *codes[2:]], saved["dataset"]))
+
+
+def test_a_refused_dataset_prepared_before_the_eval_stays(tiny_run, tmp_path):
+    """A data dir shared with another run: eval.py with that run's MEDS root is refused, and
+    the dataset prepared for that run stays."""
+    workdir, config = tiny_run
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.data_dir = str(tmp_path / "shared")
+    other = synthetic_meds_root(str(tmp_path), 60, seed=1)
+    earlier = prepare_dataset(config.data, other, config.data.data_dir, log=lambda _: None)
+    before = sorted(glob.glob(os.path.join(config.data.data_dir, "*", "*")))
+    with pytest.raises(ValueError, match=r"data_stats.json: the run was trained on \d+ lab codes"):
+        run_setup.prepare_eval_dataset(config, workdir, other)
+    assert sorted(glob.glob(os.path.join(config.data.data_dir, "*", "*"))) == before
+    assert os.path.isdir(earlier.path)
 
 
 def test_load_trained_reproduces_the_exported_embeddings(evaluated):
@@ -583,10 +623,7 @@ def test_a_failed_evaluation_leaves_the_earlier_results_as_they_were(evaluated, 
     shutil.copytree(workdir, copy)
     (copy / "eval" / "notes.txt").write_text("a user's file")  # not eval.py's: it stays
     before = {p: p.read_bytes() for p in (copy / "eval").rglob("*") if p.is_file()}
-    config = run_config(str(copy))
-    with config.unlocked():
-        config.eval.single_code = False
-        config.eval.finetune.enabled = False
+    config = quick_eval_config(copy)
     with mock.patch("cvmae_jax.evaluation.report.plot_label_efficiency",
                     side_effect=OSError(28, "No space left on device")):
         with pytest.raises(OSError, match="No space left on device"):

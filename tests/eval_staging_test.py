@@ -2,7 +2,9 @@
 the way is named before anything moves, and a failure leaves the folder as it was."""
 
 import os
+import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -29,6 +31,18 @@ def test_staged_files_replace_their_namesakes_and_others_stay(tmp_path):
         move_into(out, str(final), last=("metrics.json",))
     assert _files(final) == {"metrics.json": "new", "notes.txt": "a user's",
                              "predictions/death/held_out.parquet": "rows"}
+    assert sorted(os.listdir(final)) == ["metrics.json", "notes.txt", "predictions"]
+
+
+def test_the_files_named_last_move_after_all_others(tmp_path):
+    staging, final = tmp_path / "staging", tmp_path / "eval"
+    for name in ("metrics.json", "report.md", "predictions/death/held_out.parquet"):
+        _write(staging / name, "new")
+    with mock.patch.object(shutil, "move", wraps=shutil.move) as move:
+        move_into(str(staging), str(final), last=("metrics.json",))
+    moved = [os.path.relpath(call.args[1], final) for call in move.call_args_list]
+    assert sorted(moved) == ["metrics.json", "predictions/death/held_out.parquet", "report.md"]
+    assert moved[-1] == "metrics.json"
 
 
 @pytest.mark.parametrize("in_the_way, message", [
