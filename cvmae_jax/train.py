@@ -136,11 +136,9 @@ def set_up(config, workdir: str) -> Run:
 
 def _open_workdir(config, workdir: str):
     """(the workdir's lock, checkpointer, start step, preempted while resuming, prepared
-    dataset). A refused resume or bad data leaves the workdir as it was; folders that cannot
-    be written are refused before anything is (Orbax would wait 300 s for the first save)."""
-    check_writable(checkpoint_dir(workdir), "checkpoints are saved there")
-    check_writable(run_setup.data_dir(config, workdir),
-                   "the dataset is prepared there (config.data.data_dir)")
+    dataset). A refused resume or bad data leaves the workdir as it was (but for its lock
+    file); folders that cannot be written are refused first (Orbax would wait 300 s for the
+    first save)."""
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_count() > 1:  # the run made the folder if any of its processes did
@@ -148,6 +146,9 @@ def _open_workdir(config, workdir: str):
     lock = WorkdirLock(workdir)  # refused: a running train.py made the folder, it stays
     checkpointer = None
     try:
+        check_writable(checkpoint_dir(workdir), "checkpoints are saved there")
+        check_writable(run_setup.data_dir(config, workdir),
+                       "the dataset is prepared there (config.data.data_dir)")
         checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints)
         start_step = checkpointer.latest_step() or 0
         # Every process reports its step to JAX's preemption sync now: a notice that arrives

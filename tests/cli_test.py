@@ -161,7 +161,7 @@ def test_unwritable_paths_fail_in_one_line_before_the_work(trained, tmp_path):
         assert (result.returncode == 1 and f"error: {workdir}/{folder}: cannot write there "
                 f"({workdir}/{folder} is not a folder: it is a file); {purpose}"
                 in result.stderr), result.stderr[-2000:]
-        assert sorted(p.name for p in workdir.iterdir()) == [folder]
+        assert sorted(p.name for p in workdir.iterdir()) == [".train.lock", folder]
     for script in ("train.py", "eval.py"):
         result = run(script, "--workdir=", *(["--config=configs/demo.py"] * (script == "train.py")))
         assert result.returncode == 1 and "an unset shell variable?" in result.stderr, (

@@ -229,7 +229,7 @@ def test_train_and_evaluate_refuses_folders_it_cannot_write_before_writing(tmp_p
     (run / "checkpoints").write_text("")
     with pytest.raises(ValueError, match=r"it is a file\); checkpoints are saved there"):
         train_and_evaluate(tiny_config(tmp_path / "prepared", num_steps=5), str(run))
-    assert [p.name for p in run.iterdir()] == ["checkpoints"]
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock", "checkpoints"]
 
 
 class PoisonedData:
