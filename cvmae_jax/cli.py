@@ -117,7 +117,7 @@ def user_errors(resumes: str = ""):
     """Bad settings or data end the program with one clear line and exit status 1, Ctrl-C
     with one line and 130 (``resumes``: what a rerun takes up, e.g. "train.py resumes from
     its last checkpoint"), SIGTERM before training with one line and 0, SIGTERM during an
-    evaluation or a preparation with one line and 143. An error raised
+    evaluation or cvmae-prepare's preparation with one line and 143. An error raised
     inside a library rather than by this package may be a bug: its line names the exception
     and the module, and -v=1 shows the traceback."""
     try:
@@ -132,7 +132,7 @@ def user_errors(resumes: str = ""):
     except Preempted as stop:  # before training started: nothing to save, as after a save
         print(stop, file=sys.stderr)
         sys.exit(0)
-    except Terminated as stop:  # an evaluation or a preparation: nothing finished
+    except Terminated as stop:  # an evaluation or cvmae-prepare: nothing finished
         print(stop, file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:

@@ -42,8 +42,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(error, OSError) and error.filename is None:
-            raise OSError(f"{path}: could not write it: {error}") from error
+            raise os_error_saying(error, f"{path}: could not write it: {error}") from error
         raise
+
+
+def os_error_saying(error: OSError, message: str) -> OSError:
+    """An error reading ``message``, of ``error``'s type where that is a built-in one
+    (PermissionError, FileNotFoundError, ...; else OSError), so callers that catch one still
+    do."""
+    kind = type(error) if type(error).__module__ == "builtins" else OSError
+    return kind(message)
 
 
 NONFINITE = ("inf", "-inf", "nan")

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cvmae_jax.jsonio import atomic_path, dumps_json
+from cvmae_jax.jsonio import atomic_path, dumps_json, os_error_saying
 
 
 class MetricsWriter:
@@ -59,8 +59,10 @@ class MetricsWriter:
             with open(self.path, "a") as f:
                 f.write(dumps_json(record) + "\n")
         except OSError as error:  # a full disk: Python's message names no file
-            raise OSError(f"{self.path}: could not write the metrics of step "
-                          f"{record['step']}: {error}") from error
+            if error.filename is not None:
+                raise
+            raise os_error_saying(error, f"{self.path}: could not write the metrics of step "
+                                         f"{record['step']}: {error}") from error
         if self.tensorboard is not None:
             self.tensorboard.write(record)
 

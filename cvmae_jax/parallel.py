@@ -56,6 +56,12 @@ def wants_distributed(parallel_config) -> bool:
     return bool(parallel_config.distributed) or any(field is not None for field in manual)
 
 
+def python_handles_sigterm() -> bool:
+    """False once jax.distributed is initialized (one process too): JAX's preemption sync then
+    catches SIGTERM, and a Python handler must not replace it (preemption.py)."""
+    return not jax.distributed.is_initialized()
+
+
 def initialize_distributed(parallel_config) -> None:
     """``jax.distributed.initialize`` when ``config.parallel.distributed`` is set or any of
     coordinator_address/num_processes/process_id is (a manual launch, e.g. several processes
@@ -98,6 +104,27 @@ def on_process_0(work: Callable, failure: str):
         if error is not None:
             raise error
         raise ValueError(failure)
+    return result
+
+
+def on_every_process(work: Callable, failure: str):
+    """``work()`` on every process; its result there. When it raises on any process, every
+    process raises: those where it raised their error, the others
+    ``ValueError(failure.format(processes=[...]))`` naming the processes that failed (they
+    would otherwise wait in their next collective until JAX's shutdown timeout). ``work``
+    must run no collective."""
+    if jax.process_count() == 1:
+        return work()
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as raised:  # noqa: BLE001 - re-raised below, after the collective
+        error = raised
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if len(failed):
+        raise ValueError(failure.format(processes=failed.tolist()))
     return result
 
 

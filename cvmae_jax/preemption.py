@@ -2,10 +2,11 @@
 checkpoint after the current step and exits 0 (``SaveOnSigterm``). Before the first step
 (preparing the data, restoring, compiling) there is nothing new to save: set-up stops at once
 (``sigterm_stops_setup``), cleaning up what it started as after Ctrl-C, and train.py exits 0.
-With several processes JAX's preemption sync handles SIGTERM in training, and neither is
-installed. An evaluation or a preparation stops at once (``sigterm_terminates``), removing
-what it staged as after Ctrl-C, and the command exits 143, as a process ended by SIGTERM
-does."""
+An evaluation or cvmae-prepare's preparation stops at once (``sigterm_terminates``),
+removing what it staged as after Ctrl-C, and the command exits 143, as a process ended by
+SIGTERM does. Once jax.distributed is initialized (several processes, or one launched that
+way), JAX's preemption sync catches SIGTERM itself, and no Python handler is installed: one
+would replace JAX's, and setting back the handler Python saw would leave none."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ class Preempted(KeyboardInterrupt):
     removes after Ctrl-C (a half-prepared dataset, a new workdir) is removed after it too."""
 
 
-def handles_sigterm(single_process: bool) -> bool:
-    """Python signal handlers run in the main thread; several processes leave SIGTERM to
-    JAX's preemption sync."""
-    return single_process and threading.current_thread() is threading.main_thread()
+def handles_sigterm(python_handler: bool) -> bool:
+    """Python signal handlers run in the main thread; ``python_handler`` False (JAX's
+    preemption sync catches SIGTERM) installs none."""
+    return python_handler and threading.current_thread() is threading.main_thread()
 
 
 class Terminated(KeyboardInterrupt):
@@ -35,24 +36,24 @@ class Terminated(KeyboardInterrupt):
     staged (results, a half-prepared dataset) is removed as after Ctrl-C."""
 
 
-def sigterm_stops_setup(single_process: bool):
-    """Within the block, SIGTERM raises ``Preempted``."""
-    return _sigterm_raises(single_process, lambda: Preempted(
+def sigterm_stops_setup(python_handler: bool):
+    """Within the block, SIGTERM raises ``Preempted`` (where ``handles_sigterm``)."""
+    return _sigterm_raises(python_handler, lambda: Preempted(
         "preempted (SIGTERM) before the first training step: nothing new to save; rerun the "
         "same command (train.py resumes from its last checkpoint)"))
 
 
-def sigterm_terminates(what: str):
+def sigterm_terminates(what: str, python_handler: bool):
     """Within the block, SIGTERM raises ``Terminated("terminated (SIGTERM) <what>; rerun the
-    same command")``, in the main thread, on each process that receives it."""
-    return _sigterm_raises(True, lambda: Terminated(f"terminated (SIGTERM) {what}; rerun the "
-                                                    "same command"))
+    same command")`` (where ``handles_sigterm``)."""
+    return _sigterm_raises(python_handler, lambda: Terminated(
+        f"terminated (SIGTERM) {what}; rerun the same command"))
 
 
 @contextlib.contextmanager
-def _sigterm_raises(single_process: bool, error: Callable[[], KeyboardInterrupt]):
+def _sigterm_raises(python_handler: bool, error: Callable[[], KeyboardInterrupt]):
     """Within the block, SIGTERM raises ``error()`` (where ``handles_sigterm``)."""
-    if not handles_sigterm(single_process):
+    if not handles_sigterm(python_handler):
         yield
         return
 
@@ -67,19 +68,19 @@ def _sigterm_raises(single_process: bool, error: Callable[[], KeyboardInterrupt]
 
 
 class SaveOnSigterm:
-    """SIGTERM sets a flag the loop checks after each step (single process). With several
-    processes, Orbax's preemption sync point makes every process stop at the same step. The
+    """SIGTERM sets a flag the loop checks after each step (``python_handler``). Under
+    jax.distributed, Orbax's preemption sync point makes every process stop at the same step. The
     host runs at most ``train.MAX_STEPS_AHEAD`` steps ahead of the devices, so the save
     follows the signal after at most that many steps."""
 
-    def __init__(self, checkpointer: Checkpointer, single_process: bool,
+    def __init__(self, checkpointer: Checkpointer, python_handler: bool,
                  preempted_early: bool = False):
         self.checkpointer = checkpointer
         self.flag = threading.Event()
         if preempted_early:
             self.flag.set()
         self.previous = None
-        if handles_sigterm(single_process):
+        if handles_sigterm(python_handler):
             self.previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
 
     def reached(self, step: int) -> bool:

@@ -39,7 +39,8 @@ def _prepare(argv) -> None:
         from cvmae_jax.data.report import selection_counts, selection_summary
 
         log_progress(logging.WARNING)  # the summary below is printed
-        with user_errors(), sigterm_terminates("while preparing: nothing was written"):
+        with user_errors(), sigterm_terminates("while preparing: nothing half-built is left",
+                                               python_handler=True):
             check_data_config(data)
             prepared = prepare_dataset(data, None, data.data_dir, pool=pool)
     report = prepared.report

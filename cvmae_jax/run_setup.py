@@ -104,23 +104,10 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
                      jax.process_index())
     built = parallel.on_process_0(prepare, "process 0 could not prepare the dataset; its error "
                                            "is in its log")
-    dataset, error = (built, None) if jax.process_index() == 0 else _attempt(prepare)
-    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
-    if error is not None:
-        raise error
-    if len(failed):
-        raise ValueError(f"process(es) {failed.tolist()} could not read the prepared dataset; "
-                         "their errors are in their logs")
-    return dataset
-
-
-def _attempt(work):
-    """(work(), None), or (None, the exception) so that the collective after it still runs
-    on this process (the others would wait in it until JAX's shutdown timeout)."""
-    try:
-        return work(), None
-    except Exception as error:  # noqa: BLE001 - re-raised by the caller after the collective
-        return None, error
+    return parallel.on_every_process(
+        lambda: built if jax.process_index() == 0 else prepare(),
+        "process(es) {processes} could not read the prepared dataset; their errors are in their "
+        "logs")
 
 
 def check_processes_share(workdir: str, start_step: int, config,
@@ -135,7 +122,10 @@ def check_processes_share(workdir: str, start_step: int, config,
     token, error = 0, None
     if jax.process_index() == 0:
         token = int(np.random.default_rng().integers(1, 2**31 - 1))
-        _, error = _attempt(lambda: open(_marker(workdir, token), "w").close())
+        try:
+            open(_marker(workdir, token), "w").close()
+        except OSError as raised:  # re-raised after the broadcast, which every process joins
+            error = raised
     token = int(multihost_utils.broadcast_one_to_all(np.int32(0 if error else token)))
     if not token:  # process 0 could not write its file
         if error is not None:
@@ -260,10 +250,13 @@ def check_resume_dataset(saved_run_info: dict, config, workdir: str, step: int) 
 
 
 def _remove_if_built(dataset: PreparedDataset) -> None:
-    """Removes ``dataset``'s settings folder when this call built it (``dataset.built``;
-    process 0): one reused, or finished first by another job sharing the data dir, stays."""
+    """Removes ``dataset`` when its preparation built it (``dataset.built``; process 0), and
+    its settings folder if nothing else is in it (another job's preparation of the same
+    settings may be): one reused, or finished first by another job, stays."""
     if dataset.built and jax.process_index() == 0:
-        shutil.rmtree(Path(dataset.path).parent, ignore_errors=True)  # <settings id>/<version>
+        shutil.rmtree(dataset.path, ignore_errors=True)  # <builder>/<settings id>/<version>
+        with contextlib.suppress(OSError):
+            os.rmdir(Path(dataset.path).parent)  # only while empty
 
 
 def check_resume_codes(saved_run_info: dict, dataset: PreparedDataset, step: int) -> None:

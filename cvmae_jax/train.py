@@ -60,7 +60,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if run.start_step >= config.train.num_steps:
             return dict(step=run.start_step, train={}, eval={}, train_step_traces=0,
                         preempted=False)
-        with sigterm_stops_setup(jax.process_count() == 1):
+        with sigterm_stops_setup(parallel.python_handles_sigterm()):
             first_batch = next(run.data)
             step, traces = compile_step(run, first_batch)
             loop = TrainLoop(run, step)
@@ -137,8 +137,7 @@ def set_up(config, workdir: str) -> Run:
 def _open_workdir(config, workdir: str):
     """(the workdir's lock, checkpointer, start step, preempted while resuming, prepared
     dataset). A refused resume or bad data leaves the workdir as it was (but for its lock
-    file); folders that cannot be written are refused first (Orbax would wait 300 s for the
-    first save)."""
+    file); folders that cannot be written are refused first (``_check_run_folders``)."""
     created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_count() > 1:  # the run made the folder if any of its processes did
@@ -146,9 +145,9 @@ def _open_workdir(config, workdir: str):
     lock = WorkdirLock(workdir)  # refused: a running train.py made the folder, it stays
     checkpointer = None
     try:
-        check_writable(checkpoint_dir(workdir), "checkpoints are saved there")
-        check_writable(run_setup.data_dir(config, workdir),
-                       "the dataset is prepared there (config.data.data_dir)")
+        parallel.on_every_process(lambda: _check_run_folders(config, workdir),
+                                  "process(es) {processes} cannot write the run's folders; "
+                                  "their errors are in their logs")
         checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints)
         start_step = checkpointer.latest_step() or 0
         # Every process reports its step to JAX's preemption sync now: a notice that arrives
@@ -171,6 +170,17 @@ def _open_workdir(config, workdir: str):
             run_setup.remove_new_workdir(workdir)
         raise
     return lock, checkpointer, start_step, preempted_early, dataset
+
+
+def _check_run_folders(config, workdir: str) -> None:
+    """Refuses a ``checkpoints/`` that cannot be written (Orbax would wait 300 s for the first
+    save), and a data dir that would need creating where it cannot be (an existing one is
+    checked by ``prepare_dataset`` only if the dataset must be built: a read-only one that
+    holds it is read as it is)."""
+    check_writable(checkpoint_dir(workdir), "checkpoints are saved there")
+    data = run_setup.data_dir(config, workdir)
+    if not os.path.isdir(data):
+        check_writable(data, "the dataset is prepared there (config.data.data_dir)")
 
 
 def _write_run_info(workdir: str, run_info: dict) -> None:
@@ -248,7 +258,7 @@ class TrainLoop:
         """Trains from the run's start step to ``train.num_steps`` (or a preemption); returns
         the final step, the last window's and validation's metrics and whether preempted."""
         train, guard = self.config.train, self.config.train.transfer_guard
-        preemption = SaveOnSigterm(self.run.checkpointer, jax.process_count() == 1,
+        preemption = SaveOnSigterm(self.run.checkpointer, parallel.python_handles_sigterm(),
                                    self.run.preempted_early)
         batch, preempted = first_batch, False
         in_flight = collections.deque()  # step numbers of the steps dispatched, not waited for

@@ -168,8 +168,8 @@ def test_a_step_set_aside_before_keeps_its_folder(finished, tmp_path):
 
 
 def free_space(monkeypatch, free: int) -> None:
-    """``shutil.disk_usage`` reports ``free`` bytes free on every file system."""
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+    """The room check sees ``free`` bytes free on every file system."""
+    monkeypatch.setattr(checkpoint, "disk_usage",
                         lambda path: types.SimpleNamespace(total=10**12, used=10**12 - free,
                                                            free=free))
 
@@ -180,7 +180,7 @@ def test_room_for_a_checkpoint_is_its_array_bytes_and_the_metadata(tmp_path, mon
     free_space(monkeypatch, need)
     checkpoint.check_room(str(tmp_path), state, newest=None)
     free_space(monkeypatch, need - 1)
-    with pytest.raises(OSError, match=r"1\.0 MiB free .* needs about 1\.0 MiB.*no checkpoint"):
+    with pytest.raises(OSError, match=r"1\.0 MiB free .* needs up to 1\.0 MiB.*no checkpoint"):
         checkpoint.check_room(str(tmp_path), state, newest=None)
 
 

@@ -386,6 +386,8 @@ def test_sigterm_while_eval_writes_leaves_the_earlier_results(evaluated, tmp_pat
     config = quick_eval_config(workdir)
 
     def terminated(*args):
+        if signal.getsignal(signal.SIGTERM) is handler:  # the kill would end the test run
+            raise AssertionError("the evaluation installed no SIGTERM handler")
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at once
         raise AssertionError("SIGTERM did not stop the evaluation")

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from cvmae_jax.jsonio import UMASK, atomic_path, read_json, write_json_atomic
+from cvmae_jax import metrics
 from cvmae_jax.metrics import MetricsWriter, Progress, clock
 
 
@@ -48,7 +49,7 @@ def test_a_metrics_write_that_fails_names_the_file_and_the_step(tmp_path, monkey
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("builtins.open", full_disk)
+    monkeypatch.setattr(metrics, "open", full_disk, raising=False)  # the module's open only
     with pytest.raises(OSError, match=f"^{path}: could not write the metrics of step 5: "
                                       r"\[Errno 28\] No space left on device$"):
         writer.write(dict(step=5, loss=1.0))
@@ -94,6 +95,9 @@ def test_an_atomic_write_that_fails_names_the_file_and_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match=f"^{target}: could not write it: \\[Errno 28\\] No space"):
         with atomic_path(target):
             raise OSError(28, "No space left on device")  # as f.write raises it: no file named
+    with pytest.raises(PermissionError, match=f"^{target}: could not write it: "):  # its type
+        with atomic_path(target):
+            raise PermissionError(13, "Permission denied")
     with pytest.raises(PermissionError) as named:  # an error that names its file is kept
         with atomic_path(target):
             raise PermissionError(13, "Permission denied", "/elsewhere/file")

@@ -179,14 +179,37 @@ def test_a_half_written_checkpoint_is_ignored(reference, tmp_path):
 
 
 def test_a_notice_that_arrived_while_resuming_stops_the_run_at_its_first_step():
-    """With several processes JAX's preemption sync is asked from the resumed step on; a notice
+    """Under jax.distributed JAX's preemption sync is asked from the resumed step on; a notice
     it saw while resuming (``preempted_early``) must stop the run at the first check."""
     from types import SimpleNamespace
 
     from cvmae_jax.preemption import SaveOnSigterm
 
     no_sync = SimpleNamespace(manager=SimpleNamespace(reached_preemption=lambda step: False))
-    early = SaveOnSigterm(no_sync, single_process=False, preempted_early=True)
-    late = SaveOnSigterm(no_sync, single_process=False)
+    early = SaveOnSigterm(no_sync, python_handler=False, preempted_early=True)
+    late = SaveOnSigterm(no_sync, python_handler=False)
     assert early.reached(1) and not late.reached(1)
     early.restore_handler(), late.restore_handler()
+
+
+def test_jax_keeps_catching_sigterm_after_an_evaluation_under_jax_distributed():
+    """Under jax.distributed (one process too) JAX's preemption sync catches SIGTERM at the C
+    level; a Python handler set and reset around an evaluation would leave none, and the next
+    training run of the process (a study's) would die on SIGTERM without saving."""
+    script = (
+        "import os, signal, socket, time\n"
+        "import jax\n"
+        "from cvmae_jax import parallel\n"
+        "from cvmae_jax.preemption import sigterm_terminates\n"
+        "with socket.socket() as s:\n"
+        "    s.bind(('localhost', 0))\n"
+        "    port = s.getsockname()[1]\n"
+        "jax.distributed.initialize(f'localhost:{port}', num_processes=1, process_id=0)\n"
+        "with sigterm_terminates('during the evaluation', parallel.python_handles_sigterm()):\n"
+        "    pass\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(1)\n"
+        "print('survived')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0 and "survived" in result.stdout, result.stderr[-2000:]

@@ -78,7 +78,8 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     with the aggregates, the fine-tuned networks). ``config``:
     the run's config (default: its config.json). Returns the metrics. SIGTERM stops it at
     once, leaving the earlier results (``preemption.Terminated``)."""
-    with sigterm_terminates("during the evaluation: the earlier results are as they were"):
+    with sigterm_terminates("during the evaluation: the earlier results are as they were",
+                            parallel.python_handles_sigterm()):
         return _evaluate_run(workdir, config, split)
 
 

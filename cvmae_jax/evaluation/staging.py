@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from cvmae_jax.jsonio import os_error_saying
+
 
 class NoRoom(ValueError):
     """A file or folder of the results folder is in the way of the finished results, which
@@ -36,7 +38,7 @@ def staged(final: str) -> Iterator[str]:
         message = str(error).replace(staging, final)
         if final not in message:
             message = f"{final}: could not write the evaluation's results there: {message}"
-        raise OSError(message) from error
+        raise os_error_saying(error, message) from error
     except BaseException:
         _remove(staging, final if created else None)
         raise

@@ -68,6 +68,6 @@ def test_sigterm_while_preparing_is_one_line_exit_143_and_nothing_written(tiny_m
          f"--config.data.meds_dir={tiny_meds.root}", f"--config.data.data_dir={out}"],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 143, result.stderr[-2000:]
-    assert result.stderr.endswith("terminated (SIGTERM) while preparing: nothing was written; "
-                                  "rerun the same command\n"), result.stderr[-2000:]
+    assert result.stderr.endswith("terminated (SIGTERM) while preparing: nothing half-built is "
+                                  "left; rerun the same command\n"), result.stderr[-2000:]
     assert not out.exists()
