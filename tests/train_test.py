@@ -232,6 +232,23 @@ def test_train_and_evaluate_refuses_folders_it_cannot_write_before_writing(tmp_p
     assert sorted(p.name for p in run.iterdir()) == [".train.lock", "checkpoints"]
 
 
+def test_a_data_dir_that_holds_the_dataset_is_read_even_if_it_cannot_be_written(
+        tmp_path, monkeypatch):
+    from cvmae_jax.data import prepare as prepare_module
+
+    data_dir = tmp_path / "prepared"
+    train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "first"))
+
+    def read_only(folder, purpose):
+        if str(folder).startswith(str(data_dir)):
+            raise ValueError(f"{folder}: cannot write there (read-only); {purpose}")
+
+    monkeypatch.setattr(train_module, "check_writable", read_only)
+    monkeypatch.setattr(prepare_module, "check_writable", read_only)
+    summary = train_and_evaluate(tiny_config(data_dir, num_steps=2), str(tmp_path / "second"))
+    assert summary["step"] == 2
+
+
 class PoisonedData:
     """``train_dataset``'s batches, with NaN values in batch number ``poisoned_step``;
     checkpointable like grain's iterator."""
