@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from cvmae_jax import config as config_module
 from cvmae_jax.config_checks import check_config, eval_overridable, field_names
 from cvmae_jax.data.meds import MEDSFormatError
-from cvmae_jax.jsonio import check_writable
+from cvmae_jax.jsonio import MOUNT_HINT, check_writable, is_url
 from cvmae_jax.preemption import Preempted, Terminated
 from cvmae_jax.host_memory import reuse_freed_memory
 
@@ -59,6 +59,8 @@ def _eval(argv) -> None:
         if not FLAGS.workdir.strip():
             raise ValueError("--workdir is empty (an unset shell variable?): name the training "
                              "run's folder, or with --compare the report's")
+        if is_url(FLAGS.workdir):
+            raise ValueError(f"--workdir={FLAGS.workdir}: a URL, not a folder; {MOUNT_HINT}")
         if FLAGS.compare:
             from cvmae_jax.evaluation.compare import compare_runs
 

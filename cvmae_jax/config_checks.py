@@ -11,6 +11,7 @@ import ml_collections
 from cvmae_jax.config import default_config, study_fields
 from cvmae_jax.data.meds import SPLITS
 from cvmae_jax.data.sequences import WINDOWS
+from cvmae_jax.jsonio import MOUNT_HINT, is_url
 from cvmae_jax.mask_probabilities import STRATEGIES, TWO_TIER_STRATEGIES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -72,6 +73,10 @@ def _require(ok: bool, field: str, value, expected: str) -> None:
         raise ValueError(f"config.{field}={value!r}: {expected}")
 
 
+def _require_local_path(field: str, value) -> None:
+    _require(not (value and is_url(value)), field, value, f"a URL; {MOUNT_HINT}")
+
+
 def _require_int(field: str, value, low: int, note: str = "") -> None:
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, field,
              value, f"expected an integer >= {low}{note}")
@@ -106,6 +111,8 @@ def check_data_config(data) -> None:
              tuple(data.lab_codes or ()), "a code starts with a bracket: a tuple typed on the "
              "command line needs quotes, --config.data.lab_codes='(\"LAB//50912//mg/dL\", "
              "\"LAB//50971//mEq/L\")'")
+    for name in ("meds_dir", "data_dir"):
+        _require_local_path(f"data.{name}", data[name])
     quantiles = tuple(data.clip_quantiles)
     _require(len(quantiles) == 2 and 0.0 <= quantiles[0] < quantiles[1] <= 1.0,
              "data.clip_quantiles", quantiles, "expected (low, high) with 0 <= low < high <= 1")
@@ -224,6 +231,7 @@ def check_eval_config(eval_config) -> None:
     for name in ("mask_seed", "sample_seed"):
         _require_seed(f"eval.{name}", eval_config[name])
     _require_int("eval.label_max_len", eval_config.label_max_len, 0, " (0: data.max_len)")
+    _require_local_path("eval.labels_dir", eval_config.labels_dir)
     _require(eval_config.pooling in POOLINGS, "eval.pooling", eval_config.pooling,
              f"expected one of {', '.join(POOLINGS)}")
     _require(eval_config.label_window in LABEL_WINDOWS, "eval.label_window",

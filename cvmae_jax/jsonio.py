@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 
 
@@ -113,15 +114,28 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, dumps_json(obj, indent=1) + "\n")
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # gs://, s3://, hdfs://, file://
+MOUNT_HINT = ("this tool reads and writes local paths: mount the bucket (Cloud Storage FUSE, "
+              "s3fs, ...) and pass the mount's path")
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` is a URL (``gs://bucket/x``), not a local path."""
+    return bool(URL.match(os.fspath(path)))
+
+
 def check_writable(folder: str | os.PathLike, purpose: str) -> None:
     """Raises ValueError when files cannot be created in ``folder`` (or, while it does not
     exist, in its nearest existing parent): called before long work that ends by writing there,
     so a read-only or mistyped path fails in a second, not after the work. Tried by creating
     and removing an empty folder there: permission bits say nothing for root, read-only mounts
-    or root-squashed shares. An empty path (an unset shell variable) is refused too."""
+    or root-squashed shares. An empty path (an unset shell variable) and a URL are refused
+    too."""
     if not os.fspath(folder).strip():
         raise ValueError(f"an empty path where a folder is needed (an unset shell variable?); "
                          f"{purpose}")
+    if is_url(folder):
+        raise ValueError(f"{folder}: a URL, not a folder ({purpose}); {MOUNT_HINT}")
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -200,6 +200,19 @@ def test_a_folder_the_file_system_refuses_is_named_in_words(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_url_workdir_is_refused_in_one_line_creating_nothing(tmp_path):
+    for script in ("train.py", "eval.py"):
+        result = subprocess.run(
+            [sys.executable, os.path.join(REPO, script), "--workdir=gs://bucket/runs/demo",
+             *([f"--config={REPO}/configs/demo.py"] * (script == "train.py"))], cwd=tmp_path,
+            capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and (
+            "gs://bucket/runs/demo: a URL, not a folder" in result.stderr) and (
+            "mount the bucket (Cloud Storage FUSE, s3fs, ...) and pass the mount's path"
+            in result.stderr), result.stderr[-2000:]
+        assert list(tmp_path.iterdir()) == []  # no local folder named gs:
+
+
 def test_evaluating_a_file_says_it_is_not_a_workdir(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=f"^{tmp_path}/a_file: a file, not a folder; --workdir "

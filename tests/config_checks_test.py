@@ -27,6 +27,9 @@ def test_shipped_configs_pass(name, shipped_config):
     ("data.max_len", 0, "expected an integer >= 1"),
     ("data.min_window_len", 300, "must be <= config.data.max_len=256"),
     ("data.window", "first", "expected one of ('chunks', 'last')"),
+    ("data.meds_dir", "gs://bucket/MEDS", "a URL; this tool reads and writes local paths: "
+                                          "mount the bucket (Cloud Storage FUSE, "),
+    ("data.data_dir", "s3://bucket/prepared", "a URL; this tool reads and writes local paths"),
     ("data.clip_quantiles", (0.999, 0.001), "0 <= low < high <= 1"),
     ("data.clip_quantiles", (0.0, 1.5), "0 <= low < high <= 1"),
     ("data.workers", -2, "expected an integer >= 0"),
@@ -51,6 +54,7 @@ def test_shipped_configs_pass(name, shipped_config):
     ("eval.mask_rate", 0.0, "expected a rate in (0, 1]"),
     ("eval.label_window", "latest", "expected one of last_events, each_code_latest"),
     ("eval.split", "validation", "expected one of train, tuning, held_out"),
+    ("eval.labels_dir", "gs://bucket/labels", "a URL; this tool reads and writes local paths"),
     ("eval.finetune.head", "mlpp", "expected one of linear, mlp"),
     ("eval.finetune.steps", 0, "expected an integer >= 1"),
     ("eval.finetune.head_init", "probe_weights", "expected one of zero, probe"),
