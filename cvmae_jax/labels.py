@@ -12,6 +12,7 @@ split. A task with no positive row in train is refused and nothing is written (d
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ml_collections import config_flags
 
 from cvmae_jax.cli import log_progress, run, user_errors
 from cvmae_jax.data import meds
+from cvmae_jax.jsonio import check_writable
 from cvmae_jax.tasks import aces_extract, write_labels
 from cvmae_jax.tasks.task_configs import task_config
 
@@ -31,7 +33,9 @@ def make_labels(meds_dir: str, task: str, output_dir: str | None = None,
     """Extracts ``task`` (a shipped task's name or an ACES config path) over meds_dir and
     writes its label files; returns {split: {rows, subjects, positives, prevalence}}."""
     name, config_path = task_config(task)
-    out = Path(output_dir) if output_dir else Path(meds_dir) / "labels" / name
+    out = output_dir or os.path.join(meds_dir, "labels", name)
+    check_writable(out, "the task's label files are written there (--output_dir)")
+    out = Path(out)
     write_labels.check_output(out, overwrite)
     subject_splits = meds.read_subject_splits(meds_dir)
     logging.info("labels %s: extracting %s over %s", name, config_path, meds_dir)

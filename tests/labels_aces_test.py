@@ -1,5 +1,6 @@
 """The shipped ACES task configs on the synthetic data, and the labels command."""
 
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,19 @@ def test_labels_cli_ends_bad_input_with_one_line(synthetic, tmp_path, task, mess
     last = result.stderr.strip().splitlines()[-1]
     assert message in last and last.startswith("error: "), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("output, message", [
+    ("gs://bucket/labels", "gs://bucket/labels: a URL, not a folder (the task's label files"),
+    ("{tmp}/a_file/labels", "a_file is not a folder: it is a file); the task's label files"),
+])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_extracting(
+        synthetic, tmp_path, monkeypatch, output, message):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("cvmae_jax.tasks.aces_extract.extract_labels", None)  # never reached
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_labels(str(synthetic), "in_icu_mortality_24h",
+                    output_dir=output.format(tmp=tmp_path))
 
 
 def test_label_prevalence_is_counted_per_split(synthetic, tmp_path):
