@@ -4,6 +4,9 @@ permissions a plain ``open`` would give (``mkstemp`` alone makes them private, 0
 JSON is written strict (``allow_nan=False``): a non-finite float is written as the string
 "inf", "-inf" or "nan" (``json_float``), which ``read_json`` and ``loads_json`` turn back into
 the float, so every file parses with any JSON reader.
+
+A folder is checked before long work that ends by writing there (``check_writable``): it must
+be a local path (a mounted bucket, not a ``gs://`` URL) where files can be created.
 """
 
 from __future__ import annotations
