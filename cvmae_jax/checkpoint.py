@@ -79,7 +79,7 @@ class Checkpointer:
         """Starts an async save once the previous one has finished and the folder has room
         for this one (``check_room``, on process 0); the next save or ``close`` waits for
         it."""
-        self.manager.wait_until_finished()
+        self._wait_for_save()
         newest = self.manager.latest_step()
         parallel.on_process_0(lambda: check_room(self.directory, state, newest),
                               "process 0 found no room for the checkpoint; its error is in its "
@@ -115,8 +115,23 @@ class Checkpointer:
             manager.close()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._wait_for_save()
+        finally:
+            self.manager.close()
+
+    def _wait_for_save(self) -> None:
+        """Waits for the save in flight. Its failure (the disk filled during it), which Orbax
+        raises here, is raised again as an OSError naming the folder and the step a rerun
+        resumes from (the failed save is incomplete, so ignored)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - Orbax re-raises its writer's error as is
+            newest = Checkpointer.latest_complete_step(self.directory)
+            then = (f"a rerun resumes from step {newest}" if newest is not None
+                    else "no checkpoint is saved yet")
+            raise OSError(f"{self.directory}: a checkpoint save failed ({error}); {then}") \
+                from error
 
 
 def check_room(directory: str, state, newest: int | None) -> None:

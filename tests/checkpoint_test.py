@@ -194,3 +194,24 @@ def test_a_save_without_room_is_refused_leaving_the_checkpoints_as_they_are(
     with pytest.raises(OSError, match=r"checkpoints: 0\.0 MiB free .*resume from step 10$"):
         train_and_evaluate(config, copy)
     assert os.listdir(os.path.join(copy, "checkpoints")) == ["10"]
+
+
+def test_a_save_that_fails_in_the_background_names_the_folder_and_the_resume_step(
+        finished, tmp_path, monkeypatch):
+    _, workdir = finished
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    saver = checkpoint.Checkpointer(copy / "checkpoints", keep=3)
+
+    waits = []
+
+    def failed_write():  # Orbax raises its writer thread's error once: the disk filled mid-save
+        waits.append(1)
+        if len(waits) == 1:
+            raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+
+    monkeypatch.setattr(saver.manager, "wait_until_finished", failed_write)
+    with pytest.raises(OSError, match=r"checkpoints: a checkpoint save failed \(RESOURCE_EXHAUSTED"
+                                      r": .*No space left on device\); a rerun resumes from "
+                                      r"step 20$"):
+        saver.close()
