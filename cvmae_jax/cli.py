@@ -181,9 +181,24 @@ def run(main) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    argv = argv[:1] + [expand_home(arg) for arg in argv[1:]]
     check_config_file(argv)
     with config_field_errors(argv):
         return app.parse_flags_with_usage(argv)
+
+
+def expand_home(arg: str) -> str:
+    """``--<name>=~/x`` with ``~`` expanded where the flag or config field is a folder or a
+    file (``--workdir``, ``--output_dir``, ``--config.data.meds_dir``, ``--config``,
+    ``--task``):
+    the shell expands ``~`` only at the start of a word, so ``--workdir=~/runs`` would name a
+    folder called ``~`` in the current one."""
+    name, equals, value = arg.partition("=")
+    field = name.rsplit(".", 1)[-1]
+    if (arg.startswith("--") and equals and value.startswith("~")
+            and (field.endswith("dir") or name in ("--config", "--task"))):
+        return f"{name}={os.path.expanduser(value)}"
+    return arg
 
 
 def check_config_file(argv: list[str]) -> None:

@@ -213,6 +213,34 @@ def test_a_url_workdir_is_refused_in_one_line_creating_nothing(tmp_path):
         assert list(tmp_path.iterdir()) == []  # no local folder named gs:
 
 
+@pytest.mark.parametrize("arg, expanded", [
+    ("--workdir=~/runs/demo", "--workdir={home}/runs/demo"),
+    ("--config.data.meds_dir=~/MEDS", "--config.data.meds_dir={home}/MEDS"),
+    ("--config.eval.labels_dir=~", "--config.eval.labels_dir={home}"),
+    ("--config=~/my_config.py", "--config={home}/my_config.py"),
+    ("--task=~/tasks/mortality.yaml", "--task={home}/tasks/mortality.yaml"),
+    ("--config.data.lab_code_pattern=~LAB", "--config.data.lab_code_pattern=~LAB"),
+    ("--workdir=runs/~demo", "--workdir=runs/~demo"),
+])
+def test_a_tilde_the_shell_leaves_in_a_path_flag_is_expanded(monkeypatch, arg, expanded):
+    from cvmae_jax import cli
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert cli.expand_home(arg) == expanded.format(home="/home/someone")
+
+
+def test_eval_with_a_workdir_under_the_home_tilde_reads_it_there(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
+                             "--workdir=~/runs/demo"], cwd=cwd, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                  HOME=str(tmp_path)))
+    assert result.returncode == 1 and (f"error: {tmp_path}/runs/demo/config.json: missing"
+                                       in result.stderr), result.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
+
+
 def test_evaluating_a_file_says_it_is_not_a_workdir(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=f"^{tmp_path}/a_file: a file, not a folder; --workdir "
