@@ -190,9 +190,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def expand_home(arg: str) -> str:
     """``--<name>=~/x`` with ``~`` expanded where the flag or config field is a folder or a
     file (``--workdir``, ``--output_dir``, ``--config.data.meds_dir``, ``--config``,
-    ``--task``):
-    the shell expands ``~`` only at the start of a word, so ``--workdir=~/runs`` would name a
-    folder called ``~`` in the current one."""
+    ``--task``): the shell expands ``~`` only at the start of a word, so ``--workdir=~/runs``
+    would name a folder called ``~`` in the current one."""
     name, equals, value = arg.partition("=")
     field = name.rsplit(".", 1)[-1]
     if (arg.startswith("--") and equals and value.startswith("~")
