@@ -1,11 +1,14 @@
-"""One training at a time per workdir: process 0 holds an exclusive ``flock`` on the workdir's
-``.train.lock`` file while it trains, so a second ``train.py`` (a resubmitted job, a forgotten
+"""One training and one evaluation at a time per workdir: process 0 holds an exclusive
+``flock`` on the workdir's ``.train.lock`` file while it trains (``.eval.lock`` while it
+evaluates), so a second ``train.py`` (a resubmitted job, a forgotten
 ``--config.parallel.distributed=True`` under ``srun``) stops in one line instead of writing
-every step and checkpoint twice. A regular file, because NFS passes file locks to its server
-(so they hold across machines); a GCS-FUSE mount keeps them on one machine only."""
+every step and checkpoint twice, and a second ``eval.py`` instead of mixing its results with the
+first's. A regular file, because NFS passes file locks to its server (so they hold across
+machines); a GCS-FUSE mount keeps them on one machine only."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -14,7 +17,22 @@ from absl import logging
 
 from cvmae_jax import parallel
 
-LOCK_FILE = ".train.lock"
+
+@dataclasses.dataclass(frozen=True)
+class Activity:
+    """What a lock keeps to one process at a time: its file in the workdir, the program and
+    what a second one is told."""
+    lock_file: str
+    program: str
+    busy: str
+
+
+TRAINING = Activity(".train.lock", "train.py",
+                    "another train.py (or study) is training in this workdir now; wait for it "
+                    "to end, or use another --workdir")
+EVALUATION = Activity(".eval.lock", "eval.py",
+                      "another eval.py (or study) is evaluating this run now; wait for it to "
+                      "end")
 
 
 class WorkdirLock:
@@ -22,10 +40,10 @@ class WorkdirLock:
     processes of a multi-process run hold nothing but raise with it when it is refused. On a
     filesystem without locks the run goes on with a warning."""
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_FILE)
+    def __init__(self, workdir: str, activity: Activity = TRAINING):
+        self.path = os.path.join(workdir, activity.lock_file)
         self.fd = parallel.on_process_0(
-            lambda: _lock(self.path, workdir),
+            lambda: _lock(self.path, workdir, activity),
             f"{workdir}: process 0 could not lock the workdir; its error is in its log")
 
     def release(self, remove_file: bool = False) -> None:
@@ -39,7 +57,7 @@ class WorkdirLock:
         self.fd = None
 
 
-def _lock(path: str, workdir: str) -> int | None:
+def _lock(path: str, workdir: str, activity: Activity) -> int | None:
     """The descriptor of ``path`` locked exclusively; None (after a warning) where the
     filesystem has no locks."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -48,9 +66,9 @@ def _lock(path: str, workdir: str) -> int | None:
     except OSError as error:
         os.close(fd)
         if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            logging.warning("%s: cannot lock the workdir (%s); nothing stops a second train.py "
-                            "from writing into it at the same time", workdir, error.strerror)
+            logging.warning("%s: cannot lock the workdir (%s); nothing stops a second %s from "
+                            "writing into it at the same time", workdir, error.strerror,
+                            activity.program)
             return None
-        raise ValueError(f"{workdir}: another train.py (or study) is training in this workdir "
-                         "now; wait for it to end, or use another --workdir") from None
+        raise ValueError(f"{workdir}: {activity.busy}") from None
     return fd

@@ -31,12 +31,14 @@ from cvmae_jax.evaluation.downstream import (C_GRID, embed_label_windows, fit_pr
                                              fit_task_probe, probe_task, read_label_tasks,
                                              task_windows)
 from cvmae_jax.evaluation.results import per_lab_table
+from cvmae_jax.evaluation import run_eval
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.evaluation.staging import NoRoom
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
 from cvmae_jax.workdir import run_config
+from cvmae_jax.workdir_lock import EVALUATION, WorkdirLock
 
 from train_test import tiny_config
 
@@ -416,6 +418,34 @@ def test_eval_results_move_in_metrics_last_and_only_where_there_is_room(tiny_run
     moved = [os.path.relpath(call.args[1], workdir / "eval") for call in move.call_args_list]
     assert "report.md" in moved and moved[-1] == "metrics.json"
     assert not [name for name in os.listdir(workdir / "eval") if name.startswith(".")]
+
+
+def test_one_evaluation_of_a_run_at_a_time_which_removes_what_a_killed_one_left(
+        tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    config = quick_eval_config(workdir)
+    killed = workdir / "eval" / ".incomplete-killed"  # a `kill -9` while it wrote
+    (killed / "embeddings").mkdir(parents=True)
+    (killed / "embeddings" / "death.parquet").write_text("half written")
+    waiting = workdir / "eval" / ".incomplete-waiting"  # finished, but NoRoom kept it out
+    waiting.mkdir()
+    (waiting / "metrics.json").write_text("{}")
+    held = WorkdirLock(str(workdir), EVALUATION)
+    with pytest.raises(ValueError, match=r"run: another eval.py \(or study\) is evaluating "
+                                         r"this run now; wait for it to end"):
+        evaluate_run(str(workdir), config=config)
+    assert killed.is_dir() and not (workdir / "eval" / "metrics.json").exists()
+    held.release()
+    with mock.patch.object(run_eval.logging, "warning") as warning:
+        evaluate_run(str(workdir), config=config)
+    assert not killed.exists() and (waiting / "metrics.json").is_file()
+    assert [call.args[1] for call in warning.call_args_list
+            if "never moved into" in call.args[0]] == [str(waiting)]
+    assert (workdir / "eval" / "metrics.json").is_file()
+    again = WorkdirLock(str(workdir), EVALUATION)  # released by the evaluation
+    assert again.fd is not None
+    again.release()
 
 
 def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):

@@ -8,7 +8,8 @@ from unittest import mock
 
 import pytest
 
-from cvmae_jax.evaluation.staging import NoRoom, check_room, move_into, staged
+from cvmae_jax.evaluation.staging import (NoRoom, check_room, move_into, remove_interrupted,
+                                          staged)
 
 
 def _write(path, text):
@@ -94,3 +95,18 @@ def test_a_write_error_naming_a_staged_file_names_its_final_path(tmp_path):
         with staged(str(final)) as out:
             raise OSError(f"{out}/predictions/death/held_out.parquet: could not write it: full")
     assert not final.exists()
+
+
+def test_only_unfinished_staging_folders_are_removed(tmp_path):
+    final = tmp_path / "eval"
+    _write(final / ".incomplete-killed" / "embeddings" / "death.parquet", "half")
+    _write(final / ".incomplete-empty" / ".keep", "")
+    _write(final / ".incomplete-waiting" / "metrics.json", "{}")
+    _write(final / ".incomplete-a-file", "not a folder")
+    _write(final / "metrics.json", "the results")
+    _write(final / ".notes" / "x", "a user's")
+    removed, kept = remove_interrupted(str(final), "metrics.json")
+    assert removed == 2 and kept == [str(final / ".incomplete-waiting")]
+    assert sorted(os.listdir(final)) == [".incomplete-a-file", ".incomplete-waiting", ".notes",
+                                         "metrics.json"]
+    assert remove_interrupted(str(tmp_path / "none"), "metrics.json") == (0, [])

@@ -38,7 +38,7 @@ from cvmae_jax.evaluation.finetune import finetune_config, finetune_tasks
 from cvmae_jax.evaluation.label_efficiency import label_efficiency
 from cvmae_jax.evaluation.label_efficiency import settings as label_efficiency_settings
 from cvmae_jax.evaluation.meds_evaluation import score_exports
-from cvmae_jax.evaluation.staging import check_room, move_into, staged
+from cvmae_jax.evaluation.staging import check_room, move_into, remove_interrupted, staged
 from cvmae_jax.evaluation.untrained_probe import untrained_probe
 from cvmae_jax.jsonio import check_writable, write_json_atomic
 from cvmae_jax.mask_probabilities import percentile_threshold
@@ -51,6 +51,7 @@ from cvmae_jax.run_setup import (evaluated_config, mask_probabilities, prepare_e
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import EVAL_METRICS_FILE, checkpoint_dir, eval_dir, run_config
+from cvmae_jax.workdir_lock import EVALUATION, WorkdirLock
 
 
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
@@ -77,13 +78,23 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
     with the aggregates, the fine-tuned networks). ``config``:
     the run's config (default: its config.json). Returns the metrics. SIGTERM stops it at
-    once, leaving the earlier results (``preemption.Terminated``)."""
+    once, leaving the earlier results (``preemption.Terminated``). One evaluation of a run at a
+    time (the workdir's ``.eval.lock``): a second stops in one line; under the lock the
+    staging folders of a killed evaluation are removed."""
     with sigterm_terminates("during the evaluation: the earlier results are as they were",
                             parallel.python_handles_sigterm()):
-        return _evaluate_run(workdir, config, split)
+        step, config, settings, finetune = _checked_config(workdir, config, split)
+        lock = WorkdirLock(workdir, EVALUATION)
+        try:
+            _remove_interrupted_results(eval_dir(workdir, split))
+            return _evaluate(workdir, split, step, config, settings, finetune)
+        finally:
+            lock.release()
 
 
-def _evaluate_run(workdir: str, config, split: str) -> dict:
+def _checked_config(workdir: str, config, split: str):
+    """(newest complete step, the config evaluated at ``split``, the run's eval settings, the
+    fine-tuning settings), once the results folder is found writable."""
     checkpoints = checkpoint_dir(workdir)
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
@@ -96,6 +107,27 @@ def _evaluate_run(workdir: str, config, split: str) -> dict:
                               "config.eval.batch_size")
     finetune = finetune_config(config)
     check_writable(eval_dir(workdir, split), "eval.py writes its results there")
+    return step, config, settings, finetune
+
+
+def _remove_interrupted_results(final: str) -> None:
+    """Removes (process 0) the staging folders an evaluation killed before it finished left in
+    ``final``, and names those that hold results never moved in."""
+    if jax.process_index() != 0:
+        return
+    removed, kept = remove_interrupted(final, EVAL_METRICS_FILE)
+    if removed:
+        logging.info("eval: removed %d unfinished results folder(s) (.incomplete-*) of an "
+                     "evaluation that was killed", removed)
+    for path in kept:
+        logging.warning("%s: an evaluation's results that were never moved into %s (a file or "
+                        "folder was in the way, or it was killed while moving them); move what "
+                        "you need and remove the folder", path, final)
+
+
+def _evaluate(workdir: str, split: str, step: int, config, settings: dict, finetune) -> dict:
+    """The evaluation of ``evaluate_run``, once its config is checked and its lock held."""
+    checkpoints = checkpoint_dir(workdir)
     meds_dir = resolve_meds_dir(config, workdir)
     dataset = prepare_eval_dataset(config, workdir, meds_dir)
     if split not in dataset.num_examples:

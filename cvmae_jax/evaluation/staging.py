@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from cvmae_jax.jsonio import os_error_saying
 
 
+STAGING_PREFIX = ".incomplete-"
+
+
 class NoRoom(ValueError):
     """A file or folder of the results folder is in the way of the finished results, which
     stay in their staging folder (the message names both)."""
@@ -28,7 +31,7 @@ def staged(final: str) -> Iterator[str]:
     final = os.path.realpath(final)
     created = not os.path.isdir(final)
     os.makedirs(final, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=final, prefix=".incomplete-")
+    staging = tempfile.mkdtemp(dir=final, prefix=STAGING_PREFIX)
     try:
         yield staging
     except NoRoom:
@@ -52,6 +55,26 @@ def _remove(staging: str, created: str | None) -> None:
     if created:
         with contextlib.suppress(OSError):
             os.rmdir(created)
+
+
+def remove_interrupted(final: str, finished_file: str) -> tuple[int, list[str]]:
+    """Removes the staging folders of ``final`` that an evaluation killed before it finished
+    left behind (it holds no ``finished_file``); the caller holds the run's evaluation lock, so
+    none is in use. Returns (how many were removed, the paths of those kept: finished results
+    that ``NoRoom`` left waiting)."""
+    removed, kept = 0, []
+    if not os.path.isdir(final):
+        return removed, kept
+    for name in sorted(os.listdir(final)):
+        path = os.path.join(final, name)
+        if not (name.startswith(STAGING_PREFIX) and os.path.isdir(path)):
+            continue
+        if os.path.exists(os.path.join(path, finished_file)):
+            kept.append(path)
+        else:
+            shutil.rmtree(path)
+            removed += 1
+    return removed, kept
 
 
 def staged_files(staging: str) -> list[str]:
