@@ -7,7 +7,8 @@
 in_icu_mortality_24h, readmission_30d) or the path of a user's ACES config. Writes
 ``<meds_dir>/labels/<task>/{train,tuning,held_out}.parquet`` (or ``--output_dir``) in the MEDS
 label schema, where eval.py finds them, and logs rows, subjects, positives and prevalence per
-split. A task with no positive row in train is refused and nothing is written (docs/tasks.md).
+split. A task with no positive row in train is refused and nothing is written (docs/tasks.md);
+a SIGTERM stops it in one line (exit status 143), writing nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 from cvmae_jax.cli import log_progress, run, user_errors
 from cvmae_jax.data import meds
 from cvmae_jax.jsonio import check_writable
+from cvmae_jax.preemption import sigterm_terminates
 from cvmae_jax.tasks import aces_extract, write_labels
 from cvmae_jax.tasks.task_configs import task_config
 
@@ -59,7 +61,8 @@ def _main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     log_progress()
-    with user_errors():
+    with user_errors(), sigterm_terminates("while extracting the labels: nothing is written",
+                                           python_handler=True):
         meds_dir = FLAGS.config.data.meds_dir
         if not meds_dir:
             raise ValueError("--config.data.meds_dir is required: the MEDS dataset to label")

@@ -151,6 +151,22 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_extracting(
                     output_dir=output.format(tmp=tmp_path))
 
 
+def test_sigterm_while_extracting_is_one_line_exit_143_and_writes_nothing(synthetic, tmp_path):
+    code = ("import os, signal, time; import cvmae_jax.tasks.aces_extract as aces_extract; "
+            "aces_extract.extract_labels = lambda *args: (os.kill(os.getpid(), signal.SIGTERM), "
+            "time.sleep(5)); from cvmae_jax.labels import main; main()")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config=configs/meds.py",
+         f"--config.data.meds_dir={synthetic}", "--task=readmission_30d",
+         f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "terminated (SIGTERM) while extracting the labels: nothing is written; rerun the same "
+        "command"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_label_prevalence_is_counted_per_split(synthetic, tmp_path):
     counts = make_labels(str(synthetic), "readmission_30d", output_dir=str(tmp_path / "r"))
     for c in counts.values():
