@@ -96,6 +96,7 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         check_writable(data_dir, "the prepared dataset is written there (config.data.data_dir)")
         shards = pool or ShardPool(meds.config_get(data_config, "prepare_workers"))
         log(f"[prepare] building {builder.data_path} ({shards})")
+        _note_unfinished_builds(builder.data_path, log)
         created = _missing_parents(builder.data_path, Path(data_dir))
         try:
             with shards:
@@ -116,6 +117,18 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         f"{len(prepared.stats.codes)} codes, examples {prepared.num_examples}, "
         f"tokens {prepared.num_tokens}")
     return prepared
+
+
+def _note_unfinished_builds(data_path: Path, log: Callable[[str], None]) -> None:
+    """Logs the unfinished builds of the same dataset (tfds's ``incomplete.*`` folders beside
+    the version folder), which a build killed with ``kill -9`` leaves: their disk space is
+    not reclaimed by anything but their deletion."""
+    unfinished = sorted(data_path.parent.glob(
+        f"{tfds.core.constants.INCOMPLETE_PREFIX}*_{data_path.name}"))
+    if unfinished:
+        log(f"[prepare] {len(unfinished)} unfinished build(s) of this dataset in "
+            f"{data_path.parent} ({', '.join(p.name for p in unfinished)}): left by a preparation "
+            "that was killed, or being written by one running now; delete them once none runs")
 
 
 def _missing_parents(path: Path, data_dir: Path) -> list[Path]:

@@ -99,6 +99,21 @@ def test_a_build_another_job_finished_first_is_reused_not_counted_as_built(
     assert not dataset.built and dataset.num_examples["train"] > 0
 
 
+def test_a_killed_builds_folder_is_named_when_the_dataset_is_built_again(tiny_meds, tmp_path):
+    data_dir = tmp_path / "tfds"
+    first = prepare_dataset(tiny_meds.config(), None, data_dir)
+    version = os.path.basename(first.path)
+    killed = os.path.join(os.path.dirname(first.path), f"incomplete.AB12CD_{version}")
+    os.makedirs(os.path.join(killed, "half"))  # a `kill -9` mid-build
+    os.rename(first.path, first.path + ".moved")  # so the next call builds
+    lines = []
+    again = prepare_dataset(tiny_meds.config(), None, data_dir, log=lines.append)
+    assert again.built and os.path.isdir(killed)  # named, not removed: it may be running
+    [note] = [line for line in lines if "unfinished build" in line]
+    assert f"1 unfinished build(s) of this dataset in {os.path.dirname(first.path)}" in note
+    assert f"incomplete.AB12CD_{version}" in note and "delete them once none runs" in note
+
+
 def test_preparing_leaves_no_temporary_folder_behind(tiny_meds, tmp_path, monkeypatch):
     scratch = tmp_path / "system_tmp"
     scratch.mkdir()
