@@ -79,7 +79,7 @@ class Checkpointer:
         """Starts an async save once the previous one has finished and the folder has room
         for this one (``check_room``, on process 0); the next save or ``close`` waits for
         it."""
-        self._wait_for_save()
+        self.wait_until_saved()
         newest = self.manager.latest_step()
         parallel.on_process_0(lambda: check_room(self.directory, state, newest),
                               "process 0 found no room for the checkpoint; its error is in its "
@@ -116,11 +116,11 @@ class Checkpointer:
 
     def close(self) -> None:
         try:
-            self._wait_for_save()
+            self.wait_until_saved()
         finally:
             self.manager.close()
 
-    def _wait_for_save(self) -> None:
+    def wait_until_saved(self) -> None:
         """Waits for the save in flight. Its failure (the disk filled during it), which Orbax
         raises here, is raised again as an OSError naming the folder and the step a rerun
         resumes from (the failed save is incomplete, so ignored)."""

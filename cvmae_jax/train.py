@@ -281,10 +281,13 @@ class TrainLoop:
                     if step % train.log_every and step != train.num_steps:
                         self.window.exclude(time.perf_counter() - pause_start)
                         self._log_window(step)  # the steps since the last line
+                    save_start = time.perf_counter()
                     self._save(step)
+                    self.run.checkpointer.wait_until_saved()  # "saved" below means on disk
                     preempted = True
-                    logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; rerun "
-                                    "the same command to resume", step)
+                    logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved in %.1f s; "
+                                    "rerun the same command to resume", step,
+                                    time.perf_counter() - save_start)
                     break
                 if step % train.checkpoint_every == 0 or step == train.num_steps:
                     self._save(step)

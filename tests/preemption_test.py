@@ -139,6 +139,27 @@ def test_sigterm_while_preparing_stops_at_once_and_removes_the_new_workdir(tmp_p
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
+def test_the_preemption_line_comes_once_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    from cvmae_jax import preemption
+    from cvmae_jax import train as train_module
+    from cvmae_jax.checkpoint import Checkpointer
+    from train_test import tiny_config
+
+    config = tiny_config(tmp_path / "data", num_steps=10, log_every=5, eval_every=10,
+                         checkpoint_every=10)
+    monkeypatch.setattr(preemption.SaveOnSigterm, "reached", lambda self, step: step == 7)
+    complete_at_the_line = []
+
+    def warning(message, *args):
+        if message.startswith("Preempted"):
+            complete_at_the_line.append(
+                Checkpointer.latest_complete_step(str(tmp_path / "run" / "checkpoints")))
+
+    monkeypatch.setattr(train_module.logging, "warning", warning)
+    assert train_module.train_and_evaluate(config, str(tmp_path / "run"))["preempted"]
+    assert complete_at_the_line == [7]
+
+
 def test_a_preempted_window_is_logged_so_every_step_has_a_line(tmp_path, monkeypatch):
     """Preempted at step 7 with log_every=5: steps 6-7 get their line before the save, and the
     resumed run's line at step 10 covers 8-10."""
