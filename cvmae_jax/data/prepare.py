@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +85,8 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
     `ShardPool` already started, or a `beam_pool.BeamPool`: a Beam pipeline; the files written
     are the same bytes in every case; closed when the build ends),
     renamed to the version folder when complete, and the folders this call created are removed
-    on failure, so bad input or an interrupted build leaves nothing behind."""
+    on failure while empty, so bad input or an interrupted build leaves nothing behind and
+    another process's build in the same data_dir (finished or not) stays."""
     start = time.perf_counter()
     config = MedsLabConfig.create(data_config, meds_dir)
     builder = MedsLabSequences(config=config, data_dir=str(data_dir), file_format="array_record")
@@ -108,9 +109,10 @@ def prepare_dataset(data_config: Any, meds_dir: str | Path | None, data_dir: str
         except BaseException as error:
             if builder.data_path.exists() and isinstance(error, OSError):
                 pass  # another process finished the same build first
-            else:
+            else:  # tfds removed this build's incomplete.* folder; builds of others stay
                 for folder in created:  # deepest first; only the ones this call created
-                    shutil.rmtree(folder, ignore_errors=True)
+                    with contextlib.suppress(OSError):  # not empty: another build's
+                        folder.rmdir()
                 raise
     prepared = dataclasses.replace(load_prepared(builder.data_path), built=built)
     log(f"[prepare] done in {time.perf_counter() - start:.1f}s: "
@@ -132,10 +134,12 @@ def _note_unfinished_builds(data_path: Path, log: Callable[[str], None]) -> None
 
 
 def _missing_parents(path: Path, data_dir: Path) -> list[Path]:
-    """The folders from data_dir down to the parent of `path`, and tfds's data_dir/downloads,
-    that do not exist yet, deepest first (an existing data_dir itself is never listed)."""
+    """The folders from data_dir down to the parent of `path`, and tfds's data_dir/downloads
+    and downloads/extracted, that do not exist yet, deepest first (an existing data_dir itself
+    is never listed)."""
     folders = [p for p in reversed(path.relative_to(data_dir).parents) if str(p) != "."]
-    candidates = [data_dir, data_dir / "downloads"] + [data_dir / p for p in folders]
+    downloads = data_dir / "downloads"
+    candidates = [data_dir, downloads, downloads / "extracted"] + [data_dir / p for p in folders]
     return [p for p in reversed(candidates) if not p.exists()]
 
 

@@ -99,6 +99,30 @@ def test_a_build_another_job_finished_first_is_reused_not_counted_as_built(
     assert not dataset.built and dataset.num_examples["train"] > 0
 
 
+def test_an_interrupted_build_leaves_other_builds_in_the_same_data_dir(tiny_meds, tmp_path,
+                                                                       monkeypatch):
+    """Another job building in the same fresh data_dir while this build is interrupted (Ctrl-C,
+    a SIGTERM): its folders stay, only this build's are removed."""
+    data_dir = tmp_path / "tfds"
+    others = []
+
+    def interrupted(path, records):  # the other job's files appear while this one writes
+        settings = os.path.dirname(os.path.dirname(path))  # .../<settings>/incomplete.*/
+        others.extend([os.path.join(settings, "incomplete.OTHER1_1.1.0", "part"),
+                       os.path.join(os.path.dirname(settings), "chunks4_other", "1.1.0", "x")])
+        for other in others:
+            os.makedirs(os.path.dirname(other), exist_ok=True)
+            open(other, "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(window_records, "write_part", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(tiny_meds.config(), None, data_dir)
+    left = sorted(os.path.relpath(os.path.join(folder, name), data_dir)
+                  for folder, _, names in os.walk(data_dir) for name in names)
+    assert left == sorted(os.path.relpath(other, data_dir) for other in others)
+
+
 def test_a_killed_builds_folder_is_named_when_the_dataset_is_built_again(tiny_meds, tmp_path):
     data_dir = tmp_path / "tfds"
     first = prepare_dataset(tiny_meds.config(), None, data_dir)
