@@ -437,8 +437,12 @@ def test_one_evaluation_of_a_run_at_a_time_which_removes_what_a_killed_one_left(
         evaluate_run(str(workdir), config=config)
     assert killed.is_dir() and not (workdir / "eval" / "metrics.json").exists()
     held.release()
+    with config.unlocked():
+        config.train.num_steps = 60  # config.json's plan: the run is still training
     with mock.patch.object(run_eval.logging, "warning") as warning:
         evaluate_run(str(workdir), config=config)
+    assert any(call.args[1:] == (30, 60) and "its training has not ended" in call.args[0]
+               for call in warning.call_args_list)
     assert not killed.exists() and (waiting / "metrics.json").is_file()
     assert [call.args[1] for call in warning.call_args_list
             if "never moved into" in call.args[0]] == [str(waiting)]
@@ -446,6 +450,52 @@ def test_one_evaluation_of_a_run_at_a_time_which_removes_what_a_killed_one_left(
     again = WorkdirLock(str(workdir), EVALUATION)  # released by the evaluation
     assert again.fd is not None
     again.release()
+
+
+def test_a_checkpoint_the_training_deletes_before_it_is_read_gives_way_to_the_newest(
+        tiny_run, tmp_path, monkeypatch):
+    """A train.py still training the run deletes the chosen checkpoint (keep_checkpoints)
+    while eval.py sets up and saves a newer one: that one is evaluated."""
+    from cvmae_jax.checkpoint import Checkpointer
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    checkpoints = workdir / "checkpoints"
+    restore = Checkpointer.restore_state
+
+    def training_goes_on(directory, step, *args, **kwargs):
+        if step == 30:  # the training saves step 40 and deletes step 30
+            shutil.copytree(checkpoints / "30", checkpoints / "40")
+            shutil.rmtree(checkpoints / "30")
+        return restore(directory, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "restore_state", staticmethod(training_goes_on))
+    with mock.patch.object(run_eval.logging, "warning") as warning:
+        result = evaluate_run(str(workdir), config=quick_eval_config(workdir))
+    assert result["step"] == 40
+    instead = [call.args[1] for call in warning.call_args_list if "instead" in call.args[0]]
+    assert [str(removed) for removed in instead] == [
+        f"{checkpoints}: checkpoint 30 was deleted while eval.py set up (a train.py still "
+        "training this run keeps only its newest train.keep_checkpoints)"]
+    assert json.loads((workdir / "eval" / "metrics.json").read_text())["step"] == 40
+
+
+def test_eval_gives_up_on_a_run_whose_checkpoints_keep_being_deleted(tiny_run, tmp_path,
+                                                                      monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    attempts = []
+
+    def deleted(checkpoints, step, abstract_state):
+        attempts.append(step)
+        raise run_eval.CheckpointRemoved(f"{checkpoints}: checkpoint {step} was deleted")
+
+    monkeypatch.setattr(run_eval, "_restore", deleted)
+    with pytest.raises(ValueError, match=r"checkpoint 30 was deleted, 3 times in a row: "
+                                         r"evaluate the run once its training ends"):
+        evaluate_run(str(workdir), config=quick_eval_config(workdir))
+    assert attempts == [30] * run_eval.RESTORE_ATTEMPTS
+    assert not (workdir / "eval").exists()
 
 
 def test_eval_refuses_data_with_other_lab_codes(tiny_run, tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -22,6 +23,7 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
+from cvmae_jax.damaged_checkpoints import step_dir
 from cvmae_jax.config import eval_settings, label_max_len, set_field
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
@@ -83,18 +85,27 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     staging folders of a killed evaluation are removed."""
     with sigterm_terminates("during the evaluation: the earlier results are as they were",
                             parallel.python_handles_sigterm()):
-        step, config, settings, finetune = _checked_config(workdir, config, split)
+        checked = _checked_config(workdir, config, split)
         lock = WorkdirLock(workdir, EVALUATION)
         try:
             _remove_interrupted_results(eval_dir(workdir, split))
-            return _evaluate(workdir, split, step, config, settings, finetune)
+            return _evaluate_newest(workdir, config, split, checked)
         finally:
             lock.release()
 
 
-def _checked_config(workdir: str, config, split: str):
-    """(newest complete step, the config evaluated at ``split``, the run's eval settings, the
-    fine-tuning settings), once the results folder is found writable."""
+class Checked(NamedTuple):
+    """What ``_evaluate`` evaluates: the newest complete step, the config evaluated at the
+    split, the run's eval settings and the fine-tuning settings."""
+    step: int
+    config: ml_collections.ConfigDict
+    settings: dict
+    finetune: ml_collections.ConfigDict
+
+
+def _checked_config(workdir: str, config, split: str) -> Checked:
+    """``Checked`` for the run's newest complete checkpoint, once the results folder is found
+    writable."""
     checkpoints = checkpoint_dir(workdir)
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
@@ -107,7 +118,33 @@ def _checked_config(workdir: str, config, split: str):
                               "config.eval.batch_size")
     finetune = finetune_config(config)
     check_writable(eval_dir(workdir, split), "eval.py writes its results there")
-    return step, config, settings, finetune
+    return Checked(step, config, settings, finetune)
+
+
+class CheckpointRemoved(Exception):
+    """The checkpoint chosen at the start was deleted before it was read: a train.py still
+    training the run keeps only its newest ``train.keep_checkpoints``."""
+
+
+RESTORE_ATTEMPTS = 3
+
+
+def _evaluate_newest(workdir: str, config, split: str, checked: Checked) -> dict:
+    """``_evaluate`` of the newest complete checkpoint; where the training deletes it before it
+    is read, again with the newest one then, ``RESTORE_ATTEMPTS`` times at most."""
+    num_steps = (config if config is not None else run_config(workdir)).train.num_steps
+    if checked.step < num_steps:
+        logging.warning("eval: evaluating step %d of the run's %d: its training has not ended "
+                        "(it is still training, or it stopped early)", checked.step, num_steps)
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        try:
+            return _evaluate(workdir, split, *checked)
+        except CheckpointRemoved as removed:
+            if attempt == RESTORE_ATTEMPTS:
+                raise ValueError(f"{removed}, {attempt} times in a row: evaluate the run once "
+                                 "its training ends") from None
+            logging.warning("%s; evaluating the newest one instead", removed)
+            checked = _checked_config(workdir, config, split)
 
 
 def _remove_interrupted_results(final: str) -> None:
@@ -147,8 +184,7 @@ def _evaluate(workdir: str, split: str, step: int, config, settings: dict, finet
     graphdef, state = init_state(model_config, make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
     initial_params = state.params  # where pretraining started: the untrained probe's network
-    state = Checkpointer.restore_state(checkpoints, step, abstract_like(state),
-                                       verified=True)  # by evaluated_config
+    state = _restore(checkpoints, step, abstract_like(state))
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
@@ -263,6 +299,19 @@ def _write_results(workdir: str, split: str, result: dict, tasks: dict,
     logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split,
                  result["step"], result["overall"]["masked_mse"],
                  result["overall"]["baseline_masked_mse"], final)
+
+
+def _restore(checkpoints: str, step: int, abstract_state):
+    """The state of checkpoint ``step`` (checked intact by ``evaluated_config``);
+    ``CheckpointRemoved`` where the folder is gone."""
+    try:
+        return Checkpointer.restore_state(checkpoints, step, abstract_state, verified=True)
+    except Exception:
+        if os.path.isdir(step_dir(checkpoints, step)):
+            raise
+        raise CheckpointRemoved(
+            f"{checkpoints}: checkpoint {step} was deleted while eval.py set up (a train.py "
+            "still training this run keeps only its newest train.keep_checkpoints)") from None
 
 
 @contextlib.contextmanager
