@@ -11,6 +11,8 @@ write changes the status-change time even when the modification time is set back
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import socket
@@ -29,7 +31,7 @@ def meds_identity(meds_dir: str | Path) -> list:
     files = [f for f in meds.data_files(root) + sorted((root / "metadata").glob("*"))
              if f.is_file()]
     cache = _read_cache()
-    known = dict(cache)
+    computed = {}
     out = []
     for f in files:
         stat = f.stat()
@@ -37,10 +39,10 @@ def meds_identity(meds_dir: str | Path) -> list:
         signature = [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
         entry = cache.get(key)
         if entry is None or entry[:-1] != signature:
-            cache[key] = entry = [*signature, content_digest(f)]
+            computed[key] = entry = [*signature, content_digest(f)]
         out.append([str(f.relative_to(root)), stat.st_size, entry[-1]])
-    if cache != known:
-        _write_cache(cache)
+    if computed:
+        _add_to_cache(computed)
     return out
 
 
@@ -73,12 +75,20 @@ def _read_cache() -> dict[str, list]:
     return {k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 5}
 
 
-def _write_cache(cache: dict[str, list]) -> None:
-    """Writes the entries of files that still exist; a cache that cannot be written (a
-    read-only home) only costs the next run the reading again."""
+def _add_to_cache(computed: dict[str, list]) -> None:
+    """Adds ``computed`` to the cache as it is on disk now and drops the entries of files that
+    no longer exist, under an exclusive lock on ``<cache>.lock``, so processes hashing other
+    roots at the same time keep each other's entries (unlocked where the filesystem has no
+    locks). A cache that cannot be written (a read-only home) only costs the next run the
+    reading again."""
+    path = digest_cache_path()
     try:
-        write_json_atomic(digest_cache_path(),
-                          {k: v for k, v in cache.items() if os.path.exists(k)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "a") as lock:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            cache = _read_cache() | computed
+            write_json_atomic(path, {k: v for k, v in cache.items() if os.path.exists(k)})
     except OSError as error:
         logging.info("MEDS digest cache not written (%s): the next run reads the files again",
                      error)

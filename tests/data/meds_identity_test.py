@@ -63,3 +63,27 @@ def test_an_unreadable_or_unwritable_cache_only_costs_reading_again(tiny_meds, t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file" / "cache"))
     (tmp_path / "a_file").write_text("")  # the cache's folder cannot be made
     assert identity_lib.meds_identity(tiny_meds.root) == expected
+
+
+def test_a_process_hashing_another_root_meanwhile_keeps_its_entries(tiny_meds, tmp_path,
+                                                                     monkeypatch):
+    """Another job adds its root's digests between this one's reading of the cache and its
+    writing: both roots' entries stay, so neither is read again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_meds.root, other)
+    real_digest = identity_lib.content_digest
+    meanwhile = []
+
+    def digest(path):
+        if not meanwhile:  # the other job runs from start to end now
+            meanwhile.append(other)
+            identity_lib.meds_identity(other)
+        return real_digest(path)
+
+    monkeypatch.setattr(identity_lib, "content_digest", digest)
+    identity_lib.meds_identity(tiny_meds.root)
+    cached = identity_lib._read_cache()
+    for root in (tiny_meds.root, other):
+        files = [f for f in root.rglob("*") if f.is_file()]
+        assert files and all(str(f.resolve()) in cached for f in files), root
