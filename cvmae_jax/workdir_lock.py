@@ -1,6 +1,6 @@
-"""One training and one evaluation at a time per workdir: process 0 holds an exclusive
-``flock`` on the workdir's ``.train.lock`` file while it trains (``.eval.lock`` while it
-evaluates), so a second ``train.py`` (a resubmitted job, a forgotten
+"""One training and one evaluation per results folder at a time per workdir: process 0 holds
+an exclusive ``flock`` on the workdir's ``.train.lock`` file while it trains (``.eval.lock``
+while eval.py writes ``eval/``), so a second ``train.py`` (a resubmitted job, a forgotten
 ``--config.parallel.distributed=True`` under ``srun``) stops in one line instead of writing
 every step and checkpoint twice, and a second ``eval.py`` instead of mixing its results with the
 first's. A regular file, because NFS passes file locks to its server (so they hold across
@@ -30,9 +30,14 @@ class Activity:
 TRAINING = Activity(".train.lock", "train.py",
                     "another train.py (or study) is training in this workdir now; wait for it "
                     "to end, or use another --workdir")
-EVALUATION = Activity(".eval.lock", "eval.py",
-                      "another eval.py (or study) is evaluating this run now; wait for it to "
-                      "end")
+
+
+def evaluation(results_folder: str) -> Activity:
+    """eval.py writing the results folder ``results_folder`` (``eval``, ``eval_tuning``) of a
+    run: one lock per folder, so the evaluations of two splits may run side by side."""
+    return Activity(f".{results_folder}.lock", "eval.py",
+                    f"another eval.py (or study) is writing this run's {results_folder}/ now; "
+                    "wait for it to end")
 
 
 class WorkdirLock:
@@ -60,15 +65,20 @@ class WorkdirLock:
 def _lock(path: str, workdir: str, activity: Activity) -> int | None:
     """The descriptor of ``path`` locked exclusively; None (after a warning) where the
     filesystem has no locks."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:  # a read-only workdir: what must be written is checked after
+        return _unlocked(workdir, error, activity)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         os.close(fd)
         if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            logging.warning("%s: cannot lock the workdir (%s); nothing stops a second %s from "
-                            "writing into it at the same time", workdir, error.strerror,
-                            activity.program)
-            return None
+            return _unlocked(workdir, error, activity)
         raise ValueError(f"{workdir}: {activity.busy}") from None
     return fd
+
+
+def _unlocked(workdir: str, error: OSError, activity: Activity) -> None:
+    logging.warning("%s: cannot lock the workdir (%s); nothing stops a second %s from writing "
+                    "into it at the same time", workdir, error.strerror, activity.program)

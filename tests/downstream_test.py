@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from types import SimpleNamespace
 from unittest import mock
@@ -38,7 +40,7 @@ from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
 from cvmae_jax.workdir import run_config
-from cvmae_jax.workdir_lock import EVALUATION, WorkdirLock
+from cvmae_jax.workdir_lock import WorkdirLock, evaluation
 
 from train_test import tiny_config
 
@@ -420,22 +422,27 @@ def test_eval_results_move_in_metrics_last_and_only_where_there_is_room(tiny_run
     assert not [name for name in os.listdir(workdir / "eval") if name.startswith(".")]
 
 
-def test_one_evaluation_of_a_run_at_a_time_which_removes_what_a_killed_one_left(
+def test_one_evaluation_per_results_folder_which_removes_what_a_killed_one_left(
         tiny_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
     config = quick_eval_config(workdir)
-    killed = workdir / "eval" / ".incomplete-killed"  # a `kill -9` while it wrote
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    staging = f".incomplete-{socket.gethostname()}-{ended.pid}-"
+    killed = workdir / "eval" / f"{staging}a1b2"  # a `kill -9` while it wrote
     (killed / "embeddings").mkdir(parents=True)
     (killed / "embeddings" / "death.parquet").write_text("half written")
-    waiting = workdir / "eval" / ".incomplete-waiting"  # finished, but NoRoom kept it out
+    waiting = workdir / "eval" / f"{staging}c3d4"  # finished, but NoRoom kept it out
     waiting.mkdir()
     (waiting / "metrics.json").write_text("{}")
-    held = WorkdirLock(str(workdir), EVALUATION)
-    with pytest.raises(ValueError, match=r"run: another eval.py \(or study\) is evaluating "
-                                         r"this run now; wait for it to end"):
+    held = WorkdirLock(str(workdir), evaluation("eval"))
+    with pytest.raises(ValueError, match=r"run: another eval.py \(or study\) is writing "
+                                         r"this run's eval/ now; wait for it to end"):
         evaluate_run(str(workdir), config=config)
     assert killed.is_dir() and not (workdir / "eval" / "metrics.json").exists()
+    evaluate_run(str(workdir), config=config, split="tuning")  # another folder: side by side
+    assert (workdir / "eval_tuning" / "metrics.json").is_file()
     held.release()
     with config.unlocked():
         config.train.num_steps = 60  # config.json's plan: the run is still training
@@ -447,36 +454,42 @@ def test_one_evaluation_of_a_run_at_a_time_which_removes_what_a_killed_one_left(
     assert [call.args[1] for call in warning.call_args_list
             if "never moved into" in call.args[0]] == [str(waiting)]
     assert (workdir / "eval" / "metrics.json").is_file()
-    again = WorkdirLock(str(workdir), EVALUATION)  # released by the evaluation
+    again = WorkdirLock(str(workdir), evaluation("eval"))  # released by the evaluation
     assert again.fd is not None
     again.release()
 
 
-def test_a_checkpoint_the_training_deletes_before_it_is_read_gives_way_to_the_newest(
-        tiny_run, tmp_path, monkeypatch):
-    """A train.py still training the run deletes the chosen checkpoint (keep_checkpoints)
-    while eval.py sets up and saves a newer one: that one is evaluated."""
+def _training_goes_on(monkeypatch, checkpoints, times, deleting="."):
+    """Checkpointer.restore_state as while a train.py trains the run: the first ``times``
+    reads find the step deleted (the training saved the step 10 later and deleted the step's
+    folder ``deleting``: "." all of it, "state" the part deleted first)."""
     from cvmae_jax.checkpoint import Checkpointer
 
-    workdir = tmp_path / "run"
-    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
-    checkpoints = workdir / "checkpoints"
-    restore = Checkpointer.restore_state
+    restore, read = Checkpointer.restore_state, []
 
-    def training_goes_on(directory, step, *args, **kwargs):
-        if step == 30:  # the training saves step 40 and deletes step 30
-            shutil.copytree(checkpoints / "30", checkpoints / "40")
-            shutil.rmtree(checkpoints / "30")
+    def restore_state(directory, step, *args, **kwargs):
+        read.append(step)
+        if len(read) <= times:
+            shutil.copytree(checkpoints / str(step), checkpoints / str(step + 10))
+            shutil.rmtree(checkpoints / str(step) / deleting)
         return restore(directory, step, *args, **kwargs)
 
-    monkeypatch.setattr(Checkpointer, "restore_state", staticmethod(training_goes_on))
+    monkeypatch.setattr(Checkpointer, "restore_state", staticmethod(restore_state))
+    return read
+
+
+def test_a_checkpoint_the_training_deletes_before_it_is_read_gives_way_to_the_newest(
+        tiny_run, tmp_path, monkeypatch):
+    """Orbax deletes a folder file by file: the read fails while the step's folder is still
+    there, half deleted."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    read = _training_goes_on(monkeypatch, workdir / "checkpoints", times=1, deleting="state")
     with mock.patch.object(run_eval.logging, "warning") as warning:
         result = evaluate_run(str(workdir), config=quick_eval_config(workdir))
-    assert result["step"] == 40
-    instead = [call.args[1] for call in warning.call_args_list if "instead" in call.args[0]]
-    assert [str(removed) for removed in instead] == [
-        f"{checkpoints}: checkpoint 30 was deleted while eval.py set up (a train.py still "
-        "training this run keeps only its newest train.keep_checkpoints)"]
+    assert read == [30, 40] and result["step"] == 40
+    assert [call.args[1] for call in warning.call_args_list
+            if "was deleted by the training" in call.args[0]] == [30]
     assert json.loads((workdir / "eval" / "metrics.json").read_text())["step"] == 40
 
 
@@ -484,17 +497,14 @@ def test_eval_gives_up_on_a_run_whose_checkpoints_keep_being_deleted(tiny_run, t
                                                                       monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
-    attempts = []
-
-    def deleted(checkpoints, step, abstract_state):
-        attempts.append(step)
-        raise run_eval.CheckpointRemoved(f"{checkpoints}: checkpoint {step} was deleted")
-
-    monkeypatch.setattr(run_eval, "_restore", deleted)
-    with pytest.raises(ValueError, match=r"checkpoint 30 was deleted, 3 times in a row: "
-                                         r"evaluate the run once its training ends"):
+    read = _training_goes_on(monkeypatch, workdir / "checkpoints",
+                             times=run_eval.RESTORE_ATTEMPTS)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{workdir / 'checkpoints'}: checkpoints 30, 40, 50 were each deleted by the "
+            "training before eval.py read them: evaluate the run once its training ends, or "
+            "raise train.keep_checkpoints")):
         evaluate_run(str(workdir), config=quick_eval_config(workdir))
-    assert attempts == [30] * run_eval.RESTORE_ATTEMPTS
+    assert read == [30, 40, 50]
     assert not (workdir / "eval").exists()
 
 

@@ -3,6 +3,8 @@ the way is named before anything moves, and a failure leaves the folder as it wa
 
 import os
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -97,16 +99,36 @@ def test_a_write_error_naming_a_staged_file_names_its_final_path(tmp_path):
     assert not final.exists()
 
 
-def test_only_unfinished_staging_folders_are_removed(tmp_path):
+def test_only_the_staging_folders_of_ended_evaluations_on_this_machine_are_removed(tmp_path):
     final = tmp_path / "eval"
-    _write(final / ".incomplete-killed" / "embeddings" / "death.parquet", "half")
-    _write(final / ".incomplete-empty" / ".keep", "")
-    _write(final / ".incomplete-waiting" / "metrics.json", "{}")
-    _write(final / ".incomplete-a-file", "not a folder")
+    host = socket.gethostname()
+    ended = _ended_pid()
+    _write(final / f".incomplete-{host}-{ended}-a1b2" / "embeddings" / "death.parquet", "half")
+    _write(final / f".incomplete-{host}-{ended}-c3d4" / ".keep", "")
+    _write(final / f".incomplete-{host}-{ended}-e5f6" / "metrics.json", "{}")  # NoRoom's
+    _write(final / f".incomplete-{host}-{os.getpid()}-g7h8" / "x", "")  # running now
+    _write(final / f".incomplete-other-host-{ended}-i9j0" / "x", "")  # another machine's
+    _write(final / ".incomplete-unknown" / "x", "")
+    _write(final / f".incomplete-{host}-{ended}-file", "not a folder")
     _write(final / "metrics.json", "the results")
     _write(final / ".notes" / "x", "a user's")
-    removed, kept = remove_interrupted(str(final), "metrics.json")
-    assert removed == 2 and kept == [str(final / ".incomplete-waiting")]
-    assert sorted(os.listdir(final)) == [".incomplete-a-file", ".incomplete-waiting", ".notes",
-                                         "metrics.json"]
-    assert remove_interrupted(str(tmp_path / "none"), "metrics.json") == (0, [])
+    leftovers = remove_interrupted(str(final), "metrics.json")
+    assert leftovers == (2, [str(final / f".incomplete-{host}-{ended}-e5f6")], 3)
+    assert sorted(os.listdir(final)) == sorted([
+        f".incomplete-{host}-{ended}-e5f6", f".incomplete-{host}-{os.getpid()}-g7h8",
+        f".incomplete-other-host-{ended}-i9j0", ".incomplete-unknown",
+        f".incomplete-{host}-{ended}-file", "metrics.json", ".notes"])
+    assert remove_interrupted(str(tmp_path / "none"), "metrics.json") == (0, [], 0)
+
+
+def test_a_staging_folder_names_its_machine_and_process(tmp_path):
+    with staged(str(tmp_path / "eval")) as out:
+        assert os.path.basename(out).startswith(
+            f".incomplete-{socket.gethostname()}-{os.getpid()}-")
+
+
+def _ended_pid():
+    """The id of a process that has ended (and was waited for)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

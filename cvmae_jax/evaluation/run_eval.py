@@ -23,7 +23,6 @@ from absl import logging
 from cvmae_jax import parallel
 from cvmae_jax.attention import runnable_here
 from cvmae_jax.checkpoint import Checkpointer, abstract_like
-from cvmae_jax.damaged_checkpoints import step_dir
 from cvmae_jax.config import eval_settings, label_max_len, set_field
 from cvmae_jax.config_checks import EVAL_OVERRIDABLE, check_eval_config, eval_overridable
 from cvmae_jax.data import meds
@@ -53,7 +52,7 @@ from cvmae_jax.run_setup import (evaluated_config, mask_probabilities, prepare_e
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
 from cvmae_jax.workdir import EVAL_METRICS_FILE, checkpoint_dir, eval_dir, run_config
-from cvmae_jax.workdir_lock import EVALUATION, WorkdirLock
+from cvmae_jax.workdir_lock import WorkdirLock, evaluation
 
 
 def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
@@ -80,16 +79,18 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
     predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
     with the aggregates, the fine-tuned networks). ``config``:
     the run's config (default: its config.json). Returns the metrics. SIGTERM stops it at
-    once, leaving the earlier results (``preemption.Terminated``). One evaluation of a run at a
-    time (the workdir's ``.eval.lock``): a second stops in one line; under the lock the
-    staging folders of a killed evaluation are removed."""
+    once, leaving the earlier results (``preemption.Terminated``). One evaluation per results
+    folder at a time (the workdir's ``.eval.lock``, ``.eval_<split>.lock``): a second stops in
+    one line. The staging folders of an evaluation killed on this machine are removed."""
     with sigterm_terminates("during the evaluation: the earlier results are as they were",
                             parallel.python_handles_sigterm()):
-        checked = _checked_config(workdir, config, split)
-        lock = WorkdirLock(workdir, EVALUATION)
+        _newest_step(workdir)  # no checkpoint: refused before the lock file is made
+        config = config if config is not None else run_config(workdir)
+        final = eval_dir(workdir, split)
+        lock = WorkdirLock(workdir, evaluation(os.path.basename(final)))
         try:
-            _remove_interrupted_results(eval_dir(workdir, split))
-            return _evaluate_newest(workdir, config, split, checked)
+            _remove_interrupted_results(final)
+            return _evaluate_newest(workdir, config, split)
         finally:
             lock.release()
 
@@ -103,15 +104,49 @@ class Checked(NamedTuple):
     finetune: ml_collections.ConfigDict
 
 
-def _checked_config(workdir: str, config, split: str) -> Checked:
-    """``Checked`` for the run's newest complete checkpoint, once the results folder is found
-    writable."""
+class CheckpointRemoved(Exception):
+    """The checkpoint (its step, the argument) chosen at the start was deleted before it was
+    read: a train.py still training the run keeps only its newest ``train.keep_checkpoints``."""
+
+
+RESTORE_ATTEMPTS = 3
+
+
+def _evaluate_newest(workdir: str, config, split: str) -> dict:
+    """``_evaluate`` of the newest complete checkpoint; where the training deletes it before it
+    is read, again with the newest one then, ``RESTORE_ATTEMPTS`` times at most."""
+    deleted = []
+    for _ in range(RESTORE_ATTEMPTS):
+        step = _newest_step(workdir)
+        if not deleted and step < config.train.num_steps:
+            logging.warning("eval: evaluating step %d of the run's %d: its training has not "
+                            "ended (it is still training, or it stopped early)", step,
+                            config.train.num_steps)
+        try:
+            return _evaluate(workdir, split, *_checked_config(workdir, config, split, step))
+        except CheckpointRemoved:
+            deleted.append(step)
+            logging.warning("eval: checkpoint %d was deleted by the training before eval.py "
+                            "read it (train.keep_checkpoints); evaluating the newest one", step)
+    raise ValueError(f"{checkpoint_dir(workdir)}: checkpoints {', '.join(map(str, deleted))} "
+                     "were each deleted by the training before eval.py read them: evaluate the "
+                     "run once its training ends, or raise train.keep_checkpoints")
+
+
+def _newest_step(workdir: str) -> int:
+    """The step of the run's newest complete checkpoint."""
     checkpoints = checkpoint_dir(workdir)
     step = Checkpointer.latest_complete_step(checkpoints)
     if step is None:
         raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to evaluate")
-    config = evaluated_config(config if config is not None else run_config(workdir), workdir,
-                              step)  # a new config: the caller's keeps its validation split
+    return step
+
+
+def _checked_config(workdir: str, config, split: str, step: int) -> Checked:
+    """``Checked`` for checkpoint ``step`` of the run whose config.json is ``config``, once the
+    results folder is found writable."""
+    config = _unless_deleted(workdir, step, lambda: evaluated_config(
+        config, workdir, step))  # a new config: the caller's keeps its validation split
     settings = eval_settings(config)  # before the split below: as the run's config has them
     config.eval.split = split
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
@@ -121,30 +156,15 @@ def _checked_config(workdir: str, config, split: str) -> Checked:
     return Checked(step, config, settings, finetune)
 
 
-class CheckpointRemoved(Exception):
-    """The checkpoint chosen at the start was deleted before it was read: a train.py still
-    training the run keeps only its newest ``train.keep_checkpoints``."""
-
-
-RESTORE_ATTEMPTS = 3
-
-
-def _evaluate_newest(workdir: str, config, split: str, checked: Checked) -> dict:
-    """``_evaluate`` of the newest complete checkpoint; where the training deletes it before it
-    is read, again with the newest one then, ``RESTORE_ATTEMPTS`` times at most."""
-    num_steps = (config if config is not None else run_config(workdir)).train.num_steps
-    if checked.step < num_steps:
-        logging.warning("eval: evaluating step %d of the run's %d: its training has not ended "
-                        "(it is still training, or it stopped early)", checked.step, num_steps)
-    for attempt in range(1, RESTORE_ATTEMPTS + 1):
-        try:
-            return _evaluate(workdir, split, *checked)
-        except CheckpointRemoved as removed:
-            if attempt == RESTORE_ATTEMPTS:
-                raise ValueError(f"{removed}, {attempt} times in a row: evaluate the run once "
-                                 "its training ends") from None
-            logging.warning("%s; evaluating the newest one instead", removed)
-            checked = _checked_config(workdir, config, split)
+def _unless_deleted(workdir: str, step: int, read):
+    """``read()`` of checkpoint ``step``; ``CheckpointRemoved`` where it fails and the step is
+    no longer the newest complete checkpoint (the training deleted it, or is deleting it)."""
+    try:
+        return read()
+    except Exception:
+        if Checkpointer.latest_complete_step(checkpoint_dir(workdir)) == step:
+            raise
+        raise CheckpointRemoved(step) from None
 
 
 def _remove_interrupted_results(final: str) -> None:
@@ -152,11 +172,15 @@ def _remove_interrupted_results(final: str) -> None:
     ``final``, and names those that hold results never moved in."""
     if jax.process_index() != 0:
         return
-    removed, kept = remove_interrupted(final, EVAL_METRICS_FILE)
-    if removed:
+    leftovers = remove_interrupted(final, EVAL_METRICS_FILE)
+    if leftovers.removed:
         logging.info("eval: removed %d unfinished results folder(s) (.incomplete-*) of an "
-                     "evaluation that was killed", removed)
-    for path in kept:
+                     "evaluation that was killed", leftovers.removed)
+    if leftovers.others:
+        logging.info("eval: %d results folder(s) (.incomplete-*) of an evaluation running now, "
+                     "on another machine, or of unknown origin left as they are",
+                     leftovers.others)
+    for path in leftovers.finished:
         logging.warning("%s: an evaluation's results that were never moved into %s (a file or "
                         "folder was in the way, or it was killed while moving them); move what "
                         "you need and remove the folder", path, final)
@@ -184,7 +208,8 @@ def _evaluate(workdir: str, split: str, step: int, config, settings: dict, finet
     graphdef, state = init_state(model_config, make_optimizer(config.train), config.seed)
     state = launcher.put_state(state)
     initial_params = state.params  # where pretraining started: the untrained probe's network
-    state = _restore(checkpoints, step, abstract_like(state))
+    state = _unless_deleted(workdir, step, lambda: Checkpointer.restore_state(
+        checkpoints, step, abstract_like(state), verified=True))  # by evaluated_config
     params, stats = state.params, dataset.stats
     eval_step = launcher.eval_step(make_eval_step(graphdef, stats.vocab_size,
                                                   config.eval.mask_rate, config.eval.mask_seed))
@@ -285,11 +310,11 @@ def _write_results(workdir: str, split: str, result: dict, tasks: dict,
                          len(written["models"]))
         result["meds_evaluation"], result["meds_evaluation_models"] = score_exports(
             out, result["exports"])
-        write_json_atomic(os.path.join(out, EVAL_METRICS_FILE), result)
         report.write_report(os.path.join(out, "report.md"), result)
         report.plot_by_lab(os.path.join(out, "reconstruction_by_lab.png"), result)
         report.plot_label_efficiency(os.path.join(out, "label_efficiency.png"),
                                      result["downstream"])
+        write_json_atomic(os.path.join(out, EVAL_METRICS_FILE), result)  # last: finished
         check_room(out, final)
         move_into(out, final, last=(EVAL_METRICS_FILE,))
     removed = remove_stale_exports(final, result["exports"], (*PREDICTION_MODELS, *FINETUNE_MODELS))
@@ -299,19 +324,6 @@ def _write_results(workdir: str, split: str, result: dict, tasks: dict,
     logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split,
                  result["step"], result["overall"]["masked_mse"],
                  result["overall"]["baseline_masked_mse"], final)
-
-
-def _restore(checkpoints: str, step: int, abstract_state):
-    """The state of checkpoint ``step`` (checked intact by ``evaluated_config``);
-    ``CheckpointRemoved`` where the folder is gone."""
-    try:
-        return Checkpointer.restore_state(checkpoints, step, abstract_state, verified=True)
-    except Exception:
-        if os.path.isdir(step_dir(checkpoints, step)):
-            raise
-        raise CheckpointRemoved(
-            f"{checkpoints}: checkpoint {step} was deleted while eval.py set up (a train.py "
-            "still training this run keeps only its newest train.keep_checkpoints)") from None
 
 
 @contextlib.contextmanager

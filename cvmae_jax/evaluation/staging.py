@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from cvmae_jax.jsonio import os_error_saying
 
@@ -23,15 +25,15 @@ class NoRoom(ValueError):
 
 @contextlib.contextmanager
 def staged(final: str) -> Iterator[str]:
-    """A new empty folder ``<final>/.incomplete-*`` (on ``final``'s own file system, through
-    a link too) to write the results into; removed on exit with whatever ``move_into`` did not
-    move, except after ``NoRoom``. A ``final`` this call created is removed again when the
-    results never reach it. An OSError (a full disk) is raised again naming its file's path
-    under ``final``, or ``final``."""
+    """A new empty folder ``<final>/.incomplete-<host>-<pid>-*`` (on ``final``'s own file
+    system, through a link too) to write the results into; removed on exit with whatever
+    ``move_into`` did not move, except after ``NoRoom``. A ``final`` this call created is
+    removed again when the results never reach it. An OSError (a full disk) is raised again
+    naming its file's path under ``final``, or ``final``."""
     final = os.path.realpath(final)
     created = not os.path.isdir(final)
     os.makedirs(final, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=final, prefix=STAGING_PREFIX)
+    staging = tempfile.mkdtemp(dir=final, prefix=_staging_prefix())
     try:
         yield staging
     except NoRoom:
@@ -57,24 +59,59 @@ def _remove(staging: str, created: str | None) -> None:
             os.rmdir(created)
 
 
-def remove_interrupted(final: str, finished_file: str) -> tuple[int, list[str]]:
-    """Removes the staging folders of ``final`` that an evaluation killed before it finished
-    left behind (it holds no ``finished_file``); the caller holds the run's evaluation lock, so
-    none is in use. Returns (how many were removed, the paths of those kept: finished results
-    that ``NoRoom`` left waiting)."""
-    removed, kept = 0, []
-    if not os.path.isdir(final):
-        return removed, kept
-    for name in sorted(os.listdir(final)):
+class Leftovers(NamedTuple):
+    """The staging folders an earlier evaluation left in a results folder."""
+    removed: int  # of evaluations on this machine that were killed before they finished
+    finished: list[str]  # paths holding finished results that were never moved in
+    others: int  # of evaluations running now, on other machines, or of unknown origin
+
+
+def remove_interrupted(final: str, finished_file: str) -> Leftovers:
+    """Removes the staging folders of ``final`` whose evaluation, on this machine, has ended
+    without finishing (killed: its process is gone) and that hold no ``finished_file``; the
+    others stay (``Leftovers``)."""
+    removed, finished, others = 0, [], 0
+    names = sorted(os.listdir(final)) if os.path.isdir(final) else []
+    for name in names:
         path = os.path.join(final, name)
         if not (name.startswith(STAGING_PREFIX) and os.path.isdir(path)):
             continue
         if os.path.exists(os.path.join(path, finished_file)):
-            kept.append(path)
-        else:
-            shutil.rmtree(path)
+            finished.append(path)
+        elif _owner(name) == socket.gethostname() and not _alive(_pid(name)):
+            shutil.rmtree(path, ignore_errors=True)
             removed += 1
-    return removed, kept
+        else:
+            others += 1
+    return Leftovers(removed, finished, others)
+
+
+def _staging_prefix() -> str:
+    """``.incomplete-<host>-<pid>-``: whose staging folder it is."""
+    return f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _owner(name: str) -> str | None:
+    """The host in a staging folder's name; None for a name not made by ``_staging_prefix``
+    (tempfile's random part has no ``-``)."""
+    parts = name[len(STAGING_PREFIX):].rsplit("-", 2)
+    return parts[0] if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _pid(name: str) -> int:
+    """The process id in a staging folder's name made by ``_staging_prefix``."""
+    return int(name[len(STAGING_PREFIX):].rsplit("-", 2)[1])
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (signal 0 sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def staged_files(staging: str) -> list[str]:
