@@ -63,7 +63,10 @@ class BeamPool:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        pass
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to stop: the pipeline has ended when ``map``'s results are read."""
 
     def offsets(self) -> None:
         """None: Beam's workers share no table to number their shards' records by, so they

@@ -11,11 +11,11 @@ write changes the status-change time even when the modification time is set back
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
 import socket
+import time
 from pathlib import Path
 
 from absl import logging
@@ -78,17 +78,38 @@ def _read_cache() -> dict[str, list]:
 def _add_to_cache(computed: dict[str, list]) -> None:
     """Adds ``computed`` to the cache as it is on disk now and drops the entries of files that
     no longer exist, under an exclusive lock on ``<cache>.lock``, so processes hashing other
-    roots at the same time keep each other's entries (unlocked where the filesystem has no
-    locks). A cache that cannot be written (a read-only home) only costs the next run the
-    reading again."""
+    roots at the same time keep each other's entries. Where the lock stays taken for
+    ``CACHE_LOCK_WAIT_S`` (a stopped process holds it) or the cache cannot be written (a
+    read-only home), nothing is written: that only costs the next run the reading again."""
     path = digest_cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{path}.lock", "a") as lock:
-            with contextlib.suppress(OSError):
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not _locked(lock):
+                logging.info("MEDS digest cache not written (%s.lock stayed locked for %d s): "
+                             "the next run reads the files again", path, CACHE_LOCK_WAIT_S)
+                return
             cache = _read_cache() | computed
             write_json_atomic(path, {k: v for k, v in cache.items() if os.path.exists(k)})
     except OSError as error:
         logging.info("MEDS digest cache not written (%s): the next run reads the files again",
                      error)
+
+
+CACHE_LOCK_WAIT_S = 10
+
+
+def _locked(lock) -> bool:
+    """Whether the open file ``lock`` got an exclusive flock (released when it closes) within
+    ``CACHE_LOCK_WAIT_S``; True where the filesystem has no locks (merged unlocked)."""
+    deadline = time.monotonic() + CACHE_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        except OSError:
+            return True

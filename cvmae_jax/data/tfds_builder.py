@@ -168,8 +168,12 @@ class MedsLabSequences(FileReaderBuilder):
         # one map over every split's shards: a split's last shards and the next split's first
         # are prepared together
         shards = pool.map(write, [task for split in meds.SPLITS for task in tasks[split]])
-        split_infos = [self._write_split(plan, split, tasks[split], shards, self.log)
-                       for split in meds.SPLITS]
+        try:
+            split_infos = [self._write_split(plan, split, tasks[split], shards, self.log)
+                           for split in meds.SPLITS]
+        except BaseException:
+            pool.close()  # the workers stop writing before tfds removes its temporary folder
+            raise
         self.info.set_splits(tfds.core.SplitDict(split_infos))
         write_json_atomic(data_dir / REPORT_FILE, plan.report)
         (data_dir / REPORT_MD_FILE).write_text(report_lib.markdown(plan.report))

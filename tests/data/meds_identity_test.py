@@ -3,6 +3,8 @@ a new one; each file's digest is computed once while it stays unchanged."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 
 from cvmae_jax.data import meds_identity as identity_lib
@@ -87,3 +89,24 @@ def test_a_process_hashing_another_root_meanwhile_keeps_its_entries(tiny_meds, t
     for root in (tiny_meds.root, other):
         files = [f for f in root.rglob("*") if f.is_file()]
         assert files and all(str(f.resolve()) in cached for f in files), root
+
+
+def test_the_cache_is_not_written_while_another_process_holds_its_lock(tiny_meds, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(identity_lib, "CACHE_LOCK_WAIT_S", 0.2)
+    path = identity_lib.digest_cache_path()
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process, stopped while it holds the lock
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         f"{path}.lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        first = identity_lib.meds_identity(tiny_meds.root)
+        assert not path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert identity_lib.meds_identity(tiny_meds.root) == first
+    assert len(identity_lib._read_cache()) == len(first)

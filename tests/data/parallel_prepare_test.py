@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from cvmae_jax.config import default_config
-from cvmae_jax.data import meds
+from cvmae_jax.data import meds, tfds_builder
 from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.shard_pool import ShardPool
@@ -232,3 +232,25 @@ def test_record_counts_of_other_processes_are_read():
         assert offsets.first_id("train", 2, 5) is None
         assert offsets.first_id("train", 0, 3) == 0
         assert elsewhere.first_id("train", 3, 1) == 3 + 4 + 5
+
+
+def test_an_interrupted_build_stops_its_workers_before_its_folder_is_removed(
+        tiny_meds, tmp_path, monkeypatch):
+    """Ctrl-C or a SIGTERM while this process writes a split: the workers, which may still be
+    writing parts into tfds's temporary folder, stop before tfds removes it."""
+    out = tmp_path / "out"
+    seen_at_close, close = [], ShardPool.close
+
+    def recording_close(self):
+        seen_at_close.append(sorted(p.name for p in out.rglob("incomplete.*")))
+        close(self)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardPool, "close", recording_close)
+    monkeypatch.setattr(tfds_builder, "write_numbered", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(tiny_meds.config(prepare_workers=2), None, out, log=lambda line: None)
+    assert len(seen_at_close[0]) == 1  # the first close: the build's folder still there
+    assert not out.exists()
