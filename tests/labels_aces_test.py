@@ -155,11 +155,7 @@ def test_sigterm_while_extracting_is_one_line_exit_143_and_writes_nothing(synthe
     code = ("import os, signal, time; import cvmae_jax.tasks.aces_extract as aces_extract; "
             "aces_extract.extract_labels = lambda *args: (os.kill(os.getpid(), signal.SIGTERM), "
             "time.sleep(5)); from cvmae_jax.labels import main; main()")
-    result = subprocess.run(
-        [sys.executable, "-c", code, "--config=configs/meds.py",
-         f"--config.data.meds_dir={synthetic}", "--task=readmission_30d",
-         f"--output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
+    result = _labels_command_after(code, synthetic, tmp_path / "out")
     assert result.returncode == 143, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "terminated (SIGTERM) while extracting the labels: nothing is written; rerun the same "
@@ -177,12 +173,18 @@ def test_label_prevalence_is_counted_per_split(synthetic, tmp_path):
 def test_labels_cli_without_aces_says_how_to_install_it(synthetic, tmp_path):
     code = ("import sys; sys.modules['aces'] = None; from cvmae_jax.labels import main; "
             "main()")
-    result = subprocess.run(
-        [sys.executable, "-c", code, "--config=configs/meds.py",
-         f"--config.data.meds_dir={synthetic}", "--task=readmission_30d",
-         f"--output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
+    result = _labels_command_after(code, synthetic, tmp_path / "out")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: the labels command needs ACES: pip install -e '.[tasks]'"), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _labels_command_after(code, meds_dir, output_dir):
+    """The labels command for readmission_30d, run by ``python -c code`` (which ends by
+    calling ``cvmae_jax.labels.main``)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, "--config=configs/meds.py",
+         f"--config.data.meds_dir={meds_dir}", "--task=readmission_30d",
+         f"--output_dir={output_dir}"],
+        capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
