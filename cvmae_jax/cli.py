@@ -82,11 +82,16 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 class _ThisPackageInfoOnly(std_logging.Filter):
     """Passes warnings and errors from everywhere, INFO lines only from cvmae_jax (Orbax and
     tfds log ~100 INFO lines per run), less tfds's warning that the dataset's config is not one
-    of its registered ones (every prepared dataset's is: it names the settings' hash)."""
+    of its registered ones (every prepared dataset's is: it names the settings' hash). A
+    library's error keeps its line, not its traceback (Orbax logs one per thread of a failed
+    save, ~80 lines each, before the ``error:`` line that says what failed)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
+        ours = os.path.abspath(record.pathname or "").startswith(PACKAGE_DIR)
         if record.levelno < std_logging.WARNING:
-            return os.path.abspath(record.pathname or "").startswith(PACKAGE_DIR)
+            return ours
+        if not ours:
+            record.exc_info = record.exc_text = None
         return not str(record.msg).startswith("Using custom data configuration")
 
 

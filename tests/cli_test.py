@@ -370,3 +370,26 @@ def test_a_config_file_takes_an_argument_after_a_colon(tmp_path):
                                   "the config file; the fields are cvmae_jax/config.py's); did "
                                   "you mean config.train.num_steps?\n"), result.stderr[-2000:]
 
+
+
+def test_a_librarys_error_keeps_its_line_not_its_traceback_on_the_console():
+    """Orbax logs an error with a traceback per thread of a failed save; the console keeps the
+    lines (-v=1, which installs no filter, keeps the tracebacks too), and this package's
+    tracebacks stay."""
+    import logging
+
+    from cvmae_jax import cli
+
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED")
+    except ValueError:
+        exc_info = sys.exc_info()
+
+    def error_from(path):
+        return logging.LogRecord("absl", logging.ERROR, path, 1, "save failed", None, exc_info)
+
+    library = error_from("/venv/site-packages/orbax/checkpoint/future.py")
+    ours = error_from(os.path.join(cli.PACKAGE_DIR, "checkpoint.py"))
+    console = cli._ThisPackageInfoOnly()
+    assert console.filter(library) and library.exc_info is None
+    assert console.filter(ours) and ours.exc_info is exc_info
