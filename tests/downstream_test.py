@@ -729,3 +729,78 @@ def test_a_failed_evaluation_leaves_the_earlier_results_as_they_were(evaluated, 
     assert (copy / "eval" / "notes.txt").read_text() == "a user's file"
     assert sorted(p.name for p in (copy / "eval" / "embeddings").iterdir()) == sorted(
         f"{task}.parquet" for task in result["exports"])
+
+
+def test_eval_runs_beside_the_runs_training_and_a_finished_run_gets_no_warning(tiny_run,
+                                                                                 tmp_path):
+    """The training's lock is another file: eval.py evaluates a run while train.py holds it.
+    The newest step is config.json's train.num_steps: no "has not ended" warning."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    training = WorkdirLock(str(workdir))  # a train.py of this run
+    try:
+        with mock.patch.object(run_eval.logging, "warning") as warning:
+            evaluate_run(str(workdir), config=quick_eval_config(workdir))
+    finally:
+        training.release()
+    assert (workdir / "eval" / "metrics.json").is_file()
+    assert not [call for call in warning.call_args_list
+                if "its training has not ended" in call.args[0]]
+
+
+def test_a_run_still_training_is_warned_about_once_when_its_checkpoint_gives_way(
+        tiny_run, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    config = quick_eval_config(workdir)
+    with config.unlocked():
+        config.train.num_steps = 100  # config.json's plan: the run is still training
+    read = _training_goes_on(monkeypatch, workdir / "checkpoints", times=1)
+    with mock.patch.object(run_eval.logging, "warning") as warning:
+        evaluate_run(str(workdir), config=config)
+    assert read == [30, 40]
+    assert [call.args[1:] for call in warning.call_args_list
+            if "its training has not ended" in call.args[0]] == [(30, 100)]
+
+
+def test_a_checkpoint_deleted_before_its_settings_are_read_gives_way_to_the_newest(
+        tiny_run, tmp_path, monkeypatch):
+    """The training deletes the step between eval.py's choice of it and the reading of the
+    settings it was saved with (evaluated_config), not only of its arrays."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    checkpoints, real, read = workdir / "checkpoints", run_eval.evaluated_config, []
+
+    def evaluated_config(config, run_dir, step):
+        read.append(step)
+        if len(read) == 1:
+            shutil.copytree(checkpoints / str(step), checkpoints / str(step + 10))
+            shutil.rmtree(checkpoints / str(step))
+        return real(config, run_dir, step)
+
+    monkeypatch.setattr(run_eval, "evaluated_config", evaluated_config)
+    with mock.patch.object(run_eval.logging, "warning") as warning:
+        result = evaluate_run(str(workdir), config=quick_eval_config(workdir))
+    assert read == [30, 40] and result["step"] == 40
+    assert [call.args[1] for call in warning.call_args_list
+            if "was deleted by the training" in call.args[0]] == [30]
+
+
+def test_the_staged_metrics_are_written_after_every_other_result(tiny_run, tmp_path,
+                                                                 monkeypatch):
+    """A staging folder holding metrics.json is taken for finished results by the next
+    evaluation (kept, not removed): an evaluation killed while it writes the report or the
+    plots must not have written metrics.json yet."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir, ignore=shutil.ignore_patterns("eval"))
+    real, present = run_eval.write_json_atomic, []
+
+    def write_json_atomic(path, data):
+        if os.path.basename(path) == "metrics.json":
+            present.append(set(os.listdir(os.path.dirname(path))))
+        return real(path, data)
+
+    monkeypatch.setattr(run_eval, "write_json_atomic", write_json_atomic)
+    evaluate_run(str(workdir), config=quick_eval_config(workdir))
+    [staged] = present
+    assert {"report.md", "reconstruction_by_lab.png", "label_efficiency.png"} <= staged

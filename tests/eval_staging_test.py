@@ -132,3 +132,27 @@ def _ended_pid():
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+def test_a_staging_folder_of_this_host_without_a_pid_is_left_as_it_is(tmp_path):
+    """A name that _staging_prefix did not make (no pid between the host and the random part)
+    is of unknown origin: left, counted, and no crash reading a pid from it."""
+    final = tmp_path / "eval"
+    name = f".incomplete-{socket.gethostname()}-notapid-x1y2"
+    _write(final / name / "x", "")
+    assert remove_interrupted(str(final), "metrics.json") == (0, [], 1)
+    assert (final / name).is_dir()
+
+
+def test_the_staging_folder_of_another_users_process_stays(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raises PermissionError for a process of another user: it is alive."""
+    final = tmp_path / "eval"
+    name = f".incomplete-{socket.gethostname()}-{_ended_pid()}-a1b2"
+    _write(final / name / "x", "")
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert remove_interrupted(str(final), "metrics.json") == (0, [], 1)
+    assert (final / name).is_dir()

@@ -290,3 +290,18 @@ def test_initialize_distributed_is_not_called_for_one_process():
     with mock.patch.object(jax.distributed, "initialize") as initialize:
         parallel.initialize_distributed(default_config().parallel)
     initialize.assert_not_called()
+
+
+def test_a_lock_file_that_cannot_be_opened_warns_and_locks_nothing(tmp_path):
+    """E.g. a read-only workdir (here: a folder where the lock file goes, which root cannot
+    open either): the evaluation goes on unlocked, and the warning names eval.py."""
+    from cvmae_jax import workdir_lock
+    from cvmae_jax.workdir_lock import evaluation
+
+    (tmp_path / ".eval.lock").mkdir()
+    with mock.patch.object(workdir_lock.logging, "warning") as warning:
+        lock = WorkdirLock(str(tmp_path), evaluation("eval"))
+    assert lock.fd is None
+    [call] = warning.call_args_list
+    assert call.args[1] == str(tmp_path) and call.args[-1] == "eval.py"
+    lock.release()

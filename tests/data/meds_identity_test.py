@@ -1,6 +1,7 @@
 """The MEDS content in a prepared dataset's name: copies name the same dataset, rewritten files
 a new one; each file's digest is computed once while it stays unchanged."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -110,3 +111,43 @@ def test_the_cache_is_not_written_while_another_process_holds_its_lock(tiny_meds
         holder.wait()
     assert identity_lib.meds_identity(tiny_meds.root) == first
     assert len(identity_lib._read_cache()) == len(first)
+
+
+def test_a_rewritten_files_new_digest_replaces_the_cached_one_and_nothing_new_writes_nothing(
+        tiny_meds, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    identity_lib.meds_identity(tiny_meds.root)
+    shard = tiny_meds.root / "data" / "tuning" / "0.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    changed = identity_lib.meds_identity(tiny_meds.root)  # the new digest, cached
+    digests, writes = [], []
+    real_digest = identity_lib.content_digest
+    monkeypatch.setattr(identity_lib, "content_digest",
+                        lambda path: digests.append(path) or real_digest(path))
+    monkeypatch.setattr(identity_lib, "write_json_atomic", lambda *args: writes.append(args))
+    assert identity_lib.meds_identity(tiny_meds.root) == changed
+    assert digests == [] and writes == []  # read from the cache; the cache left as it is
+
+
+def test_the_cache_is_written_on_a_filesystem_without_locks(tiny_meds, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(identity_lib.fcntl, "flock", no_locks)
+    first = identity_lib.meds_identity(tiny_meds.root)
+    assert len(identity_lib._read_cache()) == len(first)
+
+
+def test_the_entries_of_deleted_files_leave_the_cache(tiny_meds, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_meds.root, gone)
+    identity_lib.meds_identity(gone)
+    shutil.rmtree(gone)
+    identity_lib.meds_identity(tiny_meds.root)  # computes digests: the cache is written again
+    cached = identity_lib._read_cache()
+    assert cached and not [key for key in cached if key.startswith(str(gone.resolve()))]

@@ -251,3 +251,17 @@ def test_interrupted_write_leaves_nothing(tiny_meds, tmp_path, monkeypatch):
     assert not (tmp_path / "tfds").exists(), _files(tmp_path / "tfds")
     monkeypatch.setattr(window_records, "write_part", write_part)
     assert prepare_dataset(tiny_meds.config(), None, tmp_path / "tfds").num_examples["held_out"]
+
+
+def test_only_unfinished_builds_of_this_version_are_named(tiny_meds, tmp_path):
+    """No line where there are none; another version's incomplete.* folder beside the version
+    folder is not this dataset's build."""
+    data_dir = tmp_path / "tfds"
+    lines = []
+    first = prepare_dataset(tiny_meds.config(), None, data_dir, log=lines.append)
+    assert not [line for line in lines if "unfinished build" in line]
+    os.makedirs(os.path.join(os.path.dirname(first.path), "incomplete.EF34GH_0.9.0", "half"))
+    os.rename(first.path, first.path + ".moved")  # so the next call builds
+    lines.clear()
+    assert prepare_dataset(tiny_meds.config(), None, data_dir, log=lines.append).built
+    assert not [line for line in lines if "unfinished build" in line]
