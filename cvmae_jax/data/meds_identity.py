@@ -86,7 +86,7 @@ def _add_to_cache(computed: dict[str, list]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{path}.lock", "a") as lock:
             if not _locked(lock):
-                logging.info("MEDS digest cache not written (%s.lock stayed locked for %d s): "
+                logging.info("MEDS digest cache not written (%s.lock stayed locked for %g s): "
                              "the next run reads the files again", path, CACHE_LOCK_WAIT_S)
                 return
             cache = _read_cache() | computed
