@@ -80,5 +80,6 @@ def _lock(path: str, workdir: str, activity: Activity) -> int | None:
 
 
 def _unlocked(workdir: str, error: OSError, activity: Activity) -> None:
+    """None, after a warning that nothing keeps a second ``activity`` out."""
     logging.warning("%s: cannot lock the workdir (%s); nothing stops a second %s from writing "
                     "into it at the same time", workdir, error.strerror, activity.program)

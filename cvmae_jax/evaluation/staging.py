@@ -78,7 +78,7 @@ def remove_interrupted(final: str, finished_file: str) -> Leftovers:
             continue
         if os.path.exists(os.path.join(path, finished_file)):
             finished.append(path)
-        elif _owner(name) == socket.gethostname() and not _alive(_pid(name)):
+        elif _ended_here(name):
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
         else:
@@ -91,16 +91,13 @@ def _staging_prefix() -> str:
     return f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
 
 
-def _owner(name: str) -> str | None:
-    """The host in a staging folder's name; None for a name not made by ``_staging_prefix``
-    (tempfile's random part has no ``-``)."""
+def _ended_here(name: str) -> bool:
+    """Whether a staging folder's name, as ``_staging_prefix`` makes it (tempfile's random part
+    has no ``-``), names this machine and a process that no longer runs; False for other
+    names."""
     parts = name[len(STAGING_PREFIX):].rsplit("-", 2)
-    return parts[0] if len(parts) == 3 and parts[1].isdigit() else None
-
-
-def _pid(name: str) -> int:
-    """The process id in a staging folder's name made by ``_staging_prefix``."""
-    return int(name[len(STAGING_PREFIX):].rsplit("-", 2)[1])
+    return (len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit()
+            and not _alive(int(parts[1])))
 
 
 def _alive(pid: int) -> bool:
