@@ -70,9 +70,10 @@ def read_labels(path: str | Path, subject_splits: dict[int, str]) -> pa.Table:
             raise meds.MEDSFormatError(f"{path}: column {col} contains nulls")
     table = pa.table({"subject_id": meds.cast_column(path, "subject_id", table["subject_id"],
                                                      pa.int64()),
-                      "prediction_time": table["prediction_time"].cast(
-                          pa.timestamp("us", tz=table.schema.field("prediction_time").type.tz),
-                          safe=False),
+                      "prediction_time": meds.cast_column(
+                          path, "prediction_time",
+                          meds.whole_microseconds(table["prediction_time"], round_up=False),
+                          pa.timestamp("us", tz=table.schema.field("prediction_time").type.tz)),
                       "boolean_value": table["boolean_value"]})
     known = pc.is_in(table["subject_id"], pa.array(list(subject_splits), pa.int64()))
     unknown = table.num_rows - int(pc.sum(known).as_py() or 0)

@@ -191,6 +191,15 @@ def cast_column(path: Path, name: str, column, to_type: pa.DataType, safe: bool 
                               f"fit {to_type} (out of range or not exact)") from None
 
 
+def whole_microseconds(column, round_up: bool):
+    """Timestamp ``column`` with a finer time than MEDS's microsecond rounded to one, up
+    (``round_up``: event times) or down (prediction times), so an event after a prediction
+    time never compares at or before it; same type, so an exact cast to microseconds follows."""
+    if not pa.types.is_timestamp(column.type) or column.type.unit != "ns":
+        return column
+    return (pc.ceil_temporal if round_up else pc.floor_temporal)(column, unit="microsecond")
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:300]
 
@@ -268,8 +277,9 @@ def _cast_batch(path: Path, batch: pa.RecordBatch, columns) -> pa.Table:
         if col in columns and batch.column(columns.index(col)).null_count:
             raise MEDSFormatError(f"{path}: column {col} contains nulls")
     fields = [EVENT_SCHEMA.field(c) for c in columns]
-    arrays = [cast_column(path, f.name, batch.column(i), f.type, safe=f.name != "time")
-              for i, f in enumerate(fields)]  # ns -> us may truncate; the rest must be exact
+    raw = [whole_microseconds(batch.column(i), round_up=True) if f.name == "time"
+           else batch.column(i) for i, f in enumerate(fields)]
+    arrays = [cast_column(path, f.name, column, f.type) for column, f in zip(raw, fields)]
     if "code" in columns:
         try:  # parquet readers pass string bytes through; Python's decoding fails much later
             arrays[columns.index("code")].validate(full=True)

@@ -134,6 +134,34 @@ def test_the_hour_repeated_when_daylight_saving_ends_keeps_its_order(setup, tmp_
     assert len(w["codes"]) == 1 and int(w["end_time_us"]) == _utc_us(before)
 
 
+def test_no_event_after_a_nanosecond_prediction_time_enters_its_window(setup, tmp_path):
+    """Nanosecond times: events are rounded up to the microsecond and prediction times down,
+    so an event even 1 ns after a prediction time stays out of its window (an event in the same
+    microsecond but not on a whole one stays out too)."""
+    tiny_meds, stats = setup
+    shard = tiny_meds.root / "data/held_out/0.parquet"
+    t = np.datetime64("2024-11-03T05:00:00", "ns")
+    offsets = [0, 1, 999, 1001]  # ns after t
+    extra = pa.table({"subject_id": pa.array([6] * 4, pa.int64()),
+                      "time": pa.array([t + np.timedelta64(o, "ns") for o in offsets],
+                                       pa.timestamp("ns")),
+                      "code": [stats.codes[0]] * 4,
+                      "numeric_value": pa.array([1.0] * 4, pa.float32())})
+    old = pq.read_table(shard)
+    old = old.set_column(old.column_names.index("time"), "time",
+                         old["time"].cast(pa.timestamp("ns")))
+    pq.write_table(pa.concat_tables([old, extra]), shard)
+    kept = {0: 1, 999: 1, 1001: 3}  # prediction time (ns after t) -> extra events kept
+    pq.write_table(pa.table({
+        "subject_id": pa.array([6] * len(kept), pa.int64()),
+        "prediction_time": pa.array([t + np.timedelta64(o, "ns") for o in kept],
+                                    pa.timestamp("ns")),
+        "boolean_value": [True] * len(kept)}), tmp_path / "labels.parquet")
+    before = len(_eligible(tiny_meds, stats, 6, datetime.datetime(2024, 11, 3, 4)))
+    windows = labels.label_windows(tiny_meds.root, tmp_path / "labels.parquet", stats, 64)
+    assert [len(w["codes"]) - before for w in windows] == list(kept.values())
+
+
 def test_label_files_of_one_task_share_a_zone(tmp_path):
     pairs = [(1, T0)]
     _write_labels(tmp_path / "train.parquet", pairs, NY)
