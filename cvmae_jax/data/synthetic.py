@@ -31,7 +31,7 @@ from cvmae_jax.data.synthetic_labs import LAB_CATALOG, VITAL_CATALOG
 __all__ = ["LAB_CATALOG", "SPLITS", "TASKS", "generate_synthetic_meds"]
 
 TASKS = ("in_hospital_mortality_24h", "readmission_30d")
-SHARD_ROWS = 500_000  # a split's next subject starts a new shard once a shard passes this
+SHARD_ROWS = 500_000  # a split's shards: its subjects by the block of this many rows they start in
 MAX_ADMISSIONS = 10
 VITALS_EVERY_H = 2.0  # ICU charting interval of the vital signs
 DAY, YEAR = 24.0, 365.25 * 24.0  # in hours, the generator's time unit
@@ -392,7 +392,8 @@ def _write_dataset(root, seed, num_subjects, split_fractions):
         rows = np.flatnonzero(split[s] == k)
         rs = s[rows]
         head = np.r_[True, rs[1:] != rs[:-1]] if rows.size else np.zeros(0, bool)
-        shard = np.maximum.accumulate(np.where(head, np.arange(rows.size), 0)) // SHARD_ROWS
+        block = np.maximum.accumulate(np.where(head, np.arange(rows.size), 0)) // SHARD_ROWS
+        shard = np.unique(block, return_inverse=True)[1]  # blocks no subject starts in: none
         for i in range(int(shard.max(initial=0)) + 1):
             r = rows[shard == i]
             _write(pa.table([pa.array(sub.ids[s[r]], pa.int64()),

@@ -171,11 +171,14 @@ def test_splits_disjoint_and_consistent_with_metadata(dataset, events):
             "lab_events": int(lab.sum()), "shards": 1}
 
 
-def test_large_splits_are_sharded_at_subject_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "SHARD_ROWS", 5_000)
+@pytest.mark.parametrize("shard_rows", [5_000, 100])  # 100: fewer than most subjects have
+def test_large_splits_are_sharded_at_subject_boundaries(tmp_path, monkeypatch, shard_rows):
+    monkeypatch.setattr(synthetic, "SHARD_ROWS", shard_rows)
     summary = generate_synthetic_meds(tmp_path / "m", num_subjects=60, seed=1)
-    files = sorted((tmp_path / "m/data/train").glob("*.parquet"))
-    assert len(files) == summary["splits"]["train"]["shards"] > 2
+    files = list((tmp_path / "m/data/train").glob("*.parquet"))
+    shards = summary["splits"]["train"]["shards"]
+    assert sorted(f.name for f in files) == sorted(f"{i}.parquet" for i in range(shards))
+    assert shards > 2 and all(pq.read_metadata(f).num_rows for f in files)
     ids = [set(pq.read_table(f)["subject_id"].to_pylist()) for f in files]
     assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
     assert sum(pq.read_metadata(f).num_rows for f in files) == summary["splits"]["train"]["events"]
