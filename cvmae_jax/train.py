@@ -12,10 +12,11 @@ non-finite loss or gradient without saving anything after it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,17 @@ class Run:
     lock: WorkdirLock  # released when the run ends
 
     def close(self) -> None:
-        self.data.close()  # stops the input pipeline's threads
-        self.checkpointer.close()  # waits for the last async save
-        self.lock.release()
+        """Stops the input pipeline's threads, waits for the last async save, releases the
+        lock: each even when one before it raises."""
+        _close_in_order(self.data.close, self.checkpointer.close, self.lock.release)
+
+
+def _close_in_order(*closers: Callable[[], None]) -> None:
+    """Calls ``closers`` in order, every one even when one before it raises (that error is
+    raised after the rest)."""
+    with contextlib.ExitStack() as stack:
+        for close in reversed(closers):
+            stack.callback(close)
 
 
 def set_up(config, workdir: str) -> Run:
@@ -125,10 +134,8 @@ def set_up(config, workdir: str) -> Run:
                          if start_step >= config.train.num_steps else "")
         _write_run_info(workdir, run_info)  # after the restore: a refused one leaves them
     except BaseException:
-        if data is not None:
-            data.close()
-        checkpointer.close()
-        lock.release()
+        _close_in_order(*([data.close] if data is not None else []), checkpointer.close,
+                        lock.release)
         raise
     return Run(config, workdir, launcher, checkpointer, start_step, preempted_early, dataset,
                probs, run_info, graphdef, optimizer, state, data, lock)
@@ -163,11 +170,10 @@ def _open_workdir(config, workdir: str):
         if saved_run:
             run_setup.check_resume_codes(saved_run, dataset, start_step)
     except BaseException:
-        if checkpointer is not None:
-            checkpointer.close()
-        lock.release(remove_file=created_workdir)
-        if created_workdir:
-            run_setup.remove_new_workdir(workdir)
+        _close_in_order(*([checkpointer.close] if checkpointer is not None else []),
+                        lambda: lock.release(remove_file=created_workdir),
+                        *([lambda: run_setup.remove_new_workdir(workdir)] if created_workdir
+                          else []))
         raise
     return lock, checkpointer, start_step, preempted_early, dataset
 

@@ -139,6 +139,23 @@ def test_a_failed_start_releases_the_workdir_lock_and_removes_what_it_created(
             run(data_dir, tmp_path / "old")
 
 
+def test_a_failing_last_save_still_releases_the_workdir_lock(data_dir, tmp_path, monkeypatch):
+    """The checkpointer's close raising (an asynchronous save that failed) still stops the
+    input pipeline and releases the lock: rerunning in the same process is not refused."""
+    real_close = Checkpointer.close
+
+    def failing_close(self):
+        real_close(self)
+        raise RuntimeError("the last asynchronous save failed")
+
+    monkeypatch.setattr(Checkpointer, "close", failing_close)
+    with pytest.raises(RuntimeError, match="the last asynchronous save failed"):
+        run(data_dir, tmp_path / "run")
+    monkeypatch.setattr(Checkpointer, "close", real_close)
+    summary, _ = run(data_dir, tmp_path / "run")
+    assert summary["step"] == 20
+
+
 def test_resume_with_changed_settings_is_refused_unless_allowed(data_dir, tmp_path):
     run(data_dir, tmp_path / "run")
     saved_config = (tmp_path / "run" / "config.json").read_text()
