@@ -33,6 +33,7 @@ EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
 EVENT_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")),
                           ("code", pa.string()), ("numeric_value", pa.float64())])
 _COUNTS_KEY = b"cvmae.event_counts"
+SHARD_BATCH_ROWS = 1 << 20  # rows per table shard_batches yields
 
 DATA_DEFAULTS = default_config().data.to_dict()  # for callers passing a partial config
 
@@ -134,7 +135,7 @@ def read_subject_splits(meds_dir: str | Path) -> dict[int, str]:
             raise MEDSFormatError(f"{path}: column {col!r} has type {table.schema.field(col).type}")
     if table.column("subject_id").null_count or table.column("split").null_count:
         raise MEDSFormatError(f"{path}: columns subject_id/split contain nulls")
-    ids = table.column("subject_id").to_numpy().astype(np.int64)
+    ids = cast_column(path, "subject_id", table.column("subject_id"), pa.int64()).to_numpy()
     splits = table.column("split").cast(pa.string()).to_pylist()
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
@@ -235,9 +236,9 @@ def time_zone(path: Path, column: str = "time") -> str | None:
     return kind.tz if kind is not None and pa.types.is_timestamp(kind) else None
 
 
-def shard_batches(path: Path, columns=EVENT_COLUMNS, batch_rows: int = 1 << 20
-                  ) -> Iterator[pa.Table]:
-    """Streams one data shard as tables of <= batch_rows rows, row group by row group.
+def shard_batches(path: Path, columns=EVENT_COLUMNS) -> Iterator[pa.Table]:
+    """Streams one data shard as tables of at most ``SHARD_BATCH_ROWS`` rows, row group by row
+    group; the file is closed when the stream ends, fails or is closed.
 
     Returns `columns` (a subset of EVENT_COLUMNS) validated and cast to EVENT_SCHEMA's types
     (MEDS 0.3 patient_id is read as subject_id; codes may be string, large_string or dictionary;
@@ -246,6 +247,27 @@ def shard_batches(path: Path, columns=EVENT_COLUMNS, batch_rows: int = 1 << 20
     """
     try:
         file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
+    with file:
+        source = _source_columns(path, file, columns)
+        batches = file.iter_batches(batch_size=SHARD_BATCH_ROWS,
+                                    columns=[source[c] for c in columns])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as error:
+                raise MEDSFormatError(
+                    f"{path}: unreadable parquet data ({_one_line(error)})") from error
+            yield _cast_batch(path, batch, columns)
+
+
+def _source_columns(path: Path, file: pq.ParquetFile, columns) -> dict[str, str]:
+    """{column: the file's name for it} (MEDS 0.3's patient_id for subject_id); a missing or
+    mistyped column raises MEDSFormatError."""
+    try:
         schema = file.schema_arrow
     except (pa.ArrowException, OSError) as error:
         raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
@@ -260,16 +282,7 @@ def shard_batches(path: Path, columns=EVENT_COLUMNS, batch_rows: int = 1 << 20
         if not ok(schema.field(name).type):
             raise MEDSFormatError(f"{path}: column {col!r} has unsupported type "
                                   f"{schema.field(name).type}; expected {expected}")
-    batches = file.iter_batches(batch_size=batch_rows, columns=[source[c] for c in columns])
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError) as error:
-            raise MEDSFormatError(
-                f"{path}: unreadable parquet data ({_one_line(error)})") from error
-        yield _cast_batch(path, batch, columns)
+    return source
 
 
 def _cast_batch(path: Path, batch: pa.RecordBatch, columns) -> pa.Table:

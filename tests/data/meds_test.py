@@ -1,5 +1,6 @@
 """MEDS reading: splits, numeric events (types, filtering, counts, order), lab selection."""
 
+import os
 import shutil
 
 import numpy as np
@@ -76,6 +77,32 @@ def test_bad_shard_names_file_and_column(tiny_meds, column, change, problem):
     pq.write_table(change(pq.read_table(path)), path)
     with pytest.raises(meds.MEDSFormatError, match=rf"0.parquet: {problem}"):
         meds.read_numeric_events(tiny_meds.root, "train")
+
+
+def _times_open(path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            pass
+    return fds.count(str(path))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_shard_is_closed_when_refused_or_left_half_read(tiny_meds):
+    path = tiny_meds.root / "data/held_out/0.parquet"
+    stream = meds.shard_batches(path)
+    next(stream)
+    assert _times_open(path) == 1
+    stream.close()
+    assert _times_open(path) == 0
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["code"]), path)
+    with pytest.raises(meds.MEDSFormatError) as refused:  # the error is kept, its file is not
+        next(meds.shard_batches(path))
+    assert "column 'code' is missing" in str(refused.value) and _times_open(path) == 0
 
 
 def test_select_top_k_by_frequency_with_regex_and_min_count(tiny_meds):
