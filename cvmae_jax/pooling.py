@@ -76,7 +76,7 @@ def pool(pooling: str, hidden: jax.Array, codes: jax.Array, valid: jax.Array,
     """The window vectors of ``pooling`` (one of POOLINGS), float32 [B, pooled_width(...)]."""
     if pooling == "mean":
         return mean_pool(hidden, valid)
-    latest, maximum = _per_code(pooling)
+    latest, maximum = _per_code(pooling, vocab_size)
     return per_code_pool(hidden, codes, valid, vocab_size, latest, maximum)
 
 
@@ -84,12 +84,14 @@ def pooled_width(pooling: str, d_model: int, vocab_size: int) -> int:
     """The length of one window vector of ``pooling``."""
     if pooling == "mean":
         return d_model
-    _, maximum = _per_code(pooling)
+    _, maximum = _per_code(pooling, vocab_size)
     return d_model + vocab_size * ((2 if maximum else 1) * d_model + 1)
 
 
-def _per_code(pooling: str) -> tuple[bool, bool]:
+def _per_code(pooling: str, vocab_size: int) -> tuple[bool, bool]:
     if pooling not in PER_CODE:
         raise ValueError(f"config.eval.pooling={pooling!r}: expected one of "
                          f"{', '.join(POOLINGS)}")
+    if vocab_size < 1:
+        raise ValueError(f"pooling {pooling!r} needs the vocabulary size, got {vocab_size}")
     return PER_CODE[pooling]

@@ -82,7 +82,7 @@ class Run:
     start_step: int  # the restored checkpoint's step (0: a fresh run)
     preempted_early: bool  # a preemption notice came while resuming
     dataset: PreparedDataset
-    probs: np.ndarray  # f32 [V]: the training mask probability of each code
+    probs: np.ndarray  # float64 [V]: the training mask probability of each code
     run_info: dict  # config and data statistics, saved with every checkpoint
     graphdef: nnx.GraphDef
     optimizer: optax.GradientTransformation

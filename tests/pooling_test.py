@@ -100,6 +100,12 @@ def test_unknown_pooling_names_the_field():
         pool("max", np.zeros((1, 2, 3)), np.zeros((1, 2), np.int32), np.ones((1, 2), bool), 4)
 
 
+def test_a_per_code_pooling_without_the_vocabulary_is_refused_not_read_as_the_mean():
+    assert pooled_width("mean", 3, 0) == 3
+    with pytest.raises(ValueError, match="pooling 'per_code' needs the vocabulary size, got 0"):
+        make_embed_fn(_network()[0][0], "per_code")
+
+
 def _network(seed=0):
     config = tiny_config("unused")
     return init_state(ModelConfig.from_config(config.model, VOCAB), make_optimizer(config.train),

@@ -48,6 +48,7 @@ def make_embed_fn(graphdef: nnx.GraphDef, pooling: str = "mean", vocab_size: int
     """Jitted (params, padded batch) -> window vectors float32 [B, W] of ``pooling``
     (pooling.py; ``per_code`` needs the ``vocab_size``) with no value hidden.
     `fn.traces` counts its traces (1 when every batch has the same shape)."""
+    pooled_width(pooling, 1, vocab_size)  # refuses a per-code pooling without the vocabulary
     traces = []
 
     @jax.jit
@@ -104,18 +105,19 @@ class Probe:
     C: float
 
     def decision(self, x: np.ndarray) -> np.ndarray:
-        """Decision function [N] (monotone in the probability; used for AUROC/AUPRC)."""
+        """Decision function float64 [N] of window vectors x [N, W] (monotone in the probability; used for AUROC/AUPRC)."""
         return self.model.decision_function(self.scaler.transform(x)) if len(x) else np.zeros(0)
 
     def probability(self, x: np.ndarray) -> np.ndarray:
-        """P(label = True) [N], float64."""
+        """P(label = True) float64 [N] of window vectors x [N, W]."""
         if not len(x):
             return np.zeros(0)
         return self.model.predict_proba(self.scaler.transform(x))[:, 1].astype(np.float64)
 
 
 def fit_probe(train_x, train_y, c: float, seed: int = 0) -> Probe:
-    """StandardScaler + LogisticRegression(C=c) fit on (train_x, train_y); both classes needed."""
+    """StandardScaler + LogisticRegression(C=c) fit on (train_x [N, W], train_y [N]); both
+    classes needed."""
     scaler = StandardScaler().fit(train_x)
     model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
     return Probe(scaler, model.fit(scaler.transform(train_x), np.asarray(train_y).astype(int)),
@@ -125,7 +127,7 @@ def fit_probe(train_x, train_y, c: float, seed: int = 0) -> Probe:
 def select_c(train_x, train_y, tuning_x, tuning_y, seed: int = 0) -> tuple[float, str,
                                                                             float | None]:
     """(C, how it was chosen, its tuning AUROC): the C_GRID value with the best tuning AUROC
-    (ties: closest to 1), or DEFAULT_C when tuning has a single class."""
+    (ties: closest to 1), or DEFAULT_C when tuning has a single class. x: [N, W], y: [N]."""
     if one_class(tuning_y):
         return DEFAULT_C, ("default (tuning split has one class)" if len(tuning_y) else
                            "default (tuning split has no label rows)"), None
@@ -328,8 +330,9 @@ def empty_windows_words(rows: dict[str, dict[str, int]]) -> str:
 
 @dataclasses.dataclass
 class TaskData:
-    """One task's label windows, frozen embeddings X [N, D] and labels y [N] per split (in
-    label-file order) and its probe fit on train (None when it cannot be fit)."""
+    """One task's label windows, frozen window vectors x float32 [N, W] (W: the pooling's
+    width) and labels y bool [N] per split (in label-file order) and its probe fit on train
+    (None when it cannot be fit)."""
 
     task_dir: Path
     windows: dict[str, list[dict]]
@@ -342,9 +345,10 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
                 max_len: int, batch_size: int, seed: int = 0, embed_fn=None,
                 each_code_latest: bool = False) -> tuple[dict, dict[str, TaskData]]:
     """Probe results {"labels_dir", "seed", "split", "label_max_len", "label_window" (words of
-    the windows' events, `labels.window_words`), "tasks": {task:
-    probe_task dict + n per split, label_rows and empty_windows per split}, "unread": lines of
-    `find_tasks`} (without tasks: "tasks" empty and a "note") and, per task, its TaskData (for
+    the windows' events, `labels.window_words`), "probe" (words of the classifier and what it
+    reads), "tasks": {task: probe_task dict + n per split, label_rows and empty_windows per
+    split}, "unread": lines of `find_tasks`, "embed_traces": the encoder's traces} (without
+    tasks: "tasks" empty and a "note", no "embed_traces") and, per task, its TaskData (for
     label efficiency, exports and perturbations, which reuse the embeddings and the probe).
     `embed_fn`: a `make_embed_fn` (its pooling; default mean)."""
     embed_fn = embed_fn or make_embed_fn(graphdef)

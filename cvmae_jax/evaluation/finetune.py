@@ -250,8 +250,9 @@ def _labels(windows: list[dict]) -> np.ndarray:
 
 
 def scored(y: np.ndarray, score: np.ndarray, subjects, seed: int) -> dict:
-    """AUROC and AUPRC of ``score`` on labels ``y`` with subject-bootstrap 95% CIs (``subjects``:
-    each row's subject id), or None with a reason when ``y`` has a single class."""
+    """AUROC and AUPRC of ``score`` [N] on labels ``y`` [N] with subject-bootstrap 95% CIs
+    (``subjects`` [N]: each row's subject id), or None with a reason when ``y`` has a single
+    class."""
     y = np.asarray(y, bool)
     out = dict(n=int(len(y)), positives=int(y.sum()), auroc=None, auroc_ci=None, auprc=None,
                auprc_ci=None, bootstrap_used=0, reason=None)
@@ -266,8 +267,9 @@ def scored(y: np.ndarray, score: np.ndarray, subjects, seed: int) -> dict:
 
 def paired_delta(y: np.ndarray, score: np.ndarray, reference: np.ndarray, subjects,
                  seed: int) -> dict:
-    """AUROC(score) - AUROC(reference) on the same rows with a paired subject-bootstrap 95% CI
-    (both scored on the same resamples); None when ``y`` has a single class."""
+    """AUROC(score) - AUROC(reference) (each [N], labels ``y`` [N], ``subjects`` [N]) on the
+    same rows with a paired subject-bootstrap 95% CI (both scored on the same resamples); None
+    when ``y`` has a single class."""
     y = np.asarray(y, bool)
     if one_class(y):
         return dict(delta=None, ci=None, reason=f"{TEST} split has a single class")
