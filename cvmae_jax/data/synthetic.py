@@ -38,6 +38,9 @@ DAY, YEAR = 24.0, 365.25 * 24.0  # in hours, the generator's time unit
 _US_PER_MIN, _US_PER_H = 60_000_000, 3_600_000_000
 _EPOCH = np.datetime64("2110-01-01", "us").astype(np.int64)  # shifted dates, as in MIMIC-IV
 _NO_TIME = np.iinfo(np.int64).min
+_ICU_UNITS = sorted({u for x in cat.INSULTS for u in x.icu_units})
+_ADMISSIONS = [c for c, _ in cat.EMERGENT_ADMISSIONS + cat.ELECTIVE_ADMISSIONS]  # "type//from"
+_DISCHARGE_LOCATIONS = [d[0] for d in cat.DISCHARGES] + ["DIED"]
 GENERATOR_VERSION = "1.1.0"  # bump when the generated data change
 DATA_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")),
                          ("code", pa.string()), ("numeric_value", pa.float32())])
@@ -278,20 +281,19 @@ def _derive(rng, v, c):
 
 def _vocabulary():
     """(code, description) of every code the generator can write, in within-timestamp order."""
-    units = sorted({u for x in cat.INSULTS for u in x.icu_units})
-    adm = [c.split("//") for c, _ in cat.EMERGENT_ADMISSIONS + cat.ELECTIVE_ADMISSIONS]
+    adm = [c.split("//") for c in _ADMISSIONS]
     return ([("GENDER//F", "Gender F (static, null time)"),
              ("GENDER//M", "Gender M (static, null time)"),
              ("MEDS_BIRTH", "Birth (MEDS_BIRTH); synthetic date, always 1 January")]
             + [(f"HOSPITAL_ADMISSION//{a}//{b}",
                 f"Hospital admission; admission type {a}; admitted from {b}") for a, b in adm]
-            + [(f"ICU_ADMISSION//{u}", f"ICU admission; first care unit {u}") for u in units]
+            + [(f"ICU_ADMISSION//{u}", f"ICU admission; first care unit {u}") for u in _ICU_UNITS]
             + [(lab.code, lab.description) for lab in LAB_CATALOG + VITAL_CATALOG]
             + [(f"DIAGNOSIS//ICD//10//{c}", f"{d} (ICD-10 diagnosis {c})")
                for c, d in cat.DIAGNOSES.items()]
-            + [(f"ICU_DISCHARGE//{u}", f"ICU discharge; last care unit {u}") for u in units]
+            + [(f"ICU_DISCHARGE//{u}", f"ICU discharge; last care unit {u}") for u in _ICU_UNITS]
             + [(f"HOSPITAL_DISCHARGE//{d}", f"Hospital discharge; discharge location {d}")
-               for d in [d[0] for d in cat.DISCHARGES] + ["DIED"]]
+               for d in _DISCHARGE_LOCATIONS]
             + [("MEDS_DEATH", "Death (MEDS_DEATH)")])
 
 
@@ -302,21 +304,21 @@ def _events(rng, sub, adm):
     def lookup(fmt, names):
         return np.array([ix[fmt.format(x)] for x in names])
 
-    units = sorted({u for x in cat.INSULTS for u in x.icu_units})
-    unit_i = np.searchsorted(units, adm.unit)
-    adm_codes = [c for c, _ in cat.EMERGENT_ADMISSIONS + cat.ELECTIVE_ADMISSIONS]
-    discharges = [d[0] for d in cat.DISCHARGES] + ["DIED"]
+    unit_i = np.searchsorted(_ICU_UNITS, adm.unit)
     everyone, icu = np.arange(sub.n), np.flatnonzero(adm.icu)
     dead = np.flatnonzero(~np.isnan(sub.death))
     a_s, i_s = adm.subj, adm.subj[icu]
     parts = [(everyone, np.full(sub.n, _NO_TIME),
               np.where(sub.male, ix["GENDER//M"], ix["GENDER//F"])),
              (everyone, sub.birth, np.full(sub.n, ix["MEDS_BIRTH"])),
-             (a_s, _us(sub, a_s, adm.start), lookup("HOSPITAL_ADMISSION//{}", adm_codes)[adm.kind]),
+             (a_s, _us(sub, a_s, adm.start),
+              lookup("HOSPITAL_ADMISSION//{}", _ADMISSIONS)[adm.kind]),
              (a_s, _us(sub, a_s, adm.end),
-              lookup("HOSPITAL_DISCHARGE//{}", discharges)[adm.discharge]),
-             (i_s, _us(sub, i_s, adm.icu_s[icu]), lookup("ICU_ADMISSION//{}", units)[unit_i[icu]]),
-             (i_s, _us(sub, i_s, adm.icu_e[icu]), lookup("ICU_DISCHARGE//{}", units)[unit_i[icu]]),
+              lookup("HOSPITAL_DISCHARGE//{}", _DISCHARGE_LOCATIONS)[adm.discharge]),
+             (i_s, _us(sub, i_s, adm.icu_s[icu]),
+              lookup("ICU_ADMISSION//{}", _ICU_UNITS)[unit_i[icu]]),
+             (i_s, _us(sub, i_s, adm.icu_e[icu]),
+              lookup("ICU_DISCHARGE//{}", _ICU_UNITS)[unit_i[icu]]),
              (dead, _us(sub, dead, sub.death[dead]), np.full(dead.size, ix["MEDS_DEATH"])),
              (a_s, _us(sub, a_s, adm.end),
               lookup("DIAGNOSIS//ICD//10//{}", [x.icd for x in cat.INSULTS])[adm.insult])]
