@@ -10,13 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cvmae_jax.data import labels, meds
-from cvmae_jax.data.stats import compute_stats
+from cvmae_jax.data import labels
 from cvmae_jax.evaluation import aggregates
 from cvmae_jax.evaluation.aggregates import (FEATURES, aggregate_features, aggregates_baseline,
                                              fit_gradient_boosting)
 from cvmae_jax.evaluation.downstream import TEST, TRAIN, TUNING, TaskData, fit_task_probe
 from cvmae_jax.evaluation.paired_stats import one_class
+
+from meds_reference import compute_stats, read_numeric_events
 
 A, B = "LAB//A", "LAB//B"
 T0 = datetime.datetime(2100, 1, 1)
@@ -46,7 +47,7 @@ def _meds_with_events_after_prediction_time(root):
                                                          pa.timestamp("us")),
                              "boolean_value": [True, False]}),
                    root / "labels/task/train.parquet")
-    stats = compute_stats(meds.read_numeric_events(root, "train"), (A, B), clip_quantiles=(0, 1))
+    stats = compute_stats(read_numeric_events(root, "train"), (A, B), clip_quantiles=(0, 1))
     return list(labels.label_windows(root, root / "labels/task/train.parquet", stats, 8)), stats
 
 

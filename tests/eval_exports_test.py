@@ -12,13 +12,13 @@ from flax import nnx
 
 from cvmae_jax.data import meds
 from cvmae_jax.data.labels import label_windows
-from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.synthetic import generate_synthetic_meds
 from cvmae_jax.evaluation.downstream import embed_label_windows, make_embed_fn
 from cvmae_jax.evaluation import exports
 from cvmae_jax.evaluation.exports import remove_stale_exports
 from cvmae_jax.model import ModelConfig, ValueOnlyMAE
 
+from meds_reference import compute_stats, read_numeric_events, train_code_counts
 from train_test import tiny_config
 
 MAX_LEN = 16
@@ -28,8 +28,8 @@ MAX_LEN = 16
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports") / "meds"
     generate_synthetic_meds(root, num_subjects=40, seed=5)
-    train = meds.read_numeric_events(root, "train")
-    codes = meds.select_lab_codes(train, dict(min_code_count=5, top_k=20))
+    train = read_numeric_events(root, "train")
+    codes = meds.select_lab_codes(train_code_counts(train), dict(min_code_count=5, top_k=20))
     return root, compute_stats(train, codes)
 
 
@@ -66,7 +66,7 @@ def test_changing_an_event_after_prediction_time_leaves_the_embedding_unchanged(
     root = tmp_path / "meds"
     shutil.copytree(source, root)
     labels = pq.read_table(root / "labels/readmission_30d/train.parquet")
-    events = meds.read_numeric_events(root, "train", codes=stats.codes)
+    events = read_numeric_events(root, "train", codes=stats.codes)
     ev_subject = events["subject_id"].to_numpy()
     ev_time = events["time"].cast(pa.int64()).to_numpy()
     t_pred = labels["prediction_time"].cast(pa.int64()).to_numpy()

@@ -5,8 +5,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.trained import events_batch
+
+from meds_reference import compute_stats
 
 A, B = "LAB//A//mg/dL", "LAB//B//mmol/L"
 T0 = pd.Timestamp("2100-01-01 08:00")

@@ -2,7 +2,8 @@
 
 A MEDS root holds `data/**/*.parquet` (subject_id, time, code, numeric_value, ...) and
 `metadata/subject_splits.parquet` (subject_id, split). Oddities that can be survived are
-counted (see `event_counts`), never silently dropped; bad input raises `MEDSFormatError`.
+counted (`numeric_rows`; the prepare report lists the counts), never silently dropped; bad input
+raises `MEDSFormatError`.
 
 Times are read as timestamp[us] without a zone: a naive `time` (MEDS's local wall time) as it
 is, a zone-aware one as its UTC instant, so that durations and order are exact whatever the zone
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -32,7 +32,6 @@ SPLITS = ("train", "tuning", "held_out")
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
 EVENT_SCHEMA = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")),
                           ("code", pa.string()), ("numeric_value", pa.float64())])
-_COUNTS_KEY = b"cvmae.event_counts"
 SHARD_BATCH_ROWS = 1 << 20  # rows per table shard_batches yields
 
 DATA_DEFAULTS = default_config().data.to_dict()  # for callers passing a partial config
@@ -302,43 +301,6 @@ def _cast_batch(path: Path, batch: pa.RecordBatch, columns) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def read_numeric_events(meds_dir: str | Path, split: str, codes=None) -> pa.Table:
-    """Timed, finite numeric events of one split (optionally only `codes`), read into memory.
-
-    Returns a table [N] with EVENT_SCHEMA columns sorted stably by (subject_id, time). Counts of
-    what was left out and of kept oddities travel in the schema metadata; read them with
-    `event_counts(table)`. (prepare_dataset streams instead; this is for small data and tests.)
-    """
-    subject_splits = read_subject_splits(meds_dir)
-    all_ids = pa.array(list(subject_splits), pa.int64())
-    split_ids = pa.array([i for i, s in subject_splits.items() if s == split], pa.int64())
-    code_set = None if codes is None else pa.array(list(codes), pa.string())
-    counts = dict.fromkeys(("rows", "rows_without_split", "null_time", "null_value",
-                            "dropped_value",
-                            "nonfinite_value", "other_code"), 0)
-    parts, deaths = [], []
-    for path in data_files(meds_dir):
-        for t in shard_batches(path):
-            counts["rows_without_split"] += t.num_rows - _count(pc.is_in(t["subject_id"], all_ids))
-            t = t.filter(pc.is_in(t["subject_id"], split_ids))
-            counts["rows"] += t.num_rows
-            deaths.append(death_times(t))
-            t, dropped = numeric_rows(t)
-            for k, v in dropped.items():
-                counts[k] += v
-            if code_set is not None:
-                keep = pc.is_in(t["code"], code_set)
-                counts["other_code"] += t.num_rows - _count(keep)
-                t = t.filter(keep)
-            parts.append(t)
-    table = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
-    table = by_subject_and_time(table)
-    counts["kept"] = table.num_rows
-    counts["duplicate_rows"] = duplicates_in(value_groups(table))
-    counts["after_death_rows"] = count_after_death(table, pa.concat_tables(deaths))
-    return table.replace_schema_metadata({_COUNTS_KEY: json.dumps(counts).encode()})
-
-
 def numeric_rows(t: pa.Table, drop_values=()) -> tuple[pa.Table, dict[str, int]]:
     """The rows of `t` with a time and a finite numeric value not in `drop_values`, and counts
     of the others (null_time, null_value, nonfinite_value, dropped_value; each row counted
@@ -422,35 +384,19 @@ def _count(mask) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def event_counts(events: pa.Table) -> dict[str, int]:
-    """Counts attached by `read_numeric_events`: rows read, left out (null_time, null_value,
-    nonfinite_value, other_code, rows_without_split), kept, and kept oddities
-    (duplicate_rows, after_death_rows). Empty when the table carries none."""
-    meta = events.schema.metadata or {}
-    return json.loads(meta[_COUNTS_KEY]) if _COUNTS_KEY in meta else {}
-
-
-def select_lab_codes(train_events_or_meds_dir, data_config,
+def select_lab_codes(counts: Mapping[str, int], data_config,
                      report: dict | None = None) -> list[str]:
-    """Lab codes to model, most frequent first.
+    """Lab codes to model, most frequent first, from `counts`: {code: numeric train rows}.
 
-    The first argument is the train events (a table), a MEDS root, or {code: numeric train
-    rows}. `data_config.lab_codes` (non-empty) is taken as given, in its order; every code must
-    have numeric train rows. Otherwise: codes matching `lab_code_pattern` (re.search) with at
-    least `min_code_count` numeric train rows, the `top_k` most frequent (ties by code; top_k <= 0
+    `data_config.lab_codes` (non-empty) is taken as given, in its order; every code must have
+    numeric train rows. Otherwise: codes matching `lab_code_pattern` (re.search) with at least
+    `min_code_count` numeric train rows, the `top_k` most frequent (ties by code; top_k <= 0
     keeps all). `report`, when given, receives counts of the selection, `by_prefix` included.
 
     Any numeric code can be selected: `^LAB//` models labs only, `^(LAB|VITAL|STATIC)//` labs,
-    vital signs and static descriptors alike. Static rows with a null time are left out by the
-    reader (counted as null_time): a window holds timed events only.
+    vital signs and static descriptors alike. Static rows with a null time are left out by
+    `numeric_rows` (counted as null_time): a window holds timed events only.
     """
-    counts = train_events_or_meds_dir
-    if not isinstance(counts, Mapping):
-        events = counts
-        if not isinstance(events, pa.Table):
-            events = read_numeric_events(events, "train")
-        vc = pc.value_counts(events["code"])
-        counts = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
     explicit = tuple(config_get(data_config, "lab_codes") or ())
     report = {} if report is None else report
     if explicit:

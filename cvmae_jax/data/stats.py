@@ -390,23 +390,3 @@ def _check_finite(codes: tuple[str, ...], out: dict[str, np.ndarray]) -> None:
             "results; drop them with config.data.drop_values or leave the codes out with "
             "config.data.lab_codes")
 
-
-def compute_stats(train_events: pa.Table, codes, clip_quantiles=(0.001, 0.999),
-                  reservoir_size: int | None = None, min_subjects: int = 1) -> DataStats:
-    """Stats of `codes` from TRAIN events (subject_id, code, numeric_value); other codes ignored.
-
-    Every code needs at least one row. Quantiles use numpy's default (linear) method, over all
-    values (reservoir_size None) or a seeded sample of reservoir_size values per code.
-    """
-    codes = tuple(codes)
-    known = pc.is_valid(pc.index_in(train_events["code"], value_set=pa.array(codes, pa.string())))
-    events = train_events.filter(known)
-    values = events["numeric_value"].to_numpy().astype(np.float64)
-    moments = CodeMoments()
-    moments.add(events["code"], values, events["subject_id"].to_numpy().astype(np.int64))
-    moments.end_shard()
-    reservoirs = Reservoirs(len(codes), reservoir_size or max(events.num_rows, 1))
-    idx = pc.index_in(events["code"], value_set=pa.array(codes, pa.string()))
-    reservoirs.add(idx.to_numpy(zero_copy_only=False).astype(np.int64), values,
-                   events["subject_id"].to_numpy().astype(np.int64))
-    return finish_stats(codes, moments, reservoirs, clip_quantiles, min_subjects=min_subjects)

@@ -35,11 +35,14 @@ class TinyMeds:
         cfg.update(overrides)
         return ml_collections.ConfigDict(cfg)
 
+    def numeric_rows(self, split: str = "train") -> list[tuple]:
+        """The rows of `split` with a time and a finite value, sorted."""
+        return sorted(r for r in self.rows if SPLITS.get(r[0]) == split and r[1] is not None
+                      and r[3] is not None and np.isfinite(r[3]))
+
     def values(self, code: str, split: str = "train") -> np.ndarray:
         """Finite values of `code` in `split`, float64 [n]."""
-        v = [r[3] for r in self.rows if r[2] == code and SPLITS.get(r[0]) == split
-             and r[1] is not None and r[3] is not None and np.isfinite(r[3])]
-        return np.array(v, np.float64)
+        return np.array([r[3] for r in self.numeric_rows(split) if r[2] == code], np.float64)
 
 
 def _f32(x) -> float:

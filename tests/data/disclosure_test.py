@@ -6,13 +6,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cvmae_jax.data import meds
 from cvmae_jax.data.disclosure import selectable_counts, subject_safe_bounds, suppress_rows
 from cvmae_jax.data.prepare import prepare_dataset
 from cvmae_jax.data.report import clipped_shares, clipped_warning
-from cvmae_jax.data.stats import Reservoirs, compute_stats
+from cvmae_jax.data.stats import Reservoirs
 from cvmae_jax.evaluation.report import evaluated_rows, suppressed_lines
 from cvmae_jax.reconstruction import subjects_per_code
+
+from meds_reference import compute_stats, read_numeric_events
 
 
 def test_clip_bounds_rest_on_k_subjects():
@@ -52,7 +53,7 @@ def test_a_code_of_exactly_k_train_subjects_is_selectable():
 
 def test_the_report_gives_each_codes_share_of_clipped_train_values(tiny_meds, tmp_path):
     prepared = prepare_dataset(tiny_meds.config(min_subjects=3), None, tmp_path)
-    train = meds.read_numeric_events(tiny_meds.root, "train")
+    train = read_numeric_events(tiny_meds.root, "train")
     codes, quantiles = list(prepared.stats.codes), (0.001, 0.999)
     expected = compute_stats(train, codes, quantiles, min_subjects=3)
     np.testing.assert_array_equal(prepared.stats.clip_low, expected.clip_low)

@@ -15,6 +15,8 @@ from cvmae_jax.config_checks import check_config, config_warnings, padding_warni
 from cvmae_jax.data import meds
 from cvmae_jax.data.report import selection_summary
 
+from meds_reference import event_counts, read_numeric_events, train_code_counts
+
 ALL_NUMERIC = r"^(LAB|VITAL|STATIC)//"
 
 
@@ -57,19 +59,20 @@ def _add_static_values(tiny):
 
 def test_selection_of_all_numeric_codes_or_labs_only(tiny_meds):
     tiny, train_subjects = tiny_meds, _add_static_values(tiny_meds)
-    train = meds.read_numeric_events(tiny.root, "train")
+    train = read_numeric_events(tiny.root, "train")
+    counts = train_code_counts(train)
     report = {}
-    codes = meds.select_lab_codes(train, tiny.config(lab_code_pattern=ALL_NUMERIC), report)
+    codes = meds.select_lab_codes(counts, tiny.config(lab_code_pattern=ALL_NUMERIC), report)
     # every timed numeric code with >= 3 train rows; STATIC//Height has no time, so no rows
     assert sorted(codes) == sorted([tiny.A, tiny.B, tiny.D, tiny.HR, "STATIC//Age"])
     assert report["by_prefix"] == {"LAB": 3, "STATIC": 1, "VITAL": 1}
     # per train subject: STATIC//Height here and the tiny root's GENDER//F
-    assert meds.event_counts(train)["null_time"] == 2 * train_subjects
+    assert event_counts(train)["null_time"] == 2 * train_subjects
     settings = dict(lab_code_pattern=ALL_NUMERIC)
     assert selection_summary(dict(selection=report, settings=settings)) == (
         f"pattern '{ALL_NUMERIC}', 5 codes (LAB 3, STATIC 1, VITAL 1)")
     labs = {}
-    assert meds.select_lab_codes(train, tiny.config(), labs) == [tiny.A, tiny.B, tiny.D]
+    assert meds.select_lab_codes(counts, tiny.config(), labs) == [tiny.A, tiny.B, tiny.D]
     assert selection_summary(dict(selection=labs, settings=dict(lab_code_pattern="^LAB//"))) \
         == "pattern '^LAB//', 3 codes (LAB 3)"
     hospital = dict(lab_code_pattern=r"^LAB//(RESULT//)?\d{5}//")  # shown as typed, one \

@@ -12,16 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.evaluation import downstream
+
+from meds_reference import compute_stats, read_numeric_events, train_code_counts
 
 HOUR = datetime.timedelta(hours=1)
 
 
 @pytest.fixture
 def setup(tiny_meds):
-    train = meds.read_numeric_events(tiny_meds.root, "train")
-    stats = compute_stats(train, meds.select_lab_codes(train, tiny_meds.config()))
+    train = read_numeric_events(tiny_meds.root, "train")
+    stats = compute_stats(train, meds.select_lab_codes(train_code_counts(train),
+                                                       tiny_meds.config()))
     return tiny_meds, stats
 
 

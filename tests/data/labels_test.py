@@ -10,16 +10,17 @@ import pytest
 
 from cvmae_jax.data import labels, meds
 from cvmae_jax.data.sequences import window_rows
-from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.synthetic import generate_synthetic_meds
+
+from meds_reference import compute_stats, read_numeric_events, train_code_counts
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("labels") / "meds"
     generate_synthetic_meds(root, num_subjects=60, seed=3)
-    train = meds.read_numeric_events(root, "train")
-    codes = meds.select_lab_codes(train, dict(min_code_count=5, top_k=20))
+    train = read_numeric_events(root, "train")
+    codes = meds.select_lab_codes(train_code_counts(train), dict(min_code_count=5, top_k=20))
     return root, compute_stats(train, codes)
 
 
@@ -28,7 +29,7 @@ def test_windows_end_at_prediction_time(synthetic):
     task = root / "labels/in_hospital_mortality_24h"
     (path,) = [p for p in labels.label_files(task) if p.stem == "tuning"]
     table = pq.read_table(path)
-    events = meds.read_numeric_events(root, "tuning", codes=stats.codes)
+    events = read_numeric_events(root, "tuning", codes=stats.codes)
     ev_subject = events["subject_id"].to_numpy()
     ev_time = events["time"].cast(pa.int64()).to_numpy()
     windows = list(labels.label_windows(root, path, stats, max_len=16))
@@ -62,7 +63,7 @@ def test_each_code_latest_windows_hold_every_code_seen_before_prediction_time(sy
     root, stats = synthetic  # 20 codes, windows of 24 events
     task = root / "labels/in_hospital_mortality_24h"
     (path,) = [p for p in labels.label_files(task) if p.stem == "tuning"]
-    events = meds.read_numeric_events(root, "tuning", codes=stats.codes)
+    events = read_numeric_events(root, "tuning", codes=stats.codes)
     ev_subject = events["subject_id"].to_numpy()
     ev_time = events["time"].cast(pa.int64()).to_numpy()
     ev_code = np.array([stats.codes.index(c) for c in events["code"].to_pylist()])
@@ -109,7 +110,7 @@ def test_label_windows_leave_out_the_dropped_values(synthetic):
     root, stats = synthetic
     (path,) = [p for p in labels.label_files(root / "labels/in_hospital_mortality_24h")
                if p.stem == "tuning"]
-    events = meds.read_numeric_events(root, "tuning", codes=stats.codes)
+    events = read_numeric_events(root, "tuning", codes=stats.codes)
     values = events["numeric_value"].to_numpy()
     common, counts = np.unique(values, return_counts=True)
     placeholder = float(common[np.argmax(counts)])  # the most repeated tuning value

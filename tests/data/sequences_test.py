@@ -4,14 +4,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cvmae_jax.data import meds
 from cvmae_jax.data.sequences import build_examples
-from cvmae_jax.data.stats import compute_stats
+
+from meds_reference import compute_stats, read_numeric_events
 
 
 @pytest.fixture
 def train_and_stats(tiny_meds):
-    train = meds.read_numeric_events(tiny_meds.root, "train")
+    train = read_numeric_events(tiny_meds.root, "train")
     return train, compute_stats(train, [tiny_meds.A, tiny_meds.B, tiny_meds.D], (0.001, 0.999))
 
 

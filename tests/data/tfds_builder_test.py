@@ -16,8 +16,9 @@ from cvmae_jax.data import array_record_writer, meds, window_records
 from cvmae_jax.data.array_record_writer import finish_split, part_path, write_part
 from cvmae_jax.data.prepare import load_prepared, prepare_dataset
 from cvmae_jax.data.sequences import build_examples
-from cvmae_jax.data.stats import compute_stats
 from cvmae_jax.data.tfds_builder import MedsLabConfig, MedsLabSequences
+
+from meds_reference import compute_stats, read_numeric_events, train_code_counts
 
 SPLITS = ("train", "tuning", "held_out")
 
@@ -33,9 +34,9 @@ def prepared(tiny_meds_shared, tmp_path_factory):
 
 def test_round_trip_through_tfds_data_source(prepared, tiny_meds_shared):
     root = tiny_meds_shared.root
-    train = meds.read_numeric_events(root, "train")
-    stats = compute_stats(train, meds.select_lab_codes(train, tiny_meds_shared.config()),
-                          (0.001, 0.999))
+    train = read_numeric_events(root, "train")
+    codes = meds.select_lab_codes(train_code_counts(train), tiny_meds_shared.config())
+    stats = compute_stats(train, codes, (0.001, 0.999))
     assert stats.codes == prepared.stats.codes  # streamed stats = in-memory stats
     for field in ("count", "mean", "std", "cv", "clip_low", "clip_high", "norm_mean", "norm_std",
                   "num_subjects"):
@@ -44,7 +45,7 @@ def test_round_trip_through_tfds_data_source(prepared, tiny_meds_shared):
     stats = prepared.stats
     sources = tfds.data_source(prepared.builder_name, data_dir=prepared.data_dir, download=False)
     for split in SPLITS:
-        events = meds.read_numeric_events(root, split)
+        events = read_numeric_events(root, split)
         expected = list(build_examples(events, stats, 8, "chunks", 2))
         source = sources[split]
         assert len(source) == len(expected) == prepared.num_examples[split]

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvmae_jax.data import labels, meds
-from cvmae_jax.data.stats import compute_stats
 
+from meds_reference import compute_stats, read_numeric_events, train_code_counts
 from conftest import T0
 
 NY, TOKYO = "America/New_York", "Asia/Tokyo"
@@ -55,8 +55,9 @@ def _write_labels(path, pairs, zone) -> None:
 
 @pytest.fixture
 def setup(tiny_meds):
-    train = meds.read_numeric_events(tiny_meds.root, "train")
-    stats = compute_stats(train, meds.select_lab_codes(train, tiny_meds.config()))
+    train = read_numeric_events(tiny_meds.root, "train")
+    stats = compute_stats(train, meds.select_lab_codes(train_code_counts(train),
+                                                       tiny_meds.config()))
     return tiny_meds, stats
 
 
