@@ -14,6 +14,7 @@ prediction times with event times when one of the two carries a zone and the oth
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import re
@@ -200,6 +201,16 @@ def whole_microseconds(column, round_up: bool):
     return (pc.ceil_temporal if round_up else pc.floor_temporal)(column, unit="microsecond")
 
 
+@contextlib.contextmanager
+def _reading(path: Path, what: str = "file"):
+    """Turns an Arrow or OS error inside the block into MEDSFormatError naming ``path``:
+    ``unreadable parquet <what> (<the error in one line>)``."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as error:
+        raise MEDSFormatError(f"{path}: unreadable parquet {what} ({_one_line(error)})") from error
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:300]
 
@@ -207,10 +218,8 @@ def _one_line(error: Exception) -> str:
 def read_small_parquet(path: Path) -> pa.Table:
     """A whole (small) metadata or label file, MEDS 0.3 patient_id renamed to subject_id;
     unreadable files raise MEDSFormatError."""
-    try:
+    with _reading(path):
         table = read_parquet_file(path)
-    except (pa.ArrowException, OSError) as error:
-        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
     names = table.column_names
     if "subject_id" not in names and "patient_id" in names:
         table = table.rename_columns(["subject_id" if n == "patient_id" else n for n in names])
@@ -227,10 +236,8 @@ def read_parquet_file(path: Path, columns: list[str] | None = None) -> pa.Table:
 def time_zone(path: Path, column: str = "time") -> str | None:
     """The time zone of a parquet file's timestamp `column`; None when it has none (naive:
     MEDS's local wall time) or is not a timestamp. Unreadable files raise MEDSFormatError."""
-    try:
+    with _reading(path):
         schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as error:
-        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
     kind = schema.field(column).type if column in schema.names else None
     return kind.tz if kind is not None and pa.types.is_timestamp(kind) else None
 
@@ -244,32 +251,25 @@ def shard_batches(path: Path, columns=EVENT_COLUMNS) -> Iterator[pa.Table]:
     values any float or integer type; a zone-aware time as its UTC instant). Bad files raise
     MEDSFormatError naming file and column.
     """
-    try:
+    with _reading(path):
         file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as error:
-        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
     with file:
-        source = _source_columns(path, file, columns)
+        with _reading(path):
+            schema = file.schema_arrow
+        source = _source_columns(path, schema, columns)
         batches = file.iter_batches(batch_size=SHARD_BATCH_ROWS,
                                     columns=[source[c] for c in columns])
         while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
+            with _reading(path, "data"):
+                batch = next(batches, None)
+            if batch is None:
                 return
-            except (pa.ArrowException, OSError) as error:
-                raise MEDSFormatError(
-                    f"{path}: unreadable parquet data ({_one_line(error)})") from error
             yield _cast_batch(path, batch, columns)
 
 
-def _source_columns(path: Path, file: pq.ParquetFile, columns) -> dict[str, str]:
-    """{column: the file's name for it} (MEDS 0.3's patient_id for subject_id); a missing or
-    mistyped column raises MEDSFormatError."""
-    try:
-        schema = file.schema_arrow
-    except (pa.ArrowException, OSError) as error:
-        raise MEDSFormatError(f"{path}: unreadable parquet file ({_one_line(error)})") from error
+def _source_columns(path: Path, schema: pa.Schema, columns) -> dict[str, str]:
+    """{column: the name in ``path``'s ``schema`` for it} (MEDS 0.3's patient_id for
+    subject_id); a missing or mistyped column raises MEDSFormatError."""
     source = {c: c for c in columns}
     if "subject_id" not in schema.names and "patient_id" in schema.names:
         source["subject_id"] = "patient_id"
