@@ -56,7 +56,7 @@ def _prepare(argv) -> None:
     for w in report.get("warnings", []) + padding_warnings(
             data, prepared.num_tokens["train"], prepared.num_examples["train"]):
         print(f"  WARNING: {w}")
-    print(f"  report: {prepared.path}/prepare_report.md")
+    print(f"  report: {prepared.report_path}")
     print(f"  read it: tfds.data_source({prepared.builder_name!r}, "
           f"data_dir={prepared.data_dir!r}, split='train')")
 

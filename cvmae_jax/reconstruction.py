@@ -128,6 +128,17 @@ def summarize(sums: dict[str, np.ndarray], codes: tuple[str, ...], norm_std: np.
     return dict(overall=overall, per_code=per_code)
 
 
+def against_baselines(overall: dict) -> str:
+    """One log line's words for ``summarize``'s overall row: the masked MSE beside the
+    per-code mean's and carry-forward's (when measured), each with the model's ratio to it."""
+    words = (f"masked_mse {overall['masked_mse']:.4f} (per-code mean "
+             f"{overall['baseline_masked_mse']:.4f}, ratio {overall['mse_vs_baseline']:.3f}")
+    if overall.get("locf_masked_mse") is not None:
+        words += (f"; carry-forward {overall['locf_masked_mse']:.4f}, ratio "
+                  f"{overall['mse_vs_locf']:.3f}")
+    return words + ")"
+
+
 def _carry_forward(sse: float, fallbacks: float, n: float, name: str = "locf_masked_mse"
                    ) -> dict:
     """The carry-forward baseline's MSE (as ``name``) and fallback share of n hidden values."""

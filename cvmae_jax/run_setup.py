@@ -92,6 +92,8 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
         dataset = prepare_dataset(config.data, resolve_meds_dir(config, workdir),
                                   data_dir(config, workdir), log=logging.info)
         if jax.process_index() == 0:
+            logging.info("data: %d train windows; codes, counts and warnings in %s",
+                         dataset.num_examples["train"], dataset.report_path)
             for warning in padding_warnings(config.data, dataset.num_tokens["train"],
                                             dataset.num_examples["train"]):
                 logging.warning("%s", warning)

@@ -37,7 +37,7 @@ from cvmae_jax.masking import mask_root
 from cvmae_jax.metrics import MetricsWriter, Progress
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.preemption import SaveOnSigterm, sigterm_stops_setup
-from cvmae_jax.reconstruction import evaluate_split
+from cvmae_jax.reconstruction import against_baselines, evaluate_split
 from cvmae_jax.steps import (TrainState, WindowTotals, init_state, make_eval_step,
                              make_optimizer, make_train_step, make_window_step)
 from cvmae_jax.workdir import CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, checkpoint_dir
@@ -357,10 +357,8 @@ class TrainLoop:
         self.last_eval = dict(result["overall"], step=step, split=self.config.eval.split)
         self.writer.write(self.last_eval)
         if jax.process_index() == 0:
-            logging.info("eval %s step %d: masked_mse %.4f (per-code-mean baseline %.4f, "
-                         "ratio %.3f)", self.config.eval.split, step,
-                         self.last_eval["masked_mse"], self.last_eval["baseline_masked_mse"],
-                         self.last_eval["mse_vs_baseline"])
+            logging.info("eval %s step %d: %s", self.config.eval.split, step,
+                         against_baselines(self.last_eval))
 
     def _save(self, step: int) -> None:
         self._check_finite(step)  # a non-finite step is never saved

@@ -8,7 +8,7 @@ from flax import nnx
 
 from cvmae_jax.carry_forward import carry_forward
 from cvmae_jax.masking import sample_value_mask
-from cvmae_jax.reconstruction import accumulate_sums, summarize
+from cvmae_jax.reconstruction import accumulate_sums, against_baselines, summarize
 from cvmae_jax.steps import make_eval_step
 
 from eval_single_code_test import V, Echo, _batches
@@ -66,3 +66,12 @@ def test_eval_step_sums_match_a_loop_under_the_eval_mask():
     row = next(r for r in result["per_code"] if r["num_masked"])
     code = int(row["code"])
     np.testing.assert_allclose(row["locf_mse"], sse[code] / sums["count"][code], rtol=1e-5)
+
+
+def test_the_console_line_puts_the_model_beside_both_simple_methods():
+    overall = dict(masked_mse=0.5, baseline_masked_mse=1.0, mse_vs_baseline=0.5,
+                   locf_masked_mse=0.4, mse_vs_locf=1.25)
+    assert against_baselines(overall) == ("masked_mse 0.5000 (per-code mean 1.0000, ratio "
+                                          "0.500; carry-forward 0.4000, ratio 1.250)")
+    del overall["locf_masked_mse"], overall["mse_vs_locf"]  # a step without carry-forward
+    assert against_baselines(overall) == "masked_mse 0.5000 (per-code mean 1.0000, ratio 0.500)"

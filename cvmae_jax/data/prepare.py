@@ -18,8 +18,8 @@ from cvmae_jax.data.plan import plan_dataset
 from cvmae_jax.data.records import LabRecords
 from cvmae_jax.data.shard_pool import ShardPool
 from cvmae_jax.data.stats import DataStats
-from cvmae_jax.data.tfds_builder import (LENGTHS_FILE, REPORT_FILE, STATS_FILE, MedsLabConfig,
-                                         MedsLabSequences)
+from cvmae_jax.data.tfds_builder import (LENGTHS_FILE, REPORT_FILE, REPORT_MD_FILE, STATS_FILE,
+                                         MedsLabConfig, MedsLabSequences)
 from cvmae_jax.jsonio import check_writable
 
 
@@ -46,6 +46,11 @@ class PreparedDataset:
     def lab_names(self) -> tuple[str, ...]:
         """Readable name of each of ``stats.codes`` (``code_names.lab_name``)."""
         return code_names.lab_names(self.stats.codes, self.descriptions)
+
+    @property
+    def report_path(self) -> str:
+        """The readable preparation report: counts, warnings and every code's statistics."""
+        return str(Path(self.path) / REPORT_MD_FILE)
 
     @property
     def settings_id(self) -> str:

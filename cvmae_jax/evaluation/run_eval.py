@@ -46,8 +46,8 @@ from cvmae_jax.mask_probabilities import percentile_threshold
 from cvmae_jax.metrics import clock
 from cvmae_jax.model import ModelConfig
 from cvmae_jax.preemption import sigterm_terminates
-from cvmae_jax.reconstruction import (evaluate_split, single_code_sums, subjects_per_code,
-                                      summarize, suppress_small_codes)
+from cvmae_jax.reconstruction import (against_baselines, evaluate_split, single_code_sums,
+                                      subjects_per_code, summarize, suppress_small_codes)
 from cvmae_jax.run_setup import (evaluated_config, mask_probabilities, prepare_eval_dataset,
                                  resolve_meds_dir)
 from cvmae_jax.steps import init_state, make_eval_step, make_optimizer
@@ -321,9 +321,8 @@ def _write_results(workdir: str, split: str, result: dict, tasks: dict,
     if removed:
         logging.info("eval: removed %d export(s) of an earlier evaluation (embeddings or "
                      "predictions of a task or model not evaluated now)", len(removed))
-    logging.info("eval %s step %d: masked_mse %.4f vs baseline %.4f; wrote %s", split,
-                 result["step"], result["overall"]["masked_mse"],
-                 result["overall"]["baseline_masked_mse"], final)
+    logging.info("eval %s step %d: %s; wrote %s", split, result["step"],
+                 against_baselines(result["overall"]), final)
 
 
 @contextlib.contextmanager
@@ -347,9 +346,8 @@ def _single_code(graphdef, params, batches: list[dict], stats, probs, config,
                   mask="every value of one code hidden, all others visible")
     _add_cv(result, stats.cv, config.masking.threshold_percentile)
     overall = result["overall"]
-    logging.info("eval %s single-code: %d hidden values, masked_mse %.4f vs baseline %.4f",
-                 config.eval.split, overall["num_masked"], overall["masked_mse"],
-                 overall["baseline_masked_mse"])
+    logging.info("eval %s single-code: %d hidden values, %s", config.eval.split,
+                 overall["num_masked"], against_baselines(overall))
     return result
 
 

@@ -86,11 +86,13 @@ def test_training_start_warns_of_padding_and_prepare_report_names_selection(
     config = default_config()
     config.data.update(tiny.config(max_len=64, lab_code_pattern=ALL_NUMERIC))
     config.data.data_dir = str(tmp_path / "prepared")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         dataset = run_setup.prepare_run_data(config, str(tmp_path / "run"))
     assert [r for r in caplog.messages if "config.data.packing=False: the train windows fill"
             in r], caplog.messages
-    report = open(os.path.join(dataset.path, "prepare_report.md")).read()
+    assert dataset.report_path == os.path.join(dataset.path, "prepare_report.md")
+    assert f"codes, counts and warnings in {dataset.report_path}" in caplog.text
+    report = open(dataset.report_path).read()
     assert f"- Code selection: pattern {ALL_NUMERIC!r}, 4 codes (LAB 3, VITAL 1)" in report
     caplog.clear()
     config.data.packing = True
