@@ -418,9 +418,12 @@ def select_lab_codes(counts: Mapping[str, int], data_config,
     top_k = int(config_get(data_config, "top_k"))
     selected = frequent[:top_k] if top_k > 0 else frequent
     if not selected:
+        prefixes = ", ".join(f"{p} {n}" for p, n in code_prefix_counts(counts).items())
         raise MEDSFormatError(f"data/ (train split), column code: no code with numeric values "
-                              f"matches {pattern!r} with >= {min_count} rows "
-                              f"({len(matching)} match with fewer rows)")
+                              f"matches config.data.lab_code_pattern={pattern!r} with >= "
+                              f"{min_count} rows (config.data.min_code_count; {len(matching)} "
+                              f"match with fewer rows); the {len(counts)} codes with numeric "
+                              f"train values by prefix: {prefixes or 'none'}")
     below = sorted(c for c, n in matching.items() if n < min_count)
     report.update(selection="pattern", matching=len(matching), below_min_count=len(below),
                   selected=len(selected), by_prefix=code_prefix_counts(selected))

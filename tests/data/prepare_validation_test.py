@@ -97,7 +97,10 @@ CASES = {
     "no_parquet_files": (_remove_data, {}, "data", r"no \*.parquet files found"),
     "no_rows": (_empty_shards, {}, "data", "the data files hold no rows"),
     "no_matching_codes": (lambda root: None, {"lab_code_pattern": "^NOPE//"}, "train split",
-                          "no code with numeric values matches '\\^NOPE//'"),
+                          r"no code with numeric values matches "
+                          r"config.data.lab_code_pattern='\^NOPE//' with >= 3 rows "
+                          r"\(config.data.min_code_count; 0 match with fewer rows\); the \d+ "
+                          r"codes with numeric train values by prefix: LAB \d+"),
     "explicit_code_not_in_train": (lambda root: None, {"lab_codes": ("LAB//A//mg/dL",
                                                                      "LAB//E//x")},
                                    "train split", "column code: 1 requested lab_codes"),
