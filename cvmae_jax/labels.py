@@ -45,9 +45,9 @@ def make_labels(meds_dir: str, task: str, output_dir: str | None = None,
     splits = write_labels.row_splits(labels, subject_splits, str(config_path))
     counts = write_labels.split_counts(labels, splits)
     for split, c in counts.items():
-        logging.info("labels %s %s: %d rows, %d subjects, %d positive (prevalence %.1f%%)",
-                     name, split, c["rows"], c["subjects"], c["positives"],
-                     100 * c["prevalence"])
+        logging.info("labels %s %s: %d rows, %d subjects, %d positive%s", name, split,
+                     c["rows"], c["subjects"], c["positives"],
+                     f" (prevalence {100 * c['prevalence']:.1f}%)" if c["rows"] else "")
         if c["rows"] and not c["positives"]:
             logging.warning("labels %s %s: no positive row; AUROC is undefined there", name,
                             split)
