@@ -654,8 +654,8 @@ def test_trained_batch_of_raw_events_is_evals_label_window(evaluated):
     np.testing.assert_allclose(batch["times"][0, :n], window["times"], atol=1e-6)
 
 
-def test_report_says_when_an_auroc_rests_on_few_positives():
-    from cvmae_jax.evaluation.downstream import report_lines
+def test_report_says_when_an_auroc_rests_on_few_positives(caplog):
+    from cvmae_jax.evaluation.downstream import log_probe, report_lines
 
     rng = np.random.default_rng(6)
     train, tuning = _split(rng, 200, True), _split(rng, 100, True)
@@ -668,6 +668,13 @@ def test_report_says_when_an_auroc_rests_on_few_positives():
     assert (f"- death: 1 positive and 14 negative held_out rows: the AUROC rests on the 1 row(s) "
             f"of the smaller class, and its CI on the {few['bootstrap_used']} of 1000") in text
     assert few["bootstrap_used"] < 1000 and "- ok:" not in text
+    with caplog.at_level("INFO"):
+        for task, result in dict(death=few, ok=many).items():
+            log_probe(task, dict(result, empty_windows={}))
+    death, ok = caplog.records
+    assert death.levelname == "WARNING" and ok.levelname == "INFO"
+    assert death.getMessage().endswith("(1 positive of 15: fewer than 10 of a class, anecdotal)")
+    assert "anecdotal" not in ok.getMessage()
 
 
 @pytest.mark.parametrize("positives, noted", [(9, True), (10, False), (90, False), (91, True)])

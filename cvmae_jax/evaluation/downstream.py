@@ -373,19 +373,28 @@ def probe_tasks(graphdef, params, labels_dir: str, label_tasks: dict[str, LabelT
         result["empty_windows"] = {s: r["empty_windows"] for s, r in rows.items()}
         out["tasks"][task] = result
         data[task] = TaskData(task_dir, windows, x, y, probe)
-        log = logging.warning if result["reason"] else logging.info  # no held_out metric
-        log("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
-            "C=%s (%s), AUROC %s, AUPRC %s%s%s", task, TEST, result["n_train"],
-            result["n_tuning"], result["n"], TEST, number(result["prevalence"]),
-            result["C"], result["c_selection"], number(result["auroc"]), number(result["auprc"]),
-            f" ({result['reason']})" if result["reason"] else "",
-            f"; {sum(result['empty_windows'].values())} label rows with an empty window "
-            "left out" if any(result["empty_windows"].values()) else "")
+        log_probe(task, result)
     out["embed_traces"] = len(embed_fn.traces)
     return out, data
 
 
 FEW_LABELS = 10  # fewer positives or negatives than this on held_out: the report says so
+
+
+def log_probe(task: str, result: dict) -> None:
+    """One console line of a task's probe (``fit_task_probe``'s ``result`` with its
+    ``empty_windows``): a warning when held_out has no metric or few rows of a class."""
+    few = _few_labels_note(task, result)
+    log = logging.warning if result["reason"] or few else logging.info
+    log("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
+        "C=%s (%s), AUROC %s, AUPRC %s%s%s%s", task, TEST, result["n_train"],
+        result["n_tuning"], result["n"], TEST, number(result["prevalence"]),
+        result["C"], result["c_selection"], number(result["auroc"]), number(result["auprc"]),
+        f" ({result['reason']})" if result["reason"] else "",
+        f" ({result['positives']} positive of {result['n']}: fewer than {FEW_LABELS} of a "
+        "class, anecdotal)" if few else "",
+        f"; {sum(result['empty_windows'].values())} label rows with an empty window "
+        "left out" if any(result["empty_windows"].values()) else "")
 
 
 def _few_labels_note(task: str, r: dict) -> list[str]:
