@@ -18,6 +18,10 @@ NORMALIZED_MEAN, NORMALIZED_STD = 0.05, (0.9, 1.1)
 # A CV above this (|mean| below a tenth of the std) comes from a mean near 0 or extreme values
 # rather than from volatility; the report warns about such codes.
 EXTREME_CV = 10.0
+# A train CV at least this many times the CV of the clipped values is set by the few values
+# outside the clipping quantiles (another unit, an entry error) rather than by volatility
+# (set-a: pH 118x from values up to 735; every other code at most 1.9x).
+CV_OUTSIDE_CLIPPING = 3.0
 # A selected code is "mirrored" when at least this share of its train values equal a value of
 # another selected code at the same (subject, time).
 MIRRORED_SHARE = 0.9
@@ -100,6 +104,7 @@ def warnings_for(stats: DataStats) -> list[str]:
             "values) or a few extreme raw values (CV is computed before clipping, as in the "
             "paper), so their high masking tier says little about volatility; check their "
             "values or leave them out with config.data.lab_codes.")
+    warnings += outlier_cv_warning(stats)
     constant = [code for code, std in zip(stats.codes, stats.std) if std == 0]
     if constant:
         warnings.append(
@@ -109,6 +114,29 @@ def warnings_for(stats: DataStats) -> list[str]:
             "teach nothing about volatility; list the codes to keep with "
             "config.data.lab_codes to leave them out.")
     return warnings
+
+
+def outlier_cv_warning(stats: DataStats) -> list[str]:
+    """A warning naming the codes whose raw train CV is at least CV_OUTSIDE_CLIPPING times the
+    CV of their clipped values (norm_std / |norm_mean|): their CV tier rests on the values
+    outside the clipping quantiles. Codes above EXTREME_CV are warned about already."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        clipped_cv = stats.norm_std / np.abs(stats.norm_mean)
+        ratio = stats.cv / clipped_cv
+    found = np.flatnonzero((stats.std > 0) & (stats.cv <= EXTREME_CV) & np.isfinite(ratio)
+                           & (ratio >= CV_OUTSIDE_CLIPPING))
+    if not len(found):
+        return []
+    found = found[np.argsort(-ratio[found], kind="stable")]
+    shown = "; ".join(f"{stats.codes[i]}: {stats.cv[i]:.3g} over every value, "
+                      f"{clipped_cv[i]:.2g} within [{stats.clip_low[i]:.4g}, "
+                      f"{stats.clip_high[i]:.4g}]" for i in found[:4])
+    return [f"{len(found)} of {stats.vocab_size} selected codes have a train CV at least "
+            f"{CV_OUTSIDE_CLIPPING:g}x the CV of their values within the clipping quantiles "
+            f"({shown}{'; ...' if len(found) > 4 else ''}): a few values outside the quantiles "
+            "(another unit, entry errors) set their CV, so their masking tier under cv, cv_rank "
+            "and variance says little about volatility (the paper's rule: CV of the raw "
+            "values). Check their units, or leave the codes out with config.data.lab_codes."]
 
 
 def squeezed_codes(stats: DataStats, reservoirs: Reservoirs, min_subjects: int) -> list[dict]:

@@ -170,6 +170,22 @@ def test_codes_whose_cv_comes_from_a_mean_near_zero_are_warned_about():
                               "their |mean| is below a tenth of their std")
 
 
+def test_codes_whose_cv_comes_from_values_outside_the_clipping_are_warned_about():
+    """pH in another unit in 1 of 2,000 rows: a raw CV of about 2 that the clipped values
+    (CV about 0.01) do not have; a lab with a wide but clean spread is not named."""
+    rng = np.random.default_rng(0)
+    ph = np.r_[rng.normal(7.4, 0.07, 1999), 700.0]
+    lab = rng.lognormal(3.0, 1.0, 2000)
+    events = pa.table({"subject_id": np.tile(np.arange(100), 40),
+                       "code": ["LAB//pH"] * 2000 + ["LAB//ALT"] * 2000,
+                       "numeric_value": np.r_[ph, lab]})
+    stats = compute_stats(events, ["LAB//pH", "LAB//ALT"])
+    (warning,) = report.warnings_for(stats)
+    assert re.match(r"1 of 2 selected codes have a train CV at least 3x the CV of their values "
+                    r"within the clipping quantiles \(LAB//pH: (2|1\.99\d*) over every value, "
+                    r"0\.0\d+ within \[7\.1\d*, 7\.6\d*\]\): a few values outside", warning)
+
+
 def test_counting_values_another_code_has_at_the_same_time():
     t = pa.table({"subject_id": [1, 1, 1, 1, 1, 2, 2, 2],
                   "time": pa.array([0, 0, 0, 5, 5, 0, 0, 9], pa.timestamp("us")),
