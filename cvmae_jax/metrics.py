@@ -154,6 +154,30 @@ class Progress:
             logging.info(self.line(step, metrics))
 
 
+class Countdown:
+    """Progress of a long loop of ``total`` items on process 0: a line "<what>: <done>/<total>
+    <unit>, <rate> <unit>/s, ETA <clock>" at most every ``every_s`` seconds, none for a loop
+    that ends sooner."""
+
+    def __init__(self, what: str, total: int, unit: str, every_s: float = 30.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.done = 0
+        self.start = self.last_line = time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        """Counts ``n`` more items done; logs a line when ``every_s`` has passed since the
+        last one (or the start) and items remain."""
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last_line < self.every_s or self.done >= self.total:
+            return
+        self.last_line = now
+        rate = self.done / (now - self.start)
+        if jax.process_index() == 0:
+            logging.info("%s: %d/%d %s, %.1f %s/s, ETA %s", self.what, self.done, self.total,
+                         self.unit, rate, self.unit, clock((self.total - self.done) / rate))
+
+
 def clock(seconds: float) -> str:
     """Seconds as "12m05s", from an hour on "4h26m40s" ("?" when unknown)."""
     if not math.isfinite(seconds):

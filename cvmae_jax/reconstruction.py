@@ -3,7 +3,7 @@ eval.py), or one code hidden at a time (single-code mode, eval.py)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -12,6 +12,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 from cvmae_jax.data.disclosure import suppress_rows
 from cvmae_jax.data.pipeline import eval_batches
 from cvmae_jax.data.prepare import PreparedDataset
+from cvmae_jax.metrics import Countdown
 
 
 def evaluate_split(eval_step: Callable, params, dataset: PreparedDataset, config, launcher,
@@ -49,22 +50,25 @@ def accumulate_sums(eval_step: Callable, params, batches: Iterable[dict],
     return totals
 
 
-def single_code_sums(eval_step: Callable, params, batches: Iterable[dict], num_codes: int,
+def single_code_sums(eval_step: Callable, params, batches: Sequence[dict], num_codes: int,
                      to_device: Callable[[dict], dict],
                      fetch: Callable = jax.device_get) -> dict[str, np.ndarray]:
     """Per-code sums with one code hidden at a time (``make_eval_step(mode='single_code')``).
 
     Each batch is placed once and run with code = 0..num_codes-1; a pass hiding code c only
     adds to entry c, so summing every (batch, code) output gives each code's sums. The code
-    goes in as an int32 array, so the step compiles once for all codes.
+    goes in as an int32 array, so the step compiles once for all codes. A long run logs its
+    progress (``Countdown``).
     """
     codes = [np.int32(c) for c in range(num_codes)]
+    progress = Countdown("eval single-code", len(batches) * num_codes, "passes")
 
     def calls():
         for batch in batches:
             placed = to_device(batch)
             for code in codes:
                 yield placed, code
+                progress.advance()
 
     return accumulate_sums(lambda p, call: eval_step(p, *call), params, calls(), lambda x: x,
                            fetch)

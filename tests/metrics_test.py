@@ -139,3 +139,21 @@ def test_tensorboard_shows_a_resumed_runs_steps_once(tmp_path):
                              "tuning/num_masked"]
     assert shown["train/loss"] == [(5, 5.0), (10, 10.0), (15, -15.0)]
     assert shown["tuning/num_masked"] == [(10, 7.0)]
+
+
+def test_a_countdown_logs_rate_and_eta_only_for_a_long_loop(caplog, monkeypatch):
+    from cvmae_jax import metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    with caplog.at_level("INFO"):
+        quick = metrics.Countdown("quick", 10, "passes")
+        for _ in range(10):
+            now[0] += 1.0
+            quick.advance()
+        slow = metrics.Countdown("eval single-code", 100, "passes")
+        for _ in range(100):
+            now[0] += 1.0
+            slow.advance()
+    assert caplog.messages == [f"eval single-code: {done}/100 passes, 1.0 passes/s, ETA "
+                               f"{metrics.clock(100 - done)}" for done in (30, 60, 90)]

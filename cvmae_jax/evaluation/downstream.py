@@ -37,6 +37,7 @@ from cvmae_jax.data.pipeline import padded_rows
 from cvmae_jax.evaluation.formatting import number
 from cvmae_jax.evaluation.paired_stats import (NUM_BOOTSTRAP, SubjectBootstrap, one_class,
                                                percentile_ci, resampled_aurocs)
+from cvmae_jax.metrics import Countdown
 from cvmae_jax.pooling import DESCRIPTIONS, pool, pooled_width
 
 C_GRID = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -78,11 +79,14 @@ def embed_label_windows(graphdef: nnx.GraphDef, params, windows: list[dict], max
     it across calls); no value is hidden. An empty window gets a zero vector."""
     embed = embed_fn or make_embed_fn(graphdef)
     out = []
+    progress = Countdown(f"eval: embedding {len(windows):,} label windows", len(windows),
+                         "windows")
     for lo in range(0, len(windows), batch_size):
         chunk = windows[lo:lo + batch_size]
         batch = padded_rows(chunk, max_len, batch_size)
         del batch["example_id"]
         out.append(np.asarray(embed(params, batch))[:len(chunk)])
+        progress.advance(len(chunk))
     if not out:
         return np.zeros((0, embed.width(params)), np.float32)
     return np.concatenate(out).astype(np.float32)
