@@ -112,6 +112,14 @@ def prepare_run_data(config, workdir: str) -> PreparedDataset:
         "logs")
 
 
+def schedule_words(config, dataset: PreparedDataset) -> str:
+    """How many passes over the train windows ``config.train``'s schedule makes."""
+    steps, batch = config.train.num_steps, config.train.batch_size
+    windows = dataset.num_examples["train"]
+    return (f"{steps:,} steps of {batch} windows, {steps * batch / max(windows, 1):,.1f} "
+            f"passes over the {windows:,} train windows")
+
+
 def check_processes_share(workdir: str, start_step: int, config,
                           wait_s: float = SHARED_WORKDIR_WAIT_S) -> None:
     """With several processes: every process runs the same settings (``settings_digests``),

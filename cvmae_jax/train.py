@@ -119,6 +119,7 @@ def set_up(config, workdir: str) -> Run:
     data = None
     try:
         probs = run_setup.mask_probabilities(config, dataset)
+        logging.info("schedule: %s", run_setup.schedule_words(config, dataset))
         run_info = dict(config=config.to_dict(), processes=jax.process_count(),
                         data_stats=run_setup.stats_record(config, dataset, probs))
         optimizer = make_optimizer(config.train)

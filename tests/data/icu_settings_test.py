@@ -92,6 +92,10 @@ def test_training_start_warns_of_padding_and_prepare_report_names_selection(
             in r], caplog.messages
     assert dataset.report_path == os.path.join(dataset.path, "prepare_report.md")
     assert f"codes, counts and warnings in {dataset.report_path}" in caplog.text
+    windows = dataset.num_examples["train"]
+    config.train.update(num_steps=30, batch_size=4)
+    assert run_setup.schedule_words(config, dataset) == (
+        f"30 steps of 4 windows, {120 / windows:.1f} passes over the {windows} train windows")
     report = open(dataset.report_path).read()
     assert f"- Code selection: pattern {ALL_NUMERIC!r}, 4 codes (LAB 3, VITAL 1)" in report
     caplog.clear()
