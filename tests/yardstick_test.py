@@ -44,3 +44,9 @@ def test_yardstick_shows_reconstruction_and_task_rows():
     assert ("| mortality | 0.830 [0.750, 0.900] | aggregates LR | +0.030 [+0.010, +0.050] "
             "together better | +0.130 [+0.050, +0.200] together better |") in text
     assert text.count("| readmission |") == 0  # no comparison: no rows
+    assert "has no prediction export" not in text
+    together = result["downstream"]["tasks"]["mortality"]["aggregates"]["probe_plus_aggregates"]
+    together["calibration"] = dict(reason="tuning split has one class or no rows")
+    assert ("- mortality: probe + aggregates has no prediction export (its sum of log-odds has "
+            "no probabilities: tuning split has one class or no rows)"
+            in "\n".join(yardstick_lines(result)))

@@ -2,7 +2,7 @@
 
 For k in K_SHOTS, R seeded draws of k train rows (stratified: each class gets its share of k
 rounded, at least one row when it has any), a probe fit on each draw with C fixed to the value
-the full-data probe chose on tuning, AUROC on held_out. "all" is the full-data probe itself.
+the full-data probe took (chosen on tuning), AUROC on held_out. "all" is the full-data probe itself.
 ``kshot_curve`` draws the same rows for any other model (eval.py's fine-tuned classifier,
 ``cvmae_jax.evaluation.finetune``).
 """
@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from cvmae_jax.evaluation.downstream import TEST, Probe, fit_probe
+from cvmae_jax.evaluation.downstream import DEFAULT_C, TEST, Probe, fit_probe
 from cvmae_jax.evaluation.paired_stats import one_class
 
 K_SHOTS = (16, 64, 256)
 NUM_DRAWS = 5
-C_POLICY = "C fixed to the full-data probe's C (chosen on tuning by AUROC)"
+C_POLICY = (f"C fixed to the full-data probe's C (chosen on tuning by AUROC; {DEFAULT_C:g} when "
+            "tuning has a single class)")
 
 
 def kshot_indices(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

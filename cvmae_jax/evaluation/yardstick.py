@@ -66,7 +66,7 @@ def yardstick_lines(result: dict) -> list[str]:
 
 def _together_lines(tasks: dict) -> list[str]:
     """The probe and the aggregates model together, per task, beside each alone."""
-    rows = []
+    rows, unexported = [], []
     for task, r in tasks.items():
         together = r.get("aggregates", {}).get("probe_plus_aggregates")
         if together:
@@ -74,6 +74,10 @@ def _together_lines(tasks: dict) -> list[str]:
             rows.append(f"| {task} | {_auroc(together)} | {model} | "
                         f"{_difference(together['minus_model'], model, 'together')} | "
                         f"{_difference(together['minus_probe'], 'probe', 'together')} |")
+            reason = (together.get("calibration") or {}).get("reason")
+            if reason:
+                unexported.append(f"- {task}: probe + aggregates has no prediction export (its "
+                                  f"sum of log-odds has no probabilities: {reason})")
     if not rows:
         return []
     return ["| task | probe + aggregates AUROC | aggregates model | together - that model "
@@ -84,7 +88,8 @@ def _together_lines(tasks: dict) -> list[str]:
             "to unit spread on tuning, both fit on train. "
             "Above 0 against that model: the encoder's vector adds to what the hand-made "
             "features give it. Below 0: the equal weights cost more than the vector adds, as "
-            "where the probe is far behind the model alone.", ""]
+            "where the probe is far behind the model alone.", "",
+            *([*unexported, ""] if unexported else [])]
 
 
 def _untrained_lines(tasks: dict) -> list[str]:
