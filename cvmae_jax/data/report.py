@@ -267,7 +267,7 @@ def markdown(report: dict) -> str:
               "have a value at or beyond it", ""]
     for w in report["warnings"]:
         lines.append(f"**Warning:** {w}\n")
-    keys = ("subjects", "subjects_with_rows", "events", "numeric_events", "lab_events",
+    keys = ("subjects", "subjects_with_rows", "rows", "events", "numeric_events", "lab_events",
             "null_time", "null_value", "nonfinite_value", "dropped_value", "duplicate_rows",
             "after_death_rows",
             "unsorted_subjects", "examples", "tokens", "short_windows_dropped",
@@ -277,7 +277,9 @@ def markdown(report: dict) -> str:
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{flat[s].get(k, 0):,}" for s in meds.SPLITS)
                      + " |")
-    lines += ["", "Left out: rows without a time (null_time), without a numeric value "
+    lines += ["", "rows: every row of the split's subjects; events: those with a time; "
+              "numeric_events: those with a finite numeric value too. "
+              "Left out: rows without a time (null_time), without a numeric value "
               "(null_value), with NaN/inf (nonfinite_value) or with a value listed in "
               "config.data.drop_values (dropped_value). Kept and counted: exact duplicate "
               "lab rows, lab rows after the subject's MEDS_DEATH, and subjects whose rows were "

@@ -274,3 +274,14 @@ def test_placeholder_values_are_warned_about_and_can_be_dropped(tiny_meds, tmp_p
                              map(dropped.data_source("train").__getitem__,
                                  range(dropped.num_examples["train"]))])
     assert len(values) == dropped.stats.count[a] and 0.8 < values.std() < 1.2
+
+
+def test_the_report_counts_rows_and_timed_events_apart(tiny_meds, tmp_path):
+    text = open(prepare_dataset(tiny_meds.config(), None, tmp_path).report_path).read()
+
+    def row(key):
+        (line,) = [line for line in text.splitlines() if line.startswith(f"| {key} |")]
+        return [int(cell.replace(",", "")) for cell in line.split("|")[2:-1]]
+
+    assert [r - n for r, n in zip(row("rows"), row("null_time"))] == row("events")
+    assert row("null_time")[0] == 5  # one static row per train subject
