@@ -43,11 +43,18 @@ class Checkpointer:
     def latest_complete_step(directory: str | os.PathLike) -> int | None:
         """The newest complete checkpoint's step under ``directory``, creating nothing (None
         when there is no such folder or no complete checkpoint in it)."""
+        steps = Checkpointer.complete_steps(directory)
+        return steps[-1] if steps else None
+
+    @staticmethod
+    def complete_steps(directory: str | os.PathLike) -> list[int]:
+        """The steps of the complete checkpoints under ``directory``, ascending, creating
+        nothing ([] when there is no such folder)."""
         if not os.path.isdir(directory):
-            return None
+            return []
         manager = _read_only_manager(directory)
         try:
-            return manager.latest_step()
+            return sorted(manager.all_steps())
         finally:
             manager.close()
 

@@ -64,15 +64,15 @@ def _eval(argv) -> None:
         if FLAGS.compare:
             from cvmae_jax.evaluation.compare import compare_runs
 
-            if eval_overrides():
+            if eval_overrides() or FLAGS.step is not None:
                 raise ValueError("--compare reads the runs' eval/metrics.json and takes no "
-                                 "--config.<field> overrides")
+                                 "--config.<field> overrides or --step")
             check_writable(FLAGS.workdir, "--compare writes its report there (--workdir)")
             compare_runs(FLAGS.compare, FLAGS.workdir)
         else:
             from cvmae_jax.evaluation.run_eval import evaluate_run, run_config_with
 
-            evaluate_run(FLAGS.workdir, split=FLAGS.split,
+            evaluate_run(FLAGS.workdir, split=FLAGS.split, step=FLAGS.step,
                          config=run_config_with(FLAGS.workdir, eval_overrides()))
 
 
@@ -299,6 +299,9 @@ def eval_main() -> None:
     flags.DEFINE_string("split", "held_out", "Split of the reconstruction metrics (the probes "
                         "always test on held_out); writes eval/ for held_out, eval_<split>/ "
                         "otherwise.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest); "
+                         "writes eval_step<N>/ (eval_<split>_step<N>/), so eval/ keeps the "
+                         "newest's results.", lower_bound=0)
     flags.DEFINE_list("compare", None, "Comma-separated evaluated run workdirs (a 'random' "
                       "masking run for each seed): compare them into --workdir instead of "
                       "evaluating --workdir.")

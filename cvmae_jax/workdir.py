@@ -24,10 +24,12 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
-def eval_dir(workdir: str, split: str = "held_out") -> str:
+def eval_dir(workdir: str, split: str = "held_out", step: int | None = None) -> str:
     """Where eval.py writes: ``eval/`` for held_out (what the study and ``--compare`` read),
-    ``eval_<split>/`` for another split, so evaluating it keeps the held_out results."""
-    return os.path.join(workdir, "eval" if split == "held_out" else f"eval_{split}")
+    ``eval_<split>/`` for another split, so evaluating it keeps the held_out results; for a
+    chosen checkpoint ``step`` (not the newest by default) that name + ``_step<step>``."""
+    name = "eval" if split == "held_out" else f"eval_{split}"
+    return os.path.join(workdir, name if step is None else f"{name}_step{step}")
 
 
 def eval_metrics_path(workdir: str, split: str = "held_out") -> str:

@@ -542,6 +542,9 @@ def test_cli_compare_writes_the_report_and_refuses_unusable_runs(tmp_path):
     assert "Traceback" not in result.stderr
     result = run_eval_cli(f"--compare={cv}", f"--workdir={tmp_path}/out")
     assert result.returncode == 1 and "no 'random' run among --compare" in result.stderr
+    result = run_eval_cli(f"--compare={ref},{cv}", "--step=5", f"--workdir={tmp_path}/out")
+    assert result.returncode == 1 and "takes no --config.<field> overrides or --step" in \
+        result.stderr
     assert not (tmp_path / "out").exists()
     result = run_eval_cli(f"--compare={ref},{cv}", f"--workdir={tmp_path}/out")
     assert result.returncode == 0, result.stderr[-2000:]

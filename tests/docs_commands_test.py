@@ -28,7 +28,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 HARDWARE_MARK = re.compile(r"#\s*(GPU|TPU|cluster)\b")
 # The flags other than --config.* that each entry point defines, and those it requires.
 ENTRY_FLAGS = {"train.py": ({"config", "workdir"}, {"config", "workdir"}),
-               "eval.py": ({"config", "workdir", "split", "compare"}, {"workdir"}),
+               "eval.py": ({"config", "workdir", "split", "step", "compare"}, {"workdir"}),
                "cvmae_jax.study": ({"config", "workdir"}, {"config", "workdir"}),
                "cvmae_jax.prepare": ({"config", "beam_options"}, {"config"}),
                "cvmae_jax.labels": ({"config", "task", "output_dir", "overwrite"},

@@ -356,6 +356,20 @@ def test_an_explicit_labels_dir_must_hold_tasks(tiny_run, tmp_path):
     assert read_label_tasks(str(tmp_path), stats, 32) == (str(tmp_path / "labels"), {})
 
 
+def test_eval_of_a_chosen_step_writes_its_own_folder(tmp_path):
+    data, workdir = tmp_path / "data", str(tmp_path / "run")
+    train_and_evaluate(tiny_config(data, num_steps=30, log_every=15, eval_every=30,
+                                   checkpoint_every=15), workdir)
+    result = evaluate_run(workdir, config=quick_eval_config(workdir), step=15)
+    assert result["step"] == 15 and not os.path.exists(os.path.join(workdir, "eval"))
+    written = json.load(open(os.path.join(workdir, "eval_step15", "metrics.json")))
+    assert written["step"] == 15 and written["overall"] == result["overall"]
+    with pytest.raises(ValueError, match=r"checkpoints: --step=20: no complete checkpoint of "
+                                         r"that step \(complete: 15, 30\)"):
+        evaluate_run(workdir, config=quick_eval_config(workdir), step=20)
+    assert sorted(p for p in os.listdir(workdir) if p.startswith("eval")) == ["eval_step15"]
+
+
 def test_eval_builds_the_model_from_the_checkpoints_own_settings(tiny_run, tmp_path, caplog):
     """A config.json that differs from the checkpoint's settings (copied from another run,
     edited, or rewritten by a resume with allow_config_change that stopped before its next

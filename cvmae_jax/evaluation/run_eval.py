@@ -1,5 +1,5 @@
 """``eval.py``: evaluation of a pretrained run, written to ``RUN/eval/`` (``RUN/eval_<split>/``
-for a split other than held_out).
+for a split other than held_out; ``_step<N>`` added for a checkpoint chosen with ``--step``).
 
 Reconstruction under the fixed uniform mask (overall, by CV tier, per lab, beside the per-code
 mean and carry-forward) and, optionally, with one code hidden at a time; downstream probes on
@@ -72,25 +72,28 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def evaluate_run(workdir: str, config=None, split: str = "held_out") -> dict:
-    """Restores the newest checkpoint of ``workdir`` and writes under ``eval_dir(workdir,
-    split)``: metrics.json, report.md, reconstruction_by_lab.png, label_efficiency.png,
+def evaluate_run(workdir: str, config=None, split: str = "held_out",
+                 step: int | None = None) -> dict:
+    """Restores the newest checkpoint of ``workdir`` (or the one of ``step``) and writes under
+    ``eval_dir(workdir, split, step)``: metrics.json, report.md, reconstruction_by_lab.png, label_efficiency.png,
     embeddings/<task>.parquet, predictions/<task>/{tuning,held_out}.parquet (the probe) and
     predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
     with the aggregates, the fine-tuned networks). ``config``:
     the run's config (default: its config.json). Returns the metrics. SIGTERM stops it at
     once, leaving the earlier results (``preemption.Terminated``). One evaluation per results
-    folder at a time (the workdir's ``.eval.lock``, ``.eval_<split>.lock``): a second stops in
-    one line. The staging folders of an evaluation killed on this machine are removed."""
+    folder at a time (the workdir's ``.eval.lock``, ``.eval_<split>.lock``,
+    ``.eval_step<step>.lock``): a second stops in one line. The staging folders of an evaluation killed on this machine are removed."""
     with sigterm_terminates("during the evaluation: the earlier results are as they were",
                             parallel.python_handles_sigterm()):
         _newest_step(workdir)  # no checkpoint: refused before the lock file is made
         config = config if config is not None else run_config(workdir)
-        final = eval_dir(workdir, split)
+        final = eval_dir(workdir, split, step)
         lock = WorkdirLock(workdir, evaluation(os.path.basename(final)))
         try:
             _remove_interrupted_results(final)
-            return _evaluate_newest(workdir, config, split)
+            if step is None:
+                return _evaluate_newest(workdir, config, split, final)
+            return _evaluate_chosen(workdir, config, split, step, final)
         finally:
             lock.release()
 
@@ -112,9 +115,10 @@ class CheckpointRemoved(Exception):
 RESTORE_ATTEMPTS = 3
 
 
-def _evaluate_newest(workdir: str, config, split: str) -> dict:
-    """``_evaluate`` of the newest complete checkpoint; where the training deletes it before it
-    is read, again with the newest one then, ``RESTORE_ATTEMPTS`` times at most."""
+def _evaluate_newest(workdir: str, config, split: str, final: str) -> dict:
+    """``_evaluate`` of the newest complete checkpoint into ``final``; where the training
+    deletes it before it is read, again with the newest one then, ``RESTORE_ATTEMPTS`` times at
+    most."""
     deleted = []
     for _ in range(RESTORE_ATTEMPTS):
         step = _newest_step(workdir)
@@ -123,7 +127,8 @@ def _evaluate_newest(workdir: str, config, split: str) -> dict:
                             "ended (it is still training, or it stopped early)", step,
                             config.train.num_steps)
         try:
-            return _evaluate(workdir, split, *_checked_config(workdir, config, split, step))
+            return _evaluate(workdir, split, final,
+                             *_checked_config(workdir, config, split, step, final))
         except CheckpointRemoved:
             deleted.append(step)
             logging.warning("eval: checkpoint %d was deleted by the training before eval.py "
@@ -131,6 +136,21 @@ def _evaluate_newest(workdir: str, config, split: str) -> dict:
     raise ValueError(f"{checkpoint_dir(workdir)}: checkpoints {', '.join(map(str, deleted))} "
                      "were each deleted by the training before eval.py read them: evaluate the "
                      "run once its training ends, or raise train.keep_checkpoints")
+
+
+def _evaluate_chosen(workdir: str, config, split: str, step: int, final: str) -> dict:
+    """``_evaluate`` of the complete checkpoint of ``step`` into ``final``."""
+    checkpoints = checkpoint_dir(workdir)
+    steps = Checkpointer.complete_steps(checkpoints)
+    if step not in steps:
+        raise ValueError(f"{checkpoints}: --step={step}: no complete checkpoint of that step "
+                         f"(complete: {', '.join(map(str, steps))})")
+    try:
+        return _evaluate(workdir, split, final,
+                         *_checked_config(workdir, config, split, step, final))
+    except CheckpointRemoved:
+        raise ValueError(f"{checkpoints}: checkpoint {step} was deleted by the training before "
+                         "eval.py read it (train.keep_checkpoints)") from None
 
 
 def _newest_step(workdir: str) -> int:
@@ -142,9 +162,9 @@ def _newest_step(workdir: str) -> int:
     return step
 
 
-def _checked_config(workdir: str, config, split: str, step: int) -> Checked:
+def _checked_config(workdir: str, config, split: str, step: int, final: str) -> Checked:
     """``Checked`` for checkpoint ``step`` of the run whose config.json is ``config``, once the
-    results folder is found writable."""
+    results folder ``final`` is found writable."""
     config = _unless_deleted(workdir, step, lambda: evaluated_config(
         config, workdir, step))  # a new config: the caller's keeps its validation split
     settings = eval_settings(config)  # before the split below: as the run's config has them
@@ -152,7 +172,7 @@ def _checked_config(workdir: str, config, split: str, step: int) -> Checked:
     parallel.check_batch_size(config.eval.batch_size, jax.device_count(),
                               "config.eval.batch_size")
     finetune = finetune_config(config)
-    check_writable(eval_dir(workdir, split), "eval.py writes its results there")
+    check_writable(final, "eval.py writes its results there")
     return Checked(step, config, settings, finetune)
 
 
@@ -186,8 +206,10 @@ def _remove_interrupted_results(final: str) -> None:
                         "you need and remove the folder", path, final)
 
 
-def _evaluate(workdir: str, split: str, step: int, config, settings: dict, finetune) -> dict:
-    """The evaluation of ``evaluate_run``, once its config is checked and its lock held."""
+def _evaluate(workdir: str, split: str, final: str, step: int, config, settings: dict,
+              finetune) -> dict:
+    """The evaluation of ``evaluate_run`` into ``final``, once its config is checked and its
+    lock held."""
     checkpoints = checkpoint_dir(workdir)
     meds_dir = resolve_meds_dir(config, workdir)
     dataset = prepare_eval_dataset(config, workdir, meds_dir)
@@ -284,21 +306,20 @@ def _evaluate(workdir: str, split: str, step: int, config, settings: dict, finet
             tasks)
     result["downstream"]["embed_traces"] = len(embed_fn.traces)
     if jax.process_index() == 0:
-        _write_results(workdir, split, result, tasks,
+        _write_results(final, split, result, tasks,
                        {task: aggregate_probabilities.get(task, {})
                         | (finetuned[task].probabilities if task in finetuned else {})
                         for task in tasks})
     return result
 
 
-def _write_results(workdir: str, split: str, result: dict, tasks: dict,
+def _write_results(final: str, split: str, result: dict, tasks: dict,
                    model_probabilities: dict) -> None:
     """Writes (process 0) the exports of each task (embeddings, the probe's predictions, and
     ``model_probabilities[task]``: the other models' predictions), scores them, and writes
     metrics.json, report.md and the figures, all into a staging folder moved into
-    ``eval_dir(workdir, split)`` once complete (staging.py); then removes the exports of an
+    ``final`` (``eval_dir``) once complete (staging.py); then removes the exports of an
     earlier evaluation that are not written now. Adds the exports and scores to ``result``."""
-    final = eval_dir(workdir, split)
     with staged(final) as out:
         result["exports"] = {task: write_task_exports(out, task, data)
                              for task, data in tasks.items()}
