@@ -195,10 +195,13 @@ def cast_column(path: Path, name: str, column, to_type: pa.DataType, safe: bool 
 def whole_microseconds(column, round_up: bool):
     """Timestamp ``column`` with a finer time than MEDS's microsecond rounded to one, up
     (``round_up``: event times) or down (prediction times), so an event after a prediction
-    time never compares at or before it; same type, so an exact cast to microseconds follows."""
+    time never compares at or before it; same type, so an exact cast to microseconds follows.
+    A zone-aware column is rounded as UTC instants."""
     if not pa.types.is_timestamp(column.type) or column.type.unit != "ns":
         return column
-    return (pc.ceil_temporal if round_up else pc.floor_temporal)(column, unit="microsecond")
+    instants = column.cast(pa.timestamp("ns"))  # UTC: local time repeats an hour in autumn
+    rounded = (pc.ceil_temporal if round_up else pc.floor_temporal)(instants, unit="microsecond")
+    return rounded.cast(column.type)
 
 
 @contextlib.contextmanager

@@ -91,8 +91,8 @@ def label_rows(task: TaskData, split: str) -> pa.Table:
         table = table.select(keep).take(pa.array(rows, pa.int64()))
         table = table.set_column(0, "subject_id", table["subject_id"].cast(pa.int64()))
         zone = table.schema.field("prediction_time").type.tz
-        table = table.set_column(1, "prediction_time", table["prediction_time"].cast(
-            pa.timestamp("us", tz=zone), safe=False))
+        table = table.set_column(1, "prediction_time", meds.whole_microseconds(
+            table["prediction_time"], round_up=False).cast(pa.timestamp("us", tz=zone)))
         parts.append(table)
     if not parts:
         return empty_label_table()

@@ -163,6 +163,31 @@ def test_no_event_after_a_nanosecond_prediction_time_enters_its_window(setup, tm
     assert [len(w["codes"]) - before for w in windows] == list(kept.values())
 
 
+def test_nanosecond_times_in_the_hour_repeated_when_daylight_saving_ends(setup, tmp_path):
+    """Zone-aware nanosecond times are rounded as UTC instants: in New York's repeated hour a
+    local-time rounding would be ambiguous."""
+    tiny_meds, stats = setup
+    shard = tiny_meds.root / "data/held_out/0.parquet"
+    _zone_data(tiny_meds.root, NY)
+    ns = pa.timestamp("ns", tz=NY)
+    before = np.datetime64("2024-11-03T05:50:00", "ns")  # 01:50 EDT
+    after = np.datetime64("2024-11-03T06:40:00", "ns") + np.timedelta64(1, "ns")  # 01:40 EST
+    old = pq.read_table(shard)
+    old = old.set_column(old.column_names.index("time"), "time", old["time"].cast(ns))
+    extra = pa.table({"subject_id": pa.array([6, 6], pa.int64()),
+                      "time": pa.array([before, after], pa.timestamp("ns")).cast(ns),
+                      "code": [stats.codes[0]] * 2,
+                      "numeric_value": pa.array([1.0, 2.0], pa.float32())})
+    pq.write_table(pa.concat_tables([old, extra]), shard)
+    t_pred = before + np.timedelta64(500, "ns")
+    pq.write_table(pa.table({
+        "subject_id": pa.array([6], pa.int64()),
+        "prediction_time": pa.array([t_pred], pa.timestamp("ns")).cast(ns),
+        "boolean_value": [True]}), tmp_path / "labels.parquet")
+    (w,) = labels.label_windows(tiny_meds.root, tmp_path / "labels.parquet", stats, MAX_LEN)
+    assert int(w["end_time_us"]) == int(before.astype("datetime64[us]").astype(np.int64))
+
+
 def test_label_files_of_one_task_share_a_zone(tmp_path):
     pairs = [(1, T0)]
     _write_labels(tmp_path / "train.parquet", pairs, NY)
