@@ -159,16 +159,17 @@ class Countdown:
     <unit>, <rate> <unit>/s, ETA <clock>" at most every ``every_s`` seconds, none for a loop
     that ends sooner."""
 
-    def __init__(self, what: str, total: int, unit: str, every_s: float = 30.0):
+    def __init__(self, what: str, total: int, unit: str, every_s: float = 30.0,
+                 timer=time.perf_counter):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
-        self.done = 0
-        self.start = self.last_line = time.perf_counter()
+        self.done, self.timer = 0, timer
+        self.start = self.last_line = timer()
 
     def advance(self, n: int = 1) -> None:
         """Counts ``n`` more items done; logs a line when ``every_s`` has passed since the
         last one (or the start) and items remain."""
         self.done += n
-        now = time.perf_counter()
+        now = self.timer()
         if now - self.last_line < self.every_s or self.done >= self.total:
             return
         self.last_line = now

@@ -97,8 +97,8 @@ class Run:
 
 
 def _close_in_order(*closers: Callable[[], None]) -> None:
-    """Calls ``closers`` in order, every one even when one before it raises (that error is
-    raised after the rest)."""
+    """Calls ``closers`` in order, every one even when one before it raises; then raises the
+    last error, the earlier ones chained as its context."""
     with contextlib.ExitStack() as stack:
         for close in reversed(closers):
             stack.callback(close)

@@ -37,6 +37,7 @@ from cvmae_jax.evaluation import run_eval
 from cvmae_jax.evaluation.run_eval import evaluate_run
 from cvmae_jax.evaluation.staging import NoRoom
 from cvmae_jax.run_setup import check_eval_dataset, resolve_meds_dir
+from cvmae_jax.damaged_checkpoints import DamagedCheckpointError
 from cvmae_jax.train import train_and_evaluate
 from cvmae_jax.trained import load_trained
 from cvmae_jax.workdir import run_config
@@ -368,6 +369,9 @@ def test_eval_of_a_chosen_step_writes_its_own_folder(tmp_path):
                                          r"that step \(complete: 15, 30\)"):
         evaluate_run(workdir, config=quick_eval_config(workdir), step=20)
     assert sorted(p for p in os.listdir(workdir) if p.startswith("eval")) == ["eval_step15"]
+    os.remove(os.path.join(workdir, "checkpoints", "15", "state", "_METADATA"))
+    with pytest.raises(DamagedCheckpointError, match="15"):  # said as it is, not as deleted
+        evaluate_run(workdir, config=quick_eval_config(workdir), step=15)
 
 
 def test_eval_builds_the_model_from_the_checkpoints_own_settings(tiny_run, tmp_path, caplog):

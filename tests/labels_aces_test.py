@@ -188,3 +188,20 @@ def _labels_command_after(code, meds_dir, output_dir):
          f"--config.data.meds_dir={meds_dir}", "--task=readmission_30d",
          f"--output_dir={output_dir}"],
         capture_output=True, text=True, cwd=TASKS_DIR.parents[1])
+
+
+def test_a_split_without_label_rows_is_logged_without_a_prevalence(synthetic, tmp_path, caplog,
+                                                                   monkeypatch):
+    from cvmae_jax import labels as labels_command
+
+    train = [s for s, split in meds.read_subject_splits(synthetic).items() if split == "train"]
+    every = extract_labels(TASKS_DIR / "in_hospital_mortality_24h.yaml", synthetic)
+    monkeypatch.setattr(labels_command.aces_extract, "extract_labels", lambda *args: every.filter(
+        pc.is_in(every["subject_id"], pa.array(train, pa.int64()))))
+    with caplog.at_level("INFO"):
+        counts = make_labels(str(synthetic), "in_hospital_mortality_24h",
+                             output_dir=str(tmp_path / "m"))
+    assert counts["held_out"]["rows"] == 0
+    (line,) = [m for m in caplog.messages if m.startswith("labels in_hospital_mortality_24h "
+                                                          "held_out:")]
+    assert line == "labels in_hospital_mortality_24h held_out: 0 rows, 0 subjects, 0 positive"

@@ -141,17 +141,16 @@ def test_tensorboard_shows_a_resumed_runs_steps_once(tmp_path):
     assert shown["tuning/num_masked"] == [(10, 7.0)]
 
 
-def test_a_countdown_logs_rate_and_eta_only_for_a_long_loop(caplog, monkeypatch):
+def test_a_countdown_logs_rate_and_eta_only_for_a_long_loop(caplog):
     from cvmae_jax import metrics
 
     now = [100.0]
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
     with caplog.at_level("INFO"):
-        quick = metrics.Countdown("quick", 10, "passes")
+        quick = metrics.Countdown("quick", 10, "passes", timer=lambda: now[0])
         for _ in range(10):
             now[0] += 1.0
             quick.advance()
-        slow = metrics.Countdown("eval single-code", 100, "passes")
+        slow = metrics.Countdown("eval single-code", 100, "passes", timer=lambda: now[0])
         for _ in range(100):
             now[0] += 1.0
             slow.advance()

@@ -109,7 +109,8 @@ class Probe:
     C: float
 
     def decision(self, x: np.ndarray) -> np.ndarray:
-        """Decision function float64 [N] of window vectors x [N, W] (monotone in the probability; used for AUROC/AUPRC)."""
+        """Decision function float64 [N] of window vectors x [N, W] (monotone in the
+        probability; used for AUROC/AUPRC)."""
         return self.model.decision_function(self.scaler.transform(x)) if len(x) else np.zeros(0)
 
     def probability(self, x: np.ndarray) -> np.ndarray:

@@ -75,14 +75,15 @@ def run_config_with(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
 def evaluate_run(workdir: str, config=None, split: str = "held_out",
                  step: int | None = None) -> dict:
     """Restores the newest checkpoint of ``workdir`` (or the one of ``step``) and writes under
-    ``eval_dir(workdir, split, step)``: metrics.json, report.md, reconstruction_by_lab.png, label_efficiency.png,
-    embeddings/<task>.parquet, predictions/<task>/{tuning,held_out}.parquet (the probe) and
-    predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates models, the probe
-    with the aggregates, the fine-tuned networks). ``config``:
-    the run's config (default: its config.json). Returns the metrics. SIGTERM stops it at
-    once, leaving the earlier results (``preemption.Terminated``). One evaluation per results
-    folder at a time (the workdir's ``.eval.lock``, ``.eval_<split>.lock``,
-    ``.eval_step<step>.lock``): a second stops in one line. The staging folders of an evaluation killed on this machine are removed."""
+    ``eval_dir(workdir, split, step)``: metrics.json, report.md, reconstruction_by_lab.png,
+    label_efficiency.png, embeddings/<task>.parquet, predictions/<task>/{tuning,held_out}.parquet
+    (the probe) and predictions_<model>/<task>/{tuning,held_out}.parquet (the aggregates
+    models, the probe with the aggregates, the fine-tuned networks). ``config``: the run's
+    config (default: its config.json). Returns the metrics. SIGTERM stops it at once, leaving
+    the earlier results (``preemption.Terminated``). One evaluation per results folder at a
+    time (the workdir's ``.eval<folder suffix>.lock``: ``.eval.lock``, ``.eval_tuning.lock``,
+    ``.eval_step500.lock``, ``.eval_tuning_step500.lock``): a second stops in one line. The
+    staging folders of an evaluation killed on this machine are removed."""
     with sigterm_terminates("during the evaluation: the earlier results are as they were",
                             parallel.python_handles_sigterm()):
         _newest_step(workdir)  # no checkpoint: refused before the lock file is made
@@ -148,7 +149,9 @@ def _evaluate_chosen(workdir: str, config, split: str, step: int, final: str) ->
     try:
         return _evaluate(workdir, split, final,
                          *_checked_config(workdir, config, split, step, final))
-    except CheckpointRemoved:
+    except CheckpointRemoved as removed:
+        if step in Checkpointer.complete_steps(checkpoints):  # there: it failed on its own
+            raise removed.__cause__ from None  # (a damaged checkpoint, say)
         raise ValueError(f"{checkpoints}: checkpoint {step} was deleted by the training before "
                          "eval.py read it (train.keep_checkpoints)") from None
 
@@ -177,14 +180,15 @@ def _checked_config(workdir: str, config, split: str, step: int, final: str) -> 
 
 
 def _unless_deleted(workdir: str, step: int, read):
-    """``read()`` of checkpoint ``step``; ``CheckpointRemoved`` where it fails and the step is
-    no longer the newest complete checkpoint (the training deleted it, or is deleting it)."""
+    """``read()`` of checkpoint ``step``; ``CheckpointRemoved`` (caused by the read's error)
+    where it fails and the step is no longer the newest complete checkpoint (the training
+    deleted it, or is deleting it)."""
     try:
         return read()
-    except Exception:
+    except Exception as error:
         if Checkpointer.latest_complete_step(checkpoint_dir(workdir)) == step:
             raise
-        raise CheckpointRemoved(step) from None
+        raise CheckpointRemoved(step) from error
 
 
 def _remove_interrupted_results(final: str) -> None:
