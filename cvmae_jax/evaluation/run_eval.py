@@ -100,8 +100,9 @@ def evaluate_run(workdir: str, config=None, split: str = "held_out",
 
 
 class Checked(NamedTuple):
-    """What ``_evaluate`` evaluates: the newest complete step, the config evaluated at the
-    split, the run's eval settings and the fine-tuning settings."""
+    """What ``_evaluate`` evaluates: the checkpoint's step (the newest complete one, or the
+    one chosen), the config evaluated at the split, the run's eval settings and the
+    fine-tuning settings."""
     step: int
     config: ml_collections.ConfigDict
     settings: dict
