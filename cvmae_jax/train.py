@@ -96,12 +96,13 @@ class Run:
         _close_in_order(self.data.close, self.checkpointer.close, self.lock.release)
 
 
-def _close_in_order(*closers: Callable[[], None]) -> None:
-    """Calls ``closers`` in order, every one even when one before it raises; then raises the
-    last error, the earlier ones chained as its context."""
+def _close_in_order(*closers: Callable[[], None] | None) -> None:
+    """Calls ``closers`` in order (None: nothing to close), every one even when one before it
+    raises; then raises the last error, the earlier ones chained as its context."""
     with contextlib.ExitStack() as stack:
         for close in reversed(closers):
-            stack.callback(close)
+            if close is not None:
+                stack.callback(close)
 
 
 def set_up(config, workdir: str) -> Run:
@@ -135,7 +136,7 @@ def set_up(config, workdir: str) -> Run:
                          if start_step >= config.train.num_steps else "")
         _write_run_info(workdir, run_info)  # after the restore: a refused one leaves them
     except BaseException:
-        _close_in_order(*([data.close] if data is not None else []), checkpointer.close,
+        _close_in_order(data.close if data is not None else None, checkpointer.close,
                         lock.release)
         raise
     return Run(config, workdir, launcher, checkpointer, start_step, preempted_early, dataset,
@@ -171,10 +172,10 @@ def _open_workdir(config, workdir: str):
         if saved_run:
             run_setup.check_resume_codes(saved_run, dataset, start_step)
     except BaseException:
-        _close_in_order(*([checkpointer.close] if checkpointer is not None else []),
+        _close_in_order(checkpointer.close if checkpointer is not None else None,
                         lambda: lock.release(remove_file=created_workdir),
-                        *([lambda: run_setup.remove_new_workdir(workdir)] if created_workdir
-                          else []))
+                        (lambda: run_setup.remove_new_workdir(workdir)) if created_workdir
+                        else None)
         raise
     return lock, checkpointer, start_step, preempted_early, dataset
 

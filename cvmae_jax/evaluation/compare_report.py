@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cvmae_jax.data.code_names import markdown_cell
 from cvmae_jax.evaluation.compared_runs import REFERENCE
-from cvmae_jax.evaluation.downstream import FEW_LABELS
+from cvmae_jax.evaluation.downstream import FEW_LABELS, few_labels
 from cvmae_jax.evaluation.formatting import number
 
 
@@ -168,7 +168,7 @@ def _auroc_rows(task: str, info: dict) -> str:
         return f"{task}: no predictions files"
     text = (f"{task}: n = {info['n']} shared rows of {info['subjects']} subjects, "
             f"{info['positives']} positive")
-    if min(info["positives"], info["n"] - info["positives"]) < FEW_LABELS:
+    if few_labels(info["n"], info["positives"]):
         text += (f" (fewer than {FEW_LABELS} of a class: a resample without both classes has "
                  "no AUROC and is left out, so its CIs are narrower than the uncertainty; "
                  "read them as anecdotal)")

@@ -389,7 +389,7 @@ FEW_LABELS = 10  # fewer positives or negatives than this on held_out: the repor
 def log_probe(task: str, result: dict) -> None:
     """One console line of a task's probe (``fit_task_probe``'s ``result`` with its
     ``empty_windows``): a warning when held_out has no metric or few rows of a class."""
-    few = _few_labels_note(task, result)
+    few = _rests_on_few_labels(result)
     log = logging.warning if result["reason"] or few else logging.info
     log("downstream %s: n train/tuning/%s = %d/%d/%d, %s prevalence %s, "
         "C=%s (%s), AUROC %s, AUPRC %s%s%s%s", task, TEST, result["n_train"],
@@ -402,12 +402,22 @@ def log_probe(task: str, result: dict) -> None:
         "left out" if any(result["empty_windows"].values()) else "")
 
 
+def few_labels(n: int, positives: int) -> bool:
+    """Whether ``n`` rows with ``positives`` hold fewer than FEW_LABELS rows of a class."""
+    return min(positives, n - positives) < FEW_LABELS
+
+
+def _rests_on_few_labels(r: dict) -> bool:
+    """Whether a held_out AUROC (a probe result ``r``) rests on few rows of a class."""
+    return r.get("auroc") is not None and few_labels(r.get("n") or 0, r.get("positives") or 0)
+
+
 def _few_labels_note(task: str, r: dict) -> list[str]:
     """A note when held_out has few rows of a class: the AUROC rests on them, and resamples
     without one class are dropped, so the CI is conditional on having both (too narrow)."""
-    n, pos = r.get("n") or 0, r.get("positives") or 0
-    if r.get("auroc") is None or min(pos, n - pos) >= FEW_LABELS:
+    if not _rests_on_few_labels(r):
         return []
+    n, pos = r["n"], r["positives"]
     return [f"- {task}: {pos} positive and {n - pos} negative held_out rows: the AUROC rests on "
             f"the {min(pos, n - pos)} row(s) of the smaller class, and its CI on the "
             f"{r.get('bootstrap_used')} of {NUM_BOOTSTRAP} resamples that hold both classes "
